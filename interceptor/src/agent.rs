@@ -1,0 +1,143 @@
+//! `interceptor run`: puts the pieces together in the order a connection
+//! meets them, and takes them down in reverse.
+//!
+//! Threads: the data plane runs on a multi-thread tokio runtime; the recorder
+//! writer and the control API each have their own thread.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::{
+    api, cgroup,
+    config::Config,
+    identity::Resolver,
+    policy::Policy,
+    proxy::{self, Proxy},
+    record::{Recorder, SessionIds, SledStore, Store},
+    redirect::Redirect,
+};
+
+pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let policy = Policy::load(&config)?;
+    let data_dir = config.data_dir(data_dir);
+    info!(
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        rules = policy.rules.len(),
+        "configuration loaded"
+    );
+    if let Some(resp) = api::call(&data_dir, &api::Request::Status)? {
+        anyhow::bail!(
+            "another agent already serves {} ({resp:?}); stop it first",
+            data_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let store = Arc::new(SledStore::open(&data_dir)?);
+    let orphans = store.close_orphans()?;
+    if orphans > 0 {
+        info!(
+            sessions = orphans,
+            "marked sessions left open by a previous agent as interrupted"
+        );
+    }
+    let workloads = cgroup::resolve(&config, true)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("data-plane")
+        .build()
+        .context("building the data-plane runtime")?;
+    // Listen before attaching, so a redirected connect always finds us.
+    let listeners = rt.block_on(proxy::bind(config.agent.proxy_port))?;
+    let (redirect, logger) = Redirect::start(&config, &workloads)?;
+    let redirect = Arc::new(redirect);
+    info!(
+        attached = redirect.attached,
+        adopted = redirect.adopted,
+        workloads = workloads.len(),
+        port = config.agent.proxy_port,
+        "eBPF programs in place"
+    );
+
+    let store_dyn: Arc<dyn Store> = store.clone();
+    let (recorder, writer) = Recorder::start(store_dyn.clone());
+    api::serve(
+        &api::socket_path(&data_dir),
+        store_dyn,
+        config_path.display().to_string(),
+    )?;
+
+    let config = Arc::new(config);
+    let proxy = Arc::new(Proxy {
+        identity: Arc::new(Resolver::new(&config, &workloads)),
+        config: config.clone(),
+        policy: Arc::new(ArcSwap::from_pointee(policy)),
+        meta: redirect.clone(),
+        recorder,
+        ids: Arc::new(SessionIds::default()),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let socket = api::socket_path(&data_dir);
+    rt.block_on(async move {
+        if let Some(logger) = logger {
+            tokio::spawn(forward_ebpf_logs(logger));
+        }
+        let serving = tokio::spawn(proxy.serve(listeners, stop_rx));
+        info!(data_dir = %data_dir.display(), "agent ready");
+        wait_for_signal().await;
+        info!("shutting down: intercepted connects fail until an agent runs again");
+        let _ = stop_tx.send(true);
+        let _ = serving.await;
+    });
+    redirect.stop();
+    // Dropping the runtime ends open sessions; their records were written as
+    // open and are marked interrupted below once the writer has drained.
+    drop(rt);
+    writer.join();
+    let orphans = store.close_orphans()?;
+    info!(interrupted = orphans, "agent stopped");
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot watch SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Forwards the eBPF programs' aya-log events into our tracing output.
+async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd for as long as it lives, and
+    // as_raw_fd() always returns that same fd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => return error!(error = %e, "cannot poll eBPF log events"),
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => return error!(error = %e, "eBPF log events stopped"),
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,404 @@
+//! The command line: `run`, `exec`, `sessions`, `policy`, `detach`.
+//!
+//! Listings come from the running agent's API when it answers, or straight
+//! from the store when it is stopped. Every listing has `--json`.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    api::{self, Request, Response},
+    cgroup,
+    config::{Config, DEFAULT_CONFIG},
+    policy,
+    record::{self, Filter, Session, SessionId, SledStore, Store},
+    redirect,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "interceptor",
+    version,
+    about = "Segregation of duties for app-to-app traffic, without changing the apps"
+)]
+pub struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info`, `interceptor=debug`.
+    #[arg(long, global = true, default_value = "info", env = "INTERCEPTOR_LOG")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args)]
+pub struct ConfigArg {
+    /// Agent configuration file.
+    #[arg(long, short, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Data directory (overrides agent.data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the agent: attach to the configured workloads and proxy their connections.
+    Run {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Run a command inside a workload's cgroup; exits with the command's status.
+    Exec {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Workload whose cgroup the command joins.
+        #[arg(long, short)]
+        workload: String,
+        /// Run even if the agent has not attached to this workload (traffic is then NOT intercepted).
+        #[arg(long)]
+        allow_unattached: bool,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Recorded sessions.
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+    /// Policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Remove every eBPF link, pinned map and managed cgroup the agent installed.
+    Detach {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SessionsCommand {
+    /// List sessions, oldest first.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+        /// Only this workload's sessions.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only sessions started within this long (e.g. 90s, 15m, 2h, 7d).
+        #[arg(long, value_parser = record::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Show at most this many (the newest).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show one session.
+    Show {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: SessionId,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files; with --config, also check the workloads and targets they name.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_level);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    // aya-log speaks the `log` crate: forward it into tracing.
+    struct Bridge;
+    impl log::Log for Bridge {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            let target = r.target();
+            match r.level() {
+                log::Level::Error => tracing::error!(ebpf = target, "{}", r.args()),
+                log::Level::Warn => tracing::warn!(ebpf = target, "{}", r.args()),
+                log::Level::Info => tracing::info!(ebpf = target, "{}", r.args()),
+                log::Level::Debug => tracing::debug!(ebpf = target, "{}", r.args()),
+                log::Level::Trace => tracing::trace!(ebpf = target, "{}", r.args()),
+            }
+        }
+        fn flush(&self) {}
+    }
+    static BRIDGE: Bridge = Bridge;
+    let _ = log::set_logger(&BRIDGE);
+    log::set_max_level(log::LevelFilter::Trace);
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Run { store } => {
+            crate::agent::run(&store.config.config, store.data_dir.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec {
+            config,
+            workload,
+            allow_unattached,
+            command,
+        } => exec(&config.config, &workload, allow_unattached, &command),
+        Command::Sessions { command } => sessions(command),
+        Command::Policy {
+            command: PolicyCommand::Check { config, files },
+        } => {
+            let config = config.map(|c| Config::load(&c)).transpose()?;
+            let p = policy::Policy::load_files(&files, config.as_ref())?;
+            println!(
+                "ok: {} file(s), {} rule(s); defaults: connect={}, unmatched_destination={}",
+                files.len(),
+                p.rules.len(),
+                p.default_connect,
+                p.default_unmatched
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Detach { store } => {
+            let config = Config::load(&store.config.config)?;
+            let data_dir = config.data_dir(store.data_dir.as_deref());
+            if let Some(Response::Status { pid, .. }) = api::call(&data_dir, &Request::Status)? {
+                bail!("the agent is running (pid {pid}); stop it before detaching");
+            }
+            let d = redirect::detach(&config)?;
+            println!(
+                "detached: {} link(s), {} pinned map(s) removed; managed cgroups {}{}",
+                d.links,
+                d.maps,
+                if d.cgroups_removed {
+                    "removed"
+                } else {
+                    "absent"
+                },
+                if d.processes_moved > 0 {
+                    format!(
+                        " ({} process(es) moved to the root cgroup)",
+                        d.processes_moved
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn exec(
+    config: &Path,
+    workload: &str,
+    allow_unattached: bool,
+    command: &[String],
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    let w = config.workload(workload).with_context(|| {
+        let names: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
+        format!(
+            "unknown workload `{workload}` (configured: {})",
+            names.join(", ")
+        )
+    })?;
+    let mount = cgroup::cgroup2_mount()?;
+    let dir = cgroup::workload_dir(&mount, &config, w)?;
+    if !dir.is_dir() {
+        bail!(
+            "workload `{workload}` has no cgroup yet ({}); start the agent first",
+            dir.display()
+        );
+    }
+    let pins = redirect::Pins::new(&config.agent.pin_dir);
+    if !allow_unattached && !pins.workload_attached(workload) {
+        bail!(
+            "workload `{workload}` is not attached (no pinned programs in {}): its traffic would not be intercepted; start the agent, or pass --allow-unattached",
+            pins.links().display()
+        );
+    }
+    cgroup::enter(&dir, std::process::id())?;
+    let err = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    eprintln!("error: cannot run `{}`: {err}", command[0]);
+    Ok(ExitCode::from(
+        if err.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        },
+    ))
+}
+
+/// Fetches from the running agent, or from the store when none answers.
+fn query(store: &StoreArgs, req: Request) -> anyhow::Result<Response> {
+    let config = Config::load(&store.config.config)?;
+    let data_dir = config.data_dir(store.data_dir.as_deref());
+    if let Some(resp) = api::call(&data_dir, &req)? {
+        return Ok(resp);
+    }
+    if !data_dir.join("store").exists() {
+        bail!(
+            "no session store in {} (has the agent ever run with this data directory?)",
+            data_dir.display()
+        );
+    }
+    let db = SledStore::open(&data_dir)?;
+    Ok(match req {
+        Request::SessionsList { filter } => Response::Sessions {
+            sessions: db.list(&filter)?,
+        },
+        Request::SessionsShow { id } => Response::Session {
+            session: db.get(id)?,
+        },
+        Request::Status => bail!("the agent is not running"),
+    })
+}
+
+fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SessionsCommand::List {
+            store,
+            json,
+            workload,
+            since,
+            limit,
+        } => {
+            let filter = Filter {
+                workload,
+                since_micros: since
+                    .map(|d| record::now_micros().saturating_sub(d.as_micros() as u64)),
+                limit,
+            };
+            let sessions = match query(&store, Request::SessionsList { filter })? {
+                Response::Sessions { sessions } => sessions,
+                other => bail!("unexpected answer from the agent: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else {
+                print_table(&sessions);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCommand::Show { store, id, json } => {
+            let session = match query(&store, Request::SessionsShow { id })? {
+                Response::Session { session } => session,
+                other => bail!("unexpected answer from the agent: {other:?}"),
+            };
+            let Some(s) = session else {
+                eprintln!("error: no session {id}");
+                return Ok(ExitCode::from(1));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_session(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn opt(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("-")
+}
+
+fn print_table(sessions: &[Session]) {
+    println!(
+        "{:<16}  {:<27}  {:<12}  {:>7}  {:<22}  {:<12}  {:<11}  {:>10}  {:>10}  RULE",
+        "ID", "STARTED", "WORKLOAD", "PID", "DESTINATION", "TARGET", "OUTCOME", "UP", "DOWN"
+    );
+    for s in sessions {
+        println!(
+            "{:<16}  {:<27}  {:<12}  {:>7}  {:<22}  {:<12}  {:<11}  {:>10}  {:>10}  {}",
+            s.id,
+            s.started_at,
+            opt(&s.workload),
+            s.pid,
+            opt(&s.original_dst),
+            opt(&s.target),
+            s.outcome.to_string(),
+            s.bytes_up,
+            s.bytes_down,
+            opt(&s.rule)
+        );
+    }
+    println!("{} session(s)", sessions.len());
+}
+
+fn print_session(s: &Session) {
+    let rows: Vec<(&str, String)> = vec![
+        ("id", s.id.to_string()),
+        ("workload", opt(&s.workload).into()),
+        ("identity", opt(&s.identity).into()),
+        ("outcome", s.outcome.to_string()),
+        ("rule", opt(&s.rule).into()),
+        ("detail", opt(&s.detail).into()),
+        ("original_dst", opt(&s.original_dst).into()),
+        ("target", opt(&s.target).into()),
+        ("protocol", s.protocol.clone()),
+        ("client", s.client.clone()),
+        ("started_at", s.started_at.clone()),
+        ("ended_at", opt(&s.ended_at).into()),
+        ("bytes_up", s.bytes_up.to_string()),
+        ("bytes_down", s.bytes_down.to_string()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<14} {v}");
+    }
+    if let Some(e) = &s.evidence {
+        println!("evidence:");
+        let ev = serde_json::to_value(e).unwrap_or_default();
+        if let Some(map) = ev.as_object() {
+            for (k, v) in map {
+                let v = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "-".into(),
+                    other => other.to_string(),
+                };
+                println!("  {k:<14} {v}");
+            }
+        }
+    }
+}

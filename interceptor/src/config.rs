@@ -1,0 +1,537 @@
+//! The agent's configuration file: one typed [`Config`], validated as a whole
+//! before anything is attached, with errors that name the file and line.
+//!
+//! Owns parsing and static validation only; it never touches the kernel.
+//! Checks that need the running system (does a cgroup exist?) live in
+//! [`crate::cgroup`] and run before attach.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the agent keeps its store and API socket unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/interceptor";
+/// Default config file for every subcommand.
+pub const DEFAULT_CONFIG: &str = "/etc/interceptor/interceptor.toml";
+
+/// A problem in a config or policy file, located at `file:line:column`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct FileError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] FileError),
+}
+
+/// Source text of a file, to turn byte spans into line and column.
+pub struct Source<'a> {
+    pub path: &'a Path,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    pub fn error_at(&self, span: Option<Range<usize>>, message: impl fmt::Display) -> FileError {
+        let (line, column) = match span {
+            Some(span) => line_col(self.text, span.start),
+            None => (1, 1),
+        };
+        FileError {
+            file: self.path.to_path_buf(),
+            line,
+            column,
+            message: message.to_string(),
+        }
+    }
+
+    /// Deserializes TOML, mapping syntax and schema errors to a [`FileError`].
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, FileError> {
+        toml::from_str(self.text).map_err(|e| self.error_at(e.span(), e.message()))
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Which destinations of a workload's TCP connects go through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Intercept {
+    /// Every TCP connect (the safe default: nothing leaves unrecorded).
+    #[default]
+    All,
+    /// Only connects to the addresses of configured targets; others go direct.
+    Targets,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Trust domain of the SPIFFE ids minted for workloads.
+    pub trust_domain: String,
+    /// Port of the proxy listener on 127.0.0.1 and [::1].
+    #[serde(default = "default_proxy_port")]
+    pub proxy_port: u16,
+    #[serde(default)]
+    pub intercept: Intercept,
+    /// bpffs directory for the pinned links and maps.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Directory under the cgroup2 mount for agent-managed workload cgroups.
+    #[serde(default = "default_cgroup_parent")]
+    pub managed_cgroup_parent: String,
+    /// Policy files, relative to the config file's directory.
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    /// Store and API socket; `--data-dir` overrides it.
+    pub data_dir: Option<PathBuf>,
+    /// Level of the eBPF programs' log events: error, warn, info, debug, trace.
+    #[serde(default = "default_ebpf_log_level")]
+    pub ebpf_log_level: String,
+    /// Time to wait for an upstream connect, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub upstream_connect_timeout_ms: u64,
+}
+
+fn default_proxy_port() -> u16 {
+    15001
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/interceptor")
+}
+fn default_cgroup_parent() -> String {
+    "interceptor".into()
+}
+fn default_ebpf_log_level() -> String {
+    "info".into()
+}
+fn default_connect_timeout_ms() -> u64 {
+    5000
+}
+
+/// How a workload's processes are found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Selector {
+    /// An existing cgroup, relative to the cgroup2 mount (or absolute under it).
+    Cgroup(String),
+    /// The cgroup of a systemd unit.
+    SystemdUnit(String),
+    /// A cgroup the agent creates under `managed_cgroup_parent`.
+    Managed,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: toml::Spanned<String>,
+    cgroup: Option<String>,
+    systemd_unit: Option<String>,
+    #[serde(default)]
+    managed: bool,
+    spiffe_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub selector: Selector,
+    /// SPIFFE id of the workload (default `spiffe://<trust_domain>/<name>`).
+    pub spiffe_id: String,
+}
+
+/// Application protocol spoken to a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque bytes.
+    #[default]
+    Tcp,
+    /// PostgreSQL wire protocol (relayed as bytes until its handler lands).
+    Postgres,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: toml::Spanned<String>,
+    addresses: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    protocol: Protocol,
+}
+
+/// An address range of a target: a CIDR prefix and a port (0 = any port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AddrMatch {
+    pub net: IpAddr,
+    pub prefix: u8,
+    pub port: u16,
+}
+
+impl AddrMatch {
+    pub fn contains(&self, dst: SocketAddr) -> bool {
+        if self.port != 0 && self.port != dst.port() {
+            return false;
+        }
+        let ip = canonical_ip(dst.ip());
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_eq(&n.octets(), &a.octets(), self.prefix),
+            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_eq(&n.octets(), &a.octets(), self.prefix),
+            _ => false,
+        }
+    }
+
+    /// Parses `IP:PORT`, `[IPv6]:PORT`, `CIDR:PORT`, `[CIDR]:PORT`, with `*` for any port.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let hint = "expected IP:PORT, CIDR:PORT or [IPv6/len]:PORT, with * for any port";
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("`{s}`: {hint}"))?;
+            (h, p)
+        } else {
+            s.rsplit_once(':').ok_or_else(|| format!("`{s}`: {hint}"))?
+        };
+        let port = if port == "*" {
+            0
+        } else {
+            match port.parse::<u16>() {
+                Ok(p) if p != 0 => p,
+                _ => return Err(format!("`{s}`: bad port `{port}` ({hint})")),
+            }
+        };
+        let (ip, prefix) = match host.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (host, None),
+        };
+        let net: IpAddr = ip.parse().map_err(|_| {
+            format!("`{s}`: `{ip}` is not an IP address (host names are not resolved; {hint})")
+        })?;
+        let net = canonical_ip(net);
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(len) => match len.parse::<u8>() {
+                Ok(l) if l <= max => l,
+                _ => return Err(format!("`{s}`: bad prefix length `{len}` (0..={max})")),
+            },
+        };
+        Ok(AddrMatch { net, prefix, port })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are treated as the IPv4 address they carry.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
+    let bits = bits as usize;
+    let whole = bits / 8;
+    if a[..whole] != b[..whole] {
+        return false;
+    }
+    let rem = bits % 8;
+    rem == 0 || {
+        let mask = 0xffu8 << (8 - rem);
+        a[whole] & mask == b[whole] & mask
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub addresses: Vec<AddrMatch>,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: AgentSection,
+    #[serde(default, rename = "workload")]
+    workloads: Vec<RawWorkload>,
+    #[serde(default, rename = "target")]
+    targets: Vec<RawTarget>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub path: PathBuf,
+    pub agent: AgentSection,
+    pub workloads: Vec<Workload>,
+    pub targets: Vec<Target>,
+}
+
+pub const PROXY_IP4: Ipv4Addr = Ipv4Addr::LOCALHOST;
+pub const PROXY_IP6: Ipv6Addr = Ipv6Addr::LOCALHOST;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        Ok(Self::parse(path, &text)?)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, FileError> {
+        let src = Source { path, text };
+        let raw: RawConfig = src.parse()?;
+        let mut agent = raw.agent;
+        if agent.trust_domain.is_empty()
+            || !agent
+                .trust_domain
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
+        {
+            return Err(src.error_at(
+                None,
+                "agent.trust_domain must be a non-empty lowercase DNS-like name",
+            ));
+        }
+        if agent.proxy_port == 0 {
+            return Err(src.error_at(None, "agent.proxy_port must not be 0"));
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&agent.ebpf_log_level.as_str()) {
+            return Err(src.error_at(
+                None,
+                "agent.ebpf_log_level must be one of error, warn, info, debug, trace",
+            ));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        agent.policies = agent.policies.iter().map(|p| base.join(p)).collect();
+        if !agent.managed_cgroup_parent.split('/').all(valid_name) {
+            return Err(src.error_at(
+                None,
+                "agent.managed_cgroup_parent must be a relative path of plain names",
+            ));
+        }
+
+        let mut names = HashSet::new();
+        let mut workloads = Vec::new();
+        for w in raw.workloads {
+            let span = Some(w.name.span());
+            let name = w.name.into_inner();
+            if !valid_name(&name) || name.contains('.') {
+                return Err(src.error_at(
+                    span,
+                    format!("workload name `{name}` must use only letters, digits, `-` and `_`"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(src.error_at(span, format!("workload `{name}` is defined twice")));
+            }
+            let selector = match (w.cgroup, w.systemd_unit, w.managed) {
+                (Some(c), None, false) => Selector::Cgroup(c),
+                (None, Some(u), false) => Selector::SystemdUnit(u),
+                (None, None, true) => Selector::Managed,
+                _ => {
+                    return Err(src.error_at(
+                        span,
+                        format!(
+                            "workload `{name}` needs exactly one of `cgroup`, `systemd_unit` or `managed = true`"
+                        ),
+                    ))
+                }
+            };
+            let spiffe_id = w
+                .spiffe_id
+                .unwrap_or_else(|| format!("spiffe://{}/{name}", agent.trust_domain));
+            if !spiffe_id.starts_with("spiffe://") {
+                return Err(src.error_at(
+                    span,
+                    format!("spiffe_id of `{name}` must start with spiffe://"),
+                ));
+            }
+            workloads.push(Workload {
+                name,
+                selector,
+                spiffe_id,
+            });
+        }
+
+        let mut targets = Vec::new();
+        let mut tnames = HashSet::new();
+        for t in raw.targets {
+            let span = Some(t.name.span());
+            let name = t.name.into_inner();
+            if !valid_name(&name) {
+                return Err(src.error_at(span, format!("target name `{name}` is not a plain name")));
+            }
+            if !tnames.insert(name.clone()) {
+                return Err(src.error_at(span, format!("target `{name}` is defined twice")));
+            }
+            if t.addresses.is_empty() {
+                return Err(src.error_at(span, format!("target `{name}` has no addresses")));
+            }
+            let mut addresses = Vec::new();
+            for a in t.addresses {
+                let span = Some(a.span());
+                let m = AddrMatch::parse(a.get_ref()).map_err(|e| src.error_at(span.clone(), e))?;
+                if m.contains(SocketAddr::new(IpAddr::V4(PROXY_IP4), agent.proxy_port))
+                    || m.contains(SocketAddr::new(IpAddr::V6(PROXY_IP6), agent.proxy_port))
+                {
+                    return Err(src.error_at(
+                        span,
+                        format!(
+                            "target `{name}` covers the proxy listener itself (port {})",
+                            agent.proxy_port
+                        ),
+                    ));
+                }
+                addresses.push(m);
+            }
+            targets.push(Target {
+                name,
+                addresses,
+                protocol: t.protocol,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            agent,
+            workloads,
+            targets,
+        })
+    }
+
+    pub fn workload(&self, name: &str) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.name == name)
+    }
+
+    /// The first target whose addresses contain `dst`.
+    pub fn target_for(&self, dst: SocketAddr) -> Option<&Target> {
+        self.targets
+            .iter()
+            .find(|t| t.addresses.iter().any(|a| a.contains(dst)))
+    }
+
+    pub fn data_dir(&self, overridden: Option<&Path>) -> PathBuf {
+        overridden
+            .map(Path::to_path_buf)
+            .or_else(|| self.agent.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+}
+
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+trust_domain = "example.org"
+proxy_port = 15001
+
+[[workload]]
+name = "billing"
+managed = true
+
+[[target]]
+name = "db"
+addresses = ["127.0.0.1:5432", "[::1]:5432", "10.0.0.0/8:*"]
+protocol = "postgres"
+"#;
+
+    #[test]
+    fn parses_a_good_config() {
+        let c = Config::parse(Path::new("c.toml"), GOOD).unwrap();
+        assert_eq!(c.workloads[0].spiffe_id, "spiffe://example.org/billing");
+        assert_eq!(c.workloads[0].selector, Selector::Managed);
+        let t = c.target_for("10.1.2.3:80".parse().unwrap()).unwrap();
+        assert_eq!(t.name, "db");
+        assert!(c
+            .target_for("[::ffff:127.0.0.1]:5432".parse().unwrap())
+            .is_some());
+        assert!(c.target_for("127.0.0.1:5433".parse().unwrap()).is_none());
+        assert!(c.target_for("11.0.0.1:80".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn syntax_errors_name_file_and_line() {
+        let text = GOOD.replace("proxy_port = 15001", "proxy_port = = 1");
+        let e = Config::parse(Path::new("x/c.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.to_string().starts_with("x/c.toml:4:"), "{e}");
+    }
+
+    #[test]
+    fn schema_errors_name_the_line() {
+        let text = GOOD.replace("managed = true", "managed = true\ncolour = \"red\"");
+        let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 9, "{e}");
+        assert!(e.message.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_and_duplicates_are_rejected_with_lines() {
+        let text = GOOD.replace("10.0.0.0/8:*", "db.internal:5432");
+        let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 13, "{e}");
+        assert!(e.message.contains("not an IP address"), "{e}");
+
+        let text = format!("{GOOD}\n[[workload]]\nname = \"billing\"\nmanaged = true\n");
+        let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        assert!(e.message.contains("defined twice"), "{e}");
+        assert_eq!(e.line, 18, "{e}");
+    }
+
+    #[test]
+    fn a_target_covering_the_proxy_is_rejected() {
+        let text = GOOD.replace("10.0.0.0/8:*", "127.0.0.0/8:*");
+        let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        assert!(e.message.contains("proxy listener"), "{e}");
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let m = AddrMatch::parse("192.168.4.0/22:443").unwrap();
+        assert!(m.contains("192.168.7.255:443".parse().unwrap()));
+        assert!(!m.contains("192.168.8.0:443".parse().unwrap()));
+        assert!(!m.contains("192.168.5.1:80".parse().unwrap()));
+        assert!(AddrMatch::parse("1.2.3.4:0").is_err());
+        assert!(AddrMatch::parse("1.2.3.4/33:1").is_err());
+        let v6 = AddrMatch::parse("[fd00::/8]:*").unwrap();
+        assert!(v6.contains("[fd12::1]:9".parse().unwrap()));
+    }
+}

@@ -1,0 +1,295 @@
+//! Workload identity: which workload made a connection, and the evidence.
+//!
+//! The kernel-captured cgroup id is the primary key: it names the workload
+//! even when the process is gone. Live process facts (executable and its
+//! hash, start time, systemd unit) are added only when `/proc/<tgid>` still
+//! belongs to the same process: started before the connect, in the same
+//! cgroup. `comm` is recorded, never trusted.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::Read,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{Mutex, RwLock},
+};
+
+use interceptor_ebpf::ConnMeta;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{cgroup, cgroup::Resolved, config::Config};
+
+/// Evidence behind an attribution, as stored with the session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub pid: u32,
+    pub tid: u32,
+    /// Process start, RFC 3339 (from /proc; absent when the process was gone).
+    pub process_start: Option<String>,
+    pub exe: Option<String>,
+    pub exe_sha256: Option<String>,
+    pub uid: u32,
+    pub user: Option<String>,
+    pub gid: u32,
+    /// cgroup v2 path of the caller, relative to the mount.
+    pub cgroup: Option<String>,
+    pub cgroup_id: u64,
+    pub systemd_unit: Option<String>,
+    /// Thread name at connect (kernel-captured; spoofable, informative only).
+    pub comm: String,
+    pub netns_cookie: u64,
+    /// `process`: live /proc facts matched; `kernel`: only what the kernel captured.
+    pub attribution: String,
+}
+
+/// A resolved identity: the workload (if any) and its SPIFFE id.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub workload: Option<String>,
+    pub spiffe_id: Option<String>,
+    pub evidence: Evidence,
+}
+
+struct WorkloadCg {
+    name: String,
+    spiffe_id: String,
+    dir: PathBuf,
+    rel: String,
+    id: u64,
+}
+
+/// Resolves [`ConnMeta`] to an [`Identity`]; caches cgroup ids, executable
+/// hashes and user names.
+pub struct Resolver {
+    workloads: Vec<WorkloadCg>,
+    /// cgroup id → (workload index, cgroup path) for sub-cgroups found so far.
+    sub_cgroups: RwLock<HashMap<u64, (usize, String)>>,
+    exe_hashes: Mutex<HashMap<(u64, u64, i64, u64), String>>,
+    users: Mutex<HashMap<u32, Option<String>>>,
+    boot_time_s: u64,
+    ticks_per_s: u64,
+}
+
+impl Resolver {
+    pub fn new(config: &Config, resolved: &[Resolved]) -> Self {
+        let workloads = resolved
+            .iter()
+            .map(|r| WorkloadCg {
+                name: r.workload.clone(),
+                spiffe_id: config
+                    .workload(&r.workload)
+                    .map(|w| w.spiffe_id.clone())
+                    .unwrap_or_default(),
+                dir: r.dir.clone(),
+                rel: r.rel.clone(),
+                id: r.id,
+            })
+            .collect();
+        Resolver {
+            workloads,
+            sub_cgroups: RwLock::default(),
+            exe_hashes: Mutex::default(),
+            users: Mutex::default(),
+            boot_time_s: boot_time().unwrap_or(0),
+            // SAFETY: sysconf has no memory-safety preconditions.
+            ticks_per_s: match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+                n if n > 0 => n as u64,
+                _ => 100,
+            },
+        }
+    }
+
+    /// Which workload owns cgroup `id`, and the cgroup's path.
+    fn workload_of(&self, id: u64) -> Option<(usize, String)> {
+        if let Some(i) = self.workloads.iter().position(|w| w.id == id) {
+            return Some((i, self.workloads[i].rel.clone()));
+        }
+        if let Some(hit) = self.sub_cgroups.read().ok()?.get(&id) {
+            return Some(hit.clone());
+        }
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Some(dir) = cgroup::find_by_id(&w.dir, id, 8) {
+                let rel = format!("{}/{}", w.rel, dir.strip_prefix(&w.dir).ok()?.display());
+                self.sub_cgroups.write().ok()?.insert(id, (i, rel.clone()));
+                return Some((i, rel));
+            }
+        }
+        None
+    }
+
+    /// Attributes a connection. Reads /proc and may hash an executable (cached).
+    pub fn resolve(&self, meta: &ConnMeta) -> Identity {
+        let comm_len = meta
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(meta.comm.len());
+        let mut ev = Evidence {
+            pid: meta.tgid,
+            tid: meta.tid,
+            uid: meta.uid,
+            gid: meta.gid,
+            cgroup_id: meta.cgroup_id,
+            comm: String::from_utf8_lossy(&meta.comm[..comm_len]).into_owned(),
+            netns_cookie: meta.netns_cookie,
+            attribution: "kernel".into(),
+            ..Evidence::default()
+        };
+        ev.user = self.user_name(meta.uid);
+        let owner = self.workload_of(meta.cgroup_id);
+        if let Some((_, rel)) = &owner {
+            ev.cgroup = Some(rel.clone());
+            ev.systemd_unit = systemd_unit(rel);
+        }
+        if let Some(p) = self.live_process(meta, owner.as_ref().map(|(_, r)| r.as_str())) {
+            ev.process_start = Some(p.start);
+            ev.exe = p.exe;
+            ev.exe_sha256 = p.exe_sha256;
+            ev.attribution = "process".into();
+        }
+        let (workload, spiffe_id) = match owner {
+            Some((i, _)) => (
+                Some(self.workloads[i].name.clone()),
+                Some(self.workloads[i].spiffe_id.clone()),
+            ),
+            None => (None, None),
+        };
+        Identity {
+            workload,
+            spiffe_id,
+            evidence: ev,
+        }
+    }
+
+    fn live_process(&self, meta: &ConnMeta, cgroup_rel: Option<&str>) -> Option<LiveProcess> {
+        let pid = meta.tgid;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised comm; starttime is field 22 overall.
+        let after = &stat[stat.rfind(')')? + 2..];
+        let start_ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+        let start_ns = start_ticks.saturating_mul(1_000_000_000) / self.ticks_per_s;
+        // A process started after the connect is a reused pid.
+        if start_ns
+            > meta
+                .ktime_ns
+                .saturating_add(1_000_000_000 / self.ticks_per_s)
+        {
+            return None;
+        }
+        let now_cg = cgroup::proc_cgroup(pid).ok()?;
+        match cgroup_rel {
+            Some(rel) if now_cg == rel || now_cg.starts_with(&format!("{rel}/")) => {}
+            _ => return None,
+        }
+        let exe_path = format!("/proc/{pid}/exe");
+        let exe = fs::read_link(&exe_path)
+            .ok()
+            .map(|p| p.display().to_string());
+        let exe_sha256 = self.exe_hash(&exe_path);
+        let start_s = self.boot_time_s + start_ticks / self.ticks_per_s;
+        let start_us = (start_ticks % self.ticks_per_s) * 1_000_000 / self.ticks_per_s;
+        Some(LiveProcess {
+            start: crate::record::rfc3339_micros(start_s * 1_000_000 + start_us),
+            exe,
+            exe_sha256,
+        })
+    }
+
+    fn exe_hash(&self, exe_path: &str) -> Option<String> {
+        let mut f = fs::File::open(exe_path).ok()?;
+        let m = f.metadata().ok()?;
+        let key = (m.dev(), m.ino(), m.mtime(), m.size());
+        if let Some(h) = self.exe_hashes.lock().ok()?.get(&key) {
+            return Some(h.clone());
+        }
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = f.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let hex = hex(&hasher.finalize());
+        self.exe_hashes.lock().ok()?.insert(key, hex.clone());
+        Some(hex)
+    }
+
+    fn user_name(&self, uid: u32) -> Option<String> {
+        let mut users = self.users.lock().ok()?;
+        users
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .clone()
+    }
+}
+
+struct LiveProcess {
+    start: String,
+    exe: Option<String>,
+    exe_sha256: Option<String>,
+}
+
+/// The innermost systemd unit (`.service` or `.scope`) in a cgroup path.
+pub fn systemd_unit(cgroup_rel: &str) -> Option<String> {
+    cgroup_rel
+        .rsplit('/')
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_owned)
+}
+
+fn boot_time() -> Option<u64> {
+    fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_come_from_the_innermost_component() {
+        assert_eq!(
+            systemd_unit("/system.slice/billing.service/worker").as_deref(),
+            Some("billing.service")
+        );
+        assert_eq!(systemd_unit("/interceptor/billing"), None);
+    }
+
+    #[test]
+    fn hashes_the_running_executable() {
+        let cfg = Config::parse(
+            std::path::Path::new("c.toml"),
+            "[agent]\ntrust_domain = \"t\"\n",
+        )
+        .unwrap();
+        let r = Resolver::new(&cfg, &[]);
+        let me = r.exe_hash("/proc/self/exe").unwrap();
+        let mut h = Sha256::new();
+        h.update(fs::read(std::env::current_exe().unwrap()).unwrap());
+        assert_eq!(me, hex(&h.finalize()));
+    }
+}

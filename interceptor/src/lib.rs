@@ -1,0 +1,20 @@
+//! interceptor: a node agent that brings segregation of duties to
+//! app-to-app traffic without changing the applications.
+//!
+//! Modules in the order a connection meets them: eBPF [`redirect`] sends a
+//! workload's connect to the [`proxy`], which finds the caller's
+//! [`identity`], asks [`policy`], relays, and hands the session to
+//! [`record`]. [`config`], [`cgroup`], [`api`], [`agent`] and [`cli`] hold it
+//! together.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod agent;
+pub mod api;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod policy;
+pub mod proxy;
+pub mod record;
+pub mod redirect;

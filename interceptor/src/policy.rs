@@ -1,0 +1,387 @@
+//! Policy: which workload may reach which target, and why.
+//!
+//! Files under `policies/` are compiled at load into a [`Policy`] that the data
+//! path reads through an `ArcSwap` without locks. Every decision names the
+//! rule that made it. Deny wins over allow; no matching rule falls back to the
+//! file's defaults, which themselves default to deny (fail closed).
+//!
+//! Rules carry `on = "connect"` today; `on = "statement"` (SQL classes, tables,
+//! patterns) and the `review` action are reserved for the protocol handlers
+//! and just-in-time approval, and are rejected with a clear message until then.
+
+use std::{fmt, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, FileError, Source};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Reserved: statement-level masking.
+    Mask,
+    /// Reserved: just-in-time approval by another identity.
+    Review,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Mask => "mask",
+            Action::Review => "review",
+        })
+    }
+}
+
+/// What a rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Connect,
+    Statement,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    #[serde(default = "deny")]
+    connect: toml::Spanned<Action>,
+    #[serde(default = "deny")]
+    unmatched_destination: toml::Spanned<Action>,
+}
+
+fn deny() -> toml::Spanned<Action> {
+    toml::Spanned::new(0..0, Action::Deny)
+}
+
+impl Default for RawDefaults {
+    fn default() -> Self {
+        RawDefaults {
+            connect: deny(),
+            unmatched_destination: deny(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: toml::Spanned<String>,
+    #[serde(default)]
+    on: Option<toml::Spanned<Scope>>,
+    workloads: Vec<toml::Spanned<String>>,
+    targets: Vec<toml::Spanned<String>>,
+    action: toml::Spanned<Action>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyFile {
+    #[serde(default)]
+    defaults: Option<RawDefaults>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
+}
+
+/// One compiled connect rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    pub id: String,
+    /// Empty means every workload (`"*"`).
+    pub workloads: Vec<String>,
+    /// Empty means every configured target (`"*"`).
+    pub targets: Vec<String>,
+    pub action: Action,
+    pub description: Option<String>,
+    /// `file:line` the rule came from.
+    pub source: String,
+}
+
+impl Rule {
+    fn matches(&self, workload: &str, target: &str) -> bool {
+        (self.workloads.is_empty() || self.workloads.iter().any(|w| w == workload))
+            && (self.targets.is_empty() || self.targets.iter().any(|t| t == target))
+    }
+}
+
+/// The outcome of a policy question, with the rule that answered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub action: Action,
+    pub rule: String,
+}
+
+/// Rule names of the built-in defaults, as recorded in sessions.
+pub const RULE_DEFAULT_CONNECT: &str = "defaults.connect";
+pub const RULE_DEFAULT_UNMATCHED: &str = "defaults.unmatched_destination";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Policy {
+    pub rules: Vec<Rule>,
+    pub default_connect: Action,
+    pub default_unmatched: Action,
+}
+
+impl Default for Policy {
+    /// No policy files: everything is denied.
+    fn default() -> Self {
+        Policy {
+            rules: Vec::new(),
+            default_connect: Action::Deny,
+            default_unmatched: Action::Deny,
+        }
+    }
+}
+
+impl Policy {
+    /// Loads and compiles the policy files named by the config, checking every
+    /// workload and target they name exists in it.
+    pub fn load(config: &Config) -> Result<Self, PolicyError> {
+        Self::load_files(&config.agent.policies, Some(config))
+    }
+
+    pub fn load_files(files: &[PathBuf], config: Option<&Config>) -> Result<Self, PolicyError> {
+        let mut policy = Policy::default();
+        let mut defaults_from: Option<PathBuf> = None;
+        for file in files {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| PolicyError::Read(file.clone(), e))?;
+            let src = Source {
+                path: file,
+                text: &text,
+            };
+            policy.add_file(&src, config, &mut defaults_from)?;
+        }
+        Ok(policy)
+    }
+
+    fn add_file(
+        &mut self,
+        src: &Source<'_>,
+        config: Option<&Config>,
+        defaults_from: &mut Option<PathBuf>,
+    ) -> Result<(), FileError> {
+        let raw: RawPolicyFile = src.parse()?;
+        if let Some(d) = raw.defaults {
+            if let Some(prev) = defaults_from {
+                return Err(src.error_at(
+                    Some(d.connect.span()),
+                    format!(
+                        "[defaults] is already set by {}; keep one [defaults] table",
+                        prev.display()
+                    ),
+                ));
+            }
+            for a in [&d.connect, &d.unmatched_destination] {
+                if !matches!(a.get_ref(), Action::Allow | Action::Deny) {
+                    return Err(src.error_at(Some(a.span()), "a default must be `allow` or `deny`"));
+                }
+            }
+            self.default_connect = *d.connect.get_ref();
+            self.default_unmatched = *d.unmatched_destination.get_ref();
+            *defaults_from = Some(src.path.to_path_buf());
+        }
+        for r in raw.rules {
+            let id_span = Some(r.id.span());
+            let id = r.id.into_inner();
+            if !crate::config::valid_name(&id) {
+                return Err(src.error_at(id_span, format!("rule id `{id}` is not a plain name")));
+            }
+            if self.rules.iter().any(|x| x.id == id) {
+                return Err(src.error_at(id_span, format!("rule id `{id}` is used twice")));
+            }
+            if let Some(on) = r.on.as_ref().filter(|on| *on.get_ref() == Scope::Statement) {
+                return Err(src.error_at(
+                    Some(on.span()),
+                    format!("rule `{id}`: statement rules (`on = \"statement\"`) need a protocol handler and are not supported yet"),
+                ));
+            }
+            match r.action.get_ref() {
+                Action::Allow | Action::Deny => {}
+                Action::Review => {
+                    return Err(src.error_at(
+                        Some(r.action.span()),
+                        format!("rule `{id}`: `review` (just-in-time approval) is not supported yet; use allow or deny"),
+                    ))
+                }
+                Action::Mask => {
+                    return Err(src.error_at(
+                        Some(r.action.span()),
+                        format!("rule `{id}`: `mask` applies to statements, not connects; use allow or deny"),
+                    ))
+                }
+            }
+            let workloads = names(src, &r.workloads, "workload", |n| {
+                config.is_none_or(|c| c.workload(n).is_some())
+            })?;
+            let targets = names(src, &r.targets, "target", |n| {
+                config.is_none_or(|c| c.targets.iter().any(|t| t.name == n))
+            })?;
+            self.rules.push(Rule {
+                id,
+                workloads,
+                targets,
+                action: *r.action.get_ref(),
+                description: r.description,
+                source: format!("{}:{}", src.path.display(), src.error_at(id_span, "").line),
+            });
+        }
+        Ok(())
+    }
+
+    /// Decides a connect by `workload` to `target` (`None`: the destination
+    /// matches no configured target).
+    pub fn decide_connect(&self, workload: &str, target: Option<&str>) -> Decision {
+        let Some(target) = target else {
+            return Decision {
+                action: self.default_unmatched,
+                rule: RULE_DEFAULT_UNMATCHED.into(),
+            };
+        };
+        let mut allow: Option<&Rule> = None;
+        for rule in self.rules.iter().filter(|r| r.matches(workload, target)) {
+            match rule.action {
+                Action::Deny => {
+                    return Decision {
+                        action: Action::Deny,
+                        rule: rule.id.clone(),
+                    }
+                }
+                _ => {
+                    allow.get_or_insert(rule);
+                }
+            }
+        }
+        match allow {
+            Some(rule) => Decision {
+                action: rule.action,
+                rule: rule.id.clone(),
+            },
+            None => Decision {
+                action: self.default_connect,
+                rule: RULE_DEFAULT_CONNECT.into(),
+            },
+        }
+    }
+}
+
+/// Resolves a rule's name list: `"*"` alone means all; otherwise each name must exist.
+fn names(
+    src: &Source<'_>,
+    list: &[toml::Spanned<String>],
+    what: &str,
+    exists: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, FileError> {
+    if list.is_empty() {
+        return Err(src.error_at(None, format!("a rule needs at least one {what} (or \"*\")")));
+    }
+    if list.len() == 1 && list[0].get_ref() == "*" {
+        return Ok(Vec::new());
+    }
+    list.iter()
+        .map(|n| {
+            if n.get_ref() == "*" {
+                Err(src.error_at(
+                    Some(n.span()),
+                    format!("\"*\" must be the only {what} of a rule"),
+                ))
+            } else if !exists(n.get_ref()) {
+                Err(src.error_at(
+                    Some(n.span()),
+                    format!("unknown {what} `{}` (not in the agent config)", n.get_ref()),
+                ))
+            } else {
+                Ok(n.get_ref().clone())
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] FileError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn load(text: &str) -> Result<Policy, FileError> {
+        let mut p = Policy::default();
+        let src = Source {
+            path: Path::new("p.toml"),
+            text,
+        };
+        p.add_file(&src, None, &mut None)?;
+        Ok(p)
+    }
+
+    #[test]
+    fn deny_wins_and_defaults_fail_closed() {
+        let p = load(
+            r#"
+[[rule]]
+id = "all-to-db"
+workloads = ["*"]
+targets = ["db"]
+action = "allow"
+
+[[rule]]
+id = "no-batch-to-db"
+workloads = ["batch"]
+targets = ["db"]
+action = "deny"
+"#,
+        )
+        .unwrap();
+        assert_eq!(p.decide_connect("web", Some("db")).rule, "all-to-db");
+        let d = p.decide_connect("batch", Some("db"));
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Deny, "no-batch-to-db")
+        );
+        let d = p.decide_connect("web", Some("cache"));
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Deny, RULE_DEFAULT_CONNECT)
+        );
+        let d = p.decide_connect("web", None);
+        assert_eq!(
+            (d.action, d.rule.as_str()),
+            (Action::Deny, RULE_DEFAULT_UNMATCHED)
+        );
+    }
+
+    #[test]
+    fn reserved_features_are_rejected_clearly() {
+        let e = load(
+            "[[rule]]\nid = \"r\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"review\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 5);
+        assert!(e.message.contains("not supported yet"), "{e}");
+        let e = load("[[rule]]\nid = \"r\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"deny\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, 3);
+    }
+
+    #[test]
+    fn broken_files_name_the_line() {
+        let e = load("[defaults]\nconnect = \"maybe\"\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        let e = load("[[rule]]\nid = \"r\"\nworkloads = [\"*\", \"x\"]\ntargets = [\"*\"]\naction = \"deny\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+    }
+}

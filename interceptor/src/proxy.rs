@@ -1,0 +1,357 @@
+//! The proxy: accepts redirected connections on loopback, finds who made each
+//! one and where it was going, asks policy, and relays bytes both ways.
+//!
+//! A connection with no interception metadata is refused and recorded, never
+//! relayed blind. Half-close is preserved (a FIN from one side becomes a FIN
+//! to the other while the reverse direction keeps flowing); a reset on one
+//! side becomes a reset on the other.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use interceptor_ebpf::{ConnMeta, SockKey};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpListener, TcpStream,
+    },
+    sync::watch,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    config::{Config, PROXY_IP4, PROXY_IP6},
+    identity::Resolver,
+    policy::{Action, Policy},
+    record::{now_micros, rfc3339_micros, Outcome, Recorder, Session, SessionIds},
+    redirect::{original_dst, sock_key},
+};
+
+/// Rule name recorded when a connection cannot be tied to a workload.
+pub const RULE_UNATTRIBUTED: &str = "identity.unattributed";
+/// Rule name recorded when a connection arrives without interception metadata.
+pub const RULE_NO_METADATA: &str = "proxy.no-metadata";
+/// Rule name recorded when a connect was aimed at the proxy itself.
+pub const RULE_PROXY_LOOP: &str = "proxy.loop";
+
+/// Where the proxy finds what the kernel learned about a connection.
+pub trait MetaSource: Send + Sync {
+    /// Looks up and removes the metadata filed under `key`.
+    fn take(&self, key: &SockKey) -> Option<ConnMeta>;
+}
+
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub meta: Arc<dyn MetaSource>,
+    pub identity: Arc<Resolver>,
+    pub recorder: Recorder,
+    pub ids: Arc<SessionIds>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot listen on {0}: {1} (is another agent running, or the port taken? see agent.proxy_port)"
+)]
+pub struct BindError(pub SocketAddr, pub io::Error);
+
+/// Binds the proxy listeners on 127.0.0.1 and [::1]. IPv6 is optional: a host
+/// without ::1 gets a warning and IPv6 connects of workloads fail closed.
+pub async fn bind(port: u16) -> Result<Vec<TcpListener>, BindError> {
+    let v4 = SocketAddr::new(IpAddr::V4(PROXY_IP4), port);
+    let mut out = vec![listen(v4)?];
+    let v6 = SocketAddr::new(IpAddr::V6(PROXY_IP6), port);
+    match listen(v6) {
+        Ok(l) => out.push(l),
+        Err(e) => warn!(error = %e, "no IPv6 proxy listener: IPv6 connects of workloads will fail"),
+    }
+    Ok(out)
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| BindError(addr, e))?;
+    sock.set_reuseaddr(true).map_err(|e| BindError(addr, e))?;
+    sock.bind(addr).map_err(|e| BindError(addr, e))?;
+    sock.listen(4096).map_err(|e| BindError(addr, e))
+}
+
+impl Proxy {
+    /// Accepts until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listeners: Vec<TcpListener>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tasks = Vec::new();
+        for l in listeners {
+            let me = self.clone();
+            let mut stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = l.accept() => match r {
+                            Ok((stream, peer)) => {
+                                let me = me.clone();
+                                tokio::spawn(async move { me.handle(stream, peer).await });
+                            }
+                            Err(e) => {
+                                // EMFILE and friends: back off instead of spinning.
+                                warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        },
+                        _ = stop.changed() => break,
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn new_session(&self, client: SocketAddr) -> Session {
+        let id = self.ids.next();
+        Session {
+            id,
+            workload: None,
+            identity: None,
+            pid: 0,
+            exe: None,
+            uid: 0,
+            cgroup: None,
+            original_dst: None,
+            target: None,
+            protocol: "tcp".into(),
+            started_at: rfc3339_micros(id.micros()),
+            ended_at: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: Outcome::Open,
+            rule: None,
+            detail: None,
+            client: client.to_string(),
+            evidence: None,
+        }
+    }
+
+    async fn finish(&self, mut s: Session, outcome: Outcome, detail: Option<String>) {
+        s.outcome = outcome;
+        s.detail = detail;
+        s.ended_at = Some(rfc3339_micros(now_micros()));
+        self.recorder.record(s).await;
+    }
+
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let mut s = self.new_session(peer);
+        let local = match client.local_addr() {
+            Ok(a) => a,
+            Err(e) => return self.finish(s, Outcome::Error, Some(e.to_string())).await,
+        };
+        let Some(meta) = self.meta.take(&sock_key(peer, local)) else {
+            reset(&client);
+            s.rule = Some(RULE_NO_METADATA.into());
+            let why = "no interception metadata for this connection (not redirected by the agent); refused";
+            debug!(%peer, "{why}");
+            return self.finish(s, Outcome::Refused, Some(why.into())).await;
+        };
+        let dst = original_dst(&meta);
+        let id = self.identity.resolve(&meta);
+        s.workload = id.workload.clone();
+        s.identity = id.spiffe_id.clone();
+        s.pid = meta.tgid;
+        s.exe = id.evidence.exe.clone();
+        s.uid = meta.uid;
+        s.cgroup = id.evidence.cgroup.clone();
+        s.original_dst = Some(dst.to_string());
+        s.evidence = Some(id.evidence);
+        let target = self.config.target_for(dst);
+        if let Some(t) = target {
+            s.target = Some(t.name.clone());
+            s.protocol = t.protocol.to_string();
+        }
+        if dst.port() == self.config.agent.proxy_port
+            && matches!(crate::config::canonical_ip(dst.ip()), IpAddr::V4(a) if a == PROXY_IP4)
+            || dst == SocketAddr::new(IpAddr::V6(PROXY_IP6), self.config.agent.proxy_port)
+        {
+            reset(&client);
+            s.rule = Some(RULE_PROXY_LOOP.into());
+            return self
+                .finish(
+                    s,
+                    Outcome::Refused,
+                    Some("connect aimed at the proxy itself".into()),
+                )
+                .await;
+        }
+        let Some(workload) = id.workload else {
+            reset(&client);
+            s.rule = Some(RULE_UNATTRIBUTED.into());
+            let why = format!(
+                "cgroup id {} belongs to no configured workload",
+                meta.cgroup_id
+            );
+            return self.finish(s, Outcome::Denied, Some(why)).await;
+        };
+        let decision = self
+            .policy
+            .load()
+            .decide_connect(&workload, target.map(|t| t.name.as_str()));
+        s.rule = Some(decision.rule.clone());
+        if decision.action != Action::Allow {
+            reset(&client);
+            let why = format!("connect denied by rule `{}`", decision.rule);
+            debug!(%workload, %dst, rule = %decision.rule, "denied");
+            return self.finish(s, Outcome::Denied, Some(why)).await;
+        }
+        self.recorder.record(s.clone()).await;
+
+        let timeout = Duration::from_millis(self.config.agent.upstream_connect_timeout_ms);
+        let upstream = match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                reset(&client);
+                let outcome = if e.kind() == io::ErrorKind::ConnectionRefused {
+                    Outcome::Refused
+                } else {
+                    Outcome::Error
+                };
+                return self
+                    .finish(s, outcome, Some(format!("upstream {dst}: {e}")))
+                    .await;
+            }
+            Err(_) => {
+                reset(&client);
+                return self
+                    .finish(
+                        s,
+                        Outcome::Error,
+                        Some(format!(
+                            "upstream {dst}: connect timed out after {timeout:?}"
+                        )),
+                    )
+                    .await;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let r = relay(client, upstream).await;
+        s.bytes_up = r.up;
+        s.bytes_down = r.down;
+        self.finish(s, r.outcome, r.detail).await;
+    }
+}
+
+/// Closes a socket with RST instead of FIN (SO_LINGER 0) when it is dropped.
+fn reset<S: AsFd>(s: &S) {
+    set_linger_zero(s.as_fd());
+}
+
+fn set_linger_zero(fd: BorrowedFd<'_>) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Linger, &l);
+}
+
+/// Result of relaying one connection.
+pub struct Relayed {
+    pub up: u64,
+    pub down: u64,
+    pub outcome: Outcome,
+    pub detail: Option<String>,
+}
+
+/// Relays until both directions end. A read of 0 bytes (FIN) shuts down the
+/// other side's write half; an error on either direction resets both.
+pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
+    let (cfd, ufd) = (client.as_raw_fd(), upstream.as_raw_fd());
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
+    let up = pump(cr, uw, &up_n);
+    let down = pump(ur, cw, &down_n);
+    tokio::pin!(up, down);
+    let result = tokio::select! {
+        a = &mut up => match a {
+            Ok(()) => down.await,
+            Err(e) => Err(e),
+        },
+        b = &mut down => match b {
+            Ok(()) => up.await,
+            Err(e) => Err(e),
+        },
+    };
+    let (outcome, detail) = match result {
+        Ok(()) => (Outcome::Closed, None),
+        Err(e) => {
+            // Reset both sides before the halves (inside the futures) drop.
+            reset_fds(cfd, ufd);
+            let resetish = matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            );
+            (
+                if resetish {
+                    Outcome::Reset
+                } else {
+                    Outcome::Error
+                },
+                Some(e.to_string()),
+            )
+        }
+    };
+    Relayed {
+        up: up_n.load(Ordering::Relaxed),
+        down: down_n.load(Ordering::Relaxed),
+        outcome,
+        detail,
+    }
+}
+
+fn reset_fds(a: RawFd, b: RawFd) {
+    for fd in [a, b] {
+        // SAFETY: both fds belong to sockets whose halves are still alive
+        // (pinned futures above), so they are open for this call.
+        set_linger_zero(unsafe { BorrowedFd::borrow_raw(fd) });
+    }
+}
+
+/// Buffer sizes: start small (idle connections stay cheap), grow on bulk.
+const BUF_START: usize = 16 * 1024;
+const BUF_MAX: usize = 256 * 1024;
+
+/// Copies one direction, counting into `total`; ends with the write side shut
+/// down after EOF, or with the first error.
+async fn pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, total: &AtomicU64) -> io::Result<()> {
+    let mut buf = vec![0u8; BUF_START];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.len() && buf.len() < BUF_MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}

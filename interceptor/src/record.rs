@@ -1,0 +1,510 @@
+//! Session recording: the [`Session`] record, the [`Store`] trait with its
+//! sled engine, and the [`Recorder`] that batches writes off the data path.
+//!
+//! The data path only ever sends into a bounded channel; when the writer
+//! falls behind, senders wait (backpressure) — records are never dropped.
+//! One writer thread applies batches and flushes on a short interval, so a
+//! slow disk never adds latency to relayed bytes. sled holds one fixed tree
+//! of sessions keyed by time-ordered ids.
+
+use std::{
+    fmt,
+    path::Path,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::identity::Evidence;
+
+/// Time-ordered session id: microseconds since the epoch in the upper bits,
+/// a sequence in the low 12 bits; shown as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.len() != 16 {
+            return Err(format!("`{s}` is not a session id (16 hex digits)"));
+        }
+        u64::from_str_radix(s, 16)
+            .map(SessionId)
+            .map_err(|_| format!("`{s}` is not a session id (16 hex digits)"))
+    }
+}
+
+impl Serialize for SessionId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Hands out strictly increasing [`SessionId`]s.
+#[derive(Default)]
+pub struct SessionIds {
+    last: AtomicU64,
+}
+
+impl SessionIds {
+    pub fn next(&self) -> SessionId {
+        let now = now_micros() << 12;
+        let mut prev = self.last.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(prev + 1);
+            match self
+                .last
+                .compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return SessionId(next),
+                Err(p) => prev = p,
+            }
+        }
+    }
+}
+
+impl SessionId {
+    pub fn micros(self) -> u64 {
+        self.0 >> 12
+    }
+}
+
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// RFC 3339 UTC time with microseconds, from microseconds since the epoch.
+pub fn rfc3339_micros(us: u64) -> String {
+    let secs = us / 1_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        us % 1_000_000
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Parses `90s`, `15m`, `2h`, `7d` (or a plain number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (like 90s, 15m, 2h, 7d)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Still relaying.
+    Open,
+    /// Both directions ended with a clean close.
+    Closed,
+    /// One side reset the connection.
+    Reset,
+    /// Policy denied the connect.
+    Denied,
+    /// Refused before policy: no metadata for the connection (not redirected
+    /// by the agent, or aimed at the proxy itself).
+    Refused,
+    /// The agent could not reach the destination or failed mid-relay.
+    Error,
+    /// The agent stopped while the session was open.
+    Interrupted,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+/// One proxied (or refused) connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: SessionId,
+    pub workload: Option<String>,
+    pub identity: Option<String>,
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub uid: u32,
+    pub cgroup: Option<String>,
+    pub original_dst: Option<String>,
+    pub target: Option<String>,
+    pub protocol: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub outcome: Outcome,
+    /// The rule that decided the connect.
+    pub rule: Option<String>,
+    /// Why it ended the way it did (error text, refusal reason).
+    pub detail: Option<String>,
+    /// The application's side of the connection (its source address).
+    pub client: String,
+    pub evidence: Option<Evidence>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the session store at {0}: {1}")]
+    Open(String, sled::Error),
+    #[error("the session store at {0} is in use by another process (is the agent running? its API socket did not answer)")]
+    Locked(String),
+    #[error("session store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("session store holds an unreadable record {0}: {1}")]
+    Corrupt(String, serde_json::Error),
+}
+
+/// Filter for listings.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Filter {
+    pub workload: Option<String>,
+    /// Only sessions started at or after this time (microseconds since epoch).
+    pub since_micros: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+/// Where sessions live. Small on purpose, so the engine can change.
+pub trait Store: Send + Sync {
+    fn put_batch(&self, sessions: &[Session]) -> Result<(), StoreError>;
+    fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError>;
+    /// Sessions matching `filter`, oldest first.
+    fn list(&self, filter: &Filter) -> Result<Vec<Session>, StoreError>;
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+pub struct SledStore {
+    db: sled::Db,
+    sessions: sled::Tree,
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("store");
+        let shown = path.display().to_string();
+        let db = sled::open(&path).map_err(|e| match e {
+            sled::Error::Io(ref io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                StoreError::Locked(shown.clone())
+            }
+            e => StoreError::Open(shown.clone(), e),
+        })?;
+        let sessions = db.open_tree("sessions")?;
+        Ok(SledStore { db, sessions })
+    }
+
+    /// Marks sessions left open by an agent that stopped as interrupted.
+    pub fn close_orphans(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let now = rfc3339_micros(now_micros());
+        for item in self.sessions.iter() {
+            let (k, v) = item?;
+            let mut s: Session = decode(&k, &v)?;
+            if s.outcome == Outcome::Open {
+                s.outcome = Outcome::Interrupted;
+                s.ended_at = Some(now.clone());
+                s.detail = Some("the agent stopped while this session was open".into());
+                self.sessions.insert(k, encode(&s))?;
+                n += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(n)
+    }
+}
+
+fn encode(s: &Session) -> Vec<u8> {
+    serde_json::to_vec(s).expect("sessions always serialize")
+}
+
+fn decode(k: &[u8], v: &[u8]) -> Result<Session, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(crate::identity::hex(k), e))
+}
+
+impl Store for SledStore {
+    fn put_batch(&self, sessions: &[Session]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for s in sessions {
+            batch.insert(&s.id.0.to_be_bytes(), encode(s));
+        }
+        self.sessions.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
+        let key = id.0.to_be_bytes();
+        self.sessions
+            .get(key)?
+            .map(|v| decode(&key, &v))
+            .transpose()
+    }
+
+    fn list(&self, filter: &Filter) -> Result<Vec<Session>, StoreError> {
+        let start = filter.since_micros.unwrap_or(0) << 12;
+        let mut out = Vec::new();
+        for item in self.sessions.range(start.to_be_bytes()..) {
+            let (k, v) = item?;
+            let s = decode(&k, &v)?;
+            if filter
+                .workload
+                .as_ref()
+                .is_some_and(|w| s.workload.as_ref() != Some(w))
+            {
+                continue;
+            }
+            out.push(s);
+        }
+        if let Some(limit) = filter.limit {
+            let skip = out.len().saturating_sub(limit);
+            out.drain(..skip);
+        }
+        Ok(out)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Capacity of the channel between the data path and the writer.
+const CHANNEL: usize = 8192;
+/// Most records applied in one batch.
+const BATCH: usize = 1024;
+/// Longest a record waits for an fsync.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// The data path's handle: cheap to clone, never blocks on disk.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Session>,
+}
+
+/// Joins the writer thread; dropping every [`Recorder`] lets it finish.
+pub struct RecorderWriter {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RecorderWriter {
+    /// Waits until every record sent so far is applied and flushed.
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+impl Recorder {
+    pub fn start(store: Arc<dyn Store>) -> (Recorder, RecorderWriter) {
+        let (tx, mut rx) = mpsc::channel::<Session>(CHANNEL);
+        let thread = std::thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("building the recorder runtime");
+                rt.block_on(write_loop(&mut rx, store.as_ref()));
+            })
+            .expect("spawning the recorder thread");
+        (Recorder { tx }, RecorderWriter { thread })
+    }
+
+    /// Records a session state; waits if the writer is behind.
+    pub async fn record(&self, s: Session) {
+        if self.tx.send(s).await.is_err() {
+            tracing::error!("recorder stopped; a session record was not stored");
+        }
+    }
+}
+
+/// Applies records in batches; flushes at most [`FLUSH_EVERY`] after a write
+/// and once more when every sender is gone. A failed write is retried, never
+/// dropped.
+async fn write_loop(rx: &mut mpsc::Receiver<Session>, store: &dyn Store) {
+    let mut buf = Vec::with_capacity(BATCH);
+    let mut dirty_since: Option<tokio::time::Instant> = None;
+    loop {
+        let received = match dirty_since {
+            None => Some(rx.recv_many(&mut buf, BATCH).await),
+            Some(t) => tokio::time::timeout_at(t + FLUSH_EVERY, rx.recv_many(&mut buf, BATCH))
+                .await
+                .ok(),
+        };
+        if received == Some(0) {
+            break;
+        }
+        while !buf.is_empty() {
+            match store.put_batch(&buf) {
+                Ok(()) => buf.clear(),
+                Err(e) => {
+                    tracing::error!(error = %e, records = buf.len(), "writing sessions failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            dirty_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        if dirty_since.is_some_and(|t| t.elapsed() >= FLUSH_EVERY) {
+            if let Err(e) = store.flush() {
+                tracing::error!(error = %e, "flushing the session store failed");
+            }
+            dirty_since = None;
+        }
+    }
+    if let Err(e) = store.flush() {
+        tracing::error!(error = %e, "final flush of the session store failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339_micros(0), "1970-01-01T00:00:00.000000Z");
+        // 2024-02-29T12:34:56.789012Z
+        assert_eq!(
+            rfc3339_micros(1_709_210_096_789_012),
+            "2024-02-29T12:34:56.789012Z"
+        );
+    }
+
+    #[test]
+    fn ids_are_ordered_and_parse_back() {
+        let ids = SessionIds::default();
+        let a = ids.next();
+        let b = ids.next();
+        assert!(b > a);
+        assert_eq!(a.to_string().parse::<SessionId>().unwrap(), a);
+        assert!("xyz".parse::<SessionId>().is_err());
+        assert!(a.micros() <= now_micros());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("42").unwrap(), Duration::from_secs(42));
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    fn session(id: SessionId, workload: &str) -> Session {
+        Session {
+            id,
+            workload: Some(workload.into()),
+            identity: None,
+            pid: 1,
+            exe: None,
+            uid: 0,
+            cgroup: None,
+            original_dst: None,
+            target: None,
+            protocol: "tcp".into(),
+            started_at: rfc3339_micros(id.micros()),
+            ended_at: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: Outcome::Open,
+            rule: None,
+            detail: None,
+            client: "127.0.0.1:1".into(),
+            evidence: None,
+        }
+    }
+
+    #[test]
+    fn sled_store_survives_reopen_and_closes_orphans() {
+        let dir = std::env::temp_dir().join(format!("icpt-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ids = SessionIds::default();
+        let (a, b) = (ids.next(), ids.next());
+        {
+            let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir).unwrap());
+            let (rec, writer) = Recorder::start(store);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                rec.record(session(a, "web")).await;
+                let mut closed = session(b, "batch");
+                closed.outcome = Outcome::Closed;
+                rec.record(closed).await;
+            });
+            drop(rec);
+            writer.join();
+        }
+        let store = SledStore::open(&dir).unwrap();
+        assert_eq!(store.close_orphans().unwrap(), 1);
+        assert_eq!(store.get(a).unwrap().unwrap().outcome, Outcome::Interrupted);
+        let web = store
+            .list(&Filter {
+                workload: Some("batch".into()),
+                ..Filter::default()
+            })
+            .unwrap();
+        assert_eq!(web.len(), 1);
+        assert_eq!(web[0].id, b);
+        let since = store
+            .list(&Filter {
+                since_micros: Some(b.micros() + 1_000_000),
+                ..Filter::default()
+            })
+            .unwrap();
+        assert!(since.is_empty());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,498 @@
+//! Loading, attaching, pinning, adopting and detaching the eBPF programs, and
+//! the agent's side of their maps.
+//!
+//! Layout in bpffs (`agent.pin_dir`, default `/sys/fs/bpf/interceptor`):
+//!
+//! ```text
+//! maps-v<ABI>/ICPT_CONFIG ICPT_TARGETS ICPT_SOCK_META ICPT_CONN_META AYA_LOGS
+//! links/<workload>@<program>
+//! ```
+//!
+//! Links are pinned so that they outlive the agent: while it is down the
+//! programs keep sending intercepted connects to the dead proxy port, which
+//! refuses them (fail closed). A restarted agent reuses the pinned maps and
+//! keeps the pinned links of workloads it still knows, so running workloads
+//! are never touched. `interceptor detach` removes all of it.
+
+use std::{
+    fs, io,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
+    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use interceptor_ebpf::{
+    map_names, program_names, ConnMeta, ProxyConfig, SockKey, TargetKey, ABI_VERSION, AF_INET,
+    AF_INET6, TARGET_PORT_BITS,
+};
+use tracing::{info, warn};
+
+use crate::{
+    cgroup::{self, Resolved},
+    config::{Config, Intercept, PROXY_IP4, PROXY_IP6},
+};
+
+/// The eBPF object, built from `interceptor-ebpf` by `build.rs`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor-ebpf"));
+
+/// Programs in attach order: sock_ops and getpeername before the connect
+/// programs, so no redirected connect ever lacks its 4-tuple entry.
+const PROGRAMS: [&str; 5] = [
+    program_names::SOCK_OPS,
+    program_names::GETPEERNAME4,
+    program_names::GETPEERNAME6,
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, io::Error),
+    #[error("cannot mount bpffs at {0}: {1}")]
+    MountBpffs(PathBuf, nix::Error),
+    #[error("{0} holds pinned maps of another interceptor version ({1}); run `interceptor detach` with the old version first")]
+    AbiMismatch(PathBuf, String),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {0}: {1}")]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("pinning {0}: {1}")]
+    Pin(PathBuf, String),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+}
+
+/// An error and its sources on one line (aya's errors keep the errno in `source`).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RedirectError + '_ {
+    move |e| RedirectError::Io(path.to_path_buf(), e)
+}
+
+/// Paths of the agent's pins.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    pub root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(root: &Path) -> Self {
+        Pins {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join(format!("maps-v{ABI_VERSION}"))
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    pub fn link(&self, workload: &str, program: &str) -> PathBuf {
+        // bpffs refuses names with dots; workload names have no `@`.
+        self.links().join(format!("{workload}@{program}"))
+    }
+    /// Whether every program of `workload` is pinned (attached).
+    pub fn workload_attached(&self, workload: &str) -> bool {
+        PROGRAMS.iter().all(|p| self.link(workload, p).exists())
+    }
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` if `dir` lives there and it is not mounted.
+fn ensure_bpffs(dir: &Path) -> Result<(), RedirectError> {
+    let base = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(base) {
+        return Ok(());
+    }
+    let st =
+        nix::sys::statfs::statfs(base).map_err(|e| RedirectError::Io(base.into(), e.into()))?;
+    if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        base,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| RedirectError::MountBpffs(base.into(), e))
+}
+
+/// The agent's handle on the kernel side: maps it reads and writes, and the
+/// loaded object (kept alive for the log ring buffer and any new links).
+pub struct Redirect {
+    conn_meta: Mutex<HashMap<MapData, SockKey, ConnMeta>>,
+    config: Mutex<Array<MapData, ProxyConfig>>,
+    /// Links attached by this run and adopted from earlier runs.
+    pub attached: usize,
+    pub adopted: usize,
+    _ebpf: Ebpf,
+}
+
+/// Log level of the eBPF programs (aya-log levels: error=1 … trace=5).
+fn ebpf_level(name: &str) -> u8 {
+    match name {
+        "error" => 1,
+        "warn" => 2,
+        "info" => 3,
+        "debug" => 4,
+        _ => 5,
+    }
+}
+
+impl Redirect {
+    /// Loads (or adopts) everything and attaches the configured workloads.
+    /// `logs` receives the eBPF log ring buffer reader.
+    pub fn start(
+        config: &Config,
+        workloads: &[Resolved],
+    ) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), RedirectError> {
+        let pins = Pins::new(&config.agent.pin_dir);
+        ensure_bpffs(&pins.root)?;
+        let maps_dir = pins.maps();
+        fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir))?;
+        fs::create_dir_all(pins.links()).map_err(io_err(&pins.links()))?;
+        for e in fs::read_dir(&pins.root)
+            .map_err(io_err(&pins.root))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("maps-v") && e.path() != maps_dir {
+                return Err(RedirectError::AbiMismatch(pins.root.clone(), name));
+            }
+        }
+        let logs_pin = maps_dir.join("AYA_LOGS");
+        let level = ebpf_level(&config.agent.ebpf_log_level);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_pin_path("AYA_LOGS", logs_pin.as_path())
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(EBPF_OBJECT)?;
+
+        let mut cfg_map: Array<MapData, ProxyConfig> = Array::try_from(
+            ebpf.take_map(map_names::CONFIG)
+                .ok_or(RedirectError::MissingMap(map_names::CONFIG))?,
+        )
+        .map_err(|e| RedirectError::Map(map_names::CONFIG, e))?;
+        let own_cgroup = own_cgroup_id()?;
+        let proxy = ProxyConfig {
+            agent_cgroup_id: own_cgroup,
+            proxy_ip4: u32::from_ne_bytes(PROXY_IP4.octets()),
+            proxy_ip6: ip6_words(PROXY_IP6.octets()),
+            proxy_port: config.agent.proxy_port,
+            intercept_all: u8::from(config.agent.intercept == Intercept::All),
+            agent_tgid: std::process::id(),
+            ..ProxyConfig::default()
+        };
+        cfg_map
+            .set(0, proxy, 0)
+            .map_err(|e| RedirectError::Map(map_names::CONFIG, e))?;
+
+        fill_targets(&mut ebpf, config)?;
+
+        let mut attached = 0;
+        let mut adopted = 0;
+        let known: Vec<&str> = workloads.iter().map(|w| w.workload.as_str()).collect();
+        remove_stale_links(&pins, &known)?;
+        for w in workloads {
+            let cg = fs::File::open(&w.dir).map_err(io_err(&w.dir))?;
+            for prog in PROGRAMS {
+                let pin = pins.link(&w.workload, prog);
+                if pin.exists() {
+                    match PinnedLink::from_pin(&pin) {
+                        Ok(_) => {
+                            adopted += 1;
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(pin = %pin.display(), error = %e, "unusable link pin; re-attaching");
+                            fs::remove_file(&pin).map_err(io_err(&pin))?;
+                        }
+                    }
+                }
+                let link = attach(&mut ebpf, prog, &cg)?;
+                link.pin(&pin)
+                    .map_err(|e| RedirectError::Pin(pin.clone(), error_chain(&e)))?;
+                attached += 1;
+            }
+            info!(workload = %w.workload, cgroup = %w.rel, cgroup_id = w.id, "workload attached");
+        }
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "eBPF log events unavailable");
+                None
+            }
+        };
+        let conn_meta = HashMap::try_from(
+            ebpf.take_map(map_names::CONN_META)
+                .ok_or(RedirectError::MissingMap(map_names::CONN_META))?,
+        )
+        .map_err(|e| RedirectError::Map(map_names::CONN_META, e))?;
+        Ok((
+            Redirect {
+                conn_meta: Mutex::new(conn_meta),
+                config: Mutex::new(cfg_map),
+                attached,
+                adopted,
+                _ebpf: ebpf,
+            },
+            logger,
+        ))
+    }
+
+    /// Marks the agent as gone (its pid no longer exempt); the links stay, so
+    /// intercepted connects keep failing until an agent listens again.
+    pub fn stop(&self) {
+        let mut map = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(mut cfg) = map.get(&0, 0) {
+            cfg.agent_tgid = 0;
+            cfg.agent_cgroup_id = 0;
+            let _ = map.set(0, cfg, 0);
+        }
+    }
+}
+
+impl crate::proxy::MetaSource for Redirect {
+    fn take(&self, key: &SockKey) -> Option<ConnMeta> {
+        let mut map = self.conn_meta.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(meta)
+    }
+}
+
+fn own_cgroup_id() -> Result<u64, RedirectError> {
+    let mount = cgroup::cgroup2_mount()?;
+    let rel =
+        cgroup::proc_cgroup(std::process::id()).map_err(io_err(Path::new("/proc/self/cgroup")))?;
+    Ok(cgroup::cgroup_id(&mount.join(rel.trim_start_matches('/')))?)
+}
+
+fn ip6_words(o: [u8; 16]) -> [u32; 4] {
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+    })
+}
+
+/// Replaces the intercepted-destinations map with the config's targets.
+fn fill_targets(ebpf: &mut Ebpf, config: &Config) -> Result<(), RedirectError> {
+    let name = map_names::TARGETS;
+    let mut trie: LpmTrie<&mut MapData, TargetKey, u32> =
+        LpmTrie::try_from(ebpf.map_mut(name).ok_or(RedirectError::MissingMap(name))?)
+            .map_err(|e| RedirectError::Map(name, e))?;
+    let old: Vec<Key<TargetKey>> = trie.keys().filter_map(Result::ok).collect();
+    for k in old {
+        let _ = trie.remove(&k);
+    }
+    for (i, t) in config.targets.iter().enumerate() {
+        for a in &t.addresses {
+            let (addr, prefix) = match a.net {
+                IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + u32::from(a.prefix)),
+                IpAddr::V6(v6) => (v6.octets(), u32::from(a.prefix)),
+            };
+            let key = Key::new(
+                TARGET_PORT_BITS + prefix,
+                TargetKey {
+                    port: a.port.to_be_bytes(),
+                    addr,
+                },
+            );
+            trie.insert(&key, i as u32, 0)
+                .map_err(|e| RedirectError::Map(name, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, cg: &fs::File) -> Result<FdLink, RedirectError> {
+    let prog = ebpf.program_mut(name).ok_or(RedirectError::Program(
+        name,
+        aya::programs::ProgramError::NotLoaded,
+    ))?;
+    let perr = |e| RedirectError::Program(name, e);
+    if name == program_names::SOCK_OPS {
+        let p: &mut SockOps = prog.try_into().map_err(perr)?;
+        if p.fd().is_err() {
+            p.load().map_err(perr)?;
+        }
+        let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+        let link = p.take_link(id).map_err(perr)?;
+        FdLink::try_from(link).map_err(|e| RedirectError::Pin(name.into(), e.to_string()))
+    } else {
+        let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+        if p.fd().is_err() {
+            p.load().map_err(perr)?;
+        }
+        let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
+        let link = p.take_link(id).map_err(perr)?;
+        FdLink::try_from(link).map_err(|e| RedirectError::Pin(name.into(), e.to_string()))
+    }
+}
+
+/// Unpins links of workloads that are no longer configured.
+fn remove_stale_links(pins: &Pins, known: &[&str]) -> Result<(), RedirectError> {
+    let dir = pins.links();
+    for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let workload = name.rsplit_once('@').map_or(name.as_str(), |(w, _)| w);
+        if !known.contains(&workload) {
+            warn!(pin = %e.path().display(), "detaching a workload no longer in the config");
+            unpin_link(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn unpin_link(path: &Path) -> Result<(), RedirectError> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => {
+            let _detached: FdLink = link.unpin().map_err(io_err(path))?;
+            Ok(())
+        }
+        Err(_) => fs::remove_file(path).map_err(io_err(path)),
+    }
+}
+
+/// What `detach` removed.
+#[derive(Debug, Default)]
+pub struct Detached {
+    pub links: usize,
+    pub maps: usize,
+    pub cgroups_removed: bool,
+    pub processes_moved: usize,
+}
+
+/// Removes every link, map pin and managed cgroup the agent installed.
+pub fn detach(config: &Config) -> Result<Detached, RedirectError> {
+    let pins = Pins::new(&config.agent.pin_dir);
+    let mut out = Detached::default();
+    let links = pins.links();
+    if links.is_dir() {
+        for e in fs::read_dir(&links).map_err(io_err(&links))?.flatten() {
+            unpin_link(&e.path())?;
+            out.links += 1;
+        }
+        fs::remove_dir(&links).map_err(io_err(&links))?;
+    }
+    if pins.root.is_dir() {
+        for e in fs::read_dir(&pins.root)
+            .map_err(io_err(&pins.root))?
+            .flatten()
+        {
+            let p = e.path();
+            if p.is_dir() && e.file_name().to_string_lossy().starts_with("maps-v") {
+                for m in fs::read_dir(&p).map_err(io_err(&p))?.flatten() {
+                    fs::remove_file(m.path()).map_err(io_err(&m.path()))?;
+                    out.maps += 1;
+                }
+                fs::remove_dir(&p).map_err(io_err(&p))?;
+            }
+        }
+        fs::remove_dir(&pins.root).map_err(io_err(&pins.root))?;
+    }
+    let mount = cgroup::cgroup2_mount()?;
+    let managed = mount.join(&config.agent.managed_cgroup_parent);
+    if managed.is_dir() {
+        out.processes_moved = cgroup::remove_managed(&managed, &mount)?;
+        out.cgroups_removed = true;
+    }
+    Ok(out)
+}
+
+/// Normalises a socket address to the eBPF key form (IPv4-mapped → IPv4).
+pub fn key_parts(addr: SocketAddr) -> ([u32; 4], u16, u32) {
+    match crate::config::canonical_ip(addr.ip()) {
+        IpAddr::V4(v4) => (
+            [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            addr.port(),
+            u32::from(AF_INET),
+        ),
+        IpAddr::V6(v6) => (ip6_words(v6.octets()), addr.port(), u32::from(AF_INET6)),
+    }
+}
+
+/// The key under which sock_ops filed the connection the proxy accepted.
+pub fn sock_key(peer: SocketAddr, local: SocketAddr) -> SockKey {
+    let (src_ip, src_port, family) = key_parts(peer);
+    let (dst_ip, dst_port, _) = key_parts(local);
+    SockKey {
+        src_ip,
+        dst_ip,
+        src_port,
+        dst_port,
+        family,
+    }
+}
+
+/// The original destination recorded by connect4/6.
+pub fn original_dst(meta: &ConnMeta) -> SocketAddr {
+    let ip = if meta.orig_family == AF_INET {
+        IpAddr::V4(meta.orig_ip[0].to_ne_bytes().into())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in meta.orig_ip.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(o.into())
+    };
+    SocketAddr::new(ip, meta.orig_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_normalise_v4_mapped() {
+        let a = sock_key(
+            "[::ffff:127.0.0.1]:4000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
+        let b = sock_key(
+            "127.0.0.1:4000".parse().unwrap(),
+            "[::ffff:127.0.0.1]:15001".parse().unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.family, 2);
+        assert_eq!(a.src_ip[0].to_ne_bytes(), [127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn original_dst_round_trips() {
+        for s in ["10.1.2.3:5432", "[fd00::1]:443"] {
+            let addr: SocketAddr = s.parse().unwrap();
+            let (ip, port, fam) = key_parts(addr);
+            let meta = ConnMeta {
+                orig_ip: ip,
+                orig_port: port,
+                orig_family: fam as u16,
+                ..ConnMeta::default()
+            };
+            assert_eq!(original_dst(&meta), addr);
+        }
+    }
+}
