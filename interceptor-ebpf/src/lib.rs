@@ -76,7 +76,8 @@ pub struct ConnMeta {
     pub cgroup_id: u64,
     /// Network namespace cookie of the socket.
     pub netns_cookie: u64,
-    /// `bpf_ktime_get_ns()` at connect (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_boot_ns()` at connect (CLOCK_BOOTTIME, the clock of
+    /// process start times in /proc).
     pub ktime_ns: u64,
     /// `comm` of the calling thread, NUL padded.
     pub comm: [u8; 16],

@@ -24,7 +24,8 @@ mod programs {
         },
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-            bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_ktime_get_boot_ns,
         },
         macros::{cgroup_sock_addr, map, sock_ops},
         maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap},
@@ -131,7 +132,7 @@ mod programs {
             // SAFETY: helpers valid in cgroup/sock_addr programs; ctx is the program's context.
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
             netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-            ktime_ns: unsafe { bpf_ktime_get_ns() },
+            ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
             ..ConnMeta::default()
         }

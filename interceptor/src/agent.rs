@@ -47,6 +47,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     let workloads = cgroup::resolve(&config, true)?;
+    raise_fd_limit();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -106,6 +107,19 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each proxied connection holds two sockets: lift the soft descriptor limit
+/// to the hard one so thousands of concurrent connections fit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -122,7 +136,7 @@ async fn wait_for_signal() {
 }
 
 /// Forwards the eBPF programs' aya-log events into our tracing output.
-async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+async fn forward_ebpf_logs(logger: crate::redirect::EbpfLogs) {
     // SAFETY: the logger owns its ring buffer fd for as long as it lives, and
     // as_raw_fd() always returns that same fd.
     let registered = unsafe {

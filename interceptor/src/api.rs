@@ -34,7 +34,7 @@ pub enum Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Sessions { sessions: Vec<Session> },
-    Session { session: Option<Session> },
+    Session { session: Option<Box<Session>> },
     Status { pid: u32, config: String },
     Error { message: String },
 }
@@ -99,7 +99,9 @@ fn handle(conn: UnixStream, store: &dyn Store, config_path: &str) -> std::io::Re
             },
         },
         Ok(Request::SessionsShow { id }) => match store.get(id) {
-            Ok(session) => Response::Session { session },
+            Ok(session) => Response::Session {
+                session: session.map(Box::new),
+            },
             Err(e) => Response::Error {
                 message: e.to_string(),
             },

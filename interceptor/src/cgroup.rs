@@ -145,10 +145,22 @@ fn find_unit(dir: &Path, unit: &str, depth: u32) -> Option<PathBuf> {
 pub fn resolve(config: &Config, create: bool) -> Result<Vec<Resolved>, CgroupError> {
     let mount = cgroup2_mount()?;
     let own = proc_cgroup(std::process::id()).map_err(io_err(Path::new("/proc/self/cgroup")))?;
-    let mut out = Vec::new();
+    // Check every selector before creating anything, so a bad config leaves
+    // no managed cgroups behind.
+    let mut dirs = Vec::new();
     for w in &config.workloads {
         let dir = workload_dir(&mount, config, w)?;
         let managed = w.selector == Selector::Managed;
+        if !managed && !dir.is_dir() {
+            return Err(CgroupError::Missing {
+                workload: w.name.clone(),
+                path: dir,
+            });
+        }
+        dirs.push((w, dir, managed));
+    }
+    let mut out = Vec::new();
+    for (w, dir, managed) in dirs {
         if managed && create {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }

@@ -289,7 +289,7 @@ fn query(store: &StoreArgs, req: Request) -> anyhow::Result<Response> {
             sessions: db.list(&filter)?,
         },
         Request::SessionsShow { id } => Response::Session {
-            session: db.get(id)?,
+            session: db.get(id)?.map(Box::new),
         },
         Request::Status => bail!("the agent is not running"),
     })

@@ -507,13 +507,13 @@ protocol = "postgres"
     fn bad_addresses_and_duplicates_are_rejected_with_lines() {
         let text = GOOD.replace("10.0.0.0/8:*", "db.internal:5432");
         let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
-        assert_eq!(e.line, 13, "{e}");
+        assert_eq!(e.line, 12, "{e}");
         assert!(e.message.contains("not an IP address"), "{e}");
 
         let text = format!("{GOOD}\n[[workload]]\nname = \"billing\"\nmanaged = true\n");
         let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
         assert!(e.message.contains("defined twice"), "{e}");
-        assert_eq!(e.line, 18, "{e}");
+        assert_eq!(e.line, 16, "{e}");
     }
 
     #[test]

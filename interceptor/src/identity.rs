@@ -68,7 +68,6 @@ pub struct Resolver {
     sub_cgroups: RwLock<HashMap<u64, (usize, String)>>,
     exe_hashes: Mutex<HashMap<(u64, u64, i64, u64), String>>,
     users: Mutex<HashMap<u32, Option<String>>>,
-    boot_time_s: u64,
     ticks_per_s: u64,
 }
 
@@ -92,7 +91,6 @@ impl Resolver {
             sub_cgroups: RwLock::default(),
             exe_hashes: Mutex::default(),
             users: Mutex::default(),
-            boot_time_s: boot_time().unwrap_or(0),
             // SAFETY: sysconf has no memory-safety preconditions.
             ticks_per_s: match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
                 n if n > 0 => n as u64,
@@ -188,10 +186,8 @@ impl Resolver {
             .ok()
             .map(|p| p.display().to_string());
         let exe_sha256 = self.exe_hash(&exe_path);
-        let start_s = self.boot_time_s + start_ticks / self.ticks_per_s;
-        let start_us = (start_ticks % self.ticks_per_s) * 1_000_000 / self.ticks_per_s;
         Some(LiveProcess {
-            start: crate::record::rfc3339_micros(start_s * 1_000_000 + start_us),
+            start: crate::record::rfc3339_micros(boot_wall_micros() + start_ns / 1000),
             exe,
             exe_sha256,
         })
@@ -246,14 +242,15 @@ pub fn systemd_unit(cgroup_rel: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn boot_time() -> Option<u64> {
-    fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()
+/// Wall-clock time of boot in microseconds: now minus CLOCK_BOOTTIME.
+fn boot_wall_micros() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    let us = |c| {
+        clock_gettime(c).map_or(0, |t| {
+            t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+        })
+    };
+    us(ClockId::CLOCK_REALTIME).saturating_sub(us(ClockId::CLOCK_BOOTTIME))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

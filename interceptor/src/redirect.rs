@@ -53,6 +53,9 @@ const PROGRAMS: [&str; 5] = [
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+/// Reader of the eBPF programs' log ring buffer.
+pub type EbpfLogs = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
     #[error("{0}: {1}")]
@@ -168,7 +171,7 @@ impl Redirect {
     pub fn start(
         config: &Config,
         workloads: &[Resolved],
-    ) -> Result<(Self, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), RedirectError> {
+    ) -> Result<(Self, Option<EbpfLogs>), RedirectError> {
         let pins = Pins::new(&config.agent.pin_dir);
         ensure_bpffs(&pins.root)?;
         let maps_dir = pins.maps();

@@ -1,1 +1,470 @@
+//! End-to-end tests: real kernel, real cgroups and eBPF, real processes.
+//! Run serially (`--test-threads=1`) as root, by `cargo xtask test`.
 
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::*;
+
+fn s(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+#[test]
+fn only_workload_processes_are_redirected() {
+    let echo = Echo::start();
+    let agent = Agent::start("scope", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let port = echo.port.to_string();
+
+    let inside = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    assert_eq!(inside["received_sha256"], inside["sent_sha256"]);
+    let inside_port = inside["local_port"].as_u64().unwrap() as u16;
+    assert!(
+        !echo.saw_port(inside_port),
+        "the workload's connection reached the server directly"
+    );
+
+    let outside = agent.client(None, &["echo", "127.0.0.1", &port]);
+    let outside_port = outside["local_port"].as_u64().unwrap() as u16;
+    assert!(echo.saw_port(outside_port), "a host process was redirected");
+
+    agent.sessions_until("the workload's session", |s| {
+        s.iter()
+            .any(|x| x["pid"] == inside["pid"] && x["outcome"] == "closed")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let sessions = agent.sessions();
+    let ours: Vec<_> = sessions
+        .iter()
+        .filter(|x| x["pid"] == inside["pid"])
+        .collect();
+    assert_eq!(ours.len(), 1);
+    assert!(
+        sessions.iter().all(|x| x["pid"] != outside["pid"]),
+        "a host process was recorded"
+    );
+    let x = ours[0];
+    assert_eq!(x["workload"], "app");
+    assert_eq!(x["identity"], "spiffe://e2e.test/app");
+    assert_eq!(x["outcome"], "closed");
+    assert_eq!(x["rule"], "app-to-echo");
+    assert_eq!(x["target"], "echo");
+    assert_eq!(x["bytes_up"], 5);
+    assert_eq!(x["bytes_down"], 5);
+    assert_eq!(s(&x["original_dst"]), format!("127.0.0.1:{port}"));
+    assert!(s(&x["exe"]).contains("python3"), "exe: {}", x["exe"]);
+    assert_eq!(s(&x["cgroup"]), "/icpt-e2e-scope/app");
+    assert_eq!(x["evidence"]["attribution"], "process");
+    assert_eq!(x["evidence"]["exe_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(x["evidence"]["uid"], 0);
+    assert_eq!(x["evidence"]["user"], "root");
+}
+
+#[test]
+fn getpeername_shows_the_original_destination() {
+    let echo = Echo::start();
+    let agent = Agent::start("peer", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let port = echo.port.to_string();
+    let cases = [
+        ("127.0.0.1", "127.0.0.1", format!("127.0.0.1:{port}")),
+        ("::1", "::1", format!("[::1]:{port}")),
+        // A dual-stack IPv6 socket connecting to an IPv4-mapped address.
+        (
+            "::ffff:127.0.0.1",
+            "::ffff:127.0.0.1",
+            format!("127.0.0.1:{port}"),
+        ),
+    ];
+    for (host, want_peer, want_dst) in cases {
+        let r = agent.client(Some("app"), &["echo", host, &port, "4096"]);
+        assert_eq!(r["peer_host"], want_peer, "getpeername host for {host}");
+        assert_eq!(r["peer_port"], echo.port, "getpeername port for {host}");
+        assert_eq!(r["received_sha256"], r["sent_sha256"]);
+        assert!(
+            !echo.saw_port(r["local_port"].as_u64().unwrap() as u16),
+            "{host} went direct"
+        );
+        let sessions = agent.sessions_until(&format!("session of {host}"), |s| {
+            s.iter()
+                .any(|x| x["pid"] == r["pid"] && x["outcome"] == "closed")
+        });
+        let x = sessions.iter().find(|x| x["pid"] == r["pid"]).unwrap();
+        assert_eq!(s(&x["original_dst"]), want_dst);
+        assert_eq!(x["bytes_up"], 4096);
+    }
+}
+
+#[test]
+fn hundred_megabytes_each_way_arrive_intact_with_half_close() {
+    let echo = Echo::start();
+    let agent = Agent::start("bulk", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let n: u64 = 100 * 1000 * 1000;
+    let r = agent.client(
+        Some("app"),
+        &["echo", "127.0.0.1", &echo.port.to_string(), &n.to_string()],
+    );
+    assert_eq!(r["sent"], n);
+    // The client shut down its write side first and still read every echoed
+    // byte: the half-close travelled through the proxy and back.
+    assert_eq!(r["received"], n);
+    assert_eq!(r["received_sha256"], r["sent_sha256"]);
+    let sessions = agent.sessions_until("bulk session closed", |s| {
+        s.iter()
+            .any(|x| x["pid"] == r["pid"] && x["outcome"] == "closed")
+    });
+    let x = sessions.iter().find(|x| x["pid"] == r["pid"]).unwrap();
+    assert_eq!(x["bytes_up"], n);
+    assert_eq!(x["bytes_down"], n);
+}
+
+#[test]
+fn a_thousand_concurrent_connections_are_all_attributed_and_relayed() {
+    let echo = Echo::start();
+    let agent = Agent::start("many", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let r = agent.client(
+        Some("app"),
+        &["many", "127.0.0.1", &echo.port.to_string(), "1000"],
+    );
+    assert_eq!(r["errors"], serde_json::json!([]), "client errors");
+    assert_eq!(r["opened"], 1000);
+    assert_eq!(r["ok"], 1000);
+    let sessions = agent.sessions_until("1000 closed sessions", |s| {
+        s.iter()
+            .filter(|x| x["pid"] == r["pid"] && x["outcome"] == "closed")
+            .count()
+            == 1000
+    });
+    let ours: Vec<_> = sessions.iter().filter(|x| x["pid"] == r["pid"]).collect();
+    assert_eq!(ours.len(), 1000, "no extra or missing sessions");
+    for x in ours {
+        assert_eq!(x["workload"], "app");
+        assert_eq!(x["rule"], "app-to-echo");
+        assert_eq!(x["bytes_up"], x["bytes_down"]);
+        assert!(x["bytes_up"].as_u64().unwrap() >= 7);
+    }
+}
+
+#[test]
+fn a_process_that_exits_right_after_connecting_is_attributed() {
+    let echo = Echo::start();
+    let agent = Agent::start("quick", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let mut pids = Vec::new();
+    for _ in 0..5 {
+        let r = agent.client(Some("app"), &["quick", "127.0.0.1", &echo.port.to_string()]);
+        pids.push(r["pid"].clone());
+    }
+    let sessions = agent.sessions_until("5 short-lived sessions ended", |s| {
+        pids.iter()
+            .all(|p| s.iter().any(|x| &x["pid"] == p && x["outcome"] != "open"))
+    });
+    for p in &pids {
+        let x = sessions.iter().find(|x| &x["pid"] == p).unwrap();
+        assert_eq!(x["workload"], "app", "{x}");
+        assert_eq!(x["identity"], "spiffe://e2e.test/app");
+        assert_eq!(s(&x["cgroup"]), "/icpt-e2e-quick/app");
+        assert_eq!(x["evidence"]["comm"], "python3");
+        assert_eq!(x["bytes_up"], 4);
+    }
+}
+
+#[test]
+fn threads_are_attributed_to_their_process() {
+    let echo = Echo::start();
+    let agent = Agent::start("threads", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let r = agent.client(
+        Some("app"),
+        &["thread", "127.0.0.1", &echo.port.to_string()],
+    );
+    assert_ne!(
+        r["pid"], r["tid"],
+        "the client must connect from a second thread"
+    );
+    let sessions = agent.sessions_until("thread session", |s| {
+        s.iter()
+            .any(|x| x["pid"] == r["pid"] && x["outcome"] == "closed")
+    });
+    let x = sessions.iter().find(|x| x["pid"] == r["pid"]).unwrap();
+    assert_eq!(x["evidence"]["pid"], r["pid"]);
+    assert_eq!(x["evidence"]["tid"], r["tid"]);
+    assert_eq!(x["evidence"]["attribution"], "process");
+}
+
+#[test]
+fn no_loop_and_connects_to_the_proxy_port_are_refused() {
+    let echo = Echo::start();
+    let agent = Agent::start("loop", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let proxy = agent.proxy_port.to_string();
+
+    // The agent's own upstream connect is not redirected back to itself:
+    // exactly one session for one client connection.
+    let r = agent.client(Some("app"), &["echo", "127.0.0.1", &echo.port.to_string()]);
+    assert_eq!(r["received_sha256"], r["sent_sha256"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let all = agent.sessions();
+    assert_eq!(all.len(), 1, "{all:#?}");
+
+    // From inside the workload, the kernel refuses a connect to the proxy.
+    let inside = agent.client(Some("app"), &["connect", "127.0.0.1", &proxy]);
+    assert_eq!(inside["connected"], false, "{inside}");
+    assert_eq!(inside["error"], "PermissionError", "{inside}");
+    let inside6 = agent.client(Some("app"), &["connect", "::1", &proxy]);
+    assert_eq!(inside6["connected"], false, "{inside6}");
+
+    // From a host process, the proxy finds no metadata: refused and recorded.
+    let outside = agent.client(None, &["connect", "127.0.0.1", &proxy]);
+    assert_ne!(
+        outside["first_read"], 6,
+        "the proxy relayed a connection it cannot attribute"
+    );
+    let sessions = agent.sessions_until("refused session", |s| {
+        s.iter().any(|x| x["outcome"] == "refused")
+    });
+    let x = sessions.iter().find(|x| x["outcome"] == "refused").unwrap();
+    assert_eq!(x["rule"], "proxy.no-metadata");
+    assert_eq!(x["workload"], serde_json::Value::Null);
+}
+
+#[test]
+fn a_denied_connect_fails_fast_and_is_recorded_with_its_rule() {
+    let echo = Echo::start();
+    let other = Echo::start();
+    let policy = r#"
+[defaults]
+connect = "allow"
+unmatched_destination = "deny"
+
+[[rule]]
+id = "app-not-echo"
+workloads = ["app"]
+targets = ["echo"]
+action = "deny"
+"#;
+    let agent = Agent::start("deny", &app_and_echo(echo.port, ""), policy);
+    for (port, rule) in [
+        (echo.port, "app-not-echo"),
+        (other.port, "defaults.unmatched_destination"),
+    ] {
+        let t = Instant::now();
+        let r = agent.client(Some("app"), &["connect", "127.0.0.1", &port.to_string()]);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(r["elapsed_ms"].as_f64().unwrap() < 1000.0, "{r}");
+        assert!(
+            r["error"] == "ConnectionResetError" || r["first_read"] == 0,
+            "a denied connection carried data: {r}"
+        );
+        let sessions = agent.sessions_until(&format!("denied by {rule}"), |s| {
+            s.iter().any(|x| x["rule"] == rule)
+        });
+        let x = sessions.iter().find(|x| x["rule"] == rule).unwrap();
+        assert_eq!(x["outcome"], "denied");
+        assert_eq!(x["bytes_up"], 0);
+        assert_eq!(s(&x["original_dst"]), format!("127.0.0.1:{port}"));
+    }
+    assert!(
+        echo.peers.lock().unwrap().is_empty(),
+        "a denied connect reached the server"
+    );
+    assert!(
+        other.peers.lock().unwrap().is_empty(),
+        "a denied connect reached the server"
+    );
+    // The listing filters by workload and time.
+    let out = agent.cli(&["sessions", "list", "--workload", "app", "--since", "5m"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("app-not-echo") && text.contains("2 session(s)"),
+        "{text}"
+    );
+}
+
+fn icpt_programs_loaded() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("icpt_")))
+        .count()
+}
+
+#[test]
+fn sigkill_fails_closed_restart_adopts_and_detach_cleans_up() {
+    let echo = Echo::start();
+    let mut agent = Agent::start("restart", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let port = echo.port.to_string();
+    let first = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    let before = agent.sessions_until("first session", |s| {
+        s.iter()
+            .any(|x| x["pid"] == first["pid"] && x["outcome"] == "closed")
+    });
+    assert!(icpt_programs_loaded() >= 5);
+
+    agent.kill9();
+    let peers_before = echo.peers.lock().unwrap().len();
+    let down = agent.client(Some("app"), &["connect", "127.0.0.1", &port]);
+    assert_eq!(
+        down["connected"], false,
+        "connect went through with the agent down: {down}"
+    );
+    assert_eq!(down["error"], "ConnectionRefusedError", "{down}");
+    assert_eq!(
+        echo.peers.lock().unwrap().len(),
+        peers_before,
+        "a connect went direct while the agent was down"
+    );
+
+    agent.spawn();
+    assert!(agent.log().contains("adopted=5"), "{}", agent.log());
+    let again = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    assert_eq!(again["received_sha256"], again["sent_sha256"]);
+    let after = agent.sessions_until("session after restart", |s| {
+        s.iter()
+            .any(|x| x["pid"] == again["pid"] && x["outcome"] == "closed")
+    });
+    for old in &before {
+        let same = after
+            .iter()
+            .find(|x| x["id"] == old["id"])
+            .expect("earlier session kept");
+        assert_eq!(same, old);
+    }
+
+    agent.stop();
+    // Stopped agent: listings read the store directly.
+    let offline = agent.sessions();
+    assert_eq!(offline.len(), after.len());
+    let show = agent.cli(&["sessions", "show", s(&before[0]["id"])]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("app-to-echo"));
+
+    let out = agent.detach();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !agent.pin_dir.exists(),
+        "pins left in {}",
+        agent.pin_dir.display()
+    );
+    assert!(
+        !agent.cgroup_parent.exists(),
+        "cgroup left: {}",
+        agent.cgroup_parent.display()
+    );
+    assert_eq!(
+        icpt_programs_loaded(),
+        0,
+        "eBPF programs still loaded after detach"
+    );
+}
+
+#[test]
+fn malformed_config_is_rejected_with_file_and_line_and_nothing_attached() {
+    let agent = Agent::prepare(
+        "badcfg",
+        "[[workload]]\nname = \"app\"\nmanaged = true\n",
+        "",
+    );
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace("trust_domain = \"e2e.test\"", "trust_domain = e2e.test"),
+    )
+    .unwrap();
+    let out = agent.cli(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("interceptor.toml:2:"), "{err}");
+    assert!(!agent.pin_dir.exists());
+    assert!(!agent.cgroup_parent.exists());
+
+    // A workload naming a cgroup that does not exist.
+    std::fs::write(
+        &agent.config,
+        text.replace(
+            "[[workload]]\nname = \"app\"\nmanaged = true\n",
+            "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[workload]]\nname = \"legacy\"\ncgroup = \"icpt-e2e-no-such-cgroup\"\n",
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("legacy") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!agent.pin_dir.exists(), "something was pinned");
+    assert!(
+        !agent.cgroup_parent.exists(),
+        "a managed cgroup was created"
+    );
+
+    // A policy naming an unknown workload.
+    std::fs::write(&agent.config, &text).unwrap();
+    std::fs::write(
+        agent.dir.join("policy.toml"),
+        "[[rule]]\nid = \"r\"\nworkloads = [\"ghost\"]\ntargets = [\"*\"]\naction = \"allow\"\n",
+    )
+    .unwrap();
+    let out = agent.cli(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("policy.toml:3:") && err.contains("ghost"),
+        "{err}"
+    );
+    assert!(!agent.pin_dir.exists());
+
+    // exec with an unknown workload.
+    let out = agent.cli(&["exec", "--workload", "nope", "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("unknown workload `nope`"), "{err}");
+}
+
+#[test]
+fn exec_returns_the_exit_code_and_refuses_unattached_workloads() {
+    let echo = Echo::start();
+    let mut agent = Agent::start("exec", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let out = agent.cli(&["exec", "--workload", "app", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = agent.cli(&[
+        "exec",
+        "--workload",
+        "app",
+        "--",
+        "cat",
+        "/proc/self/cgroup",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0::/icpt-e2e-exec/app"));
+    assert!(agent.detach().status.success());
+    let out = agent.cli(&["exec", "--workload", "app", "--", "true"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn the_policies_in_the_repository_load() {
+    // Every policy file under policies/ passes `policy check` against a
+    // config that defines what it names.
+    let agent = Agent::prepare(
+        "policies",
+        "[[workload]]\nname = \"billing\"\nmanaged = true\n\n[[workload]]\nname = \"reporting\"\nmanaged = true\n\n\
+         [[target]]\nname = \"orders-db\"\naddresses = [\"127.0.0.1:5432\"]\nprotocol = \"postgres\"\n",
+        "",
+    );
+    let mut n = 0;
+    for e in std::fs::read_dir(POLICIES).unwrap().flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            let out = agent.cli(&["policy", "check", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
