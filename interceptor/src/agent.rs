@@ -83,6 +83,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         recorder,
         ids: Arc::new(SessionIds::default()),
     });
+    let policy = proxy.policy.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let socket = api::socket_path(&data_dir);
     rt.block_on(async move {
@@ -91,7 +92,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         }
         let serving = tokio::spawn(proxy.serve(listeners, stop_rx));
         info!(data_dir = %data_dir.display(), "agent ready");
-        wait_for_signal().await;
+        serve_signals(&config, &policy).await;
         info!("shutting down: intercepted connects fail until an agent runs again");
         let _ = stop_tx.send(true);
         let _ = serving.await;
@@ -120,18 +121,32 @@ fn raise_fd_limit() {
     }
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; on SIGHUP reloads the policy files in
+/// place (connections keep flowing; a broken file keeps the old policy).
+async fn serve_signals(config: &Config, policy: &ArcSwap<Policy>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot watch SIGTERM");
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(h)) => (t, h),
+        (Err(e), _) | (_, Err(e)) => {
+            error!(error = %e, "cannot watch signals; stop the agent with SIGKILL");
             return std::future::pending().await;
         }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => match Policy::load(config) {
+                Ok(p) => {
+                    info!(rules = p.rules.len(), "policy reloaded");
+                    policy.store(Arc::new(p));
+                }
+                Err(e) => error!(error = %e, "policy reload failed; keeping the current policy"),
+            },
+        }
     }
 }
 

@@ -181,6 +181,26 @@ impl Agent {
         self.log.lock().unwrap().clone()
     }
 
+    /// SIGHUP: reload the policy; waits until the agent logs the outcome.
+    pub fn reload(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        let before = self.log().matches("policy reload").count();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.log().matches("policy reload").count() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reload logged:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL, no cleanup: the pinned programs stay.
     pub fn kill9(&mut self) {
         let mut c = self.child.take().expect("running");

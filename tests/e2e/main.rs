@@ -468,3 +468,85 @@ fn the_policies_in_the_repository_load() {
     }
     assert!(n >= 1);
 }
+
+#[test]
+fn existing_cgroups_and_systemd_units_are_workloads_too() {
+    let echo = Echo::start();
+    let mount = cgroup2();
+    let slice = mount.join("icpt-e2e-sel.slice");
+    let unit = slice.join("icpt-legacy.service");
+    let plain = slice.join("plain");
+    std::fs::create_dir_all(&unit).unwrap();
+    std::fs::create_dir_all(&plain).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for d in ["icpt-legacy.service", "plain", ""] {
+                let _ = std::fs::remove_dir(self.0.join(d));
+            }
+        }
+    }
+    let _cleanup = Cleanup(slice.clone());
+    let sections = format!(
+        "[[workload]]\nname = \"legacy\"\nsystemd_unit = \"icpt-legacy.service\"\n\n\
+         [[workload]]\nname = \"plain\"\ncgroup = \"icpt-e2e-sel.slice/plain\"\n\n\
+         [[target]]\nname = \"echo\"\naddresses = [\"127.0.0.1:{}\"]\n",
+        echo.port
+    );
+    let policy = "[[rule]]\nid = \"both\"\nworkloads = [\"legacy\", \"plain\"]\ntargets = [\"echo\"]\naction = \"allow\"\n";
+    let mut agent = Agent::start("sel", &sections, policy);
+    let port = echo.port.to_string();
+    let a = agent.client(Some("legacy"), &["echo", "127.0.0.1", &port]);
+    let b = agent.client(Some("plain"), &["echo", "127.0.0.1", &port]);
+    let sessions = agent.sessions_until("both sessions", |s| {
+        [&a, &b].iter().all(|r| {
+            s.iter()
+                .any(|x| x["pid"] == r["pid"] && x["outcome"] == "closed")
+        })
+    });
+    let xa = sessions.iter().find(|x| x["pid"] == a["pid"]).unwrap();
+    assert_eq!(xa["workload"], "legacy");
+    assert_eq!(s(&xa["cgroup"]), "/icpt-e2e-sel.slice/icpt-legacy.service");
+    assert_eq!(xa["evidence"]["systemd_unit"], "icpt-legacy.service");
+    let xb = sessions.iter().find(|x| x["pid"] == b["pid"]).unwrap();
+    assert_eq!(xb["workload"], "plain");
+    assert_eq!(xb["identity"], "spiffe://e2e.test/plain");
+    // The eBPF programs' own log events reach the agent's log.
+    assert!(agent.log().contains("redirected tgid"), "{}", agent.log());
+    // Detach leaves cgroups the agent did not create.
+    assert!(agent.detach().status.success());
+    assert!(unit.is_dir() && plain.is_dir());
+}
+
+#[test]
+fn sighup_reloads_the_policy_and_a_broken_file_keeps_the_old_one() {
+    let echo = Echo::start();
+    let agent = Agent::start("reload", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let port = echo.port.to_string();
+    let r = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    assert_eq!(r["received_sha256"], r["sent_sha256"]);
+
+    // A broken file: the agent says so and keeps allowing.
+    std::fs::write(agent.dir.join("policy.toml"), "[[rule]]\nid = \n").unwrap();
+    agent.reload();
+    assert!(
+        agent.log().contains("policy reload failed"),
+        "{}",
+        agent.log()
+    );
+    let r = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    assert_eq!(r["received_sha256"], r["sent_sha256"]);
+
+    std::fs::write(
+        agent.dir.join("policy.toml"),
+        "[[rule]]\nid = \"now-denied\"\nworkloads = [\"app\"]\ntargets = [\"echo\"]\naction = \"deny\"\n",
+    )
+    .unwrap();
+    agent.reload();
+    let r = agent.client(Some("app"), &["connect", "127.0.0.1", &port]);
+    assert_ne!(r["first_read"], 6, "{r}");
+    agent.sessions_until("denied after reload", |s| {
+        s.iter()
+            .any(|x| x["rule"] == "now-denied" && x["outcome"] == "denied")
+    });
+}

@@ -1,4 +1,381 @@
-use anyhow::Result;
-pub fn run(_a: &[String]) -> Result<()> {
-    anyhow::bail!("todo")
+//! `cargo xtask bench l4`: the same loads directly and through the agent, in
+//! one run, with the ratio of each figure.
+//!
+//! The load generator and the servers are this program itself, built in
+//! release (`bench-client`, `bench-server` subcommands), so both paths are
+//! measured with identical code; the through-agent client runs under
+//! `interceptor exec` in a managed workload.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{agent::Agent, cargo, pg::free_port, require_root, root, run as run_cmd};
+
+const RR_RATE: u64 = 2000; // requests per second on the persistent connection
+const RR_COUNT: u64 = 20_000;
+const RR_SIZE: usize = 64;
+const SAT_CONNS: usize = 64;
+const SAT_SIZE: usize = 1024;
+const SAT_SECS: u64 = 5;
+const BULK_BYTES: u64 = 1 << 30;
+const CONNECTS: u64 = 2000;
+
+pub fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("l4") => l4(),
+        Some("client") => client(&args[1..]),
+        Some("server") => server(),
+        _ => bail!("usage: cargo xtask bench l4"),
+    }
+}
+
+fn l4() -> Result<()> {
+    require_root("cargo xtask bench")?;
+    crate::setup::run()?;
+    let agent_bin = crate::agent::build(true)?;
+    run_cmd(cargo().args(["build", "--release", "-p", "xtask"]))?;
+    let me = root().join("target/release/xtask");
+
+    let dir = std::env::temp_dir().join(format!("interceptor-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+
+    // Servers run in their own process, outside every workload.
+    let mut server = Command::new(&me)
+        .args(["bench", "server"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().expect("piped")).read_line(&mut line)?;
+    let mut ports = line.split_whitespace().map(str::parse::<u16>);
+    let (echo, sink) = match (ports.next(), ports.next()) {
+        (Some(Ok(e)), Some(Ok(s))) => (e, s),
+        _ => bail!("bench server said {line:?}"),
+    };
+
+    let config = dir.join("interceptor.toml");
+    std::fs::write(dir.join("policy.toml"), "[[rule]]\nid = \"bench\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\naction = \"allow\"\n")?;
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ntrust_domain = \"bench.local\"\nproxy_port = {}\npin_dir = \"/sys/fs/bpf/interceptor-bench\"\n\
+             managed_cgroup_parent = \"interceptor-bench\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n\
+             [[workload]]\nname = \"bench\"\nmanaged = true\n\
+             [[target]]\nname = \"echo\"\naddresses = [\"127.0.0.1:{echo}\"]\n\
+             [[target]]\nname = \"sink\"\naddresses = [\"127.0.0.1:{sink}\"]\n",
+            free_port()?,
+            dir.join("data").display()
+        ),
+    )?;
+    let result = (|| -> Result<()> {
+        let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
+        println!("interceptor bench l4 — direct vs through the agent (release build, same run)\n");
+        let loads: [(&str, Vec<String>); 4] = [
+            ("rr", vec![format!("127.0.0.1:{echo}")]),
+            ("saturation", vec![format!("127.0.0.1:{echo}")]),
+            ("bulk", vec![format!("127.0.0.1:{sink}")]),
+            ("connect", vec![format!("127.0.0.1:{echo}")]),
+        ];
+        let mut rows = Vec::new();
+        for (load, args) in loads {
+            let direct = measure(&me, None, load, &args)?;
+            let proxied = measure(&me, Some((&agent, &config)), load, &args)?;
+            rows.extend(report(load, &direct, &proxied));
+        }
+        println!(
+            "{:<44} {:>14} {:>14} {:>8}   target",
+            "figure", "direct", "agent", "ratio"
+        );
+        for r in rows {
+            println!("{r}");
+        }
+        drop(agent);
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Runs one load in a client process; returns its `key=value` figures.
+fn measure(
+    me: &Path,
+    agent: Option<(&Agent, &PathBuf)>,
+    load: &str,
+    args: &[String],
+) -> Result<Vec<(String, f64)>> {
+    let mut cmd = match agent {
+        Some((a, config)) => {
+            let mut c = a.cli();
+            c.arg("exec")
+                .arg("--config")
+                .arg(config)
+                .args(["--workload", "bench", "--"])
+                .arg(me);
+            c
+        }
+        None => Command::new(me),
+    };
+    cmd.args(["bench", "client", load]).args(args);
+    let out = cmd.output().context("running the bench client")?;
+    if !out.status.success() {
+        bail!(
+            "bench client {load} ({}) failed: {}",
+            if agent.is_some() { "agent" } else { "direct" },
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect())
+}
+
+fn get(f: &[(String, f64)], k: &str) -> f64 {
+    f.iter().find(|(n, _)| n == k).map_or(f64::NAN, |(_, v)| *v)
+}
+
+fn report(load: &str, d: &[(String, f64)], a: &[(String, f64)]) -> Vec<String> {
+    let row = |name: &str, unit: &str, dv: f64, av: f64, extra: String| {
+        format!(
+            "{:<44} {:>10.1} {:<3} {:>10.1} {:<3} {:>8.2}   {extra}",
+            name,
+            dv,
+            unit,
+            av,
+            unit,
+            av / dv
+        )
+    };
+    match load {
+        "rr" => vec![
+            {
+                let (dv, av) = (get(d, "p50_us"), get(a, "p50_us"));
+                row(
+                    &format!("request/response p50 ({RR_RATE}/s, {RR_SIZE} B)"),
+                    "µs",
+                    dv,
+                    av,
+                    format!("added {:.1} µs (target ≤ 50)", av - dv),
+                )
+            },
+            {
+                let (dv, av) = (get(d, "p99_us"), get(a, "p99_us"));
+                row(
+                    "request/response p99",
+                    "µs",
+                    dv,
+                    av,
+                    format!("added {:.1} µs", av - dv),
+                )
+            },
+        ],
+        "saturation" => vec![row(
+            &format!("saturation, {SAT_CONNS} conns ping-pong {SAT_SIZE} B"),
+            "k/s",
+            get(d, "tps") / 1000.0,
+            get(a, "tps") / 1000.0,
+            "ratio ≥ 0.8".into(),
+        )],
+        "bulk" => vec![row(
+            "bulk single stream, 1 GiB",
+            "Gb/s",
+            get(d, "gbps"),
+            get(a, "gbps"),
+            "ratio ≥ 0.8".into(),
+        )],
+        "connect" => {
+            let (dv, av) = (get(d, "p50_us"), get(a, "p50_us"));
+            vec![
+                row(
+                    &format!("connect() p50 ({CONNECTS} sequential)"),
+                    "µs",
+                    dv,
+                    av,
+                    format!("added {:.1} µs (target ≤ 150)", av - dv),
+                ),
+                row(
+                    "connect() p99",
+                    "µs",
+                    get(d, "p99_us"),
+                    get(a, "p99_us"),
+                    format!("added {:.1} µs", get(a, "p99_us") - get(d, "p99_us")),
+                ),
+            ]
+        }
+        _ => vec![],
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// The load generator; prints `key=value` figures.
+fn client(args: &[String]) -> Result<()> {
+    let (load, addr) = match args {
+        [l, a, ..] => (l.as_str(), a.as_str()),
+        _ => bail!("bench client LOAD ADDR"),
+    };
+    match load {
+        "rr" => {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            let req = [7u8; RR_SIZE];
+            let mut resp = [0u8; RR_SIZE];
+            let gap = Duration::from_nanos(1_000_000_000 / RR_RATE);
+            let mut lat = Vec::with_capacity(RR_COUNT as usize);
+            let start = Instant::now();
+            for i in 0..RR_COUNT + 500 {
+                let due = start + gap * i as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    thread::sleep(wait);
+                }
+                let t = Instant::now();
+                s.write_all(&req)?;
+                s.read_exact(&mut resp)?;
+                if i >= 500 {
+                    // the first 500 warm up
+                    lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
+                }
+            }
+            lat.sort_by(f64::total_cmp);
+            println!(
+                "p50_us={} p99_us={}",
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99)
+            );
+        }
+        "saturation" => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicU64::new(0));
+            let mut threads = Vec::new();
+            let mut streams = Vec::new();
+            for _ in 0..SAT_CONNS {
+                let s = TcpStream::connect(addr)?;
+                s.set_nodelay(true)?;
+                streams.push(s);
+            }
+            let start = Instant::now();
+            for mut s in streams {
+                let (stop, done) = (stop.clone(), done.clone());
+                threads.push(thread::spawn(move || -> std::io::Result<()> {
+                    let buf = [1u8; SAT_SIZE];
+                    let mut back = [0u8; SAT_SIZE];
+                    while !stop.load(Ordering::Relaxed) {
+                        s.write_all(&buf)?;
+                        s.read_exact(&mut back)?;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                }));
+            }
+            thread::sleep(Duration::from_secs(SAT_SECS));
+            stop.store(true, Ordering::Relaxed);
+            let secs = start.elapsed().as_secs_f64();
+            for t in threads {
+                t.join().expect("client thread")?;
+            }
+            println!("tps={}", done.load(Ordering::Relaxed) as f64 / secs);
+        }
+        "bulk" => {
+            let mut s = TcpStream::connect(addr)?;
+            let buf = vec![3u8; 1 << 20];
+            let start = Instant::now();
+            let mut left = BULK_BYTES;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                s.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+            s.shutdown(Shutdown::Write)?;
+            let mut ack = String::new();
+            s.read_to_string(&mut ack)?;
+            let secs = start.elapsed().as_secs_f64();
+            if ack.trim().parse::<u64>().ok() != Some(BULK_BYTES) {
+                bail!("sink received {ack:?} bytes, sent {BULK_BYTES}");
+            }
+            println!("gbps={}", BULK_BYTES as f64 * 8.0 / secs / 1e9);
+        }
+        "connect" => {
+            let mut lat = Vec::with_capacity(CONNECTS as usize);
+            for _ in 0..CONNECTS {
+                let t = Instant::now();
+                let s = TcpStream::connect(addr)?;
+                lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
+                drop(s);
+                thread::sleep(Duration::from_micros(200));
+            }
+            lat.sort_by(f64::total_cmp);
+            println!(
+                "p50_us={} p99_us={}",
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99)
+            );
+        }
+        _ => bail!("unknown load {load}"),
+    }
+    Ok(())
+}
+
+/// Echo and sink servers on loopback; prints "ECHO_PORT SINK_PORT".
+fn server() -> Result<()> {
+    let echo = TcpListener::bind("127.0.0.1:0")?;
+    let sink = TcpListener::bind("127.0.0.1:0")?;
+    println!(
+        "{} {}",
+        echo.local_addr()?.port(),
+        sink.local_addr()?.port()
+    );
+    std::io::stdout().flush()?;
+    let e = thread::spawn(move || {
+        for c in echo.incoming().flatten() {
+            thread::spawn(move || {
+                let _ = c.set_nodelay(true);
+                let mut c = c;
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    for c in sink.incoming().flatten() {
+        thread::spawn(move || {
+            let mut c = c;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = write!(c, "{total}");
+        });
+    }
+    let _ = e.join();
+    Ok(())
 }
