@@ -9,7 +9,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -20,7 +20,7 @@ use std::{
 use arc_swap::ArcSwap;
 use interceptor_ebpf::{ConnMeta, SockKey};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpListener, TcpStream,
@@ -280,15 +280,43 @@ pub struct Relayed {
 
 /// Relays until both directions end. A read of 0 bytes (FIN) shuts down the
 /// other side's write half; an error on either direction resets both.
+///
+/// Bytes move with splice(2) through a pipe per direction, so they never
+/// enter userspace; if pipes cannot be had (descriptor limit), it falls back
+/// to copying through a buffer.
 pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
-    let (cfd, ufd) = (client.as_raw_fd(), upstream.as_raw_fd());
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
     let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(cr, uw, &up_n);
-    let down = pump(ur, cw, &down_n);
+    let result = match (Pipe::new(), Pipe::new()) {
+        (Ok(p1), Ok(p2)) => {
+            let up = splice_pump(&client, &upstream, &p1, &up_n);
+            let down = splice_pump(&upstream, &client, &p2, &down_n);
+            both(up, down).await
+        }
+        _ => {
+            let (cr, cw) = client.into_split();
+            let (ur, uw) = upstream.into_split();
+            let (cfd, ufd) = (cr.as_ref().as_raw_fd(), ur.as_ref().as_raw_fd());
+            let r = both(copy_pump(cr, uw, &up_n), copy_pump(ur, cw, &down_n)).await;
+            if r.is_err() {
+                reset_fds(cfd, ufd);
+            }
+            return finish_relay(r, &up_n, &down_n);
+        }
+    };
+    if result.is_err() {
+        reset(&client);
+        reset(&upstream);
+    }
+    finish_relay(result, &up_n, &down_n)
+}
+
+/// Runs both directions; the first error ends both.
+async fn both(
+    up: impl std::future::Future<Output = io::Result<()>>,
+    down: impl std::future::Future<Output = io::Result<()>>,
+) -> io::Result<()> {
     tokio::pin!(up, down);
-    let result = tokio::select! {
+    tokio::select! {
         a = &mut up => match a {
             Ok(()) => down.await,
             Err(e) => Err(e),
@@ -297,33 +325,100 @@ pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
             Ok(()) => up.await,
             Err(e) => Err(e),
         },
-    };
+    }
+}
+
+fn finish_relay(result: io::Result<()>, up: &AtomicU64, down: &AtomicU64) -> Relayed {
     let (outcome, detail) = match result {
         Ok(()) => (Outcome::Closed, None),
         Err(e) => {
-            // Reset both sides before the halves (inside the futures) drop.
-            reset_fds(cfd, ufd);
             let resetish = matches!(
                 e.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::ConnectionAborted
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
             );
-            (
-                if resetish {
-                    Outcome::Reset
-                } else {
-                    Outcome::Error
-                },
-                Some(e.to_string()),
-            )
+            (if resetish { Outcome::Reset } else { Outcome::Error }, Some(e.to_string()))
         }
     };
     Relayed {
-        up: up_n.load(Ordering::Relaxed),
-        down: down_n.load(Ordering::Relaxed),
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
         outcome,
         detail,
+    }
+}
+
+/// A non-blocking pipe used as the in-kernel buffer of one direction.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+/// Pipe capacity asked for (the kernel may grant less).
+const PIPE_SIZE: usize = 1 << 20;
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array we pass.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded: both fds are open and owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only keeps the default size.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        Ok(Pipe { r, w })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are open for the duration of the call (owned by the
+    // caller's TcpStream or Pipe); no offsets are passed.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Moves one direction through `pipe`: socket → pipe, then pipe → socket
+/// until the pipe is empty (so a fill never meets a full pipe).
+async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe: &Pipe, total: &AtomicU64) -> io::Result<()> {
+    let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
+    loop {
+        let n = loop {
+            from.readable().await?;
+            match from.try_io(Interest::READABLE, || splice(from_fd, pipe.w.as_raw_fd(), PIPE_SIZE)) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            return nix::sys::socket::shutdown(to_fd, nix::sys::socket::Shutdown::Write)
+                .or_else(|e| if e == nix::errno::Errno::ENOTCONN { Ok(()) } else { Err(e) })
+                .map_err(io::Error::from);
+        }
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), to_fd, left)) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -339,9 +434,9 @@ fn reset_fds(a: RawFd, b: RawFd) {
 const BUF_START: usize = 16 * 1024;
 const BUF_MAX: usize = 256 * 1024;
 
-/// Copies one direction, counting into `total`; ends with the write side shut
-/// down after EOF, or with the first error.
-async fn pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, total: &AtomicU64) -> io::Result<()> {
+/// Copies one direction through a buffer, counting into `total`; ends with
+/// the write side shut down after EOF, or with the first error.
+async fn copy_pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, total: &AtomicU64) -> io::Result<()> {
     let mut buf = vec![0u8; BUF_START];
     loop {
         let n = r.read(&mut buf).await?;

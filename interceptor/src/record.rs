@@ -3,7 +3,7 @@
 //!
 //! The data path only ever sends into a bounded channel; when the writer
 //! falls behind, senders wait (backpressure) — records are never dropped.
-//! One writer thread applies batches and flushes on a short interval, so a
+//! One writer thread applies batches and fsyncs each one (group commit), so a
 //! slow disk never adds latency to relayed bytes. sled holds one fixed tree
 //! of sessions keyed by time-ordered ids.
 
@@ -325,8 +325,6 @@ impl Store for SledStore {
 const CHANNEL: usize = 8192;
 /// Most records applied in one batch.
 const BATCH: usize = 1024;
-/// Longest a record waits for an fsync.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// The data path's handle: cheap to clone, never blocks on disk.
 #[derive(Clone)]
@@ -370,41 +368,20 @@ impl Recorder {
     }
 }
 
-/// Applies records in batches; flushes at most [`FLUSH_EVERY`] after a write
-/// and once more when every sender is gone. A failed write is retried, never
-/// dropped.
+/// Applies records in batches and makes each batch durable before taking
+/// the next (group commit: records that arrive during an fsync form the next
+/// batch). A failed write is retried, never dropped.
 async fn write_loop(rx: &mut mpsc::Receiver<Session>, store: &dyn Store) {
     let mut buf = Vec::with_capacity(BATCH);
-    let mut dirty_since: Option<tokio::time::Instant> = None;
-    loop {
-        let received = match dirty_since {
-            None => Some(rx.recv_many(&mut buf, BATCH).await),
-            Some(t) => tokio::time::timeout_at(t + FLUSH_EVERY, rx.recv_many(&mut buf, BATCH))
-                .await
-                .ok(),
-        };
-        if received == Some(0) {
-            break;
+    while rx.recv_many(&mut buf, BATCH).await > 0 {
+        while let Err(e) = store.put_batch(&buf) {
+            tracing::error!(error = %e, records = buf.len(), "writing sessions failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        while !buf.is_empty() {
-            match store.put_batch(&buf) {
-                Ok(()) => buf.clear(),
-                Err(e) => {
-                    tracing::error!(error = %e, records = buf.len(), "writing sessions failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-            dirty_since.get_or_insert_with(tokio::time::Instant::now);
+        buf.clear();
+        if let Err(e) = store.flush() {
+            tracing::error!(error = %e, "flushing the session store failed");
         }
-        if dirty_since.is_some_and(|t| t.elapsed() >= FLUSH_EVERY) {
-            if let Err(e) = store.flush() {
-                tracing::error!(error = %e, "flushing the session store failed");
-            }
-            dirty_since = None;
-        }
-    }
-    if let Err(e) = store.flush() {
-        tracing::error!(error = %e, "final flush of the session store failed");
     }
 }
 

@@ -296,6 +296,9 @@ fn sigkill_fails_closed_restart_adopts_and_detach_cleans_up() {
             .any(|x| x["pid"] == first["pid"] && x["outcome"] == "closed")
     });
     assert!(icpt_programs_loaded() >= 5);
+    // Records are durable once their batch is fsynced (group commit); give
+    // the writer that moment before pulling the plug.
+    std::thread::sleep(Duration::from_millis(300));
 
     agent.kill9();
     let peers_before = echo.peers.lock().unwrap().len();

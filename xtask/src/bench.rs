@@ -34,14 +34,15 @@ const CONNECTS: u64 = 2000;
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
-        Some("l4") => l4(),
+        Some("l4") => l4(&args[1..]),
         Some("client") => client(&args[1..]),
         Some("server") => server(),
         _ => bail!("usage: cargo xtask bench l4"),
     }
 }
 
-fn l4() -> Result<()> {
+/// `only`: names of loads to run (all when empty).
+fn l4(only: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
     crate::setup::run()?;
     let agent_bin = crate::agent::build(true)?;
@@ -90,6 +91,9 @@ fn l4() -> Result<()> {
         ];
         let mut rows = Vec::new();
         for (load, args) in loads {
+            if !only.is_empty() && !only.iter().any(|o| o == load) {
+                continue;
+            }
             let direct = measure(&me, None, load, &args)?;
             let proxied = measure(&me, Some((&agent, &config)), load, &args)?;
             rows.extend(report(load, &direct, &proxied));
