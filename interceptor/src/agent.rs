@@ -1,8 +1,9 @@
 //! `interceptor run`: puts the pieces together in the order a connection
 //! meets them, and takes them down in reverse.
 //!
-//! Threads: the data plane runs on a multi-thread tokio runtime; the recorder
-//! writer and the control API each have their own thread.
+//! Threads: the main thread runs a small runtime for accepting, signals and
+//! eBPF log events; the data plane is one single-threaded runtime per CPU;
+//! the recorder writer and the control API each have their own thread.
 
 use std::{path::Path, sync::Arc};
 
@@ -49,11 +50,10 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     let workloads = cgroup::resolve(&config, true)?;
     raise_fd_limit();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("data-plane")
         .build()
-        .context("building the data-plane runtime")?;
+        .context("building the control runtime")?;
     // Listen before attaching, so a redirected connect always finds us.
     let listeners = rt.block_on(proxy::bind(config.agent.proxy_port))?;
     let (redirect, logger) = Redirect::start(&config, &workloads)?;
@@ -84,23 +84,34 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         ids: Arc::new(SessionIds::default()),
     });
     let policy = proxy.policy.clone();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = Arc::new(
+        proxy
+            .start_workers(threads)
+            .context("starting the data plane")?,
+    );
+    drop(proxy);
     let (stop_tx, stop_rx) = watch::channel(false);
     let socket = api::socket_path(&data_dir);
-    rt.block_on(async move {
+    rt.block_on(async {
         if let Some(logger) = logger {
             tokio::spawn(forward_ebpf_logs(logger));
         }
-        let serving = tokio::spawn(proxy.serve(listeners, stop_rx));
-        info!(data_dir = %data_dir.display(), "agent ready");
+        let accepting = tokio::spawn(Proxy::accept(listeners, workers.clone(), stop_rx));
+        info!(data_dir = %data_dir.display(), threads, "agent ready");
         serve_signals(&config, &policy).await;
         info!("shutting down: intercepted connects fail until an agent runs again");
         let _ = stop_tx.send(true);
-        let _ = serving.await;
+        let _ = accepting.await;
     });
     redirect.stop();
-    // Dropping the runtime ends open sessions; their records were written as
-    // open and are marked interrupted below once the writer has drained.
     drop(rt);
+    // Stopping the workers ends open sessions; their records were written as
+    // open and are marked interrupted below once the writer has drained.
+    match Arc::try_unwrap(workers) {
+        Ok(w) => w.stop(),
+        Err(_) => error!("data-plane workers still referenced at shutdown"),
+    }
     writer.join();
     let orphans = store.close_orphans()?;
     info!(interrupted = orphans, "agent stopped");

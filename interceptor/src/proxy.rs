@@ -11,7 +11,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -25,7 +25,7 @@ use tokio::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpListener, TcpStream,
     },
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tracing::{debug, warn};
 
@@ -48,6 +48,30 @@ pub const RULE_PROXY_LOOP: &str = "proxy.loop";
 pub trait MetaSource: Send + Sync {
     /// Looks up and removes the metadata filed under `key`.
     fn take(&self, key: &SockKey) -> Option<ConnMeta>;
+}
+
+/// The data-plane threads and the channels that feed them connections.
+pub struct Workers {
+    senders: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    fn dispatch(&self, conn: (std::net::TcpStream, SocketAddr)) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        if self.senders[i].send(conn).is_err() {
+            warn!(worker = i, "data-plane worker is gone; connection dropped");
+        }
+    }
+
+    /// Stops the workers; their open connections end.
+    pub fn stop(self) {
+        drop(self.senders);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 pub struct Proxy {
@@ -91,24 +115,58 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, BindError> {
 }
 
 impl Proxy {
-    /// Accepts until `shutdown` turns true.
-    pub async fn serve(
-        self: Arc<Self>,
+    /// Starts `n` data-plane threads, each with its own single-threaded
+    /// runtime. A connection lives on one thread from accept to close: no
+    /// work stealing, no cross-thread wakeups on the per-message path.
+    pub fn start_workers(self: &Arc<Self>, n: usize) -> io::Result<Workers> {
+        let mut senders = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let me = self.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("data-plane-{i}"))
+                    .spawn(move || {
+                        rt.block_on(async move {
+                            while let Some((s, peer)) = rx.recv().await {
+                                match TcpStream::from_std(s) {
+                                    Ok(s) => drop(tokio::spawn(me.clone().handle(s, peer))),
+                                    Err(e) => warn!(error = %e, "cannot register a connection"),
+                                }
+                            }
+                        });
+                        // Dropping the runtime here ends this thread's open connections.
+                    })?,
+            );
+            senders.push(tx);
+        }
+        Ok(Workers {
+            senders,
+            threads,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Accepts on `listeners` until `shutdown` turns true, handing each
+    /// connection to a data-plane worker in turn.
+    pub async fn accept(
         listeners: Vec<TcpListener>,
+        workers: Arc<Workers>,
         shutdown: watch::Receiver<bool>,
     ) {
         let mut tasks = Vec::new();
         for l in listeners {
-            let me = self.clone();
+            let workers = workers.clone();
             let mut stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     tokio::select! {
-                        r = l.accept() => match r {
-                            Ok((stream, peer)) => {
-                                let me = me.clone();
-                                tokio::spawn(async move { me.handle(stream, peer).await });
-                            }
+                        r = l.accept() => match r.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
+                            Ok(conn) => workers.dispatch(conn),
                             Err(e) => {
                                 // EMFILE and friends: back off instead of spinning.
                                 warn!(error = %e, "accept failed");
@@ -334,9 +392,18 @@ fn finish_relay(result: io::Result<()>, up: &AtomicU64, down: &AtomicU64) -> Rel
         Err(e) => {
             let resetish = matches!(
                 e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
             );
-            (if resetish { Outcome::Reset } else { Outcome::Error }, Some(e.to_string()))
+            (
+                if resetish {
+                    Outcome::Reset
+                } else {
+                    Outcome::Error
+                },
+                Some(e.to_string()),
+            )
         }
     };
     Relayed {
@@ -393,12 +460,19 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// Moves one direction through `pipe`: socket → pipe, then pipe → socket
 /// until the pipe is empty (so a fill never meets a full pipe).
-async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe: &Pipe, total: &AtomicU64) -> io::Result<()> {
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    total: &AtomicU64,
+) -> io::Result<()> {
     let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
     loop {
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || splice(from_fd, pipe.w.as_raw_fd(), PIPE_SIZE)) {
+            match from.try_io(Interest::READABLE, || {
+                splice(from_fd, pipe.w.as_raw_fd(), PIPE_SIZE)
+            }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -406,13 +480,21 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, pipe: &Pipe, total: &Atom
         };
         if n == 0 {
             return nix::sys::socket::shutdown(to_fd, nix::sys::socket::Shutdown::Write)
-                .or_else(|e| if e == nix::errno::Errno::ENOTCONN { Ok(()) } else { Err(e) })
+                .or_else(|e| {
+                    if e == nix::errno::Errno::ENOTCONN {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
                 .map_err(io::Error::from);
         }
         let mut left = n;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), to_fd, left)) {
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe.r.as_raw_fd(), to_fd, left)
+            }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -436,7 +518,11 @@ const BUF_MAX: usize = 256 * 1024;
 
 /// Copies one direction through a buffer, counting into `total`; ends with
 /// the write side shut down after EOF, or with the first error.
-async fn copy_pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, total: &AtomicU64) -> io::Result<()> {
+async fn copy_pump(
+    mut r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    total: &AtomicU64,
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUF_START];
     loop {
         let n = r.read(&mut buf).await?;

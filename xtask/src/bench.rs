@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     thread,
@@ -26,9 +26,10 @@ use crate::{agent::Agent, cargo, pg::free_port, require_root, root, run as run_c
 const RR_RATE: u64 = 2000; // requests per second on the persistent connection
 const RR_COUNT: u64 = 20_000;
 const RR_SIZE: usize = 64;
-const SAT_CONNS: usize = 64;
-const SAT_SIZE: usize = 1024;
+const SAT_CONNS: usize = 32; // connections streaming at once
 const SAT_SECS: u64 = 5;
+const TX_CONNS: usize = 64; // connections doing request/response at once
+const TX_SIZE: usize = 1024;
 const BULK_BYTES: u64 = 1 << 30;
 const CONNECTS: u64 = 2000;
 
@@ -83,9 +84,10 @@ fn l4(only: &[String]) -> Result<()> {
     let result = (|| -> Result<()> {
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
         println!("interceptor bench l4 — direct vs through the agent (release build, same run)\n");
-        let loads: [(&str, Vec<String>); 4] = [
+        let loads: [(&str, Vec<String>); 5] = [
             ("rr", vec![format!("127.0.0.1:{echo}")]),
-            ("saturation", vec![format!("127.0.0.1:{echo}")]),
+            ("saturation", vec![format!("127.0.0.1:{sink}")]),
+            ("transactions", vec![format!("127.0.0.1:{echo}")]),
             ("bulk", vec![format!("127.0.0.1:{sink}")]),
             ("connect", vec![format!("127.0.0.1:{echo}")]),
         ];
@@ -191,11 +193,18 @@ fn report(load: &str, d: &[(String, f64)], a: &[(String, f64)]) -> Vec<String> {
             },
         ],
         "saturation" => vec![row(
-            &format!("saturation, {SAT_CONNS} conns ping-pong {SAT_SIZE} B"),
+            &format!("saturation, {SAT_CONNS} conns streaming"),
+            "Gb/s",
+            get(d, "gbps"),
+            get(a, "gbps"),
+            "ratio ≥ 0.8".into(),
+        )],
+        "transactions" => vec![row(
+            &format!("transactions, {TX_CONNS} conns ping-pong {TX_SIZE} B"),
             "k/s",
             get(d, "tps") / 1000.0,
             get(a, "tps") / 1000.0,
-            "ratio ≥ 0.8".into(),
+            "(no target; per-message cost)".into(),
         )],
         "bulk" => vec![row(
             "bulk single stream, 1 GiB",
@@ -271,36 +280,30 @@ fn client(args: &[String]) -> Result<()> {
             );
         }
         "saturation" => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let done = Arc::new(AtomicU64::new(0));
-            let mut threads = Vec::new();
-            let mut streams = Vec::new();
-            for _ in 0..SAT_CONNS {
-                let s = TcpStream::connect(addr)?;
-                s.set_nodelay(true)?;
-                streams.push(s);
-            }
-            let start = Instant::now();
-            for mut s in streams {
-                let (stop, done) = (stop.clone(), done.clone());
-                threads.push(thread::spawn(move || -> std::io::Result<()> {
-                    let buf = [1u8; SAT_SIZE];
-                    let mut back = [0u8; SAT_SIZE];
-                    while !stop.load(Ordering::Relaxed) {
-                        s.write_all(&buf)?;
-                        s.read_exact(&mut back)?;
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(())
-                }));
-            }
-            thread::sleep(Duration::from_secs(SAT_SECS));
-            stop.store(true, Ordering::Relaxed);
-            let secs = start.elapsed().as_secs_f64();
-            for t in threads {
-                t.join().expect("client thread")?;
-            }
-            println!("tps={}", done.load(Ordering::Relaxed) as f64 / secs);
+            let bytes = many(addr, SAT_CONNS, |s, stop| {
+                let buf = vec![5u8; 64 * 1024];
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&buf)?;
+                    n += buf.len() as u64;
+                }
+                Ok(n)
+            })?;
+            println!("gbps={}", bytes as f64 * 8.0 / SAT_SECS as f64 / 1e9);
+        }
+        "transactions" => {
+            let done = many(addr, TX_CONNS, |s, stop| {
+                let buf = [1u8; TX_SIZE];
+                let mut back = [0u8; TX_SIZE];
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&buf)?;
+                    s.read_exact(&mut back)?;
+                    n += 1;
+                }
+                Ok(n)
+            })?;
+            println!("tps={}", done as f64 / SAT_SECS as f64);
         }
         "bulk" => {
             let mut s = TcpStream::connect(addr)?;
@@ -340,6 +343,36 @@ fn client(args: &[String]) -> Result<()> {
         _ => bail!("unknown load {load}"),
     }
     Ok(())
+}
+
+/// Runs `work` on `conns` connections at once for [`SAT_SECS`]; sums what
+/// each returns.
+fn many(
+    addr: &str,
+    conns: usize,
+    work: fn(&mut TcpStream, &AtomicBool) -> std::io::Result<u64>,
+) -> Result<u64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut streams = Vec::new();
+    for _ in 0..conns {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        streams.push(s);
+    }
+    let threads: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            let stop = stop.clone();
+            thread::spawn(move || work(&mut s, &stop))
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(SAT_SECS));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in threads {
+        total += t.join().expect("client thread")?;
+    }
+    Ok(total)
 }
 
 /// Echo and sink servers on loopback; prints "ECHO_PORT SINK_PORT".
