@@ -45,6 +45,11 @@ pub struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// 1-based line of a byte offset.
+    pub fn line_of(&self, offset: usize) -> usize {
+        line_col(self.text, offset).0
+    }
+
     pub fn error_at(&self, span: Option<Range<usize>>, message: impl fmt::Display) -> FileError {
         let (line, column) = match span {
             Some(span) => line_col(self.text, span.start),

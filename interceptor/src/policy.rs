@@ -230,7 +230,11 @@ impl Policy {
                 targets,
                 action: *r.action.get_ref(),
                 description: r.description,
-                source: format!("{}:{}", src.path.display(), src.error_at(id_span, "").line),
+                source: format!(
+                    "{}:{}",
+                    src.path.display(),
+                    src.line_of(id_span.map_or(0, |r| r.start))
+                ),
             });
         }
         Ok(())

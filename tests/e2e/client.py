@@ -14,6 +14,7 @@ Modes:
   thread HOST PORT         connect from a second thread; report pid and tid
   connect HOST PORT        only connect; report the error, if any, and how long
                            connect plus the first read took
+  udp HOST PORT            connect a UDP socket, send a datagram, read the echo
 """
 import asyncio
 import hashlib
@@ -150,6 +151,16 @@ def connect(host, port):
     out(res)
 
 
+def udp(host, port):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.connect((host, port))
+    s.sendall(b"datagram")
+    data = s.recv(100)
+    out({"peer_port": s.getpeername()[1], "local_port": s.getsockname()[1],
+         "echoed": data.decode(), "pid": os.getpid()})
+
+
 def main():
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "echo":
@@ -162,6 +173,8 @@ def main():
         thread(host, port)
     elif mode == "connect":
         connect(host, port)
+    elif mode == "udp":
+        udp(host, port)
     else:
         sys.exit(f"unknown mode {mode}")
 

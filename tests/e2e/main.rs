@@ -553,3 +553,27 @@ fn sighup_reloads_the_policy_and_a_broken_file_keeps_the_old_one() {
             .any(|x| x["rule"] == "now-denied" && x["outcome"] == "denied")
     });
 }
+
+#[test]
+fn udp_is_left_alone() {
+    let echo = Echo::start();
+    let agent = Agent::start("udp", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let seen = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        sock.send_to(&buf[..n], from).unwrap();
+        from.port()
+    });
+    let r = agent.client(Some("app"), &["udp", "127.0.0.1", &port.to_string()]);
+    assert_eq!(r["echoed"], "datagram");
+    assert_eq!(r["peer_port"], port);
+    // The datagram came straight from the application's own socket.
+    assert_eq!(
+        seen.join().unwrap() as u64,
+        r["local_port"].as_u64().unwrap()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agent.sessions().is_empty(), "UDP produced a session");
+}

@@ -24,7 +24,10 @@ use anyhow::{bail, Context, Result};
 use crate::{agent::Agent, cargo, pg::free_port, require_root, root, run as run_cmd};
 
 const RR_RATE: u64 = 2000; // requests per second on the persistent connection
-const RR_COUNT: u64 = 20_000;
+const RR_COUNT: u64 = 10_000;
+/// Each load runs this many times per path, alternating direct and agent;
+/// the report shows medians.
+const ROUNDS: usize = 3;
 const RR_SIZE: usize = 64;
 const SAT_CONNS: usize = 32; // connections streaming at once
 const SAT_SECS: u64 = 5;
@@ -83,7 +86,10 @@ fn l4(only: &[String]) -> Result<()> {
     )?;
     let result = (|| -> Result<()> {
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
-        println!("interceptor bench l4 — direct vs through the agent (release build, same run)\n");
+        println!(
+            "interceptor bench l4 — direct vs through the agent (release build, same run, \
+             median of {ROUNDS} alternating rounds)\n"
+        );
         let loads: [(&str, Vec<String>); 5] = [
             ("rr", vec![format!("127.0.0.1:{echo}")]),
             ("saturation", vec![format!("127.0.0.1:{sink}")]),
@@ -96,9 +102,12 @@ fn l4(only: &[String]) -> Result<()> {
             if !only.is_empty() && !only.iter().any(|o| o == load) {
                 continue;
             }
-            let direct = measure(&me, None, load, &args)?;
-            let proxied = measure(&me, Some((&agent, &config)), load, &args)?;
-            rows.extend(report(load, &direct, &proxied));
+            let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                direct.push(measure(&me, None, load, &args)?);
+                proxied.push(measure(&me, Some((&agent, &config)), load, &args)?);
+            }
+            rows.extend(report(load, &median(direct), &median(proxied)));
         }
         println!(
             "{:<44} {:>14} {:>14} {:>8}   target",
@@ -151,6 +160,21 @@ fn measure(
             Some((k.to_owned(), v.parse().ok()?))
         })
         .collect())
+}
+
+/// Per-figure median over rounds.
+fn median(rounds: Vec<Vec<(String, f64)>>) -> Vec<(String, f64)> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|(k, _)| {
+            let mut v: Vec<f64> = rounds.iter().map(|r| get(r, k)).collect();
+            v.sort_by(f64::total_cmp);
+            (k.clone(), v[v.len() / 2])
+        })
+        .collect()
 }
 
 fn get(f: &[(String, f64)], k: &str) -> f64 {
