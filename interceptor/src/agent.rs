@@ -39,6 +39,12 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    // Session records are evidence: readable by root (and the agent's user) only.
+    std::fs::set_permissions(
+        &data_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .with_context(|| format!("restricting data directory {}", data_dir.display()))?;
     let store = Arc::new(SledStore::open(&data_dir)?);
     let orphans = store.close_orphans()?;
     if orphans > 0 {

@@ -577,3 +577,40 @@ fn udp_is_left_alone() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(agent.sessions().is_empty(), "UDP produced a session");
 }
+
+#[test]
+fn intercept_targets_only_redirects_listed_destinations() {
+    let echo = Echo::start();
+    let other = Echo::start();
+    let mut agent = Agent::prepare("targets", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace("[agent]\n", "[agent]\nintercept = \"targets\"\n"),
+    )
+    .unwrap();
+    agent.spawn();
+
+    let listed = agent.client(Some("app"), &["echo", "127.0.0.1", &echo.port.to_string()]);
+    assert!(
+        !echo.saw_port(listed["local_port"].as_u64().unwrap() as u16),
+        "a target went direct"
+    );
+    let unlisted = agent.client(Some("app"), &["echo", "127.0.0.1", &other.port.to_string()]);
+    assert!(
+        other.saw_port(unlisted["local_port"].as_u64().unwrap() as u16),
+        "a destination outside the targets was redirected"
+    );
+    let sessions = agent.sessions_until("the target's session", |s| {
+        s.iter()
+            .any(|x| x["pid"] == listed["pid"] && x["outcome"] == "closed")
+    });
+    assert!(sessions.iter().all(|x| x["pid"] != unlisted["pid"]));
+    // The store is for root only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(agent.dir.join("data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
