@@ -536,3 +536,82 @@ async fn copy_pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The relay against real loopback sockets, without eBPF.
+    use super::*;
+
+    /// A connected pair: (the application's end, the proxy's accepted end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn half_close_travels_and_the_reverse_direction_keeps_flowing() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        app.write_all(b"request").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap(); // EOF arrives: the FIN was relayed
+        assert_eq!(got, b"request");
+        server.write_all(b"late answer").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"late answer");
+        let r = relay.await.unwrap();
+        assert_eq!((r.up, r.down, r.outcome), (7, 11, Outcome::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_resets_the_other() {
+        let (app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        reset(&app);
+        drop(app);
+        let r = relay.await.unwrap();
+        assert_eq!(r.outcome, Outcome::Reset, "{:?}", r.detail);
+        let mut buf = [0u8; 8];
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn the_copying_fallback_relays_too() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let (cr, cw) = proxy_client.into_split();
+        let (ur, uw) = proxy_upstream.into_split();
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let data = vec![9u8; 3 << 20];
+        let (relayed, back, got) = tokio::join!(
+            both(copy_pump(cr, uw, &up), copy_pump(ur, cw, &down)),
+            async {
+                app.write_all(&data).await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                app.read_to_end(&mut back).await.unwrap();
+                back
+            },
+            async {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.unwrap();
+                server.write_all(b"ok").await.unwrap();
+                server.shutdown().await.unwrap();
+                got
+            },
+        );
+        assert!(relayed.is_ok(), "{relayed:?}");
+        assert_eq!(back, b"ok");
+        assert_eq!(got.len(), data.len());
+        assert_eq!(up.load(Ordering::Relaxed), data.len() as u64);
+        assert_eq!(down.load(Ordering::Relaxed), 2);
+    }
+}
