@@ -153,21 +153,32 @@ mod programs {
         ty == SOCK_STREAM && (proto == IPPROTO_TCP || proto == 0)
     }
 
+    /// The agent's settings for a connect that may be intercepted, or the
+    /// verdict when it is not ours to touch (not TCP, the agent's own) or the
+    /// agent never configured us (refused: fail closed).
+    #[inline(always)]
+    fn config_for(ctx: &SockAddrContext) -> Result<&'static ProxyConfig, i32> {
+        if !is_tcp(ctx) {
+            return Err(ALLOW);
+        }
+        match CONFIG.get(0) {
+            Some(cfg) if cfg.proxy_port != 0 => {
+                if is_agent(cfg) {
+                    Err(ALLOW)
+                } else {
+                    Ok(cfg)
+                }
+            }
+            _ => Err(REFUSE),
+        }
+    }
+
     #[cgroup_sock_addr(connect4)]
     pub fn icpt_connect4(ctx: SockAddrContext) -> i32 {
-        if !is_tcp(&ctx) {
-            return ALLOW;
-        }
-        let Some(cfg) = CONFIG.get(0) else {
-            return REFUSE;
+        let cfg = match config_for(&ctx) {
+            Ok(cfg) => cfg,
+            Err(verdict) => return verdict,
         };
-        if cfg.proxy_port == 0 {
-            // Never configured: fail closed.
-            return REFUSE;
-        }
-        if is_agent(cfg) {
-            return ALLOW;
-        }
         let sa = ctx.sock_addr;
         // SAFETY: valid context pointer for the program's lifetime.
         let (ip, port) = unsafe { ((*sa).user_ip4, u16::from_be((*sa).user_port as u16)) };
@@ -203,18 +214,10 @@ mod programs {
 
     #[cgroup_sock_addr(connect6)]
     pub fn icpt_connect6(ctx: SockAddrContext) -> i32 {
-        if !is_tcp(&ctx) {
-            return ALLOW;
-        }
-        let Some(cfg) = CONFIG.get(0) else {
-            return REFUSE;
+        let cfg = match config_for(&ctx) {
+            Ok(cfg) => cfg,
+            Err(verdict) => return verdict,
         };
-        if cfg.proxy_port == 0 {
-            return REFUSE;
-        }
-        if is_agent(cfg) {
-            return ALLOW;
-        }
         let sa = ctx.sock_addr;
         // SAFETY: valid context pointer for the program's lifetime.
         let (ip, port) = unsafe { ((*sa).user_ip6, u16::from_be((*sa).user_port as u16)) };

@@ -183,31 +183,6 @@ impl Proxy {
         }
     }
 
-    fn new_session(&self, client: SocketAddr) -> Session {
-        let id = self.ids.next();
-        Session {
-            id,
-            workload: None,
-            identity: None,
-            pid: 0,
-            exe: None,
-            uid: 0,
-            cgroup: None,
-            original_dst: None,
-            target: None,
-            protocol: "tcp".into(),
-            started_at: rfc3339_micros(id.micros()),
-            ended_at: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            outcome: Outcome::Open,
-            rule: None,
-            detail: None,
-            client: client.to_string(),
-            evidence: None,
-        }
-    }
-
     async fn finish(&self, mut s: Session, outcome: Outcome, detail: Option<String>) {
         s.outcome = outcome;
         s.detail = detail;
@@ -217,7 +192,7 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         let _ = client.set_nodelay(true);
-        let mut s = self.new_session(peer);
+        let mut s = Session::new(self.ids.next(), peer.to_string());
         let local = match client.local_addr() {
             Ok(a) => a,
             Err(e) => return self.finish(s, Outcome::Error, Some(e.to_string())).await,

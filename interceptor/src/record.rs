@@ -195,6 +195,33 @@ pub struct Session {
     pub evidence: Option<Evidence>,
 }
 
+impl Session {
+    /// A new open session for a connection from `client`, facts to be filled in.
+    pub fn new(id: SessionId, client: String) -> Self {
+        Session {
+            id,
+            workload: None,
+            identity: None,
+            pid: 0,
+            exe: None,
+            uid: 0,
+            cgroup: None,
+            original_dst: None,
+            target: None,
+            protocol: "tcp".into(),
+            started_at: rfc3339_micros(id.micros()),
+            ended_at: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: Outcome::Open,
+            rule: None,
+            detail: None,
+            client,
+            evidence: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("opening the session store at {0}: {1}")]
@@ -420,25 +447,8 @@ mod tests {
 
     fn session(id: SessionId, workload: &str) -> Session {
         Session {
-            id,
             workload: Some(workload.into()),
-            identity: None,
-            pid: 1,
-            exe: None,
-            uid: 0,
-            cgroup: None,
-            original_dst: None,
-            target: None,
-            protocol: "tcp".into(),
-            started_at: rfc3339_micros(id.micros()),
-            ended_at: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            outcome: Outcome::Open,
-            rule: None,
-            detail: None,
-            client: "127.0.0.1:1".into(),
-            evidence: None,
+            ..Session::new(id, "127.0.0.1:1".into())
         }
     }
 

@@ -22,6 +22,15 @@ pub fn run() -> Result<()> {
     result
 }
 
+fn list_sessions(agent: &Agent, config: &Path) -> Result<()> {
+    crate::run(
+        agent
+            .cli()
+            .args(["sessions", "list", "--config"])
+            .arg(config),
+    )
+}
+
 fn step(title: &str) {
     println!("\n=== {title}");
 }
@@ -110,12 +119,7 @@ protocol = "postgres"
     psql(None, "select 'direct' as path")?;
 
     step("recorded sessions (from the running agent)");
-    crate::run(
-        agent
-            .cli()
-            .args(["sessions", "list", "--config"])
-            .arg(&config),
-    )?;
+    list_sessions(&agent, &config)?;
     let out = agent
         .cli()
         .args([
@@ -147,12 +151,7 @@ protocol = "postgres"
 
     step("stopping the agent; sessions stay readable from the store");
     agent.stop();
-    crate::run(
-        agent
-            .cli()
-            .args(["sessions", "list", "--config"])
-            .arg(&config),
-    )?;
+    list_sessions(&agent, &config)?;
 
     step("detaching: no programs, pins or cgroups left behind");
     agent.detach()?;
