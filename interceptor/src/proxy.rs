@@ -20,11 +20,8 @@ use std::{
 use arc_swap::ArcSwap;
 use interceptor_ebpf::{ConnMeta, SockKey};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpListener, TcpStream,
-    },
+    io::Interest,
+    net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
 use tracing::{debug, warn};
@@ -313,29 +310,13 @@ pub struct Relayed {
 
 /// Relays until both directions end. A read of 0 bytes (FIN) shuts down the
 /// other side's write half; an error on either direction resets both.
-///
-/// Bytes move with splice(2) through a pipe per direction, so they never
-/// enter userspace; if pipes cannot be had (descriptor limit), it falls back
-/// to copying through a buffer.
 pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
     let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = match (Pipe::new(), Pipe::new()) {
-        (Ok(p1), Ok(p2)) => {
-            let up = splice_pump(&client, &upstream, &p1, &up_n);
-            let down = splice_pump(&upstream, &client, &p2, &down_n);
-            both(up, down).await
-        }
-        _ => {
-            let (cr, cw) = client.into_split();
-            let (ur, uw) = upstream.into_split();
-            let (cfd, ufd) = (cr.as_ref().as_raw_fd(), ur.as_ref().as_raw_fd());
-            let r = both(copy_pump(cr, uw, &up_n), copy_pump(ur, cw, &down_n)).await;
-            if r.is_err() {
-                reset_fds(cfd, ufd);
-            }
-            return finish_relay(r, &up_n, &down_n);
-        }
-    };
+    let result = both(
+        pump(&client, &upstream, &up_n),
+        pump(&upstream, &client, &down_n),
+    )
+    .await;
     if result.is_err() {
         reset(&client);
         reset(&upstream);
@@ -397,6 +378,8 @@ struct Pipe {
 
 /// Pipe capacity asked for (the kernel may grant less).
 const PIPE_SIZE: usize = 1 << 20;
+/// Userspace buffer of a direction; a read that fills it switches to splice.
+const COPY_BUF: usize = 64 * 1024;
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
@@ -433,82 +416,75 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves one direction through `pipe`: socket → pipe, then pipe → socket
-/// until the pipe is empty (so a fill never meets a full pipe).
-async fn splice_pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    pipe: &Pipe,
-    total: &AtomicU64,
-) -> io::Result<()> {
-    let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
+/// Copies one direction. Small messages go through a userspace buffer (the
+/// cheapest path for request/response traffic); once a read fills that
+/// buffer the stream is bulk, and the rest moves with splice(2) through a
+/// pipe, never entering userspace. Counts into `total`; ends with the write
+/// side shut down after EOF, or with the first error.
+async fn pump(from: &TcpStream, to: &TcpStream, total: &AtomicU64) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut pipe: Option<Pipe> = None;
     loop {
-        let n = loop {
-            from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                splice(from_fd, pipe.w.as_raw_fd(), PIPE_SIZE)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+        let n = match &pipe {
+            Some(p) => {
+                let n = read_with(from, || {
+                    splice(from.as_raw_fd(), p.w.as_raw_fd(), PIPE_SIZE)
+                })
+                .await?;
+                let mut left = n;
+                while left > 0 {
+                    left -=
+                        write_with(to, || splice(p.r.as_raw_fd(), to.as_raw_fd(), left)).await?;
+                }
+                n
+            }
+            None => {
+                let n = read_with(from, || from.try_read(&mut buf)).await?;
+                let mut done = 0;
+                while done < n {
+                    done += write_with(to, || to.try_write(&buf[done..n])).await?;
+                }
+                if n == buf.len() {
+                    // Bulk: switch to splice if a pipe can be had (else keep copying).
+                    pipe = Pipe::new().ok();
+                }
+                n
             }
         };
         if n == 0 {
-            return nix::sys::socket::shutdown(to_fd, nix::sys::socket::Shutdown::Write)
-                .or_else(|e| {
-                    if e == nix::errno::Errno::ENOTCONN {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .map_err(io::Error::from);
-        }
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_raw_fd(), to_fd, left)
-            }) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+            return shutdown_write(to);
         }
         total.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-fn reset_fds(a: RawFd, b: RawFd) {
-    for fd in [a, b] {
-        // SAFETY: both fds belong to sockets whose halves are still alive
-        // (pinned futures above), so they are open for this call.
-        set_linger_zero(unsafe { BorrowedFd::borrow_raw(fd) });
-    }
-}
-
-/// Buffer sizes: start small (idle connections stay cheap), grow on bulk.
-const BUF_START: usize = 16 * 1024;
-const BUF_MAX: usize = 256 * 1024;
-
-/// Copies one direction through a buffer, counting into `total`; ends with
-/// the write side shut down after EOF, or with the first error.
-async fn copy_pump(
-    mut r: OwnedReadHalf,
-    mut w: OwnedWriteHalf,
-    total: &AtomicU64,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF_START];
+/// Waits for readability and runs `op` until it does not block.
+async fn read_with(s: &TcpStream, mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return w.shutdown().await;
+        s.readable().await?;
+        match s.try_io(Interest::READABLE, &mut op) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
         }
-        w.write_all(&buf[..n]).await?;
-        total.fetch_add(n as u64, Ordering::Relaxed);
-        if n == buf.len() && buf.len() < BUF_MAX {
-            buf.resize(buf.len() * 2, 0);
+    }
+}
+
+/// Waits for writability and runs `op` until it does not block.
+async fn write_with(s: &TcpStream, mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        s.writable().await?;
+        match s.try_io(Interest::WRITABLE, &mut op) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
         }
+    }
+}
+
+/// Sends FIN; a peer that is already gone is not an error here.
+fn shutdown_write(s: &TcpStream) -> io::Result<()> {
+    match nix::sys::socket::shutdown(s.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
+        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -516,6 +492,7 @@ async fn copy_pump(
 mod tests {
     //! The relay against real loopback sockets, without eBPF.
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A connected pair: (the application's end, the proxy's accepted end).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -559,15 +536,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_copying_fallback_relays_too() {
+    async fn bulk_switches_to_splice_and_arrives_intact() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let (cr, cw) = proxy_client.into_split();
-        let (ur, uw) = proxy_upstream.into_split();
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let data = vec![9u8; 3 << 20];
-        let (relayed, back, got) = tokio::join!(
-            both(copy_pump(cr, uw, &up), copy_pump(ur, cw, &down)),
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let data: Vec<u8> = (0..(5u32 << 20))
+            .map(|i| (i * 7 + i / 4093) as u8)
+            .collect();
+        let (back, got) = tokio::join!(
             async {
                 app.write_all(&data).await.unwrap();
                 app.shutdown().await.unwrap();
@@ -583,10 +559,12 @@ mod tests {
                 got
             },
         );
-        assert!(relayed.is_ok(), "{relayed:?}");
+        assert!(got == data, "bulk data differs");
         assert_eq!(back, b"ok");
-        assert_eq!(got.len(), data.len());
-        assert_eq!(up.load(Ordering::Relaxed), data.len() as u64);
-        assert_eq!(down.load(Ordering::Relaxed), 2);
+        let r = relay.await.unwrap();
+        assert_eq!(
+            (r.up, r.down, r.outcome),
+            (data.len() as u64, 2, Outcome::Closed)
+        );
     }
 }
