@@ -86,9 +86,11 @@ fn l4(only: &[String]) -> Result<()> {
     )?;
     let result = (|| -> Result<()> {
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
+        // socat: a minimal userspace relay, to show what any proxy costs here.
+        let socat = Socat::start(&[echo, sink]);
         println!(
-            "interceptor bench l4 — direct vs through the agent (release build, same run, \
-             median of {ROUNDS} alternating rounds)\n"
+            "interceptor bench l4 — direct, through the agent, and through socat (release build, \
+             same run, median of {ROUNDS} alternating rounds)\n"
         );
         let loads: [(&str, Vec<String>); 5] = [
             ("rr", vec![format!("127.0.0.1:{echo}")]),
@@ -97,24 +99,28 @@ fn l4(only: &[String]) -> Result<()> {
             ("bulk", vec![format!("127.0.0.1:{sink}")]),
             ("connect", vec![format!("127.0.0.1:{echo}")]),
         ];
-        let mut rows = Vec::new();
+        println!(
+            "{:<42} {:>14} | {:>18} | {:>18} | target (agent)",
+            "figure", "direct", "agent (vs direct)", "socat (vs direct)"
+        );
         for (load, args) in loads {
             if !only.is_empty() && !only.iter().any(|o| o == load) {
                 continue;
             }
-            let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+            let via_socat = socat.as_ref().map(|s| s.addr(&args[0]));
+            let (mut direct, mut proxied, mut socat_runs) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 direct.push(measure(&me, None, load, &args)?);
                 proxied.push(measure(&me, Some((&agent, &config)), load, &args)?);
+                if let Some(addr) = &via_socat {
+                    socat_runs.push(measure(&me, None, load, std::slice::from_ref(addr))?);
+                }
             }
-            rows.extend(report(load, &median(direct), &median(proxied)));
-        }
-        println!(
-            "{:<44} {:>14} {:>14} {:>8}   target",
-            "figure", "direct", "agent", "ratio"
-        );
-        for r in rows {
-            println!("{r}");
+            let (d, a) = (median(direct), median(proxied));
+            let s = (!socat_runs.is_empty()).then(|| median(socat_runs));
+            for r in rows(load) {
+                print_row(&r, &d, &a, s.as_deref());
+            }
         }
         drop(agent);
         Ok(())
@@ -123,6 +129,51 @@ fn l4(only: &[String]) -> Result<()> {
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// `socat` relays in front of the bench servers (absent if socat is not installed).
+struct Socat {
+    children: Vec<std::process::Child>,
+    /// (server port, socat port)
+    ports: Vec<(u16, u16)>,
+}
+
+impl Socat {
+    fn start(servers: &[u16]) -> Option<Socat> {
+        let mut s = Socat {
+            children: Vec::new(),
+            ports: Vec::new(),
+        };
+        for &port in servers {
+            let listen = free_port().ok()?;
+            let child = Command::new("socat")
+                .arg(format!("TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=1024"))
+                .arg(format!("TCP:127.0.0.1:{port},nodelay"))
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            s.children.push(child);
+            s.ports.push((port, listen));
+        }
+        thread::sleep(Duration::from_millis(300));
+        Some(s)
+    }
+
+    /// The socat address in front of `addr` (`127.0.0.1:PORT`).
+    fn addr(&self, addr: &str) -> String {
+        let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let via = self.ports.iter().find(|(s, _)| *s == port).map_or(0, |(_, l)| *l);
+        format!("127.0.0.1:{via}")
+    }
+}
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Runs one load in a client process; returns its `key=value` figures.
@@ -181,83 +232,66 @@ fn get(f: &[(String, f64)], k: &str) -> f64 {
     f.iter().find(|(n, _)| n == k).map_or(f64::NAN, |(_, v)| *v)
 }
 
-fn report(load: &str, d: &[(String, f64)], a: &[(String, f64)]) -> Vec<String> {
-    let row = |name: &str, unit: &str, dv: f64, av: f64, extra: String| {
-        format!(
-            "{:<44} {:>10.1} {:<3} {:>10.1} {:<3} {:>8.2}   {extra}",
-            name,
-            dv,
-            unit,
-            av,
-            unit,
-            av / dv
-        )
+/// One line of the report: the same figure over the three paths.
+struct Row {
+    name: String,
+    unit: &'static str,
+    key: &'static str,
+    /// Lower is better (latency) rather than higher (throughput).
+    lower_better: bool,
+    note: &'static str,
+}
+
+fn rows(load: &str) -> Vec<Row> {
+    let row = |name: String, unit, key, lower_better, note| Row {
+        name,
+        unit,
+        key,
+        lower_better,
+        note,
     };
     match load {
         "rr" => vec![
-            {
-                let (dv, av) = (get(d, "p50_us"), get(a, "p50_us"));
-                row(
-                    &format!("request/response p50 ({RR_RATE}/s, {RR_SIZE} B)"),
-                    "µs",
-                    dv,
-                    av,
-                    format!("added {:.1} µs (target ≤ 50)", av - dv),
-                )
-            },
-            {
-                let (dv, av) = (get(d, "p99_us"), get(a, "p99_us"));
-                row(
-                    "request/response p99",
-                    "µs",
-                    dv,
-                    av,
-                    format!("added {:.1} µs", av - dv),
-                )
-            },
+            row(format!("request/response p50 ({RR_RATE}/s, {RR_SIZE} B)"), "µs", "p50_us", true, "added ≤ 50 µs"),
+            row("request/response p99".into(), "µs", "p99_us", true, ""),
         ],
-        "saturation" => vec![row(
-            &format!("saturation, {SAT_CONNS} conns streaming"),
-            "Gb/s",
-            get(d, "gbps"),
-            get(a, "gbps"),
-            "ratio ≥ 0.8".into(),
-        )],
+        "saturation" => vec![row(format!("saturation, {SAT_CONNS} conns streaming"), "Gb/s", "gbps", false, "ratio ≥ 0.8")],
         "transactions" => vec![row(
-            &format!("transactions, {TX_CONNS} conns ping-pong {TX_SIZE} B"),
+            format!("transactions, {TX_CONNS} conns ping-pong {TX_SIZE} B"),
             "k/s",
-            get(d, "tps") / 1000.0,
-            get(a, "tps") / 1000.0,
-            "(no target; per-message cost)".into(),
+            "ktps",
+            false,
+            "(per-message cost)",
         )],
-        "bulk" => vec![row(
-            "bulk single stream, 1 GiB",
-            "Gb/s",
-            get(d, "gbps"),
-            get(a, "gbps"),
-            "ratio ≥ 0.8".into(),
-        )],
-        "connect" => {
-            let (dv, av) = (get(d, "p50_us"), get(a, "p50_us"));
-            vec![
-                row(
-                    &format!("connect() p50 ({CONNECTS} sequential)"),
-                    "µs",
-                    dv,
-                    av,
-                    format!("added {:.1} µs (target ≤ 150)", av - dv),
-                ),
-                row(
-                    "connect() p99",
-                    "µs",
-                    get(d, "p99_us"),
-                    get(a, "p99_us"),
-                    format!("added {:.1} µs", get(a, "p99_us") - get(d, "p99_us")),
-                ),
-            ]
-        }
+        "bulk" => vec![row("bulk single stream, 1 GiB".into(), "Gb/s", "gbps", false, "ratio ≥ 0.8")],
+        "connect" => vec![
+            row(format!("connect() p50 ({CONNECTS} sequential)"), "µs", "p50_us", true, "added ≤ 150 µs"),
+            row("connect() p99".into(), "µs", "p99_us", true, ""),
+        ],
         _ => vec![],
     }
+}
+
+fn print_row(r: &Row, d: &[(String, f64)], a: &[(String, f64)], s: Option<&[(String, f64)]>) {
+    let (dv, av) = (get(d, r.key), get(a, r.key));
+    let cell = |v: f64| {
+        let delta = if r.lower_better {
+            format!("{:+.1}", v - dv)
+        } else {
+            format!("×{:.2}", v / dv)
+        };
+        format!("{v:>9.1} {delta:>8}")
+    };
+    let socat = s.map_or_else(|| format!("{:>18}", "-"), |s| cell(get(s, r.key)));
+    println!(
+        "{:<42} {:>9.1} {:<4} | {} | {} | {}",
+        r.name,
+        dv,
+        r.unit,
+        cell(av),
+        socat,
+        r.note
+    );
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -327,7 +361,7 @@ fn client(args: &[String]) -> Result<()> {
                 }
                 Ok(n)
             })?;
-            println!("tps={}", done as f64 / SAT_SECS as f64);
+            println!("ktps={}", done as f64 / SAT_SECS as f64 / 1000.0);
         }
         "bulk" => {
             let mut s = TcpStream::connect(addr)?;

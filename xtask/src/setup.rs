@@ -14,6 +14,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/lib/postgresql", "postgresql"),
     ("/usr/bin/psql", "postgresql-client"),
     ("/usr/bin/python3", "python3"),
+    // A minimal userspace relay the l4 benchmark compares against.
+    ("/usr/bin/socat", "socat"),
 ];
 
 pub fn run() -> Result<()> {
