@@ -402,6 +402,21 @@ fn malformed_config_is_rejected_with_file_and_line_and_nothing_attached() {
         "a managed cgroup was created"
     );
 
+    // The root cgroup (which also holds the agent here) is never a workload.
+    std::fs::write(
+        &agent.config,
+        text.replace(
+            "[[workload]]\nname = \"app\"\nmanaged = true\n",
+            "[[workload]]\nname = \"everything\"\ncgroup = \"/\"\n",
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("refusing cgroup"), "{err}");
+    assert!(!agent.pin_dir.exists());
+
     // A policy naming an unknown workload.
     std::fs::write(&agent.config, &text).unwrap();
     std::fs::write(

@@ -147,7 +147,9 @@ impl Socat {
         for &port in servers {
             let listen = free_port().ok()?;
             let child = Command::new("socat")
-                .arg(format!("TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=1024"))
+                .arg(format!(
+                    "TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=1024"
+                ))
                 .arg(format!("TCP:127.0.0.1:{port},nodelay"))
                 .stderr(Stdio::null())
                 .spawn()
@@ -161,8 +163,16 @@ impl Socat {
 
     /// The socat address in front of `addr` (`127.0.0.1:PORT`).
     fn addr(&self, addr: &str) -> String {
-        let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let via = self.ports.iter().find(|(s, _)| *s == port).map_or(0, |(_, l)| *l);
+        let port: u16 = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let via = self
+            .ports
+            .iter()
+            .find(|(s, _)| *s == port)
+            .map_or(0, |(_, l)| *l);
         format!("127.0.0.1:{via}")
     }
 }
@@ -252,10 +262,22 @@ fn rows(load: &str) -> Vec<Row> {
     };
     match load {
         "rr" => vec![
-            row(format!("request/response p50 ({RR_RATE}/s, {RR_SIZE} B)"), "µs", "p50_us", true, "added ≤ 50 µs"),
+            row(
+                format!("request/response p50 ({RR_RATE}/s, {RR_SIZE} B)"),
+                "µs",
+                "p50_us",
+                true,
+                "added ≤ 50 µs",
+            ),
             row("request/response p99".into(), "µs", "p99_us", true, ""),
         ],
-        "saturation" => vec![row(format!("saturation, {SAT_CONNS} conns streaming"), "Gb/s", "gbps", false, "ratio ≥ 0.8")],
+        "saturation" => vec![row(
+            format!("saturation, {SAT_CONNS} conns streaming"),
+            "Gb/s",
+            "gbps",
+            false,
+            "ratio ≥ 0.8",
+        )],
         "transactions" => vec![row(
             format!("transactions, {TX_CONNS} conns ping-pong {TX_SIZE} B"),
             "k/s",
@@ -263,9 +285,21 @@ fn rows(load: &str) -> Vec<Row> {
             false,
             "(per-message cost)",
         )],
-        "bulk" => vec![row("bulk single stream, 1 GiB".into(), "Gb/s", "gbps", false, "ratio ≥ 0.8")],
+        "bulk" => vec![row(
+            "bulk single stream, 1 GiB".into(),
+            "Gb/s",
+            "gbps",
+            false,
+            "ratio ≥ 0.8",
+        )],
         "connect" => vec![
-            row(format!("connect() p50 ({CONNECTS} sequential)"), "µs", "p50_us", true, "added ≤ 150 µs"),
+            row(
+                format!("connect() p50 ({CONNECTS} sequential)"),
+                "µs",
+                "p50_us",
+                true,
+                "added ≤ 150 µs",
+            ),
             row("connect() p99".into(), "µs", "p99_us", true, ""),
         ],
         _ => vec![],
