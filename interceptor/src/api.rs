@@ -18,7 +18,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{Filter, Session, SessionId, Store};
+use crate::{
+    protocol::postgres::Statement,
+    record::{Filter, Session, SessionId, Store},
+};
 
 pub const SOCKET_NAME: &str = "agent.sock";
 
@@ -33,10 +36,21 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Sessions { sessions: Vec<Session> },
-    Session { session: Option<Box<Session>> },
-    Status { pid: u32, config: String },
-    Error { message: String },
+    Sessions {
+        sessions: Vec<Session>,
+    },
+    Session {
+        session: Option<Box<Session>>,
+        #[serde(default)]
+        statements: Vec<Statement>,
+    },
+    Status {
+        pid: u32,
+        config: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,10 +112,8 @@ fn handle(conn: UnixStream, store: &dyn Store, config_path: &str) -> std::io::Re
                 message: e.to_string(),
             },
         },
-        Ok(Request::SessionsShow { id }) => match store.get(id) {
-            Ok(session) => Response::Session {
-                session: session.map(Box::new),
-            },
+        Ok(Request::SessionsShow { id }) => match show(store, id) {
+            Ok(r) => r,
             Err(e) => Response::Error {
                 message: e.to_string(),
             },
@@ -112,6 +124,14 @@ fn handle(conn: UnixStream, store: &dyn Store, config_path: &str) -> std::io::Re
         },
     };
     writeln!(w, "{}", serde_json::to_string(&resp)?)
+}
+
+/// A session with its statements.
+pub fn show(store: &dyn Store, id: SessionId) -> Result<Response, crate::record::StoreError> {
+    Ok(Response::Session {
+        session: store.get(id)?.map(Box::new),
+        statements: store.statements(id)?,
+    })
 }
 
 /// Sends one request to a running agent. `Ok(None)`: no agent is listening.

@@ -17,6 +17,7 @@ use crate::{
     cgroup,
     config::{Config, DEFAULT_CONFIG},
     policy,
+    protocol::postgres::Statement,
     record::{self, Filter, Session, SessionId, SledStore, Store},
     redirect,
 };
@@ -288,9 +289,7 @@ fn query(store: &StoreArgs, req: Request) -> anyhow::Result<Response> {
         Request::SessionsList { filter } => Response::Sessions {
             sessions: db.list(&filter)?,
         },
-        Request::SessionsShow { id } => Response::Session {
-            session: db.get(id)?.map(Box::new),
-        },
+        Request::SessionsShow { id } => api::show(&db, id)?,
         Request::Status => bail!("the agent is not running"),
     })
 }
@@ -322,8 +321,11 @@ fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SessionsCommand::Show { store, id, json } => {
-            let session = match query(&store, Request::SessionsShow { id })? {
-                Response::Session { session } => session,
+            let (session, statements) = match query(&store, Request::SessionsShow { id })? {
+                Response::Session {
+                    session,
+                    statements,
+                } => (session, statements),
                 other => bail!("unexpected answer from the agent: {other:?}"),
             };
             let Some(s) = session else {
@@ -331,12 +333,39 @@ fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                let mut v = serde_json::to_value(&s)?;
+                v["statement_events"] = serde_json::to_value(&statements)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_session(&s);
+                print_statements(&statements);
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn print_statements(list: &[Statement]) {
+    if list.is_empty() {
+        return;
+    }
+    println!("statements:");
+    for st in list {
+        let result = match (&st.error, st.tags.last()) {
+            (Some(code), _) => format!("error {code}"),
+            (None, Some(tag)) => tag.clone(),
+            (None, None) => "-".into(),
+        };
+        let took = st.duration_us.map_or("-".into(), |d| format!("{d} µs"));
+        println!(
+            "  #{:<4} {}  {:<6} {:>10}  {:<16} {}",
+            st.seq,
+            st.at,
+            st.kind,
+            took,
+            result,
+            st.text.replace('\n', " ")
+        );
     }
 }
 
@@ -386,6 +415,21 @@ fn print_session(s: &Session) {
     ];
     for (k, v) in rows {
         println!("{k:<14} {v}");
+    }
+    if let Some(pg) = &s.postgres {
+        println!("postgres:");
+        println!("  {:<14} {}", "user", opt(&pg.user));
+        println!("  {:<14} {}", "database", opt(&pg.database));
+        println!("  {:<14} {}", "application", opt(&pg.application_name));
+        if pg.encryption_declined {
+            println!(
+                "  {:<14} the client asked for TLS/GSS encryption; the agent declined",
+                "encryption"
+            );
+        }
+        if pg.cancel_request {
+            println!("  {:<14} this connection carried a CancelRequest", "cancel");
+        }
     }
     if let Some(e) = &s.evidence {
         println!("evidence:");

@@ -15,6 +15,8 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod policy;
+pub mod protocol;
 pub mod proxy;
 pub mod record;
+pub mod redact;
 pub mod redirect;

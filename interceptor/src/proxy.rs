@@ -27,12 +27,16 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    config::{Config, PROXY_IP4, PROXY_IP6},
+    config::{Config, Protocol, PROXY_IP4, PROXY_IP6},
     identity::Resolver,
     policy::{Action, Policy},
+    protocol::postgres,
     record::{now_micros, rfc3339_micros, Outcome, Recorder, Session, SessionIds},
     redirect::{original_dst, sock_key},
 };
+
+/// How often completed statements of a PostgreSQL session are recorded.
+const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
 
 /// Rule name recorded when a connection cannot be tied to a workload.
 pub const RULE_UNATTRIBUTED: &str = "identity.unattributed";
@@ -280,10 +284,61 @@ impl Proxy {
             }
         };
         let _ = upstream.set_nodelay(true);
-        let r = relay(client, upstream).await;
+        let postgres = target.is_some_and(|t| t.protocol == Protocol::Postgres);
+        let r = if postgres {
+            self.relay_postgres(&mut s, client, upstream).await
+        } else {
+            relay(client, upstream).await
+        };
         s.bytes_up = r.up;
         s.bytes_down = r.down;
         self.finish(s, r.outcome, r.detail).await;
+    }
+
+    /// Relays a PostgreSQL connection, recording its statements as they
+    /// complete (every [`STATEMENT_FLUSH`]) and whatever is left at the end.
+    async fn relay_postgres(
+        &self,
+        s: &mut Session,
+        client: TcpStream,
+        upstream: TcpStream,
+    ) -> Relayed {
+        let state = postgres::State::default();
+        let id = s.id;
+        let mut recorded = 0u32;
+        let relayed = {
+            let relay = postgres::relay(client, upstream, &state);
+            tokio::pin!(relay);
+            let mut tick = tokio::time::interval(STATEMENT_FLUSH);
+            loop {
+                tokio::select! {
+                    r = &mut relay => break r,
+                    _ = tick.tick() => {
+                        let done = state.take_done();
+                        recorded += done.len() as u32;
+                        self.recorder.statements(id, done).await;
+                    }
+                }
+            }
+        };
+        let mut rest = state.take_done();
+        rest.extend(state.take_pending());
+        recorded += rest.len() as u32;
+        self.recorder.statements(id, rest).await;
+        s.statements = recorded;
+        s.postgres = Some(state.take_startup());
+        let (up, down, result) = relayed;
+        let (outcome, detail) = match result {
+            Ok(()) => (Outcome::Closed, None),
+            Err(postgres::PgError::Io(e)) => io_outcome(e),
+            Err(e) => (Outcome::Error, Some(e.to_string())),
+        };
+        Relayed {
+            up,
+            down,
+            outcome,
+            detail,
+        }
     }
 }
 
@@ -358,25 +413,26 @@ async fn both(
     }
 }
 
+/// How an I/O error ends a session: a reset, or an error.
+fn io_outcome(e: io::Error) -> (Outcome, Option<String>) {
+    let resetish = matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    );
+    let outcome = if resetish {
+        Outcome::Reset
+    } else {
+        Outcome::Error
+    };
+    (outcome, Some(e.to_string()))
+}
+
 fn finish_relay(result: io::Result<()>, up: &AtomicU64, down: &AtomicU64) -> Relayed {
     let (outcome, detail) = match result {
         Ok(()) => (Outcome::Closed, None),
-        Err(e) => {
-            let resetish = matches!(
-                e.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::ConnectionAborted
-            );
-            (
-                if resetish {
-                    Outcome::Reset
-                } else {
-                    Outcome::Error
-                },
-                Some(e.to_string()),
-            )
-        }
+        Err(e) => io_outcome(e),
     };
     Relayed {
         up: up.load(Ordering::Relaxed),

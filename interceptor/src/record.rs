@@ -21,7 +21,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::identity::Evidence;
+use crate::{
+    identity::Evidence,
+    protocol::postgres::{Startup, Statement},
+};
 
 /// Time-ordered session id: microseconds since the epoch in the upper bits,
 /// a sequence in the low 12 bits; shown as 16 hex digits.
@@ -193,6 +196,12 @@ pub struct Session {
     /// The application's side of the connection (its source address).
     pub client: String,
     pub evidence: Option<Evidence>,
+    /// What the PostgreSQL startup said (postgres targets only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<Startup>,
+    /// Statements recorded so far (their text is in the statements tree).
+    #[serde(default)]
+    pub statements: u32,
 }
 
 impl Session {
@@ -218,6 +227,8 @@ impl Session {
             detail: None,
             client,
             evidence: None,
+            postgres: None,
+            statements: 0,
         }
     }
 }
@@ -234,6 +245,15 @@ pub enum StoreError {
     Corrupt(String, serde_json::Error),
 }
 
+/// What the data path hands the writer.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// A session's current state (written on start and on end).
+    Session(Box<Session>),
+    /// Statements of a session, in order.
+    Statements(SessionId, Vec<Statement>),
+}
+
 /// Filter for listings.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Filter {
@@ -245,7 +265,9 @@ pub struct Filter {
 
 /// Where sessions live. Small on purpose, so the engine can change.
 pub trait Store: Send + Sync {
-    fn put_batch(&self, sessions: &[Session]) -> Result<(), StoreError>;
+    fn put_batch(&self, records: &[Record]) -> Result<(), StoreError>;
+    /// A session's statements, in order.
+    fn statements(&self, id: SessionId) -> Result<Vec<Statement>, StoreError>;
     fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError>;
     /// Sessions matching `filter`, oldest first.
     fn list(&self, filter: &Filter) -> Result<Vec<Session>, StoreError>;
@@ -255,6 +277,8 @@ pub trait Store: Send + Sync {
 pub struct SledStore {
     db: sled::Db,
     sessions: sled::Tree,
+    /// Session id (8 bytes) ++ statement seq (4 bytes), big-endian → JSON.
+    statements: sled::Tree,
 }
 
 impl SledStore {
@@ -271,7 +295,12 @@ impl SledStore {
             e => StoreError::Open(shown.clone(), e),
         })?;
         let sessions = db.open_tree("sessions")?;
-        Ok(SledStore { db, sessions })
+        let statements = db.open_tree("statements")?;
+        Ok(SledStore {
+            db,
+            sessions,
+            statements,
+        })
     }
 
     /// Marks sessions left open by an agent that stopped as interrupted.
@@ -303,13 +332,37 @@ fn decode(k: &[u8], v: &[u8]) -> Result<Session, StoreError> {
 }
 
 impl Store for SledStore {
-    fn put_batch(&self, sessions: &[Session]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for s in sessions {
-            batch.insert(&s.id.0.to_be_bytes(), encode(s));
+    fn put_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+        let mut sessions = sled::Batch::default();
+        let mut statements = sled::Batch::default();
+        for r in records {
+            match r {
+                Record::Session(s) => sessions.insert(&s.id.0.to_be_bytes(), encode(s)),
+                Record::Statements(id, list) => {
+                    for st in list {
+                        let mut key = id.0.to_be_bytes().to_vec();
+                        key.extend_from_slice(&st.seq.to_be_bytes());
+                        statements
+                            .insert(key, serde_json::to_vec(st).expect("statements serialize"));
+                    }
+                }
+            }
         }
-        self.sessions.apply_batch(batch)?;
+        // Statements first: a session record never names statements that are not there.
+        self.statements.apply_batch(statements)?;
+        self.sessions.apply_batch(sessions)?;
         Ok(())
+    }
+
+    fn statements(&self, id: SessionId) -> Result<Vec<Statement>, StoreError> {
+        self.statements
+            .scan_prefix(id.0.to_be_bytes())
+            .map(|item| {
+                let (k, v) = item?;
+                serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))
+            })
+            .collect()
     }
 
     fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
@@ -356,7 +409,7 @@ const BATCH: usize = 1024;
 /// The data path's handle: cheap to clone, never blocks on disk.
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<Session>,
+    tx: mpsc::Sender<Record>,
 }
 
 /// Joins the writer thread; dropping every [`Recorder`] lets it finish.
@@ -373,7 +426,7 @@ impl RecorderWriter {
 
 impl Recorder {
     pub fn start(store: Arc<dyn Store>) -> (Recorder, RecorderWriter) {
-        let (tx, mut rx) = mpsc::channel::<Session>(CHANNEL);
+        let (tx, mut rx) = mpsc::channel::<Record>(CHANNEL);
         let thread = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || {
@@ -389,8 +442,18 @@ impl Recorder {
 
     /// Records a session state; waits if the writer is behind.
     pub async fn record(&self, s: Session) {
-        if self.tx.send(s).await.is_err() {
+        if self.tx.send(Record::Session(Box::new(s))).await.is_err() {
             tracing::error!("recorder stopped; a session record was not stored");
+        }
+    }
+
+    /// Records statements of a session; waits if the writer is behind.
+    pub async fn statements(&self, id: SessionId, list: Vec<Statement>) {
+        if list.is_empty() {
+            return;
+        }
+        if self.tx.send(Record::Statements(id, list)).await.is_err() {
+            tracing::error!(session = %id, "recorder stopped; statements were not stored");
         }
     }
 }
@@ -398,7 +461,7 @@ impl Recorder {
 /// Applies records in batches and makes each batch durable before taking
 /// the next (group commit: records that arrive during an fsync form the next
 /// batch). A failed write is retried, never dropped.
-async fn write_loop(rx: &mut mpsc::Receiver<Session>, store: &dyn Store) {
+async fn write_loop(rx: &mut mpsc::Receiver<Record>, store: &dyn Store) {
     let mut buf = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut buf, BATCH).await > 0 {
         while let Err(e) = store.put_batch(&buf) {

@@ -15,6 +15,7 @@ Modes:
   connect HOST PORT        only connect; report the error, if any, and how long
                            connect plus the first read took
   udp HOST PORT            connect a UDP socket, send a datagram, read the echo
+  raw HOST PORT HEX        send the bytes HEX, then read until the peer closes
 """
 import asyncio
 import hashlib
@@ -161,6 +162,24 @@ def udp(host, port):
          "echoed": data.decode(), "pid": os.getpid()})
 
 
+def raw(host, port, data):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect((host, port))
+    s.sendall(bytes.fromhex(data))
+    got = b""
+    try:
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            got += d
+    except OSError as e:
+        out({"received": got.hex(), "error": e.__class__.__name__})
+        return
+    out({"received": got.hex(), "error": None})
+
+
 def main():
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "echo":
@@ -175,6 +194,8 @@ def main():
         connect(host, port)
     elif mode == "udp":
         udp(host, port)
+    elif mode == "raw":
+        raw(host, port, sys.argv[4])
     else:
         sys.exit(f"unknown mode {mode}")
 

@@ -629,3 +629,201 @@ fn intercept_targets_only_redirects_listed_destinations() {
         .mode();
     assert_eq!(mode & 0o777, 0o700);
 }
+
+#[path = "../../xtask/src/pg.rs"]
+#[allow(dead_code)]
+mod pg;
+
+/// Runs `tool ARGS` (psql, pgbench) inside workload `app`.
+fn pg_tool(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["exec", "--config"])
+        .arg(&agent.config)
+        .args(["--workload", "app", "--", tool])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn postgres_clients_run_unmodified_and_statements_are_recorded() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = pg::Postgres::start(&dir).expect("starting PostgreSQL");
+    let sections = format!(
+        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
+         addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
+        db.port
+    );
+    let policy = "[[rule]]\nid = \"app-db\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"allow\"\n";
+    let agent = Agent::start("pg", &sections, policy);
+    let conn = db.conninfo(); // libpq's default sslmode=prefer: the agent declines TLS
+
+    // Several statements in one simple-protocol message, and a secret.
+    let out = pg_tool(
+        &agent,
+        "psql",
+        &[
+            &conn,
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select 40 + 2; select 'second'",
+            "-c",
+            "CREATE ROLE icpt_tmp LOGIN PASSWORD 'topsecret'",
+            "-c",
+            "DROP ROLE icpt_tmp",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("42") && stdout.contains("second"),
+        "{stdout}"
+    );
+
+    let sessions = agent.sessions_until("psql session", |s| {
+        s.iter()
+            .any(|x| x["outcome"] == "closed" && x["statements"].as_u64() >= Some(3))
+    });
+    let x = sessions
+        .iter()
+        .find(|x| x["statements"].as_u64() >= Some(3))
+        .unwrap();
+    assert_eq!(x["protocol"], "postgres");
+    assert_eq!(x["postgres"]["user"], "postgres");
+    assert_eq!(x["postgres"]["database"], "postgres");
+    assert_eq!(x["postgres"]["encryption_declined"], true);
+    let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let st = v["statement_events"].as_array().unwrap();
+    let texts: Vec<&str> = st.iter().map(|e| s(&e["text"])).collect();
+    assert_eq!(texts[0], "select 40 + 2; select 'second'");
+    assert_eq!(st[0]["tags"], serde_json::json!(["SELECT 1", "SELECT 1"]));
+    assert_eq!(texts[1], "CREATE ROLE icpt_tmp LOGIN PASSWORD '***'");
+    assert_eq!(st[1]["tags"], serde_json::json!(["CREATE ROLE"]));
+    let raw = String::from_utf8_lossy(&show.stdout);
+    assert!(!raw.contains("topsecret"), "a password reached the store");
+
+    // An error is recorded with its SQLSTATE.
+    let out = pg_tool(
+        &agent,
+        "psql",
+        &[&conn, "-X", "-c", "select * from no_such_table"],
+    );
+    assert!(!out.status.success());
+    let sessions = agent.sessions_until("error statement", |s| {
+        s.len() >= 2 && s.iter().all(|x| x["outcome"] != "open")
+    });
+    let last = sessions.last().unwrap();
+    let show = agent.cli(&["sessions", "show", s(&last["id"]), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(v["statement_events"][0]["error"], "42P01");
+
+    // A client that insists on TLS gets a clear failure, and the session says why.
+    let out = pg_tool(
+        &agent,
+        "psql",
+        &[&format!("{conn} sslmode=require"), "-X", "-c", "select 1"],
+    );
+    assert!(!out.status.success());
+    agent.sessions_until("TLS refusal recorded", |list| {
+        list.iter()
+            .any(|x| s(&x["detail"]).contains("requires TLS"))
+    });
+
+    // pgbench in every query mode, unmodified.
+    let out = pg_tool(&agent, "pgbench", &["-i", "-q", "-s", "1", &conn]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pg_tool(
+            &agent,
+            "pgbench",
+            &["-n", "-c", "2", "-t", "25", "-M", mode, &conn],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("number of transactions actually processed: 50/50"),
+            "{mode}: {text}"
+        );
+    }
+
+    // Ctrl-C in psql cancels the running query through the agent: the
+    // CancelRequest travels on its own connection to the same backend.
+    let child = std::process::Command::new(BIN)
+        .args(["exec", "--config"])
+        .arg(&agent.config)
+        .args([
+            "--workload",
+            "app",
+            "--",
+            "psql",
+            &conn,
+            "-X",
+            "-c",
+            "select pg_sleep(60)",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "cancel took {:?}",
+        t.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+    agent.sessions_until("cancel request session", |s| {
+        s.iter()
+            .any(|x| x["postgres"]["cancel_request"] == true && x["outcome"] == "closed")
+    });
+
+    // Malformed frames from a raw client end that session with a reason.
+    let port = db.port.to_string();
+    for (bytes, why) in [
+        // A startup packet that says it is 3 bytes long.
+        ("00000003", "startup packet length 3"),
+        // A valid startup (user=postgres), then a Query claiming 2 bytes.
+        (
+            "00000017000300007573657200706f73746772657300005100000002",
+            "message 'Q' with length 2",
+        ),
+    ] {
+        let _ = agent.client(Some("app"), &["raw", "127.0.0.1", &port, bytes]);
+        let list = agent.sessions_until(why, |list| {
+            list.iter().any(|x| s(&x["detail"]).contains(why))
+        });
+        let x = list.iter().find(|x| s(&x["detail"]).contains(why)).unwrap();
+        assert_eq!(x["outcome"], "error");
+    }
+    drop(agent);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,15 +1,13 @@
-//! A throw-away PostgreSQL server for the demo and benchmarks: its own data
-//! directory, port and socket directory, SCRAM authentication, stopped and
-//! removed on drop.
+//! A throw-away PostgreSQL server: its own data directory, port and socket
+//! directory, SCRAM authentication, stopped on drop.
+//!
+//! Standard library only: the end-to-end tests include this file too.
 
 use std::{
+    io,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
-
-use anyhow::{Context, Result};
-
-use crate::{run, setup::pg_bin_dir};
 
 pub const USER: &str = "postgres";
 pub const PASSWORD: &str = "interceptor-demo";
@@ -20,54 +18,88 @@ pub struct Postgres {
     bin: PathBuf,
 }
 
+/// The newest PostgreSQL server binaries directory (`initdb`, `pg_ctl`, `postgres`).
+pub fn bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p)
+}
+
 /// Runs a command as the `postgres` system user (initdb refuses root).
 fn as_postgres(bin: &Path, tool: &str) -> Command {
     let mut c = Command::new("runuser");
     c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+    c.stdout(Stdio::null());
     c
 }
 
+fn check(c: &mut Command) -> io::Result<()> {
+    let out = c.stderr(Stdio::piped()).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{c:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
 impl Postgres {
-    pub fn start(dir: &Path) -> Result<Self> {
-        let bin =
-            pg_bin_dir().context("PostgreSQL server binaries not found; run cargo xtask setup")?;
+    /// initdb with SCRAM for every connection, then start on a free port.
+    pub fn start(dir: &Path) -> io::Result<Self> {
+        let bin = bin_dir().ok_or_else(|| {
+            io::Error::other("PostgreSQL server binaries not found; run cargo xtask setup")
+        })?;
         std::fs::create_dir_all(dir)?;
         let pwfile = dir.join("pwfile");
         std::fs::write(&pwfile, PASSWORD)?;
-        run(Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(dir))?;
+        check(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir),
+        )?;
         let data = dir.join("data");
-        run(as_postgres(&bin, "initdb")
-            .args(["-A", "scram-sha-256", "-U", USER, "--no-sync", "-D"])
-            .arg(&data)
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .stdout(std::process::Stdio::null()))?;
+        check(
+            as_postgres(&bin, "initdb")
+                .args(["-A", "scram-sha-256", "-U", USER, "--no-sync", "-D"])
+                .arg(&data)
+                .arg(format!("--pwfile={}", pwfile.display())),
+        )?;
         let port = free_port()?;
         let pg = Postgres {
             port,
             dir: dir.to_path_buf(),
             bin,
         };
-        run(as_postgres(&pg.bin, "pg_ctl")
-            .args(["-w", "-l"])
-            .arg(dir.join("server.log"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-                dir.display()
-            ))
-            .arg("start")
-            .stdout(std::process::Stdio::null()))?;
+        check(
+            as_postgres(&pg.bin, "pg_ctl")
+                .args(["-w", "-l"])
+                .arg(dir.join("server.log"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                    dir.display()
+                ))
+                .arg("start"),
+        )?;
         Ok(pg)
     }
 
     /// A libpq connection string for this server (over TCP).
     pub fn conninfo(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user={USER} password={PASSWORD} dbname=postgres sslmode=disable",
+            "host=127.0.0.1 port={} user={USER} password={PASSWORD} dbname=postgres",
             self.port
         )
     }
@@ -79,12 +111,11 @@ impl Drop for Postgres {
             .args(["-w", "-m", "immediate", "-D"])
             .arg(self.dir.join("data"))
             .arg("stop")
-            .stdout(std::process::Stdio::null())
             .status();
     }
 }
 
-pub fn free_port() -> Result<u16> {
+pub fn free_port() -> io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }

@@ -123,7 +123,7 @@ fn packages() -> Result<()> {
         .filter(|(path, _)| !std::path::Path::new(path).exists())
         .map(|(_, pkg)| *pkg)
         .collect();
-    let pg_bin = pg_bin_dir().is_some();
+    let pg_bin = crate::pg::bin_dir().is_some();
     let mut missing = missing;
     if !pg_bin && !missing.contains(&"postgresql") {
         missing.push("postgresql");
@@ -139,19 +139,4 @@ fn packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-}
-
-/// The newest PostgreSQL server binaries directory (`initdb`, `pg_ctl`, `postgres`).
-pub fn pg_bin_dir() -> Option<PathBuf> {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, p)| p)
 }

@@ -1,0 +1,4 @@
+//! Protocol handlers: what the proxy understands of a target's traffic.
+//! A target with `protocol = "tcp"` is relayed as opaque bytes.
+
+pub mod postgres;

@@ -1,0 +1,670 @@
+//! PostgreSQL wire protocol (v3) in the data path: framing, the startup
+//! negotiation, and statement recording.
+//!
+//! Frames are read incrementally into an owned `BytesMut`; every length is
+//! checked before it is used, and only the messages we inspect (startup,
+//! Query, Parse, authentication, CommandComplete, ErrorResponse,
+//! ReadyForQuery) are buffered whole, up to fixed limits. Everything else
+//! streams through untouched. A malformed frame from either side ends the
+//! session with a recorded reason, never a panic.
+//!
+//! The agent must see plaintext, so it answers `SSLRequest` and
+//! `GSSENCRequest` itself with `N` (a client with `sslmode=prefer` or
+//! `disable` goes on in plaintext; one that insists on TLS gives up, and the
+//! session says why), and strips `SCRAM-SHA-256-PLUS` from the server's SASL
+//! offer, since channel binding cannot survive a proxy. `CancelRequest`
+//! arrives on its own connection and is forwarded to the same destination,
+//! so it reaches the backend that issued the key.
+//!
+//! Policy on statements is not applied here yet: statements are relayed
+//! unchanged and recorded.
+
+use std::{
+    collections::VecDeque,
+    io,
+    sync::{Mutex, MutexGuard},
+    time::Instant,
+};
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::record::{now_micros, rfc3339_micros};
+
+/// Startup packets are small; PostgreSQL itself refuses more than 10000 bytes.
+pub const MAX_STARTUP: usize = 10_000;
+/// Largest message PostgreSQL accepts (1 GiB - 1).
+pub const MAX_MESSAGE: usize = (1 << 30) - 1;
+/// Largest Query/Parse message buffered for recording; larger ones stream
+/// through and are recorded as too large to inspect.
+pub const MAX_STATEMENT: usize = 16 << 20;
+/// Largest server message we buffer to inspect (auth, tags, errors).
+const MAX_INSPECT: usize = 1 << 20;
+
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
+const AUTH_SASL: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("malformed PostgreSQL frame from the {side}: {what}")]
+    Malformed { side: &'static str, what: String },
+    #[error(
+        "the client requires TLS, which the agent cannot inspect; use sslmode=prefer or disable"
+    )]
+    ClientRequiresTls,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+fn malformed(side: &'static str, what: impl Into<String>) -> PgError {
+    PgError::Malformed {
+        side,
+        what: what.into(),
+    }
+}
+
+/// One recorded statement (or batch of extended-protocol messages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    pub seq: u32,
+    pub at: String,
+    /// `query` (simple protocol) or `parse` (extended protocol).
+    pub kind: String,
+    /// Prepared statement name (extended protocol; empty = unnamed).
+    pub name: Option<String>,
+    /// Statement text with secrets redacted.
+    pub text: String,
+    pub duration_us: Option<u64>,
+    /// Command tags the server returned for this statement's batch.
+    pub tags: Vec<String>,
+    /// Rows returned or affected (from the last command tag).
+    pub rows: Option<u64>,
+    /// SQLSTATE of the first error in the batch.
+    pub error: Option<String>,
+}
+
+/// What the startup message said.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Startup {
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub application_name: Option<String>,
+    /// The client asked for TLS or GSS encryption and was told no.
+    pub encryption_declined: bool,
+    /// This connection carried a CancelRequest.
+    pub cancel_request: bool,
+}
+
+/// Statements waiting for the server's ReadyForQuery, and what the server
+/// said about them so far.
+#[derive(Default)]
+struct Batch {
+    pending: VecDeque<(Statement, Instant)>,
+    tags: Vec<String>,
+    error: Option<String>,
+    next_seq: u32,
+    done: Vec<Statement>,
+}
+
+/// Shared between the two directions of one connection. Both run in one
+/// task, so the locks are never contended; they only make the task `Send`.
+#[derive(Default)]
+pub struct State {
+    batch: Mutex<Batch>,
+    startup: Mutex<Startup>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    fn startup(&self) -> MutexGuard<'_, Startup> {
+        lock(&self.startup)
+    }
+
+    /// What the startup message said.
+    pub fn take_startup(&self) -> Startup {
+        std::mem::take(&mut self.startup())
+    }
+
+    fn batch(&self) -> MutexGuard<'_, Batch> {
+        lock(&self.batch)
+    }
+
+    fn statement(&self, kind: &str, name: Option<String>, text: &str) {
+        let mut b = self.batch();
+        let seq = b.next_seq;
+        b.next_seq += 1;
+        b.pending.push_back((
+            Statement {
+                seq,
+                at: rfc3339_micros(now_micros()),
+                kind: kind.into(),
+                name,
+                text: crate::redact::redact_sql(text),
+                duration_us: None,
+                tags: Vec::new(),
+                rows: None,
+                error: None,
+            },
+            Instant::now(),
+        ));
+    }
+
+    /// ReadyForQuery: everything pending is complete.
+    fn ready(&self) {
+        let mut b = self.batch();
+        let tags = std::mem::take(&mut b.tags);
+        let error = b.error.take();
+        let rows = tags.last().and_then(|t| t.rsplit(' ').next()?.parse().ok());
+        while let Some((mut s, started)) = b.pending.pop_front() {
+            s.duration_us = Some(started.elapsed().as_micros() as u64);
+            s.tags = tags.clone();
+            s.rows = rows;
+            s.error = error.clone();
+            b.done.push(s);
+        }
+    }
+
+    /// Completed statements since the last call.
+    pub fn take_done(&self) -> Vec<Statement> {
+        std::mem::take(&mut self.batch().done)
+    }
+
+    /// Statements still waiting for an answer (the connection ended first).
+    pub fn take_pending(&self) -> Vec<Statement> {
+        let mut b = self.batch();
+        b.pending.drain(..).map(|(s, _)| s).collect()
+    }
+}
+
+/// Reads until `buf` holds at least `n` bytes. `Ok(false)`: EOF first.
+async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, n: usize) -> io::Result<bool> {
+    while buf.len() < n {
+        buf.reserve(n - buf.len());
+        if r.read_buf(buf).await? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Copies the rest of a frame (`left` bytes beyond what `buf` held) straight through.
+async fn stream_rest<R, W>(
+    r: &mut R,
+    w: &mut W,
+    mut left: usize,
+    scratch: &mut [u8],
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while left > 0 {
+        let want = left.min(scratch.len());
+        let n = r.read(&mut scratch[..want]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection ended inside a frame",
+            ));
+        }
+        w.write_all(&scratch[..n]).await?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// A NUL-terminated string at the start of `b`, and the rest.
+fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
+}
+
+/// Startup message parameters: pairs of C strings, ended by an empty one.
+fn parse_startup(mut body: &[u8], st: &mut Startup) -> Result<(), PgError> {
+    loop {
+        let (k, rest) =
+            cstr(body).ok_or_else(|| malformed("client", "unterminated startup parameter"))?;
+        if k.is_empty() {
+            return Ok(());
+        }
+        let (v, rest) =
+            cstr(rest).ok_or_else(|| malformed("client", "unterminated startup value"))?;
+        match k {
+            "user" => st.user = Some(v.into()),
+            "database" => st.database = Some(v.into()),
+            "application_name" => st.application_name = Some(v.into()),
+            _ => {}
+        }
+        body = rest;
+    }
+}
+
+/// Client → server.
+pub async fn frontend<R, W, C>(
+    r: &mut R,
+    w: &mut W,
+    client_w: &mut C,
+    state: &State,
+) -> Result<(), PgError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut scratch = vec![0u8; 64 * 1024];
+    // Startup phase: untyped messages.
+    loop {
+        // Check the length as soon as it is there: a hostile length must not
+        // make us wait for bytes that will never come.
+        if fill(r, &mut buf, 4).await? {
+            let len = be32(&buf[0..4]) as usize;
+            if !(8..=MAX_STARTUP).contains(&len) {
+                return Err(malformed(
+                    "client",
+                    format!("startup packet length {len} (allowed 8..={MAX_STARTUP})"),
+                ));
+            }
+        }
+        if !fill(r, &mut buf, 8).await? {
+            if state.startup().encryption_declined && buf.is_empty() {
+                return Err(PgError::ClientRequiresTls);
+            }
+            return if buf.is_empty() {
+                w.shutdown().await.map_err(Into::into)
+            } else {
+                Err(malformed(
+                    "client",
+                    "connection ended inside the startup packet",
+                ))
+            };
+        }
+        let len = be32(&buf[0..4]) as usize;
+        let code = be32(&buf[4..8]);
+        if !(8..=MAX_STARTUP).contains(&len) {
+            return Err(malformed(
+                "client",
+                format!("startup packet length {len} (allowed 8..={MAX_STARTUP})"),
+            ));
+        }
+        if !fill(r, &mut buf, len).await? {
+            return Err(malformed(
+                "client",
+                "connection ended inside the startup packet",
+            ));
+        }
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST if len == 8 => {
+                buf.advance(8);
+                state.startup().encryption_declined = true;
+                client_w.write_all(b"N").await?;
+            }
+            CANCEL_REQUEST if len == 16 => {
+                state.startup().cancel_request = true;
+                w.write_all(&buf.split_to(16)).await?;
+                break;
+            }
+            v if v >> 16 == 3 => {
+                parse_startup(&buf[8..len], &mut state.startup())?;
+                w.write_all(&buf.split_to(len)).await?;
+                break;
+            }
+            other => {
+                return Err(malformed(
+                    "client",
+                    format!("unsupported startup code {other}"),
+                ));
+            }
+        }
+    }
+    // Typed messages.
+    loop {
+        if !fill(r, &mut buf, 5).await? {
+            if buf.is_empty() {
+                w.shutdown().await?;
+                return Ok(());
+            }
+            return Err(malformed(
+                "client",
+                "connection ended inside a message header",
+            ));
+        }
+        let ty = buf[0];
+        let len = be32(&buf[1..5]) as usize;
+        if !(4..=MAX_MESSAGE).contains(&len) {
+            return Err(malformed(
+                "client",
+                format!("message '{}' with length {len}", ty as char),
+            ));
+        }
+        let total = 1 + len;
+        if matches!(ty, b'Q' | b'P') && total <= MAX_STATEMENT {
+            if !fill(r, &mut buf, total).await? {
+                return Err(malformed("client", "connection ended inside a message"));
+            }
+            let body = &buf[5..total];
+            match ty {
+                b'Q' => {
+                    let (sql, _) = cstr(body)
+                        .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
+                    state.statement("query", None, sql);
+                }
+                _ => {
+                    let (name, rest) = cstr(body)
+                        .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
+                    let (sql, _) = cstr(rest)
+                        .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
+                    state.statement("parse", Some(name.into()), sql);
+                }
+            }
+            w.write_all(&buf.split_to(total)).await?;
+        } else {
+            if matches!(ty, b'Q' | b'P') {
+                state.statement(
+                    if ty == b'Q' { "query" } else { "parse" },
+                    None,
+                    &format!("<statement of {total} bytes, too large to inspect>"),
+                );
+            }
+            let have = buf.len().min(total);
+            w.write_all(&buf.split_to(have)).await?;
+            stream_rest(r, w, total - have, &mut scratch).await?;
+        }
+    }
+}
+
+/// Server → client.
+pub async fn backend<R, W>(r: &mut R, w: &mut W, state: &State) -> Result<(), PgError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut scratch = vec![0u8; 64 * 1024];
+    if state.startup().cancel_request {
+        // The server answers a cancel by closing; relay whatever comes.
+        tokio::io::copy(r, w).await?;
+        return w.shutdown().await.map_err(Into::into);
+    }
+    loop {
+        if !fill(r, &mut buf, 5).await? {
+            if buf.is_empty() {
+                w.shutdown().await?;
+                return Ok(());
+            }
+            return Err(malformed(
+                "server",
+                "connection ended inside a message header",
+            ));
+        }
+        let ty = buf[0];
+        let len = be32(&buf[1..5]) as usize;
+        if !(4..=MAX_MESSAGE).contains(&len) {
+            return Err(malformed(
+                "server",
+                format!("message '{}' with length {len}", ty as char),
+            ));
+        }
+        let total = 1 + len;
+        if matches!(ty, b'R' | b'C' | b'E' | b'Z') && total <= MAX_INSPECT {
+            if !fill(r, &mut buf, total).await? {
+                return Err(malformed("server", "connection ended inside a message"));
+            }
+            let frame = buf.split_to(total);
+            let body = &frame[5..];
+            match ty {
+                b'R' if body.len() >= 4 && be32(body) == AUTH_SASL => {
+                    w.write_all(&without_channel_binding(body)).await?;
+                    continue;
+                }
+                b'C' => {
+                    if let Some((tag, _)) = cstr(body) {
+                        state.batch().tags.push(tag.into());
+                    }
+                }
+                b'E' => {
+                    let code = error_code(body);
+                    let mut b = state.batch();
+                    if b.error.is_none() {
+                        b.error = code;
+                    }
+                }
+                b'Z' => state.ready(),
+                _ => {}
+            }
+            w.write_all(&frame).await?;
+        } else {
+            let have = buf.len().min(total);
+            w.write_all(&buf.split_to(have)).await?;
+            stream_rest(r, w, total - have, &mut scratch).await?;
+        }
+    }
+}
+
+/// The SQLSTATE (`C` field) of an ErrorResponse body.
+fn error_code(mut body: &[u8]) -> Option<String> {
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let (value, rest) = cstr(rest)?;
+        if field == b'C' {
+            return Some(value.into());
+        }
+        body = rest;
+    }
+    None
+}
+
+/// Rebuilds an AuthenticationSASL message without `*-PLUS` mechanisms.
+fn without_channel_binding(body: &[u8]) -> BytesMut {
+    let mut mechs = Vec::new();
+    let mut rest = &body[4..];
+    while let Some((m, r)) = cstr(rest) {
+        if m.is_empty() {
+            break;
+        }
+        if !m.ends_with("-PLUS") {
+            mechs.push(m);
+        }
+        rest = r;
+    }
+    let len = 4 + 4 + mechs.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
+    let mut out = BytesMut::with_capacity(1 + len);
+    out.put_u8(b'R');
+    out.put_u32(len as u32);
+    out.put_u32(AUTH_SASL);
+    for m in mechs {
+        out.put_slice(m.as_bytes());
+        out.put_u8(0);
+    }
+    out.put_u8(0);
+    out
+}
+
+/// Relays one PostgreSQL connection: bytes from the client, bytes from the
+/// server, and the first error of either side.
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    state: &State,
+) -> (u64, u64, Result<(), PgError>) {
+    let (mut cr, cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let mut cr = Counted::new(&mut cr);
+    let mut ur = Counted::new(&mut ur);
+    // Both directions write to the client: the frontend only its answer to
+    // SSLRequest, before the startup message goes to the server (so before
+    // the server can say anything). They run in this one task, so a lock
+    // taken only inside each poll is never contended.
+    let client_w = Mutex::new(cw);
+    let result = {
+        let front = async { frontend(&mut cr, &mut uw, &mut ClientWriter(&client_w), state).await };
+        let back = async { backend(&mut ur, &mut ClientWriter(&client_w), state).await };
+        tokio::pin!(front, back);
+        tokio::select! {
+            a = &mut front => match a { Ok(()) => back.await, Err(e) => Err(e) },
+            b = &mut back => match b { Ok(()) => front.await, Err(e) => Err(e) },
+        }
+    };
+    (cr.n, ur.n, result)
+}
+
+/// Counts bytes read through it.
+struct Counted<'a, R> {
+    inner: &'a mut R,
+    n: u64,
+}
+
+impl<'a, R> Counted<'a, R> {
+    fn new(inner: &'a mut R) -> Self {
+        Counted { inner, n: 0 }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.n += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+/// The client's write half, shared by both directions of one task.
+struct ClientWriter<'a>(&'a Mutex<tokio::net::tcp::OwnedWriteHalf>);
+
+impl AsyncWrite for ClientWriter<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut *lock(self.0)).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *lock(self.0)).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *lock(self.0)).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_offer_loses_plus_mechanisms() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&AUTH_SASL.to_be_bytes());
+        body.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        let out = without_channel_binding(&body);
+        assert_eq!(&out[..], b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0");
+        assert_eq!(be32(&out[1..5]) as usize, out.len() - 1);
+    }
+
+    #[test]
+    fn error_codes_are_found() {
+        assert_eq!(
+            error_code(b"SERROR\0C42501\0Mno\0\0").as_deref(),
+            Some("42501")
+        );
+        assert_eq!(error_code(b"SERROR\0\0"), None);
+        assert_eq!(error_code(b"SERR"), None);
+    }
+
+    #[test]
+    fn startup_parameters() {
+        let mut st = Startup::default();
+        parse_startup(b"user\0alice\0database\0orders\0\0", &mut st).unwrap();
+        assert_eq!(st.user.as_deref(), Some("alice"));
+        assert_eq!(st.database.as_deref(), Some("orders"));
+        assert!(parse_startup(b"user\0alice", &mut st).is_err());
+    }
+
+    /// Hostile frames end the relay with an error, never a panic or a hang.
+    #[tokio::test]
+    async fn malformed_frames_are_rejected() {
+        let cases: [(&[u8], &str); 5] = [
+            (&[0, 0, 0, 3, 0, 0, 0, 0], "startup packet length 3"),
+            (
+                &[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0],
+                "startup packet length",
+            ),
+            (
+                &[0, 0, 0, 8, 0x12, 0x34, 0x56, 0x78],
+                "unsupported startup code",
+            ),
+            (b"\0\0\0\x09\0\x03\0\0\0Q\0\0\0\x02", "length 2"),
+            (b"\0\0\0\x09\0\x03\0\0\0Q\x7f\xff\xff\xff", "length"),
+        ];
+        for (input, want) in cases {
+            let state = State::default();
+            let mut r = input;
+            let (mut w, mut cw) = (Vec::new(), Vec::new());
+            let e = frontend(&mut r, &mut w, &mut cw, &state).await.unwrap_err();
+            assert!(e.to_string().contains(want), "{e} (wanted {want})");
+        }
+    }
+
+    #[tokio::test]
+    async fn queries_are_recorded_and_ssl_is_declined() {
+        let mut input = Vec::new();
+        input.extend_from_slice(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]); // SSLRequest
+        input.extend_from_slice(b"\0\0\0\0\0\x03\0\0user\0bob\0\0"); // length set below
+        let startup_len = input.len() - 8;
+        input[8..12].copy_from_slice(&(startup_len as u32).to_be_bytes());
+        let q = b"ALTER ROLE bob PASSWORD 'hunter2'\0";
+        input.push(b'Q');
+        input.extend_from_slice(&((4 + q.len()) as u32).to_be_bytes());
+        input.extend_from_slice(q);
+        let state = State::default();
+        let (mut w, mut cw) = (Vec::new(), Vec::new());
+        frontend(&mut &input[..], &mut w, &mut cw, &state)
+            .await
+            .unwrap();
+        assert_eq!(cw, b"N");
+        assert_eq!(
+            w,
+            &input[8..],
+            "everything but the SSLRequest is forwarded unchanged"
+        );
+        assert_eq!(state.startup().user.as_deref(), Some("bob"));
+        assert!(state.startup().encryption_declined);
+        // The server answers; ReadyForQuery completes the statement.
+        let mut server = Vec::new();
+        server.extend_from_slice(b"C\0\0\0\x0fALTER ROLE\0");
+        server.extend_from_slice(b"Z\0\0\0\x05I");
+        let mut out = Vec::new();
+        backend(&mut &server[..], &mut out, &state).await.unwrap();
+        assert_eq!(out, server);
+        let done = state.take_done();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].text, "ALTER ROLE bob PASSWORD '***'");
+        assert_eq!(done[0].tags, vec!["ALTER ROLE".to_string()]);
+    }
+}
