@@ -120,6 +120,20 @@ pub enum SessionsCommand {
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
+    /// What would happen if workload W ran SQL against target T, and why.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        workload: String,
+        #[arg(long)]
+        target: String,
+        /// SQL to classify (as one message; several statements allowed).
+        #[arg(long)]
+        sql: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate policy files; with --config, also check the workloads and targets they name.
     Check {
         #[arg(long, short)]
@@ -185,6 +199,16 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         } => exec(&config.config, &workload, allow_unattached, &command),
         Command::Sessions { command } => sessions(command),
         Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    config,
+                    workload,
+                    target,
+                    sql,
+                    json,
+                },
+        } => explain(&config.config, &workload, &target, sql.as_deref(), json),
+        Command::Policy {
             command: PolicyCommand::Check { config, files },
         } => {
             let config = config.map(|c| Config::load(&c)).transpose()?;
@@ -226,6 +250,52 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn explain(
+    config: &Path,
+    workload: &str,
+    target: &str,
+    sql: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    if config.workload(workload).is_none() {
+        bail!("unknown workload `{workload}`");
+    }
+    if !config.targets.iter().any(|t| t.name == target) {
+        bail!("unknown target `{target}`");
+    }
+    let policy = policy::Policy::load(&config)?;
+    let decision = policy.decide_connect(workload, Some(target));
+    let class = sql.map(crate::sql::classify);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "workload": workload,
+                "target": target,
+                "connect": decision,
+                "statement": class,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("connect: {} (rule {})", decision.action, decision.rule);
+    if let Some(c) = class {
+        println!("statement class: {}", c.class);
+        let tables = if c.tables.is_empty() {
+            "-".to_string()
+        } else {
+            c.tables.join(", ")
+        };
+        println!("tables: {tables}");
+        if let Some(e) = c.parse_error {
+            println!("not parsed ({e}): treated as unknown, the most restricted class");
+        }
+        println!("statement rules are not enforced yet: statements are relayed and recorded");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exec(

@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod record;
 pub mod redact;
 pub mod redirect;
+pub mod sql;

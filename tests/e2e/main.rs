@@ -706,10 +706,31 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     let texts: Vec<&str> = st.iter().map(|e| s(&e["text"])).collect();
     assert_eq!(texts[0], "select 40 + 2; select 'second'");
     assert_eq!(st[0]["tags"], serde_json::json!(["SELECT 1", "SELECT 1"]));
+    assert_eq!(st[0]["class"], "read");
     assert_eq!(texts[1], "CREATE ROLE icpt_tmp LOGIN PASSWORD '***'");
+    assert_eq!(st[1]["class"], "admin");
     assert_eq!(st[1]["tags"], serde_json::json!(["CREATE ROLE"]));
     let raw = String::from_utf8_lossy(&show.stdout);
     assert!(!raw.contains("topsecret"), "a password reached the store");
+
+    // policy explain: the connect decision and what a statement does.
+    let out = agent.cli(&[
+        "policy",
+        "explain",
+        "--workload",
+        "app",
+        "--target",
+        "db",
+        "--json",
+        "--sql",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["connect"]["action"], "allow");
+    assert_eq!(v["connect"]["rule"], "app-db");
+    assert_eq!(v["statement"]["class"], "write");
+    assert_eq!(v["statement"]["tables"], serde_json::json!(["d", "orders"]));
 
     // An error is recorded with its SQLSTATE.
     let out = pg_tool(

@@ -33,7 +33,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::record::{now_micros, rfc3339_micros};
+use crate::{
+    record::{now_micros, rfc3339_micros},
+    sql::{classify, Class, Classification},
+};
 
 /// Startup packets are small; PostgreSQL itself refuses more than 10000 bytes.
 pub const MAX_STARTUP: usize = 10_000;
@@ -80,6 +83,11 @@ pub struct Statement {
     pub name: Option<String>,
     /// Statement text with secrets redacted.
     pub text: String,
+    /// What the statement does (the worst of several in one message).
+    pub class: Class,
+    /// Tables and views it names.
+    #[serde(default)]
+    pub tables: Vec<String>,
     pub duration_us: Option<u64>,
     /// Command tags the server returned for this statement's batch.
     pub tags: Vec<String>,
@@ -138,7 +146,14 @@ impl State {
         lock(&self.batch)
     }
 
-    fn statement(&self, kind: &str, name: Option<String>, text: &str) {
+    fn statement(
+        &self,
+        kind: &str,
+        name: Option<String>,
+        text: &str,
+        class: Option<Classification>,
+    ) {
+        let c = class.unwrap_or_else(|| classify(text));
         let mut b = self.batch();
         let seq = b.next_seq;
         b.next_seq += 1;
@@ -149,6 +164,8 @@ impl State {
                 kind: kind.into(),
                 name,
                 text: crate::redact::redact_sql(text),
+                class: c.class,
+                tables: c.tables,
                 duration_us: None,
                 tags: Vec::new(),
                 rows: None,
@@ -360,14 +377,14 @@ where
                 b'Q' => {
                     let (sql, _) = cstr(body)
                         .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
-                    state.statement("query", None, sql);
+                    state.statement("query", None, sql, None);
                 }
                 _ => {
                     let (name, rest) = cstr(body)
                         .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
-                    state.statement("parse", Some(name.into()), sql);
+                    state.statement("parse", Some(name.into()), sql, None);
                 }
             }
             w.write_all(&buf.split_to(total)).await?;
@@ -377,6 +394,12 @@ where
                     if ty == b'Q' { "query" } else { "parse" },
                     None,
                     &format!("<statement of {total} bytes, too large to inspect>"),
+                    Some(Classification {
+                        class: Class::Unknown,
+                        tables: Vec::new(),
+                        statements: 0,
+                        parse_error: Some("too large to inspect".into()),
+                    }),
                 );
             }
             let have = buf.len().min(total);
@@ -666,5 +689,6 @@ mod tests {
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].text, "ALTER ROLE bob PASSWORD '***'");
         assert_eq!(done[0].tags, vec!["ALTER ROLE".to_string()]);
+        assert_eq!(done[0].class, Class::Admin);
     }
 }

