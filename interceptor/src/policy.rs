@@ -13,7 +13,10 @@ use std::{fmt, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, FileError, Source};
+use crate::{
+    config::{Config, FileError, Source},
+    sql::{Class, Classification},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,10 +56,16 @@ struct RawDefaults {
     connect: toml::Spanned<Action>,
     #[serde(default = "deny")]
     unmatched_destination: toml::Spanned<Action>,
+    #[serde(default = "allow")]
+    statement: toml::Spanned<Action>,
 }
 
 fn deny() -> toml::Spanned<Action> {
     toml::Spanned::new(0..0, Action::Deny)
+}
+
+fn allow() -> toml::Spanned<Action> {
+    toml::Spanned::new(0..0, Action::Allow)
 }
 
 impl Default for RawDefaults {
@@ -64,6 +73,7 @@ impl Default for RawDefaults {
         RawDefaults {
             connect: deny(),
             unmatched_destination: deny(),
+            statement: allow(),
         }
     }
 }
@@ -79,6 +89,15 @@ struct RawRule {
     action: toml::Spanned<Action>,
     #[serde(default)]
     description: Option<String>,
+    /// Statement rules: operation classes matched (none = any).
+    #[serde(default)]
+    classes: Option<toml::Spanned<Vec<Class>>>,
+    /// Statement rules: table globs, `schema.table` (none = any).
+    #[serde(default)]
+    tables: Option<toml::Spanned<Vec<String>>>,
+    /// Statement rules: case-insensitive substrings of the statement text.
+    #[serde(default)]
+    patterns: Option<toml::Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,10 +109,17 @@ struct RawPolicyFile {
     rules: Vec<RawRule>,
 }
 
-/// One compiled connect rule.
+/// One compiled rule.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rule {
     pub id: String,
+    pub on: Scope,
+    /// Statement rules: classes matched (empty = any).
+    pub classes: Vec<Class>,
+    /// Statement rules: lowercased table globs (empty = any).
+    pub tables: Vec<String>,
+    /// Statement rules: lowercased substrings (empty = any).
+    pub patterns: Vec<String>,
     /// Empty means every workload (`"*"`).
     pub workloads: Vec<String>,
     /// Empty means every configured target (`"*"`).
@@ -121,12 +147,16 @@ pub struct Decision {
 /// Rule names of the built-in defaults, as recorded in sessions.
 pub const RULE_DEFAULT_CONNECT: &str = "defaults.connect";
 pub const RULE_DEFAULT_UNMATCHED: &str = "defaults.unmatched_destination";
+pub const RULE_DEFAULT_STATEMENT: &str = "defaults.statement";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Policy {
     pub rules: Vec<Rule>,
     pub default_connect: Action,
     pub default_unmatched: Action,
+    /// Statements no statement rule matches (default allow: the connect rule
+    /// already let this workload reach this target).
+    pub default_statement: Action,
 }
 
 impl Default for Policy {
@@ -136,6 +166,7 @@ impl Default for Policy {
             rules: Vec::new(),
             default_connect: Action::Deny,
             default_unmatched: Action::Deny,
+            default_statement: Action::Allow,
         }
     }
 }
@@ -179,13 +210,14 @@ impl Policy {
                     ),
                 ));
             }
-            for a in [&d.connect, &d.unmatched_destination] {
+            for a in [&d.connect, &d.unmatched_destination, &d.statement] {
                 if !matches!(a.get_ref(), Action::Allow | Action::Deny) {
                     return Err(src.error_at(Some(a.span()), "a default must be `allow` or `deny`"));
                 }
             }
             self.default_connect = *d.connect.get_ref();
             self.default_unmatched = *d.unmatched_destination.get_ref();
+            self.default_statement = *d.statement.get_ref();
             *defaults_from = Some(src.path.to_path_buf());
         }
         for r in raw.rules {
@@ -197,11 +229,19 @@ impl Policy {
             if self.rules.iter().any(|x| x.id == id) {
                 return Err(src.error_at(id_span, format!("rule id `{id}` is used twice")));
             }
-            if let Some(on) = r.on.as_ref().filter(|on| *on.get_ref() == Scope::Statement) {
-                return Err(src.error_at(
-                    Some(on.span()),
-                    format!("rule `{id}`: statement rules (`on = \"statement\"`) need a protocol handler and are not supported yet"),
-                ));
+            let on = r.on.as_ref().map_or(Scope::Connect, |o| *o.get_ref());
+            let statement_only = [
+                ("classes", r.classes.as_ref().map(|c| c.span())),
+                ("tables", r.tables.as_ref().map(|c| c.span())),
+                ("patterns", r.patterns.as_ref().map(|c| c.span())),
+            ];
+            if on == Scope::Connect {
+                if let Some((field, span)) = statement_only.iter().find(|(_, sp)| sp.is_some()) {
+                    return Err(src.error_at(
+                        span.clone(),
+                        format!("rule `{id}`: `{field}` applies to statement rules; add `on = \"statement\"`"),
+                    ));
+                }
             }
             match r.action.get_ref() {
                 Action::Allow | Action::Deny => {}
@@ -214,10 +254,17 @@ impl Policy {
                 Action::Mask => {
                     return Err(src.error_at(
                         Some(r.action.span()),
-                        format!("rule `{id}`: `mask` applies to statements, not connects; use allow or deny"),
+                        format!("rule `{id}`: `mask` is not supported yet; use allow or deny"),
                     ))
                 }
             }
+            let lower = |v: Option<toml::Spanned<Vec<String>>>| -> Vec<String> {
+                v.map(|v| v.into_inner().iter().map(|t| t.to_lowercase()).collect())
+                    .unwrap_or_default()
+            };
+            let classes = r.classes.map(|c| c.into_inner()).unwrap_or_default();
+            let tables = lower(r.tables);
+            let patterns = lower(r.patterns);
             let workloads = names(src, &r.workloads, "workload", |n| {
                 config.is_none_or(|c| c.workload(n).is_some())
             })?;
@@ -226,6 +273,10 @@ impl Policy {
             })?;
             self.rules.push(Rule {
                 id,
+                on,
+                classes,
+                tables,
+                patterns,
                 workloads,
                 targets,
                 action: *r.action.get_ref(),
@@ -250,7 +301,11 @@ impl Policy {
             };
         };
         let mut allow: Option<&Rule> = None;
-        for rule in self.rules.iter().filter(|r| r.matches(workload, target)) {
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.on == Scope::Connect && r.matches(workload, target))
+        {
             match rule.action {
                 Action::Deny => {
                     return Decision {
@@ -272,6 +327,88 @@ impl Policy {
                 action: self.default_connect,
                 rule: RULE_DEFAULT_CONNECT.into(),
             },
+        }
+    }
+}
+
+impl Policy {
+    /// Decides a statement (already classified) by `workload` on `target`.
+    /// Deny rules match when any named table matches; allow rules only when
+    /// every table the statement names is covered.
+    pub fn decide_statement(
+        &self,
+        workload: &str,
+        target: &str,
+        c: &Classification,
+        text: &str,
+    ) -> Decision {
+        let text = text.to_lowercase();
+        let mut allow: Option<&Rule> = None;
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.on == Scope::Statement && r.matches(workload, target))
+        {
+            if !rule.classes.is_empty() && !rule.classes.contains(&c.class) {
+                continue;
+            }
+            if !rule.patterns.is_empty() && !rule.patterns.iter().any(|p| text.contains(p.as_str()))
+            {
+                continue;
+            }
+            let deny = rule.action == Action::Deny;
+            if !rule.tables.is_empty() {
+                let covered = |t: &String| rule.tables.iter().any(|g| table_matches(g, t));
+                let hit = if deny {
+                    c.tables.iter().any(covered)
+                } else {
+                    !c.tables.is_empty() && c.tables.iter().all(covered)
+                };
+                if !hit {
+                    continue;
+                }
+            }
+            if deny {
+                return Decision {
+                    action: Action::Deny,
+                    rule: rule.id.clone(),
+                };
+            }
+            allow.get_or_insert(rule);
+        }
+        match allow {
+            Some(rule) => Decision {
+                action: rule.action,
+                rule: rule.id.clone(),
+            },
+            None => Decision {
+                action: self.default_statement,
+                rule: RULE_DEFAULT_STATEMENT.into(),
+            },
+        }
+    }
+}
+
+/// Whether table glob `glob` (`schema.table`, `*` any run of characters)
+/// covers `table` as a statement names it. An unqualified name may live in
+/// any schema on the search path, so it matches on the table part alone.
+pub fn table_matches(glob: &str, table: &str) -> bool {
+    if table.contains('.') || !glob.contains('.') {
+        return wildcard(glob, table);
+    }
+    let table_part = glob.rsplit_once('.').map_or(glob, |(_, t)| t);
+    wildcard(table_part, table)
+}
+
+/// `*`-only glob matching.
+fn wildcard(glob: &str, s: &str) -> bool {
+    match glob.split_once('*') {
+        None => glob == s,
+        Some((head, rest)) => {
+            let Some(s) = s.strip_prefix(head) else {
+                return false;
+            };
+            (0..=s.len()).any(|i| s.is_char_boundary(i) && wildcard(rest, &s[i..]))
         }
     }
 }
@@ -375,9 +512,78 @@ action = "deny"
         .unwrap_err();
         assert_eq!(e.line, 5);
         assert!(e.message.contains("not supported yet"), "{e}");
-        let e = load("[[rule]]\nid = \"r\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"deny\"\n")
+        let e = load("[[rule]]\nid = \"r\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n")
             .unwrap_err();
-        assert_eq!(e.line, 3);
+        assert_eq!(e.line, 5);
+        assert!(e.message.contains("on = \"statement\""), "{e}");
+    }
+
+    #[test]
+    fn statement_rules() {
+        let p = load(
+            r#"
+[[rule]]
+id = "no-writes-to-billing"
+on = "statement"
+workloads = ["*"]
+targets = ["db"]
+classes = ["write", "ddl"]
+tables = ["billing.*"]
+action = "deny"
+
+[[rule]]
+id = "never-unknown"
+on = "statement"
+workloads = ["*"]
+targets = ["*"]
+classes = ["unknown", "admin"]
+action = "deny"
+
+[[rule]]
+id = "no-sleep"
+on = "statement"
+workloads = ["web"]
+targets = ["*"]
+patterns = ["pg_sleep"]
+action = "deny"
+"#,
+        )
+        .unwrap();
+        let decide = |w: &str, sql: &str| {
+            let c = crate::sql::classify(sql);
+            p.decide_statement(w, "db", &c, sql).rule
+        };
+        assert_eq!(
+            decide("web", "delete from billing.invoices"),
+            "no-writes-to-billing"
+        );
+        assert_eq!(
+            decide("web", "delete from invoices"),
+            "no-writes-to-billing"
+        );
+        assert_eq!(
+            decide("web", "delete from public.orders"),
+            RULE_DEFAULT_STATEMENT
+        );
+        assert_eq!(
+            decide("web", "select * from billing.invoices"),
+            RULE_DEFAULT_STATEMENT
+        );
+        assert_eq!(decide("web", "DO $$ BEGIN END $$"), "never-unknown");
+        assert_eq!(decide("web", "SELECT PG_SLEEP(1)"), "no-sleep");
+        assert_eq!(
+            decide("batch", "SELECT PG_SLEEP(1)"),
+            RULE_DEFAULT_STATEMENT
+        );
+        // Connect decisions ignore statement rules.
+        assert_eq!(
+            p.decide_connect("web", Some("db")).rule,
+            RULE_DEFAULT_CONNECT
+        );
+        assert!(table_matches("billing.*", "billing.x"));
+        assert!(!table_matches("billing.*", "public.x"));
+        assert!(table_matches("*.secrets", "secrets"));
+        assert!(table_matches("public.orders", "orders"));
     }
 
     #[test]

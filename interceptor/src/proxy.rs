@@ -303,7 +303,11 @@ impl Proxy {
         client: TcpStream,
         upstream: TcpStream,
     ) -> Relayed {
-        let state = postgres::State::default();
+        let state = postgres::State::with_gate(postgres::Gate {
+            policy: self.policy.clone(),
+            workload: s.workload.clone().unwrap_or_default(),
+            target: s.target.clone().unwrap_or_default(),
+        });
         let id = s.id;
         let mut recorded = 0u32;
         let relayed = {

@@ -784,6 +784,143 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
         );
     }
 
+    // Statement policy, hot-reloaded: DDL, admin and unparseable statements
+    // are denied, and so are writes to pgbench_history however they hide.
+    std::fs::write(
+        agent.dir.join("policy.toml"),
+        format!(
+            "{policy}\n[[rule]]\nid = \"no-ddl\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\n\
+             classes = [\"ddl\", \"admin\", \"unknown\"]\naction = \"deny\"\n\n\
+             [[rule]]\nid = \"history-is-append-only\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
+             classes = [\"write\"]\ntables = [\"public.pgbench_history\"]\naction = \"deny\"\n"
+        ),
+    )
+    .unwrap();
+    agent.reload();
+    let count = |sql: &str| -> String {
+        let out = pg_tool(&agent, "psql", &[&conn, "-X", "-A", "-t", "-c", sql]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let history = count("select count(*) from pgbench_history");
+    assert!(history.parse::<u64>().unwrap() > 0, "{history}");
+    // The session stays usable after a refusal: the next statements run.
+    let out = pg_tool(
+        &agent,
+        "psql",
+        &[
+            &conn,
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            "select 'before'",
+            "-c",
+            "drop table pgbench_accounts",
+            "-c",
+            "select 'after'",
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("before") && text.contains("after"), "{text}");
+    assert!(
+        text.contains("42501") && text.contains("denied by rule \"no-ddl\""),
+        "{text}"
+    );
+    assert_eq!(count("select count(*) from pgbench_accounts"), "100000");
+    for sql in [
+        "delete from pgbench_history",
+        "WITH d AS (DELETE FROM pgbench_history RETURNING *) SELECT count(*) FROM d",
+        "EXPLAIN ANALYZE DELETE FROM pgbench_history",
+        "COPY (DELETE FROM pgbench_history RETURNING *) TO STDOUT",
+        "select 1; delete from pgbench_history",
+        "DO $$ BEGIN DELETE FROM pgbench_history; END $$",
+        "PREPARE p AS DELETE FROM pgbench_history",
+        "/* hidden */ DELETE /* in */ FROM pgbench_history",
+        "SELECT set_config('role', 'postgres', false)",
+        "SET ROLE postgres",
+        "COPY pgbench_history TO PROGRAM 'cat'",
+        "SELECT pg_read_file('/etc/hostname')",
+    ] {
+        let out = pg_tool(&agent, "psql", &[&conn, "-X", "-c", sql]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sql} ran");
+        assert!(
+            err.contains("interceptor: statement denied by rule"),
+            "{sql}: {err}"
+        );
+    }
+    assert_eq!(
+        count("select count(*) from pgbench_history"),
+        history,
+        "a denied write ran"
+    );
+    // Extended protocol (pgbench's Parse/Bind/Execute, named or not).
+    std::fs::write(dir.join("bad.sql"), "DELETE FROM pgbench_history;\n").unwrap();
+    std::process::Command::new("chmod")
+        .arg("a+r")
+        .arg(dir.join("bad.sql"))
+        .status()
+        .unwrap();
+    for mode in ["extended", "prepared"] {
+        let out = pg_tool(
+            &agent,
+            "pgbench",
+            &[
+                "-n",
+                "-t",
+                "1",
+                "-M",
+                mode,
+                "-f",
+                dir.join("bad.sql").to_str().unwrap(),
+                &conn,
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("denied by rule \"history-is-append-only\""),
+            "{mode}: {err}"
+        );
+    }
+    assert_eq!(count("select count(*) from pgbench_history"), history);
+    // Reads still work in every mode.
+    for mode in ["simple", "extended", "prepared"] {
+        let out = pg_tool(
+            &agent,
+            "pgbench",
+            &["-n", "-S", "-t", "20", "-M", mode, &conn],
+        );
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every refusal is recorded with its rule.
+    let all = agent.sessions();
+    let mut denied = 0;
+    for x in &all {
+        let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        for st in v["statement_events"].as_array().into_iter().flatten() {
+            if st["decision"] == "deny" {
+                denied += 1;
+                assert!(
+                    st["rule"] == "no-ddl" || st["rule"] == "history-is-append-only",
+                    "{st}"
+                );
+                assert_eq!(st["error"], "42501", "{st}");
+            }
+        }
+    }
+    assert!(denied >= 15, "{denied} refusals recorded");
+
     // Ctrl-C in psql cancels the running query through the agent: the
     // CancelRequest travels on its own connection to the same backend.
     let child = std::process::Command::new(BIN)

@@ -16,15 +16,20 @@
 //! arrives on its own connection and is forwarded to the same destination,
 //! so it reaches the backend that issued the key.
 //!
-//! Policy on statements is not applied here yet: statements are relayed
-//! unchanged and recorded.
+//! Every Query, Parse and FunctionCall is classified ([`crate::sql`]) and
+//! decided by the statement rules of the policy. A denied one never reaches
+//! the server: in its place the server is asked to raise SQLSTATE 42501
+//! naming the rule (see [`refusal_sql`]), so the error, the transaction
+//! state and the extended protocol's skip-until-Sync are the server's own.
 
 use std::{
     collections::VecDeque,
     io,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
+
+use arc_swap::ArcSwap;
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -34,6 +39,7 @@ use tokio::{
 };
 
 use crate::{
+    policy::{Action, Decision, Policy},
     record::{now_micros, rfc3339_micros},
     sql::{classify, Class, Classification},
 };
@@ -88,6 +94,9 @@ pub struct Statement {
     /// Tables and views it names.
     #[serde(default)]
     pub tables: Vec<String>,
+    /// `allow` or `deny`, and the rule that decided.
+    pub decision: Option<Action>,
+    pub rule: Option<String>,
     pub duration_us: Option<u64>,
     /// Command tags the server returned for this statement's batch.
     pub tags: Vec<String>,
@@ -113,6 +122,9 @@ pub struct Startup {
 /// said about them so far.
 #[derive(Default)]
 struct Batch {
+    /// ParseComplete/BindComplete answers to messages the agent injected
+    /// in place of a denied Parse: swallowed, the client never sent them.
+    swallow: u32,
     pending: VecDeque<(Statement, Instant)>,
     tags: Vec<String>,
     error: Option<String>,
@@ -126,6 +138,14 @@ struct Batch {
 pub struct State {
     batch: Mutex<Batch>,
     startup: Mutex<Startup>,
+    gate: Option<Gate>,
+}
+
+/// Who is speaking to what, and the policy that decides their statements.
+pub struct Gate {
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub workload: String,
+    pub target: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -133,6 +153,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
+    /// A connection whose statements `gate` decides.
+    pub fn with_gate(gate: Gate) -> Self {
+        State {
+            gate: Some(gate),
+            ..State::default()
+        }
+    }
+
+    fn decide(&self, c: &Classification, text: &str) -> Option<Decision> {
+        let g = self.gate.as_ref()?;
+        Some(
+            g.policy
+                .load()
+                .decide_statement(&g.workload, &g.target, c, text),
+        )
+    }
+
     fn startup(&self) -> MutexGuard<'_, Startup> {
         lock(&self.startup)
     }
@@ -146,14 +183,17 @@ impl State {
         lock(&self.batch)
     }
 
+    /// Classifies, decides and records a statement; the decision if it is
+    /// not allowed.
     fn statement(
         &self,
         kind: &str,
         name: Option<String>,
         text: &str,
         class: Option<Classification>,
-    ) {
+    ) -> Option<Decision> {
         let c = class.unwrap_or_else(|| classify(text));
+        let decision = self.decide(&c, text);
         let mut b = self.batch();
         let seq = b.next_seq;
         b.next_seq += 1;
@@ -166,6 +206,8 @@ impl State {
                 text: crate::redact::redact_sql(text),
                 class: c.class,
                 tables: c.tables,
+                decision: decision.as_ref().map(|d| d.action),
+                rule: decision.as_ref().map(|d| d.rule.clone()),
                 duration_us: None,
                 tags: Vec::new(),
                 rows: None,
@@ -173,11 +215,13 @@ impl State {
             },
             Instant::now(),
         ));
+        decision.filter(|d| d.action != Action::Allow)
     }
 
     /// ReadyForQuery: everything pending is complete.
     fn ready(&self) {
         let mut b = self.batch();
+        b.swallow = 0;
         let tags = std::mem::take(&mut b.tags);
         let error = b.error.take();
         let rows = tags.last().and_then(|t| t.rsplit(' ').next()?.parse().ok());
@@ -368,45 +412,112 @@ where
             ));
         }
         let total = 1 + len;
-        if matches!(ty, b'Q' | b'P') && total <= MAX_STATEMENT {
+        if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
             if !fill(r, &mut buf, total).await? {
                 return Err(malformed("client", "connection ended inside a message"));
             }
             let body = &buf[5..total];
-            match ty {
+            let denied = match ty {
                 b'Q' => {
                     let (sql, _) = cstr(body)
                         .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
-                    state.statement("query", None, sql, None);
+                    state.statement("query", None, sql, None)
                 }
-                _ => {
+                b'P' => {
                     let (name, rest) = cstr(body)
                         .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
-                    state.statement("parse", Some(name.into()), sql, None);
+                    state.statement("parse", Some(name.into()), sql, None)
+                }
+                _ => {
+                    if body.len() < 4 {
+                        return Err(malformed("client", "FunctionCall without a function"));
+                    }
+                    let text = format!("<fast-path function call, oid {}>", be32(body));
+                    state.statement("function", None, &text, Some(not_sql(&text, Class::Admin)))
+                }
+            };
+            match denied {
+                None => w.write_all(&buf.split_to(total)).await?,
+                Some(d) => {
+                    buf.advance(total);
+                    w.write_all(&refusal(ty, &d, state)).await?;
                 }
             }
-            w.write_all(&buf.split_to(total)).await?;
         } else {
-            if matches!(ty, b'Q' | b'P') {
-                state.statement(
-                    if ty == b'Q' { "query" } else { "parse" },
-                    None,
-                    &format!("<statement of {total} bytes, too large to inspect>"),
-                    Some(Classification {
-                        class: Class::Unknown,
-                        tables: Vec::new(),
-                        statements: 0,
-                        parse_error: Some("too large to inspect".into()),
-                    }),
-                );
-            }
             let have = buf.len().min(total);
+            if matches!(ty, b'Q' | b'P') {
+                let text = format!("<statement of {total} bytes, too large to inspect>");
+                let kind = if ty == b'Q' { "query" } else { "parse" };
+                let c = not_sql(&text, Class::Unknown);
+                if let Some(d) = state.statement(kind, None, &text, Some(c)) {
+                    buf.advance(have);
+                    stream_rest(r, &mut tokio::io::sink(), total - have, &mut scratch).await?;
+                    w.write_all(&refusal(ty, &d, state)).await?;
+                    continue;
+                }
+            }
             w.write_all(&buf.split_to(have)).await?;
             stream_rest(r, w, total - have, &mut scratch).await?;
         }
     }
+}
+
+/// A classification for something that is not SQL text we can parse.
+fn not_sql(text: &str, class: Class) -> Classification {
+    Classification {
+        class,
+        tables: Vec::new(),
+        statements: 0,
+        parse_error: Some(text.into()),
+    }
+}
+
+/// SQL that makes the server itself raise the refusal (SQLSTATE 42501), so
+/// the error, the transaction state and the skip-until-Sync that follow are
+/// exactly the server's own.
+pub fn refusal_sql(d: &Decision) -> String {
+    // Rule ids are plain names (letters, digits, `-_.`): safe inside quotes.
+    format!(
+        "DO $interceptor$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', \
+         MESSAGE = 'interceptor: statement denied by rule \"{}\"', \
+         HINT = 'ask the owners of the interceptor policy'; END $interceptor$",
+        d.rule
+    )
+}
+
+fn put_message(out: &mut BytesMut, ty: u8, body: &[u8]) {
+    out.put_u8(ty);
+    out.put_u32(4 + body.len() as u32);
+    out.put_slice(body);
+}
+
+/// What goes to the server instead of a denied message: a simple Query in
+/// place of a Query or FunctionCall (answered by ErrorResponse and
+/// ReadyForQuery, as theirs would be); in place of a Parse, an unnamed
+/// Parse, Bind and Execute of the same, whose ParseComplete and
+/// BindComplete are swallowed, so the client sees the error where its Parse
+/// failed and the server skips to Sync on its own.
+fn refusal(ty: u8, d: &Decision, state: &State) -> BytesMut {
+    let sql = refusal_sql(d);
+    let mut out = BytesMut::new();
+    if ty == b'P' {
+        let mut parse = Vec::with_capacity(sql.len() + 8);
+        parse.push(0); // unnamed statement
+        parse.extend_from_slice(sql.as_bytes());
+        parse.extend_from_slice(&[0, 0, 0]); // NUL, no parameter types
+        put_message(&mut out, b'P', &parse);
+        // portal "", statement "", no formats, no parameters, no result formats
+        put_message(&mut out, b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+        put_message(&mut out, b'E', &[0, 0, 0, 0, 0]);
+        state.batch().swallow += 2;
+    } else {
+        let mut q = sql.into_bytes();
+        q.push(0);
+        put_message(&mut out, b'Q', &q);
+    }
+    out
 }
 
 /// Server → client.
@@ -442,6 +553,15 @@ where
             ));
         }
         let total = 1 + len;
+        if matches!(ty, b'1' | b'2') && len == 4 {
+            let mut b = state.batch();
+            if b.swallow > 0 {
+                b.swallow -= 1;
+                drop(b);
+                buf.advance(5);
+                continue;
+            }
+        }
         if matches!(ty, b'R' | b'C' | b'E' | b'Z') && total <= MAX_INSPECT {
             if !fill(r, &mut buf, total).await? {
                 return Err(malformed("server", "connection ended inside a message"));
@@ -599,6 +719,67 @@ impl AsyncWrite for ClientWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        put_message(&mut out, ty, body);
+        out.to_vec()
+    }
+
+    /// A denied Parse in a pipeline: the server gets Parse/Bind/Execute of
+    /// the refusal instead, the client's own Bind/Execute/Sync follow
+    /// unchanged (the server skips them after the error), and the client
+    /// sees ErrorResponse then ReadyForQuery, never the injected answers.
+    #[tokio::test]
+    async fn denied_parse_becomes_the_servers_own_error() {
+        let toml = "[[rule]]\nid = \"no-writes\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n";
+        let path = std::env::temp_dir().join(format!("icpt-pg-unit-{}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        let policy = Policy::load_files(std::slice::from_ref(&path), None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let state = State::with_gate(Gate {
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            workload: "w".into(),
+            target: "t".into(),
+        });
+        let mut input = b"\0\0\0\x09\0\x03\0\0\0".to_vec(); // startup, no parameters
+        let parse = msg(b'P', b"s1\0DELETE FROM t\0\0\0");
+        let bind = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
+        let exec = msg(b'E', b"\0\0\0\0\0");
+        let sync = msg(b'S', b"");
+        for m in [&parse, &bind, &exec, &sync] {
+            input.extend_from_slice(m);
+        }
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        frontend(&mut &input[..], &mut to_server, &mut to_client, &state)
+            .await
+            .unwrap();
+        let sent = String::from_utf8_lossy(&to_server);
+        assert!(
+            !sent.contains("DELETE FROM t"),
+            "the denied statement reached the server"
+        );
+        assert!(sent.contains("RAISE EXCEPTION USING ERRCODE = '42501'"));
+        assert!(sent.contains("denied by rule \"no-writes\""));
+        assert!(to_server.ends_with(&[bind.clone(), exec.clone(), sync.clone()].concat()));
+
+        let mut server = Vec::new();
+        server.extend(msg(b'1', b""));
+        server.extend(msg(b'2', b""));
+        let error = msg(
+            b'E',
+            b"SERROR\0C42501\0Minterceptor: statement denied by rule \"no-writes\"\0\0",
+        );
+        server.extend(&error);
+        server.extend(msg(b'Z', b"I"));
+        let mut out = Vec::new();
+        backend(&mut &server[..], &mut out, &state).await.unwrap();
+        assert_eq!(out, [error, msg(b'Z', b"I")].concat());
+        let done = state.take_done();
+        assert_eq!(done[0].decision, Some(Action::Deny));
+        assert_eq!(done[0].rule.as_deref(), Some("no-writes"));
+        assert_eq!(done[0].error.as_deref(), Some("42501"));
+    }
 
     #[test]
     fn sasl_offer_loses_plus_mechanisms() {
