@@ -113,7 +113,8 @@ impl Agent {
     /// Writes the files without starting the agent.
     pub fn prepare(name: &str, sections: &str, policy: &str) -> Agent {
         require_root();
-        let dir = std::env::temp_dir().join(format!("icpt-e2e-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("icpt-e2e-agent-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let proxy_port = free_port();

@@ -985,3 +985,92 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("icpt-e2e-pglibs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = pg::Postgres::start(&dir).expect("starting PostgreSQL");
+    let sections = format!(
+        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
+         addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
+        db.port
+    );
+    let policy = "[[rule]]\nid = \"app-db\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"allow\"\n";
+    let agent = Agent::start("pglibs", &sections, policy);
+    let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/pgclients.py");
+    let port = db.port.to_string();
+    let args = [
+        "python3",
+        clients,
+        "127.0.0.1",
+        &port,
+        pg::USER,
+        pg::PASSWORD,
+    ];
+    let direct = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        direct.status.success(),
+        "{}",
+        String::from_utf8_lossy(&direct.stderr)
+    );
+    let through = pg_tool(&agent, args[0], &args[1..]);
+    assert!(
+        through.status.success(),
+        "{}",
+        String::from_utf8_lossy(&through.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&through.stdout),
+        String::from_utf8_lossy(&direct.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&through.stdout).unwrap();
+    assert_eq!(
+        v["asyncpg"]["params"],
+        serde_json::json!([["42", "x", "2.50"]])
+    );
+    assert_eq!(v["asyncpg"]["error"], "42P01");
+    assert_eq!(v["pg8000"]["error"], "22012");
+    assert_eq!(v["pg8000"]["after_error"], "still usable");
+
+    // COPY both ways with large data (about 45 MB each way) through the agent.
+    let conn = db.conninfo();
+    let psql = |sql: &str| {
+        let out = pg_tool(&agent, "psql", &[&conn, "-X", "-A", "-t", "-c", sql]);
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    psql("create table big (id int, payload text)");
+    let data = psql(
+        "copy (select g, repeat(md5(g::text), 4) from generate_series(1, 300000) g) to stdout",
+    );
+    assert!(data.len() > 40_000_000, "{} bytes", data.len());
+    std::fs::write(dir.join("big.tsv"), &data).unwrap();
+    std::process::Command::new("chmod")
+        .arg("a+r")
+        .arg(dir.join("big.tsv"))
+        .status()
+        .unwrap();
+    let copy_in = format!("\\copy big from '{}'", dir.join("big.tsv").display());
+    let out = pg_tool(&agent, "psql", &[&conn, "-X", "-c", &copy_in]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "COPY 300000");
+    let back = psql("copy big to stdout");
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "COPY TO STDOUT differs from what went in");
+    drop(agent);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}

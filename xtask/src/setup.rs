@@ -22,7 +22,30 @@ pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     packages()?;
+    python_clients()?;
     Ok(())
+}
+
+/// PostgreSQL client libraries (from PyPI) the end-to-end tests drive
+/// through the agent: asyncpg and pg8000, both on the extended protocol.
+fn python_clients() -> Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import asyncpg, pg8000"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have {
+        return Ok(());
+    }
+    eprintln!("setup: installing the Python PostgreSQL clients asyncpg and pg8000");
+    run_cmd(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "asyncpg==0.32.0",
+        "pg8000==1.31.6",
+    ]))
 }
 
 fn output(cmd: &mut Command) -> Result<String> {

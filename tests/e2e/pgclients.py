@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Two PostgreSQL client libraries that speak the extended query protocol
+(asyncpg: binary formats, named prepared statements, pipelining; pg8000:
+pure Python, unnamed statements), run unmodified against HOST PORT. Prints
+one JSON object with what they read, for the Rust test to compare direct
+and through the agent.
+
+usage: pgclients.py HOST PORT USER PASSWORD
+"""
+import asyncio
+import json
+import sys
+
+import asyncpg
+import pg8000.native
+
+
+def jsonable(rows):
+    return [[str(v) for v in r] for r in rows]
+
+
+async def with_asyncpg(host, port, user, password):
+    conn = await asyncpg.connect(host=host, port=port, user=user, password=password,
+                                 database="postgres", ssl=False)
+    try:
+        out = {}
+        out["params"] = jsonable(await conn.fetch(
+            "select $1::int + 1 as n, $2::text as t, $3::numeric * 2 as d", 41, "x", 1.25))
+        stmt = await conn.prepare("select g, md5(g::text) from generate_series(1, $1) g")
+        out["prepared"] = jsonable(await stmt.fetch(5))
+        out["many"] = [r[0] for r in await conn.fetch(
+            "select count(*) from generate_series(1, 10000)")]
+        await conn.execute("create temp table t (a int, b text)")
+        await conn.executemany("insert into t values ($1, $2)", [(i, str(i)) for i in range(50)])
+        out["inserted"] = await conn.fetchval("select sum(a) from t")
+        try:
+            await conn.fetch("select * from no_such_table")
+        except asyncpg.UndefinedTableError as e:
+            out["error"] = e.sqlstate
+        out["after_error"] = await conn.fetchval("select 'still usable'")
+        return out
+    finally:
+        await conn.close()
+
+
+def with_pg8000(host, port, user, password):
+    conn = pg8000.native.Connection(user, host=host, port=port, password=password,
+                                    database="postgres")
+    try:
+        out = {}
+        out["params"] = jsonable(conn.run(
+            "select cast(:a as int) + 1, cast(:b as text)", a=41, b="y"))
+        out["rows"] = len(conn.run("select * from generate_series(1, 2500)"))
+        try:
+            conn.run("select 1/0")
+        except pg8000.native.DatabaseError as e:
+            out["error"] = e.args[0].get("C")
+        out["after_error"] = conn.run("select 'still usable'")[0][0]
+        return out
+    finally:
+        conn.close()
+
+
+def main():
+    host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    result = {
+        "asyncpg": asyncio.run(with_asyncpg(host, port, user, password)),
+        "pg8000": with_pg8000(host, port, user, password),
+    }
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
