@@ -39,9 +39,10 @@ const CONNECTS: u64 = 2000;
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("l4") => l4(&args[1..]),
+        Some("postgres") => postgres(),
         Some("client") => client(&args[1..]),
         Some("server") => server(),
-        _ => bail!("usage: cargo xtask bench l4"),
+        _ => bail!("usage: cargo xtask bench <l4 [LOAD…] | postgres>"),
     }
 }
 
@@ -507,4 +508,182 @@ fn server() -> Result<()> {
     }
     let _ = e.join();
     Ok(())
+}
+
+/// pgbench run length per configuration.
+const PG_SECS: u32 = 5;
+
+/// `cargo xtask bench postgres`: pgbench `-S` in every query mode at 1 and 8
+/// clients, directly, through the agent (statements recorded) and through
+/// pgbouncer in session mode, in one run.
+fn postgres() -> Result<()> {
+    require_root("cargo xtask bench")?;
+    crate::setup::run()?;
+    let agent_bin = crate::agent::build(true)?;
+    let dir = std::env::temp_dir().join(format!("interceptor-pgbench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<()> {
+        let db = crate::pg::Postgres::start(&dir.join("pg"))?;
+        let conn = db.conninfo();
+        run_cmd(
+            Command::new("pgbench")
+                .args(["-i", "-q", "-s", "10", &conn])
+                .stderr(Stdio::null()),
+        )?;
+        let bouncer = Pgbouncer::start(&dir.join("bouncer"), db.port)?;
+        let config = dir.join("interceptor.toml");
+        std::fs::write(dir.join("policy.toml"), "[[rule]]\nid = \"bench\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\naction = \"allow\"\n")?;
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\ntrust_domain = \"bench.local\"\nproxy_port = {}\npin_dir = \"/sys/fs/bpf/interceptor-pgbench\"\n\
+                 managed_cgroup_parent = \"interceptor-pgbench\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n\
+                 [[workload]]\nname = \"bench\"\nmanaged = true\n\
+                 [[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
+                free_port()?,
+                dir.join("data").display(),
+                db.port
+            ),
+        )?;
+        let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
+        println!(
+            "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, same run)\n"
+        );
+        println!(
+            "{:<22} {:>12} | {:>20} | {:>20}",
+            "mode, clients", "direct tps", "agent (vs direct)", "pgbouncer (vs direct)"
+        );
+        for mode in ["simple", "extended", "prepared"] {
+            for clients in [1, 8] {
+                let direct = pgbench(None, &conn, mode, clients)?;
+                let via_agent = pgbench(Some((&agent, &config)), &conn, mode, clients)?;
+                let bouncer_conn = conn.replace(
+                    &format!("port={}", db.port),
+                    &format!("port={}", bouncer.port),
+                );
+                let via_bouncer = pgbench(None, &bouncer_conn, mode, clients)?;
+                println!(
+                    "{:<22} {:>12.0} | {:>11.0} {:>8} | {:>11.0} {:>8}",
+                    format!("{mode}, {clients}"),
+                    direct,
+                    via_agent,
+                    format!("×{:.2}", via_agent / direct),
+                    via_bouncer,
+                    format!("×{:.2}", via_bouncer / direct),
+                );
+            }
+        }
+        println!("\ntarget: agent ≥ 0.8× direct at 8 clients (simple), and never behind pgbouncer");
+        println!("(a run with a masking rule is not possible yet: masking is not implemented)");
+        drop(agent);
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Runs pgbench (through the agent when given) and returns its tps.
+fn pgbench(agent: Option<(&Agent, &PathBuf)>, conn: &str, mode: &str, clients: u32) -> Result<f64> {
+    let mut cmd = match agent {
+        Some((a, config)) => {
+            let mut c = a.cli();
+            c.arg("exec").arg("--config").arg(config).args([
+                "--workload",
+                "bench",
+                "--",
+                "pgbench",
+            ]);
+            c
+        }
+        None => Command::new("pgbench"),
+    };
+    let c = clients.to_string();
+    cmd.args([
+        "-n",
+        "-S",
+        "-M",
+        mode,
+        "-c",
+        &c,
+        "-j",
+        &c,
+        "-T",
+        &PG_SECS.to_string(),
+        conn,
+    ]);
+    let out = cmd.output().context("running pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "pgbench {mode} -c {clients} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("tps = ")?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .with_context(|| format!("no tps in pgbench output: {text}"))
+}
+
+/// pgbouncer in session mode in front of the bench PostgreSQL.
+struct Pgbouncer {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Pgbouncer {
+    fn start(dir: &Path, pg_port: u16) -> Result<Pgbouncer> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let userlist = dir.join("userlist.txt");
+        std::fs::write(
+            &userlist,
+            format!("\"{}\" \"{}\"\n", crate::pg::USER, crate::pg::PASSWORD),
+        )?;
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = scram-sha-256\nauth_file = {}\npool_mode = session\n\
+                 max_client_conn = 200\ndefault_pool_size = 50\nlogfile = {}\n",
+                userlist.display(),
+                dir.join("pgbouncer.log").display()
+            ),
+        )?;
+        run_cmd(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir),
+        )?;
+        // pgbouncer refuses to run as root.
+        let child = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pgbouncer"])
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbouncer")?;
+        for _ in 0..50 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Pgbouncer { port, child });
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "pgbouncer did not start; see {}",
+            dir.join("pgbouncer.log").display()
+        )
+    }
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-f", "pgbouncer.ini"]).status();
+        let _ = self.child.wait();
+    }
 }

@@ -16,12 +16,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [LOAD…]>
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [LOAD…] | bench postgres>
 
   setup      install the eBPF toolchain (nightly rust-src, bpf-linker) and test packages
   test       setup, then every test: unit, in-process, and privileged end-to-end
   demo       run the agent with policies/demo.toml against a throw-away PostgreSQL
-  bench l4 [LOAD…]  direct vs through the agent: rr, saturation, bulk, connect (all by default)";
+  bench l4 [LOAD…]  direct vs through the agent: rr, saturation, transactions, bulk, connect
+  bench postgres    pgbench -S direct, through the agent, through pgbouncer";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

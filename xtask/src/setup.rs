@@ -16,6 +16,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/python3", "python3"),
     // A minimal userspace relay the l4 benchmark compares against.
     ("/usr/bin/socat", "socat"),
+    // The pooler the postgres benchmark compares against.
+    ("/usr/sbin/pgbouncer", "pgbouncer"),
 ];
 
 pub fn run() -> Result<()> {

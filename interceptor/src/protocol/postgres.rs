@@ -58,6 +58,10 @@ const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
 const AUTH_SASL: u32 = 10;
+/// Output is gathered up to this much and written once per batch.
+const OUT_BUF: usize = 64 * 1024;
+/// Classifications remembered per connection (drivers repeat their SQL).
+const CLASS_CACHE: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -139,6 +143,8 @@ pub struct State {
     batch: Mutex<Batch>,
     startup: Mutex<Startup>,
     gate: Option<Gate>,
+    /// Statement fingerprint → classification.
+    seen: Mutex<std::collections::HashMap<String, Classification>>,
 }
 
 /// Who is speaking to what, and the policy that decides their statements.
@@ -192,7 +198,10 @@ impl State {
         text: &str,
         class: Option<Classification>,
     ) -> Option<Decision> {
-        let c = class.unwrap_or_else(|| classify(text));
+        let (c, redacted) = match class {
+            Some(c) => (c, crate::redact::redact_sql(text)),
+            None => self.classified(text),
+        };
         let decision = self.decide(&c, text);
         let mut b = self.batch();
         let seq = b.next_seq;
@@ -203,7 +212,7 @@ impl State {
                 at: rfc3339_micros(now_micros()),
                 kind: kind.into(),
                 name,
-                text: crate::redact::redact_sql(text),
+                text: redacted,
                 class: c.class,
                 tables: c.tables,
                 decision: decision.as_ref().map(|d| d.action),
@@ -216,6 +225,28 @@ impl State {
             Instant::now(),
         ));
         decision.filter(|d| d.action != Action::Allow)
+    }
+
+    /// Classification and redacted text of `text`. Classifications are
+    /// cached by fingerprint (the text without its values), since drivers
+    /// send the same statements with different values over and over.
+    fn classified(&self, text: &str) -> (Classification, String) {
+        let key = crate::redact::fingerprint(text);
+        let class = {
+            let mut seen = lock(&self.seen);
+            match seen.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = classify(text);
+                    if seen.len() >= CLASS_CACHE {
+                        seen.clear();
+                    }
+                    seen.insert(key, c.clone());
+                    c
+                }
+            }
+        };
+        (class, crate::redact::redact_sql(text))
     }
 
     /// ReadyForQuery: everything pending is complete.
@@ -247,8 +278,15 @@ impl State {
 }
 
 /// Reads until `buf` holds at least `n` bytes. `Ok(false)`: EOF first.
-async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, n: usize) -> io::Result<bool> {
+/// Whatever `w` buffered goes out before each read that has to wait, so
+/// the frames of one batch leave in one write.
+async fn fill<R, W>(r: &mut R, buf: &mut BytesMut, n: usize, w: &mut W) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     while buf.len() < n {
+        w.flush().await?;
         buf.reserve(n - buf.len());
         if r.read_buf(buf).await? == 0 {
             return Ok(false);
@@ -325,13 +363,14 @@ where
     W: AsyncWrite + Unpin,
     C: AsyncWrite + Unpin,
 {
+    let mut w = tokio::io::BufWriter::with_capacity(OUT_BUF, w);
     let mut buf = BytesMut::with_capacity(8192);
     let mut scratch = vec![0u8; 64 * 1024];
     // Startup phase: untyped messages.
     loop {
         // Check the length as soon as it is there: a hostile length must not
         // make us wait for bytes that will never come.
-        if fill(r, &mut buf, 4).await? {
+        if fill(r, &mut buf, 4, &mut w).await? {
             let len = be32(&buf[0..4]) as usize;
             if !(8..=MAX_STARTUP).contains(&len) {
                 return Err(malformed(
@@ -340,7 +379,7 @@ where
                 ));
             }
         }
-        if !fill(r, &mut buf, 8).await? {
+        if !fill(r, &mut buf, 8, &mut w).await? {
             if state.startup().encryption_declined && buf.is_empty() {
                 return Err(PgError::ClientRequiresTls);
             }
@@ -361,7 +400,7 @@ where
                 format!("startup packet length {len} (allowed 8..={MAX_STARTUP})"),
             ));
         }
-        if !fill(r, &mut buf, len).await? {
+        if !fill(r, &mut buf, len, &mut w).await? {
             return Err(malformed(
                 "client",
                 "connection ended inside the startup packet",
@@ -393,7 +432,7 @@ where
     }
     // Typed messages.
     loop {
-        if !fill(r, &mut buf, 5).await? {
+        if !fill(r, &mut buf, 5, &mut w).await? {
             if buf.is_empty() {
                 w.shutdown().await?;
                 return Ok(());
@@ -413,7 +452,7 @@ where
         }
         let total = 1 + len;
         if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
-            if !fill(r, &mut buf, total).await? {
+            if !fill(r, &mut buf, total, &mut w).await? {
                 return Err(malformed("client", "connection ended inside a message"));
             }
             let body = &buf[5..total];
@@ -459,7 +498,7 @@ where
                 }
             }
             w.write_all(&buf.split_to(have)).await?;
-            stream_rest(r, w, total - have, &mut scratch).await?;
+            stream_rest(r, &mut w, total - have, &mut scratch).await?;
         }
     }
 }
@@ -526,15 +565,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut w = tokio::io::BufWriter::with_capacity(OUT_BUF, w);
     let mut buf = BytesMut::with_capacity(8192);
     let mut scratch = vec![0u8; 64 * 1024];
     if state.startup().cancel_request {
         // The server answers a cancel by closing; relay whatever comes.
-        tokio::io::copy(r, w).await?;
+        tokio::io::copy(r, &mut w).await?;
         return w.shutdown().await.map_err(Into::into);
     }
     loop {
-        if !fill(r, &mut buf, 5).await? {
+        if !fill(r, &mut buf, 5, &mut w).await? {
             if buf.is_empty() {
                 w.shutdown().await?;
                 return Ok(());
@@ -563,7 +603,7 @@ where
             }
         }
         if matches!(ty, b'R' | b'C' | b'E' | b'Z') && total <= MAX_INSPECT {
-            if !fill(r, &mut buf, total).await? {
+            if !fill(r, &mut buf, total, &mut w).await? {
                 return Err(malformed("server", "connection ended inside a message"));
             }
             let frame = buf.split_to(total);
@@ -592,7 +632,7 @@ where
         } else {
             let have = buf.len().min(total);
             w.write_all(&buf.split_to(have)).await?;
-            stream_rest(r, w, total - have, &mut scratch).await?;
+            stream_rest(r, &mut w, total - have, &mut scratch).await?;
         }
     }
 }
