@@ -277,7 +277,8 @@ pub trait Store: Send + Sync {
 pub struct SledStore {
     db: sled::Db,
     sessions: sled::Tree,
-    /// Session id (8 bytes) ++ statement seq (4 bytes), big-endian → JSON.
+    /// Session id (8 bytes) ++ first statement seq of a chunk (4 bytes),
+    /// big-endian → JSON array of statements.
     statements: sled::Tree,
 }
 
@@ -339,12 +340,12 @@ impl Store for SledStore {
             match r {
                 Record::Session(s) => sessions.insert(&s.id.0.to_be_bytes(), encode(s)),
                 Record::Statements(id, list) => {
-                    for st in list {
-                        let mut key = id.0.to_be_bytes().to_vec();
-                        key.extend_from_slice(&st.seq.to_be_bytes());
-                        statements
-                            .insert(key, serde_json::to_vec(st).expect("statements serialize"));
-                    }
+                    // One record per chunk of statements (keyed by its first
+                    // seq): far fewer tree updates than one per statement.
+                    let Some(first) = list.first() else { continue };
+                    let mut key = id.0.to_be_bytes().to_vec();
+                    key.extend_from_slice(&first.seq.to_be_bytes());
+                    statements.insert(key, serde_json::to_vec(list).expect("statements serialize"));
                 }
             }
         }
@@ -355,14 +356,14 @@ impl Store for SledStore {
     }
 
     fn statements(&self, id: SessionId) -> Result<Vec<Statement>, StoreError> {
-        self.statements
-            .scan_prefix(id.0.to_be_bytes())
-            .map(|item| {
-                let (k, v) = item?;
-                serde_json::from_slice(&v)
-                    .map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for item in self.statements.scan_prefix(id.0.to_be_bytes()) {
+            let (k, v) = item?;
+            let chunk: Vec<Statement> = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))?;
+            out.extend(chunk);
+        }
+        Ok(out)
     }
 
     fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
