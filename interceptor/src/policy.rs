@@ -300,38 +300,15 @@ impl Policy {
                 rule: RULE_DEFAULT_UNMATCHED.into(),
             };
         };
-        let mut allow: Option<&Rule> = None;
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.on == Scope::Connect && r.matches(workload, target))
-        {
-            match rule.action {
-                Action::Deny => {
-                    return Decision {
-                        action: Action::Deny,
-                        rule: rule.id.clone(),
-                    }
-                }
-                _ => {
-                    allow.get_or_insert(rule);
-                }
-            }
-        }
-        match allow {
-            Some(rule) => Decision {
-                action: rule.action,
-                rule: rule.id.clone(),
-            },
-            None => Decision {
-                action: self.default_connect,
-                rule: RULE_DEFAULT_CONNECT.into(),
-            },
-        }
+        verdict(
+            self.rules
+                .iter()
+                .filter(|r| r.on == Scope::Connect && r.matches(workload, target)),
+            self.default_connect,
+            RULE_DEFAULT_CONNECT,
+        )
     }
-}
 
-impl Policy {
     /// Decides a statement (already classified) by `workload` on `target`.
     /// Deny rules match when any named table matches; allow rules only when
     /// every table the statement names is covered.
@@ -343,49 +320,60 @@ impl Policy {
         text: &str,
     ) -> Decision {
         let text = text.to_lowercase();
-        let mut allow: Option<&Rule> = None;
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.on == Scope::Statement && r.matches(workload, target))
-        {
+        let applies = |rule: &&Rule| {
+            if rule.on != Scope::Statement || !rule.matches(workload, target) {
+                return false;
+            }
             if !rule.classes.is_empty() && !rule.classes.contains(&c.class) {
-                continue;
+                return false;
             }
             if !rule.patterns.is_empty() && !rule.patterns.iter().any(|p| text.contains(p.as_str()))
             {
-                continue;
+                return false;
             }
-            let deny = rule.action == Action::Deny;
-            if !rule.tables.is_empty() {
-                let covered = |t: &String| rule.tables.iter().any(|g| table_matches(g, t));
-                let hit = if deny {
-                    c.tables.iter().any(covered)
-                } else {
-                    !c.tables.is_empty() && c.tables.iter().all(covered)
-                };
-                if !hit {
-                    continue;
-                }
+            if rule.tables.is_empty() {
+                return true;
             }
-            if deny {
-                return Decision {
-                    action: Action::Deny,
-                    rule: rule.id.clone(),
-                };
+            let covered = |t: &String| rule.tables.iter().any(|g| table_matches(g, t));
+            if rule.action == Action::Deny {
+                c.tables.iter().any(covered)
+            } else {
+                !c.tables.is_empty() && c.tables.iter().all(covered)
             }
-            allow.get_or_insert(rule);
-        }
-        match allow {
-            Some(rule) => Decision {
-                action: rule.action,
+        };
+        verdict(
+            self.rules.iter().filter(applies),
+            self.default_statement,
+            RULE_DEFAULT_STATEMENT,
+        )
+    }
+}
+
+/// Deny wins; otherwise the first allow; otherwise the default.
+fn verdict<'a>(
+    rules: impl Iterator<Item = &'a Rule>,
+    default: Action,
+    default_rule: &str,
+) -> Decision {
+    let mut allow: Option<&Rule> = None;
+    for rule in rules {
+        if rule.action == Action::Deny {
+            return Decision {
+                action: Action::Deny,
                 rule: rule.id.clone(),
-            },
-            None => Decision {
-                action: self.default_statement,
-                rule: RULE_DEFAULT_STATEMENT.into(),
-            },
+            };
         }
+        allow.get_or_insert(rule);
+    }
+    match allow {
+        Some(rule) => Decision {
+            action: rule.action,
+            rule: rule.id.clone(),
+        },
+        None => Decision {
+            action: default,
+            rule: default_rule.into(),
+        },
     }
 }
 

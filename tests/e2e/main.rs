@@ -634,6 +634,26 @@ fn intercept_targets_only_redirects_listed_destinations() {
 #[allow(dead_code)]
 mod pg;
 
+/// Policy of the PostgreSQL tests: `app` may reach `db`.
+const APP_DB: &str =
+    "[[rule]]\nid = \"app-db\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"allow\"\n";
+
+/// A throw-away PostgreSQL (in the returned directory) and an agent with a
+/// managed workload `app` allowed to reach it as target `db`.
+fn postgres_and_agent(name: &str) -> (std::path::PathBuf, pg::Postgres, Agent) {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = pg::Postgres::start(&dir).expect("starting PostgreSQL");
+    let sections = format!(
+        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
+         addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
+        db.port
+    );
+    let agent = Agent::start(name, &sections, APP_DB);
+    (dir, db, agent)
+}
+
 /// Runs `tool ARGS` (psql, pgbench) inside workload `app`.
 fn pg_tool(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(BIN)
@@ -647,17 +667,7 @@ fn pg_tool(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn postgres_clients_run_unmodified_and_statements_are_recorded() {
-    require_root();
-    let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let db = pg::Postgres::start(&dir).expect("starting PostgreSQL");
-    let sections = format!(
-        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
-         addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
-        db.port
-    );
-    let policy = "[[rule]]\nid = \"app-db\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"allow\"\n";
-    let agent = Agent::start("pg", &sections, policy);
+    let (dir, db, agent) = postgres_and_agent("pg");
     let conn = db.conninfo(); // libpq's default sslmode=prefer: the agent declines TLS
 
     // Several statements in one simple-protocol message, and a secret.
@@ -789,7 +799,7 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     std::fs::write(
         agent.dir.join("policy.toml"),
         format!(
-            "{policy}\n[[rule]]\nid = \"no-ddl\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\n\
+            "{APP_DB}\n[[rule]]\nid = \"no-ddl\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\n\
              classes = [\"ddl\", \"admin\", \"unknown\"]\naction = \"deny\"\n\n\
              [[rule]]\nid = \"history-is-append-only\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
              classes = [\"write\"]\ntables = [\"public.pgbench_history\"]\naction = \"deny\"\n"
@@ -988,17 +998,7 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
 
 #[test]
 fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
-    require_root();
-    let dir = std::env::temp_dir().join(format!("icpt-e2e-pglibs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let db = pg::Postgres::start(&dir).expect("starting PostgreSQL");
-    let sections = format!(
-        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
-         addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
-        db.port
-    );
-    let policy = "[[rule]]\nid = \"app-db\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"allow\"\n";
-    let agent = Agent::start("pglibs", &sections, policy);
+    let (dir, db, agent) = postgres_and_agent("pglibs");
     let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/pgclients.py");
     let port = db.port.to_string();
     let args = [

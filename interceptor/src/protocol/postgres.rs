@@ -299,6 +299,36 @@ fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// Reads a typed message header (type, length) with the length checked.
+/// `None`: the peer closed cleanly between messages (the other side's write
+/// half is shut down in turn).
+async fn header<R, W>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    w: &mut W,
+    side: &'static str,
+) -> Result<Option<(u8, usize)>, PgError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !fill(r, buf, 5, w).await? {
+        if buf.is_empty() {
+            w.shutdown().await?;
+            return Ok(None);
+        }
+        return Err(malformed(side, "connection ended inside a message header"));
+    }
+    let (ty, len) = (buf[0], be32(&buf[1..5]) as usize);
+    if !(4..=MAX_MESSAGE).contains(&len) {
+        return Err(malformed(
+            side,
+            format!("message '{}' with length {len}", ty as char),
+        ));
+    }
+    Ok(Some((ty, len)))
+}
+
 /// Copies the rest of a frame (`left` bytes beyond what `buf` held) straight through.
 async fn stream_rest<R, W>(
     r: &mut R,
@@ -432,24 +462,9 @@ where
     }
     // Typed messages.
     loop {
-        if !fill(r, &mut buf, 5, &mut w).await? {
-            if buf.is_empty() {
-                w.shutdown().await?;
-                return Ok(());
-            }
-            return Err(malformed(
-                "client",
-                "connection ended inside a message header",
-            ));
-        }
-        let ty = buf[0];
-        let len = be32(&buf[1..5]) as usize;
-        if !(4..=MAX_MESSAGE).contains(&len) {
-            return Err(malformed(
-                "client",
-                format!("message '{}' with length {len}", ty as char),
-            ));
-        }
+        let Some((ty, len)) = header(r, &mut buf, &mut w, "client").await? else {
+            return Ok(());
+        };
         let total = 1 + len;
         if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
             if !fill(r, &mut buf, total, &mut w).await? {
@@ -574,24 +589,9 @@ where
         return w.shutdown().await.map_err(Into::into);
     }
     loop {
-        if !fill(r, &mut buf, 5, &mut w).await? {
-            if buf.is_empty() {
-                w.shutdown().await?;
-                return Ok(());
-            }
-            return Err(malformed(
-                "server",
-                "connection ended inside a message header",
-            ));
-        }
-        let ty = buf[0];
-        let len = be32(&buf[1..5]) as usize;
-        if !(4..=MAX_MESSAGE).contains(&len) {
-            return Err(malformed(
-                "server",
-                format!("message '{}' with length {len}", ty as char),
-            ));
-        }
+        let Some((ty, len)) = header(r, &mut buf, &mut w, "server").await? else {
+            return Ok(());
+        };
         let total = 1 + len;
         if matches!(ty, b'1' | b'2') && len == 4 {
             let mut b = state.batch();
