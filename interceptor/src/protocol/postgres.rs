@@ -821,6 +821,44 @@ mod tests {
         assert_eq!(done[0].error.as_deref(), Some("42501"));
     }
 
+    /// Random and mutated input into both directions: an error or a clean
+    /// end, never a panic or a hang (the input is finite, so every read ends).
+    #[tokio::test]
+    async fn random_frames_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let valid = {
+            let mut v = b"\0\0\0\x09\0\x03\0\0\0".to_vec();
+            v.extend(msg(b'Q', b"select 1\0"));
+            v.extend(msg(b'P', b"s\0select $1\0\0\x01\0\0\0\x17"));
+            v.extend(msg(b'S', b""));
+            v
+        };
+        for round in 0..3000 {
+            let mut input = if round % 2 == 0 {
+                valid.clone()
+            } else {
+                (0..(next() % 64)).map(|_| next() as u8).collect()
+            };
+            for _ in 0..(next() % 4) {
+                if !input.is_empty() {
+                    let i = (next() as usize) % input.len();
+                    input[i] = next() as u8;
+                }
+            }
+            let state = State::default();
+            let (mut w, mut cw) = (Vec::new(), Vec::new());
+            let _ = frontend(&mut &input[..], &mut w, &mut cw, &state).await;
+            let mut out = Vec::new();
+            let _ = backend(&mut &input[9.min(input.len())..], &mut out, &state).await;
+        }
+    }
+
     #[test]
     fn sasl_offer_loses_plus_mechanisms() {
         let mut body = Vec::new();
