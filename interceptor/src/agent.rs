@@ -88,6 +88,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         meta: redirect.clone(),
         recorder,
         ids: Arc::new(SessionIds::default()),
+        masker: Arc::new(masker(&config)?),
     });
     let policy = proxy.policy.clone();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -123,6 +124,24 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     info!(interrupted = orphans, "agent stopped");
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+/// The masking key: from `agent.mask_key_file` when set (stable hashes),
+/// otherwise random for this run.
+fn masker(config: &Config) -> anyhow::Result<crate::mask::Masker> {
+    match &config.agent.mask_key_file {
+        Some(path) => {
+            let secret = std::fs::read(path)
+                .with_context(|| format!("reading agent.mask_key_file {}", path.display()))?;
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "{} holds fewer than 16 bytes",
+                path.display()
+            );
+            Ok(crate::mask::Masker::new(&secret))
+        }
+        None => Ok(crate::mask::Masker::random().context("reading /dev/urandom")?),
+    }
 }
 
 /// Each proxied connection holds two sockets: lift the soft descriptor limit

@@ -111,6 +111,10 @@ pub struct AgentSection {
     /// Level of the eBPF programs' log events: error, warn, info, debug, trace.
     #[serde(default = "default_ebpf_log_level")]
     pub ebpf_log_level: String,
+    /// Secret for keyed-hash masking (at least 16 bytes); without it the
+    /// key is random per run, so hashes change when the agent restarts.
+    #[serde(default)]
+    pub mask_key_file: Option<PathBuf>,
     /// Time to wait for an upstream connect, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub upstream_connect_timeout_ms: u64,
@@ -337,6 +341,7 @@ impl Config {
         }
         let base = path.parent().unwrap_or(Path::new("."));
         agent.policies = agent.policies.iter().map(|p| base.join(p)).collect();
+        agent.mask_key_file = agent.mask_key_file.map(|p| base.join(p));
         if !agent.managed_cgroup_parent.split('/').all(valid_name) {
             return Err(src.error_at(
                 None,

@@ -98,6 +98,29 @@ struct RawRule {
     /// Statement rules: case-insensitive substrings of the statement text.
     #[serde(default)]
     patterns: Option<toml::Spanned<Vec<String>>>,
+    /// Mask rules: result column name globs.
+    #[serde(default)]
+    columns: Option<toml::Spanned<Vec<String>>>,
+    /// Mask rules: how values are masked.
+    #[serde(default)]
+    strategy: Option<toml::Spanned<Strategy>>,
+    /// Mask rules with `strategy = "partial"`: characters kept at the end.
+    #[serde(default)]
+    keep: Option<usize>,
+}
+
+/// How a masked value is replaced. Values of non-text types become NULL
+/// whatever the strategy, the only replacement valid for every type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// `****`.
+    Redact,
+    /// `****1234`: all but the last `keep` characters.
+    Partial,
+    /// A keyed hash (HMAC-SHA-256 with the agent's key, 16 hex digits): equal
+    /// values stay equal, so joins and grouping still work.
+    Hash,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +143,10 @@ pub struct Rule {
     pub tables: Vec<String>,
     /// Statement rules: lowercased substrings (empty = any).
     pub patterns: Vec<String>,
+    /// Mask rules: lowercased column globs.
+    pub columns: Vec<String>,
+    pub strategy: Option<Strategy>,
+    pub keep: usize,
     /// Empty means every workload (`"*"`).
     pub workloads: Vec<String>,
     /// Empty means every configured target (`"*"`).
@@ -234,6 +261,8 @@ impl Policy {
                 ("classes", r.classes.as_ref().map(|c| c.span())),
                 ("tables", r.tables.as_ref().map(|c| c.span())),
                 ("patterns", r.patterns.as_ref().map(|c| c.span())),
+                ("columns", r.columns.as_ref().map(|c| c.span())),
+                ("strategy", r.strategy.as_ref().map(|c| c.span())),
             ];
             if on == Scope::Connect {
                 if let Some((field, span)) = statement_only.iter().find(|(_, sp)| sp.is_some()) {
@@ -252,11 +281,20 @@ impl Policy {
                     ))
                 }
                 Action::Mask => {
-                    return Err(src.error_at(
-                        Some(r.action.span()),
-                        format!("rule `{id}`: `mask` is not supported yet; use allow or deny"),
-                    ))
+                    if on != Scope::Statement || r.columns.is_none() || r.strategy.is_none() {
+                        return Err(src.error_at(
+                            Some(r.action.span()),
+                            format!("rule `{id}`: `mask` needs `on = \"statement\"`, `columns` and `strategy`"),
+                        ));
+                    }
                 }
+            }
+            if r.action.get_ref() != &Action::Mask && (r.columns.is_some() || r.strategy.is_some())
+            {
+                return Err(src.error_at(
+                    Some(r.action.span()),
+                    format!("rule `{id}`: `columns` and `strategy` belong to `action = \"mask\"`"),
+                ));
             }
             let lower = |v: Option<toml::Spanned<Vec<String>>>| -> Vec<String> {
                 v.map(|v| v.into_inner().iter().map(|t| t.to_lowercase()).collect())
@@ -265,6 +303,9 @@ impl Policy {
             let classes = r.classes.map(|c| c.into_inner()).unwrap_or_default();
             let tables = lower(r.tables);
             let patterns = lower(r.patterns);
+            let columns = lower(r.columns);
+            let strategy = r.strategy.map(|s| *s.get_ref());
+            let keep = r.keep.unwrap_or(4);
             let workloads = names(src, &r.workloads, "workload", |n| {
                 config.is_none_or(|c| c.workload(n).is_some())
             })?;
@@ -277,6 +318,9 @@ impl Policy {
                 classes,
                 tables,
                 patterns,
+                columns,
+                strategy,
+                keep,
                 workloads,
                 targets,
                 action: *r.action.get_ref(),
@@ -321,7 +365,10 @@ impl Policy {
     ) -> Decision {
         let text = text.to_lowercase();
         let applies = |rule: &&Rule| {
-            if rule.on != Scope::Statement || !rule.matches(workload, target) {
+            if rule.on != Scope::Statement
+                || rule.action == Action::Mask
+                || !rule.matches(workload, target)
+            {
                 return false;
             }
             if !rule.classes.is_empty() && !rule.classes.contains(&c.class) {
@@ -346,6 +393,66 @@ impl Policy {
             self.default_statement,
             RULE_DEFAULT_STATEMENT,
         )
+    }
+}
+
+/// How one result column is masked, and by which rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMask {
+    pub rule: String,
+    pub strategy: Strategy,
+    pub keep: usize,
+}
+
+impl Policy {
+    /// Whether any mask rule applies to `workload` on `target`.
+    pub fn masks(&self, workload: &str, target: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.action == Action::Mask && r.matches(workload, target))
+    }
+
+    /// For each result column, the mask rule that covers it for `workload`
+    /// on `target` running a statement classified `c` (`None`: not known;
+    /// rules that name tables or classes then apply too — fail closed).
+    pub fn mask_plan(
+        &self,
+        workload: &str,
+        target: &str,
+        c: Option<&Classification>,
+        columns: &[String],
+    ) -> Vec<Option<ColumnMask>> {
+        let rules: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Mask && r.matches(workload, target))
+            .filter(|r| match c {
+                Some(c) => {
+                    (r.classes.is_empty() || r.classes.contains(&c.class))
+                        && (r.tables.is_empty()
+                            || c.tables
+                                .iter()
+                                .any(|t| r.tables.iter().any(|g| table_matches(g, t))))
+                }
+                None => true,
+            })
+            .collect();
+        columns
+            .iter()
+            .map(|col| {
+                let col = col.to_lowercase();
+                rules
+                    .iter()
+                    .find(|r| r.columns.iter().any(|g| wildcard(g, &col)))
+                    .and_then(|r| {
+                        Some(ColumnMask {
+                            rule: r.id.clone(),
+                            strategy: r.strategy?,
+                            keep: r.keep,
+                        })
+                    })
+            })
+            .collect()
     }
 }
 
@@ -500,6 +607,11 @@ action = "deny"
         .unwrap_err();
         assert_eq!(e.line, 5);
         assert!(e.message.contains("not supported yet"), "{e}");
+        let e = load(
+            "[[rule]]\nid = \"m\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("needs `on = \"statement\"`"), "{e}");
         let e = load("[[rule]]\nid = \"r\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n")
             .unwrap_err();
         assert_eq!(e.line, 5);

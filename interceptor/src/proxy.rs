@@ -82,6 +82,8 @@ pub struct Proxy {
     pub identity: Arc<Resolver>,
     pub recorder: Recorder,
     pub ids: Arc<SessionIds>,
+    /// Keyed masking of result values (PostgreSQL targets).
+    pub masker: Arc<crate::mask::Masker>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +309,7 @@ impl Proxy {
             policy: self.policy.clone(),
             workload: s.workload.clone().unwrap_or_default(),
             target: s.target.clone().unwrap_or_default(),
+            masker: self.masker.clone(),
         });
         let id = s.id;
         let mut recorded = 0u32;

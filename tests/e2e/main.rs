@@ -1070,6 +1070,71 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     let back = psql("copy big to stdout");
     assert_eq!(back.len(), data.len());
     assert!(back == data, "COPY TO STDOUT differs from what went in");
+
+    // Masking: by column, in text (psql) and binary (asyncpg) formats, for
+    // simple queries and for prepared statements executed again without a
+    // new RowDescription.
+    psql(
+        "create table customers (id int, email text, card varchar(20), note text, amount numeric)",
+    );
+    psql("insert into customers values (1, 'ann@example.com', '4111111111111111', 'vip', 12.50), (2, 'bob@example.com', '5500000000000004', 'vip', null)");
+    std::fs::write(
+        agent.dir.join("policy.toml"),
+        format!(
+            "{APP_DB}\n\
+             [[rule]]\nid = \"pii\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"email\", \"amount\"]\nstrategy = \"redact\"\n\n\
+             [[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"card*\"]\nstrategy = \"partial\"\nkeep = 4\n\n\
+             [[rule]]\nid = \"notes\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"note\"]\nstrategy = \"hash\"\n"
+        ),
+    )
+    .unwrap();
+    agent.reload();
+    let text = String::from_utf8(psql("select * from customers order by id")).unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert_eq!(rows[0][0], "1");
+    assert_eq!(rows[0][1], "****");
+    assert_eq!(rows[0][2], "****1111");
+    assert_eq!(rows[0][3].len(), 16, "{text}");
+    assert_eq!(rows[0][3], rows[1][3], "equal values hash equally");
+    assert_eq!(rows[0][4], "", "a masked numeric is NULL");
+    assert_eq!(rows[1][2], "****0004");
+    assert!(
+        !text.contains("example.com") && !text.contains("12.50"),
+        "{text}"
+    );
+    let script = "import asyncio, asyncpg, json, sys\n\
+        async def main():\n\
+        \x20   c = await asyncpg.connect(host='127.0.0.1', port=int(sys.argv[1]), user='postgres', password=sys.argv[2], database='postgres', ssl=False)\n\
+        \x20   st = await c.prepare('select id, email, card, amount from customers where id = $1')\n\
+        \x20   a = await st.fetchrow(1)\n\
+        \x20   b = await st.fetchrow(2)\n\
+        \x20   r = await c.fetch('select email from customers order by id')\n\
+        \x20   print(json.dumps([list(map(str, a)), list(map(str, b)), [x[0] for x in r]]))\n\
+        asyncio.run(main())\n";
+    let out = pg_tool(&agent, "python3", &["-c", script, &port, pg::PASSWORD]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0], serde_json::json!(["1", "****", "****1111", "None"]));
+    assert_eq!(v[1], serde_json::json!(["2", "****", "****0004", "None"]));
+    assert_eq!(v[2], serde_json::json!(["****", "****"]));
+    // Masked values are counted with the statements.
+    let sessions = agent.sessions_until("masked statements recorded", |list| {
+        list.iter().filter(|x| x["outcome"] != "open").count() >= 4
+    });
+    let mut masked = 0;
+    for x in &sessions {
+        let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        for st in v["statement_events"].as_array().into_iter().flatten() {
+            masked += st["masked"].as_u64().unwrap_or(0);
+        }
+    }
+    assert!(masked >= 8, "{masked} masked values recorded");
     drop(agent);
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);

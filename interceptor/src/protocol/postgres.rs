@@ -23,7 +23,7 @@
 //! state and the extended protocol's skip-until-Sync are the server's own.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     io,
     sync::{Arc, Mutex, MutexGuard},
     time::Instant,
@@ -39,7 +39,8 @@ use tokio::{
 };
 
 use crate::{
-    policy::{Action, Decision, Policy},
+    mask::Masker,
+    policy::{Action, ColumnMask, Decision, Policy},
     record::{now_micros, rfc3339_micros},
     sql::{classify, Class, Classification},
 };
@@ -101,6 +102,9 @@ pub struct Statement {
     /// `allow` or `deny`, and the rule that decided.
     pub decision: Option<Action>,
     pub rule: Option<String>,
+    /// Result values masked in this statement's batch.
+    #[serde(default)]
+    pub masked: u32,
     pub duration_us: Option<u64>,
     /// Command tags the server returned for this statement's batch.
     pub tags: Vec<String>,
@@ -132,8 +136,11 @@ struct Batch {
     pending: VecDeque<(Statement, Instant)>,
     tags: Vec<String>,
     error: Option<String>,
+    /// Values masked in this batch.
+    masked: u32,
     next_seq: u32,
     done: Vec<Statement>,
+    shapes: Shapes,
 }
 
 /// Shared between the two directions of one connection. Both run in one
@@ -152,6 +159,49 @@ pub struct Gate {
     pub policy: Arc<ArcSwap<Policy>>,
     pub workload: String,
     pub target: String,
+    pub masker: Arc<Masker>,
+}
+
+/// A result column as RowDescription gives it.
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    type_oid: u32,
+}
+
+/// What a Describe asked about.
+enum Described {
+    Statement(String),
+    Portal(String),
+}
+
+/// How each column of the rows now arriving is masked (`None`: as is);
+/// empty means every column (rows whose shape was never seen: fail closed).
+type Plan = Arc<Vec<Option<(ColumnMask, bool)>>>;
+
+/// Most prepared statements and portals remembered for masking; past this
+/// the maps are cleared and rows of forgotten ones are masked whole.
+const MAX_NAMES: usize = 10_000;
+
+/// Extended-protocol bookkeeping, so rows of a prepared statement executed
+/// without a fresh RowDescription are still masked by their columns.
+#[derive(Default)]
+struct Shapes {
+    describes: VecDeque<Described>,
+    executes: VecDeque<String>,
+    portal_stmt: HashMap<String, String>,
+    stmt_class: HashMap<String, Classification>,
+    stmt_cols: HashMap<String, Arc<Vec<Column>>>,
+    portal_cols: HashMap<String, Arc<Vec<Column>>>,
+    /// Plan of the rows now arriving, once known.
+    plan: Option<Plan>,
+}
+
+fn bounded_insert<V>(map: &mut HashMap<String, V>, k: String, v: V) {
+    if map.len() >= MAX_NAMES && !map.contains_key(&k) {
+        map.clear();
+    }
+    map.insert(k, v);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -217,6 +267,7 @@ impl State {
                 tables: c.tables,
                 decision: decision.as_ref().map(|d| d.action),
                 rule: decision.as_ref().map(|d| d.rule.clone()),
+                masked: 0,
                 duration_us: None,
                 tags: Vec::new(),
                 rows: None,
@@ -253,6 +304,10 @@ impl State {
     fn ready(&self) {
         let mut b = self.batch();
         b.swallow = 0;
+        b.shapes.describes.clear();
+        b.shapes.executes.clear();
+        b.shapes.plan = None;
+        let masked = std::mem::take(&mut b.masked);
         let tags = std::mem::take(&mut b.tags);
         let error = b.error.take();
         let rows = tags.last().and_then(|t| t.rsplit(' ').next()?.parse().ok());
@@ -261,7 +316,159 @@ impl State {
             s.tags = tags.clone();
             s.rows = rows;
             s.error = error.clone();
+            s.masked = masked;
             b.done.push(s);
+        }
+    }
+
+    /// Whether mask rules apply to this connection at all.
+    fn masking(&self) -> bool {
+        self.gate
+            .as_ref()
+            .is_some_and(|g| g.policy.load().masks(&g.workload, &g.target))
+    }
+
+    fn plan_for(&self, cols: Option<&[Column]>, class: Option<&Classification>) -> Option<Plan> {
+        let g = self.gate.as_ref()?;
+        let Some(cols) = cols else {
+            // Rows whose columns we never saw: mask every value (fail closed).
+            return Some(Arc::new(Vec::new()));
+        };
+        let names: Vec<String> = cols.iter().map(|c| c.name.clone()).collect();
+        let plan = g
+            .policy
+            .load()
+            .mask_plan(&g.workload, &g.target, class, &names);
+        if plan.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(Arc::new(
+            plan.into_iter()
+                .zip(cols)
+                .map(|(m, c)| m.map(|m| (m, crate::mask::text_like(c.type_oid))))
+                .collect(),
+        ))
+    }
+
+    /// Backend side of masking: learns row shapes from RowDescription and
+    /// NoData, ends a result on PortalSuspended/EmptyQueryResponse, and
+    /// returns a DataRow rewritten when any of its columns is masked.
+    fn shape_message(&self, ty: u8, body: &[u8]) -> Result<Option<BytesMut>, PgError> {
+        match ty {
+            b'T' => {
+                let cols = Arc::new(parse_row_description(body)?);
+                let mut b = self.batch();
+                match b.shapes.describes.pop_front() {
+                    Some(Described::Statement(n)) => {
+                        bounded_insert(&mut b.shapes.stmt_cols, n, cols)
+                    }
+                    Some(Described::Portal(p)) => {
+                        bounded_insert(&mut b.shapes.portal_cols, p, cols)
+                    }
+                    None => {
+                        // A simple query: its rows follow now.
+                        let class = b.pending.back().map(|(st, _)| Classification {
+                            class: st.class,
+                            tables: st.tables.clone(),
+                            statements: 1,
+                            parse_error: None,
+                        });
+                        drop(b);
+                        let plan = self.plan_for(Some(&cols), class.as_ref());
+                        self.batch().shapes.plan = plan;
+                    }
+                }
+                Ok(None)
+            }
+            b'n' => {
+                self.batch().shapes.describes.pop_front();
+                Ok(None)
+            }
+            b's' | b'I' => {
+                let mut b = self.batch();
+                b.shapes.plan = None;
+                b.shapes.executes.pop_front();
+                Ok(None)
+            }
+            _ => {
+                let plan = {
+                    let b = self.batch();
+                    b.shapes.plan.as_ref().map(|p| Some(p.clone()))
+                };
+                let plan = match plan {
+                    Some(p) => p,
+                    None => {
+                        let (cols, class) = {
+                            let b = self.batch();
+                            let sh = &b.shapes;
+                            match sh.executes.front() {
+                                Some(portal) => {
+                                    let stmt = sh.portal_stmt.get(portal);
+                                    let cols = sh
+                                        .portal_cols
+                                        .get(portal)
+                                        .or_else(|| stmt.and_then(|s| sh.stmt_cols.get(s)))
+                                        .cloned();
+                                    (cols, stmt.and_then(|s| sh.stmt_class.get(s)).cloned())
+                                }
+                                None => (None, None),
+                            }
+                        };
+                        let plan = self.plan_for(cols.as_deref().map(|c| &c[..]), class.as_ref());
+                        // Remember it for the rest of this result.
+                        self.batch().shapes.plan =
+                            Some(plan.clone().unwrap_or_else(nothing_masked));
+                        plan
+                    }
+                };
+                let Some(plan) = plan.filter(|p| p.is_empty() || p.iter().any(Option::is_some))
+                else {
+                    return Ok(None);
+                };
+                let g = self.gate.as_ref().expect("masking implies a gate");
+                let (row, masked) = mask_row(body, &plan, &g.masker)?;
+                self.batch().masked += masked;
+                Ok(Some(row))
+            }
+        }
+    }
+
+    /// Frontend bookkeeping of Parse/Bind/Describe/Execute for masking.
+    fn note_frontend(&self, ty: u8, body: &[u8], parsed: Option<(&str, Classification)>) {
+        let mut b = self.batch();
+        let sh = &mut b.shapes;
+        match ty {
+            b'P' => {
+                if let Some((name, c)) = parsed {
+                    sh.stmt_cols.remove(name);
+                    bounded_insert(&mut sh.stmt_class, name.to_owned(), c);
+                }
+            }
+            b'B' => {
+                if let Some((portal, rest)) = cstr(body) {
+                    if let Some((stmt, _)) = cstr(rest) {
+                        sh.portal_cols.remove(portal);
+                        bounded_insert(&mut sh.portal_stmt, portal.to_owned(), stmt.to_owned());
+                    }
+                }
+            }
+            b'D' => {
+                if let Some((&kind, rest)) = body.split_first() {
+                    if let Some((name, _)) = cstr(rest) {
+                        sh.describes.push_back(if kind == b'S' {
+                            Described::Statement(name.into())
+                        } else {
+                            Described::Portal(name.into())
+                        });
+                    }
+                }
+            }
+            b'E' => {
+                if let Some((portal, _)) = cstr(body) {
+                    sh.executes.push_back(portal.into());
+                }
+            }
+            _ => {}
         }
     }
 
@@ -466,6 +673,15 @@ where
             return Ok(());
         };
         let total = 1 + len;
+        let masking = state.masking();
+        if masking && matches!(ty, b'B' | b'D' | b'E') && total <= MAX_INSPECT {
+            if !fill(r, &mut buf, total, &mut w).await? {
+                return Err(malformed("client", "connection ended inside a message"));
+            }
+            state.note_frontend(ty, &buf[5..total], None);
+            w.write_all(&buf.split_to(total)).await?;
+            continue;
+        }
         if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
             if !fill(r, &mut buf, total, &mut w).await? {
                 return Err(malformed("client", "connection ended inside a message"));
@@ -482,7 +698,11 @@ where
                         .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
-                    state.statement("parse", Some(name.into()), sql, None)
+                    let d = state.statement("parse", Some(name.into()), sql, None);
+                    if masking {
+                        state.note_frontend(b'P', body, Some((name, state.classified(sql).0)));
+                    }
+                    d
                 }
                 _ => {
                     if body.len() < 4 {
@@ -602,6 +822,26 @@ where
                 continue;
             }
         }
+        if matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') && state.masking() {
+            if total > MAX_INSPECT {
+                if ty == b'D' {
+                    return Err(malformed(
+                        "server",
+                        format!("a {total}-byte row is too large to mask"),
+                    ));
+                }
+            } else {
+                if !fill(r, &mut buf, total, &mut w).await? {
+                    return Err(malformed("server", "connection ended inside a message"));
+                }
+                let frame = buf.split_to(total);
+                match state.shape_message(ty, &frame[5..])? {
+                    Some(row) => w.write_all(&row).await?,
+                    None => w.write_all(&frame).await?,
+                }
+                continue;
+            }
+        }
         if matches!(ty, b'R' | b'C' | b'E' | b'Z') && total <= MAX_INSPECT {
             if !fill(r, &mut buf, total, &mut w).await? {
                 return Err(malformed("server", "connection ended inside a message"));
@@ -614,9 +854,12 @@ where
                     continue;
                 }
                 b'C' => {
+                    let mut b = state.batch();
                     if let Some((tag, _)) = cstr(body) {
-                        state.batch().tags.push(tag.into());
+                        b.tags.push(tag.into());
                     }
+                    b.shapes.plan = None;
+                    b.shapes.executes.pop_front();
                 }
                 b'E' => {
                     let code = error_code(body);
@@ -624,6 +867,7 @@ where
                     if b.error.is_none() {
                         b.error = code;
                     }
+                    b.shapes.plan = None;
                 }
                 b'Z' => state.ready(),
                 _ => {}
@@ -635,6 +879,106 @@ where
             stream_rest(r, &mut w, total - have, &mut scratch).await?;
         }
     }
+}
+
+/// A plan that masks nothing (one unmasked column; rows are left as they are).
+fn nothing_masked() -> Plan {
+    Arc::new(vec![None])
+}
+
+/// Column names and type OIDs of a RowDescription.
+fn parse_row_description(body: &[u8]) -> Result<Vec<Column>, PgError> {
+    let bad = || malformed("server", "malformed RowDescription");
+    if body.len() < 2 {
+        return Err(bad());
+    }
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut rest = &body[2..];
+    let mut cols = Vec::with_capacity(n.min(1600));
+    for _ in 0..n {
+        let (name, r) = cstr(rest).ok_or_else(bad)?;
+        // table oid (4), attnum (2), type oid (4), typlen (2), typmod (4), format (2)
+        if r.len() < 18 {
+            return Err(bad());
+        }
+        cols.push(Column {
+            name: name.to_owned(),
+            type_oid: be32(&r[6..10]),
+        });
+        rest = &r[18..];
+    }
+    Ok(cols)
+}
+
+/// A DataRow with the planned columns masked: text-like values by their
+/// strategy, others as NULL. Returns the new frame and how many values
+/// were masked.
+fn mask_row(
+    body: &[u8],
+    plan: &[Option<(ColumnMask, bool)>],
+    masker: &Masker,
+) -> Result<(BytesMut, u32), PgError> {
+    let bad = || malformed("server", "malformed DataRow");
+    if body.len() < 2 {
+        return Err(bad());
+    }
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut rest = &body[2..];
+    let mut out = BytesMut::with_capacity(body.len() + 16);
+    out.put_u8(b'D');
+    out.put_u32(0); // length, set below
+    out.put_u16(n as u16);
+    let mut masked = 0;
+    for i in 0..n {
+        if rest.len() < 4 {
+            return Err(bad());
+        }
+        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        rest = &rest[4..];
+        let value = if len < 0 {
+            None
+        } else {
+            let len = len as usize;
+            if rest.len() < len {
+                return Err(bad());
+            }
+            let (v, r) = rest.split_at(len);
+            rest = r;
+            Some(v)
+        };
+        let column = if plan.is_empty() {
+            Some(None) // every column, as NULL
+        } else {
+            plan.get(i).and_then(Option::as_ref).map(Some)
+        };
+        match (value, column) {
+            (Some(_), Some(None)) => {
+                masked += 1;
+                out.put_i32(-1);
+            }
+            (Some(v), Some(Some((m, text_like)))) => {
+                masked += 1;
+                if *text_like {
+                    let new = masker.mask(m.strategy, m.keep, v);
+                    out.put_i32(new.len() as i32);
+                    out.put_slice(&new);
+                } else {
+                    out.put_i32(-1);
+                }
+            }
+            (Some(v), None) => {
+                out.put_i32(v.len() as i32);
+                out.put_slice(v);
+            }
+            (None, _) => out.put_i32(-1),
+        }
+    }
+    if !rest.is_empty() {
+        return Err(bad());
+    }
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    Ok((out, masked))
 }
 
 /// The SQLSTATE (`C` field) of an ErrorResponse body.
@@ -781,6 +1125,7 @@ mod tests {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             workload: "w".into(),
             target: "t".into(),
+            masker: Arc::new(Masker::new(b"unit-test-key")),
         });
         let mut input = b"\0\0\0\x09\0\x03\0\0\0".to_vec(); // startup, no parameters
         let parse = msg(b'P', b"s1\0DELETE FROM t\0\0\0");
@@ -856,6 +1201,47 @@ mod tests {
             let _ = frontend(&mut &input[..], &mut w, &mut cw, &state).await;
             let mut out = Vec::new();
             let _ = backend(&mut &input[9.min(input.len())..], &mut out, &state).await;
+        }
+    }
+
+    #[test]
+    fn rows_are_reframed_with_masked_values_and_hostile_rows_rejected() {
+        let m = Masker::new(b"k");
+        let mask = |strategy| ColumnMask {
+            rule: "r".into(),
+            strategy,
+            keep: 2,
+        };
+        let plan = vec![
+            None,
+            Some((mask(crate::policy::Strategy::Partial), true)),
+            Some((mask(crate::policy::Strategy::Redact), false)),
+        ];
+        // id "7", email "abcdef", amount "12.5"
+        let body = b"\0\x03\0\0\0\x017\0\0\0\x06abcdef\0\0\0\x0412.5";
+        let (row, n) = mask_row(body, &plan, &m).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            &row[..],
+            &msg(b'D', b"\0\x03\0\0\0\x017\0\0\0\x06****ef\xff\xff\xff\xff")[..]
+        );
+        // Every column, when the shape is unknown.
+        let (row, n) = mask_row(body, &[], &m).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            &row[..],
+            &msg(
+                b'D',
+                b"\0\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"
+            )[..]
+        );
+        for hostile in [
+            &b"\0"[..],
+            b"\0\x01\0\0\0\x09abc",
+            b"\0\x01\x7f\xff\xff\xffx",
+            b"\0\x00extra",
+        ] {
+            assert!(mask_row(hostile, &plan, &m).is_err(), "{hostile:?}");
         }
     }
 
