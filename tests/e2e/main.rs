@@ -1103,6 +1103,9 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
         !text.contains("example.com") && !text.contains("12.50"),
         "{text}"
     );
+    // Results without masked columns are left alone.
+    let plain = String::from_utf8(psql("select count(*), max(id) from customers")).unwrap();
+    assert_eq!(plain.trim(), "2|2");
     let script = "import asyncio, asyncpg, json, sys\n\
         async def main():\n\
         \x20   c = await asyncpg.connect(host='127.0.0.1', port=int(sys.argv[1]), user='postgres', password=sys.argv[2], database='postgres', ssl=False)\n\

@@ -80,6 +80,14 @@ impl Agent {
         c
     }
 
+    /// Sends SIGHUP (policy reload) and gives the agent a moment.
+    pub fn reload(&self) -> Result<()> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        run(Command::new("kill").args(["-HUP", &child.id().to_string()]))?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -375,7 +375,7 @@ impl State {
                         });
                         drop(b);
                         let plan = self.plan_for(Some(&cols), class.as_ref());
-                        self.batch().shapes.plan = plan;
+                        self.batch().shapes.plan = Some(plan.unwrap_or_else(nothing_masked));
                     }
                 }
                 Ok(None)
