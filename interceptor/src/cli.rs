@@ -269,6 +269,10 @@ fn explain(
     let policy = policy::Policy::load(&config)?;
     let decision = policy.decide_connect(workload, Some(target));
     let class = sql.map(crate::sql::classify);
+    let statement_decision = class
+        .as_ref()
+        .zip(sql)
+        .map(|(c, sql)| policy.decide_statement(workload, target, c, sql));
     if json {
         println!(
             "{}",
@@ -277,6 +281,7 @@ fn explain(
                 "target": target,
                 "connect": decision,
                 "statement": class,
+                "statement_decision": statement_decision,
             }))?
         );
         return Ok(ExitCode::SUCCESS);
@@ -293,7 +298,9 @@ fn explain(
         if let Some(e) = c.parse_error {
             println!("not parsed ({e}): treated as unknown, the most restricted class");
         }
-        println!("statement rules are not enforced yet: statements are relayed and recorded");
+        if let Some(d) = statement_decision {
+            println!("statement: {} (rule {})", d.action, d.rule);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -740,6 +740,7 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     assert_eq!(v["connect"]["action"], "allow");
     assert_eq!(v["connect"]["rule"], "app-db");
     assert_eq!(v["statement"]["class"], "write");
+    assert_eq!(v["statement_decision"]["rule"], "defaults.statement");
     assert_eq!(v["statement"]["tables"], serde_json::json!(["d", "orders"]));
 
     // An error is recorded with its SQLSTATE.
