@@ -58,6 +58,9 @@ struct RawDefaults {
     unmatched_destination: toml::Spanned<Action>,
     #[serde(default = "allow")]
     statement: toml::Spanned<Action>,
+    /// Record Bind parameter values with the statements (off: never stored).
+    #[serde(default)]
+    record_parameters: bool,
 }
 
 fn deny() -> toml::Spanned<Action> {
@@ -74,6 +77,7 @@ impl Default for RawDefaults {
             connect: deny(),
             unmatched_destination: deny(),
             statement: allow(),
+            record_parameters: false,
         }
     }
 }
@@ -184,6 +188,8 @@ pub struct Policy {
     /// Statements no statement rule matches (default allow: the connect rule
     /// already let this workload reach this target).
     pub default_statement: Action,
+    /// Whether Bind parameter values are recorded (default: never).
+    pub record_parameters: bool,
 }
 
 impl Default for Policy {
@@ -194,6 +200,7 @@ impl Default for Policy {
             default_connect: Action::Deny,
             default_unmatched: Action::Deny,
             default_statement: Action::Allow,
+            record_parameters: false,
         }
     }
 }
@@ -245,6 +252,7 @@ impl Policy {
             self.default_connect = *d.connect.get_ref();
             self.default_unmatched = *d.unmatched_destination.get_ref();
             self.default_statement = *d.statement.get_ref();
+            self.record_parameters = d.record_parameters;
             *defaults_from = Some(src.path.to_path_buf());
         }
         for r in raw.rules {

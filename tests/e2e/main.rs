@@ -1139,6 +1139,60 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
         }
     }
     assert!(masked >= 8, "{masked} masked values recorded");
+
+    // Bind parameters are recorded only when the policy asks for it.
+    let bound = |agent: &Agent| -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for x in agent.sessions() {
+            let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+            out.extend(
+                v["statement_events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e["kind"] == "bind")
+                    .cloned(),
+            );
+        }
+        out
+    };
+    assert!(
+        bound(&agent).is_empty(),
+        "parameters recorded without being asked"
+    );
+    std::fs::write(
+        agent.dir.join("policy.toml"),
+        format!("[defaults]\nrecord_parameters = true\n\n{APP_DB}"),
+    )
+    .unwrap();
+    agent.reload();
+    let out = pg_tool(&agent, "python3", &["-c", script, &port, pg::PASSWORD]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0][1], "ann@example.com", "no mask rule any more");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let binds = loop {
+        let b = bound(&agent);
+        if b.len() >= 2 || Instant::now() > deadline {
+            break b;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let params: Vec<&serde_json::Value> = binds.iter().map(|b| &b["parameters"]).collect();
+    // asyncpg sends int4 parameters in binary.
+    assert!(
+        params.contains(&&serde_json::json!(["\\x00000001"])),
+        "{params:?}"
+    );
+    assert!(
+        params.contains(&&serde_json::json!(["\\x00000002"])),
+        "{params:?}"
+    );
     drop(agent);
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);

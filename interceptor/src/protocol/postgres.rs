@@ -105,6 +105,10 @@ pub struct Statement {
     /// Result values masked in this statement's batch.
     #[serde(default)]
     pub masked: u32,
+    /// Bind parameter values (`kind = "bind"`, only when policy asks):
+    /// text as sent, binary as `\x` hex, each cut at 256 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Vec<Option<String>>>,
     pub duration_us: Option<u64>,
     /// Command tags the server returned for this statement's batch.
     pub tags: Vec<String>,
@@ -268,6 +272,7 @@ impl State {
                 decision: decision.as_ref().map(|d| d.action),
                 rule: decision.as_ref().map(|d| d.rule.clone()),
                 masked: 0,
+                parameters: None,
                 duration_us: None,
                 tags: Vec::new(),
                 rows: None,
@@ -319,6 +324,48 @@ impl State {
             s.masked = masked;
             b.done.push(s);
         }
+    }
+
+    /// Whether policy asks for Bind parameters to be recorded.
+    fn recording_parameters(&self) -> bool {
+        self.gate
+            .as_ref()
+            .is_some_and(|g| g.policy.load().record_parameters)
+    }
+
+    /// Records a Bind with its parameter values.
+    fn bind(&self, body: &[u8]) {
+        let Some((stmt, params)) = parse_bind(body) else {
+            return;
+        };
+        let mut b = self.batch();
+        let class = b
+            .shapes
+            .stmt_class
+            .get(&stmt)
+            .map_or(Class::Unknown, |c| c.class);
+        let seq = b.next_seq;
+        b.next_seq += 1;
+        b.pending.push_back((
+            Statement {
+                seq,
+                at: rfc3339_micros(now_micros()),
+                kind: "bind".into(),
+                text: format!("<bind to statement \"{stmt}\">"),
+                name: Some(stmt),
+                class,
+                tables: Vec::new(),
+                decision: None,
+                rule: None,
+                masked: 0,
+                parameters: Some(params),
+                duration_us: None,
+                tags: Vec::new(),
+                rows: None,
+                error: None,
+            },
+            Instant::now(),
+        ));
     }
 
     /// Whether mask rules apply to this connection at all.
@@ -674,11 +721,17 @@ where
         };
         let total = 1 + len;
         let masking = state.masking();
-        if masking && matches!(ty, b'B' | b'D' | b'E') && total <= MAX_INSPECT {
+        let params = ty == b'B' && state.recording_parameters();
+        if (masking && matches!(ty, b'B' | b'D' | b'E') || params) && total <= MAX_INSPECT {
             if !fill(r, &mut buf, total, &mut w).await? {
                 return Err(malformed("client", "connection ended inside a message"));
             }
-            state.note_frontend(ty, &buf[5..total], None);
+            if masking {
+                state.note_frontend(ty, &buf[5..total], None);
+            }
+            if params {
+                state.bind(&buf[5..total]);
+            }
             w.write_all(&buf.split_to(total)).await?;
             continue;
         }
@@ -699,7 +752,7 @@ where
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let d = state.statement("parse", Some(name.into()), sql, None);
-                    if masking {
+                    if masking || state.recording_parameters() {
                         state.note_frontend(b'P', body, Some((name, state.classified(sql).0)));
                     }
                     d
@@ -879,6 +932,45 @@ where
             stream_rest(r, &mut w, total - have, &mut scratch).await?;
         }
     }
+}
+
+/// Statement name and parameter values of a Bind body.
+fn parse_bind(body: &[u8]) -> Option<(String, Vec<Option<String>>)> {
+    let (_portal, rest) = cstr(body)?;
+    let (stmt, rest) = cstr(rest)?;
+    let u16at = |b: &[u8]| -> Option<usize> {
+        Some(u16::from_be_bytes([*b.first()?, *b.get(1)?]) as usize)
+    };
+    let nfmt = u16at(rest)?;
+    let formats: Vec<usize> = (0..nfmt)
+        .map(|i| u16at(rest.get(2 + i * 2..)?))
+        .collect::<Option<_>>()?;
+    let mut rest = rest.get(2 + nfmt * 2..)?;
+    let nparams = u16at(rest)?;
+    rest = rest.get(2..)?;
+    let mut params = Vec::with_capacity(nparams.min(1024));
+    for i in 0..nparams {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = rest.get(4..)?;
+        if len < 0 {
+            params.push(None);
+            continue;
+        }
+        let v = rest.get(..len as usize)?;
+        rest = rest.get(len as usize..)?;
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i).copied() == Some(1),
+        };
+        let shown = if binary {
+            format!("\\x{}", crate::identity::hex(&v[..v.len().min(128)]))
+        } else {
+            String::from_utf8_lossy(v).chars().take(256).collect()
+        };
+        params.push(Some(shown));
+    }
+    Some((stmt.to_owned(), params))
 }
 
 /// A plan that masks nothing (one unmasked column; rows are left as they are).
@@ -1242,6 +1334,26 @@ mod tests {
             b"\0\x00extra",
         ] {
             assert!(mask_row(hostile, &plan, &m).is_err(), "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn bind_parameters_are_read_or_refused() {
+        // portal "", statement "s1", formats [text, text, binary], 3 params: "42", NULL, 0x0102
+        let body =
+            b"\0s1\0\0\x03\0\0\0\0\0\x01\0\x03\0\0\0\x0242\xff\xff\xff\xff\0\0\0\x02\x01\x02\0\0";
+        let (stmt, params) = parse_bind(body).unwrap();
+        assert_eq!(stmt, "s1");
+        assert_eq!(
+            params,
+            vec![Some("42".into()), None, Some("\\x0102".into())]
+        );
+        for hostile in [
+            &b"\0s1"[..],
+            b"\0s1\0\0\x05\0",
+            b"\0s1\0\0\0\0\x01\x7f\xff\xff\xff",
+        ] {
+            assert!(parse_bind(hostile).is_none(), "{hostile:?}");
         }
     }
 
