@@ -368,70 +368,54 @@ fn malformed_config_is_rejected_with_file_and_line_and_nothing_attached() {
         "",
     );
     let text = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(
-        &agent.config,
-        text.replace("trust_domain = \"e2e.test\"", "trust_domain = e2e.test"),
-    )
-    .unwrap();
-    let out = agent.cli(&["run"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("interceptor.toml:2:"), "{err}");
-    assert!(!agent.pin_dir.exists());
-    assert!(!agent.cgroup_parent.exists());
-
+    let app = "[[workload]]\nname = \"app\"\nmanaged = true\n";
+    // Writes `config` (and `policy`), runs the agent, and checks that it
+    // refused with a message containing every one of `want`, having
+    // attached nothing and created no cgroup.
+    let refused = |config: &str, policy: &str, want: &[&str]| {
+        std::fs::write(&agent.config, config).unwrap();
+        std::fs::write(agent.dir.join("policy.toml"), policy).unwrap();
+        let out = agent.cli(&["run"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            want.iter().all(|w| err.contains(w)),
+            "wanted {want:?} in: {err}"
+        );
+        assert!(!agent.pin_dir.exists(), "something was pinned: {err}");
+        assert!(
+            !agent.cgroup_parent.exists(),
+            "a managed cgroup was created: {err}"
+        );
+    };
+    refused(
+        &text.replace("trust_domain = \"e2e.test\"", "trust_domain = e2e.test"),
+        "",
+        &["interceptor.toml:2:"],
+    );
     // A workload naming a cgroup that does not exist.
-    std::fs::write(
-        &agent.config,
-        text.replace(
-            "[[workload]]\nname = \"app\"\nmanaged = true\n",
-            "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[workload]]\nname = \"legacy\"\ncgroup = \"icpt-e2e-no-such-cgroup\"\n",
+    refused(
+        &text.replace(
+            app,
+            &format!(
+                "{app}\n[[workload]]\nname = \"legacy\"\ncgroup = \"icpt-e2e-no-such-cgroup\"\n"
+            ),
         ),
-    )
-    .unwrap();
-    let out = agent.cli(&["run"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("legacy") && err.contains("does not exist"),
-        "{err}"
+        "",
+        &["legacy", "does not exist"],
     );
-    assert!(!agent.pin_dir.exists(), "something was pinned");
-    assert!(
-        !agent.cgroup_parent.exists(),
-        "a managed cgroup was created"
-    );
-
     // The root cgroup (which also holds the agent here) is never a workload.
-    std::fs::write(
-        &agent.config,
-        text.replace(
-            "[[workload]]\nname = \"app\"\nmanaged = true\n",
-            "[[workload]]\nname = \"everything\"\ncgroup = \"/\"\n",
-        ),
-    )
-    .unwrap();
-    let out = agent.cli(&["run"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("refusing cgroup"), "{err}");
-    assert!(!agent.pin_dir.exists());
-
-    // A policy naming an unknown workload.
-    std::fs::write(&agent.config, &text).unwrap();
-    std::fs::write(
-        agent.dir.join("policy.toml"),
-        "[[rule]]\nid = \"r\"\nworkloads = [\"ghost\"]\ntargets = [\"*\"]\naction = \"allow\"\n",
-    )
-    .unwrap();
-    let out = agent.cli(&["run"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("policy.toml:3:") && err.contains("ghost"),
-        "{err}"
+    refused(
+        &text.replace(app, "[[workload]]\nname = \"everything\"\ncgroup = \"/\"\n"),
+        "",
+        &["refusing cgroup"],
     );
-    assert!(!agent.pin_dir.exists());
+    // A policy naming an unknown workload.
+    refused(
+        &text,
+        "[[rule]]\nid = \"r\"\nworkloads = [\"ghost\"]\ntargets = [\"*\"]\naction = \"allow\"\n",
+        &["policy.toml:3:", "ghost"],
+    );
 
     // exec with an unknown workload.
     let out = agent.cli(&["exec", "--workload", "nope", "--", "true"]);

@@ -71,18 +71,12 @@ fn l4(only: &[String]) -> Result<()> {
         _ => bail!("bench server said {line:?}"),
     };
 
-    let config = dir.join("interceptor.toml");
-    std::fs::write(dir.join("policy.toml"), "[[rule]]\nid = \"bench\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\naction = \"allow\"\n")?;
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\ntrust_domain = \"bench.local\"\nproxy_port = {}\npin_dir = \"/sys/fs/bpf/interceptor-bench\"\n\
-             managed_cgroup_parent = \"interceptor-bench\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n\
-             [[workload]]\nname = \"bench\"\nmanaged = true\n\
-             [[target]]\nname = \"echo\"\naddresses = [\"127.0.0.1:{echo}\"]\n\
-             [[target]]\nname = \"sink\"\naddresses = [\"127.0.0.1:{sink}\"]\n",
-            free_port()?,
-            dir.join("data").display()
+    let config = bench_config(
+        &dir,
+        "interceptor-bench",
+        &format!(
+            "[[target]]\nname = \"echo\"\naddresses = [\"127.0.0.1:{echo}\"]\n\
+             [[target]]\nname = \"sink\"\naddresses = [\"127.0.0.1:{sink}\"]\n"
         ),
     )?;
     let result = (|| -> Result<()> {
@@ -185,6 +179,28 @@ impl Drop for Socat {
             let _ = c.wait();
         }
     }
+}
+
+/// Policy of the benchmarks: workload `bench` may reach every target.
+const BENCH_POLICY: &str =
+    "[[rule]]\nid = \"bench\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\naction = \"allow\"\n";
+
+/// Writes an agent config (managed workload `bench`, its own pins and
+/// cgroups named `name`, `targets` sections) and the bench policy into `dir`.
+fn bench_config(dir: &Path, name: &str, targets: &str) -> Result<PathBuf> {
+    std::fs::write(dir.join("policy.toml"), BENCH_POLICY)?;
+    let config = dir.join("interceptor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ntrust_domain = \"bench.local\"\nproxy_port = {}\npin_dir = \"/sys/fs/bpf/{name}\"\n\
+             managed_cgroup_parent = \"{name}\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n\
+             [[workload]]\nname = \"bench\"\nmanaged = true\n{targets}",
+            free_port()?,
+            dir.join("data").display()
+        ),
+    )?;
+    Ok(config)
 }
 
 /// Runs one load in a client process; returns its `key=value` figures.
@@ -532,17 +548,11 @@ fn postgres() -> Result<()> {
                 .stderr(Stdio::null()),
         )?;
         let bouncer = Pgbouncer::start(&dir.join("bouncer"), db.port)?;
-        let config = dir.join("interceptor.toml");
-        std::fs::write(dir.join("policy.toml"), "[[rule]]\nid = \"bench\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\naction = \"allow\"\n")?;
-        std::fs::write(
-            &config,
-            format!(
-                "[agent]\ntrust_domain = \"bench.local\"\nproxy_port = {}\npin_dir = \"/sys/fs/bpf/interceptor-pgbench\"\n\
-                 managed_cgroup_parent = \"interceptor-pgbench\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n\
-                 [[workload]]\nname = \"bench\"\nmanaged = true\n\
-                 [[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
-                free_port()?,
-                dir.join("data").display(),
+        let config = bench_config(
+            &dir,
+            "interceptor-pgbench",
+            &format!(
+                "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
                 db.port
             ),
         )?;
@@ -577,9 +587,9 @@ fn postgres() -> Result<()> {
         // Once more with a masking rule on the column pgbench -S reads.
         std::fs::write(
             dir.join("policy.toml"),
-            "[[rule]]\nid = \"bench\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\naction = \"allow\"\n\n\
+            format!("{BENCH_POLICY}\n\
              [[rule]]\nid = \"mask-balance\"\non = \"statement\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\n\
-             action = \"mask\"\ncolumns = [\"abalance\"]\nstrategy = \"redact\"\n",
+             action = \"mask\"\ncolumns = [\"abalance\"]\nstrategy = \"redact\"\n"),
         )?;
         agent.reload()?;
         for mode in ["simple", "prepared"] {

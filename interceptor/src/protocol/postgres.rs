@@ -118,6 +118,29 @@ pub struct Statement {
     pub error: Option<String>,
 }
 
+impl Statement {
+    /// A statement not yet numbered (see [`Batch::push`]) nor answered.
+    fn new(kind: &str, name: Option<String>, text: String, class: Class) -> Self {
+        Statement {
+            seq: 0,
+            at: rfc3339_micros(now_micros()),
+            kind: kind.into(),
+            name,
+            text,
+            class,
+            tables: Vec::new(),
+            decision: None,
+            rule: None,
+            masked: 0,
+            parameters: None,
+            duration_us: None,
+            tags: Vec::new(),
+            rows: None,
+            error: None,
+        }
+    }
+}
+
 /// What the startup message said.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Startup {
@@ -201,6 +224,15 @@ struct Shapes {
     plan: Option<Plan>,
 }
 
+impl Batch {
+    /// Numbers `st` and queues it until the server's ReadyForQuery.
+    fn push(&mut self, mut st: Statement) {
+        st.seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.push_back((st, Instant::now()));
+    }
+}
+
 fn bounded_insert<V>(map: &mut HashMap<String, V>, k: String, v: V) {
     if map.len() >= MAX_NAMES && !map.contains_key(&k) {
         map.clear();
@@ -257,29 +289,12 @@ impl State {
             None => self.classified(text),
         };
         let decision = self.decide(&c, text);
-        let mut b = self.batch();
-        let seq = b.next_seq;
-        b.next_seq += 1;
-        b.pending.push_back((
-            Statement {
-                seq,
-                at: rfc3339_micros(now_micros()),
-                kind: kind.into(),
-                name,
-                text: redacted,
-                class: c.class,
-                tables: c.tables,
-                decision: decision.as_ref().map(|d| d.action),
-                rule: decision.as_ref().map(|d| d.rule.clone()),
-                masked: 0,
-                parameters: None,
-                duration_us: None,
-                tags: Vec::new(),
-                rows: None,
-                error: None,
-            },
-            Instant::now(),
-        ));
+        self.batch().push(Statement {
+            tables: c.tables,
+            decision: decision.as_ref().map(|d| d.action),
+            rule: decision.as_ref().map(|d| d.rule.clone()),
+            ..Statement::new(kind, name, redacted, c.class)
+        });
         decision.filter(|d| d.action != Action::Allow)
     }
 
@@ -344,28 +359,11 @@ impl State {
             .stmt_class
             .get(&stmt)
             .map_or(Class::Unknown, |c| c.class);
-        let seq = b.next_seq;
-        b.next_seq += 1;
-        b.pending.push_back((
-            Statement {
-                seq,
-                at: rfc3339_micros(now_micros()),
-                kind: "bind".into(),
-                text: format!("<bind to statement \"{stmt}\">"),
-                name: Some(stmt),
-                class,
-                tables: Vec::new(),
-                decision: None,
-                rule: None,
-                masked: 0,
-                parameters: Some(params),
-                duration_us: None,
-                tags: Vec::new(),
-                rows: None,
-                error: None,
-            },
-            Instant::now(),
-        ));
+        let text = format!("<bind to statement \"{stmt}\">");
+        b.push(Statement {
+            parameters: Some(params),
+            ..Statement::new("bind", Some(stmt), text, class)
+        });
     }
 
     /// Whether mask rules apply to this connection at all.
