@@ -91,7 +91,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         masker: Arc::new(masker(&config)?),
     });
     let policy = proxy.policy.clone();
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = config.agent.worker_threads();
     let workers = Arc::new(
         proxy
             .start_workers(threads)

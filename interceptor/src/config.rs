@@ -118,6 +118,20 @@ pub struct AgentSection {
     /// Time to wait for an upstream connect, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub upstream_connect_timeout_ms: u64,
+    /// Data-plane threads (default: one per CPU). Fewer leave more of the
+    /// node to the workloads; each connection stays on one thread.
+    #[serde(default)]
+    pub workers: Option<std::num::NonZeroUsize>,
+}
+
+impl AgentSection {
+    /// How many data-plane threads to run.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            std::num::NonZeroUsize::get,
+        )
+    }
 }
 
 fn default_proxy_port() -> u16 {

@@ -371,7 +371,8 @@ impl Policy {
         c: &Classification,
         text: &str,
     ) -> Decision {
-        let text = text.to_lowercase();
+        // Lowercased only if a rule with patterns gets that far.
+        let lower = std::cell::OnceCell::new();
         let applies = |rule: &&Rule| {
             if rule.on != Scope::Statement
                 || rule.action == Action::Mask
@@ -382,9 +383,11 @@ impl Policy {
             if !rule.classes.is_empty() && !rule.classes.contains(&c.class) {
                 return false;
             }
-            if !rule.patterns.is_empty() && !rule.patterns.iter().any(|p| text.contains(p.as_str()))
-            {
-                return false;
+            if !rule.patterns.is_empty() {
+                let text = lower.get_or_init(|| text.to_lowercase());
+                if !rule.patterns.iter().any(|p| text.contains(p.as_str())) {
+                    return false;
+                }
             }
             if rule.tables.is_empty() {
                 return true;

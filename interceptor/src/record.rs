@@ -102,13 +102,22 @@ pub fn rfc3339_micros(us: u64) -> String {
     let secs = us / 1_000_000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        us % 1_000_000
-    )
+    // Written digit by digit: this runs for every recorded statement.
+    let mut out = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y.clamp(0, 9999) as u64);
+    put(5, 2, m.into());
+    put(8, 2, d.into());
+    put(11, 2, rem / 3600);
+    put(14, 2, rem / 60 % 60);
+    put(17, 2, rem % 60);
+    put(20, 6, us % 1_000_000);
+    out.iter().map(|&b| b as char).collect()
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
@@ -341,11 +350,14 @@ impl Store for SledStore {
                 Record::Session(s) => sessions.insert(&s.id.0.to_be_bytes(), encode(s)),
                 Record::Statements(id, list) => {
                     // One record per chunk of statements (keyed by its first
-                    // seq): far fewer tree updates than one per statement.
-                    let Some(first) = list.first() else { continue };
-                    let mut key = id.0.to_be_bytes().to_vec();
-                    key.extend_from_slice(&first.seq.to_be_bytes());
-                    statements.insert(key, serde_json::to_vec(list).expect("statements serialize"));
+                    // seq): far fewer tree updates than one per statement,
+                    // and small enough to stay inside sled's log.
+                    for chunk in list.chunks(STATEMENTS_PER_RECORD) {
+                        let mut key = id.0.to_be_bytes().to_vec();
+                        key.extend_from_slice(&chunk[0].seq.to_be_bytes());
+                        let value = serde_json::to_vec(chunk).expect("statements serialize");
+                        statements.insert(key, value);
+                    }
                 }
             }
         }
@@ -406,6 +418,10 @@ impl Store for SledStore {
 const CHANNEL: usize = 8192;
 /// Most records applied in one batch.
 const BATCH: usize = 1024;
+/// Most statements stored under one key.
+const STATEMENTS_PER_RECORD: usize = 64;
+/// Shortest time between two fsyncs of the store.
+const COMMIT_GAP: Duration = Duration::from_millis(50);
 
 /// The data path's handle: cheap to clone, never blocks on disk.
 #[derive(Clone)]
@@ -459,20 +475,31 @@ impl Recorder {
     }
 }
 
-/// Applies records in batches and makes each batch durable before taking
-/// the next (group commit: records that arrive during an fsync form the next
-/// batch). A failed write is retried, never dropped.
+/// Applies records in batches and makes them durable at most every
+/// [`COMMIT_GAP`] (group commit: what arrives meanwhile is applied and joins
+/// the next fsync), so a busy agent pays for a few fsyncs a second, not one
+/// per batch. A failed write is retried, never dropped.
 async fn write_loop(rx: &mut mpsc::Receiver<Record>, store: &dyn Store) {
     let mut buf = Vec::with_capacity(BATCH);
+    let mut last_flush = tokio::time::Instant::now() - COMMIT_GAP;
     while rx.recv_many(&mut buf, BATCH).await > 0 {
-        while let Err(e) = store.put_batch(&buf) {
-            tracing::error!(error = %e, records = buf.len(), "writing sessions failed; retrying");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let due = last_flush + COMMIT_GAP;
+        loop {
+            while let Err(e) = store.put_batch(&buf) {
+                tracing::error!(error = %e, records = buf.len(), "writing sessions failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            buf.clear();
+            // Until the fsync is due, keep applying what arrives.
+            match tokio::time::timeout_at(due, rx.recv_many(&mut buf, BATCH)).await {
+                Ok(n) if n > 0 => continue,
+                _ => break,
+            }
         }
-        buf.clear();
         if let Err(e) = store.flush() {
             tracing::error!(error = %e, "flushing the session store failed");
         }
+        last_flush = tokio::time::Instant::now();
     }
 }
 

@@ -10,11 +10,10 @@ const SECRET_BEFORE: &[&[&str]] = &[&["password"], &["identified", "by"]];
 
 /// `text` with secret literals replaced by `'***'`.
 pub fn redact_sql(text: &str) -> String {
-    let lower = text.to_ascii_lowercase();
-    if !lower.contains("password") && !lower.contains("identified") {
+    if !contains_ignore_case(text, "password") && !contains_ignore_case(text, "identified") {
         return text.to_owned();
     }
-    let tokens = tokenize(text);
+    let tokens: Vec<Token> = Tokens::new(text).collect();
     let mut out = String::with_capacity(text.len());
     let mut last = 0;
     for (i, t) in tokens.iter().enumerate() {
@@ -46,12 +45,26 @@ pub fn redact_sql(text: &str) -> String {
     out
 }
 
+/// Whether `hay` contains the lowercase ASCII `needle`, in any case.
+fn contains_ignore_case(hay: &str, needle: &str) -> bool {
+    hay.as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
 /// `text` with every literal (string, dollar-quoted, number) replaced by
 /// `?` and comments and runs of whitespace by one space: statements that
 /// differ only in their values share a fingerprint, and so a classification.
 pub fn fingerprint(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    for t in tokenize(text) {
+    fingerprint_into(text, &mut out);
+    out
+}
+
+/// [`fingerprint`] into `out` (cleared first), so a caller can reuse one buffer.
+pub fn fingerprint_into(text: &str, out: &mut String) {
+    out.clear();
+    for t in Tokens::new(text) {
         let s = &text[t.start..t.end];
         match t.kind {
             Kind::Str => out.push('?'),
@@ -60,7 +73,6 @@ pub fn fingerprint(text: &str) -> String {
             _ => out.push_str(s),
         }
     }
-    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,97 +92,116 @@ struct Token {
 /// Splits SQL into words, string literals ('…' with '' escapes, E'…',
 /// $tag$…$tag$), whitespace and comments (both counted as space), and
 /// single other characters.
-fn tokenize(s: &str) -> Vec<Token> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let start = i;
-        let kind = match b[i] {
-            c if c.is_ascii_whitespace() => {
-                while i < b.len() && b[i].is_ascii_whitespace() {
-                    i += 1;
-                }
-                Kind::Space
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-                Kind::Space
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
-                    i += 1;
-                }
-                i = (i + 2).min(b.len());
-                Kind::Space
-            }
-            b'\'' | b'"' => {
-                let q = b[i];
-                i += 1;
-                while i < b.len() {
-                    if b[i] == b'\\'
-                        && q == b'\''
-                        && start > 0
-                        && matches!(b[start - 1], b'e' | b'E')
-                    {
-                        i += 2;
-                        continue;
+struct Tokens<'a> {
+    s: &'a str,
+    i: usize,
+}
+
+impl<'a> Tokens<'a> {
+    fn new(s: &'a str) -> Self {
+        Tokens { s, i: 0 }
+    }
+}
+
+impl Iterator for Tokens<'_> {
+    type Item = Token;
+
+    fn next(&mut self) -> Option<Token> {
+        let (s, b) = (self.s, self.s.as_bytes());
+        let mut i = self.i;
+        if i >= b.len() {
+            return None;
+        }
+        let mut start = i;
+        let kind = loop {
+            break match b[i] {
+                c if c.is_ascii_whitespace() => {
+                    while i < b.len() && b[i].is_ascii_whitespace() {
+                        i += 1;
                     }
-                    if b[i] == q {
-                        if b.get(i + 1) == Some(&q) {
+                    Kind::Space
+                }
+                b'-' if b.get(i + 1) == Some(&b'-') => {
+                    while i < b.len() && b[i] != b'\n' {
+                        i += 1;
+                    }
+                    Kind::Space
+                }
+                b'/' if b.get(i + 1) == Some(&b'*') => {
+                    i += 2;
+                    while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                        i += 1;
+                    }
+                    i = (i + 2).min(b.len());
+                    Kind::Space
+                }
+                b'\'' | b'"' => {
+                    let q = b[i];
+                    i += 1;
+                    while i < b.len() {
+                        if b[i] == b'\\'
+                            && q == b'\''
+                            && start > 0
+                            && matches!(b[start - 1], b'e' | b'E')
+                        {
                             i += 2;
                             continue;
                         }
-                        break;
+                        if b[i] == q {
+                            if b.get(i + 1) == Some(&q) {
+                                i += 2;
+                                continue;
+                            }
+                            break;
+                        }
+                        i += 1;
                     }
-                    i += 1;
+                    i = (i + 1).min(b.len());
+                    if q == b'\'' {
+                        Kind::Str
+                    } else {
+                        Kind::Word
+                    }
                 }
-                i = (i + 1).min(b.len());
-                if q == b'\'' {
-                    Kind::Str
-                } else {
+                b'$' => match dollar_tag(&s[i..]) {
+                    Some(tag) => {
+                        let body = i + tag.len();
+                        i = s[body..]
+                            .find(tag)
+                            .map_or(b.len(), |e| body + e + tag.len());
+                        Kind::Str
+                    }
+                    None => {
+                        i += 1;
+                        Kind::Other
+                    }
+                },
+                c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
+                    while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
+                    {
+                        i += 1;
+                    }
+                    // E'…' string: the literal starts at the quote (which
+                    // is how its backslash escapes are recognised).
+                    if i - start == 1 && matches!(b[start], b'e' | b'E') && b.get(i) == Some(&b'\'') {
+                        start = i;
+                        continue;
+                    }
                     Kind::Word
                 }
-            }
-            b'$' => match dollar_tag(&s[i..]) {
-                Some(tag) => {
-                    let body = i + tag.len();
-                    i = s[body..]
-                        .find(tag)
-                        .map_or(b.len(), |e| body + e + tag.len());
-                    Kind::Str
-                }
-                None => {
-                    i += 1;
+                _ => {
+                    i += s[i..].chars().next().map_or(1, char::len_utf8);
                     Kind::Other
                 }
-            },
-            c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
-                {
-                    i += 1;
-                }
-                // E'…' string: the E belongs to the literal that follows.
-                if i - start == 1 && matches!(b[start], b'e' | b'E') && b.get(i) == Some(&b'\'') {
-                    continue;
-                }
-                Kind::Word
-            }
-            _ => {
-                i += s[i..].chars().next().map_or(1, char::len_utf8);
-                Kind::Other
-            }
+            };
         };
-        out.push(Token {
+        self.i = i;
+        Some(Token {
             kind,
             start,
             end: i,
-        });
+        })
     }
-    out
 }
 
 /// `$tag$` at the start of `s` (tag empty or an identifier).

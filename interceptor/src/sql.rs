@@ -10,7 +10,7 @@
 //! `set_config`, …) make a statement `admin`. A message with several
 //! statements takes the class of the worst one.
 
-use std::{collections::BTreeSet, fmt, ops::ControlFlow};
+use std::{collections::BTreeSet, fmt, ops::ControlFlow, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use sqlparser::{
@@ -48,8 +48,9 @@ impl fmt::Display for Class {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Classification {
     pub class: Class,
-    /// Tables and views named, lowercased, as written (schema-qualified or not).
-    pub tables: Vec<String>,
+    /// Tables and views named, lowercased, as written (schema-qualified or
+    /// not). Shared: every statement with this classification records them.
+    pub tables: Arc<[String]>,
     /// How many statements the text held (0 when it did not parse).
     pub statements: usize,
     /// Why the text is `unknown`, when it did not parse.
@@ -96,7 +97,7 @@ pub fn classify(sql: &str) -> Classification {
         Err(e) => {
             return Classification {
                 class: Class::Unknown,
-                tables: Vec::new(),
+                tables: Arc::new([]),
                 statements: 0,
                 parse_error: Some(e.to_string()),
             }
@@ -354,8 +355,8 @@ mod tests {
     fn tables_are_listed() {
         let c = classify("select * from public.Orders o join \"Line Items\" l on true; delete from billing.invoices");
         assert_eq!(
-            c.tables,
-            vec!["billing.invoices", "line items", "public.orders"]
+            &c.tables[..],
+            ["billing.invoices", "line items", "public.orders"]
         );
         assert_eq!(c.statements, 2);
     }

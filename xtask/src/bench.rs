@@ -247,11 +247,7 @@ fn median(rounds: Vec<Vec<(String, f64)>>) -> Vec<(String, f64)> {
     };
     first
         .iter()
-        .map(|(k, _)| {
-            let mut v: Vec<f64> = rounds.iter().map(|r| get(r, k)).collect();
-            v.sort_by(f64::total_cmp);
-            (k.clone(), v[v.len() / 2])
-        })
+        .map(|(k, _)| (k.clone(), middle(rounds.iter().map(|r| get(r, k)).collect())))
         .collect()
 }
 
@@ -558,21 +554,26 @@ fn postgres() -> Result<()> {
         )?;
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
         println!(
-            "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, same run)\n"
+            "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, \
+             same run, median of {ROUNDS} alternating rounds)\n"
         );
         println!(
             "{:<22} {:>12} | {:>20} | {:>20}",
             "mode, clients", "direct tps", "agent (vs direct)", "pgbouncer (vs direct)"
         );
+        let bouncer_conn = conn.replace(
+            &format!("port={}", db.port),
+            &format!("port={}", bouncer.port),
+        );
         for mode in ["simple", "extended", "prepared"] {
             for clients in [1, 8] {
-                let direct = pgbench(None, &conn, mode, clients)?;
-                let via_agent = pgbench(Some((&agent, &config)), &conn, mode, clients)?;
-                let bouncer_conn = conn.replace(
-                    &format!("port={}", db.port),
-                    &format!("port={}", bouncer.port),
-                );
-                let via_bouncer = pgbench(None, &bouncer_conn, mode, clients)?;
+                let (mut d, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..ROUNDS {
+                    d.push(pgbench(None, &conn, mode, clients)?);
+                    a.push(pgbench(Some((&agent, &config)), &conn, mode, clients)?);
+                    b.push(pgbench(None, &bouncer_conn, mode, clients)?);
+                }
+                let (direct, via_agent, via_bouncer) = (middle(d), middle(a), middle(b));
                 println!(
                     "{:<22} {:>12.0} | {:>11.0} {:>8} | {:>11.0} {:>8}",
                     format!("{mode}, {clients}"),
@@ -593,8 +594,12 @@ fn postgres() -> Result<()> {
         )?;
         agent.reload()?;
         for mode in ["simple", "prepared"] {
-            let direct = pgbench(None, &conn, mode, 8)?;
-            let masked = pgbench(Some((&agent, &config)), &conn, mode, 8)?;
+            let (mut d, mut m) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                d.push(pgbench(None, &conn, mode, 8)?);
+                m.push(pgbench(Some((&agent, &config)), &conn, mode, 8)?);
+            }
+            let (direct, masked) = (middle(d), middle(m));
             println!(
                 "{:<22} {:>12.0} | {:>11.0} {:>8} | {:>20}",
                 format!("{mode}, 8, masking"),
@@ -610,6 +615,12 @@ fn postgres() -> Result<()> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// The median of a few runs.
+fn middle(mut runs: Vec<f64>) -> f64 {
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
 }
 
 /// Runs pgbench (through the agent when given) and returns its tps.

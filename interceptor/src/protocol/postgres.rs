@@ -23,6 +23,7 @@
 //! state and the extended protocol's skip-until-Sync are the server's own.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, VecDeque},
     io,
     sync::{Arc, Mutex, MutexGuard},
@@ -88,8 +89,8 @@ fn malformed(side: &'static str, what: impl Into<String>) -> PgError {
 pub struct Statement {
     pub seq: u32,
     pub at: String,
-    /// `query` (simple protocol) or `parse` (extended protocol).
-    pub kind: String,
+    /// `query` (simple protocol), `parse` (extended protocol), `bind` or `function`.
+    pub kind: Cow<'static, str>,
     /// Prepared statement name (extended protocol; empty = unnamed).
     pub name: Option<String>,
     /// Statement text with secrets redacted.
@@ -98,7 +99,7 @@ pub struct Statement {
     pub class: Class,
     /// Tables and views it names.
     #[serde(default)]
-    pub tables: Vec<String>,
+    pub tables: Arc<[String]>,
     /// `allow` or `deny`, and the rule that decided.
     pub decision: Option<Action>,
     pub rule: Option<String>,
@@ -120,15 +121,15 @@ pub struct Statement {
 
 impl Statement {
     /// A statement not yet numbered (see [`Batch::push`]) nor answered.
-    fn new(kind: &str, name: Option<String>, text: String, class: Class) -> Self {
+    fn new(kind: &'static str, name: Option<String>, text: String, class: Class) -> Self {
         Statement {
             seq: 0,
             at: rfc3339_micros(now_micros()),
-            kind: kind.into(),
+            kind: Cow::Borrowed(kind),
             name,
             text,
             class,
-            tables: Vec::new(),
+            tables: Arc::default(),
             decision: None,
             rule: None,
             masked: 0,
@@ -177,8 +178,24 @@ pub struct State {
     batch: Mutex<Batch>,
     startup: Mutex<Startup>,
     gate: Option<Gate>,
-    /// Statement fingerprint → classification.
-    seen: Mutex<std::collections::HashMap<String, Classification>>,
+    seen: Mutex<Seen>,
+    /// The policy last consulted, and what it said of this connection.
+    flags: Mutex<Option<(Arc<Policy>, Flags)>>,
+}
+
+/// Per-connection answers of one policy.
+#[derive(Debug, Clone, Copy, Default)]
+struct Flags {
+    masking: bool,
+    record_parameters: bool,
+}
+
+/// Classifications by statement fingerprint, and the buffer fingerprints
+/// are written into (so a cache hit allocates nothing).
+#[derive(Default)]
+struct Seen {
+    by_fingerprint: HashMap<String, Arc<Classification>>,
+    key: String,
 }
 
 /// Who is speaking to what, and the policy that decides their statements.
@@ -217,7 +234,7 @@ struct Shapes {
     describes: VecDeque<Described>,
     executes: VecDeque<String>,
     portal_stmt: HashMap<String, String>,
-    stmt_class: HashMap<String, Classification>,
+    stmt_class: HashMap<String, Arc<Classification>>,
     stmt_cols: HashMap<String, Arc<Vec<Column>>>,
     portal_cols: HashMap<String, Arc<Vec<Column>>>,
     /// Plan of the rows now arriving, once known.
@@ -279,45 +296,59 @@ impl State {
     /// not allowed.
     fn statement(
         &self,
-        kind: &str,
+        kind: &'static str,
         name: Option<String>,
         text: &str,
-        class: Option<Classification>,
+        class: Option<Arc<Classification>>,
     ) -> Option<Decision> {
-        let (c, redacted) = match class {
-            Some(c) => (c, crate::redact::redact_sql(text)),
-            None => self.classified(text),
-        };
+        let c = class.unwrap_or_else(|| self.classified(text));
         let decision = self.decide(&c, text);
-        self.batch().push(Statement {
-            tables: c.tables,
-            decision: decision.as_ref().map(|d| d.action),
-            rule: decision.as_ref().map(|d| d.rule.clone()),
-            ..Statement::new(kind, name, redacted, c.class)
-        });
+        let (action, rule) = match &decision {
+            Some(d) => (Some(d.action), Some(d.rule.clone())),
+            None => (None, None),
+        };
+        self.push(kind, name, text, &c, action, rule);
         decision.filter(|d| d.action != Action::Allow)
     }
 
-    /// Classification and redacted text of `text`. Classifications are
-    /// cached by fingerprint (the text without its values), since drivers
-    /// send the same statements with different values over and over.
-    fn classified(&self, text: &str) -> (Classification, String) {
-        let key = crate::redact::fingerprint(text);
-        let class = {
-            let mut seen = lock(&self.seen);
-            match seen.get(&key) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = classify(text);
-                    if seen.len() >= CLASS_CACHE {
-                        seen.clear();
-                    }
-                    seen.insert(key, c.clone());
-                    c
-                }
-            }
+    /// Queues a statement's record until the server answers it.
+    fn push(
+        &self,
+        kind: &'static str,
+        name: Option<String>,
+        text: &str,
+        c: &Classification,
+        decision: Option<Action>,
+        rule: Option<String>,
+    ) {
+        let st = Statement {
+            tables: c.tables.clone(),
+            decision,
+            rule,
+            ..Statement::new(kind, name, crate::redact::redact_sql(text), c.class)
         };
-        (class, crate::redact::redact_sql(text))
+        self.batch().push(st);
+    }
+
+    /// Classification of `text`, cached by fingerprint (the text without
+    /// its values), since drivers send the same statements with different
+    /// values over and over.
+    fn classified(&self, text: &str) -> Arc<Classification> {
+        let mut seen = lock(&self.seen);
+        let Seen {
+            by_fingerprint,
+            key,
+        } = &mut *seen;
+        crate::redact::fingerprint_into(text, key);
+        if let Some(c) = by_fingerprint.get(key.as_str()) {
+            return c.clone();
+        }
+        let c = Arc::new(classify(text));
+        if by_fingerprint.len() >= CLASS_CACHE {
+            by_fingerprint.clear();
+        }
+        by_fingerprint.insert(key.clone(), c.clone());
+        c
     }
 
     /// ReadyForQuery: everything pending is complete.
@@ -328,12 +359,18 @@ impl State {
         b.shapes.executes.clear();
         b.shapes.plan = None;
         let masked = std::mem::take(&mut b.masked);
-        let tags = std::mem::take(&mut b.tags);
+        let mut tags = std::mem::take(&mut b.tags);
         let error = b.error.take();
         let rows = tags.last().and_then(|t| t.rsplit(' ').next()?.parse().ok());
+        let now = Instant::now();
         while let Some((mut s, started)) = b.pending.pop_front() {
-            s.duration_us = Some(started.elapsed().as_micros() as u64);
-            s.tags = tags.clone();
+            s.duration_us = Some(now.duration_since(started).as_micros() as u64);
+            // The last statement of the batch takes the tags; others copy them.
+            s.tags = if b.pending.is_empty() {
+                std::mem::take(&mut tags)
+            } else {
+                tags.clone()
+            };
             s.rows = rows;
             s.error = error.clone();
             s.masked = masked;
@@ -343,9 +380,28 @@ impl State {
 
     /// Whether policy asks for Bind parameters to be recorded.
     fn recording_parameters(&self) -> bool {
-        self.gate
-            .as_ref()
-            .is_some_and(|g| g.policy.load().record_parameters)
+        self.policy_flags().record_parameters
+    }
+
+    /// What the current policy says about this connection, worked out once
+    /// per policy (a reload is seen at the next message).
+    fn policy_flags(&self) -> Flags {
+        let Some(g) = &self.gate else {
+            return Flags::default();
+        };
+        let policy = g.policy.load();
+        let mut cached = lock(&self.flags);
+        match &*cached {
+            Some((p, f)) if Arc::ptr_eq(p, &policy) => *f,
+            _ => {
+                let f = Flags {
+                    masking: policy.masks(&g.workload, &g.target),
+                    record_parameters: policy.record_parameters,
+                };
+                *cached = Some((arc_swap::Guard::into_inner(policy), f));
+                f
+            }
+        }
     }
 
     /// Records a Bind with its parameter values.
@@ -368,9 +424,7 @@ impl State {
 
     /// Whether mask rules apply to this connection at all.
     fn masking(&self) -> bool {
-        self.gate
-            .as_ref()
-            .is_some_and(|g| g.policy.load().masks(&g.workload, &g.target))
+        self.policy_flags().masking
     }
 
     fn plan_for(&self, cols: Option<&[Column]>, class: Option<&Classification>) -> Option<Plan> {
@@ -459,7 +513,7 @@ impl State {
                                 None => (None, None),
                             }
                         };
-                        let plan = self.plan_for(cols.as_deref().map(|c| &c[..]), class.as_ref());
+                        let plan = self.plan_for(cols.as_deref().map(|c| &c[..]), class.as_deref());
                         // Remember it for the rest of this result.
                         self.batch().shapes.plan =
                             Some(plan.clone().unwrap_or_else(nothing_masked));
@@ -479,7 +533,7 @@ impl State {
     }
 
     /// Frontend bookkeeping of Parse/Bind/Describe/Execute for masking.
-    fn note_frontend(&self, ty: u8, body: &[u8], parsed: Option<(&str, Classification)>) {
+    fn note_frontend(&self, ty: u8, body: &[u8], parsed: Option<(&str, Arc<Classification>)>) {
         let mut b = self.batch();
         let sh = &mut b.shapes;
         match ty {
@@ -519,7 +573,9 @@ impl State {
 
     /// Completed statements since the last call.
     pub fn take_done(&self) -> Vec<Statement> {
-        std::mem::take(&mut self.batch().done)
+        let done = &mut self.batch().done;
+        let room = done.len();
+        std::mem::replace(done, Vec::with_capacity(room))
     }
 
     /// Statements still waiting for an answer (the connection ended first).
@@ -751,7 +807,7 @@ where
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let d = state.statement("parse", Some(name.into()), sql, None);
                     if masking || state.recording_parameters() {
-                        state.note_frontend(b'P', body, Some((name, state.classified(sql).0)));
+                        state.note_frontend(b'P', body, Some((name, state.classified(sql))));
                     }
                     d
                 }
@@ -760,7 +816,8 @@ where
                         return Err(malformed("client", "FunctionCall without a function"));
                     }
                     let text = format!("<fast-path function call, oid {}>", be32(body));
-                    state.statement("function", None, &text, Some(not_sql(&text, Class::Admin)))
+                    let c = Arc::new(not_sql(&text, Class::Admin));
+                    state.statement("function", None, &text, Some(c))
                 }
             };
             match denied {
@@ -775,7 +832,7 @@ where
             if matches!(ty, b'Q' | b'P') {
                 let text = format!("<statement of {total} bytes, too large to inspect>");
                 let kind = if ty == b'Q' { "query" } else { "parse" };
-                let c = not_sql(&text, Class::Unknown);
+                let c = Arc::new(not_sql(&text, Class::Unknown));
                 if let Some(d) = state.statement(kind, None, &text, Some(c)) {
                     buf.advance(have);
                     stream_rest(r, &mut tokio::io::sink(), total - have, &mut scratch).await?;
@@ -793,7 +850,7 @@ where
 fn not_sql(text: &str, class: Class) -> Classification {
     Classification {
         class,
-        tables: Vec::new(),
+        tables: Arc::default(),
         statements: 0,
         parse_error: Some(text.into()),
     }
