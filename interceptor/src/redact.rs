@@ -177,13 +177,15 @@ impl Iterator for Tokens<'_> {
                     }
                 },
                 c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
-                    while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
+                    while i < b.len()
+                        && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
                     {
                         i += 1;
                     }
                     // E'…' string: the literal starts at the quote (which
                     // is how its backslash escapes are recognised).
-                    if i - start == 1 && matches!(b[start], b'e' | b'E') && b.get(i) == Some(&b'\'') {
+                    if i - start == 1 && matches!(b[start], b'e' | b'E') && b.get(i) == Some(&b'\'')
+                    {
                         start = i;
                         continue;
                     }

@@ -981,6 +981,24 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Recorded statement events of `kind` (`bind`, `function`…) in all sessions.
+fn events_of_kind(agent: &Agent, kind: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for x in agent.sessions() {
+        let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        out.extend(
+            v["statement_events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["kind"] == kind)
+                .cloned(),
+        );
+    }
+    out
+}
+
 #[test]
 fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     let (dir, db, agent) = postgres_and_agent("pglibs");
@@ -1019,6 +1037,13 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
         serde_json::json!([["42", "x", "2.50"]])
     );
     assert_eq!(v["asyncpg"]["error"], "42P01");
+    assert_eq!(v["asyncpg"]["notify"], "hello through the agent");
+    assert_eq!(v["asyncpg"]["notice"], "a notice");
+    assert_eq!(
+        v["asyncpg"]["cursor"],
+        serde_json::json!((1..=30).collect::<Vec<_>>())
+    );
+    assert_eq!(v["asyncpg"]["parameter_status"], "icpt-libs");
     assert_eq!(v["pg8000"]["error"], "22012");
     assert_eq!(v["pg8000"]["after_error"], "still usable");
 
@@ -1055,6 +1080,36 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     let back = psql("copy big to stdout");
     assert_eq!(back.len(), data.len());
     assert!(back == data, "COPY TO STDOUT differs from what went in");
+
+    // Fast-path function calls: libpq's large-object functions (lo_creat,
+    // lo_open, lowrite, loread…) travel as FunctionCall messages.
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 31 + i / 977) as u8).collect();
+    let (blob_in, blob_out) = (dir.join("blob.in"), dir.join("blob.out"));
+    std::fs::write(&blob_in, &blob).unwrap();
+    let imported = String::from_utf8(psql(&format!("\\lo_import {}", blob_in.display()))).unwrap();
+    let oid = imported
+        .trim()
+        .strip_prefix("lo_import ")
+        .unwrap_or_else(|| panic!("psql said {imported:?}"));
+    psql(&format!("\\lo_export {oid} {}", blob_out.display()));
+    assert!(
+        std::fs::read(&blob_out).unwrap() == blob,
+        "large object read back through the agent differs"
+    );
+    psql(&format!("select lo_unlink({oid})"));
+    let mut calls = Vec::new();
+    for _ in 0..50 {
+        calls = events_of_kind(&agent, "function");
+        if !calls.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        calls.iter().any(|c| c["class"] == "admin"
+            && s(&c["text"]).starts_with("<fast-path function call, oid ")),
+        "fast-path calls not recorded: {calls:?}"
+    );
 
     // Masking: by column, in text (psql) and binary (asyncpg) formats, for
     // simple queries and for prepared statements executed again without a
@@ -1125,22 +1180,7 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     assert!(masked >= 8, "{masked} masked values recorded");
 
     // Bind parameters are recorded only when the policy asks for it.
-    let bound = |agent: &Agent| -> Vec<serde_json::Value> {
-        let mut out = Vec::new();
-        for x in agent.sessions() {
-            let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-            out.extend(
-                v["statement_events"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|e| e["kind"] == "bind")
-                    .cloned(),
-            );
-        }
-        out
-    };
+    let bound = |agent: &Agent| events_of_kind(agent, "bind");
     assert!(
         bound(&agent).is_empty(),
         "parameters recorded without being asked"

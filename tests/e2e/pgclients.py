@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Two PostgreSQL client libraries that speak the extended query protocol
-(asyncpg: binary formats, named prepared statements, pipelining; pg8000:
-pure Python, unnamed statements), run unmodified against HOST PORT. Prints
+(asyncpg: binary formats, named prepared statements, pipelining, cursors
+with row limits, LISTEN/NOTIFY, notices; pg8000: pure Python, unnamed
+statements), run unmodified against HOST PORT. Prints
 one JSON object with what they read, for the Rust test to compare direct
 and through the agent.
 
@@ -38,6 +39,27 @@ async def with_asyncpg(host, port, user, password):
         except asyncpg.UndefinedTableError as e:
             out["error"] = e.sqlstate
         out["after_error"] = await conn.fetchval("select 'still usable'")
+
+        # Asynchronous messages between results: NotificationResponse
+        # (LISTEN/NOTIFY) and NoticeResponse.
+        loop = asyncio.get_running_loop()
+        notified, noticed = loop.create_future(), loop.create_future()
+        await conn.add_listener(
+            "icpt_chan",
+            lambda _c, _pid, _ch, payload: notified.done() or notified.set_result(payload))
+        conn.add_log_listener(lambda _c, msg: noticed.done() or noticed.set_result(msg.message))
+        await conn.execute("NOTIFY icpt_chan, 'hello through the agent'")
+        out["notify"] = await asyncio.wait_for(notified, 10)
+        await conn.execute("DO $$ BEGIN RAISE NOTICE 'a notice'; END $$")
+        out["notice"] = await asyncio.wait_for(noticed, 10)
+        # Row limits: a cursor fetches 7 rows per Execute, the server
+        # answering PortalSuspended in between.
+        async with conn.transaction():
+            out["cursor"] = [r[0] async for r in conn.cursor(
+                "select g from generate_series(1, 30) g", prefetch=7)]
+        # ParameterStatus: the server reports a changed setting.
+        await conn.execute("set application_name = 'icpt-libs'")
+        out["parameter_status"] = conn.get_settings().application_name
         return out
     finally:
         await conn.close()

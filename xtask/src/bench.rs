@@ -247,7 +247,12 @@ fn median(rounds: Vec<Vec<(String, f64)>>) -> Vec<(String, f64)> {
     };
     first
         .iter()
-        .map(|(k, _)| (k.clone(), middle(rounds.iter().map(|r| get(r, k)).collect())))
+        .map(|(k, _)| {
+            (
+                k.clone(),
+                middle(rounds.iter().map(|r| get(r, k)).collect()),
+            )
+        })
         .collect()
 }
 
