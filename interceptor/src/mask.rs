@@ -17,6 +17,46 @@ pub fn text_like(type_oid: u32) -> bool {
     TEXT_LIKE.contains(&type_oid)
 }
 
+/// Built-in PostgreSQL types a mask rule can name in `types`, with the
+/// names PostgreSQL itself accepts for them, and their OIDs.
+const TYPES: &[(&[&str], u32)] = &[
+    (&["text"], 25),
+    (&["varchar", "character varying"], 1043),
+    (&["bpchar", "char", "character"], 1042),
+    (&["name"], 19),
+    (&["json"], 114),
+    (&["jsonb"], 3802),
+    (&["xml"], 142),
+    (&["uuid"], 2950),
+    (&["bytea"], 17),
+    (&["bool", "boolean"], 16),
+    (&["int2", "smallint"], 21),
+    (&["int4", "integer", "int"], 23),
+    (&["int8", "bigint"], 20),
+    (&["numeric", "decimal"], 1700),
+    (&["float4", "real"], 700),
+    (&["float8", "double precision"], 701),
+    (&["money"], 790),
+    (&["date"], 1082),
+    (&["time"], 1083),
+    (&["timestamp"], 1114),
+    (&["timestamptz"], 1184),
+    (&["interval"], 1186),
+    (&["inet"], 869),
+    (&["cidr"], 650),
+    (&["macaddr"], 829),
+    (&["oid"], 26),
+];
+
+/// The OID of the built-in type called `name` (any case), if there is one.
+pub fn type_oid(name: &str) -> Option<u32> {
+    let name = name.to_ascii_lowercase();
+    TYPES
+        .iter()
+        .find(|(names, _)| names.contains(&name.as_str()))
+        .map(|&(_, oid)| oid)
+}
+
 /// Masks values with a per-agent key.
 pub struct Masker {
     key: [u8; 32],

@@ -5,9 +5,10 @@
 //! rule that made it. Deny wins over allow; no matching rule falls back to the
 //! file's defaults, which themselves default to deny (fail closed).
 //!
-//! Rules carry `on = "connect"` today; `on = "statement"` (SQL classes, tables,
-//! patterns) and the `review` action are reserved for the protocol handlers
-//! and just-in-time approval, and are rejected with a clear message until then.
+//! Rules apply to connects, or with `on = "statement"` to the statements of
+//! protocol targets (SQL classes, tables, patterns; `mask` rules choose result
+//! columns by name and type). The `review` action (just-in-time approval) is
+//! reserved and rejected with a clear message until it lands.
 
 use std::{fmt, path::PathBuf};
 
@@ -23,7 +24,7 @@ use crate::{
 pub enum Action {
     Allow,
     Deny,
-    /// Reserved: statement-level masking.
+    /// Statement rules: mask result columns.
     Mask,
     /// Reserved: just-in-time approval by another identity.
     Review,
@@ -105,6 +106,9 @@ struct RawRule {
     /// Mask rules: result column name globs.
     #[serde(default)]
     columns: Option<toml::Spanned<Vec<String>>>,
+    /// Mask rules: result column types matched (none = any), by name.
+    #[serde(default)]
+    types: Option<toml::Spanned<Vec<String>>>,
     /// Mask rules: how values are masked.
     #[serde(default)]
     strategy: Option<toml::Spanned<Strategy>>,
@@ -149,6 +153,8 @@ pub struct Rule {
     pub patterns: Vec<String>,
     /// Mask rules: lowercased column globs.
     pub columns: Vec<String>,
+    /// Mask rules: OIDs of the column types matched (empty = any).
+    pub types: Vec<u32>,
     pub strategy: Option<Strategy>,
     pub keep: usize,
     /// Empty means every workload (`"*"`).
@@ -270,6 +276,7 @@ impl Policy {
                 ("tables", r.tables.as_ref().map(|c| c.span())),
                 ("patterns", r.patterns.as_ref().map(|c| c.span())),
                 ("columns", r.columns.as_ref().map(|c| c.span())),
+                ("types", r.types.as_ref().map(|c| c.span())),
                 ("strategy", r.strategy.as_ref().map(|c| c.span())),
             ];
             if on == Scope::Connect {
@@ -297,12 +304,25 @@ impl Policy {
                     }
                 }
             }
-            if r.action.get_ref() != &Action::Mask && (r.columns.is_some() || r.strategy.is_some())
+            if r.action.get_ref() != &Action::Mask
+                && (r.columns.is_some() || r.strategy.is_some() || r.types.is_some())
             {
                 return Err(src.error_at(
                     Some(r.action.span()),
-                    format!("rule `{id}`: `columns` and `strategy` belong to `action = \"mask\"`"),
+                    format!("rule `{id}`: `columns`, `types` and `strategy` belong to `action = \"mask\"`"),
                 ));
+            }
+            let mut types = Vec::new();
+            if let Some(t) = &r.types {
+                for name in t.get_ref() {
+                    let Some(oid) = crate::mask::type_oid(name) else {
+                        return Err(src.error_at(
+                            Some(t.span()),
+                            format!("rule `{id}`: `{name}` is not a built-in PostgreSQL type this agent knows (text, varchar, int4, numeric, jsonb, uuid, timestamptz…)"),
+                        ));
+                    };
+                    types.push(oid);
+                }
             }
             let lower = |v: Option<toml::Spanned<Vec<String>>>| -> Vec<String> {
                 v.map(|v| v.into_inner().iter().map(|t| t.to_lowercase()).collect())
@@ -327,6 +347,7 @@ impl Policy {
                 tables,
                 patterns,
                 columns,
+                types,
                 strategy,
                 keep,
                 workloads,
@@ -431,7 +452,7 @@ impl Policy {
         workload: &str,
         target: &str,
         c: Option<&Classification>,
-        columns: &[String],
+        columns: &[(&str, u32)],
     ) -> Vec<Option<ColumnMask>> {
         let rules: Vec<&Rule> = self
             .rules
@@ -450,11 +471,14 @@ impl Policy {
             .collect();
         columns
             .iter()
-            .map(|col| {
-                let col = col.to_lowercase();
+            .map(|&(name, type_oid)| {
+                let col = name.to_lowercase();
                 rules
                     .iter()
-                    .find(|r| r.columns.iter().any(|g| wildcard(g, &col)))
+                    .find(|r| {
+                        r.columns.iter().any(|g| wildcard(g, &col))
+                            && (r.types.is_empty() || r.types.contains(&type_oid))
+                    })
                     .and_then(|r| {
                         Some(ColumnMask {
                             rule: r.id.clone(),
@@ -695,6 +719,64 @@ action = "deny"
         assert!(!table_matches("billing.*", "public.x"));
         assert!(table_matches("*.secrets", "secrets"));
         assert!(table_matches("public.orders", "orders"));
+    }
+
+    #[test]
+    fn mask_plans_match_columns_tables_and_types() {
+        let p = load(
+            r#"
+[[rule]]
+id = "emails"
+on = "statement"
+workloads = ["*"]
+targets = ["*"]
+tables = ["crm.*"]
+action = "mask"
+columns = ["email*"]
+strategy = "redact"
+
+[[rule]]
+id = "free-text"
+on = "statement"
+workloads = ["*"]
+targets = ["*"]
+action = "mask"
+columns = ["*"]
+types = ["text", "Character Varying"]
+strategy = "hash"
+"#,
+        )
+        .unwrap();
+        let plan = |sql: &str, cols: &[(&str, u32)]| -> Vec<Option<String>> {
+            let c = crate::sql::classify(sql);
+            p.mask_plan("w", "db", Some(&c), cols)
+                .into_iter()
+                .map(|m| m.map(|m| m.rule))
+                .collect()
+        };
+        let cols = [("id", 23), ("email", 25), ("note", 1043), ("age", 23)];
+        assert_eq!(
+            plan("select * from crm.people", &cols),
+            [None, Some("emails".into()), Some("free-text".into()), None]
+        );
+        // Another table: only the type rule applies, and not to integers.
+        assert_eq!(
+            plan("select * from public.people", &cols),
+            [
+                None,
+                Some("free-text".into()),
+                Some("free-text".into()),
+                None
+            ]
+        );
+        let e = load("[[rule]]\nid = \"m\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"*\"]\ntypes = [\"txt\"]\nstrategy = \"redact\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert!(
+            e.message
+                .contains("`txt` is not a built-in PostgreSQL type"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1124,7 +1124,8 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
             "{APP_DB}\n\
              [[rule]]\nid = \"pii\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"email\", \"amount\"]\nstrategy = \"redact\"\n\n\
              [[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"card*\"]\nstrategy = \"partial\"\nkeep = 4\n\n\
-             [[rule]]\nid = \"notes\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"note\"]\nstrategy = \"hash\"\n"
+             [[rule]]\nid = \"notes\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"note\"]\nstrategy = \"hash\"\n\n\
+             [[rule]]\nid = \"tags\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"mask\"\ncolumns = [\"tag_*\"]\ntypes = [\"varchar\"]\nstrategy = \"redact\"\n"
         ),
     )
     .unwrap();
@@ -1146,6 +1147,12 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     // Results without masked columns are left alone.
     let plain = String::from_utf8(psql("select count(*), max(id) from customers")).unwrap();
     assert_eq!(plain.trim(), "2|2");
+    // A rule can choose columns by type as well as by name.
+    let typed = String::from_utf8(psql(
+        "select 'a'::text as tag_text, 'b'::varchar as tag_varchar, 'c'::varchar as other",
+    ))
+    .unwrap();
+    assert_eq!(typed.trim(), "a|****|c");
     let script = "import asyncio, asyncpg, json, sys\n\
         async def main():\n\
         \x20   c = await asyncpg.connect(host='127.0.0.1', port=int(sys.argv[1]), user='postgres', password=sys.argv[2], database='postgres', ssl=False)\n\

@@ -433,11 +433,11 @@ impl State {
             // Rows whose columns we never saw: mask every value (fail closed).
             return Some(Arc::new(Vec::new()));
         };
-        let names: Vec<String> = cols.iter().map(|c| c.name.clone()).collect();
+        let shape: Vec<(&str, u32)> = cols.iter().map(|c| (c.name.as_str(), c.type_oid)).collect();
         let plan = g
             .policy
             .load()
-            .mask_plan(&g.workload, &g.target, class, &names);
+            .mask_plan(&g.workload, &g.target, class, &shape);
         if plan.iter().all(Option::is_none) {
             return None;
         }
