@@ -649,6 +649,11 @@ fn pg_tool(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `psql -X -A -t -c SQL` on `conn` inside workload `app`: bare result rows.
+fn psql_tuples(agent: &Agent, conn: &str, sql: &str) -> std::process::Output {
+    pg_tool(agent, "psql", &[conn, "-X", "-A", "-t", "-c", sql])
+}
+
 #[test]
 fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     let (dir, db, agent) = postgres_and_agent("pg");
@@ -793,7 +798,7 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     .unwrap();
     agent.reload();
     let count = |sql: &str| -> String {
-        let out = pg_tool(&agent, "psql", &[&conn, "-X", "-A", "-t", "-c", sql]);
+        let out = psql_tuples(&agent, &conn, sql);
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let history = count("select count(*) from pgbench_history");
@@ -999,6 +1004,23 @@ fn events_of_kind(agent: &Agent, kind: &str) -> Vec<serde_json::Value> {
     out
 }
 
+/// [`events_of_kind`], asked again until `enough` holds or 10 s have passed
+/// (the caller's assertions then say what is missing).
+fn events_of_kind_until(
+    agent: &Agent,
+    kind: &str,
+    enough: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = events_of_kind(agent, kind);
+        if enough(&events) || Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     let (dir, db, agent) = postgres_and_agent("pglibs");
@@ -1050,7 +1072,7 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     // COPY both ways with large data (about 45 MB each way) through the agent.
     let conn = db.conninfo();
     let psql = |sql: &str| {
-        let out = pg_tool(&agent, "psql", &[&conn, "-X", "-A", "-t", "-c", sql]);
+        let out = psql_tuples(&agent, &conn, sql);
         assert!(
             out.status.success(),
             "{sql}: {}",
@@ -1097,14 +1119,7 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
         "large object read back through the agent differs"
     );
     psql(&format!("select lo_unlink({oid})"));
-    let mut calls = Vec::new();
-    for _ in 0..50 {
-        calls = events_of_kind(&agent, "function");
-        if !calls.is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let calls = events_of_kind_until(&agent, "function", |c| !c.is_empty());
     assert!(
         calls.iter().any(|c| c["class"] == "admin"
             && s(&c["text"]).starts_with("<fast-path function call, oid ")),
@@ -1187,9 +1202,8 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     assert!(masked >= 8, "{masked} masked values recorded");
 
     // Bind parameters are recorded only when the policy asks for it.
-    let bound = |agent: &Agent| events_of_kind(agent, "bind");
     assert!(
-        bound(&agent).is_empty(),
+        events_of_kind(&agent, "bind").is_empty(),
         "parameters recorded without being asked"
     );
     std::fs::write(
@@ -1206,14 +1220,7 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0][1], "ann@example.com", "no mask rule any more");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let binds = loop {
-        let b = bound(&agent);
-        if b.len() >= 2 || Instant::now() > deadline {
-            break b;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let binds = events_of_kind_until(&agent, "bind", |b| b.len() >= 2);
     let params: Vec<&serde_json::Value> = binds.iter().map(|b| &b["parameters"]).collect();
     // asyncpg sends int4 parameters in binary.
     assert!(

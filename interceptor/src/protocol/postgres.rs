@@ -186,7 +186,9 @@ pub struct State {
 /// Per-connection answers of one policy.
 #[derive(Debug, Clone, Copy, Default)]
 struct Flags {
+    /// Mask rules apply to this connection at all.
     masking: bool,
+    /// Bind parameter values are recorded.
     record_parameters: bool,
 }
 
@@ -378,11 +380,6 @@ impl State {
         }
     }
 
-    /// Whether policy asks for Bind parameters to be recorded.
-    fn recording_parameters(&self) -> bool {
-        self.policy_flags().record_parameters
-    }
-
     /// What the current policy says about this connection, worked out once
     /// per policy (a reload is seen at the next message).
     fn policy_flags(&self) -> Flags {
@@ -420,11 +417,6 @@ impl State {
             parameters: Some(params),
             ..Statement::new("bind", Some(stmt), text, class)
         });
-    }
-
-    /// Whether mask rules apply to this connection at all.
-    fn masking(&self) -> bool {
-        self.policy_flags().masking
     }
 
     fn plan_for(&self, cols: Option<&[Column]>, class: Option<&Classification>) -> Option<Plan> {
@@ -774,8 +766,9 @@ where
             return Ok(());
         };
         let total = 1 + len;
-        let masking = state.masking();
-        let params = ty == b'B' && state.recording_parameters();
+        let flags = state.policy_flags();
+        let masking = flags.masking;
+        let params = ty == b'B' && flags.record_parameters;
         if (masking && matches!(ty, b'B' | b'D' | b'E') || params) && total <= MAX_INSPECT {
             if !fill(r, &mut buf, total, &mut w).await? {
                 return Err(malformed("client", "connection ended inside a message"));
@@ -805,9 +798,10 @@ where
                         .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
-                    let d = state.statement("parse", Some(name.into()), sql, None);
-                    if masking || state.recording_parameters() {
-                        state.note_frontend(b'P', body, Some((name, state.classified(sql))));
+                    let c = state.classified(sql);
+                    let d = state.statement("parse", Some(name.into()), sql, Some(c.clone()));
+                    if masking || flags.record_parameters {
+                        state.note_frontend(b'P', body, Some((name, c)));
                     }
                     d
                 }
@@ -930,7 +924,7 @@ where
                 continue;
             }
         }
-        if matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') && state.masking() {
+        if matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') && state.policy_flags().masking {
             if total > MAX_INSPECT {
                 if ty == b'D' {
                     return Err(malformed(
