@@ -52,27 +52,98 @@ fn contains_ignore_case(hay: &str, needle: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
-/// `text` with every literal (string, dollar-quoted, number) replaced by
-/// `?` and comments and runs of whitespace by one space: statements that
-/// differ only in their values share a fingerprint, and so a classification.
-pub fn fingerprint(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    fingerprint_into(text, &mut out);
-    out
+/// Longest statement whose classification is cached (longer ones are
+/// classified every time: rare, and they would make the cache large).
+pub const MAX_KEYED: usize = 4096;
+
+/// The key under which the classification of `text` is cached, written
+/// into `out` (cleared first; reused so a cache hit allocates nothing).
+/// `false`: not cacheable (longer than [`MAX_KEYED`]).
+///
+/// Where every token of `text` is one whose extent PostgreSQL, the SQL
+/// parser and this scanner agree on, the key is its fingerprint: string
+/// literals and numbers become `?`, comments and whitespace one space (a
+/// newline if they held one), so statements that differ only in their
+/// values share a classification. Anything else (backslashes, dollar
+/// quotes, `$` in names, nested comments, control or non-ASCII characters
+/// outside literals and comments, odd numbers) keys by the exact text: a
+/// scanner that disagreed with the server about where a literal or comment
+/// ends could otherwise give a statement the classification of another.
+pub fn classification_key(text: &str, out: &mut String) -> bool {
+    out.clear();
+    if text.len() > MAX_KEYED {
+        return false;
+    }
+    if !fingerprint_into(text, out) {
+        out.clear();
+        out.push('\0');
+        out.push_str(text);
+    }
+    true
 }
 
-/// [`fingerprint`] into `out` (cleared first), so a caller can reuse one buffer.
-pub fn fingerprint_into(text: &str, out: &mut String) {
-    out.clear();
-    for t in Tokens::new(text) {
+/// The fingerprint of `text` into `out`; `false` where some token is not
+/// one whose extent is certain (see [`classification_key`]).
+fn fingerprint_into(text: &str, out: &mut String) -> bool {
+    let b = text.as_bytes();
+    let mut prev: Option<Kind> = None;
+    let mut tokens = Tokens::new(text).peekable();
+    while let Some(t) = tokens.next() {
+        if !t.closed {
+            return false;
+        }
         let s = &text[t.start..t.end];
         match t.kind {
-            Kind::Str => out.push('?'),
-            Kind::Word if s.starts_with(|c: char| c.is_ascii_digit()) => out.push('?'),
-            Kind::Space => out.push(' '),
-            _ => out.push_str(s),
+            // Only plain '…' strings without backslashes: E'…' escapes and
+            // dollar quotes are where scanners disagree.
+            Kind::Str if s.starts_with('\'') && !s.contains('\\') => out.push('?'),
+            Kind::Str => return false,
+            Kind::Word if s.starts_with('"') => out.push_str(s),
+            Kind::Word if s.as_bytes()[0].is_ascii_digit() => {
+                if !s.bytes().all(|c| c.is_ascii_digit()) {
+                    return false;
+                }
+                out.push('?');
+            }
+            Kind::Word => {
+                if !s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+                    return false;
+                }
+                out.push_str(s);
+            }
+            Kind::Space => {
+                if s.starts_with("/*") {
+                    if s[2..s.len() - 2].contains("/*") {
+                        return false;
+                    }
+                } else if !s.starts_with("--")
+                    && !s.bytes().all(|c| matches!(c, b' ' | b'\t' | b'\n'))
+                {
+                    return false;
+                }
+                out.push(if s.contains('\n') { '\n' } else { ' ' });
+            }
+            Kind::Other => {
+                let c = b[t.start];
+                if c == b'$' {
+                    // A parameter placeholder: `$` and digits, standing alone.
+                    let after_word = matches!(prev, Some(Kind::Word | Kind::Str));
+                    let digits = tokens.peek().is_some_and(|n| {
+                        n.kind == Kind::Word
+                            && text[n.start..n.end].bytes().all(|c| c.is_ascii_digit())
+                    });
+                    if after_word || !digits {
+                        return false;
+                    }
+                } else if !(c.is_ascii_graphic() && c != b'\\') {
+                    return false;
+                }
+                out.push(c as char);
+            }
         }
+        prev = Some(t.kind);
     }
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,11 +158,14 @@ struct Token {
     kind: Kind,
     start: usize,
     end: usize,
+    /// A string, quoted name or comment that was closed before the text ended.
+    closed: bool,
 }
 
-/// Splits SQL into words, string literals ('…' with '' escapes, E'…',
-/// $tag$…$tag$), whitespace and comments (both counted as space), and
-/// single other characters.
+/// Splits SQL into words (names, keywords, numbers, "quoted names"), string
+/// literals ('…' with '' escapes, E'…' with backslash escapes, $tag$…$tag$),
+/// whitespace and comments (both counted as space; block comments nest), and
+/// single other characters — as PostgreSQL's own scanner draws those lines.
 struct Tokens<'a> {
     s: &'a str,
     i: usize,
@@ -101,6 +175,12 @@ impl<'a> Tokens<'a> {
     fn new(s: &'a str) -> Self {
         Tokens { s, i: 0 }
     }
+}
+
+/// A byte that continues a name (PostgreSQL: letters, digits, `_`, `$`, and
+/// every non-ASCII byte).
+fn name_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }
 
 impl Iterator for Tokens<'_> {
@@ -113,6 +193,9 @@ impl Iterator for Tokens<'_> {
             return None;
         }
         let mut start = i;
+        let mut closed = true;
+        // Set when the string literal now starting had an E prefix.
+        let mut escapes = false;
         let kind = loop {
             break match b[i] {
                 c if c.is_ascii_whitespace() => {
@@ -122,28 +205,39 @@ impl Iterator for Tokens<'_> {
                     Kind::Space
                 }
                 b'-' if b.get(i + 1) == Some(&b'-') => {
-                    while i < b.len() && b[i] != b'\n' {
+                    while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                         i += 1;
                     }
                     Kind::Space
                 }
                 b'/' if b.get(i + 1) == Some(&b'*') => {
                     i += 2;
-                    while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
-                        i += 1;
+                    let mut depth = 1;
+                    closed = false;
+                    while i < b.len() {
+                        if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                            i += 2;
+                            depth -= 1;
+                            if depth == 0 {
+                                closed = true;
+                                break;
+                            }
+                        } else if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                            i += 2;
+                            depth += 1;
+                        } else {
+                            i += 1;
+                        }
                     }
-                    i = (i + 2).min(b.len());
+                    i = i.min(b.len());
                     Kind::Space
                 }
                 b'\'' | b'"' => {
                     let q = b[i];
                     i += 1;
+                    closed = false;
                     while i < b.len() {
-                        if b[i] == b'\\'
-                            && q == b'\''
-                            && start > 0
-                            && matches!(b[start - 1], b'e' | b'E')
-                        {
+                        if escapes && b[i] == b'\\' {
                             i += 2;
                             continue;
                         }
@@ -152,6 +246,7 @@ impl Iterator for Tokens<'_> {
                                 i += 2;
                                 continue;
                             }
+                            closed = true;
                             break;
                         }
                         i += 1;
@@ -166,9 +261,13 @@ impl Iterator for Tokens<'_> {
                 b'$' => match dollar_tag(&s[i..]) {
                     Some(tag) => {
                         let body = i + tag.len();
-                        i = s[body..]
-                            .find(tag)
-                            .map_or(b.len(), |e| body + e + tag.len());
+                        match s[body..].find(tag) {
+                            Some(e) => i = body + e + tag.len(),
+                            None => {
+                                i = b.len();
+                                closed = false;
+                            }
+                        }
                         Kind::Str
                     }
                     None => {
@@ -176,17 +275,22 @@ impl Iterator for Tokens<'_> {
                         Kind::Other
                     }
                 },
-                c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
-                    while i < b.len()
-                        && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
-                    {
+                c if c.is_ascii_digit() => {
+                    while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
                         i += 1;
                     }
-                    // E'…' string: the literal starts at the quote (which
-                    // is how its backslash escapes are recognised).
+                    Kind::Word
+                }
+                c if name_byte(c) => {
+                    while i < b.len() && name_byte(b[i]) {
+                        i += 1;
+                    }
+                    // E'…' string: the literal starts at the quote, with
+                    // backslash escapes.
                     if i - start == 1 && matches!(b[start], b'e' | b'E') && b.get(i) == Some(&b'\'')
                     {
                         start = i;
+                        escapes = true;
                         continue;
                     }
                     Kind::Word
@@ -202,19 +306,19 @@ impl Iterator for Tokens<'_> {
             kind,
             start,
             end: i,
+            closed,
         })
     }
 }
 
-/// `$tag$` at the start of `s` (tag empty or an identifier).
+/// `$tag$` at the start of `s`: the tag empty, or a name that does not
+/// start with a digit.
 fn dollar_tag(s: &str) -> Option<&str> {
     let rest = &s[1..];
     let end = rest.find('$')?;
-    let tag = &rest[..end];
-    tag.chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        .then(|| &s[..end + 2])
-        .filter(|t| !t[1..].starts_with(|c: char| c.is_ascii_digit()))
+    let tag = &rest.as_bytes()[..end];
+    let name = tag.iter().all(|&c| c != b'$' && name_byte(c));
+    (name && !tag.first().is_some_and(u8::is_ascii_digit)).then(|| &s[..end + 2])
 }
 
 #[cfg(test)]
@@ -254,18 +358,84 @@ mod tests {
         }
     }
 
+    fn key(text: &str) -> String {
+        let mut out = String::new();
+        assert!(super::classification_key(text, &mut out));
+        out
+    }
+
     #[test]
-    fn fingerprints_ignore_values_only() {
-        use super::fingerprint;
-        let a = fingerprint("SELECT abalance FROM pgbench_accounts WHERE aid = 17;");
-        let b = fingerprint("SELECT abalance FROM pgbench_accounts  WHERE aid = 99123; -- x");
+    fn keys_ignore_values_only() {
+        let a = key("SELECT abalance FROM pgbench_accounts WHERE aid = 17;");
+        let b = key("SELECT abalance FROM pgbench_accounts  WHERE aid = 99123; -- x");
         assert_eq!(a.trim_end(), b.trim_end());
-        assert_ne!(
-            fingerprint("select * from a where x = 'q'"),
-            fingerprint("select * from b where x = 'q'")
+        assert_eq!(
+            key("select * from t where x = $1 /* req 7 */"),
+            key("select * from t where x = $2 /* req 8 */")
         );
-        assert_ne!(fingerprint("select 1 from t"), fingerprint("delete from t"));
-        assert_eq!(fingerprint("select $$a$$, 'b', E'c'"), "select ?, ?, ?");
+        assert_ne!(
+            key("select * from a where x = 'q'"),
+            key("select * from b where x = 'q'")
+        );
+        assert_ne!(key("select 1 from t"), key("delete from t"));
+        assert_eq!(
+            key("select 'b', E'c', \"Q\"\"x\""),
+            "select ?, ?, \"Q\"\"x\""
+        );
+        let mut long = String::new();
+        assert!(!super::classification_key(
+            &"x".repeat(super::MAX_KEYED + 1),
+            &mut long
+        ));
+    }
+
+    /// Texts where a scanner that drew a literal's or comment's end other
+    /// than PostgreSQL does would hide statements inside a "value": each
+    /// is keyed by its exact text, so a harmless twin seen first can never
+    /// lend it its classification.
+    #[test]
+    fn uncertain_texts_key_exactly() {
+        for sql in [
+            // Nested comments: PostgreSQL's comment ends at the second `*/`.
+            "SELECT 1 /* /* */ ' */ ; DELETE FROM t ; SELECT 'z'",
+            // `$` inside a name is part of it, not a dollar quote.
+            "SELECT 1 AS abc$x$, 2 ; DELETE FROM t ; SELECT 3 AS d$x$",
+            // A standard string ends at the quote after a backslash.
+            "SELECT name'\\' ; DELETE FROM t ; SELECT 'x'",
+            "SELECT E'\\'' ; DELETE FROM t",
+            "SELECT $q$ ; DELETE FROM t ; $q$",
+            // PostgreSQL ends a line comment at a carriage return.
+            "SELECT 1 -- x\r; DELETE FROM t",
+            "SELECT 1\x0b; DELETE FROM t",
+            "SELECT 1 FROM t\u{a0}x",
+            "SELECT 1x FROM t",
+            "SELECT 1 /* open",
+            "SELECT 'open",
+        ] {
+            assert_eq!(key(sql), format!("\0{sql}"), "{sql:?}");
+        }
+    }
+
+    /// The scanner draws PostgreSQL's lines: nested comments, names with
+    /// `$`, E'…' only as a prefix of its own, line comments ended by `\r`.
+    #[test]
+    fn redaction_follows_postgres_lexing() {
+        for (sql, want) in [
+            (
+                "ALTER ROLE x PASSWORD /* /* */ 'no' */ 'secret'",
+                "ALTER ROLE x PASSWORD /* /* */ 'no' */ '***'",
+            ),
+            (
+                "ALTER ROLE x PASSWORD 'a\\' -- '",
+                "ALTER ROLE x PASSWORD '***' -- '",
+            ),
+            (
+                "ALTER ROLE x PASSWORD -- c\r'secret'",
+                "ALTER ROLE x PASSWORD -- c\r'***'",
+            ),
+        ] {
+            assert_eq!(redact_sql(sql), want, "{sql:?}");
+        }
     }
 
     #[test]

@@ -367,4 +367,99 @@ mod tests {
         let c = classify(&sql);
         assert!(matches!(c.class, Class::Read | Class::Unknown));
     }
+
+    /// Statements that share a classification key classify alike. Pairs
+    /// are built from the same code with values and comments of the same
+    /// kinds but other contents, drawn from what confuses scanners (quotes,
+    /// backslashes, dollar tags, comment markers, carriage returns, hidden
+    /// statements). Where the keys match, the classification must too;
+    /// otherwise a harmless statement could lend its class to a harmful one.
+    #[test]
+    fn a_shared_classification_key_means_a_shared_classification() {
+        const CODE: &[&str] = &[
+            "SELECT ",
+            "DELETE FROM victim",
+            "; ",
+            ", ",
+            " FROM t",
+            " AS a",
+            "(",
+            ")",
+            " WHERE x = ",
+            "INSERT INTO t VALUES (",
+            "name",
+            "E",
+            " ",
+        ];
+        const ATOMS: &[&str] = &[
+            "x",
+            "x",
+            "ab",
+            " ",
+            " ",
+            "1",
+            "'",
+            "''",
+            "\\",
+            "$",
+            "$q$",
+            "/*",
+            "*/",
+            "--",
+            "\n",
+            "\r",
+            ";",
+            " DELETE FROM victim ",
+            " SELECT 2 ",
+            "\u{e9}",
+            "\"",
+            "\x0b",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut same, mut key_a, mut key_b) = (0, String::new(), String::new());
+        for _ in 0..4000 {
+            let (mut a, mut b) = (String::new(), String::new());
+            for _ in 0..1 + next(6) {
+                let code = CODE[next(CODE.len())];
+                a.push_str(code);
+                b.push_str(code);
+                let slot = next(7);
+                for text in [&mut a, &mut b] {
+                    let content: String = (0..next(4)).map(|_| ATOMS[next(ATOMS.len())]).collect();
+                    let digits: String = (0..1 + next(3)).map(|_| ATOMS[5]).collect();
+                    text.push_str(&match slot {
+                        0 => format!("'{content}'"),
+                        1 => format!("E'{content}'"),
+                        2 => format!("$q${content}$q$"),
+                        3 => format!("/*{content}*/"),
+                        4 => format!("--{content}\n"),
+                        5 => digits,
+                        _ => format!("\"{content}\""),
+                    });
+                }
+            }
+            let cacheable = crate::redact::classification_key(&a, &mut key_a)
+                && crate::redact::classification_key(&b, &mut key_b);
+            if !cacheable || key_a != key_b {
+                continue;
+            }
+            same += 1;
+            let (ca, cb) = (classify(&a), classify(&b));
+            assert_eq!(
+                (ca.class, &ca.tables, ca.statements),
+                (cb.class, &cb.tables, cb.statements),
+                "{a:?} and {b:?} share the key {key_a:?}"
+            );
+        }
+        assert!(
+            same > 400,
+            "only {same} pairs shared a key: the test lost its teeth"
+        );
+    }
 }

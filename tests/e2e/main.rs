@@ -855,6 +855,38 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
             "{sql}: {err}"
         );
     }
+    // A harmless twin first, then a write that differs from it only where a
+    // scanner that misjudged a literal's or comment's end would see values:
+    // the twin's cached classification must not carry over to the write.
+    for (twin, write) in [
+        (
+            "SELECT 1 AS abc$x$, 2 ; SELECT 7 ; SELECT 3 AS d$x$",
+            "SELECT 1 AS abc$x$, 2 ; DELETE FROM pgbench_history ; SELECT 3 AS d$x$",
+        ),
+        (
+            "SELECT 1 /* /* */ ' */ ; SELECT 7 ; SELECT 'z'",
+            "SELECT 1 /* /* */ ' */ ; DELETE FROM pgbench_history ; SELECT 'z'",
+        ),
+        (
+            "SELECT name'\\' ; SELECT 7 ; SELECT 'x'",
+            "SELECT name'\\' ; DELETE FROM pgbench_history ; SELECT 'x'",
+        ),
+    ] {
+        let out = pg_tool(
+            &agent,
+            "psql",
+            &[&conn, "-X", "-A", "-t", "-c", twin, "-c", write],
+        );
+        let (got, err) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(got.lines().any(|l| l == "7"), "{twin}: {got}{err}");
+        assert!(
+            err.contains("denied by rule \"history-is-append-only\""),
+            "{write}: {got}{err}"
+        );
+    }
     assert_eq!(
         count("select count(*) from pgbench_history"),
         history,

@@ -192,11 +192,11 @@ struct Flags {
     record_parameters: bool,
 }
 
-/// Classifications by statement fingerprint, and the buffer fingerprints
-/// are written into (so a cache hit allocates nothing).
+/// Classifications by classification key, and the buffer keys are written
+/// into (so a cache hit allocates nothing).
 #[derive(Default)]
 struct Seen {
-    by_fingerprint: HashMap<String, Arc<Classification>>,
+    by_key: HashMap<String, Arc<Classification>>,
     key: String,
 }
 
@@ -332,24 +332,24 @@ impl State {
         self.batch().push(st);
     }
 
-    /// Classification of `text`, cached by fingerprint (the text without
-    /// its values), since drivers send the same statements with different
-    /// values over and over.
+    /// Classification of `text`, cached by its
+    /// [classification key](crate::redact::classification_key) (the text
+    /// without its values, where that is certain to be safe), since drivers
+    /// send the same statements with different values over and over.
     fn classified(&self, text: &str) -> Arc<Classification> {
         let mut seen = lock(&self.seen);
-        let Seen {
-            by_fingerprint,
-            key,
-        } = &mut *seen;
-        crate::redact::fingerprint_into(text, key);
-        if let Some(c) = by_fingerprint.get(key.as_str()) {
+        let Seen { by_key, key } = &mut *seen;
+        if !crate::redact::classification_key(text, key) {
+            return Arc::new(classify(text));
+        }
+        if let Some(c) = by_key.get(key.as_str()) {
             return c.clone();
         }
         let c = Arc::new(classify(text));
-        if by_fingerprint.len() >= CLASS_CACHE {
-            by_fingerprint.clear();
+        if by_key.len() >= CLASS_CACHE {
+            by_key.clear();
         }
-        by_fingerprint.insert(key.clone(), c.clone());
+        by_key.insert(key.clone(), c.clone());
         c
     }
 
