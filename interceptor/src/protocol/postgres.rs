@@ -169,7 +169,33 @@ struct Batch {
     next_seq: u32,
     done: Vec<Statement>,
     shapes: Shapes,
+    /// How the server reads statement text, as it last reported.
+    lexing: Lexing,
 }
+
+/// The settings that change where PostgreSQL's scanner ends a literal, as
+/// the server reports them in ParameterStatus (`None`: not reported yet).
+#[derive(Default)]
+struct Lexing {
+    /// `standard_conforming_strings`: off, a backslash escapes a quote in
+    /// a plain '…' string too.
+    standard_strings: Option<bool>,
+    /// `client_encoding`.
+    encoding: Option<String>,
+}
+
+/// Client encodings (all client-only) whose characters can end in a byte
+/// below 0x80: the server, decoding them, can swallow a backslash that a
+/// UTF-8 reading of the same bytes sees.
+const ASCII_SWALLOWING_ENCODINGS: &[&str] = &[
+    "BIG5",
+    "GB18030",
+    "GBK",
+    "JOHAB",
+    "SJIS",
+    "SHIFT_JIS_2004",
+    "UHC",
+];
 
 /// Shared between the two directions of one connection. Both run in one
 /// task, so the locks are never contended; they only make the task `Send`.
@@ -337,6 +363,9 @@ impl State {
     /// without its values, where that is certain to be safe), since drivers
     /// send the same statements with different values over and over.
     fn classified(&self, text: &str) -> Arc<Classification> {
+        if let Some(why) = self.lexing_doubt(text) {
+            return Arc::new(not_sql(&why, Class::Unknown));
+        }
         let mut seen = lock(&self.seen);
         let Seen { by_key, key } = &mut *seen;
         if !crate::redact::classification_key(text, key) {
@@ -351,6 +380,60 @@ impl State {
         }
         by_key.insert(key.clone(), c.clone());
         c
+    }
+
+    /// Why the server might not read `text` as the SQL parser does, if it
+    /// might not: a backslash unless plain strings are known to be standard,
+    /// non-ASCII text unless the client encoding is known to be safe, and
+    /// either while an earlier statement (which could change those settings,
+    /// even from inside a function) is still unanswered. Such text is
+    /// `unknown`: the most restricted class.
+    fn lexing_doubt(&self, text: &str) -> Option<String> {
+        let backslash = text.contains('\\');
+        let non_ascii = !text.is_ascii();
+        if !backslash && !non_ascii {
+            return None;
+        }
+        let b = self.batch();
+        let what = if backslash {
+            "a backslash"
+        } else {
+            "non-ASCII text"
+        };
+        if !b.pending.is_empty() {
+            return Some(format!(
+                "{what} while an earlier statement, which may change how the server reads it, is unanswered"
+            ));
+        }
+        if backslash && b.lexing.standard_strings != Some(true) {
+            return Some(
+                "a backslash while standard_conforming_strings is not known to be on".into(),
+            );
+        }
+        match &b.lexing.encoding {
+            _ if !non_ascii => None,
+            None => Some("non-ASCII text before the server named the client encoding".into()),
+            Some(e) if ASCII_SWALLOWING_ENCODINGS.contains(&e.as_str()) => {
+                Some(format!("non-ASCII text in client encoding {e}"))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// ParameterStatus: the settings that change how statements are read.
+    fn parameter_status(&self, body: &[u8]) {
+        let Some((name, rest)) = cstr(body) else {
+            return;
+        };
+        let Some((value, _)) = cstr(rest) else {
+            return;
+        };
+        let mut b = self.batch();
+        match name {
+            "standard_conforming_strings" => b.lexing.standard_strings = Some(value == "on"),
+            "client_encoding" => b.lexing.encoding = Some(value.to_ascii_uppercase()),
+            _ => {}
+        }
     }
 
     /// ReadyForQuery: everything pending is complete.
@@ -944,7 +1027,7 @@ where
                 continue;
             }
         }
-        if matches!(ty, b'R' | b'C' | b'E' | b'Z') && total <= MAX_INSPECT {
+        if matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S') && total <= MAX_INSPECT {
             if !fill(r, &mut buf, total, &mut w).await? {
                 return Err(malformed("server", "connection ended inside a message"));
             }
@@ -972,6 +1055,7 @@ where
                     b.shapes.plan = None;
                 }
                 b'Z' => state.ready(),
+                b'S' => state.parameter_status(body),
                 _ => {}
             }
             w.write_all(&frame).await?;
@@ -1496,5 +1580,78 @@ mod tests {
         assert_eq!(done[0].text, "ALTER ROLE bob PASSWORD '***'");
         assert_eq!(done[0].tags, vec!["ALTER ROLE".to_string()]);
         assert_eq!(done[0].class, Class::Admin);
+    }
+
+    /// What the server reported decides whether text with backslashes or
+    /// non-ASCII bytes can be read as the SQL parser reads it: when it
+    /// cannot, or when it is not yet known, or when an earlier statement
+    /// that could change it is unanswered, the statement is `unknown`.
+    #[tokio::test]
+    async fn backslashes_and_encodings_are_read_as_the_server_reads_them() {
+        let status = |k: &str, v: &str| msg(b'S', format!("{k}\0{v}\0").as_bytes());
+        let hidden = "SELECT 'a\\' , ' ; DELETE FROM t ; -- '";
+        let gbk = "SELECT E'\u{4e2d}\\' ; DELETE FROM t ; SELECT 1 -- ' ;";
+        let plain = "SELECT '\u{e9}\\' FROM t";
+        for (reports, sql, want) in [
+            (vec![], hidden, Class::Unknown),
+            (vec![], plain, Class::Unknown),
+            (
+                vec![
+                    ("standard_conforming_strings", "off"),
+                    ("client_encoding", "UTF8"),
+                ],
+                hidden,
+                Class::Unknown,
+            ),
+            (
+                vec![
+                    ("standard_conforming_strings", "on"),
+                    ("client_encoding", "UTF8"),
+                ],
+                hidden,
+                Class::Read,
+            ),
+            (
+                vec![
+                    ("standard_conforming_strings", "on"),
+                    ("client_encoding", "GBK"),
+                ],
+                gbk,
+                Class::Unknown,
+            ),
+            (
+                vec![
+                    ("standard_conforming_strings", "on"),
+                    ("client_encoding", "UTF8"),
+                ],
+                gbk,
+                Class::Read,
+            ),
+            (
+                vec![
+                    ("standard_conforming_strings", "on"),
+                    ("client_encoding", "LATIN1"),
+                ],
+                plain,
+                Class::Read,
+            ),
+        ] {
+            let state = State::default();
+            let mut server: Vec<u8> = reports.iter().flat_map(|(k, v)| status(k, v)).collect();
+            server.extend(msg(b'Z', b"I"));
+            backend(&mut &server[..], &mut Vec::new(), &state)
+                .await
+                .unwrap();
+            let mut input = b"\0\0\0\x09\0\x03\0\0\0".to_vec();
+            input.extend(msg(b'Q', format!("{sql}\0").as_bytes()));
+            // Pipelined behind it: the same text again, while the first is unanswered.
+            input.extend(msg(b'Q', format!("{plain}\0").as_bytes()));
+            frontend(&mut &input[..], &mut Vec::new(), &mut Vec::new(), &state)
+                .await
+                .unwrap();
+            let pending = state.take_pending();
+            assert_eq!(pending[0].class, want, "{reports:?} {sql:?}");
+            assert_eq!(pending[1].class, Class::Unknown, "{reports:?}: pipelined");
+        }
     }
 }
