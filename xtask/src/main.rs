@@ -1,4 +1,4 @@
-//! Project tasks: `setup`, `test`, `demo`, `bench`.
+//! Project tasks: `setup`, `test`, `demo`, `bench`, `fuzz`.
 //!
 //! Every task installs what it needs, idempotently, so a fresh machine (a
 //! user's or CI's) needs nothing done by hand.
@@ -6,6 +6,7 @@
 mod agent;
 mod bench;
 mod demo;
+mod fuzz;
 mod pg;
 mod setup;
 
@@ -16,13 +17,14 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [LOAD…] | bench postgres>
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [LOAD…] | bench postgres | fuzz [SECONDS]>
 
   setup      install the eBPF toolchain (nightly rust-src, bpf-linker) and test packages
-  test       setup, then every test: unit, in-process, and privileged end-to-end
+  test       setup, then every test: unit, in-process, privileged end-to-end, and 60 s of each fuzzer
   demo       run the agent with policies/demo.toml against a throw-away PostgreSQL
   bench l4 [LOAD…]  direct vs through the agent: rr, saturation, transactions, bulk, connect
-  bench postgres    pgbench -S direct, through the agent, through pgbouncer";
+  bench postgres    pgbench -S direct, through the agent, through pgbouncer
+  fuzz [SECONDS]    coverage-guided fuzzing of the PostgreSQL relay and the SQL scanner (default 60 s each)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,6 +33,11 @@ fn main() {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("fuzz") => match args.get(1).map(|s| s.parse::<u64>()) {
+            None => fuzz::run_all(60),
+            Some(Ok(n)) if n > 0 => fuzz::run_all(n),
+            Some(_) => Err(anyhow::anyhow!("fuzz takes a number of seconds per target")),
+        },
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -102,5 +109,6 @@ fn test(extra: &[String]) -> Result<()> {
         "--test-threads=1",
     ]);
     e2e.args(extra);
-    run(&mut e2e)
+    run(&mut e2e)?;
+    fuzz::run_all(60)
 }

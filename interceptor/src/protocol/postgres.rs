@@ -60,6 +60,8 @@ const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
 const AUTH_SASL: u32 = 10;
+/// Every message type a client may send after the startup packet.
+const FRONTEND_TYPES: &[u8] = b"BCcdDEfFHpPQSX";
 /// Output is gathered up to this much and written once per batch.
 const OUT_BUF: usize = 64 * 1024;
 /// Classifications remembered per connection (drivers repeat their SQL).
@@ -848,6 +850,13 @@ where
         let Some((ty, len)) = header(r, &mut buf, &mut w, "client").await? else {
             return Ok(());
         };
+        if !FRONTEND_TYPES.contains(&ty) {
+            // The server would end the session too; nothing unknown passes.
+            return Err(malformed(
+                "client",
+                format!("unknown message type {:?}", ty as char),
+            ));
+        }
         let total = 1 + len;
         let flags = state.policy_flags();
         let masking = flags.masking;
@@ -1522,7 +1531,7 @@ mod tests {
     /// Hostile frames end the relay with an error, never a panic or a hang.
     #[tokio::test]
     async fn malformed_frames_are_rejected() {
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str); 6] = [
             (&[0, 0, 0, 3, 0, 0, 0, 0], "startup packet length 3"),
             (
                 &[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0],
@@ -1534,6 +1543,10 @@ mod tests {
             ),
             (b"\0\0\0\x09\0\x03\0\0\0Q\0\0\0\x02", "length 2"),
             (b"\0\0\0\x09\0\x03\0\0\0Q\x7f\xff\xff\xff", "length"),
+            (
+                b"\0\0\0\x09\0\x03\0\0\0&\0\0\0\x0cDELETE x\0",
+                "unknown message type '&'",
+            ),
         ];
         for (input, want) in cases {
             let state = State::default();

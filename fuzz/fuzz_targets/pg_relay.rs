@@ -1,0 +1,100 @@
+//! Both directions of the PostgreSQL relay on arbitrary bytes, with the
+//! repository's statement policy active for a workload that has deny and
+//! mask rules, and Bind parameters recorded. Every run must end in `Ok` or
+//! an error, never a panic, a hang or a sanitizer report; and every
+//! statement that reaches the server must be one the policy allows when
+//! classified afresh (no cache, no earlier context).
+#![no_main]
+
+use std::sync::{Arc, LazyLock};
+
+use arc_swap::ArcSwap;
+use interceptor::{
+    mask::Masker,
+    policy::{Action, Policy},
+    protocol::postgres::{backend, frontend, Gate, State},
+};
+use libfuzzer_sys::fuzz_target;
+
+static POLICY: LazyLock<Arc<ArcSwap<Policy>>> = LazyLock::new(|| {
+    let dir = std::env::temp_dir().join(format!("interceptor-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let defaults = dir.join("defaults.toml");
+    std::fs::write(&defaults, "[defaults]\nrecord_parameters = true\n").unwrap();
+    let rules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/orders-db-statements.toml"
+    );
+    let policy = Policy::load_files(&[defaults, rules.into()], None).expect("fuzz policy loads");
+    let _ = std::fs::remove_dir_all(&dir);
+    Arc::new(ArcSwap::from_pointee(policy))
+});
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+});
+
+// The first byte splits the input: client bytes before, server bytes after.
+fuzz_target!(|data: &[u8]| {
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let cut = (cut as usize * rest.len()) / 255;
+    let (client, server) = rest.split_at(cut);
+    let state = State::with_gate(Gate {
+        policy: POLICY.clone(),
+        workload: "reporting".into(),
+        target: "orders-db".into(),
+        masker: Arc::new(Masker::new(b"fuzz")),
+    });
+    RUNTIME.block_on(async {
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        let _ = frontend(&mut &client[..], &mut to_server, &mut to_client, &state).await;
+        for sql in statements_sent(&to_server) {
+            let c = interceptor::sql::classify(&sql);
+            let d = POLICY
+                .load()
+                .decide_statement("reporting", "orders-db", &c, &sql);
+            assert_ne!(
+                d.action,
+                Action::Deny,
+                "{sql:?} reached the server ({})",
+                d.rule
+            );
+        }
+        let mut out = Vec::new();
+        let _ = backend(&mut &server[..], &mut out, &state).await;
+    });
+    let _ = state.take_done();
+    let _ = state.take_pending();
+});
+
+/// The SQL of every Query and Parse in what went to the server (after the
+/// startup packet), except the agent's own refusals.
+fn statements_sent(out: &[u8]) -> Vec<String> {
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let mut found = Vec::new();
+    if out.len() < 4 {
+        return found;
+    }
+    let mut rest = &out[be32(out).min(out.len())..];
+    while rest.len() >= 5 {
+        let (ty, len) = (rest[0], be32(&rest[1..5]));
+        let Some(body) = rest.get(5..1 + len) else {
+            break;
+        };
+        let sql = match ty {
+            b'Q' => body,
+            b'P' => body.splitn(2, |&c| c == 0).nth(1).unwrap_or_default(),
+            _ => &[],
+        };
+        let sql = String::from_utf8_lossy(sql.split(|&c| c == 0).next().unwrap_or_default());
+        if matches!(ty, b'Q' | b'P') && !sql.starts_with("DO $interceptor$") {
+            found.push(sql.into_owned());
+        }
+        rest = &rest[1 + len..];
+    }
+    found
+}

@@ -1,0 +1,55 @@
+//! `cargo xtask fuzz [SECONDS]`: coverage-guided fuzzing (cargo-fuzz,
+//! libFuzzer, AddressSanitizer) of what reads untrusted bytes: the
+//! PostgreSQL relay in both directions and the SQL classifier, redactor and
+//! classification cache key. Each target runs SECONDS (default 60) from the
+//! seeds in `fuzz/seeds` plus the corpus it has grown in `fuzz/corpus`; a
+//! crash, a broken invariant or a hang fails the task and leaves the input
+//! in `fuzz/artifacts`.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::{root, run};
+
+pub const TARGETS: &[&str] = &["pg_relay", "sql"];
+
+pub fn run_all(seconds: u64) -> Result<()> {
+    cargo_fuzz()?;
+    let dir = root().join("fuzz");
+    for target in TARGETS {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        eprintln!("fuzz: {target} for {seconds} s");
+        run(nightly(&dir)
+            .args(["fuzz", "run", "-O", target])
+            .arg(&corpus)
+            .arg(dir.join("seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-rss_limit_mb=4096", "-timeout=10", "-print_final_stats=1"]))?;
+    }
+    Ok(())
+}
+
+/// cargo through rustup's proxy with the nightly toolchain (sanitizers).
+fn nightly(dir: &std::path::Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.arg("+nightly")
+        .current_dir(dir)
+        .env_remove("RUSTUP_TOOLCHAIN");
+    c
+}
+
+fn cargo_fuzz() -> Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("fuzz: installing cargo-fuzz (a few minutes)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    Ok(())
+}
