@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Config, FileError, Source},
-    sql::{Class, Classification},
+    sql::{Class, Classification, Sources},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -415,9 +415,9 @@ impl Policy {
             }
             let covered = |t: &String| rule.tables.iter().any(|g| table_matches(g, t));
             if rule.action == Action::Deny {
-                c.tables.iter().any(covered)
+                !c.tables_known || c.tables.iter().any(covered)
             } else {
-                !c.tables.is_empty() && c.tables.iter().all(covered)
+                c.tables_known && !c.tables.is_empty() && c.tables.iter().all(covered)
             }
         };
         verdict(
@@ -444,40 +444,55 @@ impl Policy {
             .any(|r| r.action == Action::Mask && r.matches(workload, target))
     }
 
-    /// For each result column, the mask rule that covers it for `workload`
-    /// on `target` running a statement classified `c` (`None`: not known;
-    /// rules that name tables or classes then apply too — fail closed).
-    pub fn mask_plan(
-        &self,
-        workload: &str,
-        target: &str,
-        c: Option<&Classification>,
-        columns: &[(&str, u32)],
-    ) -> Vec<Option<ColumnMask>> {
-        let rules: Vec<&Rule> = self
-            .rules
+    /// Mask rules for `workload` on `target` that apply to a statement
+    /// classified `c` (`None`: not known; rules that name tables or classes
+    /// then apply too — fail closed).
+    fn mask_rules(&self, workload: &str, target: &str, c: Option<&Classification>) -> Vec<&Rule> {
+        self.rules
             .iter()
             .filter(|r| r.action == Action::Mask && r.matches(workload, target))
             .filter(|r| match c {
                 Some(c) => {
                     (r.classes.is_empty() || r.classes.contains(&c.class))
                         && (r.tables.is_empty()
+                            || !c.tables_known
                             || c.tables
                                 .iter()
                                 .any(|t| r.tables.iter().any(|g| table_matches(g, t))))
                 }
                 None => true,
             })
-            .collect();
+            .collect()
+    }
+
+    /// For each result column, the mask rule that covers it for `workload`
+    /// on `target` running a statement classified `c`: by the column's name
+    /// or any name in what it is `derived` from (same order as `columns`),
+    /// and by its type; a column carrying whole rows takes the first rule.
+    pub fn mask_plan(
+        &self,
+        workload: &str,
+        target: &str,
+        c: Option<&Classification>,
+        columns: &[(&str, u32)],
+        derived: &[Sources],
+    ) -> Vec<Option<ColumnMask>> {
+        let rules = self.mask_rules(workload, target, c);
         columns
             .iter()
-            .map(|&(name, type_oid)| {
+            .enumerate()
+            .map(|(i, &(name, type_oid))| {
                 let col = name.to_lowercase();
+                let from = derived.get(i);
                 rules
                     .iter()
                     .find(|r| {
-                        r.columns.iter().any(|g| wildcard(g, &col))
-                            && (r.types.is_empty() || r.types.contains(&type_oid))
+                        let named = r.columns.iter().any(|g| {
+                            wildcard(g, &col)
+                                || from.is_some_and(|s| s.names.iter().any(|n| wildcard(g, n)))
+                        });
+                        (named && (r.types.is_empty() || r.types.contains(&type_oid)))
+                            || from.is_some_and(|s| s.whole_row)
                     })
                     .and_then(|r| {
                         Some(ColumnMask {
@@ -488,6 +503,29 @@ impl Policy {
                     })
             })
             .collect()
+    }
+
+    /// The mask rule a `COPY … TO` in `c` would carry masked values past
+    /// (COPY data is not masked): any that applies to a whole table or a
+    /// query, or one covering a column the copy names.
+    pub fn copy_mask_rule(
+        &self,
+        workload: &str,
+        target: &str,
+        c: &Classification,
+    ) -> Option<String> {
+        c.derivations.iter().find_map(|d| {
+            let copied = d.copy_out.as_ref()?;
+            self.mask_rules(workload, target, Some(c))
+                .into_iter()
+                .find(|r| match copied {
+                    None => true,
+                    Some(cols) => cols
+                        .iter()
+                        .any(|n| r.columns.iter().any(|g| wildcard(g, n))),
+                })
+                .map(|r| r.id.clone())
+        })
     }
 }
 
@@ -749,7 +787,12 @@ strategy = "hash"
         .unwrap();
         let plan = |sql: &str, cols: &[(&str, u32)]| -> Vec<Option<String>> {
             let c = crate::sql::classify(sql);
-            p.mask_plan("w", "db", Some(&c), cols)
+            let derived: Vec<_> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _))| c.derivations[0].column(i, name))
+                .collect();
+            p.mask_plan("w", "db", Some(&c), cols, &derived)
                 .into_iter()
                 .map(|m| m.map(|m| m.rule))
                 .collect()
@@ -777,6 +820,134 @@ strategy = "hash"
                 .contains("`txt` is not a built-in PostgreSQL type"),
             "{e}"
         );
+    }
+
+    /// A masked column stays masked under another name or inside an
+    /// expression, and a COPY out of what holds it is refused.
+    #[test]
+    fn masks_follow_columns_through_aliases_expressions_and_rows() {
+        let p = load(
+            "[[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
+             tables = [\"shop.*\"]\naction = \"mask\"\ncolumns = [\"card_number\"]\nstrategy = \"redact\"\n",
+        )
+        .unwrap();
+        let masked = |sql: &str, cols: &[&str]| -> Vec<bool> {
+            let c = crate::sql::classify(sql);
+            let shape: Vec<(&str, u32)> = cols.iter().map(|n| (*n, 25)).collect();
+            let derived: Vec<_> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, n)| c.derivations[0].column(i, n))
+                .collect();
+            p.mask_plan("w", "db", Some(&c), &shape, &derived)
+                .iter()
+                .map(Option::is_some)
+                .collect()
+        };
+        for (sql, cols, want) in [
+            (
+                "select id, card_number from shop.orders",
+                &["id", "card_number"][..],
+                &[false, true][..],
+            ),
+            ("select card_number as c from shop.orders", &["c"], &[true]),
+            (
+                "select o.id, upper(o.card_number) from shop.orders o",
+                &["id", "upper"],
+                &[false, true],
+            ),
+            (
+                "select x from (select card_number as x from shop.orders) s",
+                &["x"],
+                &[true],
+            ),
+            (
+                "select y from (select card_number from shop.orders) s(y)",
+                &["y"],
+                &[true],
+            ),
+            (
+                "with c(x) as (select card_number from shop.orders) select x from c",
+                &["x"],
+                &[true],
+            ),
+            (
+                "select id from shop.orders union select card_number from shop.orders",
+                &["id"],
+                &[true],
+            ),
+            (
+                "select row_to_json(o) from shop.orders o",
+                &["row_to_json"],
+                &[true],
+            ),
+            (
+                "select to_jsonb(o.*) from shop.orders o",
+                &["to_jsonb"],
+                &[true],
+            ),
+            (
+                "select count(*), max(id) from shop.orders",
+                &["count", "max"],
+                &[false, false],
+            ),
+            (
+                "select *, lower(card_number) from shop.orders",
+                &["id", "lower"],
+                &[true, true],
+            ),
+            (
+                "select card_number from public.orders",
+                &["card_number"],
+                &[false],
+            ),
+        ] {
+            assert_eq!(masked(sql, cols), want, "{sql}");
+        }
+        let copy = |sql: &str| p.copy_mask_rule("w", "db", &crate::sql::classify(sql));
+        assert_eq!(copy("copy shop.orders to stdout").as_deref(), Some("cards"));
+        assert_eq!(
+            copy("copy (select card_number from shop.orders) to stdout").as_deref(),
+            Some("cards")
+        );
+        assert_eq!(
+            copy("copy shop.orders (card_number) to stdout").as_deref(),
+            Some("cards")
+        );
+        assert_eq!(copy("copy shop.orders (id, total) to stdout"), None);
+        assert_eq!(copy("copy public.orders to stdout"), None);
+        assert_eq!(copy("copy shop.orders from stdin"), None);
+    }
+
+    /// Where the parser does not list a statement's tables, rules that
+    /// deny by table apply and rules that allow by table do not.
+    #[test]
+    fn tables_in_doubt_fail_closed() {
+        let p = load(
+            "[defaults]\nstatement = \"deny\"\n\n\
+             [[rule]]\nid = \"history-append-only\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
+             classes = [\"write\", \"ddl\", \"admin\"]\ntables = [\"public.history\"]\naction = \"deny\"\n\n\
+             [[rule]]\nid = \"scratch\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
+             tables = [\"scratch.*\"]\naction = \"allow\"\n",
+        )
+        .unwrap();
+        let rule = |sql: &str| {
+            let c = crate::sql::classify(sql);
+            p.decide_statement("w", "db", &c, sql).rule
+        };
+        assert_eq!(rule("copy history from stdin"), "history-append-only");
+        assert_eq!(rule("drop table public.history"), "history-append-only");
+        assert_eq!(
+            rule("grant all on history to public"),
+            "history-append-only"
+        );
+        assert_eq!(rule("copy scratch.t from stdin"), "scratch");
+        assert_eq!(rule("insert into scratch.t values (1)"), "scratch");
+        assert_eq!(
+            rule("create table scratch.t (a int)"),
+            "history-append-only"
+        );
+        assert_eq!(rule("listen scratch_t"), RULE_DEFAULT_STATEMENT);
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::{collections::BTreeSet, fmt, ops::ControlFlow, sync::Arc};
 use serde::{Deserialize, Serialize};
 use sqlparser::{
     ast::{
-        CopyTarget, Expr, ObjectName, ObjectType, Query, Set, SetExpr, Statement, Visit, Visitor,
+        CopySource, CopyTarget, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident,
+        ObjectName, ObjectType, Query, Select, SelectItem, Set, SetExpr, Statement, TableAlias,
+        TableFactor, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -51,10 +53,55 @@ pub struct Classification {
     /// Tables and views named, lowercased, as written (schema-qualified or
     /// not). Shared: every statement with this classification records them.
     pub tables: Arc<[String]>,
+    /// Whether `tables` is every table the statements touch. Where the
+    /// parser's tree does not say (`GRANT`, `VACUUM`, `CREATE TABLE`, …),
+    /// rules that deny or mask by table apply and rules that allow by table
+    /// do not.
+    pub tables_known: bool,
     /// How many statements the text held (0 when it did not parse).
     pub statements: usize,
     /// Why the text is `unknown`, when it did not parse.
     pub parse_error: Option<String>,
+    /// Where each statement's result columns come from (for masking).
+    #[serde(skip)]
+    pub derivations: Arc<[Derivation]>,
+}
+
+/// What a result column's values are computed from: every name its
+/// expression mentions (lowercased; columns among them), and whether it
+/// carries whole rows (`to_json(o)`, `row_to_json(o.*)`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    pub names: BTreeSet<String>,
+    pub whole_row: bool,
+}
+
+impl Sources {
+    pub fn add(&mut self, other: &Sources) {
+        self.names.extend(other.names.iter().cloned());
+        self.whole_row |= other.whole_row;
+    }
+}
+
+/// How one statement's result columns are derived, so a masked column
+/// stays masked under another name (`card AS c`, `upper(card)`, a
+/// subquery's alias, a CTE's column list, a UNION's second branch).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Derivation {
+    /// Per result column, when the positions are certain (no `*`).
+    pub columns: Option<Vec<Sources>>,
+    /// Where positions are not certain: what the computed, unnamed columns
+    /// come from (every result column is treated as one of them).
+    pub unplaced: Sources,
+    /// Names given anywhere in the statement (column aliases, CTE and
+    /// derived-table column lists) and what they stand for.
+    pub aliases: Vec<(String, Sources)>,
+    /// Rows come from something this statement does not show (`FETCH`,
+    /// `EXECUTE`, a function's own result).
+    pub opaque: bool,
+    /// `COPY … TO`: rows leave as COPY data, never masked. `Some(columns)`
+    /// when the copy names its columns, `None` for a whole table or query.
+    pub copy_out: Option<Option<Vec<String>>>,
 }
 
 /// Functions that read or write outside the database, run other SQL, or
@@ -98,8 +145,10 @@ pub fn classify(sql: &str) -> Classification {
             return Classification {
                 class: Class::Unknown,
                 tables: Arc::new([]),
+                tables_known: false,
                 statements: 0,
                 parse_error: Some(e.to_string()),
+                derivations: Arc::new([]),
             }
         }
     };
@@ -114,8 +163,291 @@ pub fn classify(sql: &str) -> Classification {
     Classification {
         class: v.class,
         tables: v.tables.into_iter().collect(),
+        tables_known: v.tables_known,
         statements: stmts.len(),
         parse_error: None,
+        derivations: stmts.iter().map(derive).collect(),
+    }
+}
+
+impl Derivation {
+    /// What result column `i`, named `name` (lowercased), comes from.
+    pub fn column(&self, i: usize, name: &str) -> Sources {
+        let mut s = Sources::default();
+        match &self.columns {
+            Some(cols) => s.add(cols.get(i).unwrap_or(&self.unplaced)),
+            None => s.add(&self.unplaced),
+        }
+        for (alias, from) in &self.aliases {
+            if alias == name {
+                s.add(from);
+            }
+        }
+        s
+    }
+}
+
+/// How `s`'s result columns are derived.
+fn derive(s: &Statement) -> Derivation {
+    let mut names = Names::default();
+    let _ = s.visit(&mut names);
+    let mut d = Derivation {
+        aliases: names.aliases,
+        ..Derivation::default()
+    };
+    let relations = &names.relations;
+    match s {
+        Statement::Query(q) => (d.columns, d.unplaced) = outputs(&q.body, relations),
+        Statement::Insert(i) => {
+            (d.columns, d.unplaced) = returning(i.returning.as_deref(), relations);
+        }
+        Statement::Update(u) => {
+            (d.columns, d.unplaced) = returning(u.returning.as_deref(), relations);
+        }
+        Statement::Delete(x) => {
+            (d.columns, d.unplaced) = returning(x.returning.as_deref(), relations);
+        }
+        Statement::Copy {
+            source, to: true, ..
+        } => {
+            d.copy_out = Some(match source {
+                CopySource::Table { columns, .. } if !columns.is_empty() => {
+                    Some(columns.iter().map(ident_name).collect())
+                }
+                _ => None,
+            });
+        }
+        Statement::Explain { .. } | Statement::ExplainTable { .. } => {}
+        _ => d.opaque = true,
+    }
+    d
+}
+
+fn ident_name(i: &Ident) -> String {
+    i.value.to_lowercase()
+}
+
+fn returning(
+    items: Option<&[SelectItem]>,
+    relations: &BTreeSet<String>,
+) -> (Option<Vec<Sources>>, Sources) {
+    match items {
+        Some(items) => projection(items, relations),
+        None => (Some(Vec::new()), Sources::default()),
+    }
+}
+
+/// The result columns of a query body.
+fn outputs(body: &SetExpr, relations: &BTreeSet<String>) -> (Option<Vec<Sources>>, Sources) {
+    match body {
+        SetExpr::Select(sel) => projection(&sel.projection, relations),
+        SetExpr::Query(q) => outputs(&q.body, relations),
+        SetExpr::SetOperation { left, right, .. } => {
+            let (l, mut lu) = outputs(left, relations);
+            let (r, ru) = outputs(right, relations);
+            lu.add(&ru);
+            match (l, r) {
+                (Some(mut l), Some(r)) if l.len() == r.len() => {
+                    for (a, b) in l.iter_mut().zip(&r) {
+                        a.add(b);
+                    }
+                    (Some(l), lu)
+                }
+                (l, r) => {
+                    for s in l.iter().chain(r.iter()).flatten() {
+                        lu.add(s);
+                    }
+                    (None, lu)
+                }
+            }
+        }
+        SetExpr::Values(v) => {
+            let width = v.rows.first().map_or(0, |r| r.content.len());
+            let mut cols = vec![Sources::default(); width];
+            for row in &v.rows {
+                for (c, e) in cols.iter_mut().zip(&row.content) {
+                    c.add(&sources(e, relations));
+                }
+            }
+            (Some(cols), Sources::default())
+        }
+        SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) => {
+            let d = derive(s);
+            (d.columns, d.unplaced)
+        }
+        // `TABLE t` and the like: real column names, like `*`.
+        _ => (None, Sources::default()),
+    }
+}
+
+/// The result columns of a projection: per position when no `*` makes
+/// positions uncertain; otherwise the sources of its computed columns.
+fn projection(
+    items: &[SelectItem],
+    relations: &BTreeSet<String>,
+) -> (Option<Vec<Sources>>, Sources) {
+    let mut cols = Vec::with_capacity(items.len());
+    let mut unplaced = Sources::default();
+    let mut wildcard = false;
+    for item in items {
+        let s = match item {
+            SelectItem::UnnamedExpr(e) => {
+                let s = sources(e, relations);
+                // A bare column keeps its name; anything else gets one of
+                // PostgreSQL's invention.
+                if !matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_)) || s.whole_row {
+                    unplaced.add(&s);
+                }
+                s
+            }
+            SelectItem::ExprWithAlias { expr, .. } | SelectItem::ExprWithAliases { expr, .. } => {
+                sources(expr, relations)
+            }
+            SelectItem::QualifiedWildcard(..) | SelectItem::Wildcard(_) => {
+                wildcard = true;
+                Sources::default()
+            }
+        };
+        cols.push(s);
+    }
+    if wildcard {
+        (None, unplaced)
+    } else {
+        (Some(cols), unplaced)
+    }
+}
+
+/// What `e` is computed from.
+fn sources(e: &Expr, relations: &BTreeSet<String>) -> Sources {
+    let mut c = Mentions {
+        relations,
+        found: Sources::default(),
+    };
+    let _ = e.visit(&mut c);
+    c.found
+}
+
+/// Every column an expression mentions (the last part of a qualified
+/// name); a bare name that is a relation of the statement, or `o.*`, is a
+/// whole row.
+struct Mentions<'a> {
+    relations: &'a BTreeSet<String>,
+    found: Sources,
+}
+
+impl Visitor for Mentions<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        match e {
+            Expr::Identifier(i) => {
+                let name = ident_name(i);
+                if self.relations.contains(&name) {
+                    self.found.whole_row = true;
+                }
+                self.found.names.insert(name);
+            }
+            Expr::CompoundIdentifier(parts) => {
+                if let Some(last) = parts.last() {
+                    self.found.names.insert(ident_name(last));
+                }
+            }
+            Expr::QualifiedWildcard(..) => self.found.whole_row = true,
+            Expr::Function(f) => {
+                if let FunctionArguments::List(list) = &f.args {
+                    let whole = list.args.iter().any(|a| {
+                        let (FunctionArg::Named { arg, .. }
+                        | FunctionArg::ExprNamed { arg, .. }
+                        | FunctionArg::Unnamed(arg)) = a;
+                        matches!(arg, FunctionArgExpr::QualifiedWildcard(_))
+                    });
+                    self.found.whole_row |= whole;
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Relation names and aliases in a statement, and every alias it gives.
+#[derive(Default)]
+struct Names {
+    relations: BTreeSet<String>,
+    aliases: Vec<(String, Sources)>,
+}
+
+impl Names {
+    /// `name(a, b, …)` over a query: each listed name stands for the
+    /// query's column in that position (all of them where uncertain).
+    fn column_list(&mut self, alias: &TableAlias, q: &Query) {
+        if alias.columns.is_empty() {
+            return;
+        }
+        let (cols, unplaced) = outputs(&q.body, &self.relations);
+        for (i, c) in alias.columns.iter().enumerate() {
+            let s = match &cols {
+                Some(cols) => cols.get(i).cloned().unwrap_or_default(),
+                None => unplaced.clone(),
+            };
+            self.aliases.push((ident_name(&c.name), s));
+        }
+    }
+}
+
+impl Visitor for Names {
+    type Break = ();
+
+    fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
+        self.relations.insert(last_part(r));
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        match t {
+            TableFactor::Derived {
+                subquery,
+                alias: Some(a),
+                ..
+            } => {
+                self.relations.insert(ident_name(&a.name));
+                self.column_list(a, subquery);
+            }
+            TableFactor::Table { alias: Some(a), .. }
+            | TableFactor::Function { alias: Some(a), .. }
+            | TableFactor::UNNEST { alias: Some(a), .. } => {
+                self.relations.insert(ident_name(&a.name));
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        for cte in q.with.iter().flat_map(|w| &w.cte_tables) {
+            self.relations.insert(ident_name(&cte.alias.name));
+            self.column_list(&cte.alias, &cte.query);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, sel: &Select) -> ControlFlow<()> {
+        for item in &sel.projection {
+            match item {
+                SelectItem::ExprWithAlias { expr, alias } => {
+                    let s = sources(expr, &self.relations);
+                    self.aliases.push((ident_name(alias), s));
+                }
+                SelectItem::ExprWithAliases { expr, aliases } => {
+                    let s = sources(expr, &self.relations);
+                    for a in aliases {
+                        self.aliases.push((ident_name(a), s.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 
@@ -123,6 +455,7 @@ pub fn classify(sql: &str) -> Classification {
 struct Walk {
     class: Class,
     tables: BTreeSet<String>,
+    tables_known: bool,
 }
 
 impl Default for Walk {
@@ -130,8 +463,53 @@ impl Default for Walk {
         Walk {
             class: Class::Read,
             tables: BTreeSet::new(),
+            tables_known: true,
         }
     }
+}
+
+/// A table (or other relation) as written, lowercased, quotes removed.
+fn table_name(r: &ObjectName) -> String {
+    r.0.iter()
+        .map(|p| p.to_string().trim_matches('"').to_lowercase())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Statements whose every table the walk finds (the rest leave the
+/// table list in doubt).
+fn tables_listed(s: &Statement) -> bool {
+    use Statement as S;
+    matches!(
+        s,
+        S::Query(_)
+            | S::Insert(_)
+            | S::Update(_)
+            | S::Delete(_)
+            | S::Merge(_)
+            | S::Truncate(_)
+            | S::Lock(_)
+            | S::Copy { .. }
+            | S::Drop { .. }
+            | S::AlterTable(_)
+            | S::CreateIndex(_)
+            | S::Explain { .. }
+            | S::ExplainTable { .. }
+            | S::Prepare { .. }
+            | S::Declare { .. }
+            | S::StartTransaction { .. }
+            | S::Commit { .. }
+            | S::Rollback { .. }
+            | S::Savepoint { .. }
+            | S::ReleaseSavepoint { .. }
+            | S::Fetch { .. }
+            | S::Close { .. }
+            | S::Deallocate { .. }
+            | S::Discard { .. }
+            | S::ShowVariable { .. }
+            | S::ShowVariables { .. }
+            | S::Set(_)
+    )
 }
 
 impl Walk {
@@ -153,6 +531,17 @@ impl Visitor for Walk {
     fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
         let c = statement_class(s);
         self.raise(c);
+        match s {
+            Statement::Copy {
+                source: CopySource::Table { table_name: t, .. },
+                ..
+            } => {
+                self.tables.insert(table_name(t));
+            }
+            Statement::Drop { names, .. } => self.tables.extend(names.iter().map(table_name)),
+            _ => {}
+        }
+        self.tables_known &= tables_listed(s);
         ControlFlow::Continue(())
     }
 
@@ -175,12 +564,7 @@ impl Visitor for Walk {
         if ADMIN_FUNCTIONS.contains(&last_part(r).as_str()) {
             self.raise(Class::Admin);
         }
-        let name =
-            r.0.iter()
-                .map(|p| p.to_string().trim_matches('"').to_lowercase())
-                .collect::<Vec<_>>()
-                .join(".");
-        self.tables.insert(name);
+        self.tables.insert(table_name(r));
         ControlFlow::Continue(())
     }
 

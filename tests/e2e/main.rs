@@ -901,6 +901,17 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
             "{write}: {got}{err}"
         );
     }
+    // COPY FROM into a table a rule protects is a write to that table.
+    let out = pg_tool(
+        &agent,
+        "psql",
+        &[&conn, "-X", "-c", "copy pgbench_history from stdin"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("denied by rule \"history-is-append-only\""),
+        "{err}"
+    );
     assert_eq!(
         count("select count(*) from pgbench_history"),
         history,
@@ -1214,6 +1225,37 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     ))
     .unwrap();
     assert_eq!(typed.trim(), "a|****|c");
+    // A masked column stays masked under another name, inside an
+    // expression, through a subquery or a UNION, and inside whole rows.
+    let derived = String::from_utf8(psql(
+        "select email as e, upper(note) as n, card || '', id as plain from customers where id = 1",
+    ))
+    .unwrap();
+    let cols: Vec<&str> = derived.trim().split('|').collect();
+    assert_eq!(cols[0], "****", "{derived}");
+    assert_eq!(cols[1].len(), 16, "{derived}");
+    assert_eq!(cols[2], "****1111", "{derived}");
+    assert_eq!(cols[3], "1", "{derived}");
+    for sql in [
+        "select x from (select email as x from customers) s",
+        "select 'z' union all select email from customers",
+        "with c(x) as (select email from customers) select x from c",
+        "select row_to_json(c) from customers c",
+        "select c::text from customers c",
+    ] {
+        let out = String::from_utf8(psql(sql)).unwrap();
+        assert!(!out.contains("example.com"), "{sql}: {out}");
+    }
+    // COPY data is never masked: a COPY out of masked columns is refused by
+    // the mask rule; one naming only unmasked columns runs.
+    let out = psql_tuples(&agent, &conn, "copy customers to stdout");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("denied by rule \"pii\""), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("example.com"));
+    assert_eq!(
+        String::from_utf8(psql("copy customers (id) to stdout")).unwrap(),
+        "1\n2\n"
+    );
     let script = "import asyncio, asyncpg, json, sys\n\
         async def main():\n\
         \x20   c = await asyncpg.connect(host='127.0.0.1', port=int(sys.argv[1]), user='postgres', password=sys.argv[2], database='postgres', ssl=False)\n\

@@ -163,7 +163,9 @@ struct Batch {
     /// ParseComplete/BindComplete answers to messages the agent injected
     /// in place of a denied Parse: swallowed, the client never sent them.
     swallow: u32,
-    pending: VecDeque<(Statement, Instant)>,
+    /// Statements sent and not yet answered, with when they were sent and
+    /// what they were classified as.
+    pending: VecDeque<(Statement, Instant, Option<Arc<Classification>>)>,
     tags: Vec<String>,
     error: Option<String>,
     /// Values masked in this batch.
@@ -207,6 +209,7 @@ pub struct State {
     startup: Mutex<Startup>,
     gate: Option<Gate>,
     seen: Mutex<Seen>,
+    learned: Mutex<Learned>,
     /// The policy last consulted, and what it said of this connection.
     flags: Mutex<Option<(Arc<Policy>, Flags)>>,
 }
@@ -269,14 +272,48 @@ struct Shapes {
     portal_cols: HashMap<String, Arc<Vec<Column>>>,
     /// Plan of the rows now arriving, once known.
     plan: Option<Plan>,
+    /// Results (CommandComplete, EmptyQueryResponse) since ReadyForQuery:
+    /// which statement of a simple query the next rows belong to.
+    results: usize,
+}
+
+/// What the statements of one connection named, for results whose own
+/// statement does not show where their columns come from (a cursor's
+/// `FETCH`, an `EXECUTE`).
+#[derive(Default)]
+struct Learned {
+    /// Every alias given and what it stands for.
+    aliases: HashMap<String, crate::sql::Sources>,
+    /// What computed, unnamed columns came from.
+    unplaced: crate::sql::Sources,
+    /// More aliases than [`MAX_NAMES`]: such results are masked whole.
+    saturated: bool,
+}
+
+impl Learned {
+    fn learn(&mut self, c: &Classification) {
+        for d in c.derivations.iter() {
+            self.unplaced.add(&d.unplaced);
+            for (name, s) in &d.aliases {
+                let full = self.aliases.len() >= MAX_NAMES;
+                match self.aliases.get_mut(name) {
+                    Some(known) => known.add(s),
+                    None if full => self.saturated = true,
+                    None => {
+                        self.aliases.insert(name.clone(), s.clone());
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Batch {
     /// Numbers `st` and queues it until the server's ReadyForQuery.
-    fn push(&mut self, mut st: Statement) {
+    fn push(&mut self, mut st: Statement, c: Option<Arc<Classification>>) {
         st.seq = self.next_seq;
         self.next_seq += 1;
-        self.pending.push_back((st, Instant::now()));
+        self.pending.push_back((st, Instant::now(), c));
     }
 }
 
@@ -324,40 +361,42 @@ impl State {
 
     /// Classifies, decides and records a statement; the decision if it is
     /// not allowed.
+    /// `masking`: mask rules apply to this connection, so what the
+    /// statement names is remembered, and a `COPY … TO` that would carry
+    /// masked columns out unmasked is refused by the mask rule.
     fn statement(
         &self,
         kind: &'static str,
         name: Option<String>,
         text: &str,
         class: Option<Arc<Classification>>,
+        masking: bool,
     ) -> Option<Decision> {
         let c = class.unwrap_or_else(|| self.classified(text));
-        let decision = self.decide(&c, text);
+        let mut decision = self.decide(&c, text);
+        if let (true, Some(g)) = (masking, &self.gate) {
+            lock(&self.learned).learn(&c);
+            if decision.as_ref().is_some_and(|d| d.action != Action::Deny) {
+                if let Some(rule) = g.policy.load().copy_mask_rule(&g.workload, &g.target, &c) {
+                    decision = Some(Decision {
+                        action: Action::Deny,
+                        rule,
+                    });
+                }
+            }
+        }
         let (action, rule) = match &decision {
             Some(d) => (Some(d.action), Some(d.rule.clone())),
             None => (None, None),
         };
-        self.push(kind, name, text, &c, action, rule);
-        decision.filter(|d| d.action != Action::Allow)
-    }
-
-    /// Queues a statement's record until the server answers it.
-    fn push(
-        &self,
-        kind: &'static str,
-        name: Option<String>,
-        text: &str,
-        c: &Classification,
-        decision: Option<Action>,
-        rule: Option<String>,
-    ) {
         let st = Statement {
             tables: c.tables.clone(),
-            decision,
+            decision: action,
             rule,
             ..Statement::new(kind, name, crate::redact::redact_sql(text), c.class)
         };
-        self.batch().push(st);
+        self.batch().push(st, Some(c));
+        decision.filter(|d| d.action != Action::Allow)
     }
 
     /// Classification of `text`, cached by its
@@ -450,7 +489,8 @@ impl State {
         let error = b.error.take();
         let rows = tags.last().and_then(|t| t.rsplit(' ').next()?.parse().ok());
         let now = Instant::now();
-        while let Some((mut s, started)) = b.pending.pop_front() {
+        b.shapes.results = 0;
+        while let Some((mut s, started, _)) = b.pending.pop_front() {
             s.duration_us = Some(now.duration_since(started).as_micros() as u64);
             // The last statement of the batch takes the tags; others copy them.
             s.tags = if b.pending.is_empty() {
@@ -498,23 +538,34 @@ impl State {
             .get(&stmt)
             .map_or(Class::Unknown, |c| c.class);
         let text = format!("<bind to statement \"{stmt}\">");
-        b.push(Statement {
-            parameters: Some(params),
-            ..Statement::new("bind", Some(stmt), text, class)
-        });
+        b.push(
+            Statement {
+                parameters: Some(params),
+                ..Statement::new("bind", Some(stmt), text, class)
+            },
+            None,
+        );
     }
 
-    fn plan_for(&self, cols: Option<&[Column]>, class: Option<&Classification>) -> Option<Plan> {
+    /// How the rows of statement `k` of `class` (unknown: every rule may
+    /// apply) with columns `cols` are masked; `None`: not at all.
+    fn plan_for(
+        &self,
+        cols: Option<&[Column]>,
+        class: Option<&Classification>,
+        k: usize,
+    ) -> Option<Plan> {
         let g = self.gate.as_ref()?;
         let Some(cols) = cols else {
             // Rows whose columns we never saw: mask every value (fail closed).
             return Some(Arc::new(Vec::new()));
         };
         let shape: Vec<(&str, u32)> = cols.iter().map(|c| (c.name.as_str(), c.type_oid)).collect();
+        let derived = self.derived(cols, class.and_then(|c| c.derivations.get(k)));
         let plan = g
             .policy
             .load()
-            .mask_plan(&g.workload, &g.target, class, &shape);
+            .mask_plan(&g.workload, &g.target, class, &shape, &derived);
         if plan.iter().all(Option::is_none) {
             return None;
         }
@@ -524,6 +575,34 @@ impl State {
                 .map(|(m, c)| m.map(|m| (m, crate::mask::text_like(c.type_oid))))
                 .collect(),
         ))
+    }
+
+    /// What each of `cols` is computed from: its statement's derivation,
+    /// and what the connection's statements said about its name. Rows whose
+    /// statement does not show their source (or is not known) also count
+    /// every computed column seen on the connection.
+    fn derived(
+        &self,
+        cols: &[Column],
+        d: Option<&crate::sql::Derivation>,
+    ) -> Vec<crate::sql::Sources> {
+        let learned = lock(&self.learned);
+        let opaque = d.is_none_or(|d| d.opaque);
+        cols.iter()
+            .enumerate()
+            .map(|(i, col)| {
+                let name = col.name.to_lowercase();
+                let mut s = d.map(|d| d.column(i, &name)).unwrap_or_default();
+                if let Some(from) = learned.aliases.get(&name) {
+                    s.add(from);
+                }
+                if opaque {
+                    s.add(&learned.unplaced);
+                    s.whole_row |= learned.saturated;
+                }
+                s
+            })
+            .collect()
     }
 
     /// Backend side of masking: learns row shapes from RowDescription and
@@ -542,15 +621,12 @@ impl State {
                         bounded_insert(&mut b.shapes.portal_cols, p, cols)
                     }
                     None => {
-                        // A simple query: its rows follow now.
-                        let class = b.pending.back().map(|(st, _)| Classification {
-                            class: st.class,
-                            tables: st.tables.clone(),
-                            statements: 1,
-                            parse_error: None,
-                        });
+                        // A simple query: rows of its statement that the
+                        // results so far say is running follow now.
+                        let class = b.pending.front().and_then(|(.., c)| c.clone());
+                        let k = b.shapes.results;
                         drop(b);
-                        let plan = self.plan_for(Some(&cols), class.as_ref());
+                        let plan = self.plan_for(Some(&cols), class.as_deref(), k);
                         self.batch().shapes.plan = Some(plan.unwrap_or_else(nothing_masked));
                     }
                 }
@@ -564,6 +640,7 @@ impl State {
                 let mut b = self.batch();
                 b.shapes.plan = None;
                 b.shapes.executes.pop_front();
+                b.shapes.results += usize::from(ty == b'I');
                 Ok(None)
             }
             _ => {
@@ -590,7 +667,8 @@ impl State {
                                 None => (None, None),
                             }
                         };
-                        let plan = self.plan_for(cols.as_deref().map(|c| &c[..]), class.as_deref());
+                        let plan =
+                            self.plan_for(cols.as_deref().map(|c| &c[..]), class.as_deref(), 0);
                         // Remember it for the rest of this result.
                         self.batch().shapes.plan =
                             Some(plan.clone().unwrap_or_else(nothing_masked));
@@ -658,7 +736,7 @@ impl State {
     /// Statements still waiting for an answer (the connection ended first).
     pub fn take_pending(&self) -> Vec<Statement> {
         let mut b = self.batch();
-        b.pending.drain(..).map(|(s, _)| s).collect()
+        b.pending.drain(..).map(|(s, ..)| s).collect()
     }
 }
 
@@ -883,7 +961,7 @@ where
                 b'Q' => {
                     let (sql, _) = cstr(body)
                         .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
-                    state.statement("query", None, sql, None)
+                    state.statement("query", None, sql, None, masking)
                 }
                 b'P' => {
                     let (name, rest) = cstr(body)
@@ -891,7 +969,8 @@ where
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
-                    let d = state.statement("parse", Some(name.into()), sql, Some(c.clone()));
+                    let d =
+                        state.statement("parse", Some(name.into()), sql, Some(c.clone()), masking);
                     if masking || flags.record_parameters {
                         state.note_frontend(b'P', body, Some((name, c)));
                     }
@@ -903,7 +982,7 @@ where
                     }
                     let text = format!("<fast-path function call, oid {}>", be32(body));
                     let c = Arc::new(not_sql(&text, Class::Admin));
-                    state.statement("function", None, &text, Some(c))
+                    state.statement("function", None, &text, Some(c), masking)
                 }
             };
             match denied {
@@ -919,7 +998,7 @@ where
                 let text = format!("<statement of {total} bytes, too large to inspect>");
                 let kind = if ty == b'Q' { "query" } else { "parse" };
                 let c = Arc::new(not_sql(&text, Class::Unknown));
-                if let Some(d) = state.statement(kind, None, &text, Some(c)) {
+                if let Some(d) = state.statement(kind, None, &text, Some(c), masking) {
                     buf.advance(have);
                     stream_rest(r, &mut tokio::io::sink(), total - have, &mut scratch).await?;
                     w.write_all(&refusal(ty, &d, state)).await?;
@@ -937,8 +1016,10 @@ fn not_sql(text: &str, class: Class) -> Classification {
     Classification {
         class,
         tables: Arc::default(),
+        tables_known: false,
         statements: 0,
         parse_error: Some(text.into()),
+        derivations: Arc::default(),
     }
 }
 
@@ -1054,6 +1135,7 @@ where
                     }
                     b.shapes.plan = None;
                     b.shapes.executes.pop_front();
+                    b.shapes.results += 1;
                 }
                 b'E' => {
                     let code = error_code(body);
