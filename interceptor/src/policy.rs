@@ -394,14 +394,22 @@ impl Policy {
     ) -> Decision {
         // Lowercased only if a rule with patterns gets that far.
         let lower = std::cell::OnceCell::new();
-        let applies = |rule: &&Rule| {
+        // `doubt`: a statement of unknown class, or whose tables are not all
+        // known, could be anything: deny rules then match whatever class or
+        // tables they name. Rules that match it as it is come first, so the
+        // refusal names the most specific rule.
+        let applies = |rule: &Rule, doubt: bool| {
             if rule.on != Scope::Statement
                 || rule.action == Action::Mask
                 || !rule.matches(workload, target)
             {
                 return false;
             }
-            if !rule.classes.is_empty() && !rule.classes.contains(&c.class) {
+            let doubt = doubt && rule.action == Action::Deny;
+            if !rule.classes.is_empty()
+                && !rule.classes.contains(&c.class)
+                && !(doubt && c.class == Class::Unknown)
+            {
                 return false;
             }
             if !rule.patterns.is_empty() {
@@ -415,16 +423,31 @@ impl Policy {
             }
             let covered = |t: &String| rule.tables.iter().any(|g| table_matches(g, t));
             if rule.action == Action::Deny {
-                !c.tables_known || c.tables.iter().any(covered)
+                (doubt && !c.tables_known) || c.tables.iter().any(covered)
             } else {
                 c.tables_known && !c.tables.is_empty() && c.tables.iter().all(covered)
             }
         };
-        verdict(
-            self.rules.iter().filter(applies),
+        let d = verdict(
+            self.rules.iter().filter(|r| applies(r, false)),
             self.default_statement,
             RULE_DEFAULT_STATEMENT,
-        )
+        );
+        let by_rule = d.action == Action::Deny && d.rule != RULE_DEFAULT_STATEMENT;
+        if by_rule || (c.class != Class::Unknown && c.tables_known) {
+            return d;
+        }
+        match self
+            .rules
+            .iter()
+            .find(|r| r.action == Action::Deny && applies(r, true))
+        {
+            Some(r) => Decision {
+                action: Action::Deny,
+                rule: r.id.clone(),
+            },
+            None => d,
+        }
     }
 }
 
@@ -948,6 +971,12 @@ strategy = "hash"
             "history-append-only"
         );
         assert_eq!(rule("listen scratch_t"), RULE_DEFAULT_STATEMENT);
+        // Unknown could be any class: deny rules cover it whatever they list.
+        assert_eq!(
+            rule("DO $$ BEGIN DELETE FROM history; END $$"),
+            "history-append-only"
+        );
+        assert_eq!(rule("this is not sql"), "history-append-only");
     }
 
     #[test]

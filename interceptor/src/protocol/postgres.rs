@@ -623,7 +623,11 @@ impl State {
                     None => {
                         // A simple query: rows of its statement that the
                         // results so far say is running follow now.
-                        let class = b.pending.front().and_then(|(.., c)| c.clone());
+                        let class = b
+                            .pending
+                            .iter()
+                            .find(|(st, ..)| st.kind == "query")
+                            .and_then(|(.., c)| c.clone());
                         let k = b.shapes.results;
                         drop(b);
                         let plan = self.plan_for(Some(&cols), class.as_deref(), k);
