@@ -132,6 +132,40 @@ const ADMIN_FUNCTIONS: &[&str] = &[
     "cursor_to_xml",
     "table_to_xml",
     "pg_execute_server_program",
+    "pg_ls_logdir",
+    "pg_ls_waldir",
+    "pg_ls_tmpdir",
+    "pg_ls_archive_statusdir",
+    "pg_file_unlink",
+    "pg_file_rename",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_logical_emit_message",
+    "pg_create_physical_replication_slot",
+    "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot",
+    "pg_stat_reset",
+    "pg_stat_reset_shared",
+    "pg_stat_reset_single_table_counters",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_import_system_collations",
+    "pg_log_backend_memory_contexts",
+];
+
+/// Functions that change data outside any table a statement names (large
+/// objects, sequences): any use makes the statement at least `write`.
+const WRITE_FUNCTIONS: &[&str] = &[
+    "lowrite",
+    "lo_create",
+    "lo_creat",
+    "lo_unlink",
+    "lo_truncate",
+    "lo_truncate64",
+    "nextval",
+    "setval",
 ];
 
 /// Settings whose change is a privilege change.
@@ -573,6 +607,8 @@ impl Visitor for Walk {
             let name = last_part(&f.name);
             if ADMIN_FUNCTIONS.contains(&name.as_str()) {
                 self.raise(Class::Admin);
+            } else if WRITE_FUNCTIONS.contains(&name.as_str()) {
+                self.raise(Class::Write);
             }
         }
         ControlFlow::Continue(())
@@ -705,6 +741,9 @@ mod tests {
             ("COPY orders FROM '/etc/passwd'", Class::Admin),
             ("COPY orders FROM STDIN", Class::Write),
             ("COPY orders TO STDOUT", Class::Read),
+            ("SELECT lowrite(lo_open(1, 131072), 'x')", Class::Write),
+            ("SELECT setval('orders_id_seq', 1)", Class::Write),
+            ("SELECT pg_catalog.pg_switch_wal()", Class::Admin),
             ("DO $$ BEGIN DELETE FROM orders; END $$", Class::Unknown),
             ("CALL cleanup()", Class::Admin),
             ("PREPARE p AS DELETE FROM orders", Class::Write),
