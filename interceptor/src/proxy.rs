@@ -338,6 +338,9 @@ impl Proxy {
         let (outcome, detail) = match result {
             Ok(()) => (Outcome::Closed, None),
             Err(postgres::PgError::Io(e)) => io_outcome(e),
+            Err(e @ postgres::PgError::StartupRefused { .. }) => {
+                (Outcome::Denied, Some(e.to_string()))
+            }
             Err(e) => (Outcome::Error, Some(e.to_string())),
         };
         Relayed {

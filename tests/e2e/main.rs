@@ -901,6 +901,15 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
             "{write}: {got}{err}"
         );
     }
+    // A role asked for in the startup packet is a SET ROLE by another door.
+    let with_role = format!("{conn} options='-c role=postgres'");
+    let out = pg_tool(&agent, "psql", &[&with_role, "-X", "-c", "select 1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("startup setting denied by rule \"no-ddl\": SET role = 'postgres'"),
+        "{err}"
+    );
     // COPY FROM into a table a rule protects is a write to that table.
     let out = pg_tool(
         &agent,

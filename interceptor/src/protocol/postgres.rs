@@ -75,6 +75,8 @@ pub enum PgError {
         "the client requires TLS, which the agent cannot inspect; use sslmode=prefer or disable"
     )]
     ClientRequiresTls,
+    #[error("startup setting refused by rule \"{rule}\": {setting}")]
+    StartupRefused { rule: String, setting: String },
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -148,6 +150,11 @@ impl Statement {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Startup {
     pub user: Option<String>,
+    /// Settings the startup packet asks for that a statement would need
+    /// policy for (`role`, `session_authorization`, `search_path`), as
+    /// `SET` statements; each is decided and recorded like one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settings: Vec<String>,
     pub database: Option<String>,
     pub application_name: Option<String>,
     /// The client asked for TLS or GSS encryption and was told no.
@@ -842,10 +849,67 @@ fn parse_startup(mut body: &[u8], st: &mut Startup) -> Result<(), PgError> {
             "user" => st.user = Some(v.into()),
             "database" => st.database = Some(v.into()),
             "application_name" => st.application_name = Some(v.into()),
-            _ => {}
+            "options" => {
+                for (name, value) in command_line_settings(v) {
+                    guarded_setting(st, &name, &value);
+                }
+            }
+            other => guarded_setting(st, other, v),
         }
         body = rest;
     }
+}
+
+/// Settings a statement would need policy for: changing them at startup
+/// is the same as running `SET` first.
+const GUARDED_SETTINGS: &[&str] = &["role", "session_authorization", "search_path"];
+
+fn guarded_setting(st: &mut Startup, name: &str, value: &str) {
+    let name = name.to_ascii_lowercase().replace('-', "_");
+    if GUARDED_SETTINGS.contains(&name.as_str()) {
+        st.settings
+            .push(format!("SET {name} = '{}'", value.replace('\'', "''")));
+    }
+}
+
+/// `-c name=value` and `--name=value` settings of the startup `options`
+/// parameter (split at unescaped whitespace, as the server does).
+fn command_line_settings(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let (mut word, mut escaped) = (String::new(), false);
+    for ch in options.chars() {
+        match ch {
+            _ if escaped => {
+                word.push(ch);
+                escaped = false;
+            }
+            '\\' => escaped = true,
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = match w.as_str() {
+            "-c" => it.next(),
+            _ => w
+                .strip_prefix("--")
+                .or_else(|| w.strip_prefix("-c"))
+                .map(str::to_owned),
+        };
+        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            out.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    out
 }
 
 /// Client → server.
@@ -916,6 +980,22 @@ where
             }
             v if v >> 16 == 3 => {
                 parse_startup(&buf[8..len], &mut state.startup())?;
+                let settings = state.startup().settings.clone();
+                let masking = state.policy_flags().masking;
+                for text in settings {
+                    if let Some(d) = state.statement("startup", None, &text, None, masking) {
+                        // Refused as the server refuses a login: FATAL, then close.
+                        if let Some((st, ..)) = state.batch().pending.back_mut() {
+                            st.error = Some("42501".into());
+                        }
+                        client_w.write_all(&startup_refusal(&d, &text)).await?;
+                        client_w.flush().await?;
+                        return Err(PgError::StartupRefused {
+                            rule: d.rule,
+                            setting: text,
+                        });
+                    }
+                }
                 w.write_all(&buf.split_to(len)).await?;
                 break;
             }
@@ -1038,6 +1118,31 @@ pub fn refusal_sql(d: &Decision) -> String {
          HINT = 'ask the owners of the interceptor policy'; END $interceptor$",
         d.rule
     )
+}
+
+/// The ErrorResponse that refuses a startup setting (SQLSTATE 42501).
+fn startup_refusal(d: &Decision, setting: &str) -> BytesMut {
+    let mut body = Vec::new();
+    for (code, text) in [
+        (b'S', "FATAL".to_owned()),
+        (b'V', "FATAL".to_owned()),
+        (b'C', "42501".to_owned()),
+        (
+            b'M',
+            format!(
+                "interceptor: startup setting denied by rule \"{}\": {setting}",
+                d.rule
+            ),
+        ),
+    ] {
+        body.push(code);
+        body.extend_from_slice(text.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = BytesMut::new();
+    put_message(&mut out, b'E', &body);
+    out
 }
 
 fn put_message(out: &mut BytesMut, ty: u8, body: &[u8]) {
@@ -1751,6 +1856,75 @@ mod tests {
             let pending = state.take_pending();
             assert_eq!(pending[0].class, want, "{reports:?} {sql:?}");
             assert_eq!(pending[1].class, Class::Unknown, "{reports:?}: pipelined");
+        }
+    }
+
+    /// A role, session authorization or search path asked for in the
+    /// startup packet is decided like the `SET` it amounts to: refused with
+    /// a FATAL 42501 before the server sees the login, and recorded.
+    #[tokio::test]
+    async fn startup_settings_are_decided_like_set() {
+        assert_eq!(
+            command_line_settings(r"-c role=admin --search-path=audit\ x -cwork_mem=64MB"),
+            [
+                ("role".to_string(), "admin".to_string()),
+                ("search-path".to_string(), "audit x".to_string()),
+                ("work_mem".to_string(), "64MB".to_string()),
+            ]
+        );
+        let toml = "[[rule]]\nid = \"no-admin\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"admin\"]\naction = \"deny\"\n";
+        let path =
+            std::env::temp_dir().join(format!("icpt-pg-startup-{}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        let policy = Arc::new(ArcSwap::from_pointee(
+            Policy::load_files(std::slice::from_ref(&path), None).unwrap(),
+        ));
+        std::fs::remove_file(&path).unwrap();
+        for (params, refused) in [
+            (
+                &b"user\0bob\0options\0-c role=postgres\0\0"[..],
+                Some("SET role = 'postgres'"),
+            ),
+            (
+                b"user\0bob\0search_path\0audit\0\0",
+                Some("SET search_path = 'audit'"),
+            ),
+            (b"user\0bob\0options\0-c work_mem=64MB\0\0", None),
+        ] {
+            let state = State::with_gate(Gate {
+                policy: policy.clone(),
+                workload: "w".into(),
+                target: "t".into(),
+                masker: Arc::new(Masker::new(b"unit-test-key")),
+            });
+            let mut input = ((8 + params.len()) as u32).to_be_bytes().to_vec();
+            input.extend_from_slice(&[0, 3, 0, 0]);
+            input.extend_from_slice(params);
+            let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+            let r = frontend(&mut &input[..], &mut to_server, &mut to_client, &state).await;
+            let pending = state.take_pending();
+            match refused {
+                Some(setting) => {
+                    let e = r.unwrap_err().to_string();
+                    assert!(e.contains("no-admin") && e.contains(setting), "{e}");
+                    assert!(to_server.is_empty(), "the login reached the server");
+                    let said = String::from_utf8_lossy(&to_client);
+                    assert!(
+                        to_client.starts_with(b"E")
+                            && said.contains("FATAL")
+                            && said.contains("42501"),
+                        "{said}"
+                    );
+                    assert_eq!(pending[0].text, setting);
+                    assert_eq!(pending[0].decision, Some(Action::Deny));
+                    assert_eq!(pending[0].error.as_deref(), Some("42501"));
+                }
+                None => {
+                    r.unwrap();
+                    assert_eq!(to_server, input);
+                    assert!(pending.is_empty());
+                }
+            }
         }
     }
 }
