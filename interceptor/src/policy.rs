@@ -406,10 +406,10 @@ impl Policy {
                 return false;
             }
             let doubt = doubt && rule.action == Action::Deny;
-            if !rule.classes.is_empty()
-                && !rule.classes.contains(&c.class)
-                && !(doubt && c.class == Class::Unknown)
-            {
+            let class_covered = rule.classes.is_empty()
+                || rule.classes.contains(&c.class)
+                || (doubt && c.class == Class::Unknown);
+            if !class_covered {
                 return false;
             }
             if !rule.patterns.is_empty() {
