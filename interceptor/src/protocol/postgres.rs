@@ -605,7 +605,9 @@ impl State {
                 }
                 if opaque {
                     s.add(&learned.unplaced);
-                    s.whole_row |= learned.saturated;
+                    // Rows of a statement that did not parse (or is not
+                    // known) could hold anything: masked whole.
+                    s.whole_row |= learned.saturated || d.is_none();
                 }
                 s
             })
@@ -1926,5 +1928,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rows of a statement whose columns cannot be traced (it did not
+    /// parse) are masked whole on a connection with mask rules; rows of one
+    /// that parsed are masked by column.
+    #[test]
+    fn rows_of_untraceable_statements_are_masked_whole() {
+        let toml = "[[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"card\"]\nstrategy = \"redact\"\n";
+        let path =
+            std::env::temp_dir().join(format!("icpt-pg-untraced-{}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        let policy = Policy::load_files(std::slice::from_ref(&path), None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let state = State::with_gate(Gate {
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            workload: "w".into(),
+            target: "t".into(),
+            masker: Arc::new(Masker::new(b"unit-test-key")),
+        });
+        let cols = [
+            Column {
+                name: "id".into(),
+                type_oid: 23,
+            },
+            Column {
+                name: "c".into(),
+                type_oid: 25,
+            },
+        ];
+        let masked = |c: &Classification| -> Vec<bool> {
+            let plan = state.plan_for(Some(&cols), Some(c), 0);
+            plan.map_or(vec![false; 2], |p| p.iter().map(Option::is_some).collect())
+        };
+        assert_eq!(
+            masked(&classify("select id, card as c from t")),
+            [false, true]
+        );
+        assert_eq!(
+            masked(&classify("select id, note as c from t")),
+            [false, false]
+        );
+        assert_eq!(
+            masked(&not_sql("<too large>", Class::Unknown)),
+            [true, true]
+        );
     }
 }
