@@ -1537,6 +1537,25 @@ mod tests {
         out.to_vec()
     }
 
+    /// The policy in `toml` (loaded from a file named by `tag`).
+    fn policy(tag: &str, toml: &str) -> Arc<ArcSwap<Policy>> {
+        let path = std::env::temp_dir().join(format!("icpt-pg-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        let policy = Policy::load_files(std::slice::from_ref(&path), None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        Arc::new(ArcSwap::from_pointee(policy))
+    }
+
+    /// A connection of workload `w` to target `t` under `policy`.
+    fn gated(policy: Arc<ArcSwap<Policy>>) -> State {
+        State::with_gate(Gate {
+            policy,
+            workload: "w".into(),
+            target: "t".into(),
+            masker: Arc::new(Masker::new(b"unit-test-key")),
+        })
+    }
+
     /// A denied Parse in a pipeline: the server gets Parse/Bind/Execute of
     /// the refusal instead, the client's own Bind/Execute/Sync follow
     /// unchanged (the server skips them after the error), and the client
@@ -1544,16 +1563,7 @@ mod tests {
     #[tokio::test]
     async fn denied_parse_becomes_the_servers_own_error() {
         let toml = "[[rule]]\nid = \"no-writes\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n";
-        let path = std::env::temp_dir().join(format!("icpt-pg-unit-{}.toml", std::process::id()));
-        std::fs::write(&path, toml).unwrap();
-        let policy = Policy::load_files(std::slice::from_ref(&path), None).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        let state = State::with_gate(Gate {
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
-            workload: "w".into(),
-            target: "t".into(),
-            masker: Arc::new(Masker::new(b"unit-test-key")),
-        });
+        let state = gated(policy("unit", toml));
         let mut input = b"\0\0\0\x09\0\x03\0\0\0".to_vec(); // startup, no parameters
         let parse = msg(b'P', b"s1\0DELETE FROM t\0\0\0");
         let bind = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
@@ -1875,13 +1885,7 @@ mod tests {
             ]
         );
         let toml = "[[rule]]\nid = \"no-admin\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"admin\"]\naction = \"deny\"\n";
-        let path =
-            std::env::temp_dir().join(format!("icpt-pg-startup-{}.toml", std::process::id()));
-        std::fs::write(&path, toml).unwrap();
-        let policy = Arc::new(ArcSwap::from_pointee(
-            Policy::load_files(std::slice::from_ref(&path), None).unwrap(),
-        ));
-        std::fs::remove_file(&path).unwrap();
+        let policy = policy("startup", toml);
         for (params, refused) in [
             (
                 &b"user\0bob\0options\0-c role=postgres\0\0"[..],
@@ -1893,12 +1897,7 @@ mod tests {
             ),
             (b"user\0bob\0options\0-c work_mem=64MB\0\0", None),
         ] {
-            let state = State::with_gate(Gate {
-                policy: policy.clone(),
-                workload: "w".into(),
-                target: "t".into(),
-                masker: Arc::new(Masker::new(b"unit-test-key")),
-            });
+            let state = gated(policy.clone());
             let mut input = ((8 + params.len()) as u32).to_be_bytes().to_vec();
             input.extend_from_slice(&[0, 3, 0, 0]);
             input.extend_from_slice(params);
@@ -1936,17 +1935,7 @@ mod tests {
     #[test]
     fn rows_of_untraceable_statements_are_masked_whole() {
         let toml = "[[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"card\"]\nstrategy = \"redact\"\n";
-        let path =
-            std::env::temp_dir().join(format!("icpt-pg-untraced-{}.toml", std::process::id()));
-        std::fs::write(&path, toml).unwrap();
-        let policy = Policy::load_files(std::slice::from_ref(&path), None).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        let state = State::with_gate(Gate {
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
-            workload: "w".into(),
-            target: "t".into(),
-            masker: Arc::new(Masker::new(b"unit-test-key")),
-        });
+        let state = gated(policy("untraced", toml));
         let cols = [
             Column {
                 name: "id".into(),
