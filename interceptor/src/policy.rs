@@ -434,17 +434,25 @@ impl Policy {
             RULE_DEFAULT_STATEMENT,
         );
         let by_rule = d.action == Action::Deny && d.rule != RULE_DEFAULT_STATEMENT;
-        if by_rule || (c.class != Class::Unknown && c.tables_known) {
-            return d;
-        }
-        match self
-            .rules
-            .iter()
-            .find(|r| r.action == Action::Deny && applies(r, true))
-        {
-            Some(r) => Decision {
+        let in_doubt = c.class == Class::Unknown || !c.tables_known;
+        let doubted = (!by_rule && in_doubt)
+            .then(|| {
+                self.rules
+                    .iter()
+                    .find(|r| r.action == Action::Deny && applies(r, true))
+            })
+            .flatten();
+        // COPY data is never masked: a COPY out of what a mask rule covers
+        // is refused by that rule.
+        let rule = match doubted {
+            Some(r) => Some(r.id.clone()),
+            None if d.action == Action::Deny => None,
+            None => self.copy_mask_rule(workload, target, c),
+        };
+        match rule {
+            Some(rule) => Decision {
                 action: Action::Deny,
-                rule: r.id.clone(),
+                rule,
             },
             None => d,
         }
@@ -531,12 +539,7 @@ impl Policy {
     /// The mask rule a `COPY … TO` in `c` would carry masked values past
     /// (COPY data is not masked): any that applies to a whole table or a
     /// query, or one covering a column the copy names.
-    pub fn copy_mask_rule(
-        &self,
-        workload: &str,
-        target: &str,
-        c: &Classification,
-    ) -> Option<String> {
+    fn copy_mask_rule(&self, workload: &str, target: &str, c: &Classification) -> Option<String> {
         c.derivations.iter().find_map(|d| {
             let copied = d.copy_out.as_ref()?;
             self.mask_rules(workload, target, Some(c))

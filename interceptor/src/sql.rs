@@ -15,9 +15,9 @@ use std::{collections::BTreeSet, fmt, ops::ControlFlow, sync::Arc};
 use serde::{Deserialize, Serialize};
 use sqlparser::{
     ast::{
-        CopySource, CopyTarget, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident,
-        ObjectName, ObjectType, Query, Select, SelectItem, Set, SetExpr, Statement, TableAlias,
-        TableFactor, Visit, Visitor,
+        CopySource, CopyTarget, Delete, Expr, FunctionArg, FunctionArgExpr, FunctionArguments,
+        Ident, Insert, ObjectName, ObjectType, Query, Select, SelectItem, Set, SetExpr, Statement,
+        TableAlias, TableFactor, Update, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -78,7 +78,12 @@ pub struct Sources {
 
 impl Sources {
     pub fn add(&mut self, other: &Sources) {
-        self.names.extend(other.names.iter().cloned());
+        // Only new names are copied: adding what is known allocates nothing.
+        for n in &other.names {
+            if !self.names.contains(n) {
+                self.names.insert(n.clone());
+            }
+        }
         self.whole_row |= other.whole_row;
     }
 }
@@ -232,14 +237,13 @@ fn derive(s: &Statement) -> Derivation {
     let relations = &names.relations;
     match s {
         Statement::Query(q) => (d.columns, d.unplaced) = outputs(&q.body, relations),
-        Statement::Insert(i) => {
-            (d.columns, d.unplaced) = returning(i.returning.as_deref(), relations);
-        }
-        Statement::Update(u) => {
-            (d.columns, d.unplaced) = returning(u.returning.as_deref(), relations);
-        }
-        Statement::Delete(x) => {
-            (d.columns, d.unplaced) = returning(x.returning.as_deref(), relations);
+        Statement::Insert(Insert { returning, .. })
+        | Statement::Update(Update { returning, .. })
+        | Statement::Delete(Delete { returning, .. }) => {
+            (d.columns, d.unplaced) = match returning {
+                Some(items) => projection(items, relations),
+                None => (Some(Vec::new()), Sources::default()),
+            };
         }
         Statement::Copy {
             source, to: true, ..
@@ -259,16 +263,6 @@ fn derive(s: &Statement) -> Derivation {
 
 fn ident_name(i: &Ident) -> String {
     i.value.to_lowercase()
-}
-
-fn returning(
-    items: Option<&[SelectItem]>,
-    relations: &BTreeSet<String>,
-) -> (Option<Vec<Sources>>, Sources) {
-    match items {
-        Some(items) => projection(items, relations),
-        None => (Some(Vec::new()), Sources::default()),
-    }
 }
 
 /// The result columns of a query body.

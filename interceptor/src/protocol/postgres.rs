@@ -369,8 +369,8 @@ impl State {
     /// Classifies, decides and records a statement; the decision if it is
     /// not allowed.
     /// `masking`: mask rules apply to this connection, so what the
-    /// statement names is remembered, and a `COPY … TO` that would carry
-    /// masked columns out unmasked is refused by the mask rule.
+    /// statement names is remembered (for results whose own statement does
+    /// not show their source).
     fn statement(
         &self,
         kind: &'static str,
@@ -380,17 +380,9 @@ impl State {
         masking: bool,
     ) -> Option<Decision> {
         let c = class.unwrap_or_else(|| self.classified(text));
-        let mut decision = self.decide(&c, text);
-        if let (true, Some(g)) = (masking, &self.gate) {
+        let decision = self.decide(&c, text);
+        if masking {
             lock(&self.learned).learn(&c);
-            if decision.as_ref().is_some_and(|d| d.action != Action::Deny) {
-                if let Some(rule) = g.policy.load().copy_mask_rule(&g.workload, &g.target, &c) {
-                    decision = Some(Decision {
-                        action: Action::Deny,
-                        rule,
-                    });
-                }
-            }
         }
         let (action, rule) = match &decision {
             Some(d) => (Some(d.action), Some(d.rule.clone())),
