@@ -397,9 +397,9 @@ pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
 
 /// A relayed socket: registered with the runtime directly, so a pump can
 /// clear readiness itself after a short read (one syscall less per message).
-type Sock = AsyncFd<std::net::TcpStream>;
+pub(crate) type Sock = AsyncFd<std::net::TcpStream>;
 
-fn into_fd(s: TcpStream) -> io::Result<Sock> {
+pub(crate) fn into_fd(s: TcpStream) -> io::Result<Sock> {
     // SAFETY: the std TcpStream owns its fd for as long as the AsyncFd lives
     // and always reports that same fd.
     unsafe { AsyncFd::register(s.into_std()?) }.map_err(io::Error::from)
@@ -575,7 +575,7 @@ async fn write_with(s: &Sock, mut op: impl FnMut() -> io::Result<usize>) -> io::
 }
 
 /// Sends FIN; a peer that is already gone is not an error here.
-fn shutdown_write(fd: RawFd) -> io::Result<()> {
+pub(crate) fn shutdown_write(fd: RawFd) -> io::Result<()> {
     match nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write) {
         Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
         Err(e) => Err(e.into()),

@@ -32,12 +32,11 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+
+mod engine;
+pub use engine::{backend, frontend, relay, Backend, Frontend};
 
 use crate::{
     mask::Masker,
@@ -62,8 +61,6 @@ const CANCEL_REQUEST: u32 = 80_877_102;
 const AUTH_SASL: u32 = 10;
 /// Every message type a client may send after the startup packet.
 const FRONTEND_TYPES: &[u8] = b"BCcdDEfFHpPQSX";
-/// Output is gathered up to this much and written once per batch.
-const OUT_BUF: usize = 64 * 1024;
 /// Classifications remembered per connection (drivers repeat their SQL).
 const CLASS_CACHE: usize = 512;
 
@@ -745,82 +742,8 @@ impl State {
     }
 }
 
-/// Reads until `buf` holds at least `n` bytes. `Ok(false)`: EOF first.
-/// Whatever `w` buffered goes out before each read that has to wait, so
-/// the frames of one batch leave in one write.
-async fn fill<R, W>(r: &mut R, buf: &mut BytesMut, n: usize, w: &mut W) -> io::Result<bool>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    while buf.len() < n {
-        w.flush().await?;
-        buf.reserve(n - buf.len());
-        if r.read_buf(buf).await? == 0 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// Reads a typed message header (type, length) with the length checked.
-/// `None`: the peer closed cleanly between messages (the other side's write
-/// half is shut down in turn).
-async fn header<R, W>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    w: &mut W,
-    side: &'static str,
-) -> Result<Option<(u8, usize)>, PgError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    if !fill(r, buf, 5, w).await? {
-        if buf.is_empty() {
-            w.shutdown().await?;
-            return Ok(None);
-        }
-        return Err(malformed(side, "connection ended inside a message header"));
-    }
-    let (ty, len) = (buf[0], be32(&buf[1..5]) as usize);
-    if !(4..=MAX_MESSAGE).contains(&len) {
-        return Err(malformed(
-            side,
-            format!("message '{}' with length {len}", ty as char),
-        ));
-    }
-    Ok(Some((ty, len)))
-}
-
-/// Copies the rest of a frame (`left` bytes beyond what `buf` held) straight through.
-async fn stream_rest<R, W>(
-    r: &mut R,
-    w: &mut W,
-    mut left: usize,
-    scratch: &mut [u8],
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    while left > 0 {
-        let want = left.min(scratch.len());
-        let n = r.read(&mut scratch[..want]).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection ended inside a frame",
-            ));
-        }
-        w.write_all(&scratch[..n]).await?;
-        left -= n;
-    }
-    Ok(())
 }
 
 /// A NUL-terminated string at the start of `b`, and the rest.
@@ -906,189 +829,6 @@ fn command_line_settings(options: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Client → server.
-pub async fn frontend<R, W, C>(
-    r: &mut R,
-    w: &mut W,
-    client_w: &mut C,
-    state: &State,
-) -> Result<(), PgError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-    C: AsyncWrite + Unpin,
-{
-    let mut w = tokio::io::BufWriter::with_capacity(OUT_BUF, w);
-    let mut buf = BytesMut::with_capacity(8192);
-    let mut scratch = vec![0u8; 64 * 1024];
-    // Startup phase: untyped messages.
-    loop {
-        // Check the length as soon as it is there: a hostile length must not
-        // make us wait for bytes that will never come.
-        if fill(r, &mut buf, 4, &mut w).await? {
-            let len = be32(&buf[0..4]) as usize;
-            if !(8..=MAX_STARTUP).contains(&len) {
-                return Err(malformed(
-                    "client",
-                    format!("startup packet length {len} (allowed 8..={MAX_STARTUP})"),
-                ));
-            }
-        }
-        if !fill(r, &mut buf, 8, &mut w).await? {
-            if state.startup().encryption_declined && buf.is_empty() {
-                return Err(PgError::ClientRequiresTls);
-            }
-            return if buf.is_empty() {
-                w.shutdown().await.map_err(Into::into)
-            } else {
-                Err(malformed(
-                    "client",
-                    "connection ended inside the startup packet",
-                ))
-            };
-        }
-        let len = be32(&buf[0..4]) as usize;
-        let code = be32(&buf[4..8]);
-        if !(8..=MAX_STARTUP).contains(&len) {
-            return Err(malformed(
-                "client",
-                format!("startup packet length {len} (allowed 8..={MAX_STARTUP})"),
-            ));
-        }
-        if !fill(r, &mut buf, len, &mut w).await? {
-            return Err(malformed(
-                "client",
-                "connection ended inside the startup packet",
-            ));
-        }
-        match code {
-            SSL_REQUEST | GSSENC_REQUEST if len == 8 => {
-                buf.advance(8);
-                state.startup().encryption_declined = true;
-                client_w.write_all(b"N").await?;
-            }
-            CANCEL_REQUEST if len == 16 => {
-                state.startup().cancel_request = true;
-                w.write_all(&buf.split_to(16)).await?;
-                break;
-            }
-            v if v >> 16 == 3 => {
-                parse_startup(&buf[8..len], &mut state.startup())?;
-                let settings = state.startup().settings.clone();
-                let masking = state.policy_flags().masking;
-                for text in settings {
-                    if let Some(d) = state.statement("startup", None, &text, None, masking) {
-                        // Refused as the server refuses a login: FATAL, then close.
-                        if let Some((st, ..)) = state.batch().pending.back_mut() {
-                            st.error = Some("42501".into());
-                        }
-                        client_w.write_all(&startup_refusal(&d, &text)).await?;
-                        client_w.flush().await?;
-                        return Err(PgError::StartupRefused {
-                            rule: d.rule,
-                            setting: text,
-                        });
-                    }
-                }
-                w.write_all(&buf.split_to(len)).await?;
-                break;
-            }
-            other => {
-                return Err(malformed(
-                    "client",
-                    format!("unsupported startup code {other}"),
-                ));
-            }
-        }
-    }
-    // Typed messages.
-    loop {
-        let Some((ty, len)) = header(r, &mut buf, &mut w, "client").await? else {
-            return Ok(());
-        };
-        if !FRONTEND_TYPES.contains(&ty) {
-            // The server would end the session too; nothing unknown passes.
-            return Err(malformed(
-                "client",
-                format!("unknown message type {:?}", ty as char),
-            ));
-        }
-        let total = 1 + len;
-        let flags = state.policy_flags();
-        let masking = flags.masking;
-        let params = ty == b'B' && flags.record_parameters;
-        if (masking && matches!(ty, b'B' | b'D' | b'E') || params) && total <= MAX_INSPECT {
-            if !fill(r, &mut buf, total, &mut w).await? {
-                return Err(malformed("client", "connection ended inside a message"));
-            }
-            if masking {
-                state.note_frontend(ty, &buf[5..total], None);
-            }
-            if params {
-                state.bind(&buf[5..total]);
-            }
-            w.write_all(&buf.split_to(total)).await?;
-            continue;
-        }
-        if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
-            if !fill(r, &mut buf, total, &mut w).await? {
-                return Err(malformed("client", "connection ended inside a message"));
-            }
-            let body = &buf[5..total];
-            let denied = match ty {
-                b'Q' => {
-                    let (sql, _) = cstr(body)
-                        .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
-                    state.statement("query", None, sql, None, masking)
-                }
-                b'P' => {
-                    let (name, rest) = cstr(body)
-                        .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
-                    let (sql, _) = cstr(rest)
-                        .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
-                    let c = state.classified(sql);
-                    let d =
-                        state.statement("parse", Some(name.into()), sql, Some(c.clone()), masking);
-                    if masking || flags.record_parameters {
-                        state.note_frontend(b'P', body, Some((name, c)));
-                    }
-                    d
-                }
-                _ => {
-                    if body.len() < 4 {
-                        return Err(malformed("client", "FunctionCall without a function"));
-                    }
-                    let text = format!("<fast-path function call, oid {}>", be32(body));
-                    let c = Arc::new(not_sql(&text, Class::Admin));
-                    state.statement("function", None, &text, Some(c), masking)
-                }
-            };
-            match denied {
-                None => w.write_all(&buf.split_to(total)).await?,
-                Some(d) => {
-                    buf.advance(total);
-                    w.write_all(&refusal(ty, &d, state)).await?;
-                }
-            }
-        } else {
-            let have = buf.len().min(total);
-            if matches!(ty, b'Q' | b'P') {
-                let text = format!("<statement of {total} bytes, too large to inspect>");
-                let kind = if ty == b'Q' { "query" } else { "parse" };
-                let c = Arc::new(not_sql(&text, Class::Unknown));
-                if let Some(d) = state.statement(kind, None, &text, Some(c), masking) {
-                    buf.advance(have);
-                    stream_rest(r, &mut tokio::io::sink(), total - have, &mut scratch).await?;
-                    w.write_all(&refusal(ty, &d, state)).await?;
-                    continue;
-                }
-            }
-            w.write_all(&buf.split_to(have)).await?;
-            stream_rest(r, &mut w, total - have, &mut scratch).await?;
-        }
-    }
-}
-
 /// A classification for something that is not SQL text we can parse.
 fn not_sql(text: &str, class: Class) -> Classification {
     Classification {
@@ -1170,95 +910,6 @@ fn refusal(ty: u8, d: &Decision, state: &State) -> BytesMut {
         put_message(&mut out, b'Q', &q);
     }
     out
-}
-
-/// Server → client.
-pub async fn backend<R, W>(r: &mut R, w: &mut W, state: &State) -> Result<(), PgError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut w = tokio::io::BufWriter::with_capacity(OUT_BUF, w);
-    let mut buf = BytesMut::with_capacity(8192);
-    let mut scratch = vec![0u8; 64 * 1024];
-    if state.startup().cancel_request {
-        // The server answers a cancel by closing; relay whatever comes.
-        tokio::io::copy(r, &mut w).await?;
-        return w.shutdown().await.map_err(Into::into);
-    }
-    loop {
-        let Some((ty, len)) = header(r, &mut buf, &mut w, "server").await? else {
-            return Ok(());
-        };
-        let total = 1 + len;
-        if matches!(ty, b'1' | b'2') && len == 4 {
-            let mut b = state.batch();
-            if b.swallow > 0 {
-                b.swallow -= 1;
-                drop(b);
-                buf.advance(5);
-                continue;
-            }
-        }
-        if matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') && state.policy_flags().masking {
-            if total > MAX_INSPECT {
-                if ty == b'D' {
-                    return Err(malformed(
-                        "server",
-                        format!("a {total}-byte row is too large to mask"),
-                    ));
-                }
-            } else {
-                if !fill(r, &mut buf, total, &mut w).await? {
-                    return Err(malformed("server", "connection ended inside a message"));
-                }
-                let frame = buf.split_to(total);
-                match state.shape_message(ty, &frame[5..])? {
-                    Some(row) => w.write_all(&row).await?,
-                    None => w.write_all(&frame).await?,
-                }
-                continue;
-            }
-        }
-        if matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S') && total <= MAX_INSPECT {
-            if !fill(r, &mut buf, total, &mut w).await? {
-                return Err(malformed("server", "connection ended inside a message"));
-            }
-            let frame = buf.split_to(total);
-            let body = &frame[5..];
-            match ty {
-                b'R' if body.len() >= 4 && be32(body) == AUTH_SASL => {
-                    w.write_all(&without_channel_binding(body)).await?;
-                    continue;
-                }
-                b'C' => {
-                    let mut b = state.batch();
-                    if let Some((tag, _)) = cstr(body) {
-                        b.tags.push(tag.into());
-                    }
-                    b.shapes.plan = None;
-                    b.shapes.executes.pop_front();
-                    b.shapes.results += 1;
-                }
-                b'E' => {
-                    let code = error_code(body);
-                    let mut b = state.batch();
-                    if b.error.is_none() {
-                        b.error = code;
-                    }
-                    b.shapes.plan = None;
-                }
-                b'Z' => state.ready(),
-                b'S' => state.parameter_status(body),
-                _ => {}
-            }
-            w.write_all(&frame).await?;
-        } else {
-            let have = buf.len().min(total);
-            w.write_all(&buf.split_to(have)).await?;
-            stream_rest(r, &mut w, total - have, &mut scratch).await?;
-        }
-    }
 }
 
 /// Statement name and parameter values of a Bind body.
@@ -1439,84 +1090,6 @@ fn without_channel_binding(body: &[u8]) -> BytesMut {
     }
     out.put_u8(0);
     out
-}
-
-/// Relays one PostgreSQL connection: bytes from the client, bytes from the
-/// server, and the first error of either side.
-pub async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-    state: &State,
-) -> (u64, u64, Result<(), PgError>) {
-    let (mut cr, cw) = client.into_split();
-    let (mut ur, mut uw) = upstream.into_split();
-    let mut cr = Counted::new(&mut cr);
-    let mut ur = Counted::new(&mut ur);
-    // Both directions write to the client: the frontend only its answer to
-    // SSLRequest, before the startup message goes to the server (so before
-    // the server can say anything). They run in this one task, so a lock
-    // taken only inside each poll is never contended.
-    let client_w = Mutex::new(cw);
-    let result = {
-        let front = async { frontend(&mut cr, &mut uw, &mut ClientWriter(&client_w), state).await };
-        let back = async { backend(&mut ur, &mut ClientWriter(&client_w), state).await };
-        tokio::pin!(front, back);
-        tokio::select! {
-            a = &mut front => match a { Ok(()) => back.await, Err(e) => Err(e) },
-            b = &mut back => match b { Ok(()) => front.await, Err(e) => Err(e) },
-        }
-    };
-    (cr.n, ur.n, result)
-}
-
-/// Counts bytes read through it.
-struct Counted<'a, R> {
-    inner: &'a mut R,
-    n: u64,
-}
-
-impl<'a, R> Counted<'a, R> {
-    fn new(inner: &'a mut R) -> Self {
-        Counted { inner, n: 0 }
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Counted<'_, R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.n += (buf.filled().len() - before) as u64;
-        r
-    }
-}
-
-/// The client's write half, shared by both directions of one task.
-struct ClientWriter<'a>(&'a Mutex<tokio::net::tcp::OwnedWriteHalf>);
-
-impl AsyncWrite for ClientWriter<'_> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut *lock(self.0)).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut *lock(self.0)).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut *lock(self.0)).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
@@ -1919,6 +1492,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The machines give the same bytes and the same record however the
+    /// input is cut: all at once, or one byte at a time (every frame split
+    /// at every point, large passed-on frames included).
+    #[test]
+    fn frames_split_anywhere_relay_the_same() {
+        let toml = "[[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"card\"]\nstrategy = \"redact\"\n";
+        let policy = policy("split", toml);
+        let mut client = b"\0\0\0\x09\0\x03\0\0\0".to_vec();
+        client.extend(msg(b'Q', b"SELECT id, card FROM t\0"));
+        client.extend(msg(b'P', b"s1\0SELECT card FROM t WHERE id = $1\0\0\0"));
+        client.extend(msg(b'B', b"\0s1\0\0\0\0\x01\0\0\0\x017\0\0"));
+        client.extend(msg(b'E', b"\0\0\0\0\0"));
+        client.extend(msg(b'S', b""));
+        let long = format!("SELECT '{}'\0", "x".repeat(3000));
+        client.extend(msg(b'Q', long.as_bytes()));
+        client.extend(msg(b'd', &[7u8; 5000]));
+        let mut server = msg(b'T', b"\0\x02id\0\0\0\0\0\0\x01\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0card\0\0\0\0\0\0\x02\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0");
+        server.extend(msg(b'D', b"\0\x02\0\0\0\x017\0\0\0\x104111111111111111"));
+        server.extend(msg(b'C', b"SELECT 1\0"));
+        server.extend(msg(b'Z', b"I"));
+        server.extend(msg(b'd', &[9u8; 5000]));
+        server.extend(msg(b'N', b"SNOTICE\0Mhello\0\0"));
+        let run = |step: usize| {
+            let state = gated(policy.clone());
+            let (mut front, mut back) = (Frontend::default(), Backend::default());
+            let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+            let mut input = BytesMut::new();
+            for part in client.chunks(step) {
+                input.extend_from_slice(part);
+                front
+                    .feed(&mut input, &mut to_server, &mut to_client, &state)
+                    .unwrap();
+            }
+            front.eof(&input, &state).unwrap();
+            let mut input = BytesMut::new();
+            for part in server.chunks(step) {
+                input.extend_from_slice(part);
+                back.feed(&mut input, &mut to_client, &state).unwrap();
+            }
+            back.eof(&input).unwrap();
+            let texts: Vec<(String, u32)> = state
+                .take_done()
+                .into_iter()
+                .chain(state.take_pending())
+                .map(|s| (s.text, s.masked))
+                .collect();
+            (to_server, to_client, texts)
+        };
+        let whole = run(usize::MAX);
+        assert_eq!(whole.0.len(), client.len(), "everything reaches the server");
+        assert!(
+            !String::from_utf8_lossy(&whole.1).contains("4111111111111111"),
+            "the card was masked"
+        );
+        assert_eq!(whole.2.len(), 3);
+        assert_eq!(whole.2[0].1, 1, "one value masked");
+        for step in [1, 2, 3, 7, 64, 1021] {
+            assert!(run(step) == whole, "cut every {step} bytes");
+        }
+        // A side that ends inside a frame is cut short, not taken as a clean end.
+        let state = State::default();
+        let mut front = Frontend::default();
+        let mut input = BytesMut::from(&client[..client.len() - 10]);
+        front
+            .feed(
+                &mut input,
+                &mut BytesMut::new(),
+                &mut BytesMut::new(),
+                &state,
+            )
+            .unwrap();
+        let e = front.eof(&input, &state).unwrap_err().to_string();
+        assert!(e.contains("ended inside a message"), "{e}");
     }
 
     /// Rows of a statement whose columns cannot be traced (it did not

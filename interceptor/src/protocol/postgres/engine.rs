@@ -1,0 +1,662 @@
+//! The relay as two byte-driven machines, client → server ([`Frontend`])
+//! and server → client ([`Backend`]), and the loop that feeds them.
+//!
+//! A machine never touches a socket. It is handed what has arrived, takes
+//! every whole frame it can (or passes on what has come of a frame it does
+//! not inspect), and appends what must go out. So one connection costs one
+//! task that reads and writes its two sockets directly ([`relay`]), and
+//! the tests and fuzzers drive the very same machines from byte slices
+//! ([`frontend`], [`backend`]), in chunks that split frames anywhere.
+
+use std::{
+    future::poll_fn,
+    io::{self, Write},
+    os::fd::AsRawFd,
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{
+    be32, cstr, error_code, malformed, not_sql, parse_startup, refusal, startup_refusal,
+    without_channel_binding, Class, PgError, State, AUTH_SASL, CANCEL_REQUEST, FRONTEND_TYPES,
+    GSSENC_REQUEST, MAX_INSPECT, MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT, SSL_REQUEST,
+};
+use std::sync::Arc;
+
+/// The part of a frame still to come that is not inspected: passed on, or
+/// (for a refused statement too large to hold) dropped.
+#[derive(Debug, Default)]
+struct Rest {
+    forward: usize,
+    discard: usize,
+}
+
+impl Rest {
+    /// Moves what `input` holds of the frame. `true`: the frame is done.
+    fn drain(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> bool {
+        if self.discard > 0 {
+            let n = self.discard.min(input.len());
+            input.advance(n);
+            self.discard -= n;
+        }
+        if self.forward > 0 {
+            let n = self.forward.min(input.len());
+            out.extend_from_slice(&input[..n]);
+            input.advance(n);
+            self.forward -= n;
+        }
+        self.forward == 0 && self.discard == 0
+    }
+
+    fn done(&self) -> bool {
+        self.forward == 0 && self.discard == 0
+    }
+
+    /// Passes on what `input` holds of a `total`-byte frame; the rest follows.
+    fn start(&mut self, input: &mut BytesMut, total: usize, out: &mut BytesMut) {
+        let have = input.len().min(total);
+        out.extend_from_slice(&input[..have]);
+        input.advance(have);
+        self.forward = total - have;
+    }
+}
+
+/// Moves a whole `total`-byte frame from `input` to `out`.
+fn forward(input: &mut BytesMut, total: usize, out: &mut BytesMut) {
+    out.extend_from_slice(&input[..total]);
+    input.advance(total);
+}
+
+/// The type and whole length (type byte included) of the typed message at
+/// the start of `input`, its length checked. `None`: the header is not all here.
+fn header(input: &[u8], side: &'static str) -> Result<Option<(u8, usize)>, PgError> {
+    if input.len() < 5 {
+        return Ok(None);
+    }
+    let (ty, len) = (input[0], be32(&input[1..5]) as usize);
+    if !(4..=MAX_MESSAGE).contains(&len) {
+        return Err(malformed(
+            side,
+            format!("message '{}' with length {len}", ty as char),
+        ));
+    }
+    Ok(Some((ty, 1 + len)))
+}
+
+/// Why a side ended where it did, if that was not between messages.
+fn cut_short(input: &[u8], rest: &Rest, side: &'static str) -> Result<(), PgError> {
+    if !rest.done() || input.len() >= 5 {
+        Err(malformed(side, "connection ended inside a message"))
+    } else if !input.is_empty() {
+        Err(malformed(side, "connection ended inside a message header"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Client → server.
+#[derive(Debug, Default)]
+pub struct Frontend {
+    /// The startup packet has passed; typed messages follow.
+    typed: bool,
+    rest: Rest,
+}
+
+impl Frontend {
+    /// Takes what it can of `input`; what goes to the server is appended to
+    /// `to_server`, the agent's own answers to `to_client`.
+    pub fn feed(
+        &mut self,
+        input: &mut BytesMut,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+        state: &State,
+    ) -> Result<(), PgError> {
+        while self.rest.drain(input, to_server) {
+            let more = if self.typed {
+                self.message(input, to_server, state)?
+            } else {
+                self.startup(input, to_server, to_client, state)?
+            };
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The client closed its side, leaving `input` unread.
+    pub fn eof(&self, input: &[u8], state: &State) -> Result<(), PgError> {
+        if self.typed {
+            return cut_short(input, &self.rest, "client");
+        }
+        match input.is_empty() {
+            true if state.startup().encryption_declined => Err(PgError::ClientRequiresTls),
+            true => Ok(()),
+            false => Err(malformed(
+                "client",
+                "connection ended inside the startup packet",
+            )),
+        }
+    }
+
+    /// One untyped startup-phase packet. `false`: it is not all here.
+    fn startup(
+        &mut self,
+        input: &mut BytesMut,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+        state: &State,
+    ) -> Result<bool, PgError> {
+        // Check the length as soon as it is there: a hostile length must not
+        // make us wait for bytes that will never come.
+        if input.len() < 4 {
+            return Ok(false);
+        }
+        let len = be32(&input[0..4]) as usize;
+        if !(8..=MAX_STARTUP).contains(&len) {
+            return Err(malformed(
+                "client",
+                format!("startup packet length {len} (allowed 8..={MAX_STARTUP})"),
+            ));
+        }
+        if input.len() < len {
+            return Ok(false);
+        }
+        match be32(&input[4..8]) {
+            SSL_REQUEST | GSSENC_REQUEST if len == 8 => {
+                input.advance(8);
+                state.startup().encryption_declined = true;
+                to_client.put_u8(b'N');
+            }
+            CANCEL_REQUEST if len == 16 => {
+                state.startup().cancel_request = true;
+                forward(input, 16, to_server);
+                self.typed = true;
+            }
+            v if v >> 16 == 3 => {
+                parse_startup(&input[8..len], &mut state.startup())?;
+                let settings = state.startup().settings.clone();
+                let masking = state.policy_flags().masking;
+                for text in settings {
+                    if let Some(d) = state.statement("startup", None, &text, None, masking) {
+                        // Refused as the server refuses a login: FATAL, then close.
+                        if let Some((st, ..)) = state.batch().pending.back_mut() {
+                            st.error = Some("42501".into());
+                        }
+                        to_client.extend_from_slice(&startup_refusal(&d, &text));
+                        return Err(PgError::StartupRefused {
+                            rule: d.rule,
+                            setting: text,
+                        });
+                    }
+                }
+                forward(input, len, to_server);
+                self.typed = true;
+            }
+            other => {
+                return Err(malformed(
+                    "client",
+                    format!("unsupported startup code {other}"),
+                ))
+            }
+        }
+        Ok(true)
+    }
+
+    /// One typed message, or the start of one passed on as it comes.
+    /// `false`: what the machine needs of it is not all here.
+    fn message(
+        &mut self,
+        input: &mut BytesMut,
+        to_server: &mut BytesMut,
+        state: &State,
+    ) -> Result<bool, PgError> {
+        let Some((ty, total)) = header(input, "client")? else {
+            return Ok(false);
+        };
+        if !FRONTEND_TYPES.contains(&ty) {
+            // The server would end the session too; nothing unknown passes.
+            return Err(malformed(
+                "client",
+                format!("unknown message type {:?}", ty as char),
+            ));
+        }
+        let flags = state.policy_flags();
+        let masking = flags.masking;
+        let params = ty == b'B' && flags.record_parameters;
+        if (masking && matches!(ty, b'B' | b'D' | b'E') || params) && total <= MAX_INSPECT {
+            if input.len() < total {
+                return Ok(false);
+            }
+            if masking {
+                state.note_frontend(ty, &input[5..total], None);
+            }
+            if params {
+                state.bind(&input[5..total]);
+            }
+            forward(input, total, to_server);
+            return Ok(true);
+        }
+        if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
+            if input.len() < total {
+                return Ok(false);
+            }
+            let body = &input[5..total];
+            let denied = match ty {
+                b'Q' => {
+                    let (sql, _) = cstr(body)
+                        .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
+                    state.statement("query", None, sql, None, masking)
+                }
+                b'P' => {
+                    let (name, rest) = cstr(body)
+                        .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
+                    let (sql, _) = cstr(rest)
+                        .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
+                    let c = state.classified(sql);
+                    let d =
+                        state.statement("parse", Some(name.into()), sql, Some(c.clone()), masking);
+                    if masking || flags.record_parameters {
+                        state.note_frontend(b'P', body, Some((name, c)));
+                    }
+                    d
+                }
+                _ => {
+                    if body.len() < 4 {
+                        return Err(malformed("client", "FunctionCall without a function"));
+                    }
+                    let text = format!("<fast-path function call, oid {}>", be32(body));
+                    let c = Arc::new(not_sql(&text, Class::Admin));
+                    state.statement("function", None, &text, Some(c), masking)
+                }
+            };
+            match denied {
+                None => forward(input, total, to_server),
+                Some(d) => {
+                    input.advance(total);
+                    to_server.extend_from_slice(&refusal(ty, &d, state));
+                }
+            }
+            return Ok(true);
+        }
+        if matches!(ty, b'Q' | b'P') {
+            let text = format!("<statement of {total} bytes, too large to inspect>");
+            let kind = if ty == b'Q' { "query" } else { "parse" };
+            let c = Arc::new(not_sql(&text, Class::Unknown));
+            if let Some(d) = state.statement(kind, None, &text, Some(c), masking) {
+                // Nothing of it reaches the server; the refusal takes its place.
+                let have = input.len().min(total);
+                input.advance(have);
+                self.rest.discard = total - have;
+                to_server.extend_from_slice(&refusal(ty, &d, state));
+                return Ok(true);
+            }
+        }
+        self.rest.start(input, total, to_server);
+        Ok(true)
+    }
+}
+
+/// Server → client.
+#[derive(Debug, Default)]
+pub struct Backend {
+    rest: Rest,
+    /// This connection carries a CancelRequest: the server's answer (it
+    /// closes) is relayed as it is.
+    cancel: bool,
+}
+
+impl Backend {
+    /// Takes what it can of `input`, appending what goes to the client.
+    pub fn feed(
+        &mut self,
+        input: &mut BytesMut,
+        to_client: &mut BytesMut,
+        state: &State,
+    ) -> Result<(), PgError> {
+        self.cancel = self.cancel || state.startup().cancel_request;
+        if self.cancel {
+            to_client.extend_from_slice(input);
+            input.clear();
+            return Ok(());
+        }
+        while self.rest.drain(input, to_client) {
+            let Some((ty, total)) = header(input, "server")? else {
+                break;
+            };
+            if matches!(ty, b'1' | b'2') && total == 5 {
+                let mut b = state.batch();
+                if b.swallow > 0 {
+                    b.swallow -= 1;
+                    drop(b);
+                    input.advance(5);
+                    continue;
+                }
+            }
+            if matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') && state.policy_flags().masking {
+                if total > MAX_INSPECT {
+                    if ty == b'D' {
+                        return Err(malformed(
+                            "server",
+                            format!("a {total}-byte row is too large to mask"),
+                        ));
+                    }
+                } else {
+                    if input.len() < total {
+                        break;
+                    }
+                    match state.shape_message(ty, &input[5..total])? {
+                        Some(row) => {
+                            to_client.extend_from_slice(&row);
+                            input.advance(total);
+                        }
+                        None => forward(input, total, to_client),
+                    }
+                    continue;
+                }
+            }
+            if !(matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S') && total <= MAX_INSPECT) {
+                self.rest.start(input, total, to_client);
+                continue;
+            }
+            if input.len() < total {
+                break;
+            }
+            let body = &input[5..total];
+            match ty {
+                b'R' if body.len() >= 4 && be32(body) == AUTH_SASL => {
+                    to_client.extend_from_slice(&without_channel_binding(body));
+                    input.advance(total);
+                    continue;
+                }
+                b'C' => {
+                    let mut b = state.batch();
+                    if let Some((tag, _)) = cstr(body) {
+                        b.tags.push(tag.into());
+                    }
+                    b.shapes.plan = None;
+                    b.shapes.executes.pop_front();
+                    b.shapes.results += 1;
+                }
+                b'E' => {
+                    let code = error_code(body);
+                    let mut b = state.batch();
+                    if b.error.is_none() {
+                        b.error = code;
+                    }
+                    b.shapes.plan = None;
+                }
+                b'Z' => state.ready(),
+                b'S' => state.parameter_status(body),
+                _ => {}
+            }
+            forward(input, total, to_client);
+        }
+        Ok(())
+    }
+
+    /// The server closed its side, leaving `input` unread.
+    pub fn eof(&self, input: &[u8]) -> Result<(), PgError> {
+        if self.cancel {
+            return Ok(());
+        }
+        cut_short(input, &self.rest, "server")
+    }
+}
+
+/// Read size of the byte-slice drivers: odd, so frames split anywhere.
+const CHUNK: usize = 1021;
+
+/// Client → server over any byte streams, until the client's end: what
+/// the client sent is read from `r`, what goes on to the server written
+/// to `w`, the agent's own answers to `client_w`. For tests and fuzzing;
+/// the agent itself runs [`relay`].
+pub async fn frontend<R, W, C>(
+    r: &mut R,
+    w: &mut W,
+    client_w: &mut C,
+    state: &State,
+) -> Result<(), PgError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    let mut m = Frontend::default();
+    let (mut input, mut out, mut answers) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
+    let mut chunk = [0u8; CHUNK];
+    loop {
+        let n = r.read(&mut chunk).await?;
+        input.extend_from_slice(&chunk[..n]);
+        let fed = match n {
+            0 => m.eof(&input, state),
+            _ => m.feed(&mut input, &mut out, &mut answers, state),
+        };
+        // The client gets the agent's answer even when it ends the session.
+        client_w.write_all(&answers).await?;
+        answers.clear();
+        fed?;
+        w.write_all(&out).await?;
+        out.clear();
+        if n == 0 {
+            return w.shutdown().await.map_err(Into::into);
+        }
+    }
+}
+
+/// Server → client over any byte streams, until the server's end. For
+/// tests and fuzzing, like [`frontend`].
+pub async fn backend<R, W>(r: &mut R, w: &mut W, state: &State) -> Result<(), PgError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut m = Backend::default();
+    let (mut input, mut out) = (BytesMut::new(), BytesMut::new());
+    let mut chunk = [0u8; CHUNK];
+    loop {
+        let n = r.read(&mut chunk).await?;
+        input.extend_from_slice(&chunk[..n]);
+        match n {
+            0 => m.eof(&input)?,
+            _ => m.feed(&mut input, &mut out, state)?,
+        }
+        w.write_all(&out).await?;
+        out.clear();
+        if n == 0 {
+            return w.shutdown().await.map_err(Into::into);
+        }
+    }
+}
+
+/// Unsent output above which a side is not read until its peer catches up.
+const HIGH_WATER: usize = 256 * 1024;
+/// Free room a read asks for.
+const READ_ROOM: usize = 64 * 1024;
+
+/// One socket of a relayed connection.
+struct Side {
+    fd: crate::proxy::Sock,
+    /// Read from this side and not yet taken by its machine.
+    input: BytesMut,
+    /// To be written to this side.
+    out: BytesMut,
+    /// This side has closed its sending half (read 0).
+    ended: bool,
+    /// Our sending half to this side is shut down.
+    shut: bool,
+}
+
+impl Side {
+    fn new(s: TcpStream) -> io::Result<Side> {
+        Ok(Side {
+            fd: crate::proxy::into_fd(s)?,
+            input: BytesMut::with_capacity(READ_ROOM),
+            out: BytesMut::new(),
+            ended: false,
+            shut: false,
+        })
+    }
+
+    /// Reads once. `Ready(0)`: the peer's end.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Keep the room at the front of one allocation: an emptied buffer
+        // starts over from its beginning (a cheap reclaim), so a busy
+        // connection keeps touching the same few cache lines.
+        if self.input.is_empty() || self.input.capacity() - self.input.len() < READ_ROOM / 4 {
+            self.input.reserve(READ_ROOM);
+        }
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let input = &mut self.input;
+            let room = input.capacity() - input.len();
+            match guard.try_io(|fd| read_into(fd.get_ref().as_raw_fd(), input)) {
+                Ok(Ok(n)) => {
+                    if n > 0 && n < room {
+                        // A short read drained the socket: no need to see
+                        // EAGAIN first (a later edge is still seen).
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes what it can of `out`. `Ready`: all of it is written.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let out = &self.out;
+            match guard.try_io(|fd| fd.get_ref().write(out)) {
+                Ok(Ok(n)) => self.out.advance(n),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends FIN once everything queued for this side is written.
+    fn shut_when_flushed(&mut self) -> io::Result<()> {
+        if self.shut || !self.out.is_empty() {
+            return Ok(());
+        }
+        self.shut = true;
+        crate::proxy::shutdown_write(self.fd.as_raw_fd())
+    }
+}
+
+/// read(2) into the free room of `buf`.
+fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.spare_capacity_mut();
+    // SAFETY: `room` is writable memory of `room.len()` bytes owned by
+    // `buf`; read(2) writes at most that many and reports how many.
+    let n = unsafe { libc::read(fd, room.as_mut_ptr().cast(), room.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialised the first `n` bytes of the free room.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
+/// Relays one PostgreSQL connection: bytes from the client, bytes from the
+/// server, and how it ended. One task reads and writes both sockets
+/// directly; a side is not read while its peer has [`HIGH_WATER`] unsent.
+/// A clean end of one side is passed on as a FIN once what it sent is
+/// delivered; the first error ends both.
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    state: &State,
+) -> (u64, u64, Result<(), PgError>) {
+    let (mut c, mut s) = match (Side::new(client), Side::new(upstream)) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => return (0, 0, Err(e.into())),
+    };
+    let (mut front, mut back) = (Frontend::default(), Backend::default());
+    let (mut up, mut down) = (0u64, 0u64);
+    let result = poll_fn(|cx| {
+        let r = step(
+            cx, &mut c, &mut s, &mut front, &mut back, &mut up, &mut down, state,
+        );
+        if let Poll::Ready(Err(_)) = &r {
+            // The agent's last word to the client (a refused login) goes
+            // out if the socket takes it now.
+            let _ = c.fd.get_ref().write(&c.out);
+        }
+        r
+    })
+    .await;
+    (up, down, result)
+}
+
+/// Moves everything that can move; `Ready` when both sides have ended.
+#[allow(clippy::too_many_arguments)]
+fn step(
+    cx: &mut Context<'_>,
+    c: &mut Side,
+    s: &mut Side,
+    front: &mut Frontend,
+    back: &mut Backend,
+    up: &mut u64,
+    down: &mut u64,
+    state: &State,
+) -> Poll<Result<(), PgError>> {
+    loop {
+        let mut moved = false;
+        if let Poll::Ready(r) = s.poll_flush(cx) {
+            r?;
+        }
+        if let Poll::Ready(r) = c.poll_flush(cx) {
+            r?;
+        }
+        if !c.ended && s.out.len() < HIGH_WATER {
+            if let Poll::Ready(n) = c.poll_read(cx) {
+                let n = n?;
+                moved = true;
+                *up += n as u64;
+                if n == 0 {
+                    c.ended = true;
+                    front.eof(&c.input, state)?;
+                } else {
+                    front.feed(&mut c.input, &mut s.out, &mut c.out, state)?;
+                }
+            }
+        }
+        if !s.ended && c.out.len() < HIGH_WATER {
+            if let Poll::Ready(n) = s.poll_read(cx) {
+                let n = n?;
+                moved = true;
+                *down += n as u64;
+                if n == 0 {
+                    s.ended = true;
+                    back.eof(&s.input)?;
+                } else {
+                    back.feed(&mut s.input, &mut c.out, state)?;
+                }
+            }
+        }
+        if c.ended {
+            s.shut_when_flushed()?;
+        }
+        if s.ended {
+            c.shut_when_flushed()?;
+        }
+        if c.ended && s.ended && c.shut && s.shut {
+            return Poll::Ready(Ok(()));
+        }
+        if !moved {
+            return Poll::Pending;
+        }
+    }
+}
