@@ -80,6 +80,11 @@ impl Agent {
         c
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends SIGHUP (policy reload) and gives the agent a moment.
     pub fn reload(&self) -> Result<()> {
         let child = self.child.as_ref().context("the agent is not running")?;

@@ -558,13 +558,15 @@ fn postgres() -> Result<()> {
             ),
         )?;
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
+        let (agent_pid, bouncer_pid) = (agent.pid(), bouncer.pid());
         println!(
             "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, \
-             same run, median of {ROUNDS} alternating rounds)\n"
+             same run, median of {ROUNDS} alternating rounds)\n\
+             tps, its ratio to direct, and the proxy's own CPU time per transaction (all its threads)\n"
         );
         println!(
-            "{:<22} {:>12} | {:>20} | {:>20}",
-            "mode, clients", "direct tps", "agent (vs direct)", "pgbouncer (vs direct)"
+            "{:<22} {:>10} | {:>28} | {:>28}",
+            "mode, clients", "direct tps", "agent (vs direct) cpu/txn", "pgbouncer (vs direct) cpu/txn"
         );
         let bouncer_conn = conn.replace(
             &format!("port={}", db.port),
@@ -575,18 +577,20 @@ fn postgres() -> Result<()> {
                 let (mut d, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..ROUNDS {
                     d.push(pgbench(None, &conn, mode, clients)?);
-                    a.push(pgbench(Some((&agent, &config)), &conn, mode, clients)?);
-                    b.push(pgbench(None, &bouncer_conn, mode, clients)?);
+                    a.push(costed(agent_pid, || {
+                        pgbench(Some((&agent, &config)), &conn, mode, clients)
+                    })?);
+                    b.push(costed(bouncer_pid, || {
+                        pgbench(None, &bouncer_conn, mode, clients)
+                    })?);
                 }
-                let (direct, via_agent, via_bouncer) = (middle(d), middle(a), middle(b));
+                let direct = middle(d);
                 println!(
-                    "{:<22} {:>12.0} | {:>11.0} {:>8} | {:>11.0} {:>8}",
+                    "{:<22} {:>10.0} | {} | {}",
                     format!("{mode}, {clients}"),
                     direct,
-                    via_agent,
-                    format!("×{:.2}", via_agent / direct),
-                    via_bouncer,
-                    format!("×{:.2}", via_bouncer / direct),
+                    proxied(&a, direct),
+                    proxied(&b, direct),
                 );
             }
         }
@@ -602,15 +606,16 @@ fn postgres() -> Result<()> {
             let (mut d, mut m) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
                 d.push(pgbench(None, &conn, mode, 8)?);
-                m.push(pgbench(Some((&agent, &config)), &conn, mode, 8)?);
+                m.push(costed(agent_pid, || {
+                    pgbench(Some((&agent, &config)), &conn, mode, 8)
+                })?);
             }
-            let (direct, masked) = (middle(d), middle(m));
+            let direct = middle(d);
             println!(
-                "{:<22} {:>12.0} | {:>11.0} {:>8} | {:>20}",
+                "{:<22} {:>10.0} | {} | {:>28}",
                 format!("{mode}, 8, masking"),
                 direct,
-                masked,
-                format!("×{:.2}", masked / direct),
+                proxied(&m, direct),
                 "-"
             );
         }
@@ -626,6 +631,48 @@ fn postgres() -> Result<()> {
 fn middle(mut runs: Vec<f64>) -> f64 {
     runs.sort_by(f64::total_cmp);
     runs[runs.len() / 2]
+}
+
+/// One proxied run: tps, and the proxy's CPU microseconds per transaction.
+struct Costed {
+    tps: f64,
+    cpu_us: Option<f64>,
+}
+
+/// Runs `run` (which returns tps) and charges the CPU time process `pid`
+/// used meanwhile to the transactions of the run.
+fn costed(pid: Option<u32>, run: impl FnOnce() -> Result<f64>) -> Result<Costed> {
+    let before = pid.and_then(cpu_secs);
+    let tps = run()?;
+    let after = pid.and_then(cpu_secs);
+    let cpu_us = match (before, after) {
+        (Some(b), Some(a)) if tps > 0.0 => Some((a - b) * 1e6 / (tps * PG_SECS as f64)),
+        _ => None,
+    };
+    Ok(Costed { tps, cpu_us })
+}
+
+/// Median tps with its ratio to `direct`, and the median CPU per transaction.
+fn proxied(runs: &[Costed], direct: f64) -> String {
+    let tps = middle(runs.iter().map(|r| r.tps).collect());
+    let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us).collect();
+    let cpu = if cpu.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("{:.1} µs", middle(cpu))
+    };
+    format!("{tps:>9.0} {:>7} {cpu:>10}", format!("×{:.2}", tps / direct))
+}
+
+/// User plus system CPU time of process `pid`, all its threads, in seconds.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start with the
+    // state (field 3); utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    Some(ticks / 100.0)
 }
 
 /// Runs pgbench (through the agent when given) and returns its tps.
@@ -680,6 +727,17 @@ struct Pgbouncer {
 }
 
 impl Pgbouncer {
+    /// pgbouncer's own process id (a child of the `runuser` we started).
+    fn pid(&self) -> Option<u32> {
+        let me = self.child.id();
+        std::fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     fn start(dir: &Path, pg_port: u16) -> Result<Pgbouncer> {
         std::fs::create_dir_all(dir)?;
         let port = free_port()?;
