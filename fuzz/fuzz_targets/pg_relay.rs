@@ -1,18 +1,21 @@
 //! Both directions of the PostgreSQL relay on arbitrary bytes, with the
 //! repository's statement policy active for a workload that has deny and
-//! mask rules, and Bind parameters recorded. Every run must end in `Ok` or
-//! an error, never a panic, a hang or a sanitizer report; and every
-//! statement that reaches the server must be one the policy allows when
-//! classified afresh (no cache, no earlier context).
+//! mask rules, and Bind parameters recorded. The two machines are fed in
+//! turns (the server answering while the client pipelines), in chunks of
+//! a size the input chooses, so frames split anywhere. Every run must end
+//! in `Ok` or an error, never a panic, a hang or a sanitizer report; and
+//! every statement that reaches the server must be one the policy allows
+//! when classified afresh (no cache, no earlier context).
 #![no_main]
 
 use std::sync::{Arc, LazyLock};
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use interceptor::{
     mask::Masker,
     policy::{Action, Policy},
-    protocol::postgres::{backend, frontend, Gate, State},
+    protocol::postgres::{Backend, Frontend, Gate, State},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -30,17 +33,13 @@ static POLICY: LazyLock<Arc<ArcSwap<Policy>>> = LazyLock::new(|| {
     Arc::new(ArcSwap::from_pointee(policy))
 });
 
-static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
-});
-
-// The first byte splits the input: client bytes before, server bytes after.
+// The first byte splits the input (client bytes before, server bytes
+// after) and sets the chunk size.
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, rest)) = data.split_first() else {
         return;
     };
+    let step = 1 + (cut as usize * 7) % 509;
     let cut = (cut as usize * rest.len()) / 255;
     let (client, server) = rest.split_at(cut);
     let state = State::with_gate(Gate {
@@ -49,24 +48,51 @@ fuzz_target!(|data: &[u8]| {
         target: "orders-db".into(),
         masker: Arc::new(Masker::new(b"fuzz")),
     });
-    RUNTIME.block_on(async {
-        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
-        let _ = frontend(&mut &client[..], &mut to_server, &mut to_client, &state).await;
-        for sql in statements_sent(&to_server) {
-            let c = interceptor::sql::classify(&sql);
-            let d = POLICY
-                .load()
-                .decide_statement("reporting", "orders-db", &c, &sql);
-            assert_ne!(
-                d.action,
-                Action::Deny,
-                "{sql:?} reached the server ({})",
-                d.rule
-            );
+    let (mut front, mut back) = (Frontend::default(), Backend::default());
+    let (mut from_client, mut from_server) = (BytesMut::new(), BytesMut::new());
+    let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+    let (mut client_parts, mut server_parts) = (client.chunks(step), server.chunks(step));
+    let (mut client_over, mut server_over) = (false, false);
+    while !(client_over && server_over) {
+        if !client_over {
+            client_over = match client_parts.next() {
+                Some(part) => {
+                    from_client.extend_from_slice(part);
+                    front
+                        .feed(&mut from_client, &mut to_server, &mut to_client, &state)
+                        .is_err()
+                }
+                None => {
+                    let _ = front.eof(&from_client, &state);
+                    true
+                }
+            };
         }
-        let mut out = Vec::new();
-        let _ = backend(&mut &server[..], &mut out, &state).await;
-    });
+        if !server_over {
+            server_over = match server_parts.next() {
+                Some(part) => {
+                    from_server.extend_from_slice(part);
+                    back.feed(&mut from_server, &mut to_client, &state).is_err()
+                }
+                None => {
+                    let _ = back.eof(&from_server);
+                    true
+                }
+            };
+        }
+    }
+    for sql in statements_sent(&to_server) {
+        let c = interceptor::sql::classify(&sql);
+        let d = POLICY
+            .load()
+            .decide_statement("reporting", "orders-db", &c, &sql);
+        assert_ne!(
+            d.action,
+            Action::Deny,
+            "{sql:?} reached the server ({})",
+            d.rule
+        );
+    }
     let _ = state.take_done();
     let _ = state.take_pending();
 });

@@ -566,7 +566,10 @@ fn postgres() -> Result<()> {
         );
         println!(
             "{:<22} {:>10} | {:>28} | {:>28}",
-            "mode, clients", "direct tps", "agent (vs direct) cpu/txn", "pgbouncer (vs direct) cpu/txn"
+            "mode, clients",
+            "direct tps",
+            "agent (vs direct) cpu/txn",
+            "pgbouncer (vs direct) cpu/txn"
         );
         let bouncer_conn = conn.replace(
             &format!("port={}", db.port),
@@ -661,7 +664,10 @@ fn proxied(runs: &[Costed], direct: f64) -> String {
     } else {
         format!("{:.1} µs", middle(cpu))
     };
-    format!("{tps:>9.0} {:>7} {cpu:>10}", format!("×{:.2}", tps / direct))
+    format!(
+        "{tps:>9.0} {:>7} {cpu:>10}",
+        format!("×{:.2}", tps / direct)
+    )
 }
 
 /// User plus system CPU time of process `pid`, all its threads, in seconds.

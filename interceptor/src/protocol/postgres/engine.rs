@@ -660,3 +660,85 @@ fn step(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    /// A connected pair: (the connecting end, the accepted end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// A client that stops reading holds the server back: the relay stops
+    /// reading from the server once a bounded amount waits for the client,
+    /// instead of buffering the result. When the client reads again,
+    /// everything arrives, and the session ends cleanly.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_holds_the_server_back() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let state = State::default();
+        let relayed = relay(proxy_client, proxy_upstream, &state);
+        let flow = async {
+            let startup = b"\0\0\0\x09\0\x03\0\0\0";
+            app.write_all(startup).await.unwrap();
+            let mut got = [0u8; 9];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, startup);
+            // DataRows of 8 KiB until the server's writes stall.
+            let mut frame = vec![b'D'];
+            frame.extend_from_slice(&(4 + 8192u32).to_be_bytes());
+            frame.resize(5 + 8192, 7);
+            let (mut sent, mut at) = (0usize, 0usize);
+            loop {
+                match server.try_write(&frame[at..]) {
+                    Ok(n) => {
+                        sent += n;
+                        at = (at + n) % frame.len();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let wait =
+                            tokio::time::timeout(Duration::from_millis(500), server.writable());
+                        if wait.await.is_err() {
+                            break; // nobody takes more
+                        }
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                assert!(
+                    sent < 64 << 20,
+                    "the relay took 64 MiB for a client that reads nothing"
+                );
+            }
+            // Socket buffers on both hops plus the relay's own bound.
+            assert!(
+                sent < 32 << 20,
+                "{sent} bytes went in before the server was held back"
+            );
+            let finish = async {
+                server.write_all(&frame[at..]).await.unwrap();
+                server.shutdown().await.unwrap();
+                sent + frame.len() - at
+            };
+            let read = async {
+                let mut all = Vec::new();
+                app.read_to_end(&mut all).await.unwrap();
+                all
+            };
+            let (total, all) = tokio::join!(finish, read);
+            assert_eq!(all.len(), total, "every byte arrives");
+            assert!(all.chunks(frame.len()).all(|f| f == &frame[..f.len()]));
+            app.shutdown().await.unwrap();
+            total
+        };
+        let ((up, down, result), total) = tokio::join!(relayed, flow);
+        result.unwrap();
+        assert_eq!((up, down), (9, total as u64));
+    }
+}
