@@ -582,19 +582,21 @@ pub(crate) fn shutdown_write(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// A connected loopback pair for relay tests: (the connecting end, the
+/// accepted end).
+#[cfg(test)]
+pub(crate) async fn loopback_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (s, _) = l.accept().await.unwrap();
+    (c, s)
+}
+
 #[cfg(test)]
 mod tests {
     //! The relay against real loopback sockets, without eBPF.
-    use super::*;
+    use super::{loopback_pair as pair, *};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A connected pair: (the application's end, the proxy's accepted end).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
 
     #[tokio::test]
     async fn half_close_travels_and_the_reverse_direction_keeps_flowing() {

@@ -664,16 +664,8 @@ fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::loopback_pair as pair;
     use std::time::Duration;
-    use tokio::net::TcpListener;
-
-    /// A connected pair: (the connecting end, the accepted end).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
 
     /// A client that stops reading holds the server back: the relay stops
     /// reading from the server once a bounded amount waits for the client,
