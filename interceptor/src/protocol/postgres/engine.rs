@@ -12,6 +12,7 @@ use std::{
     future::poll_fn,
     io::{self, Write},
     os::fd::AsRawFd,
+    sync::Arc,
     task::{ready, Context, Poll},
 };
 
@@ -26,7 +27,6 @@ use super::{
     without_channel_binding, Class, PgError, State, AUTH_SASL, CANCEL_REQUEST, FRONTEND_TYPES,
     GSSENC_REQUEST, MAX_INSPECT, MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT, SSL_REQUEST,
 };
-use std::sync::Arc;
 
 /// The part of a frame still to come that is not inspected: passed on, or
 /// (for a refused statement too large to hold) dropped.
@@ -50,7 +50,7 @@ impl Rest {
             input.advance(n);
             self.forward -= n;
         }
-        self.forward == 0 && self.discard == 0
+        self.done()
     }
 
     fn done(&self) -> bool {
@@ -487,6 +487,8 @@ struct Side {
     input: BytesMut,
     /// To be written to this side.
     out: BytesMut,
+    /// Bytes read from this side.
+    read: u64,
     /// This side has closed its sending half (read 0).
     ended: bool,
     /// Our sending half to this side is shut down.
@@ -499,9 +501,26 @@ impl Side {
             fd: crate::proxy::into_fd(s)?,
             input: BytesMut::with_capacity(READ_ROOM),
             out: BytesMut::new(),
+            read: 0,
             ended: false,
             shut: false,
         })
+    }
+
+    /// Reads once, unless this side has ended or its peer has
+    /// [`HIGH_WATER`] (`peer_unsent`) still to write. `Some(0)`: the end,
+    /// now marked; `None`: nothing read.
+    fn take(&mut self, cx: &mut Context<'_>, peer_unsent: usize) -> io::Result<Option<usize>> {
+        if self.ended || peer_unsent >= HIGH_WATER {
+            return Ok(None);
+        }
+        let Poll::Ready(n) = self.poll_read(cx) else {
+            return Ok(None);
+        };
+        let n = n?;
+        self.read += n as u64;
+        self.ended = n == 0;
+        Ok(Some(n))
     }
 
     /// Reads once. `Ready(0)`: the peer's end.
@@ -579,84 +598,77 @@ pub async fn relay(
     upstream: TcpStream,
     state: &State,
 ) -> (u64, u64, Result<(), PgError>) {
-    let (mut c, mut s) = match (Side::new(client), Side::new(upstream)) {
+    let (client, server) = match (Side::new(client), Side::new(upstream)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => return (0, 0, Err(e.into())),
     };
-    let (mut front, mut back) = (Frontend::default(), Backend::default());
-    let (mut up, mut down) = (0u64, 0u64);
+    let mut conn = Conn {
+        client,
+        server,
+        front: Frontend::default(),
+        back: Backend::default(),
+    };
     let result = poll_fn(|cx| {
-        let r = step(
-            cx, &mut c, &mut s, &mut front, &mut back, &mut up, &mut down, state,
-        );
+        let r = conn.step(cx, state);
         if let Poll::Ready(Err(_)) = &r {
             // The agent's last word to the client (a refused login) goes
             // out if the socket takes it now.
-            let _ = c.fd.get_ref().write(&c.out);
+            let _ = conn.client.fd.get_ref().write(&conn.client.out);
         }
         r
     })
     .await;
-    (up, down, result)
+    (conn.client.read, conn.server.read, result)
 }
 
-/// Moves everything that can move; `Ready` when both sides have ended.
-#[allow(clippy::too_many_arguments)]
-fn step(
-    cx: &mut Context<'_>,
-    c: &mut Side,
-    s: &mut Side,
-    front: &mut Frontend,
-    back: &mut Backend,
-    up: &mut u64,
-    down: &mut u64,
-    state: &State,
-) -> Poll<Result<(), PgError>> {
-    loop {
-        let mut moved = false;
-        if let Poll::Ready(r) = s.poll_flush(cx) {
-            r?;
-        }
-        if let Poll::Ready(r) = c.poll_flush(cx) {
-            r?;
-        }
-        if !c.ended && s.out.len() < HIGH_WATER {
-            if let Poll::Ready(n) = c.poll_read(cx) {
-                let n = n?;
-                moved = true;
-                *up += n as u64;
-                if n == 0 {
-                    c.ended = true;
-                    front.eof(&c.input, state)?;
-                } else {
-                    front.feed(&mut c.input, &mut s.out, &mut c.out, state)?;
-                }
+/// One relayed connection: its two sockets and the machines between them.
+struct Conn {
+    client: Side,
+    server: Side,
+    front: Frontend,
+    back: Backend,
+}
+
+impl Conn {
+    /// Moves everything that can move; `Ready` when both sides have ended.
+    fn step(&mut self, cx: &mut Context<'_>, state: &State) -> Poll<Result<(), PgError>> {
+        let Conn {
+            client: c,
+            server: s,
+            front,
+            back,
+        } = self;
+        loop {
+            if let Poll::Ready(r) = s.poll_flush(cx) {
+                r?;
             }
-        }
-        if !s.ended && c.out.len() < HIGH_WATER {
-            if let Poll::Ready(n) = s.poll_read(cx) {
-                let n = n?;
-                moved = true;
-                *down += n as u64;
-                if n == 0 {
-                    s.ended = true;
-                    back.eof(&s.input)?;
-                } else {
-                    back.feed(&mut s.input, &mut c.out, state)?;
-                }
+            if let Poll::Ready(r) = c.poll_flush(cx) {
+                r?;
             }
-        }
-        if c.ended {
-            s.shut_when_flushed()?;
-        }
-        if s.ended {
-            c.shut_when_flushed()?;
-        }
-        if c.ended && s.ended && c.shut && s.shut {
-            return Poll::Ready(Ok(()));
-        }
-        if !moved {
-            return Poll::Pending;
+            let from_client = c.take(cx, s.out.len())?;
+            match from_client {
+                Some(0) => front.eof(&c.input, state)?,
+                Some(_) => front.feed(&mut c.input, &mut s.out, &mut c.out, state)?,
+                None => {}
+            }
+            let from_server = s.take(cx, c.out.len())?;
+            match from_server {
+                Some(0) => back.eof(&s.input)?,
+                Some(_) => back.feed(&mut s.input, &mut c.out, state)?,
+                None => {}
+            }
+            if c.ended {
+                s.shut_when_flushed()?;
+            }
+            if s.ended {
+                c.shut_when_flushed()?;
+            }
+            if c.ended && s.ended && c.shut && s.shut {
+                return Poll::Ready(Ok(()));
+            }
+            if from_client.is_none() && from_server.is_none() {
+                return Poll::Pending;
+            }
         }
     }
 }
