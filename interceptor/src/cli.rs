@@ -437,7 +437,7 @@ fn print_statements(list: &[Statement]) {
         println!(
             "  #{:<4} {}  {:<6} {:>10}  {:<16} {}",
             st.seq,
-            st.at,
+            crate::record::rfc3339_micros(st.at),
             st.kind,
             took,
             result,

@@ -21,6 +21,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+mod codec;
+
 use crate::{
     identity::Evidence,
     protocol::postgres::{Startup, Statement},
@@ -118,6 +120,61 @@ pub fn rfc3339_micros(us: u64) -> String {
     put(17, 2, rem % 60);
     put(20, 6, us % 1_000_000);
     out.iter().map(|&b| b as char).collect()
+}
+
+/// Microseconds since the epoch from the form [`rfc3339_micros`] writes.
+pub fn parse_rfc3339_micros(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let shape = b"0000-00-00T00:00:00.000000Z";
+    if b.len() != shape.len()
+        || !b.iter().zip(shape).all(|(c, want)| match want {
+            b'0' => c.is_ascii_digit(),
+            _ => c == want,
+        })
+    {
+        return None;
+    }
+    let num = |at: usize, width: usize| {
+        b[at..at + width]
+            .iter()
+            .fold(0u64, |v, c| v * 10 + u64::from(c - b'0'))
+    };
+    let (y, m, d) = (num(0, 4) as i64, num(5, 2) as u32, num(8, 2) as u32);
+    let (hh, mm, ss) = (num(11, 2), num(14, 2), num(17, 2));
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    let days = u64::try_from(days_from_civil(y, m, d)).ok()?;
+    Some((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1_000_000 + num(20, 6))
+}
+
+/// (year, month, day), proleptic Gregorian, to days since 1970-01-01.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Serde for microseconds since the epoch shown as RFC 3339 text.
+pub mod micros_as_rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(us: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::rfc3339_micros(*us))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        super::parse_rfc3339_micros(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a time like 2024-02-29T12:34:56.789012Z"
+            ))
+        })
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
@@ -251,7 +308,7 @@ pub enum StoreError {
     #[error("session store: {0}")]
     Sled(#[from] sled::Error),
     #[error("session store holds an unreadable record {0}: {1}")]
-    Corrupt(String, serde_json::Error),
+    Corrupt(String, String),
 }
 
 /// What the data path hands the writer.
@@ -259,8 +316,13 @@ pub enum StoreError {
 pub enum Record {
     /// A session's current state (written on start and on end).
     Session(Box<Session>),
-    /// Statements of a session, in order.
-    Statements(SessionId, Vec<Statement>),
+    /// Consecutive statements of a session, already in their stored form
+    /// (see [`codec`]), keyed by the seq of the first.
+    Statements {
+        session: SessionId,
+        first: u32,
+        encoded: Vec<u8>,
+    },
 }
 
 /// Filter for listings.
@@ -338,7 +400,8 @@ fn encode(s: &Session) -> Vec<u8> {
 }
 
 fn decode(k: &[u8], v: &[u8]) -> Result<Session, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(crate::identity::hex(k), e))
+    serde_json::from_slice(v)
+        .map_err(|e| StoreError::Corrupt(crate::identity::hex(k), e.to_string()))
 }
 
 impl Store for SledStore {
@@ -348,16 +411,14 @@ impl Store for SledStore {
         for r in records {
             match r {
                 Record::Session(s) => sessions.insert(&s.id.0.to_be_bytes(), encode(s)),
-                Record::Statements(id, list) => {
-                    // One record per chunk of statements (keyed by its first
-                    // seq): far fewer tree updates than one per statement,
-                    // and small enough to stay inside sled's log.
-                    for chunk in list.chunks(STATEMENTS_PER_RECORD) {
-                        let mut key = id.0.to_be_bytes().to_vec();
-                        key.extend_from_slice(&chunk[0].seq.to_be_bytes());
-                        let value = serde_json::to_vec(chunk).expect("statements serialize");
-                        statements.insert(key, value);
-                    }
+                Record::Statements {
+                    session,
+                    first,
+                    encoded,
+                } => {
+                    let mut key = session.0.to_be_bytes().to_vec();
+                    key.extend_from_slice(&first.to_be_bytes());
+                    statements.insert(key, encoded.as_slice());
                 }
             }
         }
@@ -371,8 +432,8 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.statements.scan_prefix(id.0.to_be_bytes()) {
             let (k, v) = item?;
-            let chunk: Vec<Statement> = serde_json::from_slice(&v)
-                .map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))?;
+            let chunk =
+                codec::decode(&v).map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))?;
             out.extend(chunk);
         }
         Ok(out)
@@ -465,12 +526,24 @@ impl Recorder {
     }
 
     /// Records statements of a session; waits if the writer is behind.
+    ///
+    /// They are encoded here, on the caller's thread: one record per
+    /// [`STATEMENTS_PER_RECORD`] (far fewer tree updates than one per
+    /// statement, and small enough to stay inside sled's log), and the
+    /// statements' own buffers are freed where they were allocated.
     pub async fn statements(&self, id: SessionId, list: Vec<Statement>) {
-        if list.is_empty() {
-            return;
-        }
-        if self.tx.send(Record::Statements(id, list)).await.is_err() {
-            tracing::error!(session = %id, "recorder stopped; statements were not stored");
+        for chunk in list.chunks(STATEMENTS_PER_RECORD) {
+            let mut encoded = Vec::with_capacity(chunk.len() * 128);
+            codec::encode(chunk, &mut encoded);
+            let record = Record::Statements {
+                session: id,
+                first: chunk[0].seq,
+                encoded,
+            };
+            if self.tx.send(record).await.is_err() {
+                tracing::error!(session = %id, "recorder stopped; statements were not stored");
+                return;
+            }
         }
     }
 }
@@ -515,6 +588,23 @@ mod tests {
             rfc3339_micros(1_709_210_096_789_012),
             "2024-02-29T12:34:56.789012Z"
         );
+        for us in [
+            0,
+            1_709_210_096_789_012,
+            951_782_400_000_001,
+            4_102_444_799_999_999,
+        ] {
+            assert_eq!(parse_rfc3339_micros(&rfc3339_micros(us)), Some(us));
+        }
+        for bad in [
+            "2024-02-29T12:34:56.789012",
+            "2024-13-01T00:00:00.000000Z",
+            "2024-02-29 12:34:56.789012Z",
+            "2024-02-29T24:00:00.000000Z",
+            "+024-02-29T12:34:56.789012Z",
+        ] {
+            assert_eq!(parse_rfc3339_micros(bad), None, "{bad}");
+        }
     }
 
     #[test]

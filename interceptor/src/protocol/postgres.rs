@@ -41,7 +41,7 @@ pub use engine::{backend, frontend, relay, Backend, Frontend};
 use crate::{
     mask::Masker,
     policy::{Action, ColumnMask, Decision, Policy},
-    record::{now_micros, rfc3339_micros},
+    record::now_micros,
     sql::{classify, Class, Classification},
 };
 
@@ -89,7 +89,9 @@ fn malformed(side: &'static str, what: impl Into<String>) -> PgError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Statement {
     pub seq: u32,
-    pub at: String,
+    /// When it was sent, in microseconds since the epoch (RFC 3339 in JSON).
+    #[serde(with = "crate::record::micros_as_rfc3339")]
+    pub at: u64,
     /// `query` (simple protocol), `parse` (extended protocol), `bind` or `function`.
     pub kind: Cow<'static, str>,
     /// Prepared statement name (extended protocol; empty = unnamed).
@@ -125,7 +127,7 @@ impl Statement {
     fn new(kind: &'static str, name: Option<String>, text: String, class: Class) -> Self {
         Statement {
             seq: 0,
-            at: rfc3339_micros(now_micros()),
+            at: now_micros(),
             kind: Cow::Borrowed(kind),
             name,
             text,
