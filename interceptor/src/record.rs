@@ -21,7 +21,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-mod codec;
+pub mod codec;
 
 use crate::{
     identity::Evidence,

@@ -322,6 +322,15 @@ mod tests {
     }
 
     #[test]
+    fn fuzzing_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/store");
+        for seed in ["two", "json"] {
+            let list = decode(&std::fs::read(dir.join(seed)).unwrap()).unwrap();
+            assert!(!list.is_empty(), "{seed}");
+        }
+    }
+
+    #[test]
     fn damaged_records_are_errors() {
         let mut bytes = Vec::new();
         encode(&statements(), &mut bytes);
