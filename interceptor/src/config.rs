@@ -63,6 +63,22 @@ impl Source<'_> {
         }
     }
 
+    /// Where `key = …` is first set, for errors about a value that parsed.
+    pub fn key_span(&self, key: &str) -> Option<Range<usize>> {
+        let mut at = 0;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim_start();
+            if t.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+            {
+                let start = at + (line.len() - t.len());
+                return Some(start..start + key.len());
+            }
+            at += line.len();
+        }
+        None
+    }
+
     /// Deserializes TOML, mapping syntax and schema errors to a [`FileError`].
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, FileError> {
         toml::from_str(self.text).map_err(|e| self.error_at(e.span(), e.message()))
@@ -122,9 +138,22 @@ pub struct AgentSection {
     /// node to the workloads; each connection stays on one thread.
     #[serde(default)]
     pub workers: Option<std::num::NonZeroUsize>,
+    /// Microseconds a data-plane thread keeps polling after it read bytes,
+    /// on a CPU nobody else wants, instead of sleeping (0: off, at most
+    /// 1000). Lower request/response latency for more agent CPU time.
+    #[serde(default)]
+    pub busy_poll_us: u32,
 }
 
+/// Longest busy-polling window a config may ask for.
+pub const MAX_BUSY_POLL_US: u32 = 1000;
+
 impl AgentSection {
+    /// The busy-polling window, if on.
+    pub fn busy_poll(&self) -> Option<std::time::Duration> {
+        (self.busy_poll_us > 0).then(|| std::time::Duration::from_micros(self.busy_poll_us.into()))
+    }
+
     /// How many data-plane threads to run.
     pub fn worker_threads(&self) -> usize {
         self.workers.map_or_else(
@@ -340,16 +369,22 @@ impl Config {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c))
         {
             return Err(src.error_at(
-                None,
+                src.key_span("trust_domain"),
                 "agent.trust_domain must be a non-empty lowercase DNS-like name",
             ));
         }
+        if agent.busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(src.error_at(
+                src.key_span("busy_poll_us"),
+                format!("agent.busy_poll_us must be at most {MAX_BUSY_POLL_US} (0: off)"),
+            ));
+        }
         if agent.proxy_port == 0 {
-            return Err(src.error_at(None, "agent.proxy_port must not be 0"));
+            return Err(src.error_at(src.key_span("proxy_port"), "agent.proxy_port must not be 0"));
         }
         if !["error", "warn", "info", "debug", "trace"].contains(&agent.ebpf_log_level.as_str()) {
             return Err(src.error_at(
-                None,
+                src.key_span("ebpf_log_level"),
                 "agent.ebpf_log_level must be one of error, warn, info, debug, trace",
             ));
         }
@@ -358,7 +393,7 @@ impl Config {
         agent.mask_key_file = agent.mask_key_file.map(|p| base.join(p));
         if !agent.managed_cgroup_parent.split('/').all(valid_name) {
             return Err(src.error_at(
-                None,
+                src.key_span("managed_cgroup_parent"),
                 "agent.managed_cgroup_parent must be a relative path of plain names",
             ));
         }
@@ -538,6 +573,28 @@ protocol = "postgres"
         let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
         assert!(e.message.contains("defined twice"), "{e}");
         assert_eq!(e.line, 16, "{e}");
+    }
+
+    #[test]
+    fn bad_agent_values_name_their_line() {
+        let text = GOOD.replace(
+            "proxy_port = 15001",
+            "proxy_port = 15001\nbusy_poll_us = 5000",
+        );
+        let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("at most 1000"), "{e}");
+        let text = GOOD.replace("proxy_port = 15001", "  proxy_port  = 0");
+        let e = Config::parse(Path::new("c.toml"), &text).unwrap_err();
+        assert_eq!((e.line, e.column), (4, 3), "{e}");
+        let text = GOOD.replace("proxy_port = 15001", "busy_poll_us = 50");
+        let c = Config::parse(Path::new("c.toml"), &text).unwrap();
+        assert_eq!(
+            c.agent.busy_poll(),
+            Some(std::time::Duration::from_micros(50))
+        );
+        let c = Config::parse(Path::new("c.toml"), GOOD).unwrap();
+        assert_eq!(c.agent.busy_poll(), None);
     }
 
     #[test]

@@ -124,6 +124,7 @@ impl Proxy {
     pub fn start_workers(self: &Arc<Self>, n: usize) -> io::Result<Workers> {
         let mut senders = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
+        let busy_poll = self.config.agent.busy_poll();
         for i in 0..n {
             let (tx, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -135,6 +136,9 @@ impl Proxy {
                     .name(format!("data-plane-{i}"))
                     .spawn(move || {
                         rt.block_on(async move {
+                            if let Some(window) = busy_poll {
+                                tokio::spawn(crate::busy_poll::poller(window));
+                            }
                             while let Some((s, peer)) = rx.recv().await {
                                 match TcpStream::from_std(s) {
                                     Ok(s) => drop(tokio::spawn(me.clone().handle(s, peer))),
@@ -552,6 +556,7 @@ async fn read_with(
         let mut guard = s.readable().await?;
         match guard.try_io(|_| op()) {
             Ok(Ok(n)) => {
+                crate::busy_poll::activity();
                 if short_of.is_some_and(|len| n > 0 && n < len) {
                     guard.clear_ready();
                 }

@@ -98,7 +98,10 @@ fn getpeername_shows_the_original_destination() {
 #[test]
 fn hundred_megabytes_each_way_arrive_intact_with_half_close() {
     let echo = Echo::start();
-    let agent = Agent::start("bulk", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    // With busy polling on (keys before the first table belong to [agent]),
+    // so the poller runs alongside the splice path.
+    let sections = format!("busy_poll_us = 200\n{}", app_and_echo(echo.port, ""));
+    let agent = Agent::start("bulk", &sections, ALLOW_APP_ECHO);
     let n: u64 = 100 * 1000 * 1000;
     let r = agent.client(
         Some("app"),
@@ -121,7 +124,9 @@ fn hundred_megabytes_each_way_arrive_intact_with_half_close() {
 #[test]
 fn a_thousand_concurrent_connections_are_all_attributed_and_relayed() {
     let echo = Echo::start();
-    let agent = Agent::start("many", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    // Busy polling on: the poller shares each worker with hundreds of relays.
+    let sections = format!("busy_poll_us = 200\n{}", app_and_echo(echo.port, ""));
+    let agent = Agent::start("many", &sections, ALLOW_APP_ECHO);
     let r = agent.client(
         Some("app"),
         &["many", "127.0.0.1", &echo.port.to_string(), "1000"],

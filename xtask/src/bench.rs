@@ -38,16 +38,59 @@ const CONNECTS: u64 = 2000;
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
-        Some("l4") => l4(&args[1..]),
-        Some("postgres") => postgres(),
+        Some("l4") => {
+            let (tuning, loads) = tuning(&args[1..])?;
+            l4(&tuning, &loads)
+        }
+        Some("postgres") => {
+            let (tuning, rest) = tuning(&args[1..])?;
+            if !rest.is_empty() {
+                bail!("bench postgres takes no loads (got {rest:?})");
+            }
+            postgres(&tuning)
+        }
         Some("client") => client(&args[1..]),
         Some("server") => server(),
-        _ => bail!("usage: cargo xtask bench <l4 [LOAD…] | postgres>"),
+        _ => bail!(
+            "usage: cargo xtask bench <l4 [--busy-poll-us N] [LOAD…] | postgres [--busy-poll-us N]>"
+        ),
     }
 }
 
-/// `only`: names of loads to run (all when empty).
-fn l4(only: &[String]) -> Result<()> {
+/// Agent settings a bench run asks for (`--busy-poll-us N`), as lines of
+/// its `[agent]` section, and the other arguments.
+fn tuning(args: &[String]) -> Result<(String, Vec<String>)> {
+    let (mut tuning, mut rest) = (String::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--busy-poll-us" {
+            let us: u32 = it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .context("--busy-poll-us needs a number of microseconds")?;
+            tuning.push_str(&format!("busy_poll_us = {us}\n"));
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    Ok((tuning, rest))
+}
+
+/// The header line naming non-default agent settings, if any.
+fn tuning_note(tuning: &str) -> String {
+    if tuning.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "agent settings: {}\n",
+            tuning.trim_end().replace('\n', ", ")
+        )
+    }
+}
+
+/// `only`: names of loads to run (all when empty); `tuning`: extra lines
+/// of the agent's `[agent]` section.
+fn l4(tuning: &str, only: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
     crate::setup::run()?;
     let agent_bin = crate::agent::build(true)?;
@@ -74,6 +117,7 @@ fn l4(only: &[String]) -> Result<()> {
     let config = bench_config(
         &dir,
         "interceptor-bench",
+        tuning,
         &format!(
             "[[target]]\nname = \"echo\"\naddresses = [\"127.0.0.1:{echo}\"]\n\
              [[target]]\nname = \"sink\"\naddresses = [\"127.0.0.1:{sink}\"]\n"
@@ -85,7 +129,8 @@ fn l4(only: &[String]) -> Result<()> {
         let socat = Socat::start(&[echo, sink]);
         println!(
             "interceptor bench l4 — direct, through the agent, and through socat (release build, \
-             same run, median of {ROUNDS} alternating rounds)\n"
+             same run, median of {ROUNDS} alternating rounds)\n{}",
+            tuning_note(tuning)
         );
         let loads: [(&str, Vec<String>); 5] = [
             ("rr", vec![format!("127.0.0.1:{echo}")]),
@@ -186,15 +231,16 @@ const BENCH_POLICY: &str =
     "[[rule]]\nid = \"bench\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\naction = \"allow\"\n";
 
 /// Writes an agent config (managed workload `bench`, its own pins and
-/// cgroups named `name`, `targets` sections) and the bench policy into `dir`.
-fn bench_config(dir: &Path, name: &str, targets: &str) -> Result<PathBuf> {
+/// cgroups named `name`, `tuning` lines in `[agent]`, `targets` sections)
+/// and the bench policy into `dir`.
+fn bench_config(dir: &Path, name: &str, tuning: &str, targets: &str) -> Result<PathBuf> {
     std::fs::write(dir.join("policy.toml"), BENCH_POLICY)?;
     let config = dir.join("interceptor.toml");
     std::fs::write(
         &config,
         format!(
             "[agent]\ntrust_domain = \"bench.local\"\nproxy_port = {}\npin_dir = \"/sys/fs/bpf/{name}\"\n\
-             managed_cgroup_parent = \"{name}\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n\
+             managed_cgroup_parent = \"{name}\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n{tuning}\
              [[workload]]\nname = \"bench\"\nmanaged = true\n{targets}",
             free_port()?,
             dir.join("data").display()
@@ -533,7 +579,7 @@ const PG_SECS: u32 = 5;
 /// `cargo xtask bench postgres`: pgbench `-S` in every query mode at 1 and 8
 /// clients, directly, through the agent (statements recorded) and through
 /// pgbouncer in session mode, in one run.
-fn postgres() -> Result<()> {
+fn postgres(tuning: &str) -> Result<()> {
     require_root("cargo xtask bench")?;
     crate::setup::run()?;
     let agent_bin = crate::agent::build(true)?;
@@ -552,6 +598,7 @@ fn postgres() -> Result<()> {
         let config = bench_config(
             &dir,
             "interceptor-pgbench",
+            tuning,
             &format!(
                 "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
                 db.port
@@ -562,7 +609,8 @@ fn postgres() -> Result<()> {
         println!(
             "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, \
              same run, median of {ROUNDS} alternating rounds)\n\
-             tps, its ratio to direct, and the proxy's own CPU time per transaction (all its threads)\n"
+             tps, its ratio to direct, and the proxy's own CPU time per transaction (all its threads)\n{}",
+            tuning_note(tuning)
         );
         println!(
             "{:<22} {:>10} | {:>28} | {:>28}",

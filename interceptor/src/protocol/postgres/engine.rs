@@ -537,6 +537,7 @@ impl Side {
             let room = input.capacity() - input.len();
             match guard.try_io(|fd| read_into(fd.get_ref().as_raw_fd(), input)) {
                 Ok(Ok(n)) => {
+                    crate::busy_poll::activity();
                     if n > 0 && n < room {
                         // A short read drained the socket: no need to see
                         // EAGAIN first (a later edge is still seen).
