@@ -139,8 +139,8 @@ pub struct AgentSection {
     #[serde(default)]
     pub workers: Option<std::num::NonZeroUsize>,
     /// Microseconds a data-plane thread keeps polling after it read bytes,
-    /// on a CPU nobody else wants, instead of sleeping (0: off, at most
-    /// 1000). Lower request/response latency for more agent CPU time.
+    /// yielding the CPU between rounds, instead of sleeping (0: off, at
+    /// most 1000). Lower request/response latency for more agent CPU time.
     #[serde(default)]
     pub busy_poll_us: u32,
 }

@@ -124,7 +124,12 @@ pub struct Statement {
 
 impl Statement {
     /// A statement not yet numbered (see [`Batch::push`]) nor answered.
-    fn new(kind: &'static str, name: Option<String>, text: String, class: Class) -> Self {
+    pub(crate) fn new(
+        kind: &'static str,
+        name: Option<String>,
+        text: String,
+        class: Class,
+    ) -> Self {
         Statement {
             seq: 0,
             at: now_micros(),

@@ -243,21 +243,8 @@ mod tests {
 
     fn statements() -> Vec<Statement> {
         let plain = Statement {
-            seq: 0,
             at: 1_709_210_096_789_012,
-            kind: Cow::Borrowed("query"),
-            name: None,
-            text: "SELECT 1".into(),
-            class: Class::Read,
-            tables: Arc::default(),
-            decision: None,
-            rule: None,
-            masked: 0,
-            parameters: None,
-            duration_us: None,
-            tags: vec![],
-            rows: None,
-            error: None,
+            ..Statement::new("query", None, "SELECT 1".into(), Class::Read)
         };
         let full = Statement {
             seq: u32::MAX,
