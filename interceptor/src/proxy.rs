@@ -35,8 +35,7 @@ use crate::{
     redirect::{original_dst, sock_key},
 };
 
-/// How often completed statements of a PostgreSQL session are recorded.
-const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
+mod flush;
 
 /// Rule name recorded when a connection cannot be tied to a workload.
 pub const RULE_UNATTRIBUTED: &str = "identity.unattributed";
@@ -125,12 +124,16 @@ impl Proxy {
         let mut senders = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         let busy_poll = self.config.agent.busy_poll();
+        let mut ticks = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let me = self.clone();
+            let recorder = self.recorder.clone();
+            let tick = Arc::new(tokio::sync::Notify::new());
+            ticks.push(tick.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("data-plane-{i}"))
@@ -139,6 +142,7 @@ impl Proxy {
                             if let Some(window) = busy_poll {
                                 tokio::spawn(crate::busy_poll::poller(window));
                             }
+                            tokio::spawn(flush::run(recorder, tick));
                             while let Some((s, peer)) = rx.recv().await {
                                 match TcpStream::from_std(s) {
                                     Ok(s) => drop(tokio::spawn(me.clone().handle(s, peer))),
@@ -151,6 +155,7 @@ impl Proxy {
             );
             senders.push(tx);
         }
+        flush::start_ticker(&ticks)?;
         Ok(Workers {
             senders,
             threads,
@@ -301,41 +306,28 @@ impl Proxy {
         self.finish(s, r.outcome, r.detail).await;
     }
 
-    /// Relays a PostgreSQL connection, recording its statements as they
-    /// complete (every [`STATEMENT_FLUSH`]) and whatever is left at the end.
+    /// Relays a PostgreSQL connection. Its statements are recorded as they
+    /// complete (by this thread's [`flush::run`], every
+    /// [`flush::STATEMENT_FLUSH`]) and whatever is left at the end.
     async fn relay_postgres(
         &self,
         s: &mut Session,
         client: TcpStream,
         upstream: TcpStream,
     ) -> Relayed {
-        let state = postgres::State::with_gate(postgres::Gate {
+        let state = Arc::new(postgres::State::with_gate(postgres::Gate {
             policy: self.policy.clone(),
             workload: s.workload.clone().unwrap_or_default(),
             target: s.target.clone().unwrap_or_default(),
             masker: self.masker.clone(),
-        });
-        let id = s.id;
-        let mut recorded = 0u32;
-        let relayed = {
-            let relay = postgres::relay(client, upstream, &state);
-            tokio::pin!(relay);
-            let mut tick = tokio::time::interval(STATEMENT_FLUSH);
-            loop {
-                tokio::select! {
-                    r = &mut relay => break r,
-                    _ = tick.tick() => {
-                        let done = state.take_done();
-                        recorded += done.len() as u32;
-                        self.recorder.statements(id, done).await;
-                    }
-                }
-            }
-        };
+        }));
+        let listed = flush::Listed::new(s.id, state.clone());
+        let relayed = postgres::relay(client, upstream, &state).await;
+        let mut recorded = listed.finish().await;
         let mut rest = state.take_done();
         rest.extend(state.take_pending());
         recorded += rest.len() as u32;
-        self.recorder.statements(id, rest).await;
+        self.recorder.statements(s.id, rest).await;
         s.statements = recorded;
         s.postgres = Some(state.take_startup());
         let (up, down, result) = relayed;

@@ -717,6 +717,28 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     let raw = String::from_utf8_lossy(&show.stdout);
     assert!(!raw.contains("topsecret"), "a password reached the store");
 
+    // Statements are recorded while their session is still open.
+    let mut live = std::process::Command::new(BIN)
+        .args(["exec", "--config"])
+        .arg(&agent.config)
+        .args(["--workload", "app", "--", "psql", &conn, "-X", "-A", "-t"])
+        .args(["-c", "select 'live-marker'", "-c", "select pg_sleep(6)"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marked = |e: &[serde_json::Value]| e.iter().any(|x| x["text"] == "select 'live-marker'");
+    let seen = events_of_kind_until(&agent, "query", marked);
+    let running = live.try_wait().unwrap().is_none();
+    assert!(live.wait().unwrap().success());
+    assert!(
+        marked(&seen),
+        "a statement of an open session was not recorded within 10 s"
+    );
+    assert!(
+        running,
+        "psql ended before its first statement was seen recorded"
+    );
+
     // policy explain: the connect decision and what a statement does.
     let out = agent.cli(&[
         "policy",

@@ -1,0 +1,147 @@
+//! Records the statements of open PostgreSQL sessions while they run.
+//!
+//! One task per data-plane thread ([`run`]) takes what has completed in
+//! every session open on that thread, each [`STATEMENT_FLUSH`], and hands it
+//! to the recorder. One thread ([`start_ticker`]) wakes those tasks. So a data-plane
+//! runtime has no timer to keep: a connection's path polls none on every
+//! message it relays, and a worker that parks sets no timeout.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Weak,
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+use crate::{
+    protocol::postgres::State,
+    record::{Recorder, SessionId},
+};
+
+/// How often completed statements of open sessions are recorded.
+pub const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
+
+struct Open {
+    state: Arc<State>,
+    /// Statements taken from this session so far.
+    recorded: u32,
+    /// [`run`] is handing some of them to the recorder.
+    sending: bool,
+}
+
+/// Notified each time [`run`] has handed a session's statements over.
+static SENT: Notify = Notify::const_new();
+
+/// Sessions listed on all threads: an idle agent's workers are not woken.
+static LISTED: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The PostgreSQL sessions open on this thread.
+    static OPEN: RefCell<HashMap<SessionId, Open>> = RefCell::new(HashMap::new());
+}
+
+/// A session on this thread's list; dropping it takes the session off.
+pub struct Listed {
+    id: SessionId,
+}
+
+impl Listed {
+    /// Puts a session on this thread's list.
+    pub fn new(id: SessionId, state: Arc<State>) -> Listed {
+        OPEN.with_borrow_mut(|open| {
+            open.insert(
+                id,
+                Open {
+                    state,
+                    recorded: 0,
+                    sending: false,
+                },
+            )
+        });
+        LISTED.fetch_add(1, Ordering::Relaxed);
+        Listed { id }
+    }
+
+    /// Takes the session off the list once [`run`] is not handing any of
+    /// its statements over (so they reach the recorder before whatever the
+    /// caller sends next): how many of its statements `run` took.
+    pub async fn finish(self) -> u32 {
+        while OPEN.with_borrow(|open| open.get(&self.id).is_some_and(|o| o.sending)) {
+            SENT.notified().await;
+        }
+        self.take_off().map_or(0, |o| o.recorded)
+    }
+
+    fn take_off(&self) -> Option<Open> {
+        let open = OPEN
+            .try_with(|open| open.borrow_mut().remove(&self.id))
+            .ok()??;
+        LISTED.fetch_sub(1, Ordering::Relaxed);
+        Some(open)
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        // After `finish`, nothing is left to take off; a session whose task
+        // is dropped (its runtime stopping) is taken off here.
+        self.take_off();
+    }
+}
+
+/// Records what completed in the sessions open on this thread, each time
+/// `tick` is notified. Runs forever on a data-plane runtime (spawn it there).
+pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
+    let mut ids = Vec::new();
+    loop {
+        tick.notified().await;
+        OPEN.with_borrow(|open| ids.extend(open.keys().copied()));
+        for id in ids.drain(..) {
+            // One session at a time, marked while its statements are on
+            // their way: its end waits for them (see `Listed::finish`).
+            let Some(done) = OPEN.with_borrow_mut(|open| {
+                let o = open.get_mut(&id)?;
+                let done = o.state.take_done();
+                (!done.is_empty()).then(|| {
+                    o.recorded += done.len() as u32;
+                    o.sending = true;
+                    done
+                })
+            }) else {
+                continue;
+            };
+            recorder.statements(id, done).await;
+            OPEN.with_borrow_mut(|open| open.get_mut(&id).map(|o| o.sending = false));
+            SENT.notify_waiters();
+        }
+    }
+}
+
+/// Starts the thread that notifies each worker's [`run`] every
+/// [`STATEMENT_FLUSH`]; it ends once every worker is gone.
+pub fn start_ticker(ticks: &[Arc<Notify>]) -> std::io::Result<()> {
+    let ticks: Vec<Weak<Notify>> = ticks.iter().map(Arc::downgrade).collect();
+    std::thread::Builder::new()
+        .name("statement-flush".into())
+        .spawn(move || loop {
+            std::thread::sleep(STATEMENT_FLUSH);
+            let idle = LISTED.load(Ordering::Relaxed) == 0;
+            let mut alive = false;
+            for t in ticks.iter().filter_map(Weak::upgrade) {
+                alive = true;
+                if !idle {
+                    // Kept as a permit if the task is busy: it goes round again.
+                    t.notify_one();
+                }
+            }
+            if !alive {
+                return;
+            }
+        })?;
+    Ok(())
+}
