@@ -142,13 +142,16 @@ impl Proxy {
                             if let Some(window) = busy_poll {
                                 tokio::spawn(crate::busy_poll::poller(window));
                             }
-                            tokio::spawn(flush::run(recorder, tick));
+                            tokio::spawn(flush::run(recorder.clone(), tick));
                             while let Some((s, peer)) = rx.recv().await {
                                 match TcpStream::from_std(s) {
                                     Ok(s) => drop(tokio::spawn(me.clone().handle(s, peer))),
                                     Err(e) => warn!(error = %e, "cannot register a connection"),
                                 }
                             }
+                            // Stopping: the open sessions' statements, done
+                            // or unanswered, are recorded before they go.
+                            flush::drain(&recorder).await;
                         });
                         // Dropping the runtime here ends this thread's open connections.
                     })?,

@@ -661,7 +661,7 @@ fn psql_tuples(agent: &Agent, conn: &str, sql: &str) -> std::process::Output {
 
 #[test]
 fn postgres_clients_run_unmodified_and_statements_are_recorded() {
-    let (dir, db, agent) = postgres_and_agent("pg");
+    let (dir, db, mut agent) = postgres_and_agent("pg");
     let conn = db.conninfo(); // libpq's default sslmode=prefer: the agent declines TLS
 
     // Several statements in one simple-protocol message, and a secret.
@@ -1074,6 +1074,53 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
         let x = list.iter().find(|x| s(&x["detail"]).contains(why)).unwrap();
         assert_eq!(x["outcome"], "error");
     }
+
+    // An agent stopped while a statement runs records that statement first;
+    // its session is then marked interrupted.
+    let text = "select pg_sleep(60) as stop_marker";
+    let mut client = std::process::Command::new(BIN)
+        .args(["exec", "--config"])
+        .arg(&agent.config)
+        .args(["--workload", "app", "--", "psql", &conn, "-X", "-c", text])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The server runs it (asked directly, not through the agent).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let running = format!(
+        "select count(*) from pg_stat_activity where query = '{text}' and state = 'active'"
+    );
+    loop {
+        let out = std::process::Command::new("psql")
+            .args([&conn, "-X", "-A", "-t", "-c", &running])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "1" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the statement never ran on the server"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.stop();
+    let _ = client.kill();
+    let _ = client.wait();
+    let list = agent.sessions();
+    let x = list
+        .iter()
+        .find(|x| x["outcome"] == "interrupted")
+        .unwrap_or_else(|| panic!("no interrupted session: {list:?}"));
+    let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert!(
+        v["statement_events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["text"] == text)),
+        "the running statement was not recorded: {v}"
+    );
     drop(agent);
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);

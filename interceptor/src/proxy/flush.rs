@@ -122,6 +122,26 @@ pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
     }
 }
 
+/// Records, for every session open on this thread, what it has completed
+/// and what is still unanswered. For a stopping worker: its sessions end
+/// with its runtime, and their last statements would otherwise be lost.
+pub async fn drain(recorder: &Recorder) {
+    let left: Vec<_> = OPEN.with_borrow_mut(|open| {
+        open.iter_mut()
+            .map(|(id, o)| {
+                let mut list = o.state.take_done();
+                list.extend(o.state.take_pending());
+                o.recorded += list.len() as u32;
+                (*id, list)
+            })
+            .filter(|(_, list)| !list.is_empty())
+            .collect()
+    });
+    for (id, list) in left {
+        recorder.statements(id, list).await;
+    }
+}
+
 /// Starts the thread that notifies each worker's [`run`] every
 /// [`STATEMENT_FLUSH`]; it ends once every worker is gone.
 pub fn start_ticker(ticks: &[Arc<Notify>]) -> std::io::Result<()> {
