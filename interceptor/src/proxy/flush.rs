@@ -165,3 +165,48 @@ pub fn start_ticker(ticks: &[Arc<Notify>]) -> std::io::Result<()> {
         })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{future::Future, task::Poll};
+
+    fn listed(id: SessionId) -> bool {
+        OPEN.with_borrow(|open| open.contains_key(&id))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_session_end_waits_while_its_statements_are_handed_over() {
+        let id = SessionId(0x5e55_1000);
+        let l = Listed::new(id, Arc::new(State::default()));
+        OPEN.with_borrow_mut(|open| {
+            let o = open.get_mut(&id).unwrap();
+            o.recorded = 3;
+            o.sending = true;
+        });
+        let mut finish = std::pin::pin!(l.finish());
+        let first = std::future::poll_fn(|cx| Poll::Ready(finish.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "finished while statements were on their way"
+        );
+        assert!(listed(id));
+        // A notification for another session's hand-over does not end it.
+        SENT.notify_waiters();
+        let again = std::future::poll_fn(|cx| Poll::Ready(finish.as_mut().poll(cx))).await;
+        assert!(again.is_pending());
+        OPEN.with_borrow_mut(|open| open.get_mut(&id).unwrap().sending = false);
+        SENT.notify_waiters();
+        assert_eq!(finish.await, 3);
+        assert!(!listed(id));
+    }
+
+    #[test]
+    fn a_dropped_session_leaves_the_list() {
+        let id = SessionId(0x5e55_2000);
+        let l = Listed::new(id, Arc::new(State::default()));
+        assert!(listed(id));
+        drop(l);
+        assert!(!listed(id));
+    }
+}
