@@ -311,7 +311,8 @@ impl Proxy {
 
     /// Relays a PostgreSQL connection. Its statements are recorded as they
     /// complete (by this thread's [`flush::run`], every
-    /// [`flush::STATEMENT_FLUSH`]) and whatever is left at the end.
+    /// [`flush::STATEMENT_FLUSH`]) and whatever is left at the end
+    /// ([`flush::Listed::finish`]).
     async fn relay_postgres(
         &self,
         s: &mut Session,
@@ -326,12 +327,7 @@ impl Proxy {
         }));
         let listed = flush::Listed::new(s.id, state.clone());
         let relayed = postgres::relay(client, upstream, &state).await;
-        let mut recorded = listed.finish().await;
-        let mut rest = state.take_done();
-        rest.extend(state.take_pending());
-        recorded += rest.len() as u32;
-        self.recorder.statements(s.id, rest).await;
-        s.statements = recorded;
+        s.statements = listed.finish(&self.recorder).await;
         s.postgres = Some(state.take_startup());
         let (up, down, result) = relayed;
         let (outcome, detail) = match result {

@@ -643,15 +643,19 @@ fn postgres_and_agent(name: &str) -> (std::path::PathBuf, pg::Postgres, Agent) {
     (dir, db, agent)
 }
 
-/// Runs `tool ARGS` (psql, pgbench) inside workload `app`.
-fn pg_tool(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(BIN)
-        .args(["exec", "--config"])
+/// `tool ARGS` (psql, pgbench) to run inside workload `app`.
+fn pg_tool_command(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(BIN);
+    c.args(["exec", "--config"])
         .arg(&agent.config)
         .args(["--workload", "app", "--", tool])
-        .args(args)
-        .output()
-        .unwrap()
+        .args(args);
+    c
+}
+
+/// Runs `tool ARGS` (psql, pgbench) inside workload `app`.
+fn pg_tool(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Output {
+    pg_tool_command(agent, tool, args).output().unwrap()
 }
 
 /// `psql -X -A -t -c SQL` on `conn` inside workload `app`: bare result rows.
@@ -718,11 +722,15 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     assert!(!raw.contains("topsecret"), "a password reached the store");
 
     // Statements are recorded while their session is still open.
-    let mut live = std::process::Command::new(BIN)
-        .args(["exec", "--config"])
-        .arg(&agent.config)
-        .args(["--workload", "app", "--", "psql", &conn, "-X", "-A", "-t"])
-        .args(["-c", "select 'live-marker'", "-c", "select pg_sleep(6)"])
+    let live_args = [
+        &conn,
+        "-X",
+        "-c",
+        "select 'live-marker'",
+        "-c",
+        "select pg_sleep(6)",
+    ];
+    let mut live = pg_tool_command(&agent, "psql", &live_args)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -1078,10 +1086,7 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     // An agent stopped while a statement runs records that statement first;
     // its session is then marked interrupted.
     let text = "select pg_sleep(60) as stop_marker";
-    let mut client = std::process::Command::new(BIN)
-        .args(["exec", "--config"])
-        .arg(&agent.config)
-        .args(["--workload", "app", "--", "psql", &conn, "-X", "-c", text])
+    let mut client = pg_tool_command(&agent, "psql", &[&conn, "-X", "-c", text])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

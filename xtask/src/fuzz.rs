@@ -1,10 +1,11 @@
 //! `cargo xtask fuzz [SECONDS]`: coverage-guided fuzzing (cargo-fuzz,
 //! libFuzzer, AddressSanitizer) of what reads untrusted bytes: the
 //! PostgreSQL relay in both directions, the SQL classifier, redactor and
-//! classification cache key, and the stored form of recorded statements. Each target runs SECONDS (default 60) from the
-//! seeds in `fuzz/seeds` plus the corpus it has grown in `fuzz/corpus`; a
-//! crash, a broken invariant or a hang fails the task and leaves the input
-//! in `fuzz/artifacts`.
+//! classification cache key, and the stored form of recorded statements.
+//! Each target runs SECONDS (default 60) from the seeds in `fuzz/seeds`
+//! plus the corpus it has grown in `fuzz/corpus`; a crash, a broken
+//! invariant or a hang fails the task and leaves the input in
+//! `fuzz/artifacts`.
 
 use std::process::Command;
 

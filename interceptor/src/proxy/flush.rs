@@ -19,7 +19,7 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
-    protocol::postgres::State,
+    protocol::postgres::{State, Statement},
     record::{Recorder, SessionId},
 };
 
@@ -67,14 +67,21 @@ impl Listed {
         Listed { id }
     }
 
-    /// Takes the session off the list once [`run`] is not handing any of
-    /// its statements over (so they reach the recorder before whatever the
-    /// caller sends next): how many of its statements `run` took.
-    pub async fn finish(self) -> u32 {
+    /// Ends the session's recording: once [`run`] is not handing any of its
+    /// statements over (so they reach the recorder first), takes it off the
+    /// list and records what is left, answered or not. How many statements
+    /// the session recorded in all.
+    pub async fn finish(self, recorder: &Recorder) -> u32 {
         while OPEN.with_borrow(|open| open.get(&self.id).is_some_and(|o| o.sending)) {
             SENT.notified().await;
         }
-        self.take_off().map_or(0, |o| o.recorded)
+        let Some(o) = self.take_off() else {
+            return 0;
+        };
+        let rest = rest(&o.state);
+        let recorded = o.recorded + rest.len() as u32;
+        recorder.statements(self.id, rest).await;
+        recorded
     }
 
     fn take_off(&self) -> Option<Open> {
@@ -126,20 +133,23 @@ pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
 /// and what is still unanswered. For a stopping worker: its sessions end
 /// with its runtime, and their last statements would otherwise be lost.
 pub async fn drain(recorder: &Recorder) {
-    let left: Vec<_> = OPEN.with_borrow_mut(|open| {
-        open.iter_mut()
-            .map(|(id, o)| {
-                let mut list = o.state.take_done();
-                list.extend(o.state.take_pending());
-                o.recorded += list.len() as u32;
-                (*id, list)
-            })
+    let left: Vec<_> = OPEN.with_borrow(|open| {
+        open.iter()
+            .map(|(id, o)| (*id, rest(&o.state)))
             .filter(|(_, list)| !list.is_empty())
             .collect()
     });
     for (id, list) in left {
         recorder.statements(id, list).await;
     }
+}
+
+/// What a session has completed and not yet handed over, then what is still
+/// waiting for the server's answer.
+fn rest(state: &State) -> Vec<Statement> {
+    let mut list = state.take_done();
+    list.extend(state.take_pending());
+    list
 }
 
 /// Starts the thread that notifies each worker's [`run`] every
@@ -177,6 +187,10 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_session_end_waits_while_its_statements_are_handed_over() {
+        let dir = std::env::temp_dir().join(format!("icpt-flush-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(crate::record::SledStore::open(&dir).unwrap());
+        let (recorder, writer) = Recorder::start(store);
         let id = SessionId(0x5e55_1000);
         let l = Listed::new(id, Arc::new(State::default()));
         OPEN.with_borrow_mut(|open| {
@@ -184,21 +198,26 @@ mod tests {
             o.recorded = 3;
             o.sending = true;
         });
-        let mut finish = std::pin::pin!(l.finish());
-        let first = std::future::poll_fn(|cx| Poll::Ready(finish.as_mut().poll(cx))).await;
-        assert!(
-            first.is_pending(),
-            "finished while statements were on their way"
-        );
-        assert!(listed(id));
-        // A notification for another session's hand-over does not end it.
-        SENT.notify_waiters();
-        let again = std::future::poll_fn(|cx| Poll::Ready(finish.as_mut().poll(cx))).await;
-        assert!(again.is_pending());
-        OPEN.with_borrow_mut(|open| open.get_mut(&id).unwrap().sending = false);
-        SENT.notify_waiters();
-        assert_eq!(finish.await, 3);
-        assert!(!listed(id));
+        {
+            let mut finish = std::pin::pin!(l.finish(&recorder));
+            let first = std::future::poll_fn(|cx| Poll::Ready(finish.as_mut().poll(cx))).await;
+            assert!(
+                first.is_pending(),
+                "finished while statements were on their way"
+            );
+            assert!(listed(id));
+            // A notification for another session's hand-over does not end it.
+            SENT.notify_waiters();
+            let again = std::future::poll_fn(|cx| Poll::Ready(finish.as_mut().poll(cx))).await;
+            assert!(again.is_pending());
+            OPEN.with_borrow_mut(|open| open.get_mut(&id).unwrap().sending = false);
+            SENT.notify_waiters();
+            assert_eq!(finish.await, 3);
+            assert!(!listed(id));
+        }
+        drop(recorder);
+        writer.join();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
