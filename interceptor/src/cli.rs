@@ -88,6 +88,17 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// For benchmarks: relays every connection made to a free loopback port
+    /// (printed first) to ADDR with the agent's relay loop and nothing else:
+    /// no eBPF, identity, policy or recording.
+    #[command(hide = true)]
+    BenchRelay {
+        #[arg(long, value_name = "ADDR")]
+        to: std::net::SocketAddr,
+        /// Relay loop threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -220,6 +231,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 p.default_connect,
                 p.default_unmatched
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchRelay { to, threads } => {
+            crate::proxy::relay_loop::bare(to, threads)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { store } => {

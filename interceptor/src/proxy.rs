@@ -7,11 +7,11 @@
 //! side becomes a reset on the other.
 
 use std::{
-    io::{self, Read, Write},
+    io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, BorrowedFd, RawFd},
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -36,6 +36,7 @@ use crate::{
 };
 
 mod flush;
+pub mod relay_loop;
 
 /// Rule name recorded when a connection cannot be tied to a workload.
 pub const RULE_UNATTRIBUTED: &str = "identity.unattributed";
@@ -138,6 +139,11 @@ impl Proxy {
                 std::thread::Builder::new()
                     .name(format!("data-plane-{i}"))
                     .spawn(move || {
+                        // Opaque TCP connections are relayed by this
+                        // worker's own loop thread.
+                        if let Err(e) = relay_loop::install(format!("relay-loop-{i}"), busy_poll) {
+                            warn!(error = %e, "no relay loop; TCP connections start one on first use");
+                        }
                         rt.block_on(async move {
                             if let Some(window) = busy_poll {
                                 tokio::spawn(crate::busy_poll::poller(window));
@@ -302,7 +308,7 @@ impl Proxy {
         let r = if postgres {
             self.relay_postgres(&mut s, client, upstream).await
         } else {
-            relay(client, upstream).await
+            relay_loop::relay(client, upstream).await
         };
         s.bytes_up = r.up;
         s.bytes_down = r.down;
@@ -348,7 +354,7 @@ impl Proxy {
 }
 
 /// Closes a socket with RST instead of FIN (SO_LINGER 0) when it is dropped.
-fn reset<S: AsFd>(s: &S) {
+pub(crate) fn reset<S: AsFd>(s: &S) {
     set_linger_zero(s.as_fd());
 }
 
@@ -368,28 +374,6 @@ pub struct Relayed {
     pub detail: Option<String>,
 }
 
-/// Relays until both directions end. A read of 0 bytes (FIN) shuts down the
-/// other side's write half; an error on either direction resets both.
-pub async fn relay(client: TcpStream, upstream: TcpStream) -> Relayed {
-    let (client, upstream) = match (into_fd(client), into_fd(upstream)) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            return finish_relay(Err(e), &AtomicU64::new(0), &AtomicU64::new(0));
-        }
-    };
-    let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = both(
-        pump(&client, &upstream, &up_n),
-        pump(&upstream, &client, &down_n),
-    )
-    .await;
-    if result.is_err() {
-        reset(client.get_ref());
-        reset(upstream.get_ref());
-    }
-    finish_relay(result, &up_n, &down_n)
-}
-
 /// A relayed socket: registered with the runtime directly, so a pump can
 /// clear readiness itself after a short read (one syscall less per message).
 pub(crate) type Sock = AsyncFd<std::net::TcpStream>;
@@ -400,26 +384,8 @@ pub(crate) fn into_fd(s: TcpStream) -> io::Result<Sock> {
     unsafe { AsyncFd::register(s.into_std()?) }.map_err(io::Error::from)
 }
 
-/// Runs both directions; the first error ends both.
-async fn both(
-    up: impl std::future::Future<Output = io::Result<()>>,
-    down: impl std::future::Future<Output = io::Result<()>>,
-) -> io::Result<()> {
-    tokio::pin!(up, down);
-    tokio::select! {
-        a = &mut up => match a {
-            Ok(()) => down.await,
-            Err(e) => Err(e),
-        },
-        b = &mut down => match b {
-            Ok(()) => up.await,
-            Err(e) => Err(e),
-        },
-    }
-}
-
 /// How an I/O error ends a session: a reset, or an error.
-fn io_outcome(e: io::Error) -> (Outcome, Option<String>) {
+pub(crate) fn io_outcome(e: io::Error) -> (Outcome, Option<String>) {
     let resetish = matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset
@@ -432,142 +398,6 @@ fn io_outcome(e: io::Error) -> (Outcome, Option<String>) {
         Outcome::Error
     };
     (outcome, Some(e.to_string()))
-}
-
-fn finish_relay(result: io::Result<()>, up: &AtomicU64, down: &AtomicU64) -> Relayed {
-    let (outcome, detail) = match result {
-        Ok(()) => (Outcome::Closed, None),
-        Err(e) => io_outcome(e),
-    };
-    Relayed {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-        outcome,
-        detail,
-    }
-}
-
-/// A non-blocking pipe used as the in-kernel buffer of one direction.
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-}
-
-/// Pipe capacity asked for (the kernel may grant less).
-const PIPE_SIZE: usize = 1 << 20;
-/// Userspace buffer of a direction; a read that fills it switches to splice.
-const COPY_BUF: usize = 64 * 1024;
-
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two fds into the array we pass.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded: both fds are open and owned by nobody else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only keeps the default size.
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
-        Ok(Pipe { r, w })
-    }
-}
-
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both fds are open for the duration of the call (owned by the
-    // caller's TcpStream or Pipe); no offsets are passed.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// Copies one direction. Small messages go through a userspace buffer (the
-/// cheapest path for request/response traffic); once a read fills that
-/// buffer the stream is bulk, and the rest moves with splice(2) through a
-/// pipe, never entering userspace. Counts into `total`; ends with the write
-/// side shut down after EOF, or with the first error.
-async fn pump(from: &Sock, to: &Sock, total: &AtomicU64) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut pipe: Option<Pipe> = None;
-    let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
-    loop {
-        let n = match &pipe {
-            Some(p) => {
-                let n =
-                    read_with(from, None, || splice(from_fd, p.w.as_raw_fd(), PIPE_SIZE)).await?;
-                let mut left = n;
-                while left > 0 {
-                    left -= write_with(to, || splice(p.r.as_raw_fd(), to_fd, left)).await?;
-                }
-                n
-            }
-            None => {
-                let len = buf.len();
-                let n = read_with(from, Some(len), || (&mut from.get_ref()).read(&mut buf)).await?;
-                let mut done = 0;
-                while done < n {
-                    done += write_with(to, || (&mut to.get_ref()).write(&buf[done..n])).await?;
-                }
-                if n == len {
-                    // Bulk: switch to splice if a pipe can be had (else keep copying).
-                    pipe = Pipe::new().ok();
-                }
-                n
-            }
-        };
-        if n == 0 {
-            return shutdown_write(to_fd);
-        }
-        total.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-/// Waits for readability and runs `op` until it does not block. With
-/// `short_of: Some(len)`, a read of fewer than `len` bytes means the socket
-/// is drained, so readiness is cleared without another (blocking) read; an
-/// edge that arrives meanwhile is still seen (tokio compares event ticks).
-async fn read_with(
-    s: &Sock,
-    short_of: Option<usize>,
-    mut op: impl FnMut() -> io::Result<usize>,
-) -> io::Result<usize> {
-    loop {
-        let mut guard = s.readable().await?;
-        match guard.try_io(|_| op()) {
-            Ok(Ok(n)) => {
-                crate::busy_poll::activity();
-                if short_of.is_some_and(|len| n > 0 && n < len) {
-                    guard.clear_ready();
-                }
-                return Ok(n);
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
-        }
-    }
-}
-
-/// Waits for writability and runs `op` until it does not block.
-async fn write_with(s: &Sock, mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
-    loop {
-        let mut guard = s.writable().await?;
-        match guard.try_io(|_| op()) {
-            Ok(r) => return r,
-            Err(_would_block) => continue,
-        }
-    }
 }
 
 /// Sends FIN; a peer that is already gone is not an error here.
@@ -586,77 +416,4 @@ pub(crate) async fn loopback_pair() -> (TcpStream, TcpStream) {
     let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (s, _) = l.accept().await.unwrap();
     (c, s)
-}
-
-#[cfg(test)]
-mod tests {
-    //! The relay against real loopback sockets, without eBPF.
-    use super::{loopback_pair as pair, *};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test]
-    async fn half_close_travels_and_the_reverse_direction_keeps_flowing() {
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
-        app.write_all(b"request").await.unwrap();
-        app.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap(); // EOF arrives: the FIN was relayed
-        assert_eq!(got, b"request");
-        server.write_all(b"late answer").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        app.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"late answer");
-        let r = relay.await.unwrap();
-        assert_eq!((r.up, r.down, r.outcome), (7, 11, Outcome::Closed));
-    }
-
-    #[tokio::test]
-    async fn a_reset_on_one_side_resets_the_other() {
-        let (app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
-        reset(&app);
-        drop(app);
-        let r = relay.await.unwrap();
-        assert_eq!(r.outcome, Outcome::Reset, "{:?}", r.detail);
-        let mut buf = [0u8; 8];
-        let e = server.read(&mut buf).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
-    }
-
-    #[tokio::test]
-    async fn bulk_switches_to_splice_and_arrives_intact() {
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
-        let data: Vec<u8> = (0..(5u32 << 20))
-            .map(|i| (i * 7 + i / 4093) as u8)
-            .collect();
-        let (back, got) = tokio::join!(
-            async {
-                app.write_all(&data).await.unwrap();
-                app.shutdown().await.unwrap();
-                let mut back = Vec::new();
-                app.read_to_end(&mut back).await.unwrap();
-                back
-            },
-            async {
-                let mut got = Vec::new();
-                server.read_to_end(&mut got).await.unwrap();
-                server.write_all(b"ok").await.unwrap();
-                server.shutdown().await.unwrap();
-                got
-            },
-        );
-        assert!(got == data, "bulk data differs");
-        assert_eq!(back, b"ok");
-        let r = relay.await.unwrap();
-        assert_eq!(
-            (r.up, r.down, r.outcome),
-            (data.len() as u64, 2, Outcome::Closed)
-        );
-    }
 }

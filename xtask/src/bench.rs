@@ -125,11 +125,16 @@ fn l4(tuning: &str, only: &[String]) -> Result<()> {
     )?;
     let result = (|| -> Result<()> {
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
-        // socat: a minimal userspace relay, to show what any proxy costs here.
-        let socat = Socat::start(&[echo, sink]);
+        // The agent's relay loop alone: what relaying costs here, before the agent's own work.
+        let bare = Relays::bare(&agent_bin, &[echo, sink])?;
+        // socat: a common general-purpose relay, for scale.
+        let socat = Relays::socat(&[echo, sink]);
         println!(
-            "interceptor bench l4 — direct, through the agent, and through socat (release build, \
-             same run, median of {ROUNDS} alternating rounds)\n{}",
+            "interceptor bench l4 — direct, through the agent, through a bare relay and through \
+             socat (release build, same run, median of {ROUNDS} alternating rounds)\n\
+             bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
+             and nothing else (no eBPF, identity, policy, recording)\n{}",
+            bare_threads(),
             tuning_note(tuning)
         );
         let loads: [(&str, Vec<String>); 5] = [
@@ -140,26 +145,35 @@ fn l4(tuning: &str, only: &[String]) -> Result<()> {
             ("connect", vec![format!("127.0.0.1:{echo}")]),
         ];
         println!(
-            "{:<42} {:>14} | {:>18} | {:>18} | target (agent)",
-            "figure", "direct", "agent (vs direct)", "socat (vs direct)"
+            "{:<42} {:>14} | {:>18} | {:>18} | {:>18} | target (agent)",
+            "figure", "direct", "agent (vs direct)", "bare (vs direct)", "socat (vs direct)"
         );
         for (load, args) in loads {
             if !only.is_empty() && !only.iter().any(|o| o == load) {
                 continue;
             }
-            let via_socat = socat.as_ref().map(|s| s.addr(&args[0]));
-            let (mut direct, mut proxied, mut socat_runs) = (Vec::new(), Vec::new(), Vec::new());
+            let refs: Vec<Option<String>> = [Some(&bare), socat.as_ref()]
+                .iter()
+                .map(|r| r.map(|r| r.addr(&args[0])))
+                .collect();
+            let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+            let mut ref_runs = vec![Vec::new(); refs.len()];
             for _ in 0..ROUNDS {
                 direct.push(measure(&me, None, load, &args)?);
                 proxied.push(measure(&me, Some((&agent, &config)), load, &args)?);
-                if let Some(addr) = &via_socat {
-                    socat_runs.push(measure(&me, None, load, std::slice::from_ref(addr))?);
+                for (addr, runs) in refs.iter().zip(&mut ref_runs) {
+                    if let Some(addr) = addr {
+                        runs.push(measure(&me, None, load, std::slice::from_ref(addr))?);
+                    }
                 }
             }
             let (d, a) = (median(direct), median(proxied));
-            let s = (!socat_runs.is_empty()).then(|| median(socat_runs));
-            for r in rows(load) {
-                print_row(&r, &d, &a, s.as_deref());
+            let r: Vec<Option<Vec<(String, f64)>>> = ref_runs
+                .into_iter()
+                .map(|runs| (!runs.is_empty()).then(|| median(runs)))
+                .collect();
+            for row in rows(load) {
+                print_row(&row, &d, &a, &r);
             }
         }
         drop(agent);
@@ -171,16 +185,17 @@ fn l4(tuning: &str, only: &[String]) -> Result<()> {
     result
 }
 
-/// `socat` relays in front of the bench servers (absent if socat is not installed).
-struct Socat {
+/// Reference relays in front of the bench servers.
+struct Relays {
     children: Vec<std::process::Child>,
-    /// (server port, socat port)
+    /// (server port, relay port)
     ports: Vec<(u16, u16)>,
 }
 
-impl Socat {
-    fn start(servers: &[u16]) -> Option<Socat> {
-        let mut s = Socat {
+impl Relays {
+    /// `socat`, one per server (`None` if socat is not installed).
+    fn socat(servers: &[u16]) -> Option<Relays> {
+        let mut r = Relays {
             children: Vec::new(),
             ports: Vec::new(),
         };
@@ -194,14 +209,30 @@ impl Socat {
                 .stderr(Stdio::null())
                 .spawn()
                 .ok()?;
-            s.children.push(child);
-            s.ports.push((port, listen));
+            r.children.push(child);
+            r.ports.push((port, listen));
         }
         thread::sleep(Duration::from_millis(300));
-        Some(s)
+        Some(r)
     }
 
-    /// The socat address in front of `addr` (`127.0.0.1:PORT`).
+    /// The bare relay (`interceptor bench-relay`), one process per server,
+    /// with [`bare_threads`] threads.
+    fn bare(agent_bin: &Path, servers: &[u16]) -> Result<Relays> {
+        let mut r = Relays {
+            children: Vec::new(),
+            ports: Vec::new(),
+        };
+        for &port in servers {
+            let (child, listen) =
+                bare_relay(agent_bin, &format!("127.0.0.1:{port}"), bare_threads())?;
+            r.children.push(child);
+            r.ports.push((port, listen));
+        }
+        Ok(r)
+    }
+
+    /// The relay's address in front of `addr` (`127.0.0.1:PORT`).
     fn addr(&self, addr: &str) -> String {
         let port: u16 = addr
             .rsplit(':')
@@ -217,11 +248,41 @@ impl Socat {
     }
 }
 
-impl Drop for Socat {
+impl Drop for Relays {
     fn drop(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// A loop thread per CPU, as the agent has by default (one per worker).
+fn bare_threads() -> usize {
+    thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Starts `interceptor bench-relay --to UPSTREAM --threads N`; returns it
+/// and the port it listens on.
+fn bare_relay(
+    agent_bin: &Path,
+    upstream: &str,
+    threads: usize,
+) -> Result<(std::process::Child, u16)> {
+    let mut child = Command::new(agent_bin)
+        .args(["bench-relay", "--to", upstream, "--threads"])
+        .arg(threads.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the bare relay")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    match line.trim().parse() {
+        Ok(port) => Ok((child, port)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("bare relay said {line:?}")
         }
     }
 }
@@ -370,8 +431,13 @@ fn rows(load: &str) -> Vec<Row> {
     }
 }
 
-fn print_row(r: &Row, d: &[(String, f64)], a: &[(String, f64)], s: Option<&[(String, f64)]>) {
-    let (dv, av) = (get(d, r.key), get(a, r.key));
+fn print_row(
+    r: &Row,
+    d: &[(String, f64)],
+    a: &[(String, f64)],
+    refs: &[Option<Vec<(String, f64)>>],
+) {
+    let dv = get(d, r.key);
     let cell = |v: f64| {
         let delta = if r.lower_better {
             format!("{:+.1}", v - dv)
@@ -380,14 +446,20 @@ fn print_row(r: &Row, d: &[(String, f64)], a: &[(String, f64)], s: Option<&[(Str
         };
         format!("{v:>9.1} {delta:>8}")
     };
-    let socat = s.map_or_else(|| format!("{:>18}", "-"), |s| cell(get(s, r.key)));
+    let others: Vec<String> = refs
+        .iter()
+        .map(|s| {
+            s.as_ref()
+                .map_or_else(|| format!("{:>18}", "-"), |s| cell(get(s, r.key)))
+        })
+        .collect();
     println!(
         "{:<42} {:>9.1} {:<4} | {} | {} | {}",
         r.name,
         dv,
         r.unit,
-        cell(av),
-        socat,
+        cell(get(a, r.key)),
+        others.join(" | "),
         r.note
     );
 }
@@ -595,6 +667,7 @@ fn postgres(tuning: &str) -> Result<()> {
                 .stderr(Stdio::null()),
         )?;
         let bouncer = Pgbouncer::start(&dir.join("bouncer"), db.port)?;
+        let bare = Relays::bare(&agent_bin, &[db.port])?;
         let config = bench_config(
             &dir,
             "interceptor-pgbench",
@@ -606,26 +679,35 @@ fn postgres(tuning: &str) -> Result<()> {
         )?;
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
         let (agent_pid, bouncer_pid) = (agent.pid(), bouncer.pid());
+        let bare_pid = bare.children.first().map(std::process::Child::id);
         println!(
             "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, \
              same run, median of {ROUNDS} alternating rounds)\n\
-             tps, its ratio to direct, and the proxy's own CPU time per transaction (all its threads)\n{}",
+             tps, its ratio to direct, and the proxy's own CPU time per transaction (all its threads)\n\
+             bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
+             moving bytes and nothing else (what relaying alone costs here)\n{}",
+            bare_threads(),
             tuning_note(tuning)
         );
         println!(
-            "{:<22} {:>10} | {:>28} | {:>28}",
+            "{:<22} {:>10} | {:>28} | {:>28} | {:>28}",
             "mode, clients",
             "direct tps",
             "agent (vs direct) cpu/txn",
-            "pgbouncer (vs direct) cpu/txn"
+            "pgbouncer (vs direct) cpu/txn",
+            "bare relay (vs direct) cpu/txn"
         );
         let bouncer_conn = conn.replace(
             &format!("port={}", db.port),
             &format!("port={}", bouncer.port),
         );
+        let bare_conn = conn.replace(
+            &format!("port={}", db.port),
+            &format!("port={}", bare.ports[0].1),
+        );
         for mode in ["simple", "extended", "prepared"] {
             for clients in [1, 8] {
-                let (mut d, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut d, mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..ROUNDS {
                     d.push(pgbench(None, &conn, mode, clients)?);
                     a.push(costed(agent_pid, || {
@@ -634,14 +716,18 @@ fn postgres(tuning: &str) -> Result<()> {
                     b.push(costed(bouncer_pid, || {
                         pgbench(None, &bouncer_conn, mode, clients)
                     })?);
+                    r.push(costed(bare_pid, || {
+                        pgbench(None, &bare_conn, mode, clients)
+                    })?);
                 }
                 let direct = middle(d);
                 println!(
-                    "{:<22} {:>10.0} | {} | {}",
+                    "{:<22} {:>10.0} | {} | {} | {}",
                     format!("{mode}, {clients}"),
                     direct,
                     proxied(&a, direct),
                     proxied(&b, direct),
+                    proxied(&r, direct),
                 );
             }
         }
@@ -663,10 +749,11 @@ fn postgres(tuning: &str) -> Result<()> {
             }
             let direct = middle(d);
             println!(
-                "{:<22} {:>10.0} | {} | {:>28}",
+                "{:<22} {:>10.0} | {} | {:>28} | {:>28}",
                 format!("{mode}, 8, masking"),
                 direct,
                 proxied(&m, direct),
+                "-",
                 "-"
             );
         }

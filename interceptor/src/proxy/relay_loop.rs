@@ -1,0 +1,768 @@
+//! The relay loop: opaque TCP connections (`protocol = "tcp"` targets),
+//! relayed by a thread of their own once the proxy has let them through.
+//!
+//! Each data-plane worker owns one loop thread. The worker does the work
+//! that needs it (identity, policy, the upstream connect, recording) and
+//! then hands both sockets over; from there on every byte is moved by this
+//! thread's `epoll` loop, with no runtime, task or waker between a socket
+//! event and the system call that answers it. That path is what a request
+//! waits on, twice per round trip, and on a virtual machine it runs with
+//! cold caches after every wakeup: the shorter it is, the less latency the
+//! proxy adds. The loop reports each connection's end (bytes both ways,
+//! how it ended) back to the worker, which records it.
+//!
+//! Small messages are copied through one 64 KiB buffer per loop (the
+//! cheapest path for request/response traffic; a connection holds memory
+//! only for bytes its peer has not yet taken). Once a read fills that
+//! buffer the stream is bulk, and the rest of that direction moves with
+//! `splice(2)` through a pipe, never entering userspace.
+//!
+//! Semantics, as for every relayed connection: a FIN from one side becomes
+//! a FIN to the other while the reverse direction keeps flowing; an error
+//! on either side resets both.
+
+use std::{
+    cell::RefCell,
+    io::{self, Read, Write},
+    net::TcpStream,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use tracing::warn;
+
+use super::{reset, shutdown_write, Relayed};
+use crate::record::Outcome;
+
+/// Pipe capacity asked for (the kernel may grant less).
+const PIPE_SIZE: usize = 1 << 20;
+/// The copy buffer; a read that fills it switches the direction to splice.
+const COPY_BUF: usize = 64 * 1024;
+/// epoll token of the loop's doorbell; connections use their slot index.
+const BELL: u64 = u64::MAX;
+
+/// What the loop calls once with a connection's end.
+pub type Done = Box<dyn FnOnce(Relayed) + Send>;
+
+struct Job {
+    client: TcpStream,
+    upstream: TcpStream,
+    done: Done,
+}
+
+/// A running loop thread. Dropping it stops the thread; connections still
+/// open are closed and their `Done` is never called.
+pub struct RelayLoop {
+    jobs: mpsc::Sender<Job>,
+    bell: Arc<OwnedFd>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RelayLoop {
+    /// Starts a loop thread named `name`. With `busy_poll`, the thread keeps
+    /// polling (without sleeping) for that long after each read; see
+    /// [`crate::busy_poll`] for why and at what price.
+    pub fn start(name: String, busy_poll: Option<Duration>) -> io::Result<RelayLoop> {
+        // SAFETY: plain eventfd(2); the fd is owned right below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and belongs to nobody else.
+        let bell = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let epoll = Epoll::new()?;
+        epoll.add(bell.as_raw_fd(), BELL, libc::EPOLLIN | libc::EPOLLET)?;
+        let (jobs, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (bell, stop) = (bell.clone(), stop.clone());
+            std::thread::Builder::new().name(name).spawn(move || {
+                let mut l = Loop {
+                    epoll,
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                    scratch: vec![0; COPY_BUF].into_boxed_slice(),
+                    busy_poll,
+                    last_read: None,
+                };
+                if let Err(e) = l.run(&rx, &bell, &stop) {
+                    warn!(error = %e, "relay loop failed; its connections are closed");
+                }
+            })?
+        };
+        Ok(RelayLoop {
+            jobs,
+            bell,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a connection to the loop; `done` gets its end. Both sockets
+    /// must be non-blocking.
+    pub fn submit(&self, client: TcpStream, upstream: TcpStream, done: Done) {
+        let job = Job {
+            client,
+            upstream,
+            done,
+        };
+        match self.jobs.send(job) {
+            Ok(()) => ring(&self.bell),
+            Err(mpsc::SendError(job)) => {
+                reset(&job.client);
+                reset(&job.upstream);
+                (job.done)(Relayed {
+                    up: 0,
+                    down: 0,
+                    outcome: Outcome::Error,
+                    detail: Some("the relay loop has stopped".into()),
+                });
+            }
+        }
+    }
+}
+
+impl Drop for RelayLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        ring(&self.bell);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+thread_local! {
+    /// This data-plane worker's loop.
+    static LOOP: RefCell<Option<RelayLoop>> = const { RefCell::new(None) };
+}
+
+/// Gives the calling thread (a data-plane worker) its loop; it stops when
+/// the thread ends.
+pub fn install(name: String, busy_poll: Option<Duration>) -> io::Result<()> {
+    let l = RelayLoop::start(name, busy_poll)?;
+    LOOP.with(|slot| *slot.borrow_mut() = Some(l));
+    Ok(())
+}
+
+/// Relays `client` and `upstream` on this worker's loop (a loop of its own
+/// is started on first use where none was installed) until both directions
+/// end.
+pub async fn relay(client: tokio::net::TcpStream, upstream: tokio::net::TcpStream) -> Relayed {
+    let failed = |e: io::Error| Relayed {
+        up: 0,
+        down: 0,
+        outcome: Outcome::Error,
+        detail: Some(e.to_string()),
+    };
+    // Leaving the runtime keeps the sockets non-blocking.
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return failed(e),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done: Done = Box::new(move |r| {
+        let _ = tx.send(r);
+    });
+    let submitted = LOOP.with(|slot| -> io::Result<()> {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(RelayLoop::start("relay-loop".into(), None)?);
+        }
+        slot.as_ref()
+            .expect("set above")
+            .submit(client, upstream, done);
+        Ok(())
+    });
+    if let Err(e) = submitted {
+        return failed(e);
+    }
+    rx.await.unwrap_or_else(|_| Relayed {
+        up: 0,
+        down: 0,
+        outcome: Outcome::Interrupted,
+        detail: Some("the relay loop stopped".into()),
+    })
+}
+
+/// `interceptor bench-relay`: relays every connection made to a free
+/// loopback port (printed on stdout) to `to` on `threads` loops, round
+/// robin, with nothing else around it. Benchmarks run it beside the agent
+/// to show what of a figure is the relaying itself. Runs until killed.
+pub fn bare(to: std::net::SocketAddr, threads: usize) -> io::Result<()> {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    let mut out = io::stdout();
+    writeln!(out, "{}", listener.local_addr()?.port())?;
+    out.flush()?;
+    let loops = (0..threads.max(1))
+        .map(|i| RelayLoop::start(format!("relay-loop-{i}"), None))
+        .collect::<io::Result<Vec<_>>>()?;
+    for (i, client) in listener.incoming().enumerate() {
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        let Ok(upstream) = TcpStream::connect(to) else {
+            continue; // the client sees its connection closed
+        };
+        for s in [&client, &upstream] {
+            s.set_nonblocking(true)?;
+            s.set_nodelay(true)?;
+        }
+        loops[i % loops.len()].submit(client, upstream, Box::new(|_| {}));
+    }
+    Ok(())
+}
+
+fn ring(bell: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to our eventfd; a full
+    // counter (EAGAIN) still leaves the bell rung.
+    unsafe { libc::write(bell.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// The loop thread's state.
+struct Loop {
+    epoll: Epoll,
+    slots: Vec<Option<(Pair, Done)>>,
+    free: Vec<usize>,
+    scratch: Box<[u8]>,
+    busy_poll: Option<Duration>,
+    last_read: Option<Instant>,
+}
+
+impl Loop {
+    fn run(
+        &mut self,
+        jobs: &mpsc::Receiver<Job>,
+        bell: &OwnedFd,
+        stop: &AtomicBool,
+    ) -> io::Result<()> {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        loop {
+            let polling = self
+                .busy_poll
+                .zip(self.last_read)
+                .is_some_and(|(window, t)| t.elapsed() < window);
+            let n = self.epoll.wait(&mut events, if polling { 0 } else { -1 })?;
+            if n == 0 && polling {
+                // Let whatever else is runnable here (the server being
+                // answered, say) go first.
+                // SAFETY: sched_yield takes no arguments and cannot fail.
+                unsafe { libc::sched_yield() };
+                continue;
+            }
+            for ev in &events[..n] {
+                let token = ev.u64;
+                if token != BELL {
+                    self.pump(token as usize);
+                    continue;
+                }
+                let mut count = [0u8; 8];
+                // SAFETY: reads the eventfd counter into a live 8-byte buffer.
+                unsafe { libc::read(bell.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+                if stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                while let Ok(job) = jobs.try_recv() {
+                    self.add(job);
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, job: Job) {
+        let token = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let interest = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
+        let registered = self
+            .epoll
+            .add(job.client.as_raw_fd(), token as u64, interest)
+            .and_then(|()| {
+                self.epoll
+                    .add(job.upstream.as_raw_fd(), token as u64, interest)
+            });
+        let pair = Pair {
+            client: job.client,
+            upstream: job.upstream,
+            up: Direction::default(),
+            down: Direction::default(),
+        };
+        self.slots[token] = Some((pair, job.done));
+        match registered {
+            // Bytes may have come before the sockets were registered.
+            Ok(()) => self.pump(token),
+            Err(e) => self.end(token, Err(e)),
+        }
+    }
+
+    /// Moves what can move on connection `token`; ends it when it is over.
+    fn pump(&mut self, token: usize) {
+        let Some(Some((pair, _))) = self.slots.get_mut(token) else {
+            return; // ended earlier in this batch of events
+        };
+        let up = pair
+            .up
+            .pump(&pair.client, &pair.upstream, &mut self.scratch);
+        let result = up.and_then(|read_up| {
+            let read_down = pair
+                .down
+                .pump(&pair.upstream, &pair.client, &mut self.scratch)?;
+            Ok(read_up || read_down)
+        });
+        match result {
+            Ok(read) => {
+                if read && self.busy_poll.is_some() {
+                    self.last_read = Some(Instant::now());
+                }
+                if pair.up.finished() && pair.down.finished() {
+                    self.end(token, Ok(()));
+                }
+            }
+            Err(e) => self.end(token, Err(e)),
+        }
+    }
+
+    fn end(&mut self, token: usize, result: io::Result<()>) {
+        let Some((pair, done)) = self.slots[token].take() else {
+            return;
+        };
+        self.free.push(token);
+        let (outcome, detail) = match result {
+            Ok(()) => (Outcome::Closed, None),
+            Err(e) => {
+                reset(&pair.client);
+                reset(&pair.upstream);
+                super::io_outcome(e)
+            }
+        };
+        let (up, down) = (pair.up.total, pair.down.total);
+        // Dropping the pair closes both sockets (which leaves epoll).
+        drop(pair);
+        done(Relayed {
+            up,
+            down,
+            outcome,
+            detail,
+        });
+    }
+}
+
+/// Both directions of one relayed connection.
+struct Pair {
+    client: TcpStream,
+    upstream: TcpStream,
+    up: Direction,
+    down: Direction,
+}
+
+/// One direction: bytes read but not yet written (in `pending` or the
+/// pipe), and how it stands.
+#[derive(Default)]
+struct Direction {
+    /// Bytes the peer has not taken yet (empty, without capacity, while the
+    /// peer keeps up).
+    pending: Vec<u8>,
+    sent: usize,
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    eof: bool,
+    total: u64,
+}
+
+impl Direction {
+    fn finished(&self) -> bool {
+        self.eof && self.sent == self.pending.len() && self.in_pipe == 0
+    }
+
+    /// Relays until `from` has nothing more or `to` takes nothing more;
+    /// `true` if it read bytes.
+    fn pump(
+        &mut self,
+        mut from: &TcpStream,
+        mut to: &TcpStream,
+        scratch: &mut [u8],
+    ) -> io::Result<bool> {
+        let mut read = false;
+        loop {
+            if self.sent < self.pending.len() {
+                let Some(n) = ready(to.write(&self.pending[self.sent..]).and_then(moved))? else {
+                    return Ok(read);
+                };
+                self.sent += n;
+                if self.sent == self.pending.len() {
+                    (self.pending, self.sent) = (Vec::new(), 0);
+                }
+                continue;
+            }
+            if let (Some(p), true) = (&self.pipe, self.in_pipe > 0) {
+                let Some(n) =
+                    ready(splice(p.r.as_raw_fd(), to.as_raw_fd(), self.in_pipe).and_then(moved))?
+                else {
+                    return Ok(read);
+                };
+                self.in_pipe -= n;
+                continue;
+            }
+            if self.eof {
+                return Ok(read);
+            }
+            let n = match &self.pipe {
+                Some(p) => {
+                    let Some(n) = ready(splice(from.as_raw_fd(), p.w.as_raw_fd(), PIPE_SIZE))?
+                    else {
+                        return Ok(read);
+                    };
+                    self.in_pipe = n;
+                    n
+                }
+                None => {
+                    let Some(n) = ready(from.read(scratch))? else {
+                        return Ok(read);
+                    };
+                    let mut sent = 0;
+                    while sent < n {
+                        match ready(to.write(&scratch[sent..n]).and_then(moved))? {
+                            Some(k) => sent += k,
+                            None => {
+                                self.pending.extend_from_slice(&scratch[sent..n]);
+                                break;
+                            }
+                        }
+                    }
+                    if n == scratch.len() {
+                        // Bulk: splice from now on if a pipe can be had.
+                        self.pipe = Pipe::new().ok();
+                    }
+                    n
+                }
+            };
+            if n == 0 {
+                self.eof = true;
+                shutdown_write(to.as_raw_fd())?;
+                return Ok(read);
+            }
+            read = true;
+            self.total += n as u64;
+        }
+    }
+}
+
+/// A write or splice out that moved nothing (it would spin): an error.
+fn moved(n: usize) -> io::Result<usize> {
+    if n == 0 {
+        Err(io::ErrorKind::WriteZero.into())
+    } else {
+        Ok(n)
+    }
+}
+
+/// `None` where the call would block: that ends a pump round (epoll is
+/// edge-triggered, and the next edge resumes it).
+fn ready(r: io::Result<usize>) -> io::Result<Option<usize>> {
+    match r {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A non-blocking pipe: the in-kernel buffer of a bulk direction.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array we pass.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded: both fds are open and owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only keeps the default size.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        Ok(Pipe { r, w })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are open for the duration of the call (owned by the
+    // caller's TcpStream or Pipe); no offsets are passed.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    fn new() -> io::Result<Epoll> {
+        // SAFETY: plain epoll_create1(2); the fd is owned right below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and belongs to nobody else.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn add(&self, fd: RawFd, token: u64, events: libc::c_int) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: events as u32,
+            u64: token,
+        };
+        // SAFETY: both fds are open; ev lives across the call.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` (-1: forever) for events.
+    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: libc::c_int) -> io::Result<usize> {
+        loop {
+            // SAFETY: events is a valid buffer of the length passed.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.0.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as libc::c_int,
+                    timeout_ms,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The relay against real loopback sockets, without eBPF.
+    use super::*;
+    use crate::proxy::loopback_pair as pair;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn half_close_travels_and_the_reverse_direction_keeps_flowing() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        app.write_all(b"request").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap(); // EOF arrives: the FIN was relayed
+        assert_eq!(got, b"request");
+        server.write_all(b"late answer").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"late answer");
+        let r = relay.await.unwrap();
+        assert_eq!((r.up, r.down, r.outcome), (7, 11, Outcome::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_resets_the_other() {
+        let (app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        super::super::reset(&app);
+        drop(app);
+        let r = relay.await.unwrap();
+        assert_eq!(r.outcome, Outcome::Reset, "{:?}", r.detail);
+        let mut buf = [0u8; 8];
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn bulk_switches_to_splice_and_arrives_intact() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let data: Vec<u8> = (0..(5u32 << 20))
+            .map(|i| (i * 7 + i / 4093) as u8)
+            .collect();
+        let (back, got) = tokio::join!(
+            async {
+                app.write_all(&data).await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                app.read_to_end(&mut back).await.unwrap();
+                back
+            },
+            async {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.unwrap();
+                server.write_all(b"ok").await.unwrap();
+                server.shutdown().await.unwrap();
+                got
+            },
+        );
+        assert!(got == data, "bulk data differs");
+        assert_eq!(back, b"ok");
+        let r = relay.await.unwrap();
+        assert_eq!(
+            (r.up, r.down, r.outcome),
+            (data.len() as u64, 2, Outcome::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        // More than the socket buffers and a pipe can hold together.
+        let data: Vec<u8> = (0..(128u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let (reading, read_started) = tokio::sync::oneshot::channel::<()>();
+        let writer = async {
+            app.write_all(&data).await.unwrap();
+            app.shutdown().await.unwrap();
+        };
+        let reader = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            reading.send(()).unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let watcher = async {
+            tokio::pin!(writer);
+            tokio::select! {
+                () = &mut writer => panic!("all 128 MiB were taken before the server read: nothing held the writer back"),
+                _ = read_started => writer.await,
+            }
+        };
+        let ((), got) = tokio::join!(watcher, reader);
+        assert!(got == data, "data differs after backpressure");
+        drop(server);
+        let r = relay.await.unwrap();
+        assert_eq!(r.up, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn small_messages_to_a_slow_reader_wait_in_the_relay_and_arrive_in_order() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        // Messages shorter than the copy buffer, spaced so that each read
+        // takes one: the copy path, until the server's buffers are full
+        // and a write takes only part of a message.
+        let messages: Vec<Vec<u8>> = (0..400u32)
+            .map(|m| (0..30_000u32).map(|i| ((m * 31 + i) % 253) as u8).collect())
+            .collect();
+        let writer = async {
+            for m in &messages {
+                app.write_all(m).await.unwrap();
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            app.shutdown().await.unwrap();
+        };
+        let reader = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        assert!(got == messages.concat(), "bytes lost or reordered");
+        drop(server);
+        assert_eq!(relay.await.unwrap().up, 12_000_000);
+    }
+
+    /// States (`R`, `S`, …) of this process's thread named `name`, sampled
+    /// `n` times over about `n` ms.
+    fn states(name: &str, n: usize) -> String {
+        let task = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == name))
+            .expect("the loop thread");
+        (0..n)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(1));
+                let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+                stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn busy_poll_keeps_the_loop_awake_only_for_the_window_after_a_read() {
+        let l =
+            RelayLoop::start("relay-busy-test".into(), Some(Duration::from_millis(400))).unwrap();
+        let (done, ended) = mpsc::channel();
+        let (mut app, client, upstream, mut server) = std_pairs();
+        l.submit(client, upstream, Box::new(move |r| done.send(r).unwrap()));
+        // Idle (once it has taken the connection in): it sleeps in epoll_wait.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !states("relay-busy-test", 30).contains('R'),
+            "polling before any read"
+        );
+        app.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).unwrap();
+        // Within the window it keeps polling: runnable, not asleep.
+        let during = states("relay-busy-test", 30);
+        assert!(during.contains('R'), "not polling after a read: {during}");
+        std::thread::sleep(Duration::from_millis(500));
+        let after = states("relay-busy-test", 30);
+        assert!(
+            !after.contains('R'),
+            "still polling after the window: {after}"
+        );
+        drop((app, server));
+        let r = ended.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((r.up, r.down, r.outcome), (4, 0, Outcome::Closed));
+    }
+
+    /// (app, proxy's client side, proxy's upstream side, server), the
+    /// proxy's two non-blocking as the loop wants them.
+    fn std_pairs() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let pair = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            (c, s)
+        };
+        let ((app, client), (upstream, server)) = (pair(), pair());
+        client.set_nonblocking(true).unwrap();
+        upstream.set_nonblocking(true).unwrap();
+        (app, client, upstream, server)
+    }
+}
