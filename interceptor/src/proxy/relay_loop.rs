@@ -43,8 +43,10 @@ use crate::record::Outcome;
 const PIPE_SIZE: usize = 1 << 20;
 /// The copy buffer; a read that fills it switches the direction to splice.
 const COPY_BUF: usize = 64 * 1024;
-/// epoll token of the loop's doorbell; connections use their slot index.
+/// epoll token of the loop's doorbell. A connection's sockets use their
+/// slot index shifted left by one, plus [`UPSTREAM`] for the upstream one.
 const BELL: u64 = u64::MAX;
+const UPSTREAM: u64 = 1;
 
 /// What the loop calls once with a connection's end.
 pub type Done = Box<dyn FnOnce(Relayed) + Send>;
@@ -265,7 +267,8 @@ impl Loop {
             for ev in &events[..n] {
                 let token = ev.u64;
                 if token != BELL {
-                    self.pump(token as usize);
+                    let events = ev.events as libc::c_int;
+                    self.pump((token >> 1) as usize, Some((token & UPSTREAM, events)));
                     continue;
                 }
                 let mut count = [0u8; 8];
@@ -289,10 +292,13 @@ impl Loop {
         let interest = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
         let registered = self
             .epoll
-            .add(job.client.as_raw_fd(), token as u64, interest)
+            .add(job.client.as_raw_fd(), (token as u64) << 1, interest)
             .and_then(|()| {
-                self.epoll
-                    .add(job.upstream.as_raw_fd(), token as u64, interest)
+                self.epoll.add(
+                    job.upstream.as_raw_fd(),
+                    (token as u64) << 1 | UPSTREAM,
+                    interest,
+                )
             });
         let pair = Pair {
             client: job.client,
@@ -303,25 +309,60 @@ impl Loop {
         self.slots[token] = Some((pair, job.done));
         match registered {
             // Bytes may have come before the sockets were registered.
-            Ok(()) => self.pump(token),
+            Ok(()) => self.pump(token, None),
             Err(e) => self.end(token, Err(e)),
         }
     }
 
-    /// Moves what can move on connection `token`; ends it when it is over.
-    fn pump(&mut self, token: usize) {
+    /// Moves what can move on connection `token` after `event` (which
+    /// socket, what it reported; `None`: look at both directions); ends the
+    /// connection when it is over.
+    fn pump(&mut self, token: usize, event: Option<(u64, libc::c_int)>) {
         let Some(Some((pair, _))) = self.slots.get_mut(token) else {
             return; // ended earlier in this batch of events
         };
-        let up = pair
-            .up
-            .pump(&pair.client, &pair.upstream, &mut self.scratch);
-        let result = up.and_then(|read_up| {
-            let read_down = pair
-                .down
-                .pump(&pair.upstream, &pair.client, &mut self.scratch)?;
-            Ok(read_up || read_down)
-        });
+        // Which directions run, and whether a short copy read may be taken
+        // to mean their source is drained. A direction runs when its source
+        // has something to say (bytes, an end, an error), or when its
+        // destination has room again and bytes wait for it: no system call
+        // is spent asking a quiet socket. A short read means drained (more
+        // bytes bring an event of their own) only where this very event
+        // came from the source and did not report its end: an end queued
+        // right behind the bytes brings no new event, nor do bytes that
+        // came while the direction was waiting for room.
+        let (up, down) = match event {
+            None => ((true, false), (true, false)),
+            Some((side, events)) => {
+                let ended = events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
+                let input = ended || events & libc::EPOLLIN != 0;
+                let room = events & libc::EPOLLOUT != 0;
+                if side == UPSTREAM {
+                    ((room && pair.up.waiting(), false), (input, !ended))
+                } else {
+                    ((input, !ended), (room && pair.down.waiting(), false))
+                }
+            }
+        };
+        let result = (|| {
+            let mut read = false;
+            if let (true, short_drains) = up {
+                read |= pair.up.pump(
+                    &pair.client,
+                    &pair.upstream,
+                    &mut self.scratch,
+                    short_drains,
+                )?;
+            }
+            if let (true, short_drains) = down {
+                read |= pair.down.pump(
+                    &pair.upstream,
+                    &pair.client,
+                    &mut self.scratch,
+                    short_drains,
+                )?;
+            }
+            Ok(read)
+        })();
         match result {
             Ok(read) => {
                 if read && self.busy_poll.is_some() {
@@ -384,16 +425,23 @@ struct Direction {
 
 impl Direction {
     fn finished(&self) -> bool {
-        self.eof && self.sent == self.pending.len() && self.in_pipe == 0
+        self.eof && !self.waiting()
+    }
+
+    /// Bytes read and not yet taken by the destination.
+    fn waiting(&self) -> bool {
+        self.sent < self.pending.len() || self.in_pipe > 0
     }
 
     /// Relays until `from` has nothing more or `to` takes nothing more;
-    /// `true` if it read bytes.
+    /// `true` if it read bytes. With `short_drains`, a short copy read is
+    /// taken to mean `from` has nothing more.
     fn pump(
         &mut self,
         mut from: &TcpStream,
         mut to: &TcpStream,
         scratch: &mut [u8],
+        short_drains: bool,
     ) -> io::Result<bool> {
         let mut read = false;
         loop {
@@ -456,6 +504,10 @@ impl Direction {
             }
             read = true;
             self.total += n as u64;
+            if short_drains && self.pipe.is_none() && n < scratch.len() {
+                // Drained: no read just to see EAGAIN.
+                return Ok(read);
+            }
         }
     }
 }
@@ -595,6 +647,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_and_the_end_arriving_together_are_both_relayed() {
+        // The end queued right behind the bytes brings no event of its own:
+        // the relay must not take the short read of the bytes as the last.
+        for round in 0..200 {
+            let (mut app, proxy_client) = pair().await;
+            let (proxy_upstream, mut server) = pair().await;
+            let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            app.write_all(&[7u8; 100]).await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the end was not relayed"))
+                .unwrap();
+            assert_eq!(got.len(), 100);
+            drop(server);
+            assert_eq!(relay.await.unwrap().up, 100);
+        }
+    }
+
+    #[tokio::test]
     async fn a_reset_on_one_side_resets_the_other() {
         let (app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
@@ -702,6 +776,37 @@ mod tests {
         assert!(got == messages.concat(), "bytes lost or reordered");
         drop(server);
         assert_eq!(relay.await.unwrap().up, 12_000_000);
+    }
+
+    #[tokio::test]
+    async fn an_end_sent_while_the_relay_waits_for_room_is_relayed() {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        // Small buffers toward the server, so that it is full after a few
+        // small messages and the relay holds bytes for it.
+        setsockopt(&proxy_upstream, sockopt::SndBuf, &4096).unwrap();
+        setsockopt(&server, sockopt::RcvBuf, &4096).unwrap();
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        // Two, each short of the copy buffer: the relay holds part of the
+        // first, and the second waits in its receive queue.
+        for _ in 0..2 {
+            app.write_all(&[3u8; 60_000]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Then a last short message and the end, while the relay waits.
+        app.write_all(&[4u8; 1000]).await.unwrap();
+        app.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut got))
+            .await
+            .expect("the end was not relayed")
+            .unwrap();
+        assert_eq!(got.len(), 121_000);
+        assert_eq!(&got[120_000..], &[4u8; 1000][..]);
+        drop((app, server));
+        assert_eq!(relay.await.unwrap().up, 121_000);
     }
 
     /// States (`R`, `S`, …) of this process's thread named `name`, sampled
