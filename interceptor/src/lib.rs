@@ -10,7 +10,6 @@
 
 pub mod agent;
 pub mod api;
-pub mod busy_poll;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

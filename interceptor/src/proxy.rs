@@ -20,7 +20,6 @@ use std::{
 use arc_swap::ArcSwap;
 use interceptor_ebpf::{ConnMeta, SockKey};
 use tokio::{
-    io::unix::AsyncFd,
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
@@ -142,12 +141,9 @@ impl Proxy {
                         // Opaque TCP connections are relayed by this
                         // worker's own loop thread.
                         if let Err(e) = relay_loop::install(format!("relay-loop-{i}"), busy_poll) {
-                            warn!(error = %e, "no relay loop; TCP connections start one on first use");
+                            warn!(error = %e, "no relay loop; connections start one on first use");
                         }
                         rt.block_on(async move {
-                            if let Some(window) = busy_poll {
-                                tokio::spawn(crate::busy_poll::poller(window));
-                            }
                             tokio::spawn(flush::run(recorder.clone(), tick));
                             while let Some((s, peer)) = rx.recv().await {
                                 match TcpStream::from_std(s) {
@@ -332,7 +328,7 @@ impl Proxy {
             masker: self.masker.clone(),
         }));
         let listed = flush::Listed::new(s.id, state.clone());
-        let relayed = postgres::relay(client, upstream, &state).await;
+        let relayed = postgres::relay(client, upstream, state.clone()).await;
         s.statements = listed.finish(&self.recorder).await;
         s.postgres = Some(state.take_startup());
         let (up, down, result) = relayed;
@@ -372,16 +368,6 @@ pub struct Relayed {
     pub down: u64,
     pub outcome: Outcome,
     pub detail: Option<String>,
-}
-
-/// A relayed socket: registered with the runtime directly, so a pump can
-/// clear readiness itself after a short read (one syscall less per message).
-pub(crate) type Sock = AsyncFd<std::net::TcpStream>;
-
-pub(crate) fn into_fd(s: TcpStream) -> io::Result<Sock> {
-    // SAFETY: the std TcpStream owns its fd for as long as the AsyncFd lives
-    // and always reports that same fd.
-    unsafe { AsyncFd::register(s.into_std()?) }.map_err(io::Error::from)
 }
 
 /// How an I/O error ends a session: a reset, or an error.

@@ -1,21 +1,35 @@
-//! The relay loop: opaque TCP connections (`protocol = "tcp"` targets),
-//! relayed by a thread of their own once the proxy has let them through.
+//! The relay loop: relayed connections, moved by a thread of their own
+//! once the proxy has let them through.
 //!
 //! Each data-plane worker owns one loop thread. The worker does the work
 //! that needs it (identity, policy, the upstream connect, recording) and
-//! then hands both sockets over; from there on every byte is moved by this
-//! thread's `epoll` loop, with no runtime, task or waker between a socket
-//! event and the system call that answers it. That path is what a request
-//! waits on, twice per round trip, and on a virtual machine it runs with
-//! cold caches after every wakeup: the shorter it is, the less latency the
-//! proxy adds. The loop reports each connection's end (bytes both ways,
-//! how it ended) back to the worker, which records it.
+//! then hands both sockets over as a [`Traffic`]: opaque TCP ([`relay`]) or
+//! PostgreSQL (`protocol::postgres::relay`, whose machines sit between the
+//! two sockets). From there on every byte is moved by this thread's
+//! `epoll` loop, with no runtime, task or waker between a socket event and
+//! the system call that answers it. That path is what a request waits on,
+//! twice per round trip, and on a virtual machine it runs with cold caches
+//! after every wakeup: the shorter it is, the less latency and CPU the
+//! proxy adds. Each connection reports its end (bytes both ways, how it
+//! ended) back to the worker, which records it.
 //!
 //! Small messages are copied through one 64 KiB buffer per loop (the
 //! cheapest path for request/response traffic; a connection holds memory
 //! only for bytes its peer has not yet taken). Once a read fills that
 //! buffer the stream is bulk, and the rest of that direction moves with
 //! `splice(2)` through a pipe, never entering userspace.
+//!
+//! Busy polling (`agent.busy_poll_us`, off by default). A request relayed
+//! to a server is usually answered within tens of microseconds. A loop
+//! that sleeps in the meantime pays for a wakeup to see the answer, and on
+//! virtual machines waking an idle CPU is the largest part of what a proxy
+//! adds to request/response latency. With a window set, the loop keeps
+//! calling `epoll_wait` without blocking for that long after it last read
+//! bytes, yielding the CPU (`sched_yield`) between rounds, so a runnable
+//! task on this CPU (the server being answered, say) runs first: the loop
+//! fills idle time rather than competing for busy time. The price is CPU
+//! time that monitoring will show (up to the window after every message
+//! read), and on burstable or shared machines idle time is not free.
 //!
 //! Semantics, as for every relayed connection: a FIN from one side becomes
 //! a FIN to the other while the reverse direction keeps flowing; an error
@@ -48,19 +62,62 @@ const COPY_BUF: usize = 64 * 1024;
 const BELL: u64 = u64::MAX;
 const UPSTREAM: u64 = 1;
 
-/// What the loop calls once with a connection's end.
+/// What the loop calls once with a TCP connection's end.
 pub type Done = Box<dyn FnOnce(Relayed) + Send>;
 
-struct Job {
-    client: TcpStream,
-    upstream: TcpStream,
-    done: Done,
+/// What a loop relays for one connection: its two sockets and what moves
+/// bytes between them. The loop owns it from [`RelayLoop::submit`] until
+/// [`Traffic::pump`] says it is over; dropping it closes the sockets.
+pub trait Traffic: Send {
+    /// The client's socket and the upstream one, both non-blocking.
+    fn sockets(&self) -> [RawFd; 2];
+    /// Moves what can move after `event` (`None`: nothing is known; look at
+    /// both sockets). Reports the connection's end itself, then says
+    /// [`Pumped::Over`].
+    fn pump(&mut self, event: Option<Event>, scratch: &mut [u8]) -> Pumped;
+    /// The loop cannot take it (stopped, or the sockets cannot be watched):
+    /// report that end.
+    fn refuse(self: Box<Self>, e: io::Error);
+}
+
+/// What epoll reported for one socket of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    /// The upstream socket (else the client's).
+    pub upstream: bool,
+    events: libc::c_int,
+}
+
+impl Event {
+    /// The peer ended its sending half, or the socket failed: reading will
+    /// say which, and no further event will.
+    pub fn ended(self) -> bool {
+        self.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0
+    }
+
+    /// Something to read: bytes, an end or an error.
+    pub fn input(self) -> bool {
+        self.ended() || self.events & libc::EPOLLIN != 0
+    }
+
+    /// Room to write.
+    pub fn room(self) -> bool {
+        self.events & (libc::EPOLLOUT | libc::EPOLLERR | libc::EPOLLHUP) != 0
+    }
+}
+
+/// How a connection stands after [`Traffic::pump`].
+pub enum Pumped {
+    /// Still open; `read`: bytes were read (busy polling counts from there).
+    Open { read: bool },
+    /// Over, and its end reported.
+    Over,
 }
 
 /// A running loop thread. Dropping it stops the thread; connections still
-/// open are closed and their `Done` is never called.
+/// open are closed without their end being reported.
 pub struct RelayLoop {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Box<dyn Traffic>>,
     bell: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -68,8 +125,8 @@ pub struct RelayLoop {
 
 impl RelayLoop {
     /// Starts a loop thread named `name`. With `busy_poll`, the thread keeps
-    /// polling (without sleeping) for that long after each read; see
-    /// [`crate::busy_poll`] for why and at what price.
+    /// polling (without sleeping) for that long after each read (see the
+    /// module's documentation for why, and at what price).
     pub fn start(name: String, busy_poll: Option<Duration>) -> io::Result<RelayLoop> {
         // SAFETY: plain eventfd(2); the fd is owned right below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -106,26 +163,11 @@ impl RelayLoop {
         })
     }
 
-    /// Hands a connection to the loop; `done` gets its end. Both sockets
-    /// must be non-blocking.
-    pub fn submit(&self, client: TcpStream, upstream: TcpStream, done: Done) {
-        let job = Job {
-            client,
-            upstream,
-            done,
-        };
-        match self.jobs.send(job) {
+    /// Hands a connection to the loop.
+    pub fn submit(&self, traffic: Box<dyn Traffic>) {
+        match self.jobs.send(traffic) {
             Ok(()) => ring(&self.bell),
-            Err(mpsc::SendError(job)) => {
-                reset(&job.client);
-                reset(&job.upstream);
-                (job.done)(Relayed {
-                    up: 0,
-                    down: 0,
-                    outcome: Outcome::Error,
-                    detail: Some("the relay loop has stopped".into()),
-                });
-            }
+            Err(mpsc::SendError(t)) => t.refuse(io::Error::other("the relay loop has stopped")),
         }
     }
 }
@@ -153,44 +195,52 @@ pub fn install(name: String, busy_poll: Option<Duration>) -> io::Result<()> {
     Ok(())
 }
 
-/// Relays `client` and `upstream` on this worker's loop (a loop of its own
-/// is started on first use where none was installed) until both directions
-/// end.
+/// Hands `traffic` to this worker's loop (a loop of its own is started on
+/// first use where none was installed).
+pub(crate) fn submit_here(traffic: Box<dyn Traffic>) {
+    LOOP.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() {
+            match RelayLoop::start("relay-loop".into(), None) {
+                Ok(l) => *slot = Some(l),
+                Err(e) => return traffic.refuse(e),
+            }
+        }
+        slot.as_ref().expect("set above").submit(traffic);
+    });
+}
+
+/// Relays `client` and `upstream` as opaque bytes on this worker's loop
+/// until both directions end.
 pub async fn relay(client: tokio::net::TcpStream, upstream: tokio::net::TcpStream) -> Relayed {
-    let failed = |e: io::Error| Relayed {
-        up: 0,
-        down: 0,
-        outcome: Outcome::Error,
-        detail: Some(e.to_string()),
-    };
     // Leaving the runtime keeps the sockets non-blocking.
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
         (Ok(c), Ok(u)) => (c, u),
         (Err(e), _) | (_, Err(e)) => return failed(e),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let done: Done = Box::new(move |r| {
-        let _ = tx.send(r);
-    });
-    let submitted = LOOP.with(|slot| -> io::Result<()> {
-        let mut slot = slot.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(RelayLoop::start("relay-loop".into(), None)?);
-        }
-        slot.as_ref()
-            .expect("set above")
-            .submit(client, upstream, done);
-        Ok(())
-    });
-    if let Err(e) = submitted {
-        return failed(e);
-    }
+    submit_here(Box::new(Tcp::new(
+        client,
+        upstream,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    )));
     rx.await.unwrap_or_else(|_| Relayed {
         up: 0,
         down: 0,
         outcome: Outcome::Interrupted,
         detail: Some("the relay loop stopped".into()),
     })
+}
+
+fn failed(e: io::Error) -> Relayed {
+    Relayed {
+        up: 0,
+        down: 0,
+        outcome: Outcome::Error,
+        detail: Some(e.to_string()),
+    }
 }
 
 /// `interceptor bench-relay`: relays every connection made to a free
@@ -221,7 +271,7 @@ pub fn bare(to: std::net::SocketAddr, threads: usize) -> io::Result<()> {
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
         }
-        loops[i % loops.len()].submit(client, upstream, Box::new(|_| {}));
+        loops[i % loops.len()].submit(Box::new(Tcp::new(client, upstream, Box::new(|_| {}))));
     }
     Ok(())
 }
@@ -236,7 +286,7 @@ fn ring(bell: &OwnedFd) {
 /// The loop thread's state.
 struct Loop {
     epoll: Epoll,
-    slots: Vec<Option<(Pair, Done)>>,
+    slots: Vec<Option<Box<dyn Traffic>>>,
     free: Vec<usize>,
     scratch: Box<[u8]>,
     busy_poll: Option<Duration>,
@@ -246,7 +296,7 @@ struct Loop {
 impl Loop {
     fn run(
         &mut self,
-        jobs: &mpsc::Receiver<Job>,
+        jobs: &mpsc::Receiver<Box<dyn Traffic>>,
         bell: &OwnedFd,
         stop: &AtomicBool,
     ) -> io::Result<()> {
@@ -267,8 +317,11 @@ impl Loop {
             for ev in &events[..n] {
                 let token = ev.u64;
                 if token != BELL {
-                    let events = ev.events as libc::c_int;
-                    self.pump((token >> 1) as usize, Some((token & UPSTREAM, events)));
+                    let event = Event {
+                        upstream: token & UPSTREAM != 0,
+                        events: ev.events as libc::c_int,
+                    };
+                    self.pump((token >> 1) as usize, Some(event));
                     continue;
                 }
                 let mut count = [0u8; 8];
@@ -284,120 +337,140 @@ impl Loop {
         }
     }
 
-    fn add(&mut self, job: Job) {
+    fn add(&mut self, traffic: Box<dyn Traffic>) {
+        let [client, upstream] = traffic.sockets();
+        let interest = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
         let token = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
         });
-        let interest = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
         let registered = self
             .epoll
-            .add(job.client.as_raw_fd(), (token as u64) << 1, interest)
+            .add(client, (token as u64) << 1, interest)
             .and_then(|()| {
-                self.epoll.add(
-                    job.upstream.as_raw_fd(),
-                    (token as u64) << 1 | UPSTREAM,
-                    interest,
-                )
+                self.epoll
+                    .add(upstream, (token as u64) << 1 | UPSTREAM, interest)
             });
-        let pair = Pair {
-            client: job.client,
-            upstream: job.upstream,
-            up: Direction::default(),
-            down: Direction::default(),
+        if let Err(e) = registered {
+            self.free.push(token);
+            // Its sockets close with it, which takes them out of epoll.
+            return traffic.refuse(e);
+        }
+        self.slots[token] = Some(traffic);
+        // Bytes may have come before the sockets were registered.
+        self.pump(token, None);
+    }
+
+    fn pump(&mut self, token: usize, event: Option<Event>) {
+        let Some(Some(traffic)) = self.slots.get_mut(token) else {
+            return; // over earlier in this batch of events
         };
-        self.slots[token] = Some((pair, job.done));
-        match registered {
-            // Bytes may have come before the sockets were registered.
-            Ok(()) => self.pump(token, None),
-            Err(e) => self.end(token, Err(e)),
+        match traffic.pump(event, &mut self.scratch) {
+            Pumped::Open { read } => {
+                if read && self.busy_poll.is_some() {
+                    self.last_read = Some(Instant::now());
+                }
+            }
+            Pumped::Over => {
+                // Dropping it closes its sockets (which leaves epoll).
+                self.slots[token] = None;
+                self.free.push(token);
+            }
+        }
+    }
+}
+
+/// An opaque TCP connection: bytes both ways, counted.
+struct Tcp {
+    pair: Pair,
+    done: Option<Done>,
+}
+
+impl Tcp {
+    fn new(client: TcpStream, upstream: TcpStream, done: Done) -> Tcp {
+        Tcp {
+            pair: Pair {
+                client,
+                upstream,
+                up: Direction::default(),
+                down: Direction::default(),
+            },
+            done: Some(done),
         }
     }
 
-    /// Moves what can move on connection `token` after `event` (which
-    /// socket, what it reported; `None`: look at both directions); ends the
-    /// connection when it is over.
-    fn pump(&mut self, token: usize, event: Option<(u64, libc::c_int)>) {
-        let Some(Some((pair, _))) = self.slots.get_mut(token) else {
-            return; // ended earlier in this batch of events
+    /// Reports the end; on an error both sides are reset.
+    fn end(&mut self, result: io::Result<()>) -> Pumped {
+        let (outcome, detail) = match result {
+            Ok(()) => (Outcome::Closed, None),
+            Err(e) => {
+                reset(&self.pair.client);
+                reset(&self.pair.upstream);
+                super::io_outcome(e)
+            }
         };
-        // Which directions run, and whether a short copy read may be taken
-        // to mean their source is drained. A direction runs when its source
-        // has something to say (bytes, an end, an error), or when its
-        // destination has room again and bytes wait for it: no system call
-        // is spent asking a quiet socket. A short read means drained (more
-        // bytes bring an event of their own) only where this very event
-        // came from the source and did not report its end: an end queued
-        // right behind the bytes brings no new event, nor do bytes that
-        // came while the direction was waiting for room.
+        if let Some(done) = self.done.take() {
+            done(Relayed {
+                up: self.pair.up.total,
+                down: self.pair.down.total,
+                outcome,
+                detail,
+            });
+        }
+        Pumped::Over
+    }
+}
+
+impl Traffic for Tcp {
+    fn sockets(&self) -> [RawFd; 2] {
+        [self.pair.client.as_raw_fd(), self.pair.upstream.as_raw_fd()]
+    }
+
+    /// Which directions run, and whether a short copy read may be taken to
+    /// mean their source is drained. A direction runs when its source has
+    /// something to say (bytes, an end, an error), or when its destination
+    /// has room again and bytes wait for it: no system call is spent asking
+    /// a quiet socket. A short read means drained (more bytes bring an
+    /// event of their own) only where this very event came from the source
+    /// and did not report its end: an end queued right behind the bytes
+    /// brings no new event, nor do bytes that came while the direction was
+    /// waiting for room.
+    fn pump(&mut self, event: Option<Event>, scratch: &mut [u8]) -> Pumped {
+        let pair = &mut self.pair;
         let (up, down) = match event {
             None => ((true, false), (true, false)),
-            Some((side, events)) => {
-                let ended = events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
-                let input = ended || events & libc::EPOLLIN != 0;
-                let room = events & libc::EPOLLOUT != 0;
-                if side == UPSTREAM {
-                    ((room && pair.up.waiting(), false), (input, !ended))
-                } else {
-                    ((input, !ended), (room && pair.down.waiting(), false))
-                }
-            }
+            Some(e) if e.upstream => (
+                (e.room() && pair.up.waiting(), false),
+                (e.input(), !e.ended()),
+            ),
+            Some(e) => (
+                (e.input(), !e.ended()),
+                (e.room() && pair.down.waiting(), false),
+            ),
         };
         let result = (|| {
             let mut read = false;
             if let (true, short_drains) = up {
-                read |= pair.up.pump(
-                    &pair.client,
-                    &pair.upstream,
-                    &mut self.scratch,
-                    short_drains,
-                )?;
+                read |= pair
+                    .up
+                    .pump(&pair.client, &pair.upstream, scratch, short_drains)?;
             }
             if let (true, short_drains) = down {
-                read |= pair.down.pump(
-                    &pair.upstream,
-                    &pair.client,
-                    &mut self.scratch,
-                    short_drains,
-                )?;
+                read |= pair
+                    .down
+                    .pump(&pair.upstream, &pair.client, scratch, short_drains)?;
             }
             Ok(read)
         })();
         match result {
-            Ok(read) => {
-                if read && self.busy_poll.is_some() {
-                    self.last_read = Some(Instant::now());
-                }
-                if pair.up.finished() && pair.down.finished() {
-                    self.end(token, Ok(()));
-                }
-            }
-            Err(e) => self.end(token, Err(e)),
+            Ok(_) if pair.up.finished() && pair.down.finished() => self.end(Ok(())),
+            Ok(read) => Pumped::Open { read },
+            Err(e) => self.end(Err(e)),
         }
     }
 
-    fn end(&mut self, token: usize, result: io::Result<()>) {
-        let Some((pair, done)) = self.slots[token].take() else {
-            return;
-        };
-        self.free.push(token);
-        let (outcome, detail) = match result {
-            Ok(()) => (Outcome::Closed, None),
-            Err(e) => {
-                reset(&pair.client);
-                reset(&pair.upstream);
-                super::io_outcome(e)
-            }
-        };
-        let (up, down) = (pair.up.total, pair.down.total);
-        // Dropping the pair closes both sockets (which leaves epoll).
-        drop(pair);
-        done(Relayed {
-            up,
-            down,
-            outcome,
-            detail,
-        });
+    fn refuse(mut self: Box<Self>, e: io::Error) {
+        self.end(Err(e));
     }
 }
 
@@ -832,7 +905,11 @@ mod tests {
             RelayLoop::start("relay-busy-test".into(), Some(Duration::from_millis(400))).unwrap();
         let (done, ended) = mpsc::channel();
         let (mut app, client, upstream, mut server) = std_pairs();
-        l.submit(client, upstream, Box::new(move |r| done.send(r).unwrap()));
+        l.submit(Box::new(Tcp::new(
+            client,
+            upstream,
+            Box::new(move |r| done.send(r).unwrap()),
+        )));
         // Idle (once it has taken the connection in): it sleeps in epoll_wait.
         std::thread::sleep(Duration::from_millis(50));
         assert!(

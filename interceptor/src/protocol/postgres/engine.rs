@@ -3,17 +3,15 @@
 //!
 //! A machine never touches a socket. It is handed what has arrived, takes
 //! every whole frame it can (or passes on what has come of a frame it does
-//! not inspect), and appends what must go out. So one connection costs one
-//! task that reads and writes its two sockets directly ([`relay`]), and
-//! the tests and fuzzers drive the very same machines from byte slices
-//! ([`frontend`], [`backend`]), in chunks that split frames anywhere.
+//! not inspect), and appends what must go out. So the agent's relay loop
+//! drives them straight from socket events ([`relay`]), and the tests and
+//! fuzzers drive the very same machines from byte slices ([`frontend`],
+//! [`backend`]), in chunks that split frames anywhere.
 
 use std::{
-    future::poll_fn,
     io::{self, Write},
     os::fd::AsRawFd,
     sync::Arc,
-    task::{ready, Context, Poll},
 };
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -21,6 +19,8 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
+
+use crate::proxy::relay_loop;
 
 use super::{
     be32, cstr, error_code, malformed, not_sql, parse_startup, refusal, startup_refusal,
@@ -480,9 +480,9 @@ const HIGH_WATER: usize = 256 * 1024;
 /// Free room a read asks for.
 const READ_ROOM: usize = 64 * 1024;
 
-/// One socket of a relayed connection.
+/// One socket of a relayed connection, with what epoll last said of it.
 struct Side {
-    fd: crate::proxy::Sock,
+    sock: std::net::TcpStream,
     /// Read from this side and not yet taken by its machine.
     input: BytesMut,
     /// To be written to this side.
@@ -493,76 +493,80 @@ struct Side {
     ended: bool,
     /// Our sending half to this side is shut down.
     shut: bool,
+    /// A read may find something (cleared by EAGAIN, or by a short read
+    /// unless the peer's end was reported: that brings no new event).
+    readable: bool,
+    /// The peer's end or an error was reported.
+    closing: bool,
+    /// A write may go through (cleared by EAGAIN).
+    writable: bool,
 }
 
 impl Side {
     fn new(s: TcpStream) -> io::Result<Side> {
         Ok(Side {
-            fd: crate::proxy::into_fd(s)?,
+            // Leaving the runtime keeps the socket non-blocking.
+            sock: s.into_std()?,
             input: BytesMut::with_capacity(READ_ROOM),
             out: BytesMut::new(),
             read: 0,
             ended: false,
             shut: false,
+            readable: true,
+            closing: false,
+            writable: true,
         })
     }
 
-    /// Reads once, unless this side has ended or its peer has
-    /// [`HIGH_WATER`] (`peer_unsent`) still to write. `Some(0)`: the end,
-    /// now marked; `None`: nothing read.
-    fn take(&mut self, cx: &mut Context<'_>, peer_unsent: usize) -> io::Result<Option<usize>> {
-        if self.ended || peer_unsent >= HIGH_WATER {
-            return Ok(None);
-        }
-        let Poll::Ready(n) = self.poll_read(cx) else {
-            return Ok(None);
-        };
-        let n = n?;
-        self.read += n as u64;
-        self.ended = n == 0;
-        Ok(Some(n))
+    /// Takes in what epoll reported for this socket.
+    fn saw(&mut self, e: relay_loop::Event) {
+        self.readable |= e.input();
+        self.closing |= e.ended();
+        self.writable |= e.room();
     }
 
-    /// Reads once. `Ready(0)`: the peer's end.
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Reads once, unless this side has ended, has nothing to read, or its
+    /// peer has [`HIGH_WATER`] (`peer_unsent`) still to write. `Some(0)`:
+    /// the end, now marked; `None`: nothing read.
+    fn take(&mut self, peer_unsent: usize) -> io::Result<Option<usize>> {
+        if self.ended || !self.readable || peer_unsent >= HIGH_WATER {
+            return Ok(None);
+        }
         // Keep the room at the front of one allocation: an emptied buffer
         // starts over from its beginning (a cheap reclaim), so a busy
         // connection keeps touching the same few cache lines.
         if self.input.is_empty() || self.input.capacity() - self.input.len() < READ_ROOM / 4 {
             self.input.reserve(READ_ROOM);
         }
-        loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let input = &mut self.input;
-            let room = input.capacity() - input.len();
-            match guard.try_io(|fd| read_into(fd.get_ref().as_raw_fd(), input)) {
-                Ok(Ok(n)) => {
-                    crate::busy_poll::activity();
-                    if n > 0 && n < room {
-                        // A short read drained the socket: no need to see
-                        // EAGAIN first (a later edge is still seen).
-                        guard.clear_ready();
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+        let room = self.input.capacity() - self.input.len();
+        let n = match read_into(self.sock.as_raw_fd(), &mut self.input) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.readable = false;
+                return Ok(None);
             }
+            Err(e) => return Err(e),
+        };
+        if n > 0 && n < room && !self.closing {
+            // A short read drained the socket: more bytes bring an event.
+            self.readable = false;
         }
+        self.read += n as u64;
+        self.ended = n == 0;
+        Ok(Some(n))
     }
 
-    /// Writes what it can of `out`. `Ready`: all of it is written.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.out.is_empty() {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            let out = &self.out;
-            match guard.try_io(|fd| fd.get_ref().write(out)) {
-                Ok(Ok(n)) => self.out.advance(n),
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+    /// Writes what it can of `out`.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() && self.writable {
+            match (&self.sock).write(&self.out) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) => return Err(e),
             }
         }
-        Poll::Ready(Ok(()))
+        Ok(())
     }
 
     /// Sends FIN once everything queued for this side is written.
@@ -571,7 +575,7 @@ impl Side {
             return Ok(());
         }
         self.shut = true;
-        crate::proxy::shutdown_write(self.fd.as_raw_fd())
+        crate::proxy::shutdown_write(self.sock.as_raw_fd())
     }
 }
 
@@ -589,37 +593,87 @@ fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// Relays one PostgreSQL connection: bytes from the client, bytes from the
-/// server, and how it ended. One task reads and writes both sockets
-/// directly; a side is not read while its peer has [`HIGH_WATER`] unsent.
-/// A clean end of one side is passed on as a FIN once what it sent is
-/// delivered; the first error ends both.
-pub async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-    state: &State,
-) -> (u64, u64, Result<(), PgError>) {
+/// What a relayed connection amounts to: bytes from the client, bytes from
+/// the server, and how it ended.
+pub type Relayed = (u64, u64, Result<(), PgError>);
+
+/// Relays one PostgreSQL connection on this worker's relay loop
+/// ([`relay_loop`]): every socket event is answered there, by the machines
+/// between the two sockets, with no runtime in between. A side is not read
+/// while its peer has [`HIGH_WATER`] unsent. A clean end of one side is
+/// passed on as a FIN once what it sent is delivered; the first error ends
+/// both.
+pub async fn relay(client: TcpStream, upstream: TcpStream, state: Arc<State>) -> Relayed {
     let (client, server) = match (Side::new(client), Side::new(upstream)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => return (0, 0, Err(e.into())),
     };
-    let mut conn = Conn {
-        client,
-        server,
-        front: Frontend::default(),
-        back: Backend::default(),
-    };
-    let result = poll_fn(|cx| {
-        let r = conn.step(cx, state);
-        if let Poll::Ready(Err(_)) = &r {
+    let (done, ended) = tokio::sync::oneshot::channel();
+    relay_loop::submit_here(Box::new(Postgres {
+        conn: Conn {
+            client,
+            server,
+            front: Frontend::default(),
+            back: Backend::default(),
+        },
+        state,
+        done: Some(done),
+    }));
+    ended.await.unwrap_or_else(|_| {
+        let stopped = io::Error::new(io::ErrorKind::Interrupted, "the relay loop stopped");
+        (0, 0, Err(stopped.into()))
+    })
+}
+
+/// A PostgreSQL connection as the relay loop sees it.
+struct Postgres {
+    conn: Conn,
+    state: Arc<State>,
+    done: Option<tokio::sync::oneshot::Sender<Relayed>>,
+}
+
+impl Postgres {
+    fn end(&mut self, result: Result<(), PgError>) -> relay_loop::Pumped {
+        if result.is_err() {
             // The agent's last word to the client (a refused login) goes
             // out if the socket takes it now.
-            let _ = conn.client.fd.get_ref().write(&conn.client.out);
+            let _ = (&self.conn.client.sock).write(&self.conn.client.out);
         }
-        r
-    })
-    .await;
-    (conn.client.read, conn.server.read, result)
+        if let Some(done) = self.done.take() {
+            let _ = done.send((self.conn.client.read, self.conn.server.read, result));
+        }
+        relay_loop::Pumped::Over
+    }
+}
+
+impl relay_loop::Traffic for Postgres {
+    fn sockets(&self) -> [std::os::fd::RawFd; 2] {
+        [
+            self.conn.client.sock.as_raw_fd(),
+            self.conn.server.sock.as_raw_fd(),
+        ]
+    }
+
+    fn pump(&mut self, event: Option<relay_loop::Event>, _: &mut [u8]) -> relay_loop::Pumped {
+        let c = &mut self.conn;
+        match event {
+            Some(e) if e.upstream => c.server.saw(e),
+            Some(e) => c.client.saw(e),
+            None => {}
+        }
+        let before = c.client.read + c.server.read;
+        match c.step(&self.state) {
+            Ok(false) => relay_loop::Pumped::Open {
+                read: c.client.read + c.server.read > before,
+            },
+            Ok(true) => self.end(Ok(())),
+            Err(e) => self.end(Err(e)),
+        }
+    }
+
+    fn refuse(mut self: Box<Self>, e: io::Error) {
+        self.end(Err(e.into()));
+    }
 }
 
 /// One relayed connection: its two sockets and the machines between them.
@@ -631,8 +685,8 @@ struct Conn {
 }
 
 impl Conn {
-    /// Moves everything that can move; `Ready` when both sides have ended.
-    fn step(&mut self, cx: &mut Context<'_>, state: &State) -> Poll<Result<(), PgError>> {
+    /// Moves everything that can move; `true` when both sides have ended.
+    fn step(&mut self, state: &State) -> Result<bool, PgError> {
         let Conn {
             client: c,
             server: s,
@@ -640,19 +694,15 @@ impl Conn {
             back,
         } = self;
         loop {
-            if let Poll::Ready(r) = s.poll_flush(cx) {
-                r?;
-            }
-            if let Poll::Ready(r) = c.poll_flush(cx) {
-                r?;
-            }
-            let from_client = c.take(cx, s.out.len())?;
+            s.flush()?;
+            c.flush()?;
+            let from_client = c.take(s.out.len())?;
             match from_client {
                 Some(0) => front.eof(&c.input, state)?,
                 Some(_) => front.feed(&mut c.input, &mut s.out, &mut c.out, state)?,
                 None => {}
             }
-            let from_server = s.take(cx, c.out.len())?;
+            let from_server = s.take(c.out.len())?;
             match from_server {
                 Some(0) => back.eof(&s.input)?,
                 Some(_) => back.feed(&mut s.input, &mut c.out, state)?,
@@ -665,10 +715,10 @@ impl Conn {
                 c.shut_when_flushed()?;
             }
             if c.ended && s.ended && c.shut && s.shut {
-                return Poll::Ready(Ok(()));
+                return Ok(true);
             }
             if from_client.is_none() && from_server.is_none() {
-                return Poll::Pending;
+                return Ok(false);
             }
         }
     }
@@ -688,8 +738,7 @@ mod tests {
     async fn a_client_that_stops_reading_holds_the_server_back() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let state = State::default();
-        let relayed = relay(proxy_client, proxy_upstream, &state);
+        let relayed = relay(proxy_client, proxy_upstream, Arc::new(State::default()));
         let flow = async {
             let startup = b"\0\0\0\x09\0\x03\0\0\0";
             app.write_all(startup).await.unwrap();
