@@ -138,8 +138,8 @@ impl Proxy {
                 std::thread::Builder::new()
                     .name(format!("data-plane-{i}"))
                     .spawn(move || {
-                        // Opaque TCP connections are relayed by this
-                        // worker's own loop thread.
+                        // Connections are relayed by this worker's own
+                        // loop thread.
                         if let Err(e) = relay_loop::install(format!("relay-loop-{i}"), busy_poll) {
                             warn!(error = %e, "no relay loop; connections start one on first use");
                         }

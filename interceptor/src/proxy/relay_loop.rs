@@ -382,19 +382,20 @@ impl Loop {
 
 /// An opaque TCP connection: bytes both ways, counted.
 struct Tcp {
-    pair: Pair,
+    client: TcpStream,
+    upstream: TcpStream,
+    up: Direction,
+    down: Direction,
     done: Option<Done>,
 }
 
 impl Tcp {
     fn new(client: TcpStream, upstream: TcpStream, done: Done) -> Tcp {
         Tcp {
-            pair: Pair {
-                client,
-                upstream,
-                up: Direction::default(),
-                down: Direction::default(),
-            },
+            client,
+            upstream,
+            up: Direction::default(),
+            down: Direction::default(),
             done: Some(done),
         }
     }
@@ -404,15 +405,15 @@ impl Tcp {
         let (outcome, detail) = match result {
             Ok(()) => (Outcome::Closed, None),
             Err(e) => {
-                reset(&self.pair.client);
-                reset(&self.pair.upstream);
+                reset(&self.client);
+                reset(&self.upstream);
                 super::io_outcome(e)
             }
         };
         if let Some(done) = self.done.take() {
             done(Relayed {
-                up: self.pair.up.total,
-                down: self.pair.down.total,
+                up: self.up.total,
+                down: self.down.total,
                 outcome,
                 detail,
             });
@@ -423,7 +424,7 @@ impl Tcp {
 
 impl Traffic for Tcp {
     fn sockets(&self) -> [RawFd; 2] {
-        [self.pair.client.as_raw_fd(), self.pair.upstream.as_raw_fd()]
+        [self.client.as_raw_fd(), self.upstream.as_raw_fd()]
     }
 
     /// Which directions run, and whether a short copy read may be taken to
@@ -436,34 +437,35 @@ impl Traffic for Tcp {
     /// brings no new event, nor do bytes that came while the direction was
     /// waiting for room.
     fn pump(&mut self, event: Option<Event>, scratch: &mut [u8]) -> Pumped {
-        let pair = &mut self.pair;
+        // Per direction: `None` if it does not run, else whether a short
+        // read means drained.
         let (up, down) = match event {
-            None => ((true, false), (true, false)),
+            None => (Some(false), Some(false)),
             Some(e) if e.upstream => (
-                (e.room() && pair.up.waiting(), false),
-                (e.input(), !e.ended()),
+                (e.room() && self.up.waiting()).then_some(false),
+                e.input().then_some(!e.ended()),
             ),
             Some(e) => (
-                (e.input(), !e.ended()),
-                (e.room() && pair.down.waiting(), false),
+                e.input().then_some(!e.ended()),
+                (e.room() && self.down.waiting()).then_some(false),
             ),
         };
         let result = (|| {
             let mut read = false;
-            if let (true, short_drains) = up {
-                read |= pair
+            if let Some(short_drains) = up {
+                read |= self
                     .up
-                    .pump(&pair.client, &pair.upstream, scratch, short_drains)?;
+                    .pump(&self.client, &self.upstream, scratch, short_drains)?;
             }
-            if let (true, short_drains) = down {
-                read |= pair
+            if let Some(short_drains) = down {
+                read |= self
                     .down
-                    .pump(&pair.upstream, &pair.client, scratch, short_drains)?;
+                    .pump(&self.upstream, &self.client, scratch, short_drains)?;
             }
             Ok(read)
         })();
         match result {
-            Ok(_) if pair.up.finished() && pair.down.finished() => self.end(Ok(())),
+            Ok(_) if self.up.finished() && self.down.finished() => self.end(Ok(())),
             Ok(read) => Pumped::Open { read },
             Err(e) => self.end(Err(e)),
         }
@@ -472,14 +474,6 @@ impl Traffic for Tcp {
     fn refuse(mut self: Box<Self>, e: io::Error) {
         self.end(Err(e));
     }
-}
-
-/// Both directions of one relayed connection.
-struct Pair {
-    client: TcpStream,
-    upstream: TcpStream,
-    up: Direction,
-    down: Direction,
 }
 
 /// One direction: bytes read but not yet written (in `pending` or the
@@ -586,7 +580,7 @@ impl Direction {
 }
 
 /// A write or splice out that moved nothing (it would spin): an error.
-fn moved(n: usize) -> io::Result<usize> {
+pub(crate) fn moved(n: usize) -> io::Result<usize> {
     if n == 0 {
         Err(io::ErrorKind::WriteZero.into())
     } else {
@@ -596,7 +590,7 @@ fn moved(n: usize) -> io::Result<usize> {
 
 /// `None` where the call would block: that ends a pump round (epoll is
 /// edge-triggered, and the next edge resumes it).
-fn ready(r: io::Result<usize>) -> io::Result<Option<usize>> {
+pub(crate) fn ready(r: io::Result<usize>) -> io::Result<Option<usize>> {
     match r {
         Ok(n) => Ok(Some(n)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),

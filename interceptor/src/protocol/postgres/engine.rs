@@ -539,13 +539,9 @@ impl Side {
             self.input.reserve(READ_ROOM);
         }
         let room = self.input.capacity() - self.input.len();
-        let n = match read_into(self.sock.as_raw_fd(), &mut self.input) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.readable = false;
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
+        let Some(n) = relay_loop::ready(read_into(self.sock.as_raw_fd(), &mut self.input))? else {
+            self.readable = false;
+            return Ok(None);
         };
         if n > 0 && n < room && !self.closing {
             // A short read drained the socket: more bytes bring an event.
@@ -559,11 +555,9 @@ impl Side {
     /// Writes what it can of `out`.
     fn flush(&mut self) -> io::Result<()> {
         while !self.out.is_empty() && self.writable {
-            match (&self.sock).write(&self.out) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) => return Err(e),
+            match relay_loop::ready((&self.sock).write(&self.out).and_then(relay_loop::moved))? {
+                Some(n) => self.out.advance(n),
+                None => self.writable = false,
             }
         }
         Ok(())
