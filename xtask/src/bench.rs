@@ -39,11 +39,11 @@ const CONNECTS: u64 = 2000;
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("l4") => {
-            let (tuning, loads) = tuning(&args[1..])?;
+            let (tuning, loads) = Tuning::parse(&args[1..])?;
             l4(&tuning, &loads)
         }
         Some("postgres") => {
-            let (tuning, rest) = tuning(&args[1..])?;
+            let (tuning, rest) = Tuning::parse(&args[1..])?;
             if !rest.is_empty() {
                 bail!("bench postgres takes no loads (got {rest:?})");
             }
@@ -52,45 +52,71 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("client") => client(&args[1..]),
         Some("server") => server(),
         _ => bail!(
-            "usage: cargo xtask bench <l4 [--busy-poll-us N] [LOAD…] | postgres [--busy-poll-us N]>"
+            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS]> \
+             (SETTINGS: --busy-poll-us N, --workers N)"
         ),
     }
 }
 
-/// Agent settings a bench run asks for (`--busy-poll-us N`), as lines of
-/// its `[agent]` section, and the other arguments.
-fn tuning(args: &[String]) -> Result<(String, Vec<String>)> {
-    let (mut tuning, mut rest) = (String::new(), Vec::new());
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--busy-poll-us" {
-            let us: u32 = it
-                .next()
-                .and_then(|v| v.parse().ok())
-                .context("--busy-poll-us needs a number of microseconds")?;
-            tuning.push_str(&format!("busy_poll_us = {us}\n"));
+/// Agent settings a bench run asks for (`--busy-poll-us N`, `--workers N`).
+#[derive(Default)]
+struct Tuning {
+    /// Lines of the agent's `[agent]` section.
+    lines: String,
+    /// Data-plane threads asked for; the bare relay gets as many loop threads.
+    workers: Option<usize>,
+}
+
+impl Tuning {
+    /// The bench arguments' settings, and the other arguments.
+    fn parse(args: &[String]) -> Result<(Tuning, Vec<String>)> {
+        let (mut t, mut rest) = (Tuning::default(), Vec::new());
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut number = |what: &str| -> Result<u32> {
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .with_context(|| format!("{a} needs {what}"))
+            };
+            match a.as_str() {
+                "--busy-poll-us" => {
+                    let us = number("a number of microseconds")?;
+                    t.lines.push_str(&format!("busy_poll_us = {us}\n"));
+                }
+                "--workers" => {
+                    let n = number("a number of threads (at least 1)")?;
+                    if n == 0 {
+                        bail!("--workers needs a number of threads (at least 1)");
+                    }
+                    t.lines.push_str(&format!("workers = {n}\n"));
+                    t.workers = Some(n as usize);
+                }
+                _ => rest.push(a.clone()),
+            }
+        }
+        Ok((t, rest))
+    }
+
+    /// Loop threads of the bare relay: as many as the agent's workers.
+    fn bare_threads(&self) -> usize {
+        self.workers.unwrap_or_else(default_workers)
+    }
+
+    /// The header line naming non-default agent settings, if any.
+    fn note(&self) -> String {
+        if self.lines.is_empty() {
+            String::new()
         } else {
-            rest.push(a.clone());
+            format!(
+                "agent settings: {}\n",
+                self.lines.trim_end().replace('\n', ", ")
+            )
         }
     }
-    Ok((tuning, rest))
 }
 
-/// The header line naming non-default agent settings, if any.
-fn tuning_note(tuning: &str) -> String {
-    if tuning.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "agent settings: {}\n",
-            tuning.trim_end().replace('\n', ", ")
-        )
-    }
-}
-
-/// `only`: names of loads to run (all when empty); `tuning`: extra lines
-/// of the agent's `[agent]` section.
-fn l4(tuning: &str, only: &[String]) -> Result<()> {
+/// `only`: names of loads to run (all when empty).
+fn l4(tuning: &Tuning, only: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
     crate::setup::run()?;
     let agent_bin = crate::agent::build(true)?;
@@ -117,7 +143,7 @@ fn l4(tuning: &str, only: &[String]) -> Result<()> {
     let config = bench_config(
         &dir,
         "interceptor-bench",
-        tuning,
+        &tuning.lines,
         &format!(
             "[[target]]\nname = \"echo\"\naddresses = [\"127.0.0.1:{echo}\"]\n\
              [[target]]\nname = \"sink\"\naddresses = [\"127.0.0.1:{sink}\"]\n"
@@ -126,7 +152,7 @@ fn l4(tuning: &str, only: &[String]) -> Result<()> {
     let result = (|| -> Result<()> {
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
         // The agent's relay loop alone: what relaying costs here, before the agent's own work.
-        let bare = Relays::bare(&agent_bin, &[echo, sink])?;
+        let bare = Relays::bare(&agent_bin, &[echo, sink], tuning.bare_threads())?;
         // socat: a common general-purpose relay, for scale.
         let socat = Relays::socat(&[echo, sink]);
         println!(
@@ -134,8 +160,8 @@ fn l4(tuning: &str, only: &[String]) -> Result<()> {
              socat (release build, same run, median of {ROUNDS} alternating rounds)\n\
              bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
              and nothing else (no eBPF, identity, policy, recording)\n{}",
-            bare_threads(),
-            tuning_note(tuning)
+            tuning.bare_threads(),
+            tuning.note()
         );
         let loads: [(&str, Vec<String>); 5] = [
             ("rr", vec![format!("127.0.0.1:{echo}")]),
@@ -217,15 +243,14 @@ impl Relays {
     }
 
     /// The bare relay (`interceptor bench-relay`), one process per server,
-    /// with [`bare_threads`] threads.
-    fn bare(agent_bin: &Path, servers: &[u16]) -> Result<Relays> {
+    /// with `threads` loop threads.
+    fn bare(agent_bin: &Path, servers: &[u16], threads: usize) -> Result<Relays> {
         let mut r = Relays {
             children: Vec::new(),
             ports: Vec::new(),
         };
         for &port in servers {
-            let (child, listen) =
-                bare_relay(agent_bin, &format!("127.0.0.1:{port}"), bare_threads())?;
+            let (child, listen) = bare_relay(agent_bin, &format!("127.0.0.1:{port}"), threads)?;
             r.children.push(child);
             r.ports.push((port, listen));
         }
@@ -258,7 +283,7 @@ impl Drop for Relays {
 }
 
 /// A loop thread per CPU, as the agent has by default (one per worker).
-fn bare_threads() -> usize {
+fn default_workers() -> usize {
     thread::available_parallelism().map_or(1, usize::from)
 }
 
@@ -651,7 +676,7 @@ const PG_SECS: u32 = 5;
 /// `cargo xtask bench postgres`: pgbench `-S` in every query mode at 1 and 8
 /// clients, directly, through the agent (statements recorded) and through
 /// pgbouncer in session mode, in one run.
-fn postgres(tuning: &str) -> Result<()> {
+fn postgres(tuning: &Tuning) -> Result<()> {
     require_root("cargo xtask bench")?;
     crate::setup::run()?;
     let agent_bin = crate::agent::build(true)?;
@@ -667,11 +692,11 @@ fn postgres(tuning: &str) -> Result<()> {
                 .stderr(Stdio::null()),
         )?;
         let bouncer = Pgbouncer::start(&dir.join("bouncer"), db.port)?;
-        let bare = Relays::bare(&agent_bin, &[db.port])?;
+        let bare = Relays::bare(&agent_bin, &[db.port], tuning.bare_threads())?;
         let config = bench_config(
             &dir,
             "interceptor-pgbench",
-            tuning,
+            &tuning.lines,
             &format!(
                 "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
                 db.port
@@ -686,8 +711,8 @@ fn postgres(tuning: &str) -> Result<()> {
              tps, its ratio to direct, and the proxy's own CPU time per transaction (all its threads)\n\
              bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
              moving bytes and nothing else (what relaying alone costs here)\n{}",
-            bare_threads(),
-            tuning_note(tuning)
+            tuning.bare_threads(),
+            tuning.note()
         );
         println!(
             "{:<22} {:>10} | {:>28} | {:>28} | {:>28}",
@@ -927,7 +952,11 @@ impl Pgbouncer {
 
 impl Drop for Pgbouncer {
     fn drop(&mut self) {
-        let _ = Command::new("pkill").args(["-f", "pgbouncer.ini"]).status();
+        // This run's pgbouncer only (not others on the machine), then the
+        // `runuser` waiting for it (which passes SIGTERM on, if pgbouncer
+        // could not be found).
+        let pid = self.pid().unwrap_or(self.child.id());
+        let _ = Command::new("kill").arg(pid.to_string()).status();
         let _ = self.child.wait();
     }
 }

@@ -17,14 +17,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [--busy-poll-us N] [LOAD…] | bench postgres [--busy-poll-us N] | fuzz [SECONDS]>
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [SETTINGS] [LOAD…] | bench postgres [SETTINGS] | fuzz [SECONDS]>
 
   setup      install the eBPF toolchain (nightly rust-src, bpf-linker) and test packages
   test       setup, then every test: unit, in-process, privileged end-to-end, and 60 s of each fuzzer
   demo       run the agent with policies/demo.toml against a throw-away PostgreSQL
   bench l4 [LOAD…]  direct vs through the agent: rr, saturation, transactions, bulk, connect
   bench postgres    pgbench -S direct, through the agent, through pgbouncer
-                    (--busy-poll-us N: run the agent with agent.busy_poll_us = N)
+  SETTINGS          --busy-poll-us N: run the agent with agent.busy_poll_us = N
+                    --workers N: agent.workers = N (and N bare relay threads)
   fuzz [SECONDS]    coverage-guided fuzzing of the PostgreSQL relay, the SQL scanner and stored records (default 60 s each)";
 
 fn main() {
