@@ -55,6 +55,8 @@ pub struct Workers {
     senders: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
+    /// The relay loops the workers hand connections to.
+    loops: Arc<relay_loop::Loops>,
 }
 
 impl Workers {
@@ -65,12 +67,13 @@ impl Workers {
         }
     }
 
-    /// Stops the workers; their open connections end.
+    /// Stops the workers, then the relay loops; open connections end.
     pub fn stop(self) {
         drop(self.senders);
         for t in self.threads {
             let _ = t.join();
         }
+        drop(self.loops);
     }
 }
 
@@ -123,7 +126,7 @@ impl Proxy {
     pub fn start_workers(self: &Arc<Self>, n: usize) -> io::Result<Workers> {
         let mut senders = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
-        let busy_poll = self.config.agent.busy_poll();
+        let loops = relay_loop::Loops::start(n, self.config.agent.busy_poll())?;
         let mut ticks = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
@@ -134,15 +137,13 @@ impl Proxy {
             let recorder = self.recorder.clone();
             let tick = Arc::new(tokio::sync::Notify::new());
             ticks.push(tick.clone());
+            let loops = loops.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("data-plane-{i}"))
                     .spawn(move || {
-                        // Connections are relayed by this worker's own
-                        // loop thread.
-                        if let Err(e) = relay_loop::install(format!("relay-loop-{i}"), busy_poll) {
-                            warn!(error = %e, "no relay loop; connections start one on first use");
-                        }
+                        // Connections are relayed by the loop threads.
+                        relay_loop::install(loops);
                         rt.block_on(async move {
                             tokio::spawn(flush::run(recorder.clone(), tick));
                             while let Some((s, peer)) = rx.recv().await {
@@ -165,6 +166,7 @@ impl Proxy {
             senders,
             threads,
             next: AtomicUsize::new(0),
+            loops,
         })
     }
 

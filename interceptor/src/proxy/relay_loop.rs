@@ -41,7 +41,7 @@ use std::{
     net::TcpStream,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc, Arc,
     },
     thread::JoinHandle,
@@ -49,6 +49,10 @@ use std::{
 };
 
 use tracing::warn;
+
+mod pool;
+
+pub use pool::Loops;
 
 use super::{reset, shutdown_write, Relayed};
 use crate::record::Outcome;
@@ -114,12 +118,50 @@ pub enum Pumped {
     Over,
 }
 
+/// What a loop is asked to do.
+pub(crate) enum Job {
+    /// Relay this connection.
+    Relay(Box<dyn Traffic>),
+    /// Hand connections over to other loops, in turn: every other one
+    /// (`all` false) or all of them.
+    Shed { all: bool, to: Vec<Handle> },
+}
+
+/// Where a loop takes jobs from other threads.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    jobs: mpsc::Sender<Job>,
+    bell: Arc<OwnedFd>,
+}
+
+impl Handle {
+    /// Hands a connection to the loop.
+    pub(crate) fn submit(&self, traffic: Box<dyn Traffic>) {
+        if let Err(mpsc::SendError(Job::Relay(t))) = self.send(Job::Relay(traffic)) {
+            t.refuse(io::Error::other("the relay loop has stopped"));
+        }
+    }
+
+    fn send(&self, job: Job) -> Result<(), mpsc::SendError<Job>> {
+        self.jobs.send(job)?;
+        ring(&self.bell);
+        Ok(())
+    }
+
+    /// Asks the loop to hand connections over to `to` (see [`Job::Shed`]).
+    pub(crate) fn shed(&self, all: bool, to: Vec<Handle>) {
+        // A loop that has stopped has nothing left to hand over.
+        let _ = self.send(Job::Shed { all, to });
+    }
+}
+
 /// A running loop thread. Dropping it stops the thread; connections still
 /// open are closed without their end being reported.
 pub struct RelayLoop {
-    jobs: mpsc::Sender<Box<dyn Traffic>>,
-    bell: Arc<OwnedFd>,
+    handle: Handle,
     stop: Arc<AtomicBool>,
+    /// Connections it relays now.
+    open: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -139,13 +181,15 @@ impl RelayLoop {
         epoll.add(bell.as_raw_fd(), BELL, libc::EPOLLIN | libc::EPOLLET)?;
         let (jobs, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(AtomicUsize::new(0));
         let thread = {
-            let (bell, stop) = (bell.clone(), stop.clone());
+            let (bell, stop, open) = (bell.clone(), stop.clone(), open.clone());
             std::thread::Builder::new().name(name).spawn(move || {
                 let mut l = Loop {
                     epoll,
                     slots: Vec::new(),
                     free: Vec::new(),
+                    open,
                     scratch: vec![0; COPY_BUF].into_boxed_slice(),
                     busy_poll,
                     last_read: None,
@@ -156,26 +200,53 @@ impl RelayLoop {
             })?
         };
         Ok(RelayLoop {
-            jobs,
-            bell,
+            handle: Handle { jobs, bell },
             stop,
+            open,
             thread: Some(thread),
         })
     }
 
     /// Hands a connection to the loop.
     pub fn submit(&self, traffic: Box<dyn Traffic>) {
-        match self.jobs.send(traffic) {
-            Ok(()) => ring(&self.bell),
-            Err(mpsc::SendError(t)) => t.refuse(io::Error::other("the relay loop has stopped")),
+        self.handle.submit(traffic);
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// How many connections the loop relays now.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// CPU time the loop thread has used so far (user and system).
+    pub(crate) fn cpu_time(&self) -> Option<Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        let thread = self.thread.as_ref()?.as_pthread_t();
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `thread` is a live thread (joined only on drop); the
+        // clock id is written into a local.
+        if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } != 0 {
+            return None;
         }
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: reads a clock into a local timespec.
+        if unsafe { libc::clock_gettime(clock, &mut t) } != 0 {
+            return None;
+        }
+        Some(Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
     }
 }
 
 impl Drop for RelayLoop {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        ring(&self.bell);
+        ring(&self.handle.bell);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -183,25 +254,23 @@ impl Drop for RelayLoop {
 }
 
 thread_local! {
-    /// This data-plane worker's loop.
-    static LOOP: RefCell<Option<RelayLoop>> = const { RefCell::new(None) };
+    /// The loops this data-plane worker hands connections to.
+    static LOOPS: RefCell<Option<Arc<Loops>>> = const { RefCell::new(None) };
 }
 
-/// Gives the calling thread (a data-plane worker) its loop; it stops when
-/// the thread ends.
-pub fn install(name: String, busy_poll: Option<Duration>) -> io::Result<()> {
-    let l = RelayLoop::start(name, busy_poll)?;
-    LOOP.with(|slot| *slot.borrow_mut() = Some(l));
-    Ok(())
+/// Gives the calling thread (a data-plane worker) the loops it hands
+/// connections to.
+pub fn install(loops: Arc<Loops>) {
+    LOOPS.with(|slot| *slot.borrow_mut() = Some(loops));
 }
 
-/// Hands `traffic` to this worker's loop (a loop of its own is started on
-/// first use where none was installed).
+/// Hands `traffic` to this worker's loops (a loop of its own is started
+/// on first use where none were installed).
 pub(crate) fn submit_here(traffic: Box<dyn Traffic>) {
-    LOOP.with(|slot| {
+    LOOPS.with(|slot| {
         let mut slot = slot.borrow_mut();
         if slot.is_none() {
-            match RelayLoop::start("relay-loop".into(), None) {
+            match Loops::start(1, None) {
                 Ok(l) => *slot = Some(l),
                 Err(e) => return traffic.refuse(e),
             }
@@ -244,18 +313,16 @@ fn failed(e: io::Error) -> Relayed {
 }
 
 /// `interceptor bench-relay`: relays every connection made to a free
-/// loopback port (printed on stdout) to `to` on `threads` loops, round
-/// robin, with nothing else around it. Benchmarks run it beside the agent
+/// loopback port (printed on stdout) to `to` on `threads` loops, balanced
+/// as the agent's are, with nothing else around it. Benchmarks run it beside the agent
 /// to show what of a figure is the relaying itself. Runs until killed.
 pub fn bare(to: std::net::SocketAddr, threads: usize) -> io::Result<()> {
     let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
     let mut out = io::stdout();
     writeln!(out, "{}", listener.local_addr()?.port())?;
     out.flush()?;
-    let loops = (0..threads.max(1))
-        .map(|i| RelayLoop::start(format!("relay-loop-{i}"), None))
-        .collect::<io::Result<Vec<_>>>()?;
-    for (i, client) in listener.incoming().enumerate() {
+    let loops = Loops::start(threads, None)?;
+    for client in listener.incoming() {
         let client = match client {
             Ok(c) => c,
             Err(e) => {
@@ -271,7 +338,7 @@ pub fn bare(to: std::net::SocketAddr, threads: usize) -> io::Result<()> {
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
         }
-        loops[i % loops.len()].submit(Box::new(Tcp::new(client, upstream, Box::new(|_| {}))));
+        loops.submit(Box::new(Tcp::new(client, upstream, Box::new(|_| {}))));
     }
     Ok(())
 }
@@ -288,6 +355,8 @@ struct Loop {
     epoll: Epoll,
     slots: Vec<Option<Box<dyn Traffic>>>,
     free: Vec<usize>,
+    /// Connections in `slots`, for the balancer.
+    open: Arc<AtomicUsize>,
     scratch: Box<[u8]>,
     busy_poll: Option<Duration>,
     last_read: Option<Instant>,
@@ -296,7 +365,7 @@ struct Loop {
 impl Loop {
     fn run(
         &mut self,
-        jobs: &mpsc::Receiver<Box<dyn Traffic>>,
+        jobs: &mpsc::Receiver<Job>,
         bell: &OwnedFd,
         stop: &AtomicBool,
     ) -> io::Result<()> {
@@ -331,7 +400,10 @@ impl Loop {
                     return Ok(());
                 }
                 while let Ok(job) = jobs.try_recv() {
-                    self.add(job);
+                    match job {
+                        Job::Relay(traffic) => self.add(traffic),
+                        Job::Shed { all, to } => self.shed(all, &to),
+                    }
                 }
             }
         }
@@ -357,8 +429,39 @@ impl Loop {
             return traffic.refuse(e);
         }
         self.slots[token] = Some(traffic);
-        // Bytes may have come before the sockets were registered.
+        self.open.fetch_add(1, Ordering::Relaxed);
+        // Bytes may have come before the sockets were registered (or while
+        // the connection moved here from another loop).
         self.pump(token, None);
+    }
+
+    /// Hands connections over to the loops of `to`, in turn: every other
+    /// one, or all. Each leaves this loop's epoll first; the loop it joins
+    /// looks at both its sockets (and epoll reports what is pending when
+    /// they are added), so nothing that arrived in between is missed.
+    fn shed(&mut self, all: bool, to: &[Handle]) {
+        if to.is_empty() {
+            return;
+        }
+        let (mut seen, mut moved) = (0, 0);
+        for token in 0..self.slots.len() {
+            if self.slots[token].is_none() {
+                continue;
+            }
+            seen += 1;
+            if !all && seen % 2 == 1 {
+                continue; // stays
+            }
+            let traffic = self.slots[token].take().expect("checked above");
+            for fd in traffic.sockets() {
+                // Fails only for a socket already closed, which is not watched.
+                let _ = self.epoll.delete(fd);
+            }
+            self.free.push(token);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            to[moved % to.len()].submit(traffic);
+            moved += 1;
+        }
     }
 
     fn pump(&mut self, token: usize, event: Option<Event>) {
@@ -375,6 +478,7 @@ impl Loop {
                 // Dropping it closes its sockets (which leaves epoll).
                 self.slots[token] = None;
                 self.free.push(token);
+                self.open.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -659,6 +763,15 @@ impl Epoll {
         };
         // SAFETY: both fds are open; ev lives across the call.
         if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn delete(&self, fd: RawFd) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: both fds are open (or EBADF is returned); ev lives across the call.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
