@@ -388,9 +388,11 @@ impl State {
         if masking {
             lock(&self.learned).learn(&c);
         }
-        let (action, rule) = match &decision {
-            Some(d) => (Some(d.action), Some(d.rule.clone())),
-            None => (None, None),
+        // The rule's name goes into the record; a refusal keeps a copy.
+        let (action, rule, refused) = match decision {
+            Some(d) if d.action == Action::Allow => (Some(d.action), Some(d.rule), None),
+            Some(d) => (Some(d.action), Some(d.rule.clone()), Some(d)),
+            None => (None, None, None),
         };
         let st = Statement {
             tables: c.tables.clone(),
@@ -399,7 +401,7 @@ impl State {
             ..Statement::new(kind, name, crate::redact::redact_sql(text), c.class)
         };
         self.batch().push(st, Some(c));
-        decision.filter(|d| d.action != Action::Allow)
+        refused
     }
 
     /// Classification of `text`, cached by its

@@ -41,7 +41,7 @@ use std::{
     net::TcpStream,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering},
         mpsc, Arc,
     },
     thread::JoinHandle,
@@ -112,8 +112,9 @@ impl Event {
 
 /// How a connection stands after [`Traffic::pump`].
 pub enum Pumped {
-    /// Still open; `read`: bytes were read (busy polling counts from there).
-    Open { read: bool },
+    /// Still open; `read`: bytes were read (busy polling counts from
+    /// there); `moved`: how many went through (the balancer's measure).
+    Open { read: bool, moved: u64 },
     /// Over, and its end reported.
     Over,
 }
@@ -162,6 +163,10 @@ pub struct RelayLoop {
     stop: Arc<AtomicBool>,
     /// Connections it relays now.
     open: Arc<AtomicUsize>,
+    /// Bytes its connections have moved so far.
+    moved: Arc<AtomicU64>,
+    /// The loop thread's id (0 until it has started).
+    tid: Arc<AtomicI32>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -182,14 +187,25 @@ impl RelayLoop {
         let (jobs, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let open = Arc::new(AtomicUsize::new(0));
+        let moved = Arc::new(AtomicU64::new(0));
+        let tid = Arc::new(AtomicI32::new(0));
         let thread = {
-            let (bell, stop, open) = (bell.clone(), stop.clone(), open.clone());
+            let (bell, stop, open, m, t) = (
+                bell.clone(),
+                stop.clone(),
+                open.clone(),
+                moved.clone(),
+                tid.clone(),
+            );
             std::thread::Builder::new().name(name).spawn(move || {
+                // SAFETY: gettid(2) takes no arguments and cannot fail.
+                t.store(unsafe { libc::gettid() }, Ordering::Relaxed);
                 let mut l = Loop {
                     epoll,
                     slots: Vec::new(),
                     free: Vec::new(),
                     open,
+                    moved: m,
                     scratch: vec![0; COPY_BUF].into_boxed_slice(),
                     busy_poll,
                     last_read: None,
@@ -203,6 +219,8 @@ impl RelayLoop {
             handle: Handle { jobs, bell },
             stop,
             open,
+            moved,
+            tid,
             thread: Some(thread),
         })
     }
@@ -219,6 +237,26 @@ impl RelayLoop {
     /// How many connections the loop relays now.
     pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Bytes its connections have moved so far.
+    pub(crate) fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+
+    /// Time the loop thread has been runnable so far: on a CPU, or waiting
+    /// for one (`schedstat`; `None` where the kernel does not keep it).
+    pub(crate) fn runnable_time(&self) -> Option<Duration> {
+        let tid = self.tid.load(Ordering::Relaxed);
+        if tid == 0 {
+            return None;
+        }
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+        let mut f = s.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(on_cpu)), Some(Ok(waiting))) = (f.next(), f.next()) else {
+            return None;
+        };
+        Some(Duration::from_nanos(on_cpu + waiting))
     }
 
     /// CPU time the loop thread has used so far (user and system).
@@ -357,6 +395,8 @@ struct Loop {
     free: Vec<usize>,
     /// Connections in `slots`, for the balancer.
     open: Arc<AtomicUsize>,
+    /// Bytes moved so far, for the balancer.
+    moved: Arc<AtomicU64>,
     scratch: Box<[u8]>,
     busy_poll: Option<Duration>,
     last_read: Option<Instant>,
@@ -469,7 +509,10 @@ impl Loop {
             return; // over earlier in this batch of events
         };
         match traffic.pump(event, &mut self.scratch) {
-            Pumped::Open { read } => {
+            Pumped::Open { read, moved } => {
+                if moved > 0 {
+                    self.moved.fetch_add(moved, Ordering::Relaxed);
+                }
                 if read && self.busy_poll.is_some() {
                     self.last_read = Some(Instant::now());
                 }
@@ -554,6 +597,7 @@ impl Traffic for Tcp {
                 (e.room() && self.down.waiting()).then_some(false),
             ),
         };
+        let before = self.up.total + self.down.total;
         let result = (|| {
             let mut read = false;
             if let Some(short_drains) = up {
@@ -570,7 +614,10 @@ impl Traffic for Tcp {
         })();
         match result {
             Ok(_) if self.up.finished() && self.down.finished() => self.end(Ok(())),
-            Ok(read) => Pumped::Open { read },
+            Ok(read) => Pumped::Open {
+                read,
+                moved: self.up.total + self.down.total - before,
+            },
             Err(e) => self.end(Err(e)),
         }
     }

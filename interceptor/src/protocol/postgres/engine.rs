@@ -117,9 +117,12 @@ impl Frontend {
         to_client: &mut BytesMut,
         state: &State,
     ) -> Result<(), PgError> {
+        // What policy says of this connection, once per read (a reload is
+        // seen at the next one).
+        let flags = state.policy_flags();
         while self.rest.drain(input, to_server) {
             let more = if self.typed {
-                self.message(input, to_server, state)?
+                self.message(input, to_server, state, flags)?
             } else {
                 self.startup(input, to_server, to_client, state)?
             };
@@ -216,6 +219,7 @@ impl Frontend {
         input: &mut BytesMut,
         to_server: &mut BytesMut,
         state: &State,
+        flags: super::Flags,
     ) -> Result<bool, PgError> {
         let Some((ty, total)) = header(input, "client")? else {
             return Ok(false);
@@ -227,7 +231,6 @@ impl Frontend {
                 format!("unknown message type {:?}", ty as char),
             ));
         }
-        let flags = state.policy_flags();
         let masking = flags.masking;
         let params = ty == b'B' && flags.record_parameters;
         if (masking && matches!(ty, b'B' | b'D' | b'E') || params) && total <= MAX_INSPECT {
@@ -326,6 +329,7 @@ impl Backend {
             input.clear();
             return Ok(());
         }
+        let masking = state.policy_flags().masking;
         while self.rest.drain(input, to_client) {
             let Some((ty, total)) = header(input, "server")? else {
                 break;
@@ -339,7 +343,7 @@ impl Backend {
                     continue;
                 }
             }
-            if matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') && state.policy_flags().masking {
+            if masking && matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') {
                 if total > MAX_INSPECT {
                     if ty == b'D' {
                         return Err(malformed(
@@ -657,9 +661,13 @@ impl relay_loop::Traffic for Postgres {
         }
         let before = c.client.read + c.server.read;
         match c.step(&self.state) {
-            Ok(false) => relay_loop::Pumped::Open {
-                read: c.client.read + c.server.read > before,
-            },
+            Ok(false) => {
+                let moved = c.client.read + c.server.read - before;
+                relay_loop::Pumped::Open {
+                    read: moved > 0,
+                    moved,
+                }
+            }
             Ok(true) => self.end(Ok(())),
             Err(e) => self.end(Err(e)),
         }

@@ -1,28 +1,34 @@
 //! The agent's relay loops, and how many of them carry connections.
 //!
-//! One loop thread per data-plane worker is started, but only as many carry
-//! connections as the load needs. A loop that is awake when an event comes
-//! answers it without a wakeup, and one loop handles many events per
-//! wakeup: for request/response traffic that shares the node's CPUs with
-//! the servers it talks to (a database on the same node), one busy loop
-//! costs less CPU per request than two half-idle ones. Streams and
-//! many-connection traffic that keep a loop busy need more of them.
+//! One loop thread per data-plane worker is started, but connections only
+//! go to as many as help. One loop handles many events per wakeup, and a
+//! loop that is awake when an event comes answers it without one: for
+//! request/response traffic that shares the node's CPUs with the servers
+//! it talks to (a database on the same node), one busy loop costs less CPU
+//! per request than two half-idle ones, and leaves the server more. Streams
+//! and many-connection traffic can need more loops. Which of the two a
+//! node's traffic is, only trying tells: so the balancer tries.
 //!
-//! So a balancer thread looks at the loops' own CPU time every
-//! [`Balance::every`]:
-//! - a loop that used more than [`Balance::spread_at`] of a CPU hands every
-//!   other connection to the next idle loop, which takes new connections
-//!   from then on too;
-//! - when the loops that take connections used so little that one fewer
-//!   would each stay under [`Balance::gather_below`], the last of them
+//! A balancer thread looks every [`Balance::every`] at how long each loop
+//! was runnable (on a CPU or waiting for one, from `schedstat`), the CPU
+//! time the loops used, and the bytes they moved:
+//! - when a loop that takes connections was runnable more than
+//!   [`Balance::busy_at`] of the time, one more loop is tried: the busiest
+//!   hands it every other connection, and it takes new ones too. If the
+//!   bytes moved per second did not grow by [`Balance::keep_gain`] within
+//!   a few looks, the trial loop hands its connections back, and the next
+//!   trial waits [`Balance::retry_after`] looks, twice as long after each
+//!   failed trial;
+//! - when the loops that take connections used together less CPU than
+//!   [`Balance::gather_below`] for every loop but one, the last of them
 //!   hands all its connections to the others and takes no new ones.
 //!
 //! A connection moves between loops as a whole, with what it holds, by
 //! leaving one loop's epoll and joining another's; nothing it has in flight
-//! is lost (see `Loop::shed`). Moves happen a few times a second at most,
-//! when the load changes.
+//! is lost (see `Loop::shed`). Moves happen a few times a second at most.
 
 use std::{
+    collections::VecDeque,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -40,22 +46,156 @@ use super::{RelayLoop, Traffic};
 pub struct Balance {
     /// How often it looks.
     pub every: Duration,
-    /// A loop that used more of a CPU than this shares its connections.
-    pub spread_at: f64,
-    /// Loops that used, together, less than this much of a CPU for each
-    /// loop but one, give up their last loop.
+    /// Share of the time a loop was runnable above which one more loop is tried.
+    pub busy_at: f64,
+    /// Growth of the bytes moved per second for which a trial loop is kept.
+    pub keep_gain: f64,
+    /// CPU (in CPUs) per loop but one under which the loops give up their last.
     pub gather_below: f64,
+    /// Looks between a trial that was given up and the next.
+    pub retry_after: u32,
 }
 
 impl Default for Balance {
     fn default() -> Balance {
         Balance {
             every: Duration::from_millis(100),
-            spread_at: 0.7,
-            // Below the spread threshold by a margin: what was gathered
-            // does not spread again at the next look.
-            gather_below: 0.5,
+            busy_at: 0.85,
+            keep_gain: 1.08,
+            gather_below: 0.3,
+            retry_after: 20,
         }
+    }
+}
+
+/// Looks before a trial whose bytes per second are its baseline.
+const BASELINE_LOOKS: usize = 3;
+/// Looks a trial is measured over (after one that lets it settle).
+const TRIAL_LOOKS: usize = 3;
+/// Most spread of the baseline's rates, against their mean, for a trial
+/// to start: a load that is still changing (connections starting, say)
+/// would make any trial look good or bad.
+const STEADY: f64 = 0.15;
+
+/// What the balancer saw at one look, over the time since the last.
+#[derive(Clone, Copy, Debug, Default)]
+struct Look {
+    /// The busiest loop that takes connections, the share of the time it
+    /// was runnable, and how many connections it has.
+    busiest: usize,
+    busy: f64,
+    busiest_open: usize,
+    /// CPUs the loops that take connections used, together.
+    cpu: f64,
+    /// Bytes all loops moved per second.
+    rate: f64,
+}
+
+/// What the balancer does after a look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Stay,
+    /// Take one more loop, with every other connection of this one.
+    Spread {
+        from: usize,
+    },
+    /// Give up the last loop that takes connections.
+    Gather,
+}
+
+/// The balancer's memory: recent rates, the trial under way, and when the
+/// next may start.
+struct Climber {
+    rates: VecDeque<f64>,
+    trial: Option<Trial>,
+    quiet_until: u64,
+    backoff: u64,
+}
+
+struct Trial {
+    baseline: f64,
+    started: u64,
+    rates: Vec<f64>,
+}
+
+fn mean(xs: impl ExactSizeIterator<Item = f64>) -> f64 {
+    let n = xs.len().max(1) as f64;
+    xs.sum::<f64>() / n
+}
+
+impl Climber {
+    fn new(b: &Balance) -> Climber {
+        Climber {
+            rates: VecDeque::new(),
+            trial: None,
+            quiet_until: 0,
+            backoff: b.retry_after.into(),
+        }
+    }
+
+    /// The last looks moved bytes at a steady rate.
+    fn steady(&self) -> bool {
+        if self.rates.len() < BASELINE_LOOKS {
+            return false;
+        }
+        let (lo, hi) = self
+            .rates
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        hi > 0.0 && hi - lo <= STEADY * mean(self.rates.iter().copied())
+    }
+
+    /// Look number `now` of `active` loops taking connections, of `n`.
+    fn step(&mut self, now: u64, active: usize, n: usize, look: &Look, b: &Balance) -> Step {
+        if let Some(t) = &mut self.trial {
+            if now > t.started + 1 {
+                t.rates.push(look.rate);
+            }
+            if t.rates.len() < TRIAL_LOOKS {
+                return Step::Stay;
+            }
+            let t = self.trial.take().expect("checked above");
+            self.rates.clear();
+            let rate = mean(t.rates.iter().copied());
+            let kept = rate >= t.baseline * b.keep_gain;
+            debug!(
+                kept,
+                baseline = t.baseline,
+                rate,
+                loops = active,
+                "relay loops: trial"
+            );
+            if kept {
+                self.backoff = b.retry_after.into();
+                self.quiet_until = now + self.backoff;
+                return Step::Stay;
+            }
+            self.quiet_until = now + self.backoff;
+            self.backoff = (self.backoff * 2).min(u64::from(b.retry_after) * 64);
+            return Step::Gather;
+        }
+        if active > 1 && look.cpu < b.gather_below * (active - 1) as f64 {
+            self.rates.clear();
+            return Step::Gather;
+        }
+        self.rates.push_back(look.rate);
+        if self.rates.len() > BASELINE_LOOKS {
+            self.rates.pop_front();
+        }
+        if active < n
+            && now >= self.quiet_until
+            && self.steady()
+            && look.busy > b.busy_at
+            && look.busiest_open > 1
+        {
+            self.trial = Some(Trial {
+                baseline: mean(self.rates.iter().copied()),
+                started: now,
+                rates: Vec::new(),
+            });
+            return Step::Spread { from: look.busiest };
+        }
+        Step::Stay
     }
 }
 
@@ -149,16 +289,30 @@ impl Drop for Loops {
     }
 }
 
-/// Looks at the loops' CPU time every `b.every` and moves connections
-/// (see the module's documentation), until `stop`.
+/// Counters of one loop at one moment.
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    runnable: Option<Duration>,
+    cpu: Duration,
+}
+
+/// Looks at the loops every `b.every` and moves connections (see the
+/// module's documentation), until `stop`.
 fn balancer(s: &Shared, b: Balance, stop: &AtomicBool) {
     let n = s.loops.len();
-    let cpu = |l: &RelayLoop| l.cpu_time().unwrap_or_default();
+    let counters = |l: &RelayLoop| Counters {
+        runnable: l.runnable_time(),
+        cpu: l.cpu_time().unwrap_or_default(),
+    };
+    let moved = || s.loops.iter().map(RelayLoop::moved).sum::<u64>();
     if s.loops.iter().any(|l| l.cpu_time().is_none()) {
-        warn!("relay loop CPU time cannot be read: connections stay on the first loop");
+        warn!("relay loop CPU time cannot be read: idle loops are not given up");
     }
-    let mut last: Vec<Duration> = s.loops.iter().map(cpu).collect();
+    let mut last: Vec<Counters> = s.loops.iter().map(counters).collect();
+    let mut last_moved = moved();
     let mut at = Instant::now();
+    let mut climber = Climber::new(&b);
+    let mut looks = 0u64;
     while !stop.load(Ordering::Acquire) {
         std::thread::park_timeout(b.every);
         let now = Instant::now();
@@ -167,14 +321,29 @@ fn balancer(s: &Shared, b: Balance, stop: &AtomicBool) {
             continue; // woken early (stopping, or spuriously)
         }
         at = now;
-        let used: Vec<Duration> = s.loops.iter().map(cpu).collect();
-        let load: Vec<f64> = used
-            .iter()
-            .zip(&last)
-            .map(|(u, l)| u.saturating_sub(*l).as_secs_f64() / wall)
-            .collect();
-        last = used;
+        looks += 1;
+        let c: Vec<Counters> = s.loops.iter().map(counters).collect();
+        let share = |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() / wall;
         let active = s.active.load(Ordering::Relaxed).clamp(1, n);
+        let mut look = Look::default();
+        for (i, (now, was)) in c.iter().zip(&last).enumerate().take(active) {
+            let cpu = share(now.cpu, was.cpu);
+            // Without schedstat, the CPU time stands in (it misses the
+            // time spent waiting for a CPU).
+            let busy = match (now.runnable, was.runnable) {
+                (Some(r), Some(w)) => share(r, w),
+                _ => cpu,
+            };
+            look.cpu += cpu;
+            if busy >= look.busy {
+                (look.busiest, look.busy) = (i, busy);
+            }
+        }
+        look.busiest_open = s.loops[look.busiest].open();
+        let m = moved();
+        look.rate = m.saturating_sub(last_moved) as f64 / wall;
+        (last, last_moved) = (c, m);
+
         let handles = |r: std::ops::Range<usize>| {
             s.loops[r]
                 .iter()
@@ -188,24 +357,26 @@ fn balancer(s: &Shared, b: Balance, stop: &AtomicBool) {
                 l.handle().shed(true, handles(0..active));
             }
         }
-        let (busiest, peak) = load[..active]
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, 0.0), |m, (i, x)| if x > m.1 { (i, x) } else { m });
-        let total: f64 = load[..active].iter().sum();
-        if active < n && peak > b.spread_at && s.loops[busiest].open() > 1 {
-            s.active.store(active + 1, Ordering::Relaxed);
-            s.loops[busiest]
-                .handle()
-                .shed(false, handles(active..active + 1));
-            debug!(loops = active + 1, load = peak, "relay loops: spread");
-        } else if active > 1 && total < b.gather_below * (active - 1) as f64 {
-            s.active.store(active - 1, Ordering::Relaxed);
-            s.loops[active - 1]
-                .handle()
-                .shed(true, handles(0..active - 1));
-            debug!(loops = active - 1, load = total, "relay loops: gathered");
+        match climber.step(looks, active, n, &look, &b) {
+            Step::Stay => {}
+            Step::Spread { from } => {
+                s.active.store(active + 1, Ordering::Relaxed);
+                s.loops[from]
+                    .handle()
+                    .shed(false, handles(active..active + 1));
+                debug!(
+                    loops = active + 1,
+                    busy = look.busy,
+                    "relay loops: one more tried"
+                );
+            }
+            Step::Gather => {
+                s.active.store(active - 1, Ordering::Relaxed);
+                s.loops[active - 1]
+                    .handle()
+                    .shed(true, handles(0..active - 1));
+                debug!(loops = active - 1, cpu = look.cpu, "relay loops: gathered");
+            }
         }
     }
 }
@@ -298,6 +469,131 @@ mod tests {
         }
     }
 
+    fn busy(rate: f64) -> Look {
+        Look {
+            busiest: 0,
+            busy: 0.95,
+            busiest_open: 8,
+            cpu: 0.6,
+            rate,
+        }
+    }
+
+    /// Feeds looks to a climber; what it did at each.
+    fn climb(c: &mut Climber, from: u64, active: &mut usize, looks: &[Look]) -> Vec<Step> {
+        let b = Balance::default();
+        looks
+            .iter()
+            .enumerate()
+            .map(|(i, look)| {
+                let step = c.step(from + i as u64, *active, 4, look, &b);
+                match step {
+                    Step::Spread { .. } => *active += 1,
+                    Step::Gather => *active -= 1,
+                    Step::Stay => {}
+                }
+                step
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_trial_loop_is_kept_only_if_more_bytes_move() {
+        use Step::*;
+        let mut c = Climber::new(&Balance::default());
+        let mut active = 1;
+        // Busy for three looks: one more loop is tried; the look after the
+        // move only settles; three looks at 20% more keep it.
+        let steps = climb(
+            &mut c,
+            1,
+            &mut active,
+            &[busy(100.0), busy(100.0), busy(100.0)],
+        );
+        assert_eq!(steps, [Stay, Stay, Spread { from: 0 }]);
+        let steps = climb(
+            &mut c,
+            4,
+            &mut active,
+            &[busy(50.0), busy(120.0), busy(120.0), busy(120.0)],
+        );
+        assert_eq!((steps, active), (vec![Stay, Stay, Stay, Stay], 2));
+        // The next trial waits `retry_after` looks, with its own baseline.
+        let steps = climb(&mut c, 8, &mut active, &vec![busy(120.0); 19]);
+        assert!(steps.iter().all(|s| *s == Stay), "{steps:?}");
+        assert_eq!(
+            climb(&mut c, 27, &mut active, &[busy(120.0)]),
+            [Spread { from: 0 }]
+        );
+        assert_eq!(active, 3);
+        // Bytes per second that grow less than `keep_gain` give it up.
+        let steps = climb(
+            &mut c,
+            28,
+            &mut active,
+            &[busy(0.0), busy(125.0), busy(125.0), busy(125.0)],
+        );
+        assert_eq!((steps, active), (vec![Stay, Stay, Stay, Gather], 2));
+        // The next trial waits `retry_after` looks; after another failure, twice that.
+        let steps = climb(&mut c, 32, &mut active, &vec![busy(120.0); 19]);
+        assert!(steps.iter().all(|s| *s == Stay), "{steps:?}");
+        assert_eq!(
+            climb(&mut c, 51, &mut active, &[busy(120.0)]),
+            [Spread { from: 0 }]
+        );
+        let steps = climb(
+            &mut c,
+            52,
+            &mut active,
+            &[busy(0.0), busy(100.0), busy(100.0), busy(100.0)],
+        );
+        assert_eq!((steps, active), (vec![Stay, Stay, Stay, Gather], 2));
+        let steps = climb(&mut c, 56, &mut active, &vec![busy(120.0); 39]);
+        assert!(steps.iter().all(|s| *s == Stay), "{steps:?}");
+        assert_eq!(
+            climb(&mut c, 95, &mut active, &[busy(120.0)]),
+            [Spread { from: 0 }]
+        );
+    }
+
+    #[test]
+    fn loops_that_are_not_busy_are_not_tried_and_idle_ones_are_given_up() {
+        let mut c = Climber::new(&Balance::default());
+        let mut active = 1;
+        let calm = Look {
+            busy: 0.5,
+            ..busy(100.0)
+        };
+        let steps = climb(&mut c, 1, &mut active, &vec![calm; 10]);
+        assert!(steps.iter().all(|s| *s == Step::Stay));
+        // Nor while the rate is still changing.
+        let steps = climb(
+            &mut c,
+            11,
+            &mut active,
+            &[busy(50.0), busy(80.0), busy(110.0)],
+        );
+        assert!(steps.iter().all(|s| *s == Step::Stay));
+        // One connection cannot be shared.
+        let alone = Look {
+            busiest_open: 1,
+            ..busy(100.0)
+        };
+        let steps = climb(&mut c, 11, &mut active, &vec![alone; 10]);
+        assert!(steps.iter().all(|s| *s == Step::Stay));
+        // Three loops that together use less than `gather_below` per loop
+        // but one give up one loop per look.
+        let mut active = 3;
+        let idle = Look {
+            cpu: 0.4,
+            busy: 0.1,
+            ..busy(1.0)
+        };
+        let steps = climb(&mut c, 21, &mut active, &[idle, idle, idle]);
+        assert_eq!(steps, [Step::Gather, Step::Stay, Step::Stay]);
+        assert_eq!(active, 2, "0.4 CPU needs two loops to stay under 0.3 each");
+    }
+
     /// Connections moved back and forth between two loops while they carry
     /// request/response traffic lose, reorder or repeat nothing, and end
     /// as they would have on one loop.
@@ -363,9 +659,12 @@ mod tests {
     fn a_busy_loop_spreads_and_idle_loops_gather() {
         let balance = Balance {
             every: Duration::from_millis(50),
-            // Low, so a busy loop on a slow test machine counts as busy.
-            spread_at: 0.2,
+            // Low, so a busy loop on a slow test machine counts as busy,
+            // and a trial is kept whatever the rate did.
+            busy_at: 0.2,
+            keep_gain: 0.0,
             gather_below: 0.02,
+            retry_after: 1,
         };
         let loops = Loops::with_balance(2, None, Some(balance)).unwrap();
         assert_eq!(loops.active(), 1);
