@@ -134,8 +134,9 @@ pub struct AgentSection {
     /// Time to wait for an upstream connect, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub upstream_connect_timeout_ms: u64,
-    /// Data-plane threads (default: one per CPU). Fewer leave more of the
-    /// node to the workloads; each connection stays on one thread.
+    /// Data-plane threads, and relay loops (default: one per CPU). Loops
+    /// carry connections only as the load needs (see
+    /// `proxy::relay_loop::Loops`); this is the most.
     #[serde(default)]
     pub workers: Option<std::num::NonZeroUsize>,
     /// Microseconds a data-plane thread keeps polling after it read bytes,

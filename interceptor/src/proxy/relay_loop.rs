@@ -1,11 +1,12 @@
 //! The relay loop: relayed connections, moved by a thread of their own
 //! once the proxy has let them through.
 //!
-//! Each data-plane worker owns one loop thread. The worker does the work
-//! that needs it (identity, policy, the upstream connect, recording) and
-//! then hands both sockets over as a [`Traffic`]: opaque TCP ([`relay`]) or
+//! A data-plane worker does the work that needs the agent (identity,
+//! policy, the upstream connect, recording) and then hands both sockets to
+//! a loop thread (as many as the load needs: see [`Loops`]) as a
+//! [`Traffic`]: opaque TCP ([`relay`]) or
 //! PostgreSQL (`protocol::postgres::relay`, whose machines sit between the
-//! two sockets). From there on every byte is moved by this thread's
+//! two sockets). From there on every byte is moved by that thread's
 //! `epoll` loop, with no runtime, task or waker between a socket event and
 //! the system call that answers it. That path is what a request waits on,
 //! twice per round trip, and on a virtual machine it runs with cold caches
