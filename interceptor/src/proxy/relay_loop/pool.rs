@@ -12,13 +12,16 @@
 //! A balancer thread looks every [`Balance::every`] at how long each loop
 //! was runnable (on a CPU or waiting for one, from `schedstat`), the CPU
 //! time the loops used, and the bytes they moved:
-//! - when a loop that takes connections was runnable more than
-//!   [`Balance::busy_at`] of the time, one more loop is tried: the busiest
-//!   hands it every other connection, and it takes new ones too. If the
-//!   bytes moved per second did not grow by [`Balance::keep_gain`] within
-//!   a few looks, the trial loop hands its connections back, and the next
-//!   trial waits [`Balance::retry_after`] looks, twice as long after each
-//!   failed trial;
+//! - once the bytes moved per second have been steady for a few looks,
+//!   a trial starts: of one more loop if a loop that takes connections
+//!   was runnable more than [`Balance::busy_at`] of the time (the busiest
+//!   hands the new loop every other connection, and it takes new ones
+//!   too), or of one fewer (the last hands all of its connections to the
+//!   others); where both are possible, trials alternate. One more loop is
+//!   kept if the bytes per second grew by [`Balance::keep_gain`] over the
+//!   next few looks, one fewer unless they fell by as much; otherwise the
+//!   move is undone. The next trial waits [`Balance::retry_after`] looks,
+//!   twice as long after each failed one;
 //! - when the loops that take connections used together less CPU than
 //!   [`Balance::gather_below`] for every loop but one, the last of them
 //!   hands all its connections to the others and takes no new ones.
@@ -61,7 +64,7 @@ impl Default for Balance {
         Balance {
             every: Duration::from_millis(100),
             busy_at: 0.85,
-            keep_gain: 1.08,
+            keep_gain: 1.1,
             gather_below: 0.3,
             retry_after: 20,
         }
@@ -69,13 +72,13 @@ impl Default for Balance {
 }
 
 /// Looks before a trial whose bytes per second are its baseline.
-const BASELINE_LOOKS: usize = 3;
+const BASELINE_LOOKS: usize = 5;
 /// Looks a trial is measured over (after one that lets it settle).
-const TRIAL_LOOKS: usize = 3;
+const TRIAL_LOOKS: usize = 4;
 /// Most spread of the baseline's rates, against their mean, for a trial
 /// to start: a load that is still changing (connections starting, say)
 /// would make any trial look good or bad.
-const STEADY: f64 = 0.15;
+const STEADY: f64 = 0.2;
 
 /// What the balancer saw at one look, over the time since the last.
 #[derive(Clone, Copy, Debug, Default)]
@@ -110,12 +113,16 @@ struct Climber {
     trial: Option<Trial>,
     quiet_until: u64,
     backoff: u64,
+    /// Where both are possible, the next trial is of one more loop.
+    next_spread: bool,
 }
 
+/// A trial of one more loop (`spread`) or one fewer.
 struct Trial {
     baseline: f64,
     started: u64,
     rates: Vec<f64>,
+    spread: bool,
 }
 
 fn mean(xs: impl ExactSizeIterator<Item = f64>) -> f64 {
@@ -130,6 +137,7 @@ impl Climber {
             trial: None,
             quiet_until: 0,
             backoff: b.retry_after.into(),
+            next_spread: true,
         }
     }
 
@@ -157,14 +165,22 @@ impl Climber {
             let t = self.trial.take().expect("checked above");
             self.rates.clear();
             let rate = mean(t.rates.iter().copied());
-            let kept = rate >= t.baseline * b.keep_gain;
+            // One more loop must earn its keep; one fewer is kept unless
+            // it clearly costs.
+            let kept = if t.spread {
+                rate >= t.baseline * b.keep_gain
+            } else {
+                rate * b.keep_gain >= t.baseline
+            };
             debug!(
                 kept,
+                spread = t.spread,
                 baseline = t.baseline,
                 rate,
-                loops = active,
                 "relay loops: trial"
             );
+            // The next trial goes the other way, where it can.
+            self.next_spread = !t.spread;
             if kept {
                 self.backoff = b.retry_after.into();
                 self.quiet_until = now + self.backoff;
@@ -172,7 +188,10 @@ impl Climber {
             }
             self.quiet_until = now + self.backoff;
             self.backoff = (self.backoff * 2).min(u64::from(b.retry_after) * 64);
-            return Step::Gather;
+            return match t.spread {
+                true => Step::Gather,
+                false => Step::Spread { from: look.busiest },
+            };
         }
         if active > 1 && look.cpu < b.gather_below * (active - 1) as f64 {
             self.rates.clear();
@@ -182,20 +201,26 @@ impl Climber {
         if self.rates.len() > BASELINE_LOOKS {
             self.rates.pop_front();
         }
-        if active < n
-            && now >= self.quiet_until
-            && self.steady()
-            && look.busy > b.busy_at
-            && look.busiest_open > 1
-        {
-            self.trial = Some(Trial {
-                baseline: mean(self.rates.iter().copied()),
-                started: now,
-                rates: Vec::new(),
-            });
-            return Step::Spread { from: look.busiest };
+        if now < self.quiet_until || !self.steady() {
+            return Step::Stay;
         }
-        Step::Stay
+        let can_spread = active < n && look.busy > b.busy_at && look.busiest_open > 1;
+        let can_gather = active > 1;
+        let spread = match (can_spread, can_gather) {
+            (false, false) => return Step::Stay,
+            (true, true) => self.next_spread,
+            (s, _) => s,
+        };
+        self.trial = Some(Trial {
+            baseline: mean(self.rates.iter().copied()),
+            started: now,
+            rates: Vec::new(),
+            spread,
+        });
+        match spread {
+            true => Step::Spread { from: look.busiest },
+            false => Step::Gather,
+        }
     }
 }
 
@@ -498,62 +523,57 @@ mod tests {
     }
 
     #[test]
-    fn a_trial_loop_is_kept_only_if_more_bytes_move() {
+    fn trials_keep_one_more_loop_only_if_more_bytes_move_and_one_fewer_unless_fewer_do() {
         use Step::*;
         let mut c = Climber::new(&Balance::default());
         let mut active = 1;
-        // Busy for three looks: one more loop is tried; the look after the
-        // move only settles; three looks at 20% more keep it.
-        let steps = climb(
-            &mut c,
-            1,
-            &mut active,
-            &[busy(100.0), busy(100.0), busy(100.0)],
-        );
-        assert_eq!(steps, [Stay, Stay, Spread { from: 0 }]);
-        let steps = climb(
-            &mut c,
-            4,
-            &mut active,
-            &[busy(50.0), busy(120.0), busy(120.0), busy(120.0)],
-        );
-        assert_eq!((steps, active), (vec![Stay, Stay, Stay, Stay], 2));
-        // The next trial waits `retry_after` looks, with its own baseline.
-        let steps = climb(&mut c, 8, &mut active, &vec![busy(120.0); 19]);
-        assert!(steps.iter().all(|s| *s == Stay), "{steps:?}");
+        let rate = |r: f64, k: usize| vec![busy(r); k];
+        // Busy at a steady rate for five looks: one more loop is tried;
+        // the look after the move only settles; four looks at 20% more keep it.
         assert_eq!(
-            climb(&mut c, 27, &mut active, &[busy(120.0)]),
+            climb(&mut c, 1, &mut active, &rate(100.0, 5)),
+            [Stay, Stay, Stay, Stay, Spread { from: 0 }]
+        );
+        let steps = climb(
+            &mut c,
+            6,
+            &mut active,
+            &[
+                busy(50.0),
+                busy(120.0),
+                busy(120.0),
+                busy(120.0),
+                busy(120.0),
+            ],
+        );
+        assert_eq!((steps, active), (vec![Stay; 5], 2));
+        // `retry_after` looks later, one fewer is tried (trials alternate);
+        // 100 against 120 is a clear loss, so the loop comes back.
+        assert!(climb(&mut c, 11, &mut active, &rate(120.0, 19))
+            .iter()
+            .all(|s| *s == Stay));
+        assert_eq!(climb(&mut c, 30, &mut active, &rate(120.0, 1)), [Gather]);
+        let steps = climb(&mut c, 31, &mut active, &rate(100.0, 5));
+        assert_eq!((steps.last(), active), (Some(&Spread { from: 0 }), 2));
+        // A failed trial doubles the wait. One more loop that moves 4% more
+        // is not worth it.
+        assert!(climb(&mut c, 36, &mut active, &rate(120.0, 19))
+            .iter()
+            .all(|s| *s == Stay));
+        assert_eq!(
+            climb(&mut c, 55, &mut active, &rate(120.0, 1)),
             [Spread { from: 0 }]
         );
-        assert_eq!(active, 3);
-        // Bytes per second that grow less than `keep_gain` give it up.
-        let steps = climb(
-            &mut c,
-            28,
-            &mut active,
-            &[busy(0.0), busy(125.0), busy(125.0), busy(125.0)],
-        );
-        assert_eq!((steps, active), (vec![Stay, Stay, Stay, Gather], 2));
-        // The next trial waits `retry_after` looks; after another failure, twice that.
-        let steps = climb(&mut c, 32, &mut active, &vec![busy(120.0); 19]);
-        assert!(steps.iter().all(|s| *s == Stay), "{steps:?}");
-        assert_eq!(
-            climb(&mut c, 51, &mut active, &[busy(120.0)]),
-            [Spread { from: 0 }]
-        );
-        let steps = climb(
-            &mut c,
-            52,
-            &mut active,
-            &[busy(0.0), busy(100.0), busy(100.0), busy(100.0)],
-        );
-        assert_eq!((steps, active), (vec![Stay, Stay, Stay, Gather], 2));
-        let steps = climb(&mut c, 56, &mut active, &vec![busy(120.0); 39]);
-        assert!(steps.iter().all(|s| *s == Stay), "{steps:?}");
-        assert_eq!(
-            climb(&mut c, 95, &mut active, &[busy(120.0)]),
-            [Spread { from: 0 }]
-        );
+        let steps = climb(&mut c, 56, &mut active, &rate(125.0, 5));
+        assert_eq!((steps.last(), active), (Some(&Gather), 2));
+        // Twice as long again; then one fewer loop that moves only a
+        // little less is kept.
+        assert!(climb(&mut c, 61, &mut active, &rate(120.0, 39))
+            .iter()
+            .all(|s| *s == Stay));
+        assert_eq!(climb(&mut c, 100, &mut active, &rate(120.0, 1)), [Gather]);
+        let steps = climb(&mut c, 101, &mut active, &rate(118.0, 5));
+        assert_eq!((steps, active), (vec![Stay; 5], 1));
     }
 
     #[test]
@@ -564,7 +584,7 @@ mod tests {
             busy: 0.5,
             ..busy(100.0)
         };
-        let steps = climb(&mut c, 1, &mut active, &vec![calm; 10]);
+        let steps = climb(&mut c, 1, &mut active, &[calm; 10]);
         assert!(steps.iter().all(|s| *s == Step::Stay));
         // Nor while the rate is still changing.
         let steps = climb(
@@ -579,7 +599,7 @@ mod tests {
             busiest_open: 1,
             ..busy(100.0)
         };
-        let steps = climb(&mut c, 11, &mut active, &vec![alone; 10]);
+        let steps = climb(&mut c, 21, &mut active, &[alone; 10]);
         assert!(steps.iter().all(|s| *s == Step::Stay));
         // Three loops that together use less than `gather_below` per loop
         // but one give up one loop per look.
@@ -589,7 +609,7 @@ mod tests {
             busy: 0.1,
             ..busy(1.0)
         };
-        let steps = climb(&mut c, 21, &mut active, &[idle, idle, idle]);
+        let steps = climb(&mut c, 31, &mut active, &[idle, idle, idle]);
         assert_eq!(steps, [Step::Gather, Step::Stay, Step::Stay]);
         assert_eq!(active, 2, "0.4 CPU needs two loops to stay under 0.3 each");
     }
