@@ -338,8 +338,26 @@ fn balancer(s: &Shared, b: Balance, stop: &AtomicBool) {
     let mut at = Instant::now();
     let mut climber = Climber::new(&b);
     let mut looks = 0u64;
+    // No connection anywhere: nothing to look at until one comes.
+    let mut idle = false;
     while !stop.load(Ordering::Acquire) {
         std::thread::park_timeout(b.every);
+        if s.loops.iter().all(|l| l.open() == 0) {
+            s.active.store(1, Ordering::Relaxed);
+            idle = true;
+            continue;
+        }
+        if idle {
+            // Counting starts over from here.
+            (last, last_moved, at) = (
+                s.loops.iter().map(counters).collect(),
+                moved(),
+                Instant::now(),
+            );
+            climber = Climber::new(&b);
+            idle = false;
+            continue;
+        }
         let now = Instant::now();
         let wall = now.duration_since(at).as_secs_f64();
         if wall < b.every.as_secs_f64() / 2.0 {
