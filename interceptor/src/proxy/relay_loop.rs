@@ -318,7 +318,7 @@ pub(crate) fn submit_here(traffic: Box<dyn Traffic>) {
     });
 }
 
-/// Relays `client` and `upstream` as opaque bytes on this worker's loop
+/// Relays `client` and `upstream` as opaque bytes on a relay loop
 /// until both directions end.
 pub async fn relay(client: tokio::net::TcpStream, upstream: tokio::net::TcpStream) -> Relayed {
     // Leaving the runtime keeps the sockets non-blocking.

@@ -595,7 +595,7 @@ fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
 /// the server, and how it ended.
 pub type Relayed = (u64, u64, Result<(), PgError>);
 
-/// Relays one PostgreSQL connection on this worker's relay loop
+/// Relays one PostgreSQL connection on a relay loop
 /// ([`relay_loop`]): every socket event is answered there, by the machines
 /// between the two sockets, with no runtime in between. A side is not read
 /// while its peer has [`HIGH_WATER`] unsent. A clean end of one side is
