@@ -113,9 +113,9 @@ impl Event {
 
 /// How a connection stands after [`Traffic::pump`].
 pub enum Pumped {
-    /// Still open; `read`: bytes were read (busy polling counts from
-    /// there); `moved`: how many went through (the balancer's measure).
-    Open { read: bool, moved: u64 },
+    /// Still open; `moved`: bytes read (busy polling counts from a read;
+    /// the balancer counts the bytes).
+    Open { moved: u64 },
     /// Over, and its end reported.
     Over,
 }
@@ -510,12 +510,12 @@ impl Loop {
             return; // over earlier in this batch of events
         };
         match traffic.pump(event, &mut self.scratch) {
-            Pumped::Open { read, moved } => {
+            Pumped::Open { moved } => {
                 if moved > 0 {
                     self.moved.fetch_add(moved, Ordering::Relaxed);
-                }
-                if read && self.busy_poll.is_some() {
-                    self.last_read = Some(Instant::now());
+                    if self.busy_poll.is_some() {
+                        self.last_read = Some(Instant::now());
+                    }
                 }
             }
             Pumped::Over => {
@@ -600,23 +600,19 @@ impl Traffic for Tcp {
         };
         let before = self.up.total + self.down.total;
         let result = (|| {
-            let mut read = false;
             if let Some(short_drains) = up {
-                read |= self
-                    .up
+                self.up
                     .pump(&self.client, &self.upstream, scratch, short_drains)?;
             }
             if let Some(short_drains) = down {
-                read |= self
-                    .down
+                self.down
                     .pump(&self.upstream, &self.client, scratch, short_drains)?;
             }
-            Ok(read)
+            Ok(())
         })();
         match result {
-            Ok(_) if self.up.finished() && self.down.finished() => self.end(Ok(())),
-            Ok(read) => Pumped::Open {
-                read,
+            Ok(()) if self.up.finished() && self.down.finished() => self.end(Ok(())),
+            Ok(()) => Pumped::Open {
                 moved: self.up.total + self.down.total - before,
             },
             Err(e) => self.end(Err(e)),
@@ -652,21 +648,20 @@ impl Direction {
         self.sent < self.pending.len() || self.in_pipe > 0
     }
 
-    /// Relays until `from` has nothing more or `to` takes nothing more;
-    /// `true` if it read bytes. With `short_drains`, a short copy read is
-    /// taken to mean `from` has nothing more.
+    /// Relays until `from` has nothing more or `to` takes nothing more
+    /// (what it read is added to `total`). With `short_drains`, a short
+    /// copy read is taken to mean `from` has nothing more.
     fn pump(
         &mut self,
         mut from: &TcpStream,
         mut to: &TcpStream,
         scratch: &mut [u8],
         short_drains: bool,
-    ) -> io::Result<bool> {
-        let mut read = false;
+    ) -> io::Result<()> {
         loop {
             if self.sent < self.pending.len() {
                 let Some(n) = ready(to.write(&self.pending[self.sent..]).and_then(moved))? else {
-                    return Ok(read);
+                    return Ok(());
                 };
                 self.sent += n;
                 if self.sent == self.pending.len() {
@@ -678,26 +673,26 @@ impl Direction {
                 let Some(n) =
                     ready(splice(p.r.as_raw_fd(), to.as_raw_fd(), self.in_pipe).and_then(moved))?
                 else {
-                    return Ok(read);
+                    return Ok(());
                 };
                 self.in_pipe -= n;
                 continue;
             }
             if self.eof {
-                return Ok(read);
+                return Ok(());
             }
             let n = match &self.pipe {
                 Some(p) => {
                     let Some(n) = ready(splice(from.as_raw_fd(), p.w.as_raw_fd(), PIPE_SIZE))?
                     else {
-                        return Ok(read);
+                        return Ok(());
                     };
                     self.in_pipe = n;
                     n
                 }
                 None => {
                     let Some(n) = ready(from.read(scratch))? else {
-                        return Ok(read);
+                        return Ok(());
                     };
                     let mut sent = 0;
                     while sent < n {
@@ -719,13 +714,12 @@ impl Direction {
             if n == 0 {
                 self.eof = true;
                 shutdown_write(to.as_raw_fd())?;
-                return Ok(read);
+                return Ok(());
             }
-            read = true;
             self.total += n as u64;
             if short_drains && self.pipe.is_none() && n < scratch.len() {
                 // Drained: no read just to see EAGAIN.
-                return Ok(read);
+                return Ok(());
             }
         }
     }
@@ -805,21 +799,21 @@ impl Epoll {
     }
 
     fn add(&self, fd: RawFd, token: u64, events: libc::c_int) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
+    }
+
+    fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, events: libc::c_int) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: events as u32,
             u64: token,
         };
-        // SAFETY: both fds are open; ev lives across the call.
-        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn delete(&self, fd: RawFd) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: both fds are open (or EBADF is returned); ev lives across the call.
-        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) } != 0 {
+        // SAFETY: an epoll_ctl(2) on our epoll fd (a closed `fd` gives
+        // EBADF); ev lives across the call.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), op, fd, &mut ev) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

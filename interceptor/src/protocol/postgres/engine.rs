@@ -661,13 +661,9 @@ impl relay_loop::Traffic for Postgres {
         }
         let before = c.client.read + c.server.read;
         match c.step(&self.state) {
-            Ok(false) => {
-                let moved = c.client.read + c.server.read - before;
-                relay_loop::Pumped::Open {
-                    read: moved > 0,
-                    moved,
-                }
-            }
+            Ok(false) => relay_loop::Pumped::Open {
+                moved: c.client.read + c.server.read - before,
+            },
             Ok(true) => self.end(Ok(())),
             Err(e) => self.end(Err(e)),
         }

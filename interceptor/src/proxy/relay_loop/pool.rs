@@ -286,12 +286,14 @@ impl Loops {
     }
 
     /// How many loops take new connections now.
-    pub fn active(&self) -> usize {
+    #[cfg(test)]
+    fn active(&self) -> usize {
         self.shared.active.load(Ordering::Relaxed)
     }
 
     /// How many connections each loop relays now.
-    pub fn open(&self) -> Vec<usize> {
+    #[cfg(test)]
+    fn open(&self) -> Vec<usize> {
         self.shared.loops.iter().map(RelayLoop::open).collect()
     }
 
