@@ -10,7 +10,11 @@
 //! columns by name and type). The `review` action (just-in-time approval) is
 //! reserved and rejected with a clear message until it lands.
 
-use std::{fmt, path::PathBuf};
+use std::{
+    fmt,
+    path::PathBuf,
+    sync::{Arc, LazyLock},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -143,7 +147,8 @@ struct RawPolicyFile {
 /// One compiled rule.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rule {
-    pub id: String,
+    /// Shared with every decision it makes: deciding allocates nothing.
+    pub id: Arc<str>,
     pub on: Scope,
     /// Statement rules: classes matched (empty = any).
     pub classes: Vec<Class>,
@@ -178,13 +183,32 @@ impl Rule {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub action: Action,
-    pub rule: String,
+    pub rule: Arc<str>,
 }
 
 /// Rule names of the built-in defaults, as recorded in sessions.
 pub const RULE_DEFAULT_CONNECT: &str = "defaults.connect";
 pub const RULE_DEFAULT_UNMATCHED: &str = "defaults.unmatched_destination";
 pub const RULE_DEFAULT_STATEMENT: &str = "defaults.statement";
+
+/// The names above, shared like a rule's own.
+static DEFAULT_NAMES: LazyLock<[Arc<str>; 3]> = LazyLock::new(|| {
+    [
+        RULE_DEFAULT_CONNECT,
+        RULE_DEFAULT_UNMATCHED,
+        RULE_DEFAULT_STATEMENT,
+    ]
+    .map(Arc::from)
+});
+
+/// The shared name of the built-in default `name`.
+fn default_name(name: &str) -> Arc<str> {
+    DEFAULT_NAMES
+        .iter()
+        .find(|n| &***n == name)
+        .cloned()
+        .unwrap_or_else(|| name.into())
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Policy {
@@ -267,7 +291,7 @@ impl Policy {
             if !crate::config::valid_name(&id) {
                 return Err(src.error_at(id_span, format!("rule id `{id}` is not a plain name")));
             }
-            if self.rules.iter().any(|x| x.id == id) {
+            if self.rules.iter().any(|x| *x.id == *id) {
                 return Err(src.error_at(id_span, format!("rule id `{id}` is used twice")));
             }
             let on = r.on.as_ref().map_or(Scope::Connect, |o| *o.get_ref());
@@ -341,7 +365,7 @@ impl Policy {
                 config.is_none_or(|c| c.targets.iter().any(|t| t.name == n))
             })?;
             self.rules.push(Rule {
-                id,
+                id: id.into(),
                 on,
                 classes,
                 tables,
@@ -370,7 +394,7 @@ impl Policy {
         let Some(target) = target else {
             return Decision {
                 action: self.default_unmatched,
-                rule: RULE_DEFAULT_UNMATCHED.into(),
+                rule: default_name(RULE_DEFAULT_UNMATCHED),
             };
         };
         verdict(
@@ -433,7 +457,7 @@ impl Policy {
             self.default_statement,
             RULE_DEFAULT_STATEMENT,
         );
-        let by_rule = d.action == Action::Deny && d.rule != RULE_DEFAULT_STATEMENT;
+        let by_rule = d.action == Action::Deny && &*d.rule != RULE_DEFAULT_STATEMENT;
         let in_doubt = c.class == Class::Unknown || !c.tables_known;
         let doubted = (!by_rule && in_doubt)
             .then(|| {
@@ -462,7 +486,7 @@ impl Policy {
 /// How one result column is masked, and by which rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnMask {
-    pub rule: String,
+    pub rule: Arc<str>,
     pub strategy: Strategy,
     pub keep: usize,
 }
@@ -539,7 +563,7 @@ impl Policy {
     /// The mask rule a `COPY … TO` in `c` would carry masked values past
     /// (COPY data is not masked): any that applies to a whole table or a
     /// query, or one covering a column the copy names.
-    fn copy_mask_rule(&self, workload: &str, target: &str, c: &Classification) -> Option<String> {
+    fn copy_mask_rule(&self, workload: &str, target: &str, c: &Classification) -> Option<Arc<str>> {
         c.derivations.iter().find_map(|d| {
             let copied = d.copy_out.as_ref()?;
             self.mask_rules(workload, target, Some(c))
@@ -578,7 +602,7 @@ fn verdict<'a>(
         },
         None => Decision {
             action: default,
-            rule: default_rule.into(),
+            rule: default_name(default_rule),
         },
     }
 }
@@ -680,22 +704,13 @@ action = "deny"
 "#,
         )
         .unwrap();
-        assert_eq!(p.decide_connect("web", Some("db")).rule, "all-to-db");
+        assert_eq!(&*p.decide_connect("web", Some("db")).rule, "all-to-db");
         let d = p.decide_connect("batch", Some("db"));
-        assert_eq!(
-            (d.action, d.rule.as_str()),
-            (Action::Deny, "no-batch-to-db")
-        );
+        assert_eq!((d.action, &*d.rule), (Action::Deny, "no-batch-to-db"));
         let d = p.decide_connect("web", Some("cache"));
-        assert_eq!(
-            (d.action, d.rule.as_str()),
-            (Action::Deny, RULE_DEFAULT_CONNECT)
-        );
+        assert_eq!((d.action, &*d.rule), (Action::Deny, RULE_DEFAULT_CONNECT));
         let d = p.decide_connect("web", None);
-        assert_eq!(
-            (d.action, d.rule.as_str()),
-            (Action::Deny, RULE_DEFAULT_UNMATCHED)
-        );
+        assert_eq!((d.action, &*d.rule), (Action::Deny, RULE_DEFAULT_UNMATCHED));
     }
 
     #[test]
@@ -750,7 +765,7 @@ action = "deny"
         .unwrap();
         let decide = |w: &str, sql: &str| {
             let c = crate::sql::classify(sql);
-            p.decide_statement(w, "db", &c, sql).rule
+            p.decide_statement(w, "db", &c, sql).rule.to_string()
         };
         assert_eq!(
             decide("web", "delete from billing.invoices"),
@@ -776,7 +791,7 @@ action = "deny"
         );
         // Connect decisions ignore statement rules.
         assert_eq!(
-            p.decide_connect("web", Some("db")).rule,
+            &*p.decide_connect("web", Some("db")).rule,
             RULE_DEFAULT_CONNECT
         );
         assert!(table_matches("billing.*", "billing.x"));
@@ -820,7 +835,7 @@ strategy = "hash"
                 .collect();
             p.mask_plan("w", "db", Some(&c), cols, &derived)
                 .into_iter()
-                .map(|m| m.map(|m| m.rule))
+                .map(|m| m.map(|m| m.rule.to_string()))
                 .collect()
         };
         let cols = [("id", 23), ("email", 25), ("note", 1043), ("age", 23)];
@@ -959,7 +974,7 @@ strategy = "hash"
         .unwrap();
         let rule = |sql: &str| {
             let c = crate::sql::classify(sql);
-            p.decide_statement("w", "db", &c, sql).rule
+            p.decide_statement("w", "db", &c, sql).rule.to_string()
         };
         assert_eq!(rule("copy history from stdin"), "history-append-only");
         assert_eq!(rule("drop table public.history"), "history-append-only");

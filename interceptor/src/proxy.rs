@@ -265,7 +265,7 @@ impl Proxy {
             .policy
             .load()
             .decide_connect(&workload, target.map(|t| t.name.as_str()));
-        s.rule = Some(decision.rule.clone());
+        s.rule = Some(decision.rule.to_string());
         if decision.action != Action::Allow {
             reset(&client);
             let why = format!("connect denied by rule `{}`", decision.rule);

@@ -10,7 +10,7 @@ const SECRET_BEFORE: &[&[&str]] = &[&["password"], &["identified", "by"]];
 
 /// `text` with secret literals replaced by `'***'`.
 pub fn redact_sql(text: &str) -> String {
-    if !contains_ignore_case(text, "password") && !contains_ignore_case(text, "identified") {
+    if !may_hold_secret(text) {
         return text.to_owned();
     }
     let tokens: Vec<Token> = Tokens::new(text).collect();
@@ -45,11 +45,21 @@ pub fn redact_sql(text: &str) -> String {
     out
 }
 
+/// Whether `text` has a word a secret literal follows (`false`: redaction
+/// leaves it as it is).
+pub fn may_hold_secret(text: &str) -> bool {
+    SECRET_BEFORE
+        .iter()
+        .any(|seq| contains_ignore_case(text, seq[0]))
+}
+
 /// Whether `hay` contains the lowercase ASCII `needle`, in any case.
 fn contains_ignore_case(hay: &str, needle: &str) -> bool {
-    hay.as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    // A letter's two cases differ in bit 0x20 alone: a cheap first look.
+    h.len() >= n.len()
+        && (0..=h.len() - n.len())
+            .any(|i| h[i] | 0x20 == n[0] && h[i..i + n.len()].eq_ignore_ascii_case(n))
 }
 
 /// Longest statement whose classification is cached (longer ones are

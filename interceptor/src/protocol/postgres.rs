@@ -105,7 +105,7 @@ pub struct Statement {
     pub tables: Arc<[String]>,
     /// `allow` or `deny`, and the rule that decided.
     pub decision: Option<Action>,
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// Result values masked in this statement's batch.
     #[serde(default)]
     pub masked: u32,
@@ -238,8 +238,35 @@ struct Flags {
 /// into (so a cache hit allocates nothing).
 #[derive(Default)]
 struct Seen {
-    by_key: HashMap<String, Arc<Classification>>,
+    by_key: HashMap<String, Classified>,
     key: String,
+}
+
+/// A statement's classification, and whether its text is free of what
+/// [`redact_sql`](crate::redact::redact_sql) hides (so it is recorded as
+/// it is, without a second scan).
+#[derive(Clone)]
+pub(super) struct Classified {
+    pub(super) class: Arc<Classification>,
+    pub(super) plain: bool,
+}
+
+impl Classified {
+    /// Text the agent wrote itself: nothing in it to hide.
+    pub(super) fn own(c: Classification) -> Self {
+        Classified {
+            class: Arc::new(c),
+            plain: true,
+        }
+    }
+
+    /// `text`, classified `c` anew.
+    fn scanned(text: &str, c: Classification) -> Self {
+        Classified {
+            class: Arc::new(c),
+            plain: !crate::redact::may_hold_secret(text),
+        }
+    }
 }
 
 /// Who is speaking to what, and the policy that decides their statements.
@@ -380,10 +407,10 @@ impl State {
         kind: &'static str,
         name: Option<String>,
         text: &str,
-        class: Option<Arc<Classification>>,
+        class: Option<Classified>,
         masking: bool,
     ) -> Option<Decision> {
-        let c = class.unwrap_or_else(|| self.classified(text));
+        let Classified { class: c, plain } = class.unwrap_or_else(|| self.classified(text));
         let decision = self.decide(&c, text);
         if masking {
             lock(&self.learned).learn(&c);
@@ -394,11 +421,15 @@ impl State {
             Some(d) => (Some(d.action), Some(d.rule.clone()), Some(d)),
             None => (None, None, None),
         };
+        let recorded = match plain {
+            true => text.to_owned(),
+            false => crate::redact::redact_sql(text),
+        };
         let st = Statement {
             tables: c.tables.clone(),
             decision: action,
             rule,
-            ..Statement::new(kind, name, crate::redact::redact_sql(text), c.class)
+            ..Statement::new(kind, name, recorded, c.class)
         };
         self.batch().push(st, Some(c));
         refused
@@ -408,19 +439,21 @@ impl State {
     /// [classification key](crate::redact::classification_key) (the text
     /// without its values, where that is certain to be safe), since drivers
     /// send the same statements with different values over and over.
-    fn classified(&self, text: &str) -> Arc<Classification> {
+    /// Whether the text may hold a secret is cached with it: every text of
+    /// one key has the same words, and only a word leads to a secret.
+    fn classified(&self, text: &str) -> Classified {
         if let Some(why) = self.lexing_doubt(text) {
-            return Arc::new(not_sql(&why, Class::Unknown));
+            return Classified::scanned(text, not_sql(&why, Class::Unknown));
         }
         let mut seen = lock(&self.seen);
         let Seen { by_key, key } = &mut *seen;
         if !crate::redact::classification_key(text, key) {
-            return Arc::new(classify(text));
+            return Classified::scanned(text, classify(text));
         }
         if let Some(c) = by_key.get(key.as_str()) {
             return c.clone();
         }
-        let c = Arc::new(classify(text));
+        let c = Classified::scanned(key, classify(text));
         if by_key.len() >= CLASS_CACHE {
             by_key.clear();
         }
@@ -1370,6 +1403,43 @@ mod tests {
         assert_eq!(done[0].text, "ALTER ROLE bob PASSWORD '***'");
         assert_eq!(done[0].tags, vec!["ALTER ROLE".to_string()]);
         assert_eq!(done[0].class, Class::Admin);
+    }
+
+    /// Whether a statement's text may hold a secret is cached with its
+    /// classification: cold or warm, the cache records what redacting the
+    /// text itself would.
+    #[test]
+    fn cached_statements_are_redacted_like_fresh_ones() {
+        let texts = [
+            "ALTER ROLE bob PASSWORD 'hunter2'",
+            "ALTER ROLE bob PASSWORD 'other'",
+            "alter role bob with encrypted password 'x' valid until 'infinity'",
+            "SELECT 'password' FROM t WHERE a = 1",
+            "SELECT 'password' FROM t WHERE a = 2",
+            "select 1 /* password */",
+            "select 2 /* password */",
+            "CREATE USER u IDENTIFIED BY 'x'",
+            "CREATE USER v IDENTIFIED BY 'y'",
+            "SELECT \"password\" FROM t",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+        ];
+        let state = State::default();
+        for round in 0..2 {
+            for t in texts {
+                assert!(state.statement("query", None, t, None, false).is_none());
+            }
+            state.ready();
+            let done = state.take_done();
+            let got: Vec<&str> = done.iter().map(|s| s.text.as_str()).collect();
+            let want: Vec<String> = texts.iter().map(|t| crate::redact::redact_sql(t)).collect();
+            assert_eq!(got, want, "round {round}");
+            assert_eq!(got[1], "ALTER ROLE bob PASSWORD '***'");
+            assert_eq!(got[8], "CREATE USER v IDENTIFIED BY '***'");
+        }
+        assert!(
+            lock(&state.seen).by_key.len() < texts.len(),
+            "texts that differ only in values share a key"
+        );
     }
 
     /// What the server reported decides whether text with backslashes or

@@ -226,7 +226,7 @@ impl Reader<'_> {
             class,
             tables: Arc::from(tables),
             decision,
-            rule,
+            rule: rule.map(Arc::from),
             masked,
             parameters,
             duration_us,

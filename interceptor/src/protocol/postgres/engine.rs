@@ -24,8 +24,9 @@ use crate::proxy::relay_loop;
 
 use super::{
     be32, cstr, error_code, malformed, not_sql, parse_startup, refusal, startup_refusal,
-    without_channel_binding, Class, PgError, State, AUTH_SASL, CANCEL_REQUEST, FRONTEND_TYPES,
-    GSSENC_REQUEST, MAX_INSPECT, MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT, SSL_REQUEST,
+    without_channel_binding, Class, Classified, PgError, State, AUTH_SASL, CANCEL_REQUEST,
+    FRONTEND_TYPES, GSSENC_REQUEST, MAX_INSPECT, MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT,
+    SSL_REQUEST,
 };
 
 /// The part of a frame still to come that is not inspected: passed on, or
@@ -194,7 +195,7 @@ impl Frontend {
                         }
                         to_client.extend_from_slice(&startup_refusal(&d, &text));
                         return Err(PgError::StartupRefused {
-                            rule: d.rule,
+                            rule: d.rule.to_string(),
                             setting: text,
                         });
                     }
@@ -263,10 +264,10 @@ impl Frontend {
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
-                    let d =
-                        state.statement("parse", Some(name.into()), sql, Some(c.clone()), masking);
+                    let class = c.class.clone();
+                    let d = state.statement("parse", Some(name.into()), sql, Some(c), masking);
                     if masking || flags.record_parameters {
-                        state.note_frontend(b'P', body, Some((name, c)));
+                        state.note_frontend(b'P', body, Some((name, class)));
                     }
                     d
                 }
@@ -275,7 +276,7 @@ impl Frontend {
                         return Err(malformed("client", "FunctionCall without a function"));
                     }
                     let text = format!("<fast-path function call, oid {}>", be32(body));
-                    let c = Arc::new(not_sql(&text, Class::Admin));
+                    let c = Classified::own(not_sql(&text, Class::Admin));
                     state.statement("function", None, &text, Some(c), masking)
                 }
             };
@@ -291,7 +292,7 @@ impl Frontend {
         if matches!(ty, b'Q' | b'P') {
             let text = format!("<statement of {total} bytes, too large to inspect>");
             let kind = if ty == b'Q' { "query" } else { "parse" };
-            let c = Arc::new(not_sql(&text, Class::Unknown));
+            let c = Classified::own(not_sql(&text, Class::Unknown));
             if let Some(d) = state.statement(kind, None, &text, Some(c), masking) {
                 // Nothing of it reaches the server; the refusal takes its place.
                 let have = input.len().min(total);

@@ -141,6 +141,16 @@ impl Climber {
         }
     }
 
+    /// No connection is open: what the looks so far measured, and any
+    /// trial under way, no longer count. What the trials taught (how long
+    /// the next waits, and which way it goes) is kept: connections that
+    /// come and go do not make the node's traffic new, and each trial
+    /// costs while it runs.
+    fn pause(&mut self) {
+        self.rates.clear();
+        self.trial = None;
+    }
+
     /// The last looks moved bytes at a steady rate.
     fn steady(&self) -> bool {
         if self.rates.len() < BASELINE_LOOKS {
@@ -350,13 +360,13 @@ fn balancer(s: &Shared, b: Balance, stop: &AtomicBool) {
             continue;
         }
         if idle {
-            // Counting starts over from here.
+            // Counting starts over from here; the next trial waits as it would have.
             (last, last_moved, at) = (
                 s.loops.iter().map(counters).collect(),
                 moved(),
                 Instant::now(),
             );
-            climber = Climber::new(&b);
+            climber.pause();
             idle = false;
             continue;
         }
@@ -594,6 +604,31 @@ mod tests {
         assert_eq!(climb(&mut c, 100, &mut active, &rate(120.0, 1)), [Gather]);
         let steps = climb(&mut c, 101, &mut active, &rate(118.0, 5));
         assert_eq!((steps, active), (vec![Stay; 5], 1));
+        // A failed trial's wait outlasts the connections: after every one
+        // has closed (the balancer pauses), new ones find the same wait.
+        assert!(climb(&mut c, 106, &mut active, &rate(120.0, 19))
+            .iter()
+            .all(|s| *s == Stay));
+        assert_eq!(
+            climb(&mut c, 125, &mut active, &rate(120.0, 1)),
+            [Spread { from: 0 }]
+        );
+        let steps = climb(&mut c, 126, &mut active, &rate(100.0, 5));
+        assert_eq!((steps.last(), active), (Some(&Gather), 1));
+        c.pause();
+        assert!(climb(&mut c, 131, &mut active, &rate(100.0, 19))
+            .iter()
+            .all(|s| *s == Stay));
+        assert_eq!(
+            climb(&mut c, 150, &mut active, &rate(100.0, 1)),
+            [Spread { from: 0 }]
+        );
+        // A trial under way when the connections closed is void: not
+        // judged, and the next may start once the rate is steady again.
+        c.pause();
+        active = 1;
+        let steps = climb(&mut c, 151, &mut active, &rate(100.0, 5));
+        assert_eq!((steps.last(), active), (Some(&Spread { from: 0 }), 2));
     }
 
     #[test]
