@@ -672,6 +672,9 @@ fn server() -> Result<()> {
 
 /// pgbench run length per configuration.
 const PG_SECS: u32 = 5;
+/// Rounds of the PostgreSQL bench: runs here vary by ±10% from one to the
+/// next, so each path runs once per round and ratios are taken within rounds.
+const PG_ROUNDS: usize = 5;
 
 /// `cargo xtask bench postgres`: pgbench `-S` in every query mode at 1 and 8
 /// clients, directly, through the agent (statements recorded) and through
@@ -707,20 +710,23 @@ fn postgres(tuning: &Tuning) -> Result<()> {
         let bare_pid = bare.children.first().map(std::process::Child::id);
         println!(
             "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, \
-             same run, median of {ROUNDS} alternating rounds)\n\
-             tps, its ratio to direct, and the proxy's own CPU time per transaction (all its threads)\n\
+             same run, {PG_ROUNDS} rounds, each running every path once, starting with the next path)\n\
+             median tps; the median over rounds of its ratio to direct in the same round; and the \
+             median of the proxy's own CPU time per transaction (all its threads)\n\
+             agent/pgb: the median over rounds of the agent's tps over pgbouncer's in the same round\n\
              bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
              moving bytes and nothing else (what relaying alone costs here)\n{}",
             tuning.bare_threads(),
             tuning.note()
         );
         println!(
-            "{:<22} {:>10} | {:>28} | {:>28} | {:>28}",
+            "{:<22} {:>10} | {:>28} | {:>28} | {:>28} | {:>9}",
             "mode, clients",
             "direct tps",
             "agent (vs direct) cpu/txn",
             "pgbouncer (vs direct) cpu/txn",
-            "bare relay (vs direct) cpu/txn"
+            "bare relay (vs direct) cpu/txn",
+            "agent/pgb"
         );
         let bouncer_conn = conn.replace(
             &format!("port={}", db.port),
@@ -730,29 +736,39 @@ fn postgres(tuning: &Tuning) -> Result<()> {
             &format!("port={}", db.port),
             &format!("port={}", bare.ports[0].1),
         );
+        // Per row: the agent's ratio to direct and to pgbouncer.
+        let mut verdicts: Vec<(String, f64, f64)> = Vec::new();
         for mode in ["simple", "extended", "prepared"] {
             for clients in [1, 8] {
-                let (mut d, mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for _ in 0..ROUNDS {
-                    d.push(pgbench(None, &conn, mode, clients)?);
-                    a.push(costed(agent_pid, || {
-                        pgbench(Some((&agent, &config)), &conn, mode, clients)
-                    })?);
-                    b.push(costed(bouncer_pid, || {
-                        pgbench(None, &bouncer_conn, mode, clients)
-                    })?);
-                    r.push(costed(bare_pid, || {
-                        pgbench(None, &bare_conn, mode, clients)
-                    })?);
+                let mut runs: [Vec<Costed>; 4] = Default::default();
+                for round in 0..PG_ROUNDS {
+                    // Each round starts with the next path, so no path always
+                    // follows the same one.
+                    for k in 0..4 {
+                        let path = (round + k) % 4;
+                        let run = match path {
+                            0 => costed(None, || pgbench(None, &conn, mode, clients))?,
+                            1 => costed(agent_pid, || {
+                                pgbench(Some((&agent, &config)), &conn, mode, clients)
+                            })?,
+                            2 => {
+                                costed(bouncer_pid, || pgbench(None, &bouncer_conn, mode, clients))?
+                            }
+                            _ => costed(bare_pid, || pgbench(None, &bare_conn, mode, clients))?,
+                        };
+                        runs[path].push(run);
+                    }
                 }
-                let direct = middle(d);
+                let [d, a, b, r] = &runs;
+                verdicts.push((format!("{mode}, {clients}"), paired(a, d), paired(a, b)));
                 println!(
-                    "{:<22} {:>10.0} | {} | {} | {}",
+                    "{:<22} {:>10.0} | {} | {} | {} | {:>9}",
                     format!("{mode}, {clients}"),
-                    direct,
-                    proxied(&a, direct),
-                    proxied(&b, direct),
-                    proxied(&r, direct),
+                    middle(d.iter().map(|c| c.tps).collect()),
+                    proxied(a, d),
+                    proxied(b, d),
+                    proxied(r, d),
+                    format!("×{:.2}", paired(a, b)),
                 );
             }
         }
@@ -766,23 +782,50 @@ fn postgres(tuning: &Tuning) -> Result<()> {
         agent.reload()?;
         for mode in ["simple", "prepared"] {
             let (mut d, mut m) = (Vec::new(), Vec::new());
-            for _ in 0..ROUNDS {
-                d.push(pgbench(None, &conn, mode, 8)?);
-                m.push(costed(agent_pid, || {
-                    pgbench(Some((&agent, &config)), &conn, mode, 8)
-                })?);
+            for round in 0..PG_ROUNDS {
+                let direct = || costed(None, || pgbench(None, &conn, mode, 8));
+                let masked = || {
+                    costed(agent_pid, || {
+                        pgbench(Some((&agent, &config)), &conn, mode, 8)
+                    })
+                };
+                if round % 2 == 0 {
+                    d.push(direct()?);
+                    m.push(masked()?);
+                } else {
+                    m.push(masked()?);
+                    d.push(direct()?);
+                }
             }
-            let direct = middle(d);
             println!(
-                "{:<22} {:>10.0} | {} | {:>28} | {:>28}",
+                "{:<22} {:>10.0} | {} | {:>28} | {:>28} | {:>9}",
                 format!("{mode}, 8, masking"),
-                direct,
-                proxied(&m, direct),
+                middle(d.iter().map(|c| c.tps).collect()),
+                proxied(&m, &d),
+                "-",
                 "-",
                 "-"
             );
         }
-        println!("\ntarget: agent ≥ 0.8× direct at 8 clients (simple), and never behind pgbouncer");
+        let simple8 = verdicts
+            .iter()
+            .find(|(row, ..)| row == "simple, 8")
+            .map_or(0.0, |v| v.1);
+        let behind: Vec<&str> = verdicts
+            .iter()
+            .filter(|v| v.2 < 1.0)
+            .map(|v| v.0.as_str())
+            .collect();
+        println!(
+            "\ntarget: agent ≥ 0.8× direct at 8 clients (simple): ×{simple8:.2} ({}); \
+             never behind pgbouncer: {}",
+            if simple8 >= 0.8 { "met" } else { "not met" },
+            if behind.is_empty() {
+                "met".to_owned()
+            } else {
+                format!("not met, behind at {}", behind.join("; "))
+            }
+        );
         drop(agent);
         Ok(())
     })();
@@ -815,19 +858,23 @@ fn costed(pid: Option<u32>, run: impl FnOnce() -> Result<f64>) -> Result<Costed>
     Ok(Costed { tps, cpu_us })
 }
 
-/// Median tps with its ratio to `direct`, and the median CPU per transaction.
-fn proxied(runs: &[Costed], direct: f64) -> String {
+/// The median over rounds of `a`'s tps over `b`'s in the same round.
+fn paired(a: &[Costed], b: &[Costed]) -> f64 {
+    middle(a.iter().zip(b).map(|(a, b)| a.tps / b.tps).collect())
+}
+
+/// Median tps, the median of its ratio to `direct` in the same round, and
+/// the median CPU per transaction.
+fn proxied(runs: &[Costed], direct: &[Costed]) -> String {
     let tps = middle(runs.iter().map(|r| r.tps).collect());
+    let ratio = paired(runs, direct);
     let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_us).collect();
     let cpu = if cpu.is_empty() {
         "-".to_owned()
     } else {
         format!("{:.1} µs", middle(cpu))
     };
-    format!(
-        "{tps:>9.0} {:>7} {cpu:>10}",
-        format!("×{:.2}", tps / direct)
-    )
+    format!("{tps:>9.0} {:>7} {cpu:>10}", format!("×{ratio:.2}"))
 }
 
 /// User plus system CPU time of process `pid`, all its threads, in seconds.
