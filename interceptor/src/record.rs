@@ -479,8 +479,6 @@ impl Store for SledStore {
 const CHANNEL: usize = 8192;
 /// Most records applied in one batch.
 const BATCH: usize = 1024;
-/// Most statements stored under one key.
-const STATEMENTS_PER_RECORD: usize = 64;
 /// Shortest time between two fsyncs of the store.
 const COMMIT_GAP: Duration = Duration::from_millis(50);
 
@@ -525,20 +523,14 @@ impl Recorder {
         }
     }
 
-    /// Records statements of a session; waits if the writer is behind.
-    ///
-    /// They are encoded here, on the caller's thread: one record per
-    /// [`STATEMENTS_PER_RECORD`] (far fewer tree updates than one per
-    /// statement, and small enough to stay inside sled's log), and the
-    /// statements' own buffers are freed where they were allocated.
-    pub async fn statements(&self, id: SessionId, list: Vec<Statement>) {
-        for chunk in list.chunks(STATEMENTS_PER_RECORD) {
-            let mut encoded = Vec::with_capacity(chunk.len() * 128);
-            codec::encode(chunk, &mut encoded);
+    /// Records statements of a session, already in their stored form (see
+    /// [`codec::Records`]); waits if the writer is behind.
+    pub async fn statements(&self, id: SessionId, chunks: Vec<codec::Chunk>) {
+        for chunk in chunks {
             let record = Record::Statements {
                 session: id,
-                first: chunk[0].seq,
-                encoded,
+                first: chunk.first,
+                encoded: chunk.bytes,
             };
             if self.tx.send(record).await.is_err() {
                 tracing::error!(session = %id, "recorder stopped; statements were not stored");

@@ -182,7 +182,8 @@ struct Batch {
     /// Values masked in this batch.
     masked: u32,
     next_seq: u32,
-    done: Vec<Statement>,
+    /// Answered statements, encoded as they complete.
+    done: crate::record::codec::Records,
     shapes: Shapes,
     /// How the server reads statement text, as it last reported.
     lexing: Lexing,
@@ -539,7 +540,8 @@ impl State {
             s.rows = rows;
             s.error = error.clone();
             s.masked = masked;
-            b.done.push(s);
+            // Encoded here and freed on this thread (see `Records`).
+            b.done.push(&s);
         }
     }
 
@@ -770,11 +772,20 @@ impl State {
         }
     }
 
-    /// Completed statements since the last call.
+    /// Statements answered since the last take, in their stored form.
+    pub fn take_records(&self) -> Vec<crate::record::codec::Chunk> {
+        self.batch().done.take()
+    }
+
+    /// Statements answered since the last take (decoded from
+    /// [`State::take_records`]).
     pub fn take_done(&self) -> Vec<Statement> {
-        let done = &mut self.batch().done;
-        let room = done.len();
-        std::mem::replace(done, Vec::with_capacity(room))
+        self.take_records()
+            .iter()
+            .flat_map(|c| {
+                crate::record::codec::decode(&c.bytes).expect("records the agent encoded")
+            })
+            .collect()
     }
 
     /// Statements still waiting for an answer (the connection ended first).

@@ -19,8 +19,11 @@ use std::{
 use tokio::sync::Notify;
 
 use crate::{
-    protocol::postgres::{State, Statement},
-    record::{Recorder, SessionId},
+    protocol::postgres::State,
+    record::{
+        codec::{Chunk, Records},
+        Recorder, SessionId,
+    },
 };
 
 /// How often completed statements of open sessions are recorded.
@@ -79,7 +82,7 @@ impl Listed {
             return 0;
         };
         let rest = rest(&o.state);
-        let recorded = o.recorded + rest.len() as u32;
+        let recorded = o.recorded + count(&rest);
         recorder.statements(self.id, rest).await;
         recorded
     }
@@ -113,9 +116,9 @@ pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
             // their way: its end waits for them (see `Listed::finish`).
             let Some(done) = OPEN.with_borrow_mut(|open| {
                 let o = open.get_mut(&id)?;
-                let done = o.state.take_done();
+                let done = o.state.take_records();
                 (!done.is_empty()).then(|| {
-                    o.recorded += done.len() as u32;
+                    o.recorded += count(&done);
                     o.sending = true;
                     done
                 })
@@ -146,10 +149,19 @@ pub async fn drain(recorder: &Recorder) {
 
 /// What a session has completed and not yet handed over, then what is still
 /// waiting for the server's answer.
-fn rest(state: &State) -> Vec<Statement> {
-    let mut list = state.take_done();
-    list.extend(state.take_pending());
-    list
+fn rest(state: &State) -> Vec<Chunk> {
+    let mut chunks = state.take_records();
+    let mut pending = Records::default();
+    for s in state.take_pending() {
+        pending.push(&s);
+    }
+    chunks.extend(pending.take());
+    chunks
+}
+
+/// How many statements `chunks` hold.
+fn count(chunks: &[Chunk]) -> u32 {
+    chunks.iter().map(|c| c.count).sum()
 }
 
 /// Starts the thread that notifies each worker's [`run`] every

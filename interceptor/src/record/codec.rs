@@ -1,6 +1,7 @@
 //! The stored form of recorded statements: a compact binary encoding,
-//! written by the data path (so a statement's many small buffers are freed
-//! by the thread that made them) and about a third the size of JSON.
+//! written by the relay loop that saw each statement, as it completes (so
+//! its many small buffers are freed by the thread that made them, and only
+//! whole records cross threads), and about a third the size of JSON.
 //!
 //! A record is [`FORMAT`] then a count and that many statements. Integers
 //! are LEB128 varints; strings are a length and UTF-8 bytes; an optional
@@ -19,41 +20,103 @@ use crate::{policy::Action, protocol::postgres::Statement, sql::Class};
 /// First byte of a binary statement record.
 const FORMAT: u8 = 1;
 
+/// Most statements in one record: far fewer tree updates than one per
+/// statement, and small enough to stay inside sled's log.
+pub const PER_RECORD: u32 = 64;
+
 /// Appends the record of `list` to `out`.
 pub fn encode(list: &[Statement], out: &mut Vec<u8>) {
     out.push(FORMAT);
     varint(out, list.len() as u64);
     for s in list {
-        varint(out, s.seq.into());
-        varint(out, s.at);
-        string(out, &s.kind);
-        option(out, s.name.as_deref(), string);
-        string(out, &s.text);
-        out.push(class_byte(s.class));
-        varint(out, s.tables.len() as u64);
-        for t in s.tables.iter() {
-            string(out, t);
-        }
-        out.push(match s.decision {
-            None => 0,
-            Some(a) => action_byte(a),
-        });
-        option(out, s.rule.as_deref(), string);
-        varint(out, s.masked.into());
-        option(out, s.parameters.as_deref(), |out, ps| {
-            varint(out, ps.len() as u64);
-            for p in ps {
-                option(out, p.as_deref(), string);
-            }
-        });
-        option(out, s.duration_us, varint);
-        varint(out, s.tags.len() as u64);
-        for t in &s.tags {
-            string(out, t);
-        }
-        option(out, s.rows, varint);
-        option(out, s.error.as_deref(), string);
+        statement(out, s);
     }
+}
+
+/// Consecutive statements of one session in one record, keyed in the store
+/// by the seq of the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub first: u32,
+    pub count: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// Statements encoded one at a time as they complete, into records of at
+/// most [`PER_RECORD`]. The relay loop that made a statement encodes it and
+/// frees it; only whole records go to other threads.
+#[derive(Debug, Default)]
+pub struct Records {
+    sealed: Vec<Chunk>,
+    /// The record being filled: its first seq, count and statements.
+    open: Option<(u32, u32)>,
+    body: Vec<u8>,
+}
+
+impl Records {
+    pub fn push(&mut self, s: &Statement) {
+        if self.open.is_some_and(|(_, n)| n >= PER_RECORD) {
+            self.seal();
+        }
+        let (_, n) = self.open.get_or_insert((s.seq, 0));
+        *n += 1;
+        statement(&mut self.body, s);
+    }
+
+    /// Every statement pushed since the last take, in records.
+    pub fn take(&mut self) -> Vec<Chunk> {
+        self.seal();
+        std::mem::take(&mut self.sealed)
+    }
+
+    fn seal(&mut self) {
+        let Some((first, count)) = self.open.take() else {
+            return;
+        };
+        let mut bytes = Vec::with_capacity(self.body.len() + 6);
+        bytes.push(FORMAT);
+        varint(&mut bytes, count.into());
+        bytes.extend_from_slice(&self.body);
+        self.body.clear();
+        self.sealed.push(Chunk {
+            first,
+            count,
+            bytes,
+        });
+    }
+}
+
+/// Appends one statement of a record.
+fn statement(out: &mut Vec<u8>, s: &Statement) {
+    varint(out, s.seq.into());
+    varint(out, s.at);
+    string(out, &s.kind);
+    option(out, s.name.as_deref(), string);
+    string(out, &s.text);
+    out.push(class_byte(s.class));
+    varint(out, s.tables.len() as u64);
+    for t in s.tables.iter() {
+        string(out, t);
+    }
+    out.push(match s.decision {
+        None => 0,
+        Some(a) => action_byte(a),
+    });
+    option(out, s.rule.as_deref(), string);
+    varint(out, s.masked.into());
+    option(out, s.parameters.as_deref(), |out, ps| {
+        varint(out, ps.len() as u64);
+        for p in ps {
+            option(out, p.as_deref(), string);
+        }
+    });
+    option(out, s.duration_us, varint);
+    varint(out, s.tags.len() as u64);
+    for t in &s.tags {
+        string(out, t);
+    }
+    option(out, s.rows, varint);
+    option(out, s.error.as_deref(), string);
 }
 
 /// The statements of a stored record, in either format.
@@ -280,6 +343,47 @@ mod tests {
             });
         }
         list
+    }
+
+    /// Statements pushed one by one come back in records of at most
+    /// [`PER_RECORD`], each keyed by its first seq, all of them in order.
+    #[test]
+    fn statements_are_sealed_into_records_as_they_come() {
+        let base = statements();
+        let list: Vec<Statement> = (0..150u32)
+            .map(|i| Statement {
+                seq: 1000 + i,
+                ..base[i as usize % base.len()].clone()
+            })
+            .collect();
+        let mut records = Records::default();
+        for s in &list[..100] {
+            records.push(s);
+        }
+        let first = records.take();
+        for s in &list[100..] {
+            records.push(s);
+        }
+        let second = records.take();
+        assert!(records.take().is_empty());
+        let shape: Vec<(u32, u32)> = first
+            .iter()
+            .chain(&second)
+            .map(|c| (c.first, c.count))
+            .collect();
+        assert_eq!(shape, [(1000, 64), (1064, 36), (1100, 50)]);
+        let back: Vec<Statement> = first
+            .iter()
+            .chain(&second)
+            .flat_map(|c| decode(&c.bytes).unwrap())
+            .collect();
+        assert_eq!(back, list);
+        let mut whole = Vec::new();
+        encode(&list[..64], &mut whole);
+        assert_eq!(
+            first[0].bytes, whole,
+            "the same bytes as a record encoded at once"
+        );
     }
 
     #[test]
