@@ -26,8 +26,7 @@ pub const PER_RECORD: u32 = 64;
 
 /// Appends the record of `list` to `out`.
 pub fn encode(list: &[Statement], out: &mut Vec<u8>) {
-    out.push(FORMAT);
-    varint(out, list.len() as u64);
+    header(out, list.len() as u64);
     for s in list {
         statement(out, s);
     }
@@ -74,8 +73,7 @@ impl Records {
             return;
         };
         let mut bytes = Vec::with_capacity(self.body.len() + 6);
-        bytes.push(FORMAT);
-        varint(&mut bytes, count.into());
+        header(&mut bytes, count.into());
         bytes.extend_from_slice(&self.body);
         self.body.clear();
         self.sealed.push(Chunk {
@@ -84,6 +82,12 @@ impl Records {
             bytes,
         });
     }
+}
+
+/// Starts a record of `count` statements.
+fn header(out: &mut Vec<u8>, count: u64) {
+    out.push(FORMAT);
+    varint(out, count);
 }
 
 /// Appends one statement of a record.

@@ -552,6 +552,21 @@ mod tests {
             .collect()
     }
 
+    /// `quiet` busy looks at `rate` in which the climber stays, then one in
+    /// which it takes `then`.
+    fn quiet_then(
+        c: &mut Climber,
+        from: u64,
+        active: &mut usize,
+        (rate, quiet): (f64, usize),
+        then: Step,
+    ) {
+        let mut want = vec![Step::Stay; quiet];
+        want.push(then);
+        let looks = vec![busy(rate); quiet + 1];
+        assert_eq!(climb(c, from, active, &looks), want, "from look {from}");
+    }
+
     #[test]
     fn trials_keep_one_more_loop_only_if_more_bytes_move_and_one_fewer_unless_fewer_do() {
         use Step::*;
@@ -560,10 +575,7 @@ mod tests {
         let rate = |r: f64, k: usize| vec![busy(r); k];
         // Busy at a steady rate for five looks: one more loop is tried;
         // the look after the move only settles; four looks at 20% more keep it.
-        assert_eq!(
-            climb(&mut c, 1, &mut active, &rate(100.0, 5)),
-            [Stay, Stay, Stay, Stay, Spread { from: 0 }]
-        );
+        quiet_then(&mut c, 1, &mut active, (100.0, 4), Spread { from: 0 });
         let steps = climb(
             &mut c,
             6,
@@ -579,50 +591,26 @@ mod tests {
         assert_eq!((steps, active), (vec![Stay; 5], 2));
         // `retry_after` looks later, one fewer is tried (trials alternate);
         // 100 against 120 is a clear loss, so the loop comes back.
-        assert!(climb(&mut c, 11, &mut active, &rate(120.0, 19))
-            .iter()
-            .all(|s| *s == Stay));
-        assert_eq!(climb(&mut c, 30, &mut active, &rate(120.0, 1)), [Gather]);
+        quiet_then(&mut c, 11, &mut active, (120.0, 19), Gather);
         let steps = climb(&mut c, 31, &mut active, &rate(100.0, 5));
         assert_eq!((steps.last(), active), (Some(&Spread { from: 0 }), 2));
         // A failed trial doubles the wait. One more loop that moves 4% more
         // is not worth it.
-        assert!(climb(&mut c, 36, &mut active, &rate(120.0, 19))
-            .iter()
-            .all(|s| *s == Stay));
-        assert_eq!(
-            climb(&mut c, 55, &mut active, &rate(120.0, 1)),
-            [Spread { from: 0 }]
-        );
+        quiet_then(&mut c, 36, &mut active, (120.0, 19), Spread { from: 0 });
         let steps = climb(&mut c, 56, &mut active, &rate(125.0, 5));
         assert_eq!((steps.last(), active), (Some(&Gather), 2));
         // Twice as long again; then one fewer loop that moves only a
         // little less is kept.
-        assert!(climb(&mut c, 61, &mut active, &rate(120.0, 39))
-            .iter()
-            .all(|s| *s == Stay));
-        assert_eq!(climb(&mut c, 100, &mut active, &rate(120.0, 1)), [Gather]);
+        quiet_then(&mut c, 61, &mut active, (120.0, 39), Gather);
         let steps = climb(&mut c, 101, &mut active, &rate(118.0, 5));
         assert_eq!((steps, active), (vec![Stay; 5], 1));
         // A failed trial's wait outlasts the connections: after every one
         // has closed (the balancer pauses), new ones find the same wait.
-        assert!(climb(&mut c, 106, &mut active, &rate(120.0, 19))
-            .iter()
-            .all(|s| *s == Stay));
-        assert_eq!(
-            climb(&mut c, 125, &mut active, &rate(120.0, 1)),
-            [Spread { from: 0 }]
-        );
+        quiet_then(&mut c, 106, &mut active, (120.0, 19), Spread { from: 0 });
         let steps = climb(&mut c, 126, &mut active, &rate(100.0, 5));
         assert_eq!((steps.last(), active), (Some(&Gather), 1));
         c.pause();
-        assert!(climb(&mut c, 131, &mut active, &rate(100.0, 19))
-            .iter()
-            .all(|s| *s == Stay));
-        assert_eq!(
-            climb(&mut c, 150, &mut active, &rate(100.0, 1)),
-            [Spread { from: 0 }]
-        );
+        quiet_then(&mut c, 131, &mut active, (100.0, 19), Spread { from: 0 });
         // A trial under way when the connections closed is void: not
         // judged, and the next may start once the rate is steady again.
         c.pause();
