@@ -370,12 +370,13 @@ pub fn bare(to: std::net::SocketAddr, threads: usize) -> io::Result<()> {
                 continue;
             }
         };
-        let Ok(upstream) = TcpStream::connect(to) else {
+        let (Ok(upstream), Ok(from)) = (TcpStream::connect(to), client.peer_addr()) else {
             continue; // the client sees its connection closed
         };
-        for s in [&client, &upstream] {
+        for (s, peer) in [(&client, from), (&upstream, to)] {
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
+            super::local_hop(s, peer);
         }
         loops.submit(Box::new(Tcp::new(client, upstream, Box::new(|_| {}))));
     }
