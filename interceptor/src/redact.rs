@@ -519,7 +519,10 @@ mod tests {
             }
             taken += usize::from(same(&text));
         }
-        assert!(taken > 2_000, "only {taken} random texts took the common path");
+        assert!(
+            taken > 2_000,
+            "only {taken} random texts took the common path"
+        );
     }
 
     /// Texts where a scanner that drew a literal's or comment's end other

@@ -1021,6 +1021,45 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
         }
     }
     assert!(denied >= 15, "{denied} refusals recorded");
+    // Every run of a prepared statement is recorded: pgbench -M prepared
+    // parses its SELECT once (named) and runs it once per transaction, each
+    // run an `execute` event.
+    let mut runs: Vec<usize> = all
+        .iter()
+        .map(|x| {
+            let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+            let events = v["statement_events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            // The named statement pgbench prepares (-M extended's is unnamed).
+            let Some(name) = events.iter().find_map(|st| {
+                let named = st["kind"] == "parse" && !s(&st["name"]).is_empty();
+                (named && s(&st["text"]).starts_with("SELECT abalance")).then(|| st["name"].clone())
+            }) else {
+                return 0;
+            };
+            events
+                .iter()
+                .filter(|st| {
+                    st["kind"] == "execute"
+                        && st["name"] == name
+                        && s(&st["text"]).contains("abalance")
+                        && st["rows"] == 1
+                        && st["class"] == "read"
+                })
+                .count()
+        })
+        .filter(|&n| n > 0)
+        .collect();
+    runs.sort();
+    // -S -t 20, then the two clients of -c 2 -t 25 (TPC-B reads the balance too).
+    assert_eq!(
+        runs,
+        vec![20, 25, 25],
+        "runs of SELECT abalance recorded per prepared session"
+    );
 
     // Ctrl-C in psql cancels the running query through the agent: the
     // CancelRequest travels on its own connection to the same backend.

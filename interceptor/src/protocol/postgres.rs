@@ -92,7 +92,9 @@ pub struct Statement {
     /// When it was sent, in microseconds since the epoch (RFC 3339 in JSON).
     #[serde(with = "crate::record::micros_as_rfc3339")]
     pub at: u64,
-    /// `query` (simple protocol), `parse` (extended protocol), `bind` or `function`.
+    /// `query` (simple protocol), `parse` (extended protocol), `execute` (a
+    /// prepared statement run again, in a later batch than its `parse`),
+    /// `bind` or `function`.
     pub kind: Cow<'static, str>,
     /// Prepared statement name (extended protocol; empty = unnamed).
     pub name: Option<String>,
@@ -182,6 +184,8 @@ struct Batch {
     /// Values masked in this batch.
     masked: u32,
     next_seq: u32,
+    /// ReadyForQuery answers so far: which batch is open.
+    round: u64,
     /// Answered statements, encoded as they complete.
     done: crate::record::codec::Records,
     shapes: Shapes,
@@ -306,7 +310,9 @@ struct Shapes {
     describes: VecDeque<Described>,
     executes: VecDeque<String>,
     portal_stmt: HashMap<String, String>,
-    stmt_class: HashMap<String, Arc<Classification>>,
+    stmts: HashMap<String, Prepared>,
+    /// Bytes of statement text held in `stmts`.
+    stmt_bytes: usize,
     stmt_cols: HashMap<String, Arc<Vec<Column>>>,
     portal_cols: HashMap<String, Arc<Vec<Column>>>,
     /// Plan of the rows now arriving, once known.
@@ -314,6 +320,71 @@ struct Shapes {
     /// Results (CommandComplete, EmptyQueryResponse) since ReadyForQuery:
     /// which statement of a simple query the next rows belong to.
     results: usize,
+}
+
+/// A statement the server holds (its Parse was let through), as its
+/// executions are recorded.
+struct Prepared {
+    class: Arc<Classification>,
+    /// As recorded (secrets redacted).
+    text: Arc<str>,
+    decision: Option<Action>,
+    rule: Option<Arc<str>>,
+    /// The batch its Parse came in, until an Execute in that batch: the
+    /// Parse's record stands for that first run.
+    first_run: Option<u64>,
+}
+
+/// Most statement text remembered for recording executions, per
+/// connection; past this the statements are forgotten (their executions
+/// are recorded as of an unknown statement).
+const MAX_STMT_BYTES: usize = 8 << 20;
+
+impl Shapes {
+    /// The server now holds `p` as `name` (a Parse let through).
+    fn prepared(&mut self, name: &str, p: Prepared) {
+        self.stmt_cols.remove(name);
+        self.stmt_bytes += p.text.len();
+        if self.stmt_bytes > MAX_STMT_BYTES {
+            self.stmts.clear();
+            self.stmt_bytes = p.text.len();
+        }
+        if let Some(old) = self.stmts.get_mut(name) {
+            self.stmt_bytes -= old.text.len();
+            *old = p;
+            return;
+        }
+        if self.stmts.len() >= MAX_NAMES {
+            self.stmts.clear();
+            self.stmt_bytes = p.text.len();
+        }
+        self.stmts.insert(name.to_owned(), p);
+    }
+
+    /// The server does not hold `name` (any more), or not as we knew it.
+    fn forget(&mut self, name: &str) {
+        self.stmt_cols.remove(name);
+        if let Some(old) = self.stmts.remove(name) {
+            self.stmt_bytes -= old.text.len();
+        }
+    }
+
+    /// Which statement the server holds under which name is not known.
+    fn forget_all(&mut self) {
+        self.stmts.clear();
+        self.stmt_cols.clear();
+        self.stmt_bytes = 0;
+    }
+
+    /// Portal `portal` now runs statement `stmt` (a Bind).
+    fn bound(&mut self, portal: &str, stmt: &str) {
+        self.portal_cols.remove(portal);
+        match self.portal_stmt.get_mut(portal) {
+            Some(s) if s == stmt => {}
+            Some(s) => stmt.clone_into(s),
+            None => bounded_insert(&mut self.portal_stmt, portal.to_owned(), stmt.to_owned()),
+        }
+    }
 }
 
 /// What the statements of one connection named, for results whose own
@@ -348,6 +419,49 @@ impl Learned {
 }
 
 impl Batch {
+    /// An Execute of `portal` (`None`: unreadable): recorded as a run of
+    /// the statement it was bound to, unless that statement's Parse came
+    /// in this batch and this is its first run (the Parse's record stands
+    /// for it).
+    fn executed(&mut self, portal: Option<&str>) {
+        let stmt = portal.and_then(|p| self.shapes.portal_stmt.get(p));
+        let (name, st) = match stmt.map(|n| (n, self.shapes.stmts.get_mut(n))) {
+            Some((_, Some(p))) if p.first_run == Some(self.round) => {
+                p.first_run = None;
+                return;
+            }
+            Some((name, Some(p))) => {
+                p.first_run = None;
+                let st = Statement {
+                    tables: p.class.tables.clone(),
+                    decision: p.decision,
+                    rule: p.rule.clone(),
+                    ..Statement::new(
+                        "execute",
+                        Some(name.clone()),
+                        p.text.to_string(),
+                        p.class.class,
+                    )
+                };
+                let c = p.class.clone();
+                self.push(st, Some(c));
+                return;
+            }
+            Some((name, None)) => {
+                let text = format!("<execute of statement \"{name}\", whose text is not known>");
+                (Some(name.clone()), text)
+            }
+            None => {
+                let text = match portal {
+                    Some(p) => format!("<execute of portal \"{p}\", whose statement is not known>"),
+                    None => "<execute of an unreadable portal>".to_owned(),
+                };
+                (None, text)
+            }
+        };
+        self.push(Statement::new("execute", name, st, Class::Unknown), None);
+    }
+
     /// Numbers `st` and queues it until the server's ReadyForQuery.
     fn push(&mut self, mut st: Statement, c: Option<Arc<Classification>>) {
         st.seq = self.next_seq;
@@ -426,13 +540,38 @@ impl State {
             true => text.to_owned(),
             false => crate::redact::redact_sql(text),
         };
+        // A Parse names the statement the server will hold (none: the
+        // Parse was too large to read its name).
+        let prepared = (kind == "parse").then(|| name.clone());
         let st = Statement {
             tables: c.tables.clone(),
             decision: action,
             rule,
             ..Statement::new(kind, name, recorded, c.class)
         };
-        self.batch().push(st, Some(c));
+        let mut b = self.batch();
+        if let Some(Some(stmt)) = prepared {
+            match refused {
+                None => {
+                    let p = Prepared {
+                        class: c.clone(),
+                        text: Arc::from(st.text.as_str()),
+                        decision: st.decision,
+                        rule: st.rule.clone(),
+                        first_run: Some(b.round),
+                    };
+                    b.shapes.prepared(&stmt, p);
+                }
+                // The server gets the refusal as its unnamed statement.
+                Some(_) => {
+                    b.shapes.forget(&stmt);
+                    b.shapes.forget("");
+                }
+            }
+        } else if prepared.is_some() {
+            b.shapes.forget_all();
+        }
+        b.push(st, Some(c));
         refused
     }
 
@@ -519,6 +658,7 @@ impl State {
     /// ReadyForQuery: everything pending is complete.
     fn ready(&self) {
         let mut b = self.batch();
+        b.round += 1;
         b.swallow = 0;
         b.shapes.describes.clear();
         b.shapes.executes.clear();
@@ -574,9 +714,9 @@ impl State {
         let mut b = self.batch();
         let class = b
             .shapes
-            .stmt_class
+            .stmts
             .get(&stmt)
-            .map_or(Class::Unknown, |c| c.class);
+            .map_or(Class::Unknown, |p| p.class.class);
         let text = format!("<bind to statement \"{stmt}\">");
         b.push(
             Statement {
@@ -708,7 +848,10 @@ impl State {
                                         .get(portal)
                                         .or_else(|| stmt.and_then(|s| sh.stmt_cols.get(s)))
                                         .cloned();
-                                    (cols, stmt.and_then(|s| sh.stmt_class.get(s)).cloned())
+                                    (
+                                        cols,
+                                        stmt.and_then(|s| sh.stmts.get(s)).map(|p| p.class.clone()),
+                                    )
                                 }
                                 None => (None, None),
                             }
@@ -733,29 +876,38 @@ impl State {
         }
     }
 
-    /// Frontend bookkeeping of Parse/Bind/Describe/Execute for masking.
-    fn note_frontend(&self, ty: u8, body: &[u8], parsed: Option<(&str, Arc<Classification>)>) {
+    /// Frontend bookkeeping of Bind, Execute and Close (which statement
+    /// each portal runs; each execution recorded) and, for masking, of
+    /// Describe and Execute (whose rows arrive next).
+    fn note_frontend(&self, ty: u8, body: &[u8], masking: bool) {
         let mut b = self.batch();
-        let sh = &mut b.shapes;
         match ty {
-            b'P' => {
-                if let Some((name, c)) = parsed {
-                    sh.stmt_cols.remove(name);
-                    bounded_insert(&mut sh.stmt_class, name.to_owned(), c);
-                }
-            }
             b'B' => {
                 if let Some((portal, rest)) = cstr(body) {
                     if let Some((stmt, _)) = cstr(rest) {
-                        sh.portal_cols.remove(portal);
-                        bounded_insert(&mut sh.portal_stmt, portal.to_owned(), stmt.to_owned());
+                        b.shapes.bound(portal, stmt);
                     }
                 }
             }
-            b'D' => {
+            b'E' => {
+                let portal = cstr(body).map(|(p, _)| p);
+                b.executed(portal);
+                if let (true, Some(portal)) = (masking, portal) {
+                    b.shapes.executes.push_back(portal.into());
+                }
+            }
+            b'C' => match body.split_first().map(|(k, rest)| (*k, cstr(rest))) {
+                Some((b'S', Some((name, _)))) => b.shapes.forget(name),
+                Some((b'P', Some((name, _)))) => {
+                    b.shapes.portal_stmt.remove(name);
+                    b.shapes.portal_cols.remove(name);
+                }
+                _ => {}
+            },
+            b'D' if masking => {
                 if let Some((&kind, rest)) = body.split_first() {
                     if let Some((name, _)) = cstr(rest) {
-                        sh.describes.push_back(if kind == b'S' {
+                        b.shapes.describes.push_back(if kind == b'S' {
                             Described::Statement(name.into())
                         } else {
                             Described::Portal(name.into())
@@ -763,13 +915,16 @@ impl State {
                     }
                 }
             }
-            b'E' => {
-                if let Some((portal, _)) = cstr(body) {
-                    sh.executes.push_back(portal.into());
-                }
-            }
             _ => {}
         }
+    }
+
+    /// A Bind or Close too large to inspect went by: which statement any
+    /// portal runs is no longer known (nor, for masking, its columns).
+    fn portals_unknown(&self) {
+        let mut b = self.batch();
+        b.shapes.portal_stmt.clear();
+        b.shapes.portal_cols.clear();
     }
 
     /// Statements answered since the last take, in their stored form.
@@ -1414,6 +1569,165 @@ mod tests {
         assert_eq!(done[0].text, "ALTER ROLE bob PASSWORD '***'");
         assert_eq!(done[0].tags, vec!["ALTER ROLE".to_string()]);
         assert_eq!(done[0].class, Class::Admin);
+    }
+
+    /// Each run of a prepared statement is recorded: as the Parse's own
+    /// record for a first run in the Parse's batch, as an `execute` (with
+    /// the statement's text, class, decision and rule, and that batch's
+    /// answer) for every other. Runs whose statement or portal the agent
+    /// cannot know are recorded as such.
+    #[test]
+    fn executions_of_prepared_statements_are_recorded() {
+        use engine::{Backend, Frontend};
+        let state = gated(policy(
+            "exec",
+            "[[rule]]\nid = \"reads\"\non = \"statement\"\nworkloads = [\"w\"]\ntargets = [\"t\"]\naction = \"allow\"\n",
+        ));
+        let (mut f, mut b) = (Frontend::default(), Backend::default());
+        let mut client: Vec<u8> = [0, 0, 0, 18, 0, 3, 0, 0].to_vec();
+        client.extend_from_slice(b"user\0bob\0\0");
+        let sync = msg(b'S', b"");
+        let bind = |stmt: &str| {
+            let mut body = format!("\0{stmt}\0").into_bytes();
+            body.extend_from_slice(b"\0\0\0\x01\0\0\0\x017\0\0");
+            msg(b'B', &body)
+        };
+        let exec = |portal: &str| msg(b'E', format!("{portal}\0\0\0\0\0").as_bytes());
+        let ready = msg(b'Z', b"I");
+        let (row, select) = (msg(b'D', b"\0\x01\0\0\0\x017"), msg(b'C', b"SELECT 1\0"));
+        let read = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+        let write = "UPDATE t SET x = 'secret' WHERE y = $1";
+        // (what the client sends, what the server answers), batch by batch
+        type Batches = Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)>;
+        let batches: Batches = vec![
+            // Prepared on its own (pgbench -M prepared), then run twice.
+            (
+                vec![
+                    msg(b'P', format!("s1\0{read}\0\0\0").as_bytes()),
+                    sync.clone(),
+                ],
+                vec![msg(b'1', b""), ready.clone()],
+            ),
+            (
+                vec![bind("s1"), exec(""), sync.clone()],
+                vec![msg(b'2', b""), row.clone(), select.clone(), ready.clone()],
+            ),
+            (
+                vec![bind("s1"), exec(""), sync.clone()],
+                vec![msg(b'2', b""), row.clone(), select.clone(), ready.clone()],
+            ),
+            // Parsed and run in one batch (pgbench -M extended), then run again.
+            (
+                vec![
+                    msg(b'P', format!("\0{write}\0\0\0").as_bytes()),
+                    bind(""),
+                    exec(""),
+                    sync.clone(),
+                ],
+                vec![
+                    msg(b'1', b""),
+                    msg(b'2', b""),
+                    msg(b'C', b"UPDATE 3\0"),
+                    ready.clone(),
+                ],
+            ),
+            (
+                vec![bind(""), exec(""), sync.clone()],
+                vec![msg(b'2', b""), msg(b'C', b"UPDATE 3\0"), ready.clone()],
+            ),
+            // Closed, then bound again: the server says it does not exist.
+            (
+                vec![msg(b'C', b"Ss1\0"), sync.clone()],
+                vec![msg(b'3', b""), ready.clone()],
+            ),
+            (
+                vec![bind("s1"), exec(""), sync.clone()],
+                vec![msg(b'E', b"SERROR\0C26000\0Mno s1\0\0"), ready.clone()],
+            ),
+            // A portal never bound.
+            (
+                vec![exec("nope"), sync.clone()],
+                vec![msg(b'E', b"SERROR\0C34000\0Mno nope\0\0"), ready.clone()],
+            ),
+        ];
+        let (mut inp, mut to_server, mut to_client) =
+            (BytesMut::new(), BytesMut::new(), BytesMut::new());
+        inp.extend_from_slice(&client);
+        f.feed(&mut inp, &mut to_server, &mut to_client, &state)
+            .unwrap();
+        for (from_client, from_server) in batches {
+            let sent = from_client.concat();
+            inp.extend_from_slice(&sent);
+            to_server.clear();
+            f.feed(&mut inp, &mut to_server, &mut to_client, &state)
+                .unwrap();
+            assert_eq!(&to_server[..], &sent[..], "relayed unchanged");
+            let answer = from_server.concat();
+            inp.extend_from_slice(&answer);
+            to_client.clear();
+            b.feed(&mut inp, &mut to_client, &state).unwrap();
+            assert_eq!(&to_client[..], &answer[..], "relayed unchanged");
+        }
+        let done = state.take_done();
+        // kind, name, text, rows, error
+        type Seen<'a> = (
+            &'a str,
+            Option<&'a str>,
+            &'a str,
+            Option<u64>,
+            Option<&'a str>,
+        );
+        let seen: Vec<Seen> = done
+            .iter()
+            .map(|s| {
+                (
+                    &*s.kind,
+                    s.name.as_deref(),
+                    s.text.as_str(),
+                    s.rows,
+                    s.error.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("parse", Some("s1"), read, None, None),
+                ("execute", Some("s1"), read, Some(1), None),
+                ("execute", Some("s1"), read, Some(1), None),
+                (
+                    "parse",
+                    Some(""),
+                    "UPDATE t SET x = 'secret' WHERE y = $1",
+                    Some(3),
+                    None
+                ),
+                ("execute", Some(""), write, Some(3), None),
+                (
+                    "execute",
+                    Some("s1"),
+                    "<execute of statement \"s1\", whose text is not known>",
+                    None,
+                    Some("26000")
+                ),
+                (
+                    "execute",
+                    None,
+                    "<execute of portal \"nope\", whose statement is not known>",
+                    None,
+                    Some("34000")
+                ),
+            ]
+        );
+        for s in &done[..5] {
+            assert_eq!(s.decision, Some(Action::Allow), "{s:?}");
+            assert_eq!(s.rule.as_deref(), Some("reads"), "{s:?}");
+            assert!(!s.tables.is_empty(), "{s:?}");
+        }
+        assert_eq!(done[1].class, Class::Read);
+        assert_eq!(done[4].class, Class::Write);
+        assert_eq!(done[1].tags, vec!["SELECT 1".to_string()]);
+        assert_eq!((done[5].class, done[5].decision), (Class::Unknown, None));
     }
 
     /// Whether a statement's text may hold a secret is cached with its

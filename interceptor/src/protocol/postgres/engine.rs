@@ -233,15 +233,22 @@ impl Frontend {
             ));
         }
         let masking = flags.masking;
-        let params = ty == b'B' && flags.record_parameters;
-        if (masking && matches!(ty, b'B' | b'D' | b'E') || params) && total <= MAX_INSPECT {
+        if matches!(ty, b'B' | b'E' | b'C') || masking && ty == b'D' {
+            if total > MAX_INSPECT {
+                // Whatever it names is lost with it.
+                match ty {
+                    b'E' => state.note_frontend(ty, &[], masking),
+                    b'D' => {}
+                    _ => state.portals_unknown(),
+                }
+                self.rest.start(input, total, to_server);
+                return Ok(true);
+            }
             if input.len() < total {
                 return Ok(false);
             }
-            if masking {
-                state.note_frontend(ty, &input[5..total], None);
-            }
-            if params {
+            state.note_frontend(ty, &input[5..total], masking);
+            if ty == b'B' && flags.record_parameters {
                 state.bind(&input[5..total]);
             }
             forward(input, total, to_server);
@@ -264,12 +271,7 @@ impl Frontend {
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
-                    let class = c.class.clone();
-                    let d = state.statement("parse", Some(name.into()), sql, Some(c), masking);
-                    if masking || flags.record_parameters {
-                        state.note_frontend(b'P', body, Some((name, class)));
-                    }
-                    d
+                    state.statement("parse", Some(name.into()), sql, Some(c), masking)
                 }
                 _ => {
                     if body.len() < 4 {
@@ -314,6 +316,9 @@ pub struct Backend {
     /// This connection carries a CancelRequest: the server's answer (it
     /// closes) is relayed as it is.
     cancel: bool,
+    /// The server has spoken: whether this is a cancel connection is known
+    /// (the client's first packet, which says so, reached the server first).
+    spoken: bool,
 }
 
 impl Backend {
@@ -324,7 +329,10 @@ impl Backend {
         to_client: &mut BytesMut,
         state: &State,
     ) -> Result<(), PgError> {
-        self.cancel = self.cancel || state.startup().cancel_request;
+        if !self.spoken {
+            self.spoken = true;
+            self.cancel = state.startup().cancel_request;
+        }
         if self.cancel {
             to_client.extend_from_slice(input);
             input.clear();
