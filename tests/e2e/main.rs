@@ -1016,7 +1016,11 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
                     st["rule"] == "no-ddl" || st["rule"] == "history-is-append-only",
                     "{st}"
                 );
-                assert_eq!(st["error"], "42501", "{st}");
+                // A run of a statement whose Parse was refused: the server
+                // fails its Bind first (no such statement).
+                let unknown_run = st["kind"] == "execute" && st["class"] == "unknown";
+                let code = if unknown_run { "26000" } else { "42501" };
+                assert_eq!(st["error"], code, "{st}");
             }
         }
     }
@@ -1445,6 +1449,82 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     assert!(
         params.contains(&&serde_json::json!(["\\x00000002"])),
         "{params:?}"
+    );
+
+    use std::io::{BufRead, Write};
+    // A prepared statement is decided at every run, under the policy in
+    // force then: one prepared while allowed and run again after a reload
+    // that denies it is refused there (the server's own error, the
+    // connection still usable), and every run is recorded.
+    let script = "import asyncio, asyncpg, sys\n\
+        async def main():\n\
+        \x20   c = await asyncpg.connect(host='127.0.0.1', port=int(sys.argv[1]), user='postgres', password=sys.argv[2], database='postgres', ssl=False)\n\
+        \x20   st = await c.prepare('select count(*) from customers where id > $1')\n\
+        \x20   print(await st.fetchval(0), flush=True)\n\
+        \x20   sys.stdin.readline()\n\
+        \x20   try:\n\
+        \x20       print('ran', await st.fetchval(0), flush=True)\n\
+        \x20   except asyncpg.PostgresError as e:\n\
+        \x20       print(e.sqlstate, str(e).splitlines()[0], flush=True)\n\
+        \x20   print(await c.fetchval('select 7'), flush=True)\n\
+        asyncio.run(main())\n";
+    let mut child = pg_tool_command(&agent, "python3", &["-c", script, &port, pg::PASSWORD])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "2", "the first run is allowed");
+    std::fs::write(
+        agent.dir.join("policy.toml"),
+        format!(
+            "[[rule]]\nid = \"customers-closed\"\non = \"statement\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\n\
+             tables = [\"public.customers\"]\naction = \"deny\"\n\n{APP_DB}"
+        ),
+    )
+    .unwrap();
+    agent.reload();
+    writeln!(child.stdin.as_mut().unwrap()).unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rest.len(), 2, "{rest:?}");
+    assert!(
+        rest[0].starts_with("42501 ") && rest[0].contains("denied by rule \"customers-closed\""),
+        "{rest:?}"
+    );
+    assert_eq!(rest[1], "7", "the connection stays usable");
+    // asyncpg prepares (Parse, Describe, Flush) and runs in one batch: the
+    // Parse's record stands for the first run; the second run is an
+    // `execute` of its own.
+    let counted = "select count(*) from customers where id > $1";
+    let runs = events_of_kind_until(&agent, "execute", |e| {
+        e.iter().any(|x| x["rule"] == "customers-closed")
+    });
+    let runs: Vec<&serde_json::Value> = runs.iter().filter(|x| s(&x["text"]) == counted).collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(
+        (&runs[0]["decision"], &runs[0]["error"], &runs[0]["tags"]),
+        (
+            &serde_json::json!("deny"),
+            &serde_json::json!("42501"),
+            &serde_json::json!([])
+        )
+    );
+    let parses = events_of_kind(&agent, "parse");
+    let parsed: Vec<&serde_json::Value> =
+        parses.iter().filter(|x| s(&x["text"]) == counted).collect();
+    assert_eq!(parsed.len(), 1, "{parsed:?}");
+    // fetchval asks for one row: the server suspends the portal (no tag).
+    assert_eq!(
+        (&parsed[0]["decision"], &parsed[0]["error"]),
+        (&serde_json::json!("allow"), &serde_json::Value::Null)
     );
     drop(agent);
     drop(db);

@@ -26,7 +26,10 @@ use std::{
     borrow::Cow,
     collections::{HashMap, VecDeque},
     io,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::Instant,
 };
 
@@ -174,24 +177,60 @@ pub struct Startup {
 #[derive(Default)]
 struct Batch {
     /// ParseComplete/BindComplete answers to messages the agent injected
-    /// in place of a denied Parse: swallowed, the client never sent them.
-    swallow: u32,
-    /// Statements sent and not yet answered, with when they were sent and
-    /// what they were classified as.
-    pending: VecDeque<(Statement, Instant, Option<Arc<Classification>>)>,
-    tags: Vec<String>,
-    error: Option<String>,
-    /// Values masked in this batch.
-    masked: u32,
+    /// in place of a denied Parse or Execute: swallowed, the client never
+    /// sent them. How many, per client batch (see [`State::batches`]).
+    swallow: VecDeque<(u64, u32)>,
+    /// Statements sent and not yet answered, oldest first.
+    pending: VecDeque<Pending>,
+    /// ReadyForQuery answers so far: the client batch being answered (see
+    /// [`State::batches`]).
+    answered: u64,
+    /// Index in `pending` of the first statement of that batch whose
+    /// answer is not complete.
+    answering: usize,
+    /// The first error of that batch, and the index it came at: the
+    /// statements from there on did not run.
+    failed: Option<(usize, String)>,
     next_seq: u32,
-    /// ReadyForQuery answers so far: which batch is open.
-    round: u64,
+    /// The server skips the client's messages until its next Sync (a
+    /// refusal took the place of a Parse or Execute): they neither run
+    /// nor bind anything.
+    skipping: bool,
     /// Answered statements, encoded as they complete.
     done: crate::record::codec::Records,
     shapes: Shapes,
     /// How the server reads statement text, as it last reported.
     lexing: Lexing,
 }
+
+/// A statement waiting for its batch's ReadyForQuery.
+struct Pending {
+    st: Statement,
+    sent: Instant,
+    class: Option<Arc<Classification>>,
+    /// The client batch it came in (see [`State::batches`]).
+    batch: u64,
+    answers: Answers,
+}
+
+/// Which of its batch's results (CommandComplete, EmptyQueryResponse,
+/// PortalSuspended) are a statement's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answers {
+    /// None: a Parse not run in its batch, a Bind, a startup setting, a
+    /// function call (whose answer is not a command result).
+    Nothing,
+    /// The next one: an Execute, or a Parse run in its own batch.
+    One,
+    /// Every one until ReadyForQuery: a simple Query (each of its
+    /// statements has one).
+    All,
+}
+
+/// Most statements waiting for an answer per connection; past this the
+/// oldest is recorded unanswered (a client that never syncs cannot make
+/// the agent hold more).
+const MAX_PENDING: usize = 10_000;
 
 /// The settings that change where PostgreSQL's scanner ends a literal, as
 /// the server reports them in ParameterStatus (`None`: not reported yet).
@@ -228,6 +267,10 @@ pub struct State {
     learned: Mutex<Learned>,
     /// The policy last consulted, and what it said of this connection.
     flags: Mutex<Option<(Arc<Policy>, Flags)>>,
+    /// Batches the client has closed (its startup packet, each Sync, Query
+    /// and FunctionCall, each answered by one ReadyForQuery): which batch
+    /// its messages belong to. Written by the relay loop alone.
+    batches: AtomicU64,
 }
 
 /// Per-connection answers of one policy.
@@ -328,10 +371,9 @@ struct Prepared {
     class: Arc<Classification>,
     /// As recorded (secrets redacted).
     text: Arc<str>,
-    decision: Option<Action>,
-    rule: Option<Arc<str>>,
-    /// The batch its Parse came in, until an Execute in that batch: the
-    /// Parse's record stands for that first run.
+    /// The batch its Parse came in (see [`State::batches`]), until
+    /// an Execute in that batch: the Parse's record stands for that first
+    /// run.
     first_run: Option<u64>,
 }
 
@@ -419,54 +461,139 @@ impl Learned {
 }
 
 impl Batch {
-    /// An Execute of `portal` (`None`: unreadable): recorded as a run of
-    /// the statement it was bound to, unless that statement's Parse came
-    /// in this batch and this is its first run (the Parse's record stands
-    /// for it).
-    fn executed(&mut self, portal: Option<&str>) {
+    /// What an Execute of `portal` (`None`: unreadable) runs: the name,
+    /// text (as recorded) and classification of the statement it was bound
+    /// to, or text saying what is not known (classified `unknown`). `None`
+    /// for the first run of a statement whose Parse came in this batch: the
+    /// Parse was decided and recorded for it.
+    fn run_of(
+        &mut self,
+        portal: Option<&str>,
+        batch: u64,
+    ) -> Option<(Option<String>, String, Arc<Classification>)> {
         let stmt = portal.and_then(|p| self.shapes.portal_stmt.get(p));
-        let (name, st) = match stmt.map(|n| (n, self.shapes.stmts.get_mut(n))) {
-            Some((_, Some(p))) if p.first_run == Some(self.round) => {
+        match stmt.map(|n| (n, self.shapes.stmts.get_mut(n))) {
+            Some((name, Some(p))) if p.first_run == Some(batch) => {
                 p.first_run = None;
-                return;
+                // Its Parse's record takes this run's answer.
+                let parse = self.pending.iter_mut().rev().find(|e| {
+                    e.batch == batch && e.st.kind == "parse" && e.st.name.as_deref() == Some(name)
+                });
+                if let Some(e) = parse {
+                    e.answers = Answers::One;
+                }
+                None
             }
             Some((name, Some(p))) => {
                 p.first_run = None;
-                let st = Statement {
-                    tables: p.class.tables.clone(),
-                    decision: p.decision,
-                    rule: p.rule.clone(),
-                    ..Statement::new(
-                        "execute",
-                        Some(name.clone()),
-                        p.text.to_string(),
-                        p.class.class,
-                    )
-                };
-                let c = p.class.clone();
-                self.push(st, Some(c));
-                return;
+                Some((Some(name.clone()), p.text.to_string(), p.class.clone()))
             }
             Some((name, None)) => {
                 let text = format!("<execute of statement \"{name}\", whose text is not known>");
-                (Some(name.clone()), text)
+                let c = Arc::new(not_sql(&text, Class::Unknown));
+                Some((Some(name.clone()), text, c))
             }
             None => {
                 let text = match portal {
                     Some(p) => format!("<execute of portal \"{p}\", whose statement is not known>"),
                     None => "<execute of an unreadable portal>".to_owned(),
                 };
-                (None, text)
+                let c = Arc::new(not_sql(&text, Class::Unknown));
+                Some((None, text, c))
             }
-        };
-        self.push(Statement::new("execute", name, st, Class::Unknown), None);
+        }
     }
 
-    /// Numbers `st` and queues it until the server's ReadyForQuery.
-    fn push(&mut self, mut st: Statement, c: Option<Arc<Classification>>) {
+    /// Numbers `st`, sent in client batch `batch`, and queues it until
+    /// that batch's ReadyForQuery.
+    fn push(
+        &mut self,
+        mut st: Statement,
+        class: Option<Arc<Classification>>,
+        batch: u64,
+        answers: Answers,
+    ) {
         st.seq = self.next_seq;
         self.next_seq += 1;
-        self.pending.push_back((st, Instant::now(), c));
+        if self.pending.len() >= MAX_PENDING {
+            if let Some(oldest) = self.pending.pop_front() {
+                self.done.push(&oldest.st);
+                self.answering = self.answering.saturating_sub(1);
+                if let Some((at, _)) = &mut self.failed {
+                    *at = at.saturating_sub(1);
+                }
+            }
+        }
+        self.pending.push_back(Pending {
+            st,
+            sent: Instant::now(),
+            class,
+            batch,
+            answers,
+        });
+    }
+
+    /// The statement the next result of the batch being answered belongs
+    /// to (past those that have none); `None`: one the agent does not
+    /// record (or after an error, which ends the batch's results).
+    fn answering(&mut self) -> Option<&mut Pending> {
+        let batch = self.answered;
+        let skip = self
+            .pending
+            .iter()
+            .skip(self.answering)
+            .take_while(|e| e.batch == batch)
+            .position(|e| e.answers != Answers::Nothing)?;
+        self.answering += skip;
+        self.pending.get_mut(self.answering)
+    }
+
+    /// A result: CommandComplete (with its tag), EmptyQueryResponse or
+    /// PortalSuspended.
+    fn result(&mut self, tag: Option<&str>) {
+        let Some(e) = self.answering() else {
+            return;
+        };
+        if let Some(tag) = tag {
+            e.st.tags.push(tag.to_owned());
+            e.st.rows = tag.rsplit(' ').next().and_then(|n| n.parse().ok());
+        }
+        if e.answers == Answers::One {
+            self.answering += 1;
+        }
+    }
+
+    /// An ErrorResponse: the statement whose answer is due failed (its
+    /// Parse, Bind or run), and the rest of its batch does not run.
+    fn error(&mut self, code: Option<String>) {
+        if self.failed.is_some() {
+            return;
+        }
+        let batch = self.answered;
+        let at = self.answering;
+        if let Some(e) = self.pending.get_mut(at).filter(|e| e.batch == batch) {
+            e.st.error = code.clone();
+        }
+        self.failed = code.map(|c| (at, c));
+    }
+
+    /// A ParseComplete or BindComplete: `true` if it answers a message the
+    /// agent injected (it does not reach the client).
+    fn swallowed(&mut self) -> bool {
+        match self.swallow.front_mut() {
+            Some((n, count)) if *n == self.answered && *count > 0 => {
+                *count -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Values masked in the result now arriving.
+    fn masked(&mut self, n: u32) {
+        if let Some(e) = self.answering() {
+            e.st.masked += n;
+        }
     }
 }
 
@@ -530,12 +657,7 @@ impl State {
         if masking {
             lock(&self.learned).learn(&c);
         }
-        // The rule's name goes into the record; a refusal keeps a copy.
-        let (action, rule, refused) = match decision {
-            Some(d) if d.action == Action::Allow => (Some(d.action), Some(d.rule), None),
-            Some(d) => (Some(d.action), Some(d.rule.clone()), Some(d)),
-            None => (None, None, None),
-        };
+        let (action, rule, refused) = verdict(decision);
         let recorded = match plain {
             true => text.to_owned(),
             false => crate::redact::redact_sql(text),
@@ -550,15 +672,16 @@ impl State {
             ..Statement::new(kind, name, recorded, c.class)
         };
         let mut b = self.batch();
-        if let Some(Some(stmt)) = prepared {
+        if b.skipping {
+            // The server does not prepare it (nor is a refusal's unnamed
+            // statement any different).
+        } else if let Some(Some(stmt)) = prepared {
             match refused {
                 None => {
                     let p = Prepared {
                         class: c.clone(),
                         text: Arc::from(st.text.as_str()),
-                        decision: st.decision,
-                        rule: st.rule.clone(),
-                        first_run: Some(b.round),
+                        first_run: Some(self.batches()),
                     };
                     b.shapes.prepared(&stmt, p);
                 }
@@ -571,7 +694,46 @@ impl State {
         } else if prepared.is_some() {
             b.shapes.forget_all();
         }
-        b.push(st, Some(c));
+        let answers = if kind == "query" {
+            Answers::All
+        } else {
+            Answers::Nothing
+        };
+        b.push(st, Some(c), self.batches(), answers);
+        if matches!(kind, "query" | "function") {
+            // A ReadyForQuery answers it alone.
+            self.batch_closed();
+        }
+        refused
+    }
+
+    /// An Execute of `portal` (`None`: unreadable): decided under the
+    /// policy now in force as the statement it runs (a policy reloaded
+    /// since the Parse applies), and recorded as a run of it (see
+    /// [`Batch::run_of`]). The decision if it is not allowed.
+    fn executed(&self, portal: Option<&str>, masking: bool) -> Option<Decision> {
+        let mut b = self.batch();
+        if b.skipping {
+            return None; // the server does not run it
+        }
+        if let (true, Some(portal)) = (masking, portal) {
+            // Its rows come next.
+            b.shapes.executes.push_back(portal.into());
+        }
+        let (name, text, c) = b.run_of(portal, self.batches())?;
+        let (action, rule, refused) = verdict(self.decide(&c, &text));
+        if refused.is_some() {
+            // The refusal takes the unnamed statement and portal.
+            b.shapes.forget("");
+            b.shapes.bound("", "");
+        }
+        let st = Statement {
+            tables: c.tables.clone(),
+            decision: action,
+            rule,
+            ..Statement::new("execute", name, text, c.class)
+        };
+        b.push(st, Some(c), self.batches(), Answers::One);
         refused
     }
 
@@ -658,31 +820,33 @@ impl State {
     /// ReadyForQuery: everything pending is complete.
     fn ready(&self) {
         let mut b = self.batch();
-        b.round += 1;
-        b.swallow = 0;
         b.shapes.describes.clear();
         b.shapes.executes.clear();
         b.shapes.plan = None;
-        let masked = std::mem::take(&mut b.masked);
-        let mut tags = std::mem::take(&mut b.tags);
-        let error = b.error.take();
-        let rows = tags.last().and_then(|t| t.rsplit(' ').next()?.parse().ok());
         let now = Instant::now();
         b.shapes.results = 0;
-        while let Some((mut s, started, _)) = b.pending.pop_front() {
-            s.duration_us = Some(now.duration_since(started).as_micros() as u64);
-            // The last statement of the batch takes the tags; others copy them.
-            s.tags = if b.pending.is_empty() {
-                std::mem::take(&mut tags)
-            } else {
-                tags.clone()
-            };
-            s.rows = rows;
-            s.error = error.clone();
-            s.masked = masked;
+        let failed = b.failed.take();
+        let batch = b.answered;
+        let mut k = 0;
+        while b.pending.front().is_some_and(|e| e.batch <= batch) {
+            let mut e = b.pending.pop_front().expect("checked above");
+            e.st.duration_us = Some(now.duration_since(e.sent).as_micros() as u64);
+            // What came after the error did not run: the error is theirs too.
+            if let Some((at, code)) = &failed {
+                if k >= *at && e.st.error.is_none() {
+                    e.st.error = Some(code.clone());
+                }
+            }
+            k += 1;
             // Encoded here and freed on this thread (see `Records`).
-            b.done.push(&s);
+            b.done.push(&e.st);
         }
+        // What the server skipped after an error is not coming.
+        while b.swallow.front().is_some_and(|(n, _)| *n <= batch) {
+            b.swallow.pop_front();
+        }
+        b.answered += 1;
+        b.answering = 0;
     }
 
     /// What the current policy says about this connection, worked out once
@@ -724,6 +888,8 @@ impl State {
                 ..Statement::new("bind", Some(stmt), text, class)
             },
             None,
+            self.batches(),
+            Answers::Nothing,
         );
     }
 
@@ -808,8 +974,8 @@ impl State {
                         let class = b
                             .pending
                             .iter()
-                            .find(|(st, ..)| st.kind == "query")
-                            .and_then(|(.., c)| c.clone());
+                            .find(|e| e.st.kind == "query")
+                            .and_then(|e| e.class.clone());
                         let k = b.shapes.results;
                         drop(b);
                         let plan = self.plan_for(Some(&cols), class.as_deref(), k);
@@ -824,6 +990,7 @@ impl State {
             }
             b's' | b'I' => {
                 let mut b = self.batch();
+                b.result(None);
                 b.shapes.plan = None;
                 b.shapes.executes.pop_front();
                 b.shapes.results += usize::from(ty == b'I');
@@ -870,7 +1037,7 @@ impl State {
                 };
                 let g = self.gate.as_ref().expect("masking implies a gate");
                 let (row, masked) = mask_row(body, &plan, &g.masker)?;
-                self.batch().masked += masked;
+                self.batch().masked(masked);
                 Ok(Some(row))
             }
         }
@@ -879,21 +1046,21 @@ impl State {
     /// Frontend bookkeeping of Bind, Execute and Close (which statement
     /// each portal runs; each execution recorded) and, for masking, of
     /// Describe and Execute (whose rows arrive next).
-    fn note_frontend(&self, ty: u8, body: &[u8], masking: bool) {
+    /// The decision on an Execute that is not allowed.
+    fn note_frontend(&self, ty: u8, body: &[u8], masking: bool) -> Option<Decision> {
+        if ty == b'E' {
+            return self.executed(cstr(body).map(|(p, _)| p), masking);
+        }
         let mut b = self.batch();
+        if b.skipping {
+            return None; // the server does not bind or close it
+        }
         match ty {
             b'B' => {
                 if let Some((portal, rest)) = cstr(body) {
                     if let Some((stmt, _)) = cstr(rest) {
                         b.shapes.bound(portal, stmt);
                     }
-                }
-            }
-            b'E' => {
-                let portal = cstr(body).map(|(p, _)| p);
-                b.executed(portal);
-                if let (true, Some(portal)) = (masking, portal) {
-                    b.shapes.executes.push_back(portal.into());
                 }
             }
             b'C' => match body.split_first().map(|(k, rest)| (*k, cstr(rest))) {
@@ -917,6 +1084,28 @@ impl State {
             }
             _ => {}
         }
+        None
+    }
+
+    /// The client sent Sync (`refused`: a refusal came since the last).
+    fn synced(&self, refused: bool) {
+        self.batch_closed();
+        if refused {
+            // The server reads its messages again.
+            self.batch().skipping = false;
+        }
+    }
+
+    /// The client's message just handled ends its batch: a ReadyForQuery
+    /// will answer it.
+    fn batch_closed(&self) {
+        let n = self.batches.load(Ordering::Relaxed);
+        self.batches.store(n + 1, Ordering::Relaxed);
+    }
+
+    /// Which batch of the client's is open.
+    fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
     }
 
     /// A Bind or Close too large to inspect went by: which statement any
@@ -946,7 +1135,7 @@ impl State {
     /// Statements still waiting for an answer (the connection ended first).
     pub fn take_pending(&self) -> Vec<Statement> {
         let mut b = self.batch();
-        b.pending.drain(..).map(|(s, ..)| s).collect()
+        b.pending.drain(..).map(|e| e.st).collect()
     }
 }
 
@@ -1049,6 +1238,16 @@ fn not_sql(text: &str, class: Class) -> Classification {
     }
 }
 
+/// A decision as recorded (action, and the rule's name), and as enforced
+/// (the decision itself when it is not allowed).
+fn verdict(decision: Option<Decision>) -> (Option<Action>, Option<Arc<str>>, Option<Decision>) {
+    match decision {
+        Some(d) if d.action == Action::Allow => (Some(d.action), Some(d.rule), None),
+        Some(d) => (Some(d.action), Some(d.rule.clone()), Some(d)),
+        None => (None, None, None),
+    }
+}
+
 /// SQL that makes the server itself raise the refusal (SQLSTATE 42501), so
 /// the error, the transaction state and the skip-until-Sync that follow are
 /// exactly the server's own.
@@ -1095,14 +1294,14 @@ fn put_message(out: &mut BytesMut, ty: u8, body: &[u8]) {
 
 /// What goes to the server instead of a denied message: a simple Query in
 /// place of a Query or FunctionCall (answered by ErrorResponse and
-/// ReadyForQuery, as theirs would be); in place of a Parse, an unnamed
-/// Parse, Bind and Execute of the same, whose ParseComplete and
-/// BindComplete are swallowed, so the client sees the error where its Parse
-/// failed and the server skips to Sync on its own.
+/// ReadyForQuery, as theirs would be); in place of a Parse or an Execute,
+/// an unnamed Parse, Bind and Execute of the same, whose ParseComplete and
+/// BindComplete are swallowed, so the client sees the error where its
+/// message failed and the server skips to Sync on its own.
 fn refusal(ty: u8, d: &Decision, state: &State) -> BytesMut {
     let sql = refusal_sql(d);
     let mut out = BytesMut::new();
-    if ty == b'P' {
+    if matches!(ty, b'P' | b'E') {
         let mut parse = Vec::with_capacity(sql.len() + 8);
         parse.push(0); // unnamed statement
         parse.extend_from_slice(sql.as_bytes());
@@ -1111,7 +1310,13 @@ fn refusal(ty: u8, d: &Decision, state: &State) -> BytesMut {
         // portal "", statement "", no formats, no parameters, no result formats
         put_message(&mut out, b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
         put_message(&mut out, b'E', &[0, 0, 0, 0, 0]);
-        state.batch().swallow += 2;
+        let mut b = state.batch();
+        let batch = state.batches();
+        match b.swallow.back_mut() {
+            Some((n, count)) if *n == batch => *count += 2,
+            _ => b.swallow.push_back((batch, 2)),
+        }
+        b.skipping = true;
     } else {
         let mut q = sql.into_bytes();
         q.push(0);
@@ -1358,7 +1563,8 @@ mod tests {
         assert!(sent.contains("denied by rule \"no-writes\""));
         assert!(to_server.ends_with(&[bind.clone(), exec.clone(), sync.clone()].concat()));
 
-        let mut server = Vec::new();
+        // The login's ReadyForQuery, then the batch's answer.
+        let mut server = msg(b'Z', b"I");
         server.extend(msg(b'1', b""));
         server.extend(msg(b'2', b""));
         let error = msg(
@@ -1369,7 +1575,7 @@ mod tests {
         server.extend(msg(b'Z', b"I"));
         let mut out = Vec::new();
         backend(&mut &server[..], &mut out, &state).await.unwrap();
-        assert_eq!(out, [error, msg(b'Z', b"I")].concat());
+        assert_eq!(out, [msg(b'Z', b"I"), error, msg(b'Z', b"I")].concat());
         let done = state.take_done();
         assert_eq!(done[0].decision, Some(Action::Deny));
         assert_eq!(done[0].rule.as_deref(), Some("no-writes"));
@@ -1557,8 +1763,9 @@ mod tests {
         );
         assert_eq!(state.startup().user.as_deref(), Some("bob"));
         assert!(state.startup().encryption_declined);
-        // The server answers; ReadyForQuery completes the statement.
-        let mut server = Vec::new();
+        // The server answers (after the login's ReadyForQuery); the next
+        // ReadyForQuery completes the statement.
+        let mut server = b"Z\0\0\0\x05I".to_vec();
         server.extend_from_slice(b"C\0\0\0\x0fALTER ROLE\0");
         server.extend_from_slice(b"Z\0\0\0\x05I");
         let mut out = Vec::new();
@@ -1579,10 +1786,9 @@ mod tests {
     #[test]
     fn executions_of_prepared_statements_are_recorded() {
         use engine::{Backend, Frontend};
-        let state = gated(policy(
-            "exec",
-            "[[rule]]\nid = \"reads\"\non = \"statement\"\nworkloads = [\"w\"]\ntargets = [\"t\"]\naction = \"allow\"\n",
-        ));
+        let allow = "[[rule]]\nid = \"reads\"\non = \"statement\"\nworkloads = [\"w\"]\ntargets = [\"t\"]\naction = \"allow\"\n";
+        let rules = policy("exec", allow);
+        let state = gated(rules.clone());
         let (mut f, mut b) = (Frontend::default(), Backend::default());
         let mut client: Vec<u8> = [0, 0, 0, 18, 0, 3, 0, 0].to_vec();
         client.extend_from_slice(b"user\0bob\0\0");
@@ -1655,6 +1861,9 @@ mod tests {
         inp.extend_from_slice(&client);
         f.feed(&mut inp, &mut to_server, &mut to_client, &state)
             .unwrap();
+        // The login's ReadyForQuery.
+        inp.extend_from_slice(&ready);
+        b.feed(&mut inp, &mut to_client, &state).unwrap();
         for (from_client, from_server) in batches {
             let sent = from_client.concat();
             inp.extend_from_slice(&sent);
@@ -1727,7 +1936,107 @@ mod tests {
         assert_eq!(done[1].class, Class::Read);
         assert_eq!(done[4].class, Class::Write);
         assert_eq!(done[1].tags, vec!["SELECT 1".to_string()]);
-        assert_eq!((done[5].class, done[5].decision), (Class::Unknown, None));
+        // What the agent cannot know is decided as `unknown`.
+        assert_eq!(done[5].class, Class::Unknown);
+        assert_eq!(done[5].decision, Some(Action::Allow));
+
+        // Prepared while allowed, run after a reload that denies it: the
+        // server gets the refusal in place of the Execute, and the client
+        // the server's own error where its Execute failed.
+        let exchange =
+            |inp: &mut BytesMut, f: &mut Frontend, b: &mut Backend, sent: &[u8], answer: &[u8]| {
+                let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+                inp.extend_from_slice(sent);
+                f.feed(inp, &mut to_server, &mut to_client, &state).unwrap();
+                inp.extend_from_slice(answer);
+                b.feed(inp, &mut to_client, &state).unwrap();
+                (to_server, to_client)
+            };
+        let parse = msg(b'P', format!("s2\0{read}\0\0\0").as_bytes());
+        let sent = [parse, sync.clone()].concat();
+        exchange(
+            &mut inp,
+            &mut f,
+            &mut b,
+            &sent,
+            &[msg(b'1', b""), ready.clone()].concat(),
+        );
+        let deny = "[[rule]]\nid = \"no-balances\"\non = \"statement\"\nworkloads = [\"w\"]\ntargets = [\"t\"]\n\
+                    tables = [\"public.pgbench_accounts\"]\naction = \"deny\"\n\n";
+        rules.store(policy("exec-reloaded", &format!("{deny}{allow}")).load_full());
+        let sent = [bind("s2"), exec(""), sync.clone()].concat();
+        let error = msg(b'E', b"SERROR\0C42501\0Minterceptor: statement denied\0\0");
+        let answer = [
+            msg(b'2', b""),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            error.clone(),
+            ready.clone(),
+        ];
+        let (to_server, to_client) = exchange(&mut inp, &mut f, &mut b, &sent, &answer.concat());
+        let relayed = String::from_utf8_lossy(&to_server);
+        assert!(to_server.starts_with(&bind("s2")), "{relayed}");
+        assert!(to_server.ends_with(&sync), "{relayed}");
+        assert!(
+            relayed.contains("RAISE EXCEPTION") && relayed.contains("no-balances"),
+            "{relayed}"
+        );
+        // The client's Execute is gone: the one left is the refusal's own.
+        let executes = to_server
+            .windows(exec("").len())
+            .filter(|w| *w == &exec("")[..]);
+        assert_eq!(executes.count(), 1, "{relayed}");
+        assert_eq!(
+            &to_client[..],
+            &[msg(b'2', b""), error, ready.clone()].concat()[..]
+        );
+        let done = state.take_done();
+        let last = done.last().unwrap();
+        assert_eq!(
+            (&*last.kind, last.name.as_deref(), last.text.as_str()),
+            ("execute", Some("s2"), read)
+        );
+        assert_eq!(last.decision, Some(Action::Deny));
+        assert_eq!(last.rule.as_deref(), Some("no-balances"));
+        assert_eq!(last.error.as_deref(), Some("42501"));
+
+        // Many runs in one batch (executemany) each take their own answer;
+        // so does a batch pipelined behind another.
+        rules.store(policy("exec-again", allow).load_full());
+        let insert = msg(b'P', b"s3\0INSERT INTO t VALUES ($1)\0\0\0");
+        let runs = [
+            bind("s3"),
+            exec(""),
+            bind("s3"),
+            exec(""),
+            bind("s3"),
+            exec(""),
+        ]
+        .concat();
+        let sent = [insert, sync.clone(), runs, sync.clone()].concat();
+        let inserted = [msg(b'2', b""), msg(b'C', b"INSERT 0 1\0")].concat();
+        let answer = [
+            msg(b'1', b""),
+            ready.clone(),
+            inserted.clone(),
+            inserted.clone(),
+            inserted,
+            ready.clone(),
+        ];
+        exchange(&mut inp, &mut f, &mut b, &sent, &answer.concat());
+        let done = state.take_done();
+        let seen: Vec<(&str, Vec<String>)> =
+            done.iter().map(|s| (&*s.kind, s.tags.clone())).collect();
+        let one = || vec!["INSERT 0 1".to_string()];
+        assert_eq!(
+            seen,
+            vec![
+                ("parse", vec![]),
+                ("execute", one()),
+                ("execute", one()),
+                ("execute", one())
+            ]
+        );
     }
 
     /// Whether a statement's text may hold a secret is cached with its
@@ -1752,8 +2061,8 @@ mod tests {
         for round in 0..2 {
             for t in texts {
                 assert!(state.statement("query", None, t, None, false).is_none());
+                state.ready();
             }
-            state.ready();
             let done = state.take_done();
             let got: Vec<&str> = done.iter().map(|s| s.text.as_str()).collect();
             let want: Vec<String> = texts.iter().map(|t| crate::redact::redact_sql(t)).collect();
@@ -1914,7 +2223,9 @@ mod tests {
         let long = format!("SELECT '{}'\0", "x".repeat(3000));
         client.extend(msg(b'Q', long.as_bytes()));
         client.extend(msg(b'd', &[7u8; 5000]));
-        let mut server = msg(b'T', b"\0\x02id\0\0\0\0\0\0\x01\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0card\0\0\0\0\0\0\x02\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0");
+        // The login's ReadyForQuery, then the Query's answer.
+        let mut server = msg(b'Z', b"I");
+        server.extend(msg(b'T', b"\0\x02id\0\0\0\0\0\0\x01\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0card\0\0\0\0\0\0\x02\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0"));
         server.extend(msg(b'D', b"\0\x02\0\0\0\x017\0\0\0\x104111111111111111"));
         server.extend(msg(b'C', b"SELECT 1\0"));
         server.extend(msg(b'Z', b"I"));
@@ -1971,6 +2282,90 @@ mod tests {
             .unwrap();
         let e = front.eof(&input, &state).unwrap_err().to_string();
         assert!(e.contains("ended inside a message"), "{e}");
+    }
+
+    /// Rows of a prepared statement run later (asyncpg's prepare, then
+    /// fetch; in the Parse's batch after a Flush, or in a later one after a
+    /// Sync) are masked by the columns its Describe reported.
+    #[test]
+    fn rows_of_prepared_statements_run_later_are_masked_by_column() {
+        use engine::{Backend, Frontend};
+        let toml = "[[rule]]\nid = \"pii\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"email\"]\nstrategy = \"redact\"\n";
+        let mut cols = vec![0, 2];
+        for (name, oid) in [("id", 23u32), ("email", 25)] {
+            cols.extend_from_slice(name.as_bytes());
+            cols.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+            cols.extend_from_slice(&oid.to_be_bytes());
+            cols.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+        }
+        for end in [b'H', b'S'] {
+            let state = gated(policy("prepared-mask", toml));
+            let (mut f, mut b) = (Frontend::default(), Backend::default());
+            let mut inp = BytesMut::from(&b"\0\0\0\x09\0\x03\0\0\0"[..]);
+            let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+            f.feed(&mut inp, &mut to_server, &mut to_client, &state)
+                .unwrap();
+            // The login's ReadyForQuery.
+            inp.extend_from_slice(&msg(b'Z', b"I"));
+            b.feed(&mut inp, &mut to_client, &state).unwrap();
+            let mut round = |sent: Vec<Vec<u8>>, answer: Vec<Vec<u8>>| {
+                let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+                inp.extend_from_slice(&sent.concat());
+                f.feed(&mut inp, &mut to_server, &mut to_client, &state)
+                    .unwrap();
+                inp.extend_from_slice(&answer.concat());
+                b.feed(&mut inp, &mut to_client, &state).unwrap();
+                to_client
+            };
+            let mut described = vec![
+                msg(b'1', b""),
+                msg(b't', b"\0\x01\0\0\0\x17"),
+                msg(b'T', &cols),
+            ];
+            if end == b'S' {
+                described.push(msg(b'Z', b"I"));
+            }
+            round(
+                vec![
+                    msg(
+                        b'P',
+                        b"s1\0select id, email from customers where id = $1\0\0\0",
+                    ),
+                    msg(b'D', b"Ss1\0"),
+                    msg(end, b""),
+                ],
+                described,
+            );
+            let row = msg(b'D', b"\0\x02\0\0\0\x011\0\0\0\x0fann@example.com");
+            let got = round(
+                vec![
+                    msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+                    msg(b'E', b"\0\0\0\0\0"),
+                    msg(b'S', b""),
+                ],
+                vec![
+                    msg(b'2', b""),
+                    row,
+                    msg(b'C', b"SELECT 1\0"),
+                    msg(b'Z', b"I"),
+                ],
+            );
+            let got = String::from_utf8_lossy(&got);
+            assert!(!got.contains("example.com"), "{got:?}");
+            assert!(got.contains("\0\0\0\x011\0\0\0\x04****"), "{got:?}");
+            // One event for the Parse; after a Sync the run is one more.
+            let kinds: Vec<String> = state
+                .take_done()
+                .iter()
+                .map(|s| s.kind.to_string())
+                .collect();
+            let want = if end == b'S' {
+                vec!["parse", "execute"]
+            } else {
+                vec!["parse"]
+            };
+            assert_eq!(kinds, want);
+        }
     }
 
     /// Rows of a statement whose columns cannot be traced (it did not

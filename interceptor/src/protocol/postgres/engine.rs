@@ -20,7 +20,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::proxy::relay_loop;
+use crate::{policy::Decision, proxy::relay_loop};
 
 use super::{
     be32, cstr, error_code, malformed, not_sql, parse_startup, refusal, startup_refusal,
@@ -106,6 +106,9 @@ pub struct Frontend {
     /// The startup packet has passed; typed messages follow.
     typed: bool,
     rest: Rest,
+    /// A refusal took the place of a Parse or Execute since the client's
+    /// last Sync: the server skips what comes until the next.
+    skipping: bool,
 }
 
 impl Frontend {
@@ -190,8 +193,8 @@ impl Frontend {
                 for text in settings {
                     if let Some(d) = state.statement("startup", None, &text, None, masking) {
                         // Refused as the server refuses a login: FATAL, then close.
-                        if let Some((st, ..)) = state.batch().pending.back_mut() {
-                            st.error = Some("42501".into());
+                        if let Some(e) = state.batch().pending.back_mut() {
+                            e.st.error = Some("42501".into());
                         }
                         to_client.extend_from_slice(&startup_refusal(&d, &text));
                         return Err(PgError::StartupRefused {
@@ -201,6 +204,8 @@ impl Frontend {
                     }
                 }
                 forward(input, len, to_server);
+                // The server's ReadyForQuery after the login answers it.
+                state.batch_closed();
                 self.typed = true;
             }
             other => {
@@ -232,26 +237,28 @@ impl Frontend {
                 format!("unknown message type {:?}", ty as char),
             ));
         }
+        if ty == b'S' {
+            state.synced(std::mem::take(&mut self.skipping));
+        }
         let masking = flags.masking;
         if matches!(ty, b'B' | b'E' | b'C') || masking && ty == b'D' {
             if total > MAX_INSPECT {
-                // Whatever it names is lost with it.
-                match ty {
-                    b'E' => state.note_frontend(ty, &[], masking),
-                    b'D' => {}
-                    _ => state.portals_unknown(),
-                }
-                self.rest.start(input, total, to_server);
-                return Ok(true);
+                return Ok(self.uninspected(ty, input, total, to_server, state, masking));
             }
             if input.len() < total {
                 return Ok(false);
             }
-            state.note_frontend(ty, &input[5..total], masking);
+            let refused = state.note_frontend(ty, &input[5..total], masking);
             if ty == b'B' && flags.record_parameters {
                 state.bind(&input[5..total]);
             }
-            forward(input, total, to_server);
+            match refused {
+                None => forward(input, total, to_server),
+                Some(d) => {
+                    input.advance(total);
+                    self.refuse(ty, &d, state, to_server);
+                }
+            }
             return Ok(true);
         }
         if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
@@ -286,7 +293,7 @@ impl Frontend {
                 None => forward(input, total, to_server),
                 Some(d) => {
                     input.advance(total);
-                    to_server.extend_from_slice(&refusal(ty, &d, state));
+                    self.refuse(ty, &d, state, to_server);
                 }
             }
             return Ok(true);
@@ -295,17 +302,66 @@ impl Frontend {
             let text = format!("<statement of {total} bytes, too large to inspect>");
             let kind = if ty == b'Q' { "query" } else { "parse" };
             let c = Classified::own(not_sql(&text, Class::Unknown));
-            if let Some(d) = state.statement(kind, None, &text, Some(c), masking) {
+            let have = input.len().min(total);
+            // A Parse's statement name comes first: known if it is here.
+            let name = (ty == b'P')
+                .then(|| cstr(&input[5..have]).map(|(n, _)| n.to_owned()))
+                .flatten();
+            if let Some(d) = state.statement(kind, name, &text, Some(c), masking) {
                 // Nothing of it reaches the server; the refusal takes its place.
-                let have = input.len().min(total);
                 input.advance(have);
                 self.rest.discard = total - have;
-                to_server.extend_from_slice(&refusal(ty, &d, state));
+                self.refuse(ty, &d, state, to_server);
                 return Ok(true);
             }
         }
         self.rest.start(input, total, to_server);
         Ok(true)
+    }
+
+    /// Sends the refusal of a denied `ty` message in its place.
+    fn refuse(&mut self, ty: u8, d: &Decision, state: &State, to_server: &mut BytesMut) {
+        to_server.extend_from_slice(&refusal(ty, d, state));
+        self.skipping |= matches!(ty, b'P' | b'E');
+    }
+
+    /// A Bind, Execute, Close or Describe too large to inspect whole
+    /// (over [`MAX_INSPECT`]). A Bind's portal and statement names come
+    /// first, and are taken if they are here; otherwise what it names is
+    /// lost with it. An Execute runs an unknown portal: decided as such, and
+    /// dropped whole if refused. `true`: more may follow.
+    fn uninspected(
+        &mut self,
+        ty: u8,
+        input: &mut BytesMut,
+        total: usize,
+        to_server: &mut BytesMut,
+        state: &State,
+        masking: bool,
+    ) -> bool {
+        let have = input.len().min(total);
+        match ty {
+            b'B' => {
+                let body = &input[5..have];
+                match cstr(body).and_then(|(_, rest)| cstr(rest)) {
+                    // A Bind is never refused (its Execute may be).
+                    Some(_) => drop(state.note_frontend(b'B', body, masking)),
+                    None => state.portals_unknown(),
+                }
+            }
+            b'C' => state.portals_unknown(),
+            b'E' => {
+                if let Some(d) = state.note_frontend(b'E', &[], masking) {
+                    input.advance(have);
+                    self.rest.discard = total - have;
+                    self.refuse(b'E', &d, state, to_server);
+                    return true;
+                }
+            }
+            _ => {}
+        }
+        self.rest.start(input, total, to_server);
+        true
     }
 }
 
@@ -343,14 +399,9 @@ impl Backend {
             let Some((ty, total)) = header(input, "server")? else {
                 break;
             };
-            if matches!(ty, b'1' | b'2') && total == 5 {
-                let mut b = state.batch();
-                if b.swallow > 0 {
-                    b.swallow -= 1;
-                    drop(b);
-                    input.advance(5);
-                    continue;
-                }
+            if matches!(ty, b'1' | b'2') && total == 5 && state.batch().swallowed() {
+                input.advance(5);
+                continue;
             }
             if masking && matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') {
                 if total > MAX_INSPECT {
@@ -374,7 +425,9 @@ impl Backend {
                     continue;
                 }
             }
-            if !(matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S') && total <= MAX_INSPECT) {
+            if !(matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S' | b'I' | b's')
+                && total <= MAX_INSPECT)
+            {
                 self.rest.start(input, total, to_client);
                 continue;
             }
@@ -390,9 +443,7 @@ impl Backend {
                 }
                 b'C' => {
                     let mut b = state.batch();
-                    if let Some((tag, _)) = cstr(body) {
-                        b.tags.push(tag.into());
-                    }
+                    b.result(cstr(body).map(|(tag, _)| tag));
                     b.shapes.plan = None;
                     b.shapes.executes.pop_front();
                     b.shapes.results += 1;
@@ -400,11 +451,10 @@ impl Backend {
                 b'E' => {
                     let code = error_code(body);
                     let mut b = state.batch();
-                    if b.error.is_none() {
-                        b.error = code;
-                    }
+                    b.error(code);
                     b.shapes.plan = None;
                 }
+                b'I' | b's' => state.batch().result(None),
                 b'Z' => state.ready(),
                 b'S' => state.parameter_status(body),
                 _ => {}
