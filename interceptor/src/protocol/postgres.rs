@@ -385,7 +385,9 @@ const MAX_STMT_BYTES: usize = 8 << 20;
 impl Shapes {
     /// The server now holds `p` as `name` (a Parse let through).
     fn prepared(&mut self, name: &str, p: Prepared) {
-        self.stmt_cols.remove(name);
+        if !self.stmt_cols.is_empty() {
+            self.stmt_cols.remove(name); // (masking only: empty otherwise)
+        }
         self.stmt_bytes += p.text.len();
         if self.stmt_bytes > MAX_STMT_BYTES {
             self.stmts.clear();
@@ -405,7 +407,9 @@ impl Shapes {
 
     /// The server does not hold `name` (any more), or not as we knew it.
     fn forget(&mut self, name: &str) {
-        self.stmt_cols.remove(name);
+        if !self.stmt_cols.is_empty() {
+            self.stmt_cols.remove(name); // (masking only: empty otherwise)
+        }
         if let Some(old) = self.stmts.remove(name) {
             self.stmt_bytes -= old.text.len();
         }
@@ -420,7 +424,9 @@ impl Shapes {
 
     /// Portal `portal` now runs statement `stmt` (a Bind).
     fn bound(&mut self, portal: &str, stmt: &str) {
-        self.portal_cols.remove(portal);
+        if !self.portal_cols.is_empty() {
+            self.portal_cols.remove(portal); // (masking only: empty otherwise)
+        }
         match self.portal_stmt.get_mut(portal) {
             Some(s) if s == stmt => {}
             Some(s) => stmt.clone_into(s),
