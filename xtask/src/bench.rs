@@ -674,7 +674,7 @@ fn server() -> Result<()> {
 const PG_SECS: u32 = 5;
 /// Rounds of the PostgreSQL bench: runs here vary by ±10% from one to the
 /// next, so each path runs once per round and ratios are taken within rounds.
-const PG_ROUNDS: usize = 5;
+const PG_ROUNDS: usize = 7;
 
 /// `cargo xtask bench postgres`: pgbench `-S` in every query mode at 1 and 8
 /// clients, directly, through the agent (statements recorded) and through
@@ -713,7 +713,8 @@ fn postgres(tuning: &Tuning) -> Result<()> {
              same run, {PG_ROUNDS} rounds, each running every path once, starting with the next path)\n\
              median tps; the median over rounds of its ratio to direct in the same round; and the \
              median of the proxy's own CPU time per transaction (all its threads)\n\
-             agent/pgb: the median over rounds of the agent's tps over pgbouncer's in the same round\n\
+             agent/pgb: the median over rounds of the agent's tps over pgbouncer's in the same round, \
+             and in how many rounds the agent was ahead\n\
              bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
              moving bytes and nothing else (what relaying alone costs here)\n{}",
             tuning.bare_threads(),
@@ -736,8 +737,9 @@ fn postgres(tuning: &Tuning) -> Result<()> {
             &format!("port={}", db.port),
             &format!("port={}", bare.ports[0].1),
         );
-        // Per row: the agent's ratio to direct and to pgbouncer.
-        let mut verdicts: Vec<(String, f64, f64)> = Vec::new();
+        // Per row: the agent's ratio to direct and to pgbouncer, and the
+        // rounds in which it was ahead of pgbouncer.
+        let mut verdicts: Vec<(String, f64, f64, usize)> = Vec::new();
         for mode in ["simple", "extended", "prepared"] {
             for clients in [1, 8] {
                 let mut runs: [Vec<Costed>; 4] = Default::default();
@@ -760,7 +762,8 @@ fn postgres(tuning: &Tuning) -> Result<()> {
                     }
                 }
                 let [d, a, b, r] = &runs;
-                verdicts.push((format!("{mode}, {clients}"), paired(a, d), paired(a, b)));
+                let ahead = a.iter().zip(b).filter(|(a, b)| a.tps > b.tps).count();
+                verdicts.push((format!("{mode}, {clients}"), paired(a, d), paired(a, b), ahead));
                 println!(
                     "{:<22} {:>10.0} | {} | {} | {} | {:>9}",
                     format!("{mode}, {clients}"),
@@ -768,7 +771,7 @@ fn postgres(tuning: &Tuning) -> Result<()> {
                     proxied(a, d),
                     proxied(b, d),
                     proxied(r, d),
-                    format!("×{:.2}", paired(a, b)),
+                    format!("×{:.2} {ahead}/{PG_ROUNDS}", paired(a, b)),
                 );
             }
         }
@@ -811,10 +814,10 @@ fn postgres(tuning: &Tuning) -> Result<()> {
             .iter()
             .find(|(row, ..)| row == "simple, 8")
             .map_or(0.0, |v| v.1);
-        let behind: Vec<&str> = verdicts
+        let behind: Vec<String> = verdicts
             .iter()
             .filter(|v| v.2 < 1.0)
-            .map(|v| v.0.as_str())
+            .map(|v| format!("{} (×{:.2}, ahead in {}/{PG_ROUNDS} rounds)", v.0, v.2, v.3))
             .collect();
         println!(
             "\ntarget: agent ≥ 0.8× direct at 8 clients (simple): ×{simple8:.2} ({}); \
