@@ -763,7 +763,12 @@ fn postgres(tuning: &Tuning) -> Result<()> {
                 }
                 let [d, a, b, r] = &runs;
                 let ahead = a.iter().zip(b).filter(|(a, b)| a.tps > b.tps).count();
-                verdicts.push((format!("{mode}, {clients}"), paired(a, d), paired(a, b), ahead));
+                verdicts.push((
+                    format!("{mode}, {clients}"),
+                    paired(a, d),
+                    paired(a, b),
+                    ahead,
+                ));
                 println!(
                     "{:<22} {:>10.0} | {} | {} | {} | {:>9}",
                     format!("{mode}, {clients}"),

@@ -833,9 +833,9 @@ impl State {
         b.shapes.results = 0;
         let failed = b.failed.take();
         let batch = b.answered;
-        let mut k = 0;
-        while b.pending.front().is_some_and(|e| e.batch <= batch) {
-            let mut e = b.pending.pop_front().expect("checked above");
+        let Batch { pending, done, .. } = &mut *b;
+        let answered = pending.iter().take_while(|e| e.batch <= batch).count();
+        for (k, e) in pending.iter_mut().take(answered).enumerate() {
             e.st.duration_us = Some(now.duration_since(e.sent).as_micros() as u64);
             // What came after the error did not run: the error is theirs too.
             if let Some((at, code)) = &failed {
@@ -843,10 +843,11 @@ impl State {
                     e.st.error = Some(code.clone());
                 }
             }
-            k += 1;
-            // Encoded here and freed on this thread (see `Records`).
-            b.done.push(&e.st);
+            // Encoded here and freed on this thread (see `Records`), where
+            // it lies.
+            done.push(&e.st);
         }
+        pending.drain(..answered);
         // What the server skipped after an error is not coming.
         while b.swallow.front().is_some_and(|(n, _)| *n <= batch) {
             b.swallow.pop_front();
