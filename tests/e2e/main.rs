@@ -1028,40 +1028,52 @@ fn postgres_clients_run_unmodified_and_statements_are_recorded() {
     // Every run of a prepared statement is recorded: pgbench -M prepared
     // parses its SELECT once (named) and runs it once per transaction, each
     // run an `execute` event.
-    let mut runs: Vec<usize> = all
-        .iter()
-        .map(|x| {
-            let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-            let events = v["statement_events"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            // The named statement pgbench prepares (-M extended's is unnamed).
-            let Some(name) = events.iter().find_map(|st| {
-                let named = st["kind"] == "parse" && !s(&st["name"]).is_empty();
-                (named && s(&st["text"]).starts_with("SELECT abalance")).then(|| st["name"].clone())
-            }) else {
-                return 0;
-            };
-            events
-                .iter()
-                .filter(|st| {
-                    st["kind"] == "execute"
-                        && st["name"] == name
-                        && s(&st["text"]).contains("abalance")
-                        && st["rows"] == 1
-                        && st["class"] == "read"
-                })
-                .count()
-        })
-        .filter(|&n| n > 0)
-        .collect();
-    runs.sort();
-    // -S -t 20, then the two clients of -c 2 -t 25 (TPC-B reads the balance too).
+    let runs_per_session = || -> Vec<usize> {
+        let mut runs: Vec<usize> = agent
+            .sessions()
+            .iter()
+            .map(|x| {
+                let show = agent.cli(&["sessions", "show", s(&x["id"]), "--json"]);
+                let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+                let events = v["statement_events"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                // The named statement pgbench prepares (-M extended's is unnamed).
+                let Some(name) = events.iter().find_map(|st| {
+                    let named = st["kind"] == "parse" && !s(&st["name"]).is_empty();
+                    (named && s(&st["text"]).starts_with("SELECT abalance"))
+                        .then(|| st["name"].clone())
+                }) else {
+                    return 0;
+                };
+                events
+                    .iter()
+                    .filter(|st| {
+                        st["kind"] == "execute"
+                            && st["name"] == name
+                            && s(&st["text"]).contains("abalance")
+                            && st["rows"] == 1
+                            && st["class"] == "read"
+                    })
+                    .count()
+            })
+            .filter(|&n| n > 0)
+            .collect();
+        runs.sort();
+        runs
+    };
+    // -S -t 20, then the two clients of -c 2 -t 25 (TPC-B reads the balance
+    // too); the last session's statements reach the store just after it ends.
+    let want = vec![20, 25, 25];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut runs = runs_per_session();
+    while runs != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        runs = runs_per_session();
+    }
     assert_eq!(
-        runs,
-        vec![20, 25, 25],
+        runs, want,
         "runs of SELECT abalance recorded per prepared session"
     );
 
