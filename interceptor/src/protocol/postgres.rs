@@ -101,8 +101,9 @@ pub struct Statement {
     pub kind: Cow<'static, str>,
     /// Prepared statement name (extended protocol; empty = unnamed).
     pub name: Option<String>,
-    /// Statement text with secrets redacted.
-    pub text: String,
+    /// Statement text with secrets redacted (shared by the runs of one
+    /// prepared statement).
+    pub text: Arc<str>,
     /// What the statement does (the worst of several in one message).
     pub class: Class,
     /// Tables and views it names.
@@ -128,16 +129,17 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// A statement not yet numbered (see [`Batch::push`]) nor answered.
+    /// A statement not yet numbered nor stamped (see [`Batch::push`]),
+    /// nor answered.
     pub(crate) fn new(
         kind: &'static str,
         name: Option<String>,
-        text: String,
+        text: Arc<str>,
         class: Class,
     ) -> Self {
         Statement {
             seq: 0,
-            at: now_micros(),
+            at: 0,
             kind: Cow::Borrowed(kind),
             name,
             text,
@@ -201,6 +203,10 @@ struct Batch {
     shapes: Shapes,
     /// How the server reads statement text, as it last reported.
     lexing: Lexing,
+    /// When the client's current read arrived, once a statement of it
+    /// needed to know: statements that came in one read were sent together,
+    /// and the clocks are read once for all of them.
+    stamp: Option<(u64, Instant)>,
 }
 
 /// A statement waiting for its batch's ReadyForQuery.
@@ -265,12 +271,21 @@ pub struct State {
     gate: Option<Gate>,
     seen: Mutex<Seen>,
     learned: Mutex<Learned>,
-    /// The policy last consulted, and what it said of this connection.
-    flags: Mutex<Option<(Arc<Policy>, Flags)>>,
+    /// The gate's policy as this connection sees it (`None` without a gate).
+    policies: Option<Mutex<Policies>>,
     /// Batches the client has closed (its startup packet, each Sync, Query
     /// and FunctionCall, each answered by one ReadyForQuery): which batch
     /// its messages belong to. Written by the relay loop alone.
     batches: AtomicU64,
+}
+
+/// The policy in force, as one connection sees it: a reload is noticed by
+/// one atomic load (not an `ArcSwap` guard per statement), and what the
+/// policy says of the connection is worked out once per policy.
+struct Policies {
+    current: arc_swap::Cache<Arc<ArcSwap<Policy>>, Arc<Policy>>,
+    /// The policy last consulted for [`Flags`], and what it said.
+    flags: Option<(Arc<Policy>, Flags)>,
 }
 
 /// Per-connection answers of one policy.
@@ -476,7 +491,7 @@ impl Batch {
         &mut self,
         portal: Option<&str>,
         batch: u64,
-    ) -> Option<(Option<String>, String, Arc<Classification>)> {
+    ) -> Option<(Option<String>, Arc<str>, Arc<Classification>)> {
         let stmt = portal.and_then(|p| self.shapes.portal_stmt.get(p));
         match stmt.map(|n| (n, self.shapes.stmts.get_mut(n))) {
             Some((name, Some(p))) if p.first_run == Some(batch) => {
@@ -492,12 +507,12 @@ impl Batch {
             }
             Some((name, Some(p))) => {
                 p.first_run = None;
-                Some((Some(name.clone()), p.text.to_string(), p.class.clone()))
+                Some((Some(name.clone()), p.text.clone(), p.class.clone()))
             }
             Some((name, None)) => {
                 let text = format!("<execute of statement \"{name}\", whose text is not known>");
                 let c = Arc::new(not_sql(&text, Class::Unknown));
-                Some((Some(name.clone()), text, c))
+                Some((Some(name.clone()), text.into(), c))
             }
             None => {
                 let text = match portal {
@@ -505,7 +520,7 @@ impl Batch {
                     None => "<execute of an unreadable portal>".to_owned(),
                 };
                 let c = Arc::new(not_sql(&text, Class::Unknown));
-                Some((None, text, c))
+                Some((None, text.into(), c))
             }
         }
     }
@@ -521,6 +536,10 @@ impl Batch {
     ) {
         st.seq = self.next_seq;
         self.next_seq += 1;
+        let (at, sent) = *self
+            .stamp
+            .get_or_insert_with(|| (now_micros(), Instant::now()));
+        st.at = at;
         if self.pending.len() >= MAX_PENDING {
             if let Some(oldest) = self.pending.pop_front() {
                 self.done.push(&oldest.st);
@@ -532,7 +551,7 @@ impl Batch {
         }
         self.pending.push_back(Pending {
             st,
-            sent: Instant::now(),
+            sent,
             class,
             batch,
             answers,
@@ -618,15 +637,20 @@ impl State {
     /// A connection whose statements `gate` decides.
     pub fn with_gate(gate: Gate) -> Self {
         State {
+            policies: Some(Mutex::new(Policies {
+                current: arc_swap::Cache::new(gate.policy.clone()),
+                flags: None,
+            })),
             gate: Some(gate),
             ..State::default()
         }
     }
 
     fn decide(&self, c: &Classification, text: &str) -> Option<Decision> {
-        let g = self.gate.as_ref()?;
+        let (g, policies) = (self.gate.as_ref()?, self.policies.as_ref()?);
+        let mut p = lock(policies);
         Some(
-            g.policy
+            p.current
                 .load()
                 .decide_statement(&g.workload, &g.target, c, text),
         )
@@ -664,9 +688,9 @@ impl State {
             lock(&self.learned).learn(&c);
         }
         let (action, rule, refused) = verdict(decision);
-        let recorded = match plain {
-            true => text.to_owned(),
-            false => crate::redact::redact_sql(text),
+        let recorded: Arc<str> = match plain {
+            true => text.into(),
+            false => crate::redact::redact_sql(text).into(),
         };
         // A Parse names the statement the server will hold (none: the
         // Parse was too large to read its name).
@@ -686,7 +710,7 @@ impl State {
                 None => {
                     let p = Prepared {
                         class: c.clone(),
-                        text: Arc::from(st.text.as_str()),
+                        text: st.text.clone(),
                         first_run: Some(self.batches()),
                     };
                     b.shapes.prepared(&stmt, p);
@@ -856,22 +880,28 @@ impl State {
         b.answering = 0;
     }
 
+    /// The client's next read begins: its statements get a time of their own.
+    fn client_read(&self) {
+        self.batch().stamp = None;
+    }
+
     /// What the current policy says about this connection, worked out once
     /// per policy (a reload is seen at the next message).
     fn policy_flags(&self) -> Flags {
-        let Some(g) = &self.gate else {
+        let (Some(g), Some(policies)) = (&self.gate, &self.policies) else {
             return Flags::default();
         };
-        let policy = g.policy.load();
-        let mut cached = lock(&self.flags);
-        match &*cached {
-            Some((p, f)) if Arc::ptr_eq(p, &policy) => *f,
+        let mut p = lock(policies);
+        let Policies { current, flags } = &mut *p;
+        let policy = current.load();
+        match flags {
+            Some((of, f)) if Arc::ptr_eq(of, policy) => *f,
             _ => {
                 let f = Flags {
                     masking: policy.masks(&g.workload, &g.target),
                     record_parameters: policy.record_parameters,
                 };
-                *cached = Some((arc_swap::Guard::into_inner(policy), f));
+                *flags = Some((policy.clone(), f));
                 f
             }
         }
@@ -892,7 +922,7 @@ impl State {
         b.push(
             Statement {
                 parameters: Some(params),
-                ..Statement::new("bind", Some(stmt), text, class)
+                ..Statement::new("bind", Some(stmt), text.into(), class)
             },
             None,
             self.batches(),
@@ -1589,6 +1619,43 @@ mod tests {
         assert_eq!(done[0].error.as_deref(), Some("42501"));
     }
 
+    /// Statements that came in one read were sent together and share one
+    /// time (the clocks are read once for them); the next read's
+    /// statements get a later one, and their durations run from it.
+    #[test]
+    fn statements_of_one_read_share_their_time_and_the_next_read_has_its_own() {
+        use super::engine::{Backend, Frontend};
+        let allow =
+            "[[rule]]\nid = \"all\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"allow\"\n";
+        let state = gated(policy("stamp", allow));
+        let (mut front, mut back) = (Frontend::default(), Backend::default());
+        let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+        let mut feed = |bytes: Vec<u8>| {
+            let mut input = BytesMut::from(&bytes[..]);
+            front
+                .feed(&mut input, &mut to_server, &mut to_client, &state)
+                .unwrap();
+            assert!(input.is_empty());
+        };
+        feed(b"\0\0\0\x09\0\x03\0\0\0".to_vec());
+        feed([msg(b'Q', b"select 1\0"), msg(b'Q', b"select 2\0")].concat());
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        feed(msg(b'Q', b"select 3\0"));
+        let mut answers = msg(b'Z', b"I");
+        for _ in 0..3 {
+            answers.extend(msg(b'C', b"SELECT 1\0"));
+            answers.extend(msg(b'Z', b"I"));
+        }
+        let mut input = BytesMut::from(&answers[..]);
+        back.feed(&mut input, &mut to_client, &state).unwrap();
+        let done = state.take_done();
+        let at: Vec<u64> = done.iter().map(|s| s.at).collect();
+        assert_eq!(done.len(), 3);
+        assert_eq!(at[0], at[1], "one read, one time");
+        assert!(at[2] >= at[1] + 3000, "a later read, a later time: {at:?}");
+        assert!(done.iter().all(|s| s.duration_us.is_some()));
+    }
+
     /// Random and mutated input into both directions: an error or a clean
     /// end, never a panic or a hang (the input is finite, so every read ends).
     #[tokio::test]
@@ -1780,7 +1847,7 @@ mod tests {
         assert_eq!(out, server);
         let done = state.take_done();
         assert_eq!(done.len(), 1);
-        assert_eq!(done[0].text, "ALTER ROLE bob PASSWORD '***'");
+        assert_eq!(&*done[0].text, "ALTER ROLE bob PASSWORD '***'");
         assert_eq!(done[0].tags, vec!["ALTER ROLE".to_string()]);
         assert_eq!(done[0].class, Class::Admin);
     }
@@ -1899,7 +1966,7 @@ mod tests {
                 (
                     &*s.kind,
                     s.name.as_deref(),
-                    s.text.as_str(),
+                    &*s.text,
                     s.rows,
                     s.error.as_deref(),
                 )
@@ -2000,7 +2067,7 @@ mod tests {
         let done = state.take_done();
         let last = done.last().unwrap();
         assert_eq!(
-            (&*last.kind, last.name.as_deref(), last.text.as_str()),
+            (&*last.kind, last.name.as_deref(), &*last.text),
             ("execute", Some("s2"), read)
         );
         assert_eq!(last.decision, Some(Action::Deny));
@@ -2071,7 +2138,7 @@ mod tests {
                 state.ready();
             }
             let done = state.take_done();
-            let got: Vec<&str> = done.iter().map(|s| s.text.as_str()).collect();
+            let got: Vec<&str> = done.iter().map(|s| &*s.text).collect();
             let want: Vec<String> = texts.iter().map(|t| crate::redact::redact_sql(t)).collect();
             assert_eq!(got, want, "round {round}");
             assert_eq!(got[1], "ALTER ROLE bob PASSWORD '***'");
@@ -2201,7 +2268,7 @@ mod tests {
                             && said.contains("42501"),
                         "{said}"
                     );
-                    assert_eq!(pending[0].text, setting);
+                    assert_eq!(&*pending[0].text, setting);
                     assert_eq!(pending[0].decision, Some(Action::Deny));
                     assert_eq!(pending[0].error.as_deref(), Some("42501"));
                 }
@@ -2260,7 +2327,7 @@ mod tests {
                 .take_done()
                 .into_iter()
                 .chain(state.take_pending())
-                .map(|s| (s.text, s.masked))
+                .map(|s| (s.text.to_string(), s.masked))
                 .collect();
             (to_server, to_client, texts)
         };

@@ -289,7 +289,7 @@ impl Reader<'_> {
             at,
             kind: Cow::Owned(kind),
             name,
-            text,
+            text: text.into(),
             class,
             tables: Arc::from(tables),
             decision,
