@@ -92,7 +92,8 @@ fn malformed(side: &'static str, what: impl Into<String>) -> PgError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Statement {
     pub seq: u32,
-    /// When it was sent, in microseconds since the epoch (RFC 3339 in JSON).
+    /// When it arrived (the statements of one read share it), in
+    /// microseconds since the epoch (RFC 3339 in JSON).
     #[serde(with = "crate::record::micros_as_rfc3339")]
     pub at: u64,
     /// `query` (simple protocol), `parse` (extended protocol), `execute` (a

@@ -21,7 +21,9 @@
 //!   kept if the bytes per second grew by [`Balance::keep_gain`] over the
 //!   next few looks, one fewer unless they fell by as much; otherwise the
 //!   move is undone. The next trial waits [`Balance::retry_after`] looks,
-//!   twice as long after each failed one;
+//!   twice as long after each failed one, and after one fewer loop was
+//!   kept (the loop it gave up had not paid after all); only one more loop
+//!   kept brings the wait back to its start;
 //! - when the loops that take connections used together less CPU than
 //!   [`Balance::gather_below`] for every loop but one, the last of them
 //!   hands all its connections to the others and takes no new ones.
@@ -191,13 +193,19 @@ impl Climber {
             );
             // The next trial goes the other way, where it can.
             self.next_spread = !t.spread;
-            if kept {
+            if kept && t.spread {
+                // The traffic gained: more loops may help further.
                 self.backoff = b.retry_after.into();
                 self.quiet_until = now + self.backoff;
                 return Step::Stay;
             }
+            // A failed trial, or one fewer loop kept (the loop that trial
+            // gave up had not paid after all): the next waits twice as long.
             self.quiet_until = now + self.backoff;
             self.backoff = (self.backoff * 2).min(u64::from(b.retry_after) * 64);
+            if kept {
+                return Step::Stay;
+            }
             return match t.spread {
                 true => Step::Gather,
                 false => Step::Spread { from: look.busiest },
@@ -600,22 +608,23 @@ mod tests {
         let steps = climb(&mut c, 56, &mut active, &rate(125.0, 5));
         assert_eq!((steps.last(), active), (Some(&Gather), 2));
         // Twice as long again; then one fewer loop that moves only a
-        // little less is kept.
+        // little less is kept. The loop kept earlier had not paid after
+        // all: the wait doubles again (80 looks), as after a failed trial.
         quiet_then(&mut c, 61, &mut active, (120.0, 39), Gather);
         let steps = climb(&mut c, 101, &mut active, &rate(118.0, 5));
         assert_eq!((steps, active), (vec![Stay; 5], 1));
         // A failed trial's wait outlasts the connections: after every one
         // has closed (the balancer pauses), new ones find the same wait.
-        quiet_then(&mut c, 106, &mut active, (120.0, 19), Spread { from: 0 });
-        let steps = climb(&mut c, 126, &mut active, &rate(100.0, 5));
+        quiet_then(&mut c, 106, &mut active, (120.0, 79), Spread { from: 0 });
+        let steps = climb(&mut c, 186, &mut active, &rate(100.0, 5));
         assert_eq!((steps.last(), active), (Some(&Gather), 1));
         c.pause();
-        quiet_then(&mut c, 131, &mut active, (100.0, 19), Spread { from: 0 });
+        quiet_then(&mut c, 191, &mut active, (100.0, 159), Spread { from: 0 });
         // A trial under way when the connections closed is void: not
         // judged, and the next may start once the rate is steady again.
         c.pause();
         active = 1;
-        let steps = climb(&mut c, 151, &mut active, &rate(100.0, 5));
+        let steps = climb(&mut c, 351, &mut active, &rate(100.0, 5));
         assert_eq!((steps.last(), active), (Some(&Spread { from: 0 }), 2));
     }
 
