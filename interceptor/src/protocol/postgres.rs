@@ -269,15 +269,19 @@ const ASCII_SWALLOWING_ENCODINGS: &[&str] = &[
 pub struct State {
     batch: Mutex<Batch>,
     startup: Mutex<Startup>,
-    gate: Option<Gate>,
+    gate: Option<Gated>,
     seen: Mutex<Seen>,
     learned: Mutex<Learned>,
-    /// The gate's policy as this connection sees it (`None` without a gate).
-    policies: Option<Mutex<Policies>>,
     /// Batches the client has closed (its startup packet, each Sync, Query
     /// and FunctionCall, each answered by one ReadyForQuery): which batch
     /// its messages belong to. Written by the relay loop alone.
     batches: AtomicU64,
+}
+
+/// A connection's gate, and its policy as the connection sees it.
+struct Gated {
+    gate: Gate,
+    policies: Mutex<Policies>,
 }
 
 /// The policy in force, as one connection sees it: a reload is noticed by
@@ -638,17 +642,19 @@ impl State {
     /// A connection whose statements `gate` decides.
     pub fn with_gate(gate: Gate) -> Self {
         State {
-            policies: Some(Mutex::new(Policies {
-                current: arc_swap::Cache::new(gate.policy.clone()),
-                flags: None,
-            })),
-            gate: Some(gate),
+            gate: Some(Gated {
+                policies: Mutex::new(Policies {
+                    current: arc_swap::Cache::new(gate.policy.clone()),
+                    flags: None,
+                }),
+                gate,
+            }),
             ..State::default()
         }
     }
 
     fn decide(&self, c: &Classification, text: &str) -> Option<Decision> {
-        let (g, policies) = (self.gate.as_ref()?, self.policies.as_ref()?);
+        let Gated { gate: g, policies } = self.gate.as_ref()?;
         let mut p = lock(policies);
         Some(
             p.current
@@ -889,7 +895,7 @@ impl State {
     /// What the current policy says about this connection, worked out once
     /// per policy (a reload is seen at the next message).
     fn policy_flags(&self) -> Flags {
-        let (Some(g), Some(policies)) = (&self.gate, &self.policies) else {
+        let Some(Gated { gate: g, policies }) = &self.gate else {
             return Flags::default();
         };
         let mut p = lock(policies);
@@ -939,7 +945,7 @@ impl State {
         class: Option<&Classification>,
         k: usize,
     ) -> Option<Plan> {
-        let g = self.gate.as_ref()?;
+        let g = &self.gate.as_ref()?.gate;
         let Some(cols) = cols else {
             // Rows whose columns we never saw: mask every value (fail closed).
             return Some(Arc::new(Vec::new()));
@@ -1073,7 +1079,7 @@ impl State {
                 else {
                     return Ok(None);
                 };
-                let g = self.gate.as_ref().expect("masking implies a gate");
+                let g = &self.gate.as_ref().expect("masking implies a gate").gate;
                 let (row, masked) = mask_row(body, &plan, &g.masker)?;
                 self.batch().masked(masked);
                 Ok(Some(row))

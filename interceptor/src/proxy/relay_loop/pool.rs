@@ -197,12 +197,13 @@ impl Climber {
                 // The traffic gained: more loops may help further.
                 self.backoff = b.retry_after.into();
                 self.quiet_until = now + self.backoff;
-                return Step::Stay;
+            } else {
+                // A failed trial, or one fewer loop kept (the loop that
+                // trial gave up had not paid after all): the next waits
+                // twice as long.
+                self.quiet_until = now + self.backoff;
+                self.backoff = (self.backoff * 2).min(u64::from(b.retry_after) * 64);
             }
-            // A failed trial, or one fewer loop kept (the loop that trial
-            // gave up had not paid after all): the next waits twice as long.
-            self.quiet_until = now + self.backoff;
-            self.backoff = (self.backoff * 2).min(u64::from(b.retry_after) * 64);
             if kept {
                 return Step::Stay;
             }
