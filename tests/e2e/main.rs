@@ -1268,6 +1268,27 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     assert_eq!(v["asyncpg"]["parameter_status"], "icpt-libs");
     assert_eq!(v["pg8000"]["error"], "22012");
     assert_eq!(v["pg8000"]["after_error"], "still usable");
+    // A Query after a failed Bind, with no Sync between: the server skips
+    // it, and one ReadyForQuery answers everything up to the Sync. The
+    // agent records it as not run, and the next Query with its own answer.
+    assert_eq!(
+        v["raw"],
+        serde_json::json!({"skipped": ["1", "E:08P01", "Z"], "after": ["T", "D", "C", "Z"]})
+    );
+    let queries = events_of_kind_until(&agent, "query", |e| {
+        e.iter().any(|x| x["text"] == "SELECT 'icpt-after'")
+    });
+    let query = |text: &str| {
+        let found = queries.iter().rfind(|x| x["text"] == text);
+        found.unwrap_or_else(|| panic!("{text} not recorded: {queries:?}"))
+    };
+    let skipped = query("SELECT 'icpt-skipped'");
+    assert_eq!(skipped["error"], "08P01", "{skipped}");
+    assert_eq!(skipped["tags"], serde_json::json!([]), "{skipped}");
+    let after = query("SELECT 'icpt-after'");
+    assert_eq!(after["tags"], serde_json::json!(["SELECT 1"]), "{after}");
+    assert_eq!(after["error"], serde_json::Value::Null, "{after}");
+    assert!(after["duration_us"].is_u64(), "{after}");
 
     // COPY both ways with large data (about 45 MB each way) through the agent.
     let conn = db.conninfo();

@@ -2,7 +2,8 @@
 """Two PostgreSQL client libraries that speak the extended query protocol
 (asyncpg: binary formats, named prepared statements, pipelining, cursors
 with row limits, LISTEN/NOTIFY, notices; pg8000: pure Python, unnamed
-statements), run unmodified against HOST PORT. Prints
+statements), run unmodified against HOST PORT, and frames written by hand
+on a logged-in pg8000 connection (see raw_protocol). Prints
 one JSON object with what they read, for the Rust test to compare direct
 and through the agent.
 
@@ -10,6 +11,7 @@ usage: pgclients.py HOST PORT USER PASSWORD
 """
 import asyncio
 import json
+import struct
 import sys
 
 import asyncpg
@@ -83,11 +85,54 @@ def with_pg8000(host, port, user, password):
         conn.close()
 
 
+def raw_protocol(host, port, user, password):
+    """Frames written by hand on a pg8000 connection once it is logged in:
+    a Query sent after extended-protocol messages with no Sync between,
+    where the Bind fails (so the server skips the Query until the Sync),
+    then a Query of its own. What the server answered, as message types
+    (and error codes)."""
+    conn = pg8000.native.Connection(user, host=host, port=port, password=password,
+                                    database="postgres")
+    sock = conn._sock
+
+    def send(*messages):
+        for ty, body in messages:
+            sock.write(ty + struct.pack("!I", len(body) + 4) + body)
+        sock.flush()
+
+    def answers():
+        seen = []
+        while True:
+            ty = sock.read(1)
+            body = sock.read(struct.unpack("!I", sock.read(4))[0] - 4)
+            if ty == b"E":
+                code = [f[1:] for f in body.split(b"\0") if f.startswith(b"C")][0]
+                seen.append("E:" + code.decode())
+            else:
+                seen.append(ty.decode())
+            if ty == b"Z":
+                return seen
+
+    try:
+        send((b"P", b"icpt_s1\0SELECT $1::int\0\0\0"),
+             (b"B", b"\0icpt_s1\0\0\0\0\0\0\0"),  # no value for $1
+             (b"E", b"\0\0\0\0\0"),
+             (b"Q", b"SELECT 'icpt-skipped'\0"),
+             (b"S", b""))
+        out = {"skipped": answers()}
+        send((b"Q", b"SELECT 'icpt-after'\0"))
+        out["after"] = answers()
+        return out
+    finally:
+        conn.close()
+
+
 def main():
     host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     result = {
         "asyncpg": asyncio.run(with_asyncpg(host, port, user, password)),
         "pg8000": with_pg8000(host, port, user, password),
+        "raw": raw_protocol(host, port, user, password),
     }
     print(json.dumps(result, sort_keys=True))
 

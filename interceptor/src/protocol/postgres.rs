@@ -194,6 +194,14 @@ struct Batch {
     /// The first error of that batch, and the index it came at: the
     /// statements from there on did not run.
     failed: Option<(usize, String)>,
+    /// Client batches closed by a Query or FunctionCall that came after
+    /// extended-protocol messages with no Sync between, oldest first, each
+    /// with how many of those messages it holds (see [`State::query_closed`]).
+    query_closed: VecDeque<(u64, u32)>,
+    /// That batch failed in an extended-protocol message: the server skips
+    /// everything until the client's next Sync, whose ReadyForQuery
+    /// answers every batch up to it.
+    to_sync: bool,
     next_seq: u32,
     /// The server skips the client's messages until its next Sync (a
     /// refusal took the place of a Parse or Execute): they neither run
@@ -593,13 +601,20 @@ impl Batch {
         }
     }
 
-    /// An ErrorResponse: the statement whose answer is due failed (its
-    /// Parse, Bind or run), and the rest of its batch does not run.
-    fn error(&mut self, code: Option<String>) {
+    /// An ErrorResponse, after `completed` answers to the batch's
+    /// extended-protocol messages: the statement whose answer is due failed
+    /// (its Parse, Bind or run), and the rest of its batch does not run.
+    fn error(&mut self, code: Option<String>, completed: u32) {
         if self.failed.is_some() {
             return;
         }
         let batch = self.answered;
+        // Not all of a Query-closed batch's extended messages were answered:
+        // one of them failed, not the Query, which the server skips.
+        self.to_sync = self
+            .query_closed
+            .iter()
+            .any(|&(n, extended)| n == batch && completed < extended);
         let at = self.answering;
         if let Some(e) = self.pending.get_mut(at).filter(|e| e.batch == batch) {
             e.st.error = code.clone();
@@ -863,7 +878,19 @@ impl State {
         let now = Instant::now();
         b.shapes.results = 0;
         let failed = b.failed.take();
-        let batch = b.answered;
+        let mut batch = b.answered;
+        if std::mem::take(&mut b.to_sync) {
+            // The server skipped to the client's next Sync: the batches
+            // closed by Queries or FunctionCalls until then are answered
+            // here, and did not run.
+            while b.query_closed.iter().any(|&(n, _)| n == batch + 1) {
+                batch += 1;
+            }
+            batch = (batch + 1).min(self.batches().saturating_sub(1));
+        }
+        while b.query_closed.front().is_some_and(|&(n, _)| n <= batch) {
+            b.query_closed.pop_front();
+        }
         let Batch { pending, done, .. } = &mut *b;
         let answered = pending.iter().take_while(|e| e.batch <= batch).count();
         for (k, e) in pending.iter_mut().take(answered).enumerate() {
@@ -883,7 +910,7 @@ impl State {
         while b.swallow.front().is_some_and(|(n, _)| *n <= batch) {
             b.swallow.pop_front();
         }
-        b.answered += 1;
+        b.answered = batch + 1;
         b.answering = 0;
     }
 
@@ -1138,6 +1165,20 @@ impl State {
             // The server reads its messages again.
             self.batch().skipping = false;
         }
+    }
+
+    /// The Query or FunctionCall just handled closed a batch that holds
+    /// `extended` extended-protocol messages, with no Sync since some were
+    /// sent. Should one of them fail, the server skips the Query until the
+    /// client's next Sync, and so answers these batches with one
+    /// ReadyForQuery (see [`Batch::error`]).
+    fn query_closed(&self, extended: u32) {
+        let batch = self.batches().saturating_sub(1);
+        let mut b = self.batch();
+        if b.query_closed.len() >= MAX_PENDING {
+            b.query_closed.pop_front();
+        }
+        b.query_closed.push_back((batch, extended));
     }
 
     /// The client's message just handled ends its batch: a ReadyForQuery
@@ -1626,6 +1667,232 @@ mod tests {
         assert_eq!(done[0].error.as_deref(), Some("42501"));
     }
 
+    /// What the client sends and what the server answers, message by
+    /// message, for one batch.
+    type Exchange = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+    /// Drives both machines through `batches`, checking that both
+    /// directions pass unchanged.
+    fn relay_batches(
+        state: &State,
+        (f, b): (&mut engine::Frontend, &mut engine::Backend),
+        inp: &mut BytesMut,
+        batches: &[Exchange],
+    ) {
+        let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+        for (from_client, from_server) in batches {
+            let sent = from_client.concat();
+            inp.extend_from_slice(&sent);
+            to_server.clear();
+            f.feed(inp, &mut to_server, &mut to_client, state).unwrap();
+            assert_eq!(&to_server[..], &sent[..], "relayed unchanged");
+            let answer = from_server.concat();
+            inp.extend_from_slice(&answer);
+            to_client.clear();
+            b.feed(inp, &mut to_client, state).unwrap();
+            assert_eq!(&to_client[..], &answer[..], "relayed unchanged");
+        }
+    }
+
+    /// A login, then `batches` (see [`relay_batches`]); the statements
+    /// recorded as (text, tags, error, answered).
+    fn relayed(state: &State, batches: &[Exchange]) -> Vec<Recorded> {
+        let (mut f, mut b) = (engine::Frontend::default(), engine::Backend::default());
+        let login = (
+            vec![b"\0\0\0\x09\0\x03\0\0\0".to_vec()],
+            vec![msg(b'Z', b"I")],
+        );
+        let all: Vec<Exchange> = std::iter::once(login)
+            .chain(batches.iter().cloned())
+            .collect();
+        relay_batches(state, (&mut f, &mut b), &mut BytesMut::new(), &all);
+        state
+            .take_done()
+            .into_iter()
+            .map(|s| {
+                let answered = s.duration_us.is_some();
+                (s.text.to_string(), s.tags, s.error, answered)
+            })
+            .collect()
+    }
+
+    type Recorded = (String, Vec<String>, Option<String>, bool);
+
+    /// A Query sent after extended-protocol messages with no Sync between:
+    /// if one of those messages fails, the server skips the Query (and
+    /// everything else) until the client's Sync, and answers all of it with
+    /// one ReadyForQuery. The statements after are answered by their own.
+    #[test]
+    fn a_query_skipped_after_a_failed_extended_message_is_recorded_as_not_run() {
+        let allow =
+            "[[rule]]\nid = \"all\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"allow\"\n";
+        let q = |sql: &str| msg(b'Q', format!("{sql}\0").as_bytes());
+        let (sync, ready) = (msg(b'S', b""), msg(b'Z', b"I"));
+        let error = |code: &str| msg(b'E', format!("SERROR\0C{code}\0Mno\0\0").as_bytes());
+        let row = |v: &[u8]| msg(b'D', &[b"\0\x01\0\0\0\x01", v].concat());
+        let column = msg(
+            b'T',
+            b"\0\x01?column?\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+        );
+        let selected = |v: &[u8]| {
+            vec![
+                column.clone(),
+                row(v),
+                msg(b'C', b"SELECT 1\0"),
+                ready.clone(),
+            ]
+        };
+        let exec = msg(b'E', b"\0\0\0\0\0");
+        let answered = |text: &str, tags: &[&str], error: Option<&str>| -> Recorded {
+            let tags = tags.iter().map(|t| t.to_string()).collect();
+            (text.into(), tags, error.map(Into::into), true)
+        };
+
+        // The Bind fails (no parameter for $1): the Query is skipped.
+        let state = gated(policy("skip-bind", allow));
+        let batches = vec![
+            (
+                vec![
+                    msg(b'P', b"s1\0SELECT $1::int\0\0\0"),
+                    msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+                    exec.clone(),
+                    q("SELECT 2"),
+                    sync.clone(),
+                ],
+                vec![msg(b'1', b""), error("08P01"), ready.clone()],
+            ),
+            (vec![q("SELECT 3")], selected(b"3")),
+        ];
+        assert_eq!(
+            relayed(&state, &batches),
+            [
+                answered("SELECT $1::int", &[], Some("08P01")),
+                answered("SELECT 2", &[], Some("08P01")),
+                answered("SELECT 3", &["SELECT 1"], None),
+            ]
+        );
+
+        // A Describe (not itself recorded) fails: the same.
+        let state = gated(policy("skip-describe", allow));
+        let batches = vec![
+            (
+                vec![
+                    msg(b'P', b"s2\0SELECT 1\0\0\0"),
+                    msg(b'D', b"Snope\0"),
+                    q("SELECT 5"),
+                    q("SELECT 55"),
+                    sync.clone(),
+                ],
+                vec![msg(b'1', b""), error("26000"), ready.clone()],
+            ),
+            (vec![q("SELECT 6")], selected(b"6")),
+        ];
+        assert_eq!(
+            relayed(&state, &batches),
+            [
+                answered("SELECT 1", &[], Some("26000")),
+                answered("SELECT 5", &[], Some("26000")),
+                answered("SELECT 55", &[], Some("26000")),
+                answered("SELECT 6", &["SELECT 1"], None),
+            ]
+        );
+
+        // The extended messages succeed and the Query itself fails: it is
+        // answered there, and the Sync by a ReadyForQuery of its own.
+        let state = gated(policy("query-fails", allow));
+        let batches = vec![
+            (
+                vec![
+                    msg(b'P', b"s1\0SELECT 1\0\0\0"),
+                    msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+                    exec.clone(),
+                    q("SELECT 1/0"),
+                    sync.clone(),
+                ],
+                vec![
+                    msg(b'1', b""),
+                    msg(b'2', b""),
+                    row(b"1"),
+                    msg(b'C', b"SELECT 1\0"),
+                    error("22012"),
+                    ready.clone(),
+                    ready.clone(),
+                ],
+            ),
+            (vec![q("SELECT 3")], selected(b"3")),
+        ];
+        assert_eq!(
+            relayed(&state, &batches),
+            [
+                answered("SELECT 1", &["SELECT 1"], None),
+                answered("SELECT 1/0", &[], Some("22012")),
+                answered("SELECT 3", &["SELECT 1"], None),
+            ]
+        );
+    }
+
+    /// A FunctionCall is decided by the function it calls however large it
+    /// is: one too large to hold is refused whole, or streams through.
+    #[tokio::test]
+    async fn large_function_calls_are_decided_too() {
+        let toml = "[[rule]]\nid = \"no-admin\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"admin\"]\naction = \"deny\"\n";
+        let mut body = 2965u32.to_be_bytes().to_vec(); // lowrite
+        body.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // no formats, one argument
+        body.resize(MAX_STATEMENT + 100, b'x');
+        let call = msg(b'F', &body);
+        let startup = b"\0\0\0\x09\0\x03\0\0\0".to_vec();
+        let input = [startup.clone(), call.clone(), msg(b'Q', b"SELECT 1\0")].concat();
+
+        let denied = gated(policy("big-call", toml));
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        frontend(&mut &input[..], &mut to_server, &mut to_client, &denied)
+            .await
+            .unwrap();
+        assert!(
+            to_server.len() < 100_000,
+            "{} bytes reached the server",
+            to_server.len()
+        );
+        let sent = String::from_utf8_lossy(&to_server);
+        assert!(sent.contains("denied by rule \"no-admin\""), "{sent}");
+        assert!(to_server.ends_with(&msg(b'Q', b"SELECT 1\0")));
+        let mut server = msg(b'Z', b"I");
+        server.extend(msg(b'E', b"SERROR\0C42501\0Mdenied\0\0"));
+        server.extend(msg(b'Z', b"I"));
+        server.extend(msg(b'C', b"SELECT 1\0"));
+        server.extend(msg(b'Z', b"I"));
+        let mut out = Vec::new();
+        backend(&mut &server[..], &mut out, &denied).await.unwrap();
+        let done = denied.take_done();
+        assert_eq!(done.len(), 2);
+        assert_eq!(&*done[0].text, "<fast-path function call, oid 2965>");
+        assert_eq!(done[0].decision, Some(Action::Deny));
+        assert_eq!(
+            done[1].tags,
+            ["SELECT 1"],
+            "the next batch is answered by its own"
+        );
+
+        let allow =
+            "[[rule]]\nid = \"all\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"allow\"\n";
+        let allowed = gated(policy("big-call-ok", allow));
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        frontend(&mut &input[..], &mut to_server, &mut to_client, &allowed)
+            .await
+            .unwrap();
+        assert!(to_server == input, "relayed unchanged");
+        let mut server = msg(b'Z', b"I");
+        server.extend(msg(b'V', b"\0\0\0\x04\0\0\0\x01"));
+        server.extend(msg(b'Z', b"I"));
+        server.extend(msg(b'C', b"SELECT 1\0"));
+        server.extend(msg(b'Z', b"I"));
+        backend(&mut &server[..], &mut out, &allowed).await.unwrap();
+        let done = allowed.take_done();
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[0].decision, Some(Action::Allow));
+        assert_eq!(done[1].tags, ["SELECT 1"]);
+    }
+
     /// Statements that came in one read were sent together and share one
     /// time (the clocks are read once for them); the next read's
     /// statements get a later one, and their durations run from it.
@@ -1884,9 +2151,7 @@ mod tests {
         let (row, select) = (msg(b'D', b"\0\x01\0\0\0\x017"), msg(b'C', b"SELECT 1\0"));
         let read = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
         let write = "UPDATE t SET x = 'secret' WHERE y = $1";
-        // (what the client sends, what the server answers), batch by batch
-        type Batches = Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)>;
-        let batches: Batches = vec![
+        let batches: Vec<Exchange> = vec![
             // Prepared on its own (pgbench -M prepared), then run twice.
             (
                 vec![
@@ -1937,27 +2202,10 @@ mod tests {
                 vec![msg(b'E', b"SERROR\0C34000\0Mno nope\0\0"), ready.clone()],
             ),
         ];
-        let (mut inp, mut to_server, mut to_client) =
-            (BytesMut::new(), BytesMut::new(), BytesMut::new());
-        inp.extend_from_slice(&client);
-        f.feed(&mut inp, &mut to_server, &mut to_client, &state)
-            .unwrap();
-        // The login's ReadyForQuery.
-        inp.extend_from_slice(&ready);
-        b.feed(&mut inp, &mut to_client, &state).unwrap();
-        for (from_client, from_server) in batches {
-            let sent = from_client.concat();
-            inp.extend_from_slice(&sent);
-            to_server.clear();
-            f.feed(&mut inp, &mut to_server, &mut to_client, &state)
-                .unwrap();
-            assert_eq!(&to_server[..], &sent[..], "relayed unchanged");
-            let answer = from_server.concat();
-            inp.extend_from_slice(&answer);
-            to_client.clear();
-            b.feed(&mut inp, &mut to_client, &state).unwrap();
-            assert_eq!(&to_client[..], &answer[..], "relayed unchanged");
-        }
+        let mut inp = BytesMut::new();
+        let login = (vec![client], vec![ready.clone()]);
+        let all: Vec<Exchange> = std::iter::once(login).chain(batches).collect();
+        relay_batches(&state, (&mut f, &mut b), &mut inp, &all);
         let done = state.take_done();
         // kind, name, text, rows, error
         type Seen<'a> = (

@@ -109,6 +109,14 @@ pub struct Frontend {
     /// A refusal took the place of a Parse or Execute since the client's
     /// last Sync: the server skips what comes until the next.
     skipping: bool,
+    /// Extended-protocol messages (Parse, Bind, Describe, Execute, Close,
+    /// and those the agent sends in place of one) sent to the server in
+    /// the client's open batch.
+    extended: u32,
+    /// Some were sent since the client's last Sync: a Query or
+    /// FunctionCall now may be one the server skips (see
+    /// [`State::query_closed`]).
+    extended_since_sync: bool,
 }
 
 impl Frontend {
@@ -127,7 +135,12 @@ impl Frontend {
         state.client_read();
         while self.rest.drain(input, to_server) {
             let more = if self.typed {
-                self.message(input, to_server, state, flags)?
+                let ty = input.first().copied();
+                let more = self.message(input, to_server, state, flags)?;
+                if more {
+                    self.sent(ty, state);
+                }
+                more
             } else {
                 self.startup(input, to_server, to_client, state)?
             };
@@ -262,7 +275,10 @@ impl Frontend {
             }
             return Ok(true);
         }
-        if matches!(ty, b'Q' | b'P' | b'F') && total <= MAX_STATEMENT {
+        if ty == b'F' {
+            return self.function_call(input, total, to_server, state, masking);
+        }
+        if matches!(ty, b'Q' | b'P') && total <= MAX_STATEMENT {
             if input.len() < total {
                 return Ok(false);
             }
@@ -273,21 +289,13 @@ impl Frontend {
                         .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
                     state.statement("query", None, sql, None, masking)
                 }
-                b'P' => {
+                _ => {
                     let (name, rest) = cstr(body)
                         .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
                     state.statement("parse", Some(name.into()), sql, Some(c), masking)
-                }
-                _ => {
-                    if body.len() < 4 {
-                        return Err(malformed("client", "FunctionCall without a function"));
-                    }
-                    let text = format!("<fast-path function call, oid {}>", be32(body));
-                    let c = Classified::own(not_sql(&text, Class::Admin));
-                    state.statement("function", None, &text, Some(c), masking)
                 }
             };
             match denied {
@@ -320,10 +328,66 @@ impl Frontend {
         Ok(true)
     }
 
+    /// A FunctionCall, of any size: decided by the function it calls (its
+    /// first four bytes) as soon as they are here, then passed on as it
+    /// comes, or dropped whole and refused. `true`: taken.
+    fn function_call(
+        &mut self,
+        input: &mut BytesMut,
+        total: usize,
+        to_server: &mut BytesMut,
+        state: &State,
+        masking: bool,
+    ) -> Result<bool, PgError> {
+        if total < 9 {
+            return Err(malformed("client", "FunctionCall without a function"));
+        }
+        if input.len() < 9 {
+            return Ok(false);
+        }
+        let text = format!("<fast-path function call, oid {}>", be32(&input[5..9]));
+        let c = Classified::own(not_sql(&text, Class::Admin));
+        match state.statement("function", None, &text, Some(c), masking) {
+            None => self.rest.start(input, total, to_server),
+            Some(d) => {
+                let have = input.len().min(total);
+                input.advance(have);
+                self.rest.discard = total - have;
+                self.refuse(b'F', &d, state, to_server);
+            }
+        }
+        Ok(true)
+    }
+
     /// Sends the refusal of a denied `ty` message in its place.
     fn refuse(&mut self, ty: u8, d: &Decision, state: &State, to_server: &mut BytesMut) {
         to_server.extend_from_slice(&refusal(ty, d, state));
-        self.skipping |= matches!(ty, b'P' | b'E');
+        if matches!(ty, b'P' | b'E') {
+            self.skipping = true;
+            // In place of one: a Parse, Bind and Execute.
+            self.extended = self.extended.saturating_add(2);
+        }
+    }
+
+    /// A message of type `ty` went (or has begun to go) to the server.
+    fn sent(&mut self, ty: Option<u8>, state: &State) {
+        match ty {
+            Some(b'P' | b'B' | b'D' | b'E' | b'C') => {
+                self.extended = self.extended.saturating_add(1);
+                self.extended_since_sync = true;
+            }
+            Some(b'Q' | b'F') => {
+                if self.extended_since_sync {
+                    state.query_closed(self.extended);
+                }
+                self.extended = 0;
+            }
+            Some(b'S') => {
+                self.extended = 0;
+                self.extended_since_sync = false;
+            }
+            _ => {}
+        }
     }
 
     /// A Bind, Execute, Close or Describe too large to inspect whole
@@ -376,6 +440,18 @@ pub struct Backend {
     /// The server has spoken: whether this is a cancel connection is known
     /// (the client's first packet, which says so, reached the server first).
     spoken: bool,
+    /// Answers that complete a message (ParseComplete, BindComplete,
+    /// CloseComplete, NoData, RowDescription, CommandComplete,
+    /// EmptyQueryResponse, PortalSuspended) since the last ReadyForQuery.
+    completed: u32,
+}
+
+/// Whether a server message of type `ty` completes the answer to one of
+/// the client's messages (an extended-protocol one, until they are all
+/// answered: a Describe's RowDescription or NoData, not its
+/// ParameterDescription).
+fn completes(ty: u8) -> bool {
+    matches!(ty, b'1' | b'2' | b'3' | b'n' | b'T' | b'C' | b'I' | b's')
 }
 
 impl Backend {
@@ -401,6 +477,7 @@ impl Backend {
                 break;
             };
             if matches!(ty, b'1' | b'2') && total == 5 && state.batch().swallowed() {
+                self.completed = self.completed.saturating_add(1);
                 input.advance(5);
                 continue;
             }
@@ -416,6 +493,7 @@ impl Backend {
                     if input.len() < total {
                         break;
                     }
+                    self.completed = self.completed.saturating_add(u32::from(completes(ty)));
                     match state.shape_message(ty, &input[5..total])? {
                         Some(row) => {
                             to_client.extend_from_slice(&row);
@@ -429,12 +507,14 @@ impl Backend {
             if !(matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S' | b'I' | b's')
                 && total <= MAX_INSPECT)
             {
+                self.completed = self.completed.saturating_add(u32::from(completes(ty)));
                 self.rest.start(input, total, to_client);
                 continue;
             }
             if input.len() < total {
                 break;
             }
+            self.completed = self.completed.saturating_add(u32::from(completes(ty)));
             let body = &input[5..total];
             match ty {
                 b'R' if body.len() >= 4 && be32(body) == AUTH_SASL => {
@@ -452,11 +532,14 @@ impl Backend {
                 b'E' => {
                     let code = error_code(body);
                     let mut b = state.batch();
-                    b.error(code);
+                    b.error(code, self.completed);
                     b.shapes.plan = None;
                 }
                 b'I' | b's' => state.batch().result(None),
-                b'Z' => state.ready(),
+                b'Z' => {
+                    self.completed = 0;
+                    state.ready();
+                }
                 b'S' => state.parameter_status(body),
                 _ => {}
             }
