@@ -28,7 +28,7 @@ use std::{
     io,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, Weak,
     },
     time::Instant,
 };
@@ -403,6 +403,10 @@ struct Prepared {
     /// an Execute in that batch: the Parse's record stands for that first
     /// run.
     first_run: Option<u64>,
+    /// The decision on its runs, and the policy that made it: runs under
+    /// the same policy are not decided again. (Weak: an old policy is not
+    /// kept, nor can a new one take its place in memory while this is held.)
+    decided: Option<(Weak<Policy>, Decision)>,
 }
 
 /// Most statement text remembered for recording executions, per
@@ -678,6 +682,30 @@ impl State {
         )
     }
 
+    /// [`State::decide`] for a run of a prepared statement: taken from
+    /// `memo` if the policy that made it is still in force, else made and
+    /// kept there.
+    fn decide_run(
+        &self,
+        c: &Classification,
+        text: &str,
+        memo: Option<&mut Option<(Weak<Policy>, Decision)>>,
+    ) -> Option<Decision> {
+        let Gated { gate: g, policies } = self.gate.as_ref()?;
+        let mut p = lock(policies);
+        let policy = p.current.load();
+        if let Some(Some((of, d))) = memo.as_deref() {
+            if std::ptr::eq(of.as_ptr(), Arc::as_ptr(policy)) {
+                return Some(d.clone());
+            }
+        }
+        let d = policy.decide_statement(&g.workload, &g.target, c, text);
+        if let Some(m) = memo {
+            *m = Some((Arc::downgrade(policy), d.clone()));
+        }
+        Some(d)
+    }
+
     fn startup(&self) -> MutexGuard<'_, Startup> {
         lock(&self.startup)
     }
@@ -734,6 +762,7 @@ impl State {
                         class: c.clone(),
                         text: st.text.clone(),
                         first_run: Some(self.batches()),
+                        decided: None,
                     };
                     b.shapes.prepared(&stmt, p);
                 }
@@ -773,7 +802,9 @@ impl State {
             b.shapes.executes.push_back(portal.into());
         }
         let (name, text, c) = b.run_of(portal, self.batches())?;
-        let (action, rule, refused) = verdict(self.decide(&c, &text));
+        let memo = name.as_deref().and_then(|n| b.shapes.stmts.get_mut(n));
+        let decision = self.decide_run(&c, &text, memo.map(|p| &mut p.decided));
+        let (action, rule, refused) = verdict(decision);
         if refused.is_some() {
             // The refusal takes the unnamed statement and portal.
             b.shapes.forget("");
@@ -2269,9 +2300,11 @@ mod tests {
         assert_eq!(done[5].class, Class::Unknown);
         assert_eq!(done[5].decision, Some(Action::Allow));
 
-        // Prepared while allowed, run after a reload that denies it: the
-        // server gets the refusal in place of the Execute, and the client
-        // the server's own error where its Execute failed.
+        // Prepared and run while allowed, run again after a reload that
+        // denies it: the server gets the refusal in place of the Execute
+        // (the decision on the first run is not reused under the new
+        // policy), and the client the server's own error where its Execute
+        // failed.
         let exchange =
             |inp: &mut BytesMut, f: &mut Frontend, b: &mut Backend, sent: &[u8], answer: &[u8]| {
                 let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
@@ -2290,6 +2323,10 @@ mod tests {
             &sent,
             &[msg(b'1', b""), ready.clone()].concat(),
         );
+        let sent = [bind("s2"), exec(""), sync.clone()].concat();
+        let answer = [msg(b'2', b""), row.clone(), select.clone(), ready.clone()].concat();
+        let (to_server, _) = exchange(&mut inp, &mut f, &mut b, &sent, &answer);
+        assert_eq!(&to_server[..], &sent[..], "allowed before the reload");
         let deny = "[[rule]]\nid = \"no-balances\"\non = \"statement\"\nworkloads = [\"w\"]\ntargets = [\"t\"]\n\
                     tables = [\"public.pgbench_accounts\"]\naction = \"deny\"\n\n";
         rules.store(policy("exec-reloaded", &format!("{deny}{allow}")).load_full());
