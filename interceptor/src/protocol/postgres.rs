@@ -673,13 +673,7 @@ impl State {
     }
 
     fn decide(&self, c: &Classification, text: &str) -> Option<Decision> {
-        let Gated { gate: g, policies } = self.gate.as_ref()?;
-        let mut p = lock(policies);
-        Some(
-            p.current
-                .load()
-                .decide_statement(&g.workload, &g.target, c, text),
-        )
+        self.decide_run(c, text, None)
     }
 
     /// [`State::decide`] for a run of a prepared statement: taken from
@@ -1779,87 +1773,88 @@ mod tests {
             (text.into(), tags, error.map(Into::into), true)
         };
 
-        // The Bind fails (no parameter for $1): the Query is skipped.
-        let state = gated(policy("skip-bind", allow));
-        let batches = vec![
+        let cases: [(&str, Vec<Exchange>, Vec<Recorded>); 3] = [
+            // The Bind fails (no parameter for $1): the Query is skipped.
             (
+                "skip-bind",
                 vec![
-                    msg(b'P', b"s1\0SELECT $1::int\0\0\0"),
-                    msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
-                    exec.clone(),
-                    q("SELECT 2"),
-                    sync.clone(),
-                ],
-                vec![msg(b'1', b""), error("08P01"), ready.clone()],
-            ),
-            (vec![q("SELECT 3")], selected(b"3")),
-        ];
-        assert_eq!(
-            relayed(&state, &batches),
-            [
-                answered("SELECT $1::int", &[], Some("08P01")),
-                answered("SELECT 2", &[], Some("08P01")),
-                answered("SELECT 3", &["SELECT 1"], None),
-            ]
-        );
-
-        // A Describe (not itself recorded) fails: the same.
-        let state = gated(policy("skip-describe", allow));
-        let batches = vec![
-            (
-                vec![
-                    msg(b'P', b"s2\0SELECT 1\0\0\0"),
-                    msg(b'D', b"Snope\0"),
-                    q("SELECT 5"),
-                    q("SELECT 55"),
-                    sync.clone(),
-                ],
-                vec![msg(b'1', b""), error("26000"), ready.clone()],
-            ),
-            (vec![q("SELECT 6")], selected(b"6")),
-        ];
-        assert_eq!(
-            relayed(&state, &batches),
-            [
-                answered("SELECT 1", &[], Some("26000")),
-                answered("SELECT 5", &[], Some("26000")),
-                answered("SELECT 55", &[], Some("26000")),
-                answered("SELECT 6", &["SELECT 1"], None),
-            ]
-        );
-
-        // The extended messages succeed and the Query itself fails: it is
-        // answered there, and the Sync by a ReadyForQuery of its own.
-        let state = gated(policy("query-fails", allow));
-        let batches = vec![
-            (
-                vec![
-                    msg(b'P', b"s1\0SELECT 1\0\0\0"),
-                    msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
-                    exec.clone(),
-                    q("SELECT 1/0"),
-                    sync.clone(),
+                    (
+                        vec![
+                            msg(b'P', b"s1\0SELECT $1::int\0\0\0"),
+                            msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+                            exec.clone(),
+                            q("SELECT 2"),
+                            sync.clone(),
+                        ],
+                        vec![msg(b'1', b""), error("08P01"), ready.clone()],
+                    ),
+                    (vec![q("SELECT 3")], selected(b"3")),
                 ],
                 vec![
-                    msg(b'1', b""),
-                    msg(b'2', b""),
-                    row(b"1"),
-                    msg(b'C', b"SELECT 1\0"),
-                    error("22012"),
-                    ready.clone(),
-                    ready.clone(),
+                    answered("SELECT $1::int", &[], Some("08P01")),
+                    answered("SELECT 2", &[], Some("08P01")),
+                    answered("SELECT 3", &["SELECT 1"], None),
                 ],
             ),
-            (vec![q("SELECT 3")], selected(b"3")),
+            // A Describe (not itself recorded) fails: the same.
+            (
+                "skip-describe",
+                vec![
+                    (
+                        vec![
+                            msg(b'P', b"s2\0SELECT 1\0\0\0"),
+                            msg(b'D', b"Snope\0"),
+                            q("SELECT 5"),
+                            q("SELECT 55"),
+                            sync.clone(),
+                        ],
+                        vec![msg(b'1', b""), error("26000"), ready.clone()],
+                    ),
+                    (vec![q("SELECT 6")], selected(b"6")),
+                ],
+                vec![
+                    answered("SELECT 1", &[], Some("26000")),
+                    answered("SELECT 5", &[], Some("26000")),
+                    answered("SELECT 55", &[], Some("26000")),
+                    answered("SELECT 6", &["SELECT 1"], None),
+                ],
+            ),
+            // The extended messages succeed and the Query itself fails: it
+            // is answered there, and the Sync by a ReadyForQuery of its own.
+            (
+                "query-fails",
+                vec![
+                    (
+                        vec![
+                            msg(b'P', b"s1\0SELECT 1\0\0\0"),
+                            msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+                            exec.clone(),
+                            q("SELECT 1/0"),
+                            sync.clone(),
+                        ],
+                        vec![
+                            msg(b'1', b""),
+                            msg(b'2', b""),
+                            row(b"1"),
+                            msg(b'C', b"SELECT 1\0"),
+                            error("22012"),
+                            ready.clone(),
+                            ready.clone(),
+                        ],
+                    ),
+                    (vec![q("SELECT 3")], selected(b"3")),
+                ],
+                vec![
+                    answered("SELECT 1", &["SELECT 1"], None),
+                    answered("SELECT 1/0", &[], Some("22012")),
+                    answered("SELECT 3", &["SELECT 1"], None),
+                ],
+            ),
         ];
-        assert_eq!(
-            relayed(&state, &batches),
-            [
-                answered("SELECT 1", &["SELECT 1"], None),
-                answered("SELECT 1/0", &[], Some("22012")),
-                answered("SELECT 3", &["SELECT 1"], None),
-            ]
-        );
+        for (tag, batches, want) in cases {
+            let state = gated(policy(tag, allow));
+            assert_eq!(relayed(&state, &batches), want, "{tag}");
+        }
     }
 
     /// A FunctionCall is decided by the function it calls however large it

@@ -477,7 +477,7 @@ impl Backend {
                 break;
             };
             if matches!(ty, b'1' | b'2') && total == 5 && state.batch().swallowed() {
-                self.completed = self.completed.saturating_add(1);
+                self.took(ty);
                 input.advance(5);
                 continue;
             }
@@ -493,7 +493,7 @@ impl Backend {
                     if input.len() < total {
                         break;
                     }
-                    self.completed = self.completed.saturating_add(u32::from(completes(ty)));
+                    self.took(ty);
                     match state.shape_message(ty, &input[5..total])? {
                         Some(row) => {
                             to_client.extend_from_slice(&row);
@@ -507,14 +507,14 @@ impl Backend {
             if !(matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S' | b'I' | b's')
                 && total <= MAX_INSPECT)
             {
-                self.completed = self.completed.saturating_add(u32::from(completes(ty)));
+                self.took(ty);
                 self.rest.start(input, total, to_client);
                 continue;
             }
             if input.len() < total {
                 break;
             }
-            self.completed = self.completed.saturating_add(u32::from(completes(ty)));
+            self.took(ty);
             let body = &input[5..total];
             match ty {
                 b'R' if body.len() >= 4 && be32(body) == AUTH_SASL => {
@@ -546,6 +546,11 @@ impl Backend {
             forward(input, total, to_client);
         }
         Ok(())
+    }
+
+    /// A server message of type `ty` is taken (whole, or begun).
+    fn took(&mut self, ty: u8) {
+        self.completed = self.completed.saturating_add(u32::from(completes(ty)));
     }
 
     /// The server closed its side, leaving `input` unread.
