@@ -445,7 +445,7 @@ fn print_statements(list: &[Statement]) {
     for st in list {
         let result = match (&st.error, st.tags.last()) {
             (Some(code), _) => format!("error {code}"),
-            (None, Some(tag)) => tag.clone(),
+            (None, Some(tag)) => tag.to_string(),
             (None, None) => "-".into(),
         };
         let took = st.duration_us.map_or("-".into(), |d| format!("{d} µs"));

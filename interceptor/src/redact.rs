@@ -134,9 +134,10 @@ fn common_fingerprint(text: &str, out: &mut String) -> Option<()> {
                 out.push('?');
             }
             c if c.is_ascii_alphabetic() || c == b'_' => {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
-                    i += 1;
-                }
+                i = b[i..]
+                    .iter()
+                    .position(|&c| !WORD_BYTE[usize::from(c)])
+                    .map_or(b.len(), |n| i + n);
                 if i < b.len() && (b[i] == b'$' || b[i] >= 0x80) {
                     return None;
                 }
@@ -272,6 +273,18 @@ impl<'a> Tokens<'a> {
 
 /// A byte that continues a name (PostgreSQL: letters, digits, `_`, `$`, and
 /// every non-ASCII byte).
+/// Bytes of a plain word: ASCII letters and digits, and `_` (a table:
+/// the statements drivers send are mostly words).
+static WORD_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = (c as u8).is_ascii_alphanumeric() || c == b'_' as usize;
+        c += 1;
+    }
+    t
+};
+
 fn name_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }

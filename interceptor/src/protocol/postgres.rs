@@ -24,7 +24,7 @@
 
 use std::{
     borrow::Cow,
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     io,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -34,6 +34,11 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+// The per-connection maps are keyed by what the client sends (statement and
+// portal names, statement text): foldhash, seeded at random per map, is
+// several times cheaper than SipHash on such short keys, and each map is
+// bounded (`MAX_NAMES`, `CLASS_CACHE`) whatever the client does.
+use foldhash::HashMap;
 
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -88,6 +93,9 @@ fn malformed(side: &'static str, what: impl Into<String>) -> PgError {
     }
 }
 
+/// A statement's command tags.
+pub type Tags = smallvec::SmallVec<[Arc<str>; 1]>;
+
 /// One recorded statement (or batch of extended-protocol messages).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Statement {
@@ -101,7 +109,7 @@ pub struct Statement {
     /// `bind` or `function`.
     pub kind: Cow<'static, str>,
     /// Prepared statement name (extended protocol; empty = unnamed).
-    pub name: Option<String>,
+    pub name: Option<Arc<str>>,
     /// Statement text with secrets redacted (shared by the runs of one
     /// prepared statement).
     pub text: Arc<str>,
@@ -121,8 +129,9 @@ pub struct Statement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Vec<Option<String>>>,
     pub duration_us: Option<u64>,
-    /// Command tags the server returned for this statement's batch.
-    pub tags: Vec<String>,
+    /// Command tags the server returned for this statement's batch (most
+    /// statements have one: held inline).
+    pub tags: Tags,
     /// Rows returned or affected (from the last command tag).
     pub rows: Option<u64>,
     /// SQLSTATE of the first error in the batch.
@@ -134,7 +143,7 @@ impl Statement {
     /// nor answered.
     pub(crate) fn new(
         kind: &'static str,
-        name: Option<String>,
+        name: Option<Arc<str>>,
         text: Arc<str>,
         class: Class,
     ) -> Self {
@@ -151,7 +160,7 @@ impl Statement {
             masked: 0,
             parameters: None,
             duration_us: None,
-            tags: Vec::new(),
+            tags: Tags::new(),
             rows: None,
             error: None,
         }
@@ -216,6 +225,17 @@ struct Batch {
     /// needed to know: statements that came in one read were sent together,
     /// and the clocks are read once for all of them.
     stamp: Option<(u64, Instant)>,
+    /// The command tag last seen (see [`Batch::tag`]).
+    last_tag: Option<Arc<str>>,
+}
+
+/// What an Execute runs (see [`Batch::run_of`]).
+struct Run {
+    /// The prepared statement's name, if known.
+    name: Option<Arc<str>>,
+    /// Its text, as recorded.
+    text: Arc<str>,
+    class: Arc<Classification>,
 }
 
 /// A statement waiting for its batch's ReadyForQuery.
@@ -396,6 +416,8 @@ struct Shapes {
 /// A statement the server holds (its Parse was let through), as its
 /// executions are recorded.
 struct Prepared {
+    /// Its name (shared by the records of its runs).
+    name: Arc<str>,
     class: Arc<Classification>,
     /// As recorded (secrets redacted).
     text: Arc<str>,
@@ -504,11 +526,7 @@ impl Batch {
     /// to, or text saying what is not known (classified `unknown`). `None`
     /// for the first run of a statement whose Parse came in this batch: the
     /// Parse was decided and recorded for it.
-    fn run_of(
-        &mut self,
-        portal: Option<&str>,
-        batch: u64,
-    ) -> Option<(Option<String>, Arc<str>, Arc<Classification>)> {
+    fn run_of(&mut self, portal: Option<&str>, batch: u64) -> Option<Run> {
         let stmt = portal.and_then(|p| self.shapes.portal_stmt.get(p));
         match stmt.map(|n| (n, self.shapes.stmts.get_mut(n))) {
             Some((name, Some(p))) if p.first_run == Some(batch) => {
@@ -522,22 +540,34 @@ impl Batch {
                 }
                 None
             }
-            Some((name, Some(p))) => {
+            Some((_, Some(p))) => {
                 p.first_run = None;
-                Some((Some(name.clone()), p.text.clone(), p.class.clone()))
+                Some(Run {
+                    name: Some(p.name.clone()),
+                    text: p.text.clone(),
+                    class: p.class.clone(),
+                })
             }
             Some((name, None)) => {
                 let text = format!("<execute of statement \"{name}\", whose text is not known>");
-                let c = Arc::new(not_sql(&text, Class::Unknown));
-                Some((Some(name.clone()), text.into(), c))
+                let class = Arc::new(not_sql(&text, Class::Unknown));
+                Some(Run {
+                    name: Some(name.as_str().into()),
+                    text: text.into(),
+                    class,
+                })
             }
             None => {
                 let text = match portal {
                     Some(p) => format!("<execute of portal \"{p}\", whose statement is not known>"),
                     None => "<execute of an unreadable portal>".to_owned(),
                 };
-                let c = Arc::new(not_sql(&text, Class::Unknown));
-                Some((None, text.into(), c))
+                let class = Arc::new(not_sql(&text, Class::Unknown));
+                Some(Run {
+                    name: None,
+                    text: text.into(),
+                    class,
+                })
             }
         }
     }
@@ -593,15 +623,26 @@ impl Batch {
     /// A result: CommandComplete (with its tag), EmptyQueryResponse or
     /// PortalSuspended.
     fn result(&mut self, tag: Option<&str>) {
-        let Some(e) = self.answering() else {
+        if self.answering().is_none() {
             return;
-        };
+        }
+        let tag = tag.map(|t| self.tag(t));
+        let e = &mut self.pending[self.answering];
         if let Some(tag) = tag {
-            e.st.tags.push(tag.to_owned());
             e.st.rows = tag.rsplit(' ').next().and_then(|n| n.parse().ok());
+            e.st.tags.push(tag);
         }
         if e.answers == Answers::One {
             self.answering += 1;
+        }
+    }
+
+    /// `tag`, shared with the last statement's if it is the same (a
+    /// driver running one statement over and over gets the same tag).
+    fn tag(&mut self, tag: &str) -> Arc<str> {
+        match &self.last_tag {
+            Some(t) if **t == *tag => t.clone(),
+            _ => self.last_tag.insert(tag.into()).clone(),
         }
     }
 
@@ -721,7 +762,7 @@ impl State {
     fn statement(
         &self,
         kind: &'static str,
-        name: Option<String>,
+        name: Option<Arc<str>>,
         text: &str,
         class: Option<Classified>,
         masking: bool,
@@ -753,6 +794,7 @@ impl State {
             match refused {
                 None => {
                     let p = Prepared {
+                        name: stmt.clone(),
                         class: c.clone(),
                         text: st.text.clone(),
                         first_run: Some(self.batches()),
@@ -795,7 +837,11 @@ impl State {
             // Its rows come next.
             b.shapes.executes.push_back(portal.into());
         }
-        let (name, text, c) = b.run_of(portal, self.batches())?;
+        let Run {
+            name,
+            text,
+            class: c,
+        } = b.run_of(portal, self.batches())?;
         let memo = name.as_deref().and_then(|n| b.shapes.stmts.get_mut(n));
         let decision = self.decide_run(&c, &text, memo.map(|p| &mut p.decided));
         let (action, rule, refused) = verdict(decision);
@@ -981,7 +1027,7 @@ impl State {
         b.push(
             Statement {
                 parameters: Some(params),
-                ..Statement::new("bind", Some(stmt), text.into(), class)
+                ..Statement::new("bind", Some(stmt.into()), text.into(), class)
             },
             None,
             self.batches(),
@@ -1255,8 +1301,27 @@ fn be32(b: &[u8]) -> u32 {
 
 /// A NUL-terminated string at the start of `b`, and the rest.
 fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
-    let end = b.iter().position(|&c| c == 0)?;
+    let end = first_nul(b)?;
     Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
+}
+
+/// Where the first NUL byte of `b` is (where the server ends a string),
+/// looked for eight bytes at a time: statement text is most of what the
+/// relay reads.
+fn first_nul(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let mut words = b.chunks_exact(8);
+    let mut at = 0;
+    for w in &mut words {
+        let v = u64::from_ne_bytes(w.try_into().expect("eight bytes"));
+        // Non-zero exactly when some byte of `v` is zero.
+        if v.wrapping_sub(ONES) & !v & HIGHS != 0 {
+            break;
+        }
+        at += 8;
+    }
+    b[at..].iter().position(|&c| c == 0).map(|n| at + n)
 }
 
 /// Startup message parameters: pairs of C strings, ended by an empty one.
@@ -1619,6 +1684,11 @@ fn without_channel_binding(body: &[u8]) -> BytesMut {
 mod tests {
     use super::*;
 
+    /// A statement's command tags.
+    fn tags(s: &Statement) -> Vec<String> {
+        s.tags.iter().map(|t| t.to_string()).collect()
+    }
+
     fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
         let mut out = BytesMut::new();
         put_message(&mut out, ty, body);
@@ -1736,7 +1806,7 @@ mod tests {
             .into_iter()
             .map(|s| {
                 let answered = s.duration_us.is_some();
-                (s.text.to_string(), s.tags, s.error, answered)
+                (s.text.to_string(), tags(&s), s.error, answered)
             })
             .collect()
     }
@@ -1894,7 +1964,7 @@ mod tests {
         assert_eq!(&*done[0].text, "<fast-path function call, oid 2965>");
         assert_eq!(done[0].decision, Some(Action::Deny));
         assert_eq!(
-            done[1].tags,
+            tags(&done[1]),
             ["SELECT 1"],
             "the next batch is answered by its own"
         );
@@ -1916,7 +1986,7 @@ mod tests {
         let done = allowed.take_done();
         assert_eq!(done.len(), 2);
         assert_eq!(done[0].decision, Some(Action::Allow));
-        assert_eq!(done[1].tags, ["SELECT 1"]);
+        assert_eq!(tags(&done[1]), ["SELECT 1"]);
     }
 
     /// Statements that came in one read were sent together and share one
@@ -2066,6 +2136,23 @@ mod tests {
     }
 
     #[test]
+    fn the_first_nul_is_found_wherever_it_is() {
+        for len in 0..40 {
+            for nul in 0..=len {
+                let mut b: Vec<u8> = (0..len).map(|i| 1 + (i * 37 % 255) as u8).collect();
+                if nul < len {
+                    b[nul] = 0;
+                    if nul + 3 < len {
+                        b[nul + 3] = 0;
+                    }
+                }
+                b.iter_mut().take(nul).for_each(|c| *c |= 0x80);
+                assert_eq!(first_nul(&b), b.iter().position(|&c| c == 0), "{b:?}");
+            }
+        }
+    }
+
+    #[test]
     fn error_codes_are_found() {
         assert_eq!(
             error_code(b"SERROR\0C42501\0Mno\0\0").as_deref(),
@@ -2148,7 +2235,7 @@ mod tests {
         let done = state.take_done();
         assert_eq!(done.len(), 1);
         assert_eq!(&*done[0].text, "ALTER ROLE bob PASSWORD '***'");
-        assert_eq!(done[0].tags, vec!["ALTER ROLE".to_string()]);
+        assert_eq!(tags(&done[0]), ["ALTER ROLE"]);
         assert_eq!(done[0].class, Class::Admin);
     }
 
@@ -2290,7 +2377,7 @@ mod tests {
         }
         assert_eq!(done[1].class, Class::Read);
         assert_eq!(done[4].class, Class::Write);
-        assert_eq!(done[1].tags, vec!["SELECT 1".to_string()]);
+        assert_eq!(tags(&done[1]), ["SELECT 1"]);
         // What the agent cannot know is decided as `unknown`.
         assert_eq!(done[5].class, Class::Unknown);
         assert_eq!(done[5].decision, Some(Action::Allow));
@@ -2386,8 +2473,7 @@ mod tests {
         ];
         exchange(&mut inp, &mut f, &mut b, &sent, &answer.concat());
         let done = state.take_done();
-        let seen: Vec<(&str, Vec<String>)> =
-            done.iter().map(|s| (&*s.kind, s.tags.clone())).collect();
+        let seen: Vec<(&str, Vec<String>)> = done.iter().map(|s| (&*s.kind, tags(s))).collect();
         let one = || vec!["INSERT 0 1".to_string()];
         assert_eq!(
             seen,

@@ -38,7 +38,7 @@
 
 use std::{
     cell::RefCell,
-    io::{self, Read, Write},
+    io::{self, Write},
     net::TcpStream,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
@@ -654,14 +654,16 @@ impl Direction {
     /// copy read is taken to mean `from` has nothing more.
     fn pump(
         &mut self,
-        mut from: &TcpStream,
-        mut to: &TcpStream,
+        from: &TcpStream,
+        to: &TcpStream,
         scratch: &mut [u8],
         short_drains: bool,
     ) -> io::Result<()> {
         loop {
             if self.sent < self.pending.len() {
-                let Some(n) = ready(to.write(&self.pending[self.sent..]).and_then(moved))? else {
+                let Some(n) =
+                    ready(send(to.as_raw_fd(), &self.pending[self.sent..]).and_then(moved))?
+                else {
                     return Ok(());
                 };
                 self.sent += n;
@@ -692,12 +694,15 @@ impl Direction {
                     n
                 }
                 None => {
-                    let Some(n) = ready(from.read(scratch))? else {
+                    // SAFETY: `scratch` is writable for its length.
+                    let read =
+                        unsafe { recv(from.as_raw_fd(), scratch.as_mut_ptr(), scratch.len()) };
+                    let Some(n) = ready(read)? else {
                         return Ok(());
                     };
                     let mut sent = 0;
                     while sent < n {
-                        match ready(to.write(&scratch[sent..n]).and_then(moved))? {
+                        match ready(send(to.as_raw_fd(), &scratch[sent..n]).and_then(moved))? {
                             Some(k) => sent += k,
                             None => {
                                 self.pending.extend_from_slice(&scratch[sent..n]);
@@ -766,6 +771,47 @@ impl Pipe {
     }
 }
 
+// recv(2), send(2) and epoll_wait(2) are made as plain system calls: glibc's
+// wrappers are cancellation points, which bracket every call with two more
+// that switch the thread's cancellation state, paid on every message by a
+// loop whose threads are never cancelled.
+
+/// The result of a system call made with `libc::syscall`.
+fn syscall_result(n: libc::c_long) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// recv(2) into `len` bytes at `buf`.
+///
+/// # Safety
+/// `buf` must be valid for writes of `len` bytes.
+pub(crate) unsafe fn recv(fd: RawFd, buf: *mut u8, len: usize) -> io::Result<usize> {
+    let none = std::ptr::null_mut::<libc::c_void>();
+    // SAFETY: the caller vouches for `buf`; no address is asked for.
+    syscall_result(unsafe { libc::syscall(libc::SYS_recvfrom, fd, buf, len, 0, none, none) })
+}
+
+/// send(2) of `buf`, without SIGPIPE.
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let none = std::ptr::null::<libc::c_void>();
+    // SAFETY: `buf` is valid for reads of its length; no address is passed.
+    syscall_result(unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            fd,
+            buf.as_ptr(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+            none,
+            0,
+        )
+    })
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both fds are open for the duration of the call (owned by the
     // caller's TcpStream or Pipe); no offsets are passed.
@@ -825,19 +871,17 @@ impl Epoll {
         loop {
             // SAFETY: events is a valid buffer of the length passed.
             let n = unsafe {
-                libc::epoll_wait(
+                libc::syscall(
+                    libc::SYS_epoll_wait,
                     self.0.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as libc::c_int,
                     timeout_ms,
                 )
             };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match syscall_result(n) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
             }
         }
     }
@@ -1068,7 +1112,7 @@ mod tests {
         );
         app.write_all(b"ping").unwrap();
         let mut got = [0u8; 4];
-        server.read_exact(&mut got).unwrap();
+        std::io::Read::read_exact(&mut server, &mut got).unwrap();
         // Within the window it keeps polling: runnable, not asleep.
         let during = states("relay-busy-test", 30);
         assert!(during.contains('R'), "not polling after a read: {during}");

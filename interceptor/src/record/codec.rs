@@ -37,8 +37,14 @@ const FORMAT: u8 = 2;
 const FORMAT_PLAIN: u8 = 1;
 
 /// Most statements in one record: far fewer tree updates than one per
-/// statement, and small enough to stay inside sled's log.
-pub const PER_RECORD: u32 = 64;
+/// statement (each costs the recorder about as much as encoding a hundred
+/// statements).
+pub const PER_RECORD: u32 = 256;
+
+/// A record is sealed once it holds this many bytes, so it stays well
+/// inside sled's log (values past an eighth of a segment go to files of
+/// their own) whatever the statements' size.
+pub const RECORD_BYTES: usize = 32 << 10;
 
 /// Longest string other than a statement's text that a record says again
 /// by number.
@@ -75,7 +81,10 @@ pub struct Records {
 
 impl Records {
     pub fn push(&mut self, s: &Statement) {
-        if self.open.is_some_and(|(_, n)| n >= PER_RECORD) {
+        if self
+            .open
+            .is_some_and(|(_, n)| n >= PER_RECORD || self.body.body.len() >= RECORD_BYTES)
+        {
             self.seal();
         }
         let (_, n) = self.open.get_or_insert((s.seq, 0));
@@ -119,9 +128,25 @@ struct Writer {
     /// length, number). A string not found is said again, which is never
     /// wrong, only longer.
     index: [(u32, u32, u32); SLOTS],
+    /// The last statement's shared strings (name, text, rule, first tag)
+    /// as this record said them, with their numbers: the next statement
+    /// holding the very same string (the runs of a prepared statement
+    /// share theirs) refers to it without a lookup. They are held, so
+    /// their memory cannot come to hold another string meanwhile.
+    recent: [Option<(Arc<str>, u32)>; 4],
+    /// Likewise the last statement's kind, when it is one of the agent's
+    /// own (static, so never freed), and its tables with their numbers.
+    recent_kind: Option<(&'static str, u32)>,
+    recent_tables: Option<(Arc<[String]>, Vec<u32>)>,
     next_seq: u64,
     last_at: u64,
 }
+
+/// [`Writer::recent`] slots.
+const NAME: usize = 0;
+const TEXT: usize = 1;
+const RULE: usize = 2;
+const TAG: usize = 3;
 
 impl Default for Writer {
     fn default() -> Self {
@@ -129,6 +154,9 @@ impl Default for Writer {
             body: Vec::new(),
             said: 0,
             index: [(0, 0, u32::MAX); SLOTS],
+            recent: Default::default(),
+            recent_kind: None,
+            recent_tables: None,
             next_seq: 0,
             last_at: 0,
         }
@@ -157,47 +185,111 @@ impl Writer {
         self.next_seq = seq + 1;
         varint(&mut self.body, zigzag(s.at.wrapping_sub(self.last_at)));
         self.last_at = s.at;
-        self.string(&s.kind, false);
-        self.option(s.name.as_deref(), |w, n| w.string(n, false));
-        self.string(&s.text, true);
+        self.kind(&s.kind);
+        self.option(s.name.as_ref(), |w, n| w.shared(NAME, n, false));
+        self.shared(TEXT, &s.text, true);
         self.body.push(class_byte(s.class));
-        varint(&mut self.body, s.tables.len() as u64);
-        for t in s.tables.iter() {
-            self.string(t, false);
-        }
+        self.tables(&s.tables);
         self.body.push(match s.decision {
             None => 0,
             Some(a) => action_byte(a),
         });
-        self.option(s.rule.as_deref(), |w, r| w.string(r, false));
+        self.option(s.rule.as_ref(), |w, r| w.shared(RULE, r, false));
         varint(&mut self.body, s.masked.into());
         self.option(s.parameters.as_deref(), |w, ps| {
             varint(&mut w.body, ps.len() as u64);
             for p in ps {
-                w.option(p.as_deref(), |w, p| w.string(p, false));
+                w.option(p.as_deref(), |w, p| {
+                    w.string(p, false);
+                });
             }
         });
         self.option(s.duration_us, |w, d| varint(&mut w.body, d));
         varint(&mut self.body, s.tags.len() as u64);
-        for t in &s.tags {
-            self.string(t, false);
+        for (k, t) in s.tags.iter().enumerate() {
+            match k {
+                0 => self.shared(TAG, t, false),
+                _ => {
+                    self.string(t, false);
+                }
+            }
         }
         self.option(s.rows, |w, r| varint(&mut w.body, r));
-        self.option(s.error.as_deref(), |w, e| w.string(e, false));
+        self.option(s.error.as_deref(), |w, e| {
+            w.string(e, false);
+        });
+    }
+
+    /// Says a statement's kind: by the number it last had if it is the
+    /// same static string (whether it is borrowed is what matters here).
+    #[allow(clippy::ptr_arg)]
+    fn kind(&mut self, kind: &Cow<'static, str>) {
+        let Cow::Borrowed(kind) = *kind else {
+            self.string(kind, false);
+            return;
+        };
+        match self.recent_kind {
+            Some((k, number)) if std::ptr::eq(k, kind) => {
+                varint(&mut self.body, u64::from(number) << 1 | 1);
+            }
+            _ => {
+                let number = self.string(kind, false);
+                self.recent_kind =
+                    (number != u32::MAX && kind.len() <= SHORT).then_some((kind, number));
+            }
+        }
+    }
+
+    /// Says a statement's tables: by the numbers they last had if they are
+    /// the very same list.
+    fn tables(&mut self, tables: &Arc<[String]>) {
+        varint(&mut self.body, tables.len() as u64);
+        if let Some((held, numbers)) = &self.recent_tables {
+            if Arc::ptr_eq(held, tables) {
+                for &n in numbers {
+                    varint(&mut self.body, u64::from(n) << 1 | 1);
+                }
+                return;
+            }
+        }
+        let numbers: Vec<u32> = tables.iter().map(|t| self.string(t, false)).collect();
+        let referable = tables
+            .iter()
+            .zip(&numbers)
+            .all(|(t, &n)| n != u32::MAX && t.len() <= SHORT);
+        self.recent_tables = referable.then(|| (tables.clone(), numbers));
+    }
+
+    /// Says `s`, which slot `slot` of [`Writer::recent`] keeps: by the
+    /// number it has there if it is the very string, else as [`string`]
+    /// does.
+    fn shared(&mut self, slot: usize, s: &Arc<str>, text: bool) {
+        if let Some((held, number)) = &self.recent[slot] {
+            if Arc::ptr_eq(held, s) {
+                varint(&mut self.body, u64::from(*number) << 1 | 1);
+                return;
+            }
+        }
+        let number = self.string(s, text);
+        // Only what may be said by number is kept (see `string`).
+        if number != u32::MAX && (text || s.len() <= SHORT) {
+            self.recent[slot] = Some((s.clone(), number));
+        }
     }
 
     /// Says `s`: by number if this record said it already (and it may be
-    /// said so: `text`, or at most [`SHORT`] bytes), else in full.
-    fn string(&mut self, s: &str, text: bool) {
+    /// said so: `text`, or at most [`SHORT`] bytes), else in full. Its
+    /// number (`u32::MAX`: it has none).
+    fn string(&mut self, s: &str, text: bool) -> u32 {
         let pair = pair_of(s.as_bytes());
         if text || s.len() <= SHORT {
-            for (start, len, number) in &self.index[pair..pair + 2] {
-                if *number != u32::MAX
-                    && *len as usize == s.len()
-                    && self.body[*start as usize..][..s.len()] == *s.as_bytes()
+            for &(start, len, number) in &self.index[pair..pair + 2] {
+                if number != u32::MAX
+                    && len as usize == s.len()
+                    && self.body[start as usize..][..s.len()] == *s.as_bytes()
                 {
-                    varint(&mut self.body, u64::from(*number) << 1 | 1);
-                    return;
+                    varint(&mut self.body, u64::from(number) << 1 | 1);
+                    return number;
                 }
             }
         }
@@ -214,7 +306,9 @@ impl Writer {
         ) {
             self.index[pair + 1] = self.index[pair];
             self.index[pair] = (start, len, said);
+            return said;
         }
+        u32::MAX
     }
 
     fn option<T>(&mut self, v: Option<T>, put: impl FnOnce(&mut Self, T)) {
@@ -231,10 +325,9 @@ impl Writer {
 /// The first slot of the writer's index pair for a string: a hash of its
 /// length and its first and last eight bytes (the rest is compared).
 fn pair_of(s: &[u8]) -> usize {
-    let word = |b: &[u8]| {
-        let mut w = [0u8; 8];
-        w[..b.len()].copy_from_slice(b);
-        u64::from_le_bytes(w)
+    let word = |b: &[u8]| match <[u8; 8]>::try_from(b) {
+        Ok(w) => u64::from_le_bytes(w),
+        Err(_) => b.iter().rev().fold(0, |w, &c| w << 8 | u64::from(c)),
     };
     let n = s.len();
     let h = (n as u64)
@@ -379,12 +472,18 @@ impl Reader<'_> {
 
     /// Any other string: said again only if it is at most [`SHORT`] bytes.
     fn string(&mut self) -> Result<String, String> {
+        self.shared().map(|s| s.to_string())
+    }
+
+    /// A string other than a statement's text, shared with its other
+    /// mentions in the record.
+    fn shared(&mut self) -> Result<Arc<str>, String> {
         match self.said()? {
             (s, true) if s.len() > SHORT => Err(format!(
                 "a {}-byte string other than a statement's text said again",
                 s.len()
             )),
-            (s, _) => Ok(s.to_string()),
+            (s, _) => Ok(s),
         }
     }
 
@@ -439,7 +538,7 @@ impl Reader<'_> {
     fn statement(&mut self) -> Result<Statement, String> {
         let (seq, at) = self.seq_at()?;
         let kind = self.string()?;
-        let name = self.option(Self::string)?;
+        let name = self.option(Self::shared)?;
         let text = self.text()?;
         let class = match self.byte()? {
             1 => Class::Read,
@@ -465,7 +564,8 @@ impl Reader<'_> {
             (0..n).map(|_| r.option(Self::string)).collect()
         })?;
         let duration_us = self.option(Self::varint)?;
-        let tags = self.strings()?;
+        let n = self.count(1)?;
+        let tags = (0..n).map(|_| self.shared()).collect::<Result<_, _>>()?;
         let rows = self.option(Self::varint)?;
         let error = self.option(Self::string)?;
         Ok(Statement {
@@ -510,7 +610,7 @@ mod tests {
             masked: 300,
             parameters: Some(vec![Some("42".into()), None, Some(String::new())]),
             duration_us: Some(1 << 40),
-            tags: vec!["UPDATE 3".into(), "COMMIT".into()],
+            tags: ["UPDATE 3".into(), "COMMIT".into()].into_iter().collect(),
             rows: Some(3),
             error: Some("42501".into()),
         };
@@ -538,18 +638,18 @@ mod tests {
     #[test]
     fn statements_are_sealed_into_records_as_they_come() {
         let base = statements();
-        let list: Vec<Statement> = (0..150u32)
+        let list: Vec<Statement> = (0..600u32)
             .map(|i| Statement {
                 seq: 1000 + i,
                 ..base[i as usize % base.len()].clone()
             })
             .collect();
         let mut records = Records::default();
-        for s in &list[..100] {
+        for s in &list[..400] {
             records.push(s);
         }
         let first = records.take();
-        for s in &list[100..] {
+        for s in &list[400..] {
             records.push(s);
         }
         let second = records.take();
@@ -559,7 +659,7 @@ mod tests {
             .chain(&second)
             .map(|c| (c.first, c.count))
             .collect();
-        assert_eq!(shape, [(1000, 64), (1064, 36), (1100, 50)]);
+        assert_eq!(shape, [(1000, 256), (1256, 144), (1400, 200)]);
         let back: Vec<Statement> = first
             .iter()
             .chain(&second)
@@ -567,11 +667,41 @@ mod tests {
             .collect();
         assert_eq!(back, list);
         let mut whole = Vec::new();
-        encode(&list[..64], &mut whole);
+        encode(&list[..256], &mut whole);
         assert_eq!(
             first[0].bytes, whole,
             "the same bytes as a record encoded at once"
         );
+    }
+
+    /// Large statements are sealed by size: a record ends at the first
+    /// statement that takes it past [`RECORD_BYTES`].
+    #[test]
+    fn records_of_large_statements_are_sealed_by_size() {
+        let list: Vec<Statement> = (0..20u32)
+            .map(|i| Statement {
+                seq: i,
+                ..Statement::new(
+                    "query",
+                    None,
+                    format!("SELECT '{i}{}'", "x".repeat(5000)).into(),
+                    Class::Read,
+                )
+            })
+            .collect();
+        let mut records = Records::default();
+        for s in &list {
+            records.push(s);
+        }
+        let chunks = records.take();
+        let counts: Vec<u32> = chunks.iter().map(|c| c.count).collect();
+        assert_eq!(counts, [7, 7, 6]);
+        assert!(chunks.iter().all(|c| c.bytes.len() < RECORD_BYTES + 6000));
+        let back: Vec<Statement> = chunks
+            .iter()
+            .flat_map(|c| decode(&c.bytes).unwrap())
+            .collect();
+        assert_eq!(back, list);
     }
 
     #[test]
@@ -614,7 +744,7 @@ mod tests {
                 decision: Some(Action::Allow),
                 rule: Some("bench".into()),
                 duration_us: Some(40 + u64::from(i % 9)),
-                tags: vec!["SELECT 1".into()],
+                tags: ["SELECT 1".into()].into(),
                 rows: Some(1),
                 ..Statement::new("execute", None, text.clone(), Class::Read)
             })
@@ -627,6 +757,47 @@ mod tests {
         // Written out in full, each run would take over 120 bytes.
         let per_run = bytes.len() / runs.len();
         assert!(per_run <= 24, "{per_run} bytes per run");
+    }
+
+    /// A string the writer refers to because the last statement held the
+    /// very same one (name, text, rule, tag, kind, tables) decodes as what
+    /// each statement holds, however statements alternate between shared,
+    /// equal and different strings, and whatever a string's length.
+    #[test]
+    fn strings_shared_with_the_last_statement_decode_as_written() {
+        let long = "x".repeat(SHORT + 1);
+        let (a, b): (Arc<str>, Arc<str>) = ("SELECT 1".into(), "SELECT 2".into());
+        let (t1, t2): (Arc<[String]>, Arc<[String]>) = (
+            Arc::from(vec!["public.a".to_string()]),
+            Arc::from(vec!["public.b".to_string(), long.clone()]),
+        );
+        let name: Arc<str> = long.as_str().into();
+        let tag: Arc<str> = "SELECT 1".into();
+        let st = |text: &Arc<str>, tables: &Arc<[String]>, kind: Cow<'static, str>| Statement {
+            kind,
+            name: Some(name.clone()),
+            tables: tables.clone(),
+            rule: Some(text.clone()),
+            tags: [tag.clone(), text.clone()].into_iter().collect(),
+            ..Statement::new("execute", None, text.clone(), Class::Read)
+        };
+        let owned = || Cow::Owned("execute".to_string());
+        let list: Vec<Statement> = [
+            st(&a, &t1, "execute".into()),
+            st(&a, &t1, "execute".into()),
+            st(&b, &t2, owned()),
+            st(&"SELECT 1".into(), &t2, owned()),
+            st(&a, &Arc::from(vec!["public.a".to_string()]), "parse".into()),
+            st(&b, &t1, "execute".into()),
+            st(&a, &t2, "execute".into()),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| Statement { seq: i as u32, ..s })
+        .collect();
+        let mut bytes = Vec::new();
+        encode(&list, &mut bytes);
+        assert_eq!(decode(&bytes).unwrap(), list);
     }
 
     /// Records of the first binary format (every string in full), which

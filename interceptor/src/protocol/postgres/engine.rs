@@ -39,7 +39,12 @@ struct Rest {
 
 impl Rest {
     /// Moves what `input` holds of the frame. `true`: the frame is done.
-    fn drain(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> bool {
+    #[inline]
+    fn drain(&mut self, input: &mut Flow) -> bool {
+        self.done() || self.drain_some(input)
+    }
+
+    fn drain_some(&mut self, input: &mut Flow) -> bool {
         if self.discard > 0 {
             let n = self.discard.min(input.len());
             input.advance(n);
@@ -47,8 +52,7 @@ impl Rest {
         }
         if self.forward > 0 {
             let n = self.forward.min(input.len());
-            out.extend_from_slice(&input[..n]);
-            input.advance(n);
+            input.pass(n);
             self.forward -= n;
         }
         self.done()
@@ -59,18 +63,78 @@ impl Rest {
     }
 
     /// Passes on what `input` holds of a `total`-byte frame; the rest follows.
-    fn start(&mut self, input: &mut BytesMut, total: usize, out: &mut BytesMut) {
+    fn start(&mut self, input: &mut Flow, total: usize) {
         let have = input.len().min(total);
-        out.extend_from_slice(&input[..have]);
-        input.advance(have);
+        input.pass(have);
         self.forward = total - have;
     }
 }
 
-/// Moves a whole `total`-byte frame from `input` to `out`.
-fn forward(input: &mut BytesMut, total: usize, out: &mut BytesMut) {
-    out.extend_from_slice(&input[..total]);
-    input.advance(total);
+/// What a machine is handed (it derefs to the bytes not yet taken), and
+/// where what it passes on goes. Frames passed on as they are, nearly all
+/// of them, are not copied one by one: a run of them is copied out at
+/// once, when something else must go out after it (a refusal, a masked
+/// row) or a frame is dropped, and when the flow ends.
+struct Flow<'a> {
+    input: &'a mut BytesMut,
+    out: &'a mut BytesMut,
+    /// `input[..at]` is taken.
+    at: usize,
+    /// `input[from..at]` is passed on, not yet copied to `out`.
+    from: usize,
+}
+
+impl<'a> Flow<'a> {
+    fn new(input: &'a mut BytesMut, out: &'a mut BytesMut) -> Self {
+        Flow {
+            input,
+            out,
+            at: 0,
+            from: 0,
+        }
+    }
+
+    /// Passes on the next `n` bytes (no more than are here).
+    fn pass(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.at += n;
+    }
+
+    /// Drops the next `n` bytes (no more than are here).
+    fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.settle();
+        self.at += n;
+        self.from = self.at;
+    }
+
+    /// Sends `bytes` after what was passed on so far.
+    fn put(&mut self, bytes: &[u8]) {
+        self.settle();
+        self.out.extend_from_slice(bytes);
+    }
+
+    fn settle(&mut self) {
+        if self.from < self.at {
+            self.out.extend_from_slice(&self.input[self.from..self.at]);
+            self.from = self.at;
+        }
+    }
+}
+
+impl std::ops::Deref for Flow<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.input[self.at..]
+    }
+}
+
+impl Drop for Flow<'_> {
+    fn drop(&mut self) {
+        self.settle();
+        self.input.advance(self.at);
+    }
 }
 
 /// The type and whole length (type byte included) of the typed message at
@@ -133,16 +197,17 @@ impl Frontend {
         // seen at the next one).
         let flags = state.policy_flags();
         state.client_read();
-        while self.rest.drain(input, to_server) {
+        let input = &mut Flow::new(input, to_server);
+        while self.rest.drain(input) {
             let more = if self.typed {
                 let ty = input.first().copied();
-                let more = self.message(input, to_server, state, flags)?;
+                let more = self.message(input, state, flags)?;
                 if more {
                     self.sent(ty, state);
                 }
                 more
             } else {
-                self.startup(input, to_server, to_client, state)?
+                self.startup(input, to_client, state)?
             };
             if !more {
                 break;
@@ -169,8 +234,7 @@ impl Frontend {
     /// One untyped startup-phase packet. `false`: it is not all here.
     fn startup(
         &mut self,
-        input: &mut BytesMut,
-        to_server: &mut BytesMut,
+        input: &mut Flow,
         to_client: &mut BytesMut,
         state: &State,
     ) -> Result<bool, PgError> {
@@ -197,7 +261,7 @@ impl Frontend {
             }
             CANCEL_REQUEST if len == 16 => {
                 state.startup().cancel_request = true;
-                forward(input, 16, to_server);
+                input.pass(16);
                 self.typed = true;
             }
             v if v >> 16 == 3 => {
@@ -217,7 +281,7 @@ impl Frontend {
                         });
                     }
                 }
-                forward(input, len, to_server);
+                input.pass(len);
                 // The server's ReadyForQuery after the login answers it.
                 state.batch_closed();
                 self.typed = true;
@@ -236,8 +300,7 @@ impl Frontend {
     /// `false`: what the machine needs of it is not all here.
     fn message(
         &mut self,
-        input: &mut BytesMut,
-        to_server: &mut BytesMut,
+        input: &mut Flow,
         state: &State,
         flags: super::Flags,
     ) -> Result<bool, PgError> {
@@ -257,7 +320,7 @@ impl Frontend {
         let masking = flags.masking;
         if matches!(ty, b'B' | b'E' | b'C') || masking && ty == b'D' {
             if total > MAX_INSPECT {
-                return Ok(self.uninspected(ty, input, total, to_server, state, masking));
+                return Ok(self.uninspected(ty, input, total, state, masking));
             }
             if input.len() < total {
                 return Ok(false);
@@ -267,16 +330,16 @@ impl Frontend {
                 state.bind(&input[5..total]);
             }
             match refused {
-                None => forward(input, total, to_server),
+                None => input.pass(total),
                 Some(d) => {
                     input.advance(total);
-                    self.refuse(ty, &d, state, to_server);
+                    self.refuse(ty, &d, state, input);
                 }
             }
             return Ok(true);
         }
         if ty == b'F' {
-            return self.function_call(input, total, to_server, state, masking);
+            return self.function_call(input, total, state, masking);
         }
         if matches!(ty, b'Q' | b'P') && total <= MAX_STATEMENT {
             if input.len() < total {
@@ -299,10 +362,10 @@ impl Frontend {
                 }
             };
             match denied {
-                None => forward(input, total, to_server),
+                None => input.pass(total),
                 Some(d) => {
                     input.advance(total);
-                    self.refuse(ty, &d, state, to_server);
+                    self.refuse(ty, &d, state, input);
                 }
             }
             return Ok(true);
@@ -314,17 +377,17 @@ impl Frontend {
             let have = input.len().min(total);
             // A Parse's statement name comes first: known if it is here.
             let name = (ty == b'P')
-                .then(|| cstr(&input[5..have]).map(|(n, _)| n.to_owned()))
+                .then(|| cstr(&input[5..have]).map(|(n, _)| n.into()))
                 .flatten();
             if let Some(d) = state.statement(kind, name, &text, Some(c), masking) {
                 // Nothing of it reaches the server; the refusal takes its place.
                 input.advance(have);
                 self.rest.discard = total - have;
-                self.refuse(ty, &d, state, to_server);
+                self.refuse(ty, &d, state, input);
                 return Ok(true);
             }
         }
-        self.rest.start(input, total, to_server);
+        self.rest.start(input, total);
         Ok(true)
     }
 
@@ -333,9 +396,8 @@ impl Frontend {
     /// comes, or dropped whole and refused. `true`: taken.
     fn function_call(
         &mut self,
-        input: &mut BytesMut,
+        input: &mut Flow,
         total: usize,
-        to_server: &mut BytesMut,
         state: &State,
         masking: bool,
     ) -> Result<bool, PgError> {
@@ -348,20 +410,20 @@ impl Frontend {
         let text = format!("<fast-path function call, oid {}>", be32(&input[5..9]));
         let c = Classified::own(not_sql(&text, Class::Admin));
         match state.statement("function", None, &text, Some(c), masking) {
-            None => self.rest.start(input, total, to_server),
+            None => self.rest.start(input, total),
             Some(d) => {
                 let have = input.len().min(total);
                 input.advance(have);
                 self.rest.discard = total - have;
-                self.refuse(b'F', &d, state, to_server);
+                self.refuse(b'F', &d, state, input);
             }
         }
         Ok(true)
     }
 
     /// Sends the refusal of a denied `ty` message in its place.
-    fn refuse(&mut self, ty: u8, d: &Decision, state: &State, to_server: &mut BytesMut) {
-        to_server.extend_from_slice(&refusal(ty, d, state));
+    fn refuse(&mut self, ty: u8, d: &Decision, state: &State, to_server: &mut Flow) {
+        to_server.put(&refusal(ty, d, state));
         if matches!(ty, b'P' | b'E') {
             self.skipping = true;
             // In place of one: a Parse, Bind and Execute.
@@ -398,9 +460,8 @@ impl Frontend {
     fn uninspected(
         &mut self,
         ty: u8,
-        input: &mut BytesMut,
+        input: &mut Flow,
         total: usize,
-        to_server: &mut BytesMut,
         state: &State,
         masking: bool,
     ) -> bool {
@@ -419,13 +480,13 @@ impl Frontend {
                 if let Some(d) = state.note_frontend(b'E', &[], masking) {
                     input.advance(have);
                     self.rest.discard = total - have;
-                    self.refuse(b'E', &d, state, to_server);
+                    self.refuse(b'E', &d, state, input);
                     return true;
                 }
             }
             _ => {}
         }
-        self.rest.start(input, total, to_server);
+        self.rest.start(input, total);
         true
     }
 }
@@ -466,13 +527,14 @@ impl Backend {
             self.spoken = true;
             self.cancel = state.startup().cancel_request;
         }
+        let input = &mut Flow::new(input, to_client);
         if self.cancel {
-            to_client.extend_from_slice(input);
-            input.clear();
+            let all = input.len();
+            input.pass(all);
             return Ok(());
         }
         let masking = state.policy_flags().masking;
-        while self.rest.drain(input, to_client) {
+        while self.rest.drain(input) {
             let Some((ty, total)) = header(input, "server")? else {
                 break;
             };
@@ -496,10 +558,10 @@ impl Backend {
                     self.took(ty);
                     match state.shape_message(ty, &input[5..total])? {
                         Some(row) => {
-                            to_client.extend_from_slice(&row);
                             input.advance(total);
+                            input.put(&row);
                         }
-                        None => forward(input, total, to_client),
+                        None => input.pass(total),
                     }
                     continue;
                 }
@@ -508,7 +570,7 @@ impl Backend {
                 && total <= MAX_INSPECT)
             {
                 self.took(ty);
-                self.rest.start(input, total, to_client);
+                self.rest.start(input, total);
                 continue;
             }
             if input.len() < total {
@@ -518,8 +580,9 @@ impl Backend {
             let body = &input[5..total];
             match ty {
                 b'R' if body.len() >= 4 && be32(body) == AUTH_SASL => {
-                    to_client.extend_from_slice(&without_channel_binding(body));
+                    let offer = without_channel_binding(body);
                     input.advance(total);
+                    input.put(&offer);
                     continue;
                 }
                 b'C' => {
@@ -543,7 +606,7 @@ impl Backend {
                 b'S' => state.parameter_status(body),
                 _ => {}
             }
-            forward(input, total, to_client);
+            input.pass(total);
         }
         Ok(())
     }
@@ -707,7 +770,8 @@ impl Side {
     /// Writes what it can of `out`.
     fn flush(&mut self) -> io::Result<()> {
         while !self.out.is_empty() && self.writable {
-            match relay_loop::ready((&self.sock).write(&self.out).and_then(relay_loop::moved))? {
+            let sent = relay_loop::send(self.sock.as_raw_fd(), &self.out);
+            match relay_loop::ready(sent.and_then(relay_loop::moved))? {
                 Some(n) => self.out.advance(n),
                 None => self.writable = false,
             }
@@ -733,13 +797,10 @@ fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
     let room = buf.spare_capacity_mut();
     // SAFETY: `room` is writable memory of `room.len()` bytes owned by
     // `buf`; recv(2) writes at most that many and reports how many.
-    let n = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let n = unsafe { relay_loop::recv(fd, room.as_mut_ptr().cast(), room.len())? };
     // SAFETY: the kernel initialised the first `n` bytes of the free room.
-    unsafe { buf.set_len(buf.len() + n as usize) };
-    Ok(n as usize)
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// What a relayed connection amounts to: bytes from the client, bytes from
