@@ -230,12 +230,27 @@ struct Batch {
 }
 
 /// What an Execute runs (see [`Batch::run_of`]).
-struct Run {
+struct Run<'a> {
     /// The prepared statement's name, if known.
     name: Option<Arc<str>>,
     /// Its text, as recorded.
     text: Arc<str>,
     class: Arc<Classification>,
+    /// Its kept decision (see [`Prepared::decided`]), if it is known.
+    decided: Option<&'a mut Option<(Weak<Policy>, Decision)>>,
+}
+
+impl Run<'_> {
+    /// A run of a statement whose text is not known: `text` says so, and
+    /// it is classified `unknown`.
+    fn unknown(name: Option<Arc<str>>, text: String) -> Self {
+        Run {
+            name,
+            class: Arc::new(not_sql(&text, Class::Unknown)),
+            text: text.into(),
+            decided: None,
+        }
+    }
 }
 
 /// A statement waiting for its batch's ReadyForQuery.
@@ -526,7 +541,7 @@ impl Batch {
     /// to, or text saying what is not known (classified `unknown`). `None`
     /// for the first run of a statement whose Parse came in this batch: the
     /// Parse was decided and recorded for it.
-    fn run_of(&mut self, portal: Option<&str>, batch: u64) -> Option<Run> {
+    fn run_of(&mut self, portal: Option<&str>, batch: u64) -> Option<Run<'_>> {
         let stmt = portal.and_then(|p| self.shapes.portal_stmt.get(p));
         match stmt.map(|n| (n, self.shapes.stmts.get_mut(n))) {
             Some((name, Some(p))) if p.first_run == Some(batch) => {
@@ -546,28 +561,19 @@ impl Batch {
                     name: Some(p.name.clone()),
                     text: p.text.clone(),
                     class: p.class.clone(),
+                    decided: Some(&mut p.decided),
                 })
             }
             Some((name, None)) => {
                 let text = format!("<execute of statement \"{name}\", whose text is not known>");
-                let class = Arc::new(not_sql(&text, Class::Unknown));
-                Some(Run {
-                    name: Some(name.as_str().into()),
-                    text: text.into(),
-                    class,
-                })
+                Some(Run::unknown(Some(name.as_str().into()), text))
             }
             None => {
                 let text = match portal {
                     Some(p) => format!("<execute of portal \"{p}\", whose statement is not known>"),
                     None => "<execute of an unreadable portal>".to_owned(),
                 };
-                let class = Arc::new(not_sql(&text, Class::Unknown));
-                Some(Run {
-                    name: None,
-                    text: text.into(),
-                    class,
-                })
+                Some(Run::unknown(None, text))
             }
         }
     }
@@ -841,9 +847,9 @@ impl State {
             name,
             text,
             class: c,
+            decided,
         } = b.run_of(portal, self.batches())?;
-        let memo = name.as_deref().and_then(|n| b.shapes.stmts.get_mut(n));
-        let decision = self.decide_run(&c, &text, memo.map(|p| &mut p.decided));
+        let decision = self.decide_run(&c, &text, decided);
         let (action, rule, refused) = verdict(decision);
         if refused.is_some() {
             // The refusal takes the unnamed statement and portal.
@@ -1301,27 +1307,10 @@ fn be32(b: &[u8]) -> u32 {
 
 /// A NUL-terminated string at the start of `b`, and the rest.
 fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
-    let end = first_nul(b)?;
+    // The first NUL, where the server ends the string (memchr: statement
+    // text is most of what the relay reads).
+    let end = memchr::memchr(0, b)?;
     Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
-}
-
-/// Where the first NUL byte of `b` is (where the server ends a string),
-/// looked for eight bytes at a time: statement text is most of what the
-/// relay reads.
-fn first_nul(b: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    let mut words = b.chunks_exact(8);
-    let mut at = 0;
-    for w in &mut words {
-        let v = u64::from_ne_bytes(w.try_into().expect("eight bytes"));
-        // Non-zero exactly when some byte of `v` is zero.
-        if v.wrapping_sub(ONES) & !v & HIGHS != 0 {
-            break;
-        }
-        at += 8;
-    }
-    b[at..].iter().position(|&c| c == 0).map(|n| at + n)
 }
 
 /// Startup message parameters: pairs of C strings, ended by an empty one.
@@ -2139,15 +2128,16 @@ mod tests {
     fn the_first_nul_is_found_wherever_it_is() {
         for len in 0..40 {
             for nul in 0..=len {
-                let mut b: Vec<u8> = (0..len).map(|i| 1 + (i * 37 % 255) as u8).collect();
+                let mut b: Vec<u8> = (0..len).map(|i| 1 + (i * 37 % 127) as u8).collect();
                 if nul < len {
                     b[nul] = 0;
                     if nul + 3 < len {
                         b[nul + 3] = 0;
                     }
                 }
-                b.iter_mut().take(nul).for_each(|c| *c |= 0x80);
-                assert_eq!(first_nul(&b), b.iter().position(|&c| c == 0), "{b:?}");
+                let first = b.iter().position(|&c| c == 0);
+                let split = cstr(&b).map(|(s, rest)| (s.len(), rest.len()));
+                assert_eq!(split, first.map(|n| (n, len - n - 1)), "{b:?}");
             }
         }
     }

@@ -776,7 +776,7 @@ impl Pipe {
 // that switch the thread's cancellation state, paid on every message by a
 // loop whose threads are never cancelled.
 
-/// The result of a system call made with `libc::syscall`.
+/// The result of a system call: a count, or the error it set.
 fn syscall_result(n: libc::c_long) -> io::Result<usize> {
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -825,11 +825,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    syscall_result(n as libc::c_long)
 }
 
 struct Epoll(OwnedFd);

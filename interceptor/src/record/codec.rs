@@ -229,14 +229,8 @@ impl Writer {
             return;
         };
         match self.recent_kind {
-            Some((k, number)) if std::ptr::eq(k, kind) => {
-                varint(&mut self.body, u64::from(number) << 1 | 1);
-            }
-            _ => {
-                let number = self.string(kind, false);
-                self.recent_kind =
-                    (number != u32::MAX && kind.len() <= SHORT).then_some((kind, number));
-            }
+            Some((k, number)) if std::ptr::eq(k, kind) => again(&mut self.body, number),
+            _ => self.recent_kind = self.string(kind, false).map(|n| (kind, n)),
         }
     }
 
@@ -247,17 +241,16 @@ impl Writer {
         if let Some((held, numbers)) = &self.recent_tables {
             if Arc::ptr_eq(held, tables) {
                 for &n in numbers {
-                    varint(&mut self.body, u64::from(n) << 1 | 1);
+                    again(&mut self.body, n);
                 }
                 return;
             }
         }
-        let numbers: Vec<u32> = tables.iter().map(|t| self.string(t, false)).collect();
-        let referable = tables
-            .iter()
-            .zip(&numbers)
-            .all(|(t, &n)| n != u32::MAX && t.len() <= SHORT);
-        self.recent_tables = referable.then(|| (tables.clone(), numbers));
+        let numbers: Vec<Option<u32>> = tables.iter().map(|t| self.string(t, false)).collect();
+        self.recent_tables = numbers
+            .into_iter()
+            .collect::<Option<_>>()
+            .map(|numbers| (tables.clone(), numbers));
     }
 
     /// Says `s`, which slot `slot` of [`Writer::recent`] keeps: by the
@@ -266,30 +259,29 @@ impl Writer {
     fn shared(&mut self, slot: usize, s: &Arc<str>, text: bool) {
         if let Some((held, number)) = &self.recent[slot] {
             if Arc::ptr_eq(held, s) {
-                varint(&mut self.body, u64::from(*number) << 1 | 1);
+                again(&mut self.body, *number);
                 return;
             }
         }
-        let number = self.string(s, text);
-        // Only what may be said by number is kept (see `string`).
-        if number != u32::MAX && (text || s.len() <= SHORT) {
+        if let Some(number) = self.string(s, text) {
             self.recent[slot] = Some((s.clone(), number));
         }
     }
 
     /// Says `s`: by number if this record said it already (and it may be
-    /// said so: `text`, or at most [`SHORT`] bytes), else in full. Its
-    /// number (`u32::MAX`: it has none).
-    fn string(&mut self, s: &str, text: bool) -> u32 {
+    /// said so: `text`, or at most [`SHORT`] bytes), else in full. The
+    /// number by which it may be said again, if it may.
+    fn string(&mut self, s: &str, text: bool) -> Option<u32> {
         let pair = pair_of(s.as_bytes());
-        if text || s.len() <= SHORT {
+        let referable = text || s.len() <= SHORT;
+        if referable {
             for &(start, len, number) in &self.index[pair..pair + 2] {
                 if number != u32::MAX
                     && len as usize == s.len()
                     && self.body[start as usize..][..s.len()] == *s.as_bytes()
                 {
-                    varint(&mut self.body, u64::from(number) << 1 | 1);
-                    return number;
+                    again(&mut self.body, number);
+                    return Some(number);
                 }
             }
         }
@@ -306,9 +298,9 @@ impl Writer {
         ) {
             self.index[pair + 1] = self.index[pair];
             self.index[pair] = (start, len, said);
-            return said;
+            return referable.then_some(said);
         }
-        u32::MAX
+        None
     }
 
     fn option<T>(&mut self, v: Option<T>, put: impl FnOnce(&mut Self, T)) {
@@ -335,6 +327,11 @@ fn pair_of(s: &[u8]) -> usize {
         ^ word(&s[n.saturating_sub(8)..]).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
     let h = (h ^ h >> 29).wrapping_mul(0x1656_67b1_9e37_79f9);
     (h >> (64 - SLOTS.trailing_zeros() + 1)) as usize * 2
+}
+
+/// Says the record's string numbered `number` again.
+fn again(body: &mut Vec<u8>, number: u32) {
+    varint(body, u64::from(number) << 1 | 1);
 }
 
 /// A difference as an unsigned varint that is short for small magnitudes
