@@ -271,8 +271,6 @@ impl<'a> Tokens<'a> {
     }
 }
 
-/// A byte that continues a name (PostgreSQL: letters, digits, `_`, `$`, and
-/// every non-ASCII byte).
 /// Bytes of a plain word: ASCII letters and digits, and `_` (a table:
 /// the statements drivers send are mostly words).
 static WORD_BYTE: [bool; 256] = {
@@ -285,6 +283,8 @@ static WORD_BYTE: [bool; 256] = {
     t
 };
 
+/// A byte that continues a name (PostgreSQL: letters, digits, `_`, `$`, and
+/// every non-ASCII byte).
 fn name_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }

@@ -629,11 +629,10 @@ impl Batch {
     /// A result: CommandComplete (with its tag), EmptyQueryResponse or
     /// PortalSuspended.
     fn result(&mut self, tag: Option<&str>) {
-        if self.answering().is_none() {
-            return;
-        }
         let tag = tag.map(|t| self.tag(t));
-        let e = &mut self.pending[self.answering];
+        let Some(e) = self.answering() else {
+            return;
+        };
         if let Some(tag) = tag {
             e.st.rows = tag.rsplit(' ').next().and_then(|n| n.parse().ok());
             e.st.tags.push(tag);

@@ -206,13 +206,12 @@ impl Writer {
         });
         self.option(s.duration_us, |w, d| varint(&mut w.body, d));
         varint(&mut self.body, s.tags.len() as u64);
-        for (k, t) in s.tags.iter().enumerate() {
-            match k {
-                0 => self.shared(TAG, t, false),
-                _ => {
-                    self.string(t, false);
-                }
-            }
+        let mut tags = s.tags.iter();
+        if let Some(first) = tags.next() {
+            self.shared(TAG, first, false);
+        }
+        for t in tags {
+            self.string(t, false);
         }
         self.option(s.rows, |w, r| varint(&mut w.body, r));
         self.option(s.error.as_deref(), |w, e| {
