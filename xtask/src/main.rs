@@ -7,6 +7,7 @@ mod agent;
 mod bench;
 mod demo;
 mod fuzz;
+mod gen;
 mod pg;
 mod setup;
 
@@ -26,6 +27,8 @@ const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [SETTING
   bench postgres    pgbench -S direct, through the agent, through pgbouncer
   SETTINGS          --busy-poll-us N: run the agent with agent.busy_poll_us = N
                     --workers N: agent.workers = N (and N bare relay threads)
+  gen walk          regenerate interceptor/src/sql/walk.rs from pg_query's parse tree types
+  gen functions     regenerate interceptor/src/sql/functions.rs from pg_proc of the installed PostgreSQL
   fuzz [SECONDS]    coverage-guided fuzzing of the PostgreSQL relay, the SQL scanner and stored records (default 60 s each)";
 
 fn main() {
@@ -35,6 +38,7 @@ fn main() {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("gen") => gen::run(&args[1..]),
         Some("fuzz") => match args.get(1).map(|s| s.parse::<u64>()) {
             None => fuzz::run_all(60),
             Some(Ok(n)) if n > 0 => fuzz::run_all(n),

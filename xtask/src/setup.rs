@@ -153,6 +153,11 @@ fn packages() -> Result<()> {
     if !pg_bin && !missing.contains(&"postgresql") {
         missing.push("postgresql");
     }
+    // The pg_query crate (PostgreSQL's parser) generates its bindings with
+    // bindgen, which loads libclang.
+    if !libclang() {
+        missing.push("libclang-dev");
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -164,4 +169,14 @@ fn packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Whether a libclang that bindgen can load is installed.
+fn libclang() -> bool {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+        .any(|e| e.path().join("lib/libclang.so").exists())
 }

@@ -20,10 +20,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{policy::Decision, proxy::relay_loop};
+use crate::{policy::Decision, proxy::relay_loop, sql::Classification};
 
 use super::{
-    be32, cstr, error_code, malformed, not_sql, parse_startup, refusal, startup_refusal,
+    be32, cstr, error_code, malformed, parse_startup, refusal, startup_refusal,
     without_channel_binding, Class, Classified, PgError, State, AUTH_SASL, CANCEL_REQUEST,
     FRONTEND_TYPES, GSSENC_REQUEST, MAX_INSPECT, MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT,
     SSL_REQUEST,
@@ -266,10 +266,36 @@ impl Frontend {
             }
             v if v >> 16 == 3 => {
                 parse_startup(&input[8..len], &mut state.startup())?;
-                let settings = state.startup().settings.clone();
+                let (settings, replication, unreadable) = {
+                    let st = state.startup();
+                    (st.settings.clone(), st.replication, st.unreadable.clone())
+                };
                 let masking = state.policy_flags().masking;
-                for text in settings {
-                    if let Some(d) = state.statement("startup", None, &text, None, masking) {
+                // Each request is decided like the statement it amounts to
+                // (a replication connection by name only); options the
+                // agent cannot read as the server does are refused
+                // whatever the policy says.
+                let mut requests: Vec<(String, Option<Classified>)> = Vec::new();
+                if let Some(why) = unreadable {
+                    let text = format!("<startup {why}>");
+                    let d = state.refused_startup(&text);
+                    to_client.extend_from_slice(&startup_refusal(&d, &text));
+                    return Err(PgError::StartupRefused {
+                        rule: d.rule.to_string(),
+                        setting: text,
+                    });
+                }
+                if replication {
+                    let text = "<replication connection>".to_owned();
+                    let c = Classification {
+                        commands: std::sync::Arc::new(["REPLICATION"]),
+                        ..Classification::not_sql(&text, Class::Admin)
+                    };
+                    requests.push((text, Some(Classified::own(c))));
+                }
+                requests.extend(settings.into_iter().map(|t| (t, None)));
+                for (text, class) in requests {
+                    if let Some(d) = state.statement("startup", None, &text, class, masking) {
                         // Refused as the server refuses a login: FATAL, then close.
                         if let Some(e) = state.batch().pending.back_mut() {
                             e.st.error = Some("42501".into());
@@ -373,7 +399,7 @@ impl Frontend {
         if matches!(ty, b'Q' | b'P') {
             let text = format!("<statement of {total} bytes, too large to inspect>");
             let kind = if ty == b'Q' { "query" } else { "parse" };
-            let c = Classified::own(not_sql(&text, Class::Unknown));
+            let c = Classified::own(Classification::not_sql(&text, Class::Unknown));
             let have = input.len().min(total);
             // A Parse's statement name comes first: known if it is here.
             let name = (ty == b'P')
@@ -408,7 +434,7 @@ impl Frontend {
             return Ok(false);
         }
         let text = format!("<fast-path function call, oid {}>", be32(&input[5..9]));
-        let c = Classified::own(not_sql(&text, Class::Admin));
+        let c = Classified::own(Classification::not_sql(&text, Class::Admin));
         match state.statement("function", None, &text, Some(c), masking) {
             None => self.rest.start(input, total),
             Some(d) => {
@@ -565,6 +591,36 @@ impl Backend {
                     }
                     continue;
                 }
+            }
+            if masking && matches!(ty, b'E' | b'N') {
+                // Errors and notices can echo values (`invalid input
+                // syntax for type integer: "4111…"`, a key's detail).
+                if total > MAX_INSPECT {
+                    return Err(malformed(
+                        "server",
+                        format!("a {total}-byte error or notice is too large to mask"),
+                    ));
+                }
+                if input.len() < total {
+                    break;
+                }
+                self.took(ty);
+                let body = &input[5..total];
+                let masked = state.mask_message(ty, body);
+                if ty == b'E' {
+                    let code = error_code(body);
+                    let mut b = state.batch();
+                    b.error(code, self.completed);
+                    b.shapes.plan = None;
+                }
+                match masked {
+                    Some(m) => {
+                        input.advance(total);
+                        input.put(&m);
+                    }
+                    None => input.pass(total),
+                }
+                continue;
             }
             if !(matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S' | b'I' | b's')
                 && total <= MAX_INSPECT)
