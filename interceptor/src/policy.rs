@@ -1388,6 +1388,34 @@ strategy = "hash"
         assert_eq!((d.action, &*d.rule), (Action::Allow, "standby"));
     }
 
+    /// The example statement policy in the repository does what its
+    /// comments say.
+    #[test]
+    fn the_example_statement_policy_holds() {
+        let p = load(include_str!("../../policies/orders-db-statements.toml")).unwrap();
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let decide = |w: &str, sql: &str| {
+            let c = crate::sql::classify(sql);
+            let d = p.decide_statement(w, "orders-db", &c, sql);
+            (d.action, d.rule.to_string())
+        };
+        let denied = |w: &str, sql: &str, rule: &str| {
+            assert_eq!(decide(w, sql), (Action::Deny, rule.to_owned()), "{w}: {sql}");
+        };
+        denied("billing", "WITH d AS (DELETE FROM audit.log RETURNING *) SELECT * FROM d", "audit-append-only");
+        denied("billing", "EXPLAIN ANALYZE UPDATE audit.log SET x = 1", "audit-append-only");
+        denied("billing", "TRUNCATE audit.log", "audit-append-only");
+        denied("billing", "SELECT app.purge_audit()", "orders-no-ddl-or-admin");
+        denied("billing", "SET ROLE admin", "orders-no-ddl-or-admin");
+        denied("reporting", "UPDATE orders SET total = 0", "reporting-read-only");
+        assert_eq!(decide("billing", "INSERT INTO audit.log VALUES (1)").0, Action::Allow);
+        assert_eq!(decide("billing", "UPDATE public.orders SET total = 0").0, Action::Allow);
+        // Unqualified, `orders` could be audit.orders (the search path is
+        // the server's to resolve): the audit rule covers it.
+        denied("billing", "UPDATE orders SET total = 0", "audit-append-only");
+        assert_eq!(decide("reporting", "SELECT * FROM orders").0, Action::Allow);
+    }
+
     #[test]
     fn broken_files_name_the_line() {
         let e = load("[defaults]\nconnect = \"maybe\"\n").unwrap_err();

@@ -123,7 +123,8 @@ pub struct Classification {
     /// statement `patterns` match these as well as the text.
     #[serde(skip)]
     pub names: Arc<[String]>,
-    /// Commands of the message's statements ([`COMMANDS`]).
+    /// Commands the message's statements run, nested ones included (a
+    /// CTE's `DELETE`): [`COMMANDS`].
     #[serde(default, skip_deserializing)]
     pub commands: Arc<[&'static str]>,
     /// What the statements use that can carry data past masking (result
@@ -315,9 +316,6 @@ impl Classifier {
         for raw in &tree.stmts {
             let Some(stmt) = &raw.stmt else { continue };
             self.statements += 1;
-            if let Some(command) = stmt.node.as_ref().and_then(command) {
-                self.commands.insert(command);
-            }
             walk::node(stmt, self);
             derivations.push(derive::derive(stmt));
         }
@@ -478,6 +476,10 @@ impl Classifier {
 
 impl<'t> Visitor<'t> for Classifier {
     fn enter(&mut self, n: Ref<'t>) -> bool {
+        // Statements inside others run too (a CTE's DELETE, COPY's query).
+        if let Some(c) = command(n) {
+            self.commands.insert(c);
+        }
         match n {
             Ref::SelectStmt(s) => {
                 self.statement("SelectStmt");
@@ -646,9 +648,9 @@ pub fn qualified(parts: &[&str]) -> String {
     out
 }
 
-/// The command of a top-level statement, as rules name it.
-fn command(n: &pb::node::Node) -> Option<&'static str> {
-    use pb::node::Node as N;
+/// The command a statement node runs, as rules name it.
+fn command(n: Ref<'_>) -> Option<&'static str> {
+    use Ref as N;
     Some(match n {
         N::SelectStmt(_) => "SELECT",
         N::InsertStmt(_) => "INSERT",

@@ -97,7 +97,7 @@ fn corpus() -> Vec<Case> {
 }
 
 /// `psql -X -A -t -c SQL` straight to the server (no agent).
-fn direct(db: &pg::Postgres, sql: &str) -> String {
+pub(super) fn direct(db: &pg::Postgres, sql: &str) -> String {
     let out = std::process::Command::new("psql")
         .args([&db.conninfo(), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
@@ -117,18 +117,7 @@ fn refused_by(message: &str) -> Option<&str> {
 }
 
 fn start(name: &str, policy: &str, setup: &str) -> (std::path::PathBuf, pg::Postgres, Agent) {
-    require_root();
-    let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let db = pg::Postgres::start(&dir).expect("starting PostgreSQL");
-    direct(&db, setup);
-    let sections = format!(
-        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
-         addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
-        db.port
-    );
-    let agent = Agent::start(name, &sections, policy);
-    (dir, db, agent)
+    postgres_and_agent_with(name, policy, Some(setup))
 }
 
 /// Every corpus case, over the simple protocol (psql) and the extended
@@ -254,6 +243,135 @@ fn startup_options_are_read_as_the_server_reads_them() {
     agent.sessions_until("refused logins recorded", |s| {
         s.iter().filter(|x| x["outcome"] == "denied").count() >= 10
     });
+    drop(agent);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const CARDS: &str = "
+CREATE TABLE cards (id int, card text, note text, doc json, docb jsonb);
+INSERT INTO cards VALUES (1, '4111111111111111', 'hello', '{\"n\": \"4111111111111111\"}', '{\"n\": 1}');
+";
+
+const MASK_CARDS: &str = "
+[[rule]]
+id = \"app-db\"
+workloads = [\"app\"]
+targets = [\"db\"]
+action = \"allow\"
+
+[[rule]]
+id = \"cards\"
+on = \"statement\"
+workloads = [\"app\"]
+targets = [\"db\"]
+action = \"mask\"
+columns = [\"card\", \"doc\", \"docb\"]
+strategy = \"partial\"
+keep = 4
+";
+
+const CARD: &str = "4111111111111111";
+
+/// Masking tried as an attacker would: renames the agent cannot follow
+/// column by column are masked, values echoed in errors are hidden, what
+/// carries data past masking is refused, a masked json value stays JSON,
+/// a prepared statement redefined by SQL is not run under its old shape,
+/// and pgjdbc's describe-once pattern keeps its shape.
+#[test]
+fn masked_values_do_not_leak() {
+    let (dir, db, agent) = start("masking", MASK_CARDS, CARDS);
+    let conn = db.conninfo();
+    for sql in [
+        "SELECT x FROM cards AS t(i, x)",
+        "SELECT t.x FROM cards t(i, x)",
+        "WITH c(a, b) AS (SELECT * FROM cards) SELECT b FROM c",
+        "SELECT y FROM (SELECT * FROM cards) s(i, y)",
+        "SELECT upper(x) FROM (SELECT card AS x FROM cards) s",
+        "SELECT * FROM unnest(ARRAY(SELECT card FROM cards))",
+        "SELECT value FROM json_each_text(json_build_object('c', (SELECT card FROM cards LIMIT 1)))",
+        "SELECT (SELECT x FROM cards t(i, x) LIMIT 1)",
+        "SELECT * FROM (SELECT upper(card) FROM cards) s, (SELECT 1) o",
+    ] {
+        let out = psql_tuples(&agent, &conn, sql);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!stdout.contains(CARD), "{sql} leaked: {stdout}");
+        assert!(stdout.contains("1111") || stdout.trim().is_empty() || stdout.contains('|'), "{sql}: {stdout}");
+    }
+    // Plain columns are left alone.
+    let out = psql_tuples(&agent, &conn, "SELECT id, note FROM cards");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1|hello");
+    // A value echoed in an error is hidden; the SQLSTATE stays.
+    let out = pg_tool(&agent, "psql", &[&conn, "-X", "-v", "VERBOSITY=verbose", "-c", "SELECT card::int FROM cards"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains(CARD), "an error echoed the card: {stderr}");
+    // (22003: the value "4111…" is out of range for type integer.)
+    assert!(stderr.contains("22003") && stderr.contains("mask rule \"cards\""), "{stderr}");
+    // Outlets: refused by the mask rule.
+    for sql in [
+        "DO $$ BEGIN RAISE NOTICE '%', (SELECT card FROM cards LIMIT 1); END $$",
+        "SELECT pg_notify('leak', card) FROM cards",
+    ] {
+        let out = psql_tuples(&agent, &conn, sql);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sql} ran");
+        assert_eq!(refused_by(&stderr), Some("cards"), "{sql}: {stderr}");
+    }
+    // Over the extended protocol.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/masking.py");
+    let out = pg_tool(&agent, "python3", &[script, "127.0.0.1", &db.port.to_string(), pg::USER, pg::PASSWORD]);
+    assert!(out.status.success(), "masking.py: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v.to_string().contains(CARD), "leaked over the extended protocol: {v}");
+    assert_eq!(v["json"], serde_json::json!(["****11\"}", null]), "{v}");
+    assert_eq!(v["stale"], serde_json::json!([[null, null]]), "{v}");
+    // The refused second Parse, then the first statement's row: masked.
+    assert_eq!(v["failed_parse"][0], "E:42P05", "{v}");
+    assert_eq!(v["failed_parse"].as_array().unwrap().len(), 2, "{v}");
+    let row = serde_json::json!([["1", "****1111", "hello"]]);
+    assert_eq!(v["portal"]["first"], row, "{v}");
+    for later in v["portal"]["later"].as_array().unwrap() {
+        assert_eq!(later, &row, "a later run lost its shape: {v}");
+    }
+    drop(agent);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// pgjdbc (Debian's libpostgresql-jdbc-java) with default settings: from
+/// its sixth run a prepared statement is sent as Bind/Execute alone, and
+/// every run must come back masked by column, not as NULLs, for
+/// statements with and without a masked column.
+#[test]
+fn pgjdbc_prepared_statements_keep_their_masking_shape() {
+    let (dir, db, agent) = start("pgjdbc", MASK_CARDS, CARDS);
+    let classes = dir.join("java");
+    std::fs::create_dir_all(&classes).unwrap();
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/JdbcMask.java");
+    let jar = "/usr/share/java/postgresql.jar";
+    let out = std::process::Command::new("javac")
+        .args(["-cp", jar, "-d"])
+        .arg(&classes)
+        .arg(source)
+        .output()
+        .expect("javac (cargo xtask setup installs a JDK)");
+    assert!(out.status.success(), "javac: {}", String::from_utf8_lossy(&out.stderr));
+    let cp = format!("{jar}:{}", classes.display());
+    let out = pg_tool(&agent, "java", &["-cp", &cp, "JdbcMask", &db.port.to_string(), pg::USER, pg::PASSWORD]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "java: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 21, "{stdout}");
+    for (i, l) in lines[..10].iter().enumerate() {
+        assert_eq!(*l, "card 1|****1111|hello", "run {}:\n{stdout}", i + 1);
+    }
+    for (i, l) in lines[10..20].iter().enumerate() {
+        assert_eq!(*l, "note hello", "run {}:\n{stdout}", i + 1);
+    }
+    // The driver decoded the masked json value: a JSON string.
+    assert_eq!(lines[20], "json \"****11\\\"}\"", "{stdout}");
     drop(agent);
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);

@@ -471,6 +471,8 @@ fn the_policies_in_the_repository_load() {
                 path.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(!stdout.contains("warning:"), "{}: {stdout}", path.display());
             n += 1;
         }
     }
@@ -631,16 +633,29 @@ const APP_DB: &str =
 /// A throw-away PostgreSQL (in the returned directory) and an agent with a
 /// managed workload `app` allowed to reach it as target `db`.
 fn postgres_and_agent(name: &str) -> (std::path::PathBuf, pg::Postgres, Agent) {
+    postgres_and_agent_with(name, APP_DB, None)
+}
+
+/// [`postgres_and_agent`] with `policy`, after running `setup` on the
+/// server directly (as its owner).
+fn postgres_and_agent_with(
+    name: &str,
+    policy: &str,
+    setup: Option<&str>,
+) -> (std::path::PathBuf, pg::Postgres, Agent) {
     require_root();
     let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let db = pg::Postgres::start(&dir).expect("starting PostgreSQL");
+    if let Some(sql) = setup {
+        enforcement::direct(&db, sql);
+    }
     let sections = format!(
         "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
          addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
         db.port
     );
-    let agent = Agent::start(name, &sections, APP_DB);
+    let agent = Agent::start(name, &sections, policy);
     (dir, db, agent)
 }
 

@@ -18,6 +18,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/socat", "socat"),
     // The pooler the postgres benchmark compares against.
     ("/usr/sbin/pgbouncer", "pgbouncer"),
+    // pgjdbc, the JDBC driver the masking end-to-end test runs, and a JDK.
+    ("/usr/share/java/postgresql.jar", "libpostgresql-jdbc-java"),
+    ("/usr/bin/javac", "default-jdk-headless"),
 ];
 
 pub fn run() -> Result<()> {

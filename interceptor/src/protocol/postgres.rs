@@ -223,6 +223,9 @@ struct Batch {
     /// refusal took the place of a Parse or Execute): they neither run
     /// nor bind anything.
     skipping: bool,
+    /// ParseCompletes the server sent (for the client's Parses) since its
+    /// last ReadyForQuery: which Parses of a failed batch took effect.
+    parsed: u32,
     /// Answered statements, encoded as they complete.
     done: crate::record::codec::Records,
     shapes: Shapes,
@@ -678,6 +681,23 @@ impl Batch {
             e.st.error = code.clone();
         }
         self.failed = code.map(|c| (at, c));
+        // The batch's Parses the server did not complete failed or were
+        // skipped: a statement of that name is still what it was before,
+        // or nothing, not what the agent saw in the Parse.
+        let mut completed = self.parsed;
+        let mut lost = Vec::new();
+        for e in self.pending.iter().filter(|e| {
+            e.batch == batch && e.st.kind == "parse" && e.st.decision != Some(Action::Deny)
+        }) {
+            if completed > 0 {
+                completed -= 1;
+            } else if let Some(name) = &e.st.name {
+                lost.push(name.clone());
+            }
+        }
+        for name in lost {
+            self.shapes.forget(&name);
+        }
     }
 
     /// A ParseComplete or BindComplete: `true` if it answers a message the
@@ -1002,6 +1022,7 @@ impl State {
         b.shapes.plan = None;
         let now = Instant::now();
         b.shapes.results = 0;
+        b.parsed = 0;
         let failed = b.failed.take();
         let mut batch = b.answered;
         if std::mem::take(&mut b.to_sync) {
@@ -1252,9 +1273,26 @@ impl State {
     /// agent's own refusals pass.
     fn mask_message(&self, ty: u8, body: &[u8]) -> Option<BytesMut> {
         let g = &self.gate.as_ref()?.gate;
-        let class = self.batch().answering().and_then(|e| e.class.clone());
+        // The statements of the batch being answered that have not had all
+        // their answers: the message is about one of them.
+        let classes: Vec<Option<Arc<Classification>>> = {
+            let b = self.batch();
+            let batch = b.answered;
+            b.pending
+                .iter()
+                .skip(b.answering)
+                .take_while(|e| e.batch == batch)
+                .map(|e| e.class.clone())
+                .collect()
+        };
         let policy = g.policy.load();
-        let rule = policy.message_mask_rule(&g.workload, &g.target, class.as_deref())?;
+        let rule = if classes.is_empty() {
+            policy.message_mask_rule(&g.workload, &g.target, None)
+        } else {
+            classes
+                .iter()
+                .find_map(|c| policy.message_mask_rule(&g.workload, &g.target, c.as_deref()))
+        }?;
         let mut fields = Vec::new();
         let mut rest = body;
         while let Some((&code, more)) = rest.split_first() {

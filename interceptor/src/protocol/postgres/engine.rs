@@ -564,10 +564,17 @@ impl Backend {
             let Some((ty, total)) = header(input, "server")? else {
                 break;
             };
-            if matches!(ty, b'1' | b'2') && total == 5 && state.batch().swallowed() {
-                self.took(ty);
-                input.advance(5);
-                continue;
+            if matches!(ty, b'1' | b'2') && total == 5 {
+                let mut b = state.batch();
+                if b.swallowed() {
+                    drop(b);
+                    self.took(ty);
+                    input.advance(5);
+                    continue;
+                }
+                if ty == b'1' {
+                    b.parsed += 1;
+                }
             }
             if masking && matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') {
                 if total > MAX_INSPECT {
