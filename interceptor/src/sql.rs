@@ -148,6 +148,12 @@ pub struct Classification {
     /// (`PREPARE`, `DEALLOCATE`, `DISCARD ALL`).
     #[serde(skip)]
     pub forgets: Forgets,
+    /// The classification depends on the values of string literals (SQL
+    /// or a table name given to `query_to_xml`, `table_to_xml`, …): texts
+    /// that differ only in their values may classify differently, so it
+    /// must not be cached by a key that leaves values out.
+    #[serde(skip)]
+    pub reads_literals: bool,
 }
 
 /// Prepared statement names a message of SQL redefines or drops.
@@ -248,6 +254,7 @@ fn unparsed(error: String) -> Classification {
         doubt: None,
         derivations: Arc::new([]),
         forgets: Forgets::default(),
+        reads_literals: false,
     }
 }
 
@@ -288,6 +295,7 @@ struct Classifier {
     statements: usize,
     doubt: Option<String>,
     forgets: Forgets,
+    reads_literals: bool,
 }
 
 impl Classifier {
@@ -306,6 +314,7 @@ impl Classifier {
             statements: 0,
             doubt: None,
             forgets: Forgets::default(),
+            reads_literals: false,
         }
     }
 
@@ -344,6 +353,7 @@ impl Classifier {
             doubt: self.doubt,
             derivations: derivations.into(),
             forgets: self.forgets,
+            reads_literals: self.reads_literals,
         }
     }
 
@@ -395,8 +405,14 @@ impl Classifier {
                 self.raise(c);
                 self.outlets.insert(name.to_owned());
             }
-            Effect::RunsSql(arg) => self.runs_sql(name, args.get(arg)),
-            Effect::ReadsTable(arg) => self.reads_table(name, args.get(arg)),
+            Effect::RunsSql(arg) => {
+                self.reads_literals = true;
+                self.runs_sql(name, args.get(arg));
+            }
+            Effect::ReadsTable(arg) => {
+                self.reads_literals = true;
+                self.reads_table(name, args.get(arg));
+            }
             Effect::Unknown(why) => self.doubt(format!("{name}: {why}")),
         }
     }
@@ -451,6 +467,7 @@ impl Classifier {
         self.calls.extend(inner.calls);
         self.names.extend(inner.names);
         self.outlets.extend(inner.outlets);
+        self.reads_literals |= inner.reads_literals;
         if let Some(d) = inner.doubt {
             self.doubt(d);
         }
@@ -777,7 +794,10 @@ fn statement_class(kind: &str) -> Option<Class> {
         "SelectStmt" | "VariableShowStmt" | "TransactionStmt" | "DeclareCursorStmt"
         | "FetchStmt" | "ClosePortalStmt" | "PrepareStmt" | "DeallocateStmt" | "DiscardStmt"
         | "ListenStmt" | "UnlistenStmt" | "ExplainStmt" | "ConstraintsSetStmt"
-        | "VariableSetStmt" | "CopyStmt" => Read,
+        | "VariableSetStmt" | "CopyStmt"
+        // `RETURN expr`, the body of a SQL-standard function: its
+        // expression is walked like any other.
+        | "ReturnStmt" => Read,
         "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" | "TruncateStmt" | "LockStmt"
         | "NotifyStmt" | "RefreshMatViewStmt" | "CallStmt" => Write,
         "CreateSchemaStmt" | "AlterTableStmt" | "ReplicaIdentityStmt" | "AlterCollationStmt"
@@ -790,14 +810,14 @@ fn statement_class(kind: &str) -> Option<Class> {
         | "AlterTypeStmt" | "RuleStmt" | "CompositeTypeStmt" | "CreateEnumStmt"
         | "CreateRangeStmt" | "AlterEnumStmt" | "ViewStmt" | "CreateTableAsStmt"
         | "CreateConversionStmt" | "CreateCastStmt" | "CreateTransformStmt"
-        | "AlterTsdictionaryStmt" | "AlterTsconfigurationStmt" => Ddl,
+        | "AlterTsDictionaryStmt" | "AlterTsConfigurationStmt" => Ddl,
         "GrantStmt" | "GrantRoleStmt" | "AlterDefaultPrivilegesStmt" | "CreateTableSpaceStmt"
         | "DropTableSpaceStmt" | "AlterTableSpaceOptionsStmt" | "AlterTableMoveAllStmt"
         | "CreateExtensionStmt" | "AlterExtensionStmt" | "AlterExtensionContentsStmt"
         | "CreateFdwStmt" | "AlterFdwStmt" | "CreateForeignServerStmt"
         | "AlterForeignServerStmt" | "CreateUserMappingStmt" | "AlterUserMappingStmt"
         | "DropUserMappingStmt" | "ImportForeignSchemaStmt" | "CreateAmStmt"
-        | "CreateEventTrigStmt" | "AlterEventTrigStmt" | "CreatePlangStmt" | "CreateRoleStmt"
+        | "CreateEventTrigStmt" | "AlterEventTrigStmt" | "CreatePLangStmt" | "CreateRoleStmt"
         | "AlterRoleStmt" | "AlterRoleSetStmt" | "DropRoleStmt" | "SecLabelStmt"
         | "LoadStmt" | "CreatedbStmt" | "AlterDatabaseStmt" | "AlterDatabaseRefreshCollStmt"
         | "AlterDatabaseSetStmt" | "DropdbStmt" | "AlterSystemStmt" | "ClusterStmt"
@@ -874,11 +894,13 @@ const ADMIN_FUNCTIONS: &[&str] = &[
     "pg_terminate_backend",
     "pg_wal_replay_pause",
     "pg_wal_replay_resume",
-    "set_config",
 ];
 
 /// Built-ins that carry data out of sight of the result rows (masking
-/// cannot reach them): notifications, logical decoding.
+/// cannot reach them): notifications, logical decoding, and settings the
+/// server reports back (`set_config('application_name', card, …)` comes
+/// back as a ParameterStatus). `set_config` also changes settings, the
+/// role among them: `admin`.
 const OUTLET_FUNCTIONS: &[(&str, Class)] = &[
     ("pg_logical_emit_message", Class::Admin),
     ("pg_logical_slot_get_binary_changes", Class::Admin),
@@ -886,6 +908,7 @@ const OUTLET_FUNCTIONS: &[(&str, Class)] = &[
     ("pg_logical_slot_peek_binary_changes", Class::Admin),
     ("pg_logical_slot_peek_changes", Class::Admin),
     ("pg_notify", Class::Write),
+    ("set_config", Class::Admin),
 ];
 
 /// Built-ins the catalog marks volatile that change nothing another

@@ -86,10 +86,17 @@ fn walk() -> Result<()> {
     writeln!(
         out,
         "}}\n\n\
+         /// Every message type's name, sorted.\n\
+         pub const KINDS: &[&str] = &[{}];\n\n\
          impl Ref<'_> {{\n    \
              /// The message type's name (`SelectStmt`, `FuncCall`, …).\n    \
              pub fn name(&self) -> &'static str {{\n        \
-                 match self {{"
+                 match self {{",
+        structs
+            .keys()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     )?;
     for name in structs.keys() {
         writeln!(out, "            Ref::{name}(_) => {name:?},")?;

@@ -943,6 +943,10 @@ impl State {
             return c.clone();
         }
         let c = Classified::scanned(key, classify_with(text, dialect));
+        if c.class.reads_literals {
+            // Its values decide it: every text of the key is read anew.
+            return c;
+        }
         if by_key.len() >= CLASS_CACHE {
             by_key.clear();
         }
@@ -957,15 +961,17 @@ impl State {
     /// those settings, even from inside a function) is still unanswered.
     /// Such text is `unknown`: the most restricted class.
     fn lexing_doubt(&self, text: &str) -> Result<Dialect, String> {
+        let backslash = text.contains('\\');
+        let non_ascii = !text.is_ascii();
+        if !backslash && !non_ascii {
+            // Plain ASCII without backslashes reads the same whatever the
+            // settings.
+            return Ok(Dialect::default());
+        }
         let b = self.batch();
         let dialect = Dialect {
             standard_strings: b.lexing.standard_strings != Some(false),
         };
-        let backslash = text.contains('\\');
-        let non_ascii = !text.is_ascii();
-        if !backslash && !non_ascii {
-            return Ok(dialect);
-        }
         let what = if backslash {
             "a backslash"
         } else {
@@ -2708,6 +2714,21 @@ mod tests {
             lock(&state.seen).by_key.len() < texts.len(),
             "texts that differ only in values share a key"
         );
+    }
+
+    /// A statement whose class depends on a literal's value (SQL given to
+    /// `query_to_xml`) is never decided by the cached classification of
+    /// a text that differs only in that value.
+    #[test]
+    fn values_that_decide_a_class_are_read_every_time() {
+        let toml = "[[rule]]\nid = \"no-writes\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n";
+        let state = gated(policy("literals", toml));
+        let harmless = "SELECT query_to_xml('select 1', true, false, '')";
+        let harmful = "SELECT query_to_xml('delete from t returning 1', true, false, '')";
+        assert!(state.statement("query", None, harmless, None, false).is_none());
+        state.ready();
+        let d = state.statement("query", None, harmful, None, false);
+        assert_eq!(d.map(|d| d.rule.to_string()).as_deref(), Some("no-writes"));
     }
 
     /// What the server reported decides whether text with backslashes or
