@@ -38,6 +38,12 @@ pub fn redact_sql(text: &str) -> String {
         if secret {
             out.push_str(&text[last..t.start]);
             out.push_str("'***'");
+            // A quote right after would join `'***'` into one literal
+            // (`''` is an escaped quote), which a second redaction reads
+            // otherwise.
+            if text[t.end..].starts_with('\'') {
+                out.push(' ');
+            }
             last = t.end;
         }
     }
@@ -565,6 +571,12 @@ mod tests {
                 "select 'password' from t where note = 'keep'",
             ),
             ("SELECT $1, 'x'", "SELECT $1, 'x'"),
+            // Found by the fuzzer: the replacement must not join the quote
+            // after it (redacting twice must change nothing).
+            (
+                "ALTER ROLE bob PASSWORD $$$$'  ' x",
+                "ALTER ROLE bob PASSWORD '***' '  ' x",
+            ),
         ] {
             assert_eq!(redact_sql(sql), want, "{sql}");
         }
@@ -740,6 +752,18 @@ mod tests {
             ),
         ] {
             assert_eq!(redact_sql(sql), want, "{sql:?}");
+        }
+    }
+
+    #[test]
+    fn redacting_twice_changes_nothing() {
+        for sql in [
+            "ALTER ROLE bob PASSWORD $$$$'  ' x",
+            "ALTER ROLE bob PASSWORD 'a''b'''",
+            "ALTER ROLE bob PASSWORD $p$x$p$'y'",
+        ] {
+            let once = redact_sql(sql);
+            assert_eq!(redact_sql(&once), once, "{sql:?}");
         }
     }
 

@@ -32,17 +32,12 @@ const STATE: &str = "SELECT (SELECT count(*) FROM canary) || ' ' || \
      (SELECT count(*) FROM pg_prepared_xacts)";
 const UNTOUCHED: &str = "1 1 1 0 0";
 
-/// `app` may only read, may not touch `public.canary` by name, may not
-/// sleep, and may call the one function of its own it is vouched for.
+/// With [`APP_DB`]: `app` may only read, may not touch `public.canary` by
+/// name, may not sleep, and may call the one function of its own it is
+/// vouched for.
 const READ_ONLY: &str = "
 [defaults]
 statement = \"deny\"
-
-[[rule]]
-id = \"app-db\"
-workloads = [\"app\"]
-targets = [\"db\"]
-action = \"allow\"
 
 [[rule]]
 id = \"reads\"
@@ -116,8 +111,30 @@ fn refused_by(message: &str) -> Option<&str> {
     rest.split('"').next()
 }
 
-fn start(name: &str, policy: &str, setup: &str) -> (std::path::PathBuf, pg::Postgres, Agent) {
-    postgres_and_agent_with(name, policy, Some(setup))
+/// A server and its agent, torn down in that order, then their directory.
+struct Served {
+    agent: Agent,
+    db: pg::Postgres,
+    dir: RemovedOnDrop,
+}
+
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A server prepared with `setup`, and an agent whose policy is
+/// [`APP_DB`] and `rules`.
+fn start(name: &str, rules: &str, setup: &str) -> Served {
+    let (dir, db, agent) = postgres_and_agent_with(name, &format!("{APP_DB}{rules}"), Some(setup));
+    Served {
+        agent,
+        db,
+        dir: RemovedOnDrop(dir),
+    }
 }
 
 /// Every corpus case, over the simple protocol (psql) and the extended
@@ -127,8 +144,9 @@ fn start(name: &str, policy: &str, setup: &str) -> (std::path::PathBuf, pg::Post
 /// as they were.
 #[test]
 fn the_bypass_corpus_is_refused_and_the_server_is_untouched() {
-    let (dir, db, agent) = start("bypass", READ_ONLY, SETUP);
-    assert_eq!(direct(&db, STATE), UNTOUCHED);
+    let served = start("bypass", READ_ONLY, SETUP);
+    let (agent, db) = (&served.agent, &served.db);
+    assert_eq!(direct(db, STATE), UNTOUCHED);
     let conn = db.conninfo();
     let cases = corpus();
     let expect = |case: &Case, how: &str, ok: bool, message: &str| {
@@ -152,15 +170,15 @@ fn the_bypass_corpus_is_refused_and_the_server_is_untouched() {
     };
     // Simple protocol: one psql per case.
     for case in &cases {
-        let out = pg_tool(&agent, "psql", &[&conn, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", &case.sql]);
+        let out = pg_tool(agent, "psql", &[&conn, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", &case.sql]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         expect(case, "simple", out.status.success(), &stderr);
     }
-    assert_eq!(direct(&db, STATE), UNTOUCHED, "the simple protocol changed the server");
+    assert_eq!(direct(db, STATE), UNTOUCHED, "the simple protocol changed the server");
     // Extended protocol: pg8000, one connection per case.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/bypass.py");
     let mut child = pg_tool_command(
-        &agent,
+        agent,
         "python3",
         &[script, "127.0.0.1", &db.port.to_string(), pg::USER, pg::PASSWORD],
     )
@@ -187,17 +205,14 @@ fn the_bypass_corpus_is_refused_and_the_server_is_untouched() {
         // agent must still refuse first (its error is the one seen).
         expect(case, "extended", r["ok"] == true, r["message"].as_str().unwrap_or_default());
     }
-    assert_eq!(direct(&db, STATE), UNTOUCHED, "the extended protocol changed the server");
+    assert_eq!(direct(db, STATE), UNTOUCHED, "the extended protocol changed the server");
 
     // A function an allow rule vouches for runs; one it does not is refused.
-    let out = psql_tuples(&agent, &conn, "SELECT app.report()");
+    let out = psql_tuples(agent, &conn, "SELECT app.report()");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{}", String::from_utf8_lossy(&out.stderr));
-    let out = psql_tuples(&agent, &conn, "SELECT app.report(), app.purge()");
+    let out = psql_tuples(agent, &conn, "SELECT app.report(), app.purge()");
     assert!(!out.status.success());
-    assert_eq!(direct(&db, STATE), UNTOUCHED);
-    drop(agent);
-    drop(db);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(direct(db, STATE), UNTOUCHED);
 }
 
 /// `options` in the startup packet is read as the server reads it: any
@@ -205,7 +220,8 @@ fn the_bypass_corpus_is_refused_and_the_server_is_untouched() {
 /// refused, and so is a replication connection no rule names.
 #[test]
 fn startup_options_are_read_as_the_server_reads_them() {
-    let (dir, db, agent) = start("startup", READ_ONLY, SETUP);
+    let served = start("startup", READ_ONLY, SETUP);
+    let (agent, db) = (&served.agent, &served.db);
     let conn = db.conninfo();
     for (options, rule) in [
         ("-c\x0brole=app_admin", "defaults.statement"),
@@ -218,7 +234,7 @@ fn startup_options_are_read_as_the_server_reads_them() {
         ("-c role=app_admin extra", "agent.unreadable-startup"),
         ("-c\u{a0}role=app_admin", "agent.unreadable-startup"),
     ] {
-        let out = pg_tool_command(&agent, "psql", &[&conn, "-X", "-A", "-t", "-c", "SELECT current_user"])
+        let out = pg_tool_command(agent, "psql", &[&conn, "-X", "-A", "-t", "-c", "SELECT current_user"])
             .env("PGOPTIONS", options)
             .output()
             .unwrap();
@@ -227,7 +243,7 @@ fn startup_options_are_read_as_the_server_reads_them() {
         assert_eq!(refused_by(&stderr.replace("startup setting denied", "denied")), Some(rule), "PGOPTIONS={options:?}: {stderr}");
     }
     // Harmless options pass.
-    let out = pg_tool_command(&agent, "psql", &[&conn, "-X", "-A", "-t", "-c", "SHOW work_mem"])
+    let out = pg_tool_command(agent, "psql", &[&conn, "-X", "-A", "-t", "-c", "SHOW work_mem"])
         .env("PGOPTIONS", "-c work_mem=8MB -e")
         .output()
         .unwrap();
@@ -235,7 +251,7 @@ fn startup_options_are_read_as_the_server_reads_them() {
     // A replication connection: refused unless a rule names it (here the
     // read-only default refuses it first; the policy unit tests show the
     // by-name refusal under an allowing default).
-    let out = pg_tool(&agent, "psql", &[&format!("{conn} replication=database"), "-X", "-c", "IDENTIFY_SYSTEM"]);
+    let out = pg_tool(agent, "psql", &[&format!("{conn} replication=database"), "-X", "-c", "IDENTIFY_SYSTEM"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("<replication connection>"), "{stderr}");
@@ -243,9 +259,6 @@ fn startup_options_are_read_as_the_server_reads_them() {
     agent.sessions_until("refused logins recorded", |s| {
         s.iter().filter(|x| x["outcome"] == "denied").count() >= 10
     });
-    drop(agent);
-    drop(db);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 const CARDS: &str = "
@@ -253,13 +266,8 @@ CREATE TABLE cards (id int, card text, note text, doc json, docb jsonb);
 INSERT INTO cards VALUES (1, '4111111111111111', 'hello', '{\"n\": \"4111111111111111\"}', '{\"n\": 1}');
 ";
 
+/// With [`APP_DB`]: `app` sees card numbers and documents masked.
 const MASK_CARDS: &str = "
-[[rule]]
-id = \"app-db\"
-workloads = [\"app\"]
-targets = [\"db\"]
-action = \"allow\"
-
 [[rule]]
 id = \"cards\"
 on = \"statement\"
@@ -280,7 +288,8 @@ const CARD: &str = "4111111111111111";
 /// and pgjdbc's describe-once pattern keeps its shape.
 #[test]
 fn masked_values_do_not_leak() {
-    let (dir, db, agent) = start("masking", MASK_CARDS, CARDS);
+    let served = start("masking", MASK_CARDS, CARDS);
+    let (agent, db) = (&served.agent, &served.db);
     let conn = db.conninfo();
     for sql in [
         "SELECT x FROM cards AS t(i, x)",
@@ -293,17 +302,17 @@ fn masked_values_do_not_leak() {
         "SELECT (SELECT x FROM cards t(i, x) LIMIT 1)",
         "SELECT * FROM (SELECT upper(card) FROM cards) s, (SELECT 1) o",
     ] {
-        let out = psql_tuples(&agent, &conn, sql);
+        let out = psql_tuples(agent, &conn, sql);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(!stdout.contains(CARD), "{sql} leaked: {stdout}");
         assert!(stdout.contains("1111") || stdout.trim().is_empty() || stdout.contains('|'), "{sql}: {stdout}");
     }
     // Plain columns are left alone.
-    let out = psql_tuples(&agent, &conn, "SELECT id, note FROM cards");
+    let out = psql_tuples(agent, &conn, "SELECT id, note FROM cards");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1|hello");
     // A value echoed in an error is hidden; the SQLSTATE stays.
-    let out = pg_tool(&agent, "psql", &[&conn, "-X", "-v", "VERBOSITY=verbose", "-c", "SELECT card::int FROM cards"]);
+    let out = pg_tool(agent, "psql", &[&conn, "-X", "-v", "VERBOSITY=verbose", "-c", "SELECT card::int FROM cards"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(!stderr.contains(CARD), "an error echoed the card: {stderr}");
@@ -314,14 +323,14 @@ fn masked_values_do_not_leak() {
         "DO $$ BEGIN RAISE NOTICE '%', (SELECT card FROM cards LIMIT 1); END $$",
         "SELECT pg_notify('leak', card) FROM cards",
     ] {
-        let out = psql_tuples(&agent, &conn, sql);
+        let out = psql_tuples(agent, &conn, sql);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{sql} ran");
         assert_eq!(refused_by(&stderr), Some("cards"), "{sql}: {stderr}");
     }
     // Over the extended protocol.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/masking.py");
-    let out = pg_tool(&agent, "python3", &[script, "127.0.0.1", &db.port.to_string(), pg::USER, pg::PASSWORD]);
+    let out = pg_tool(agent, "python3", &[script, "127.0.0.1", &db.port.to_string(), pg::USER, pg::PASSWORD]);
     assert!(out.status.success(), "masking.py: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(!v.to_string().contains(CARD), "leaked over the extended protocol: {v}");
@@ -335,9 +344,6 @@ fn masked_values_do_not_leak() {
     for later in v["portal"]["later"].as_array().unwrap() {
         assert_eq!(later, &row, "a later run lost its shape: {v}");
     }
-    drop(agent);
-    drop(db);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// pgjdbc (Debian's libpostgresql-jdbc-java) with default settings: from
@@ -346,8 +352,9 @@ fn masked_values_do_not_leak() {
 /// statements with and without a masked column.
 #[test]
 fn pgjdbc_prepared_statements_keep_their_masking_shape() {
-    let (dir, db, agent) = start("pgjdbc", MASK_CARDS, CARDS);
-    let classes = dir.join("java");
+    let served = start("pgjdbc", MASK_CARDS, CARDS);
+    let (agent, db) = (&served.agent, &served.db);
+    let classes = served.dir.0.join("java");
     std::fs::create_dir_all(&classes).unwrap();
     let source = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/JdbcMask.java");
     let jar = "/usr/share/java/postgresql.jar";
@@ -359,7 +366,7 @@ fn pgjdbc_prepared_statements_keep_their_masking_shape() {
         .expect("javac (cargo xtask setup installs a JDK)");
     assert!(out.status.success(), "javac: {}", String::from_utf8_lossy(&out.stderr));
     let cp = format!("{jar}:{}", classes.display());
-    let out = pg_tool(&agent, "java", &["-cp", &cp, "JdbcMask", &db.port.to_string(), pg::USER, pg::PASSWORD]);
+    let out = pg_tool(agent, "java", &["-cp", &cp, "JdbcMask", &db.port.to_string(), pg::USER, pg::PASSWORD]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "java: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<&str> = stdout.lines().collect();
@@ -372,7 +379,4 @@ fn pgjdbc_prepared_statements_keep_their_masking_shape() {
     }
     // The driver decoded the masked json value: a JSON string.
     assert_eq!(lines[20], "json \"****11\\\"}\"", "{stdout}");
-    drop(agent);
-    drop(db);
-    let _ = std::fs::remove_dir_all(&dir);
 }

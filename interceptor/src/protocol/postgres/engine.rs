@@ -615,10 +615,7 @@ impl Backend {
                 let body = &input[5..total];
                 let masked = state.mask_message(ty, body);
                 if ty == b'E' {
-                    let code = error_code(body);
-                    let mut b = state.batch();
-                    b.error(code, self.completed);
-                    b.shapes.plan = None;
+                    self.failed(state, body);
                 }
                 match masked {
                     Some(m) => {
@@ -655,12 +652,7 @@ impl Backend {
                     b.shapes.executes.pop_front();
                     b.shapes.results += 1;
                 }
-                b'E' => {
-                    let code = error_code(body);
-                    let mut b = state.batch();
-                    b.error(code, self.completed);
-                    b.shapes.plan = None;
-                }
+                b'E' => self.failed(state, body),
                 b'I' | b's' => state.batch().result(None),
                 b'Z' => {
                     self.completed = 0;
@@ -672,6 +664,13 @@ impl Backend {
             input.pass(total);
         }
         Ok(())
+    }
+
+    /// An ErrorResponse (`body`): the statement being answered failed.
+    fn failed(&self, state: &State, body: &[u8]) {
+        let mut b = state.batch();
+        b.error(error_code(body), self.completed);
+        b.shapes.plan = None;
     }
 
     /// A server message of type `ty` is taken (whole, or begun).
