@@ -208,7 +208,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             allow_unattached,
             command,
         } => exec(&config.config, &workload, allow_unattached, &command),
-        Command::Sessions { command } => sessions(command),
+        Command::Sessions { command } => {
+            output_to_pipes();
+            sessions(command)
+        }
         Command::Policy {
             command:
                 PolicyCommand::Explain {
@@ -399,6 +402,18 @@ fn query(store: &StoreArgs, req: Request) -> anyhow::Result<Response> {
         Request::SessionsShow { id } => api::show(&db, id)?,
         Request::Status => bail!("the agent is not running"),
     })
+}
+
+/// A listing piped into `head` ends quietly when the reader goes, as
+/// other Unix tools do, instead of panicking on the broken pipe: the
+/// default action of SIGPIPE, which Rust programs ignore. Only for
+/// commands that print; the agent keeps ignoring it.
+fn output_to_pipes() {
+    // SAFETY: setting a signal's disposition to its default has no
+    // preconditions; no handler of ours is replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {

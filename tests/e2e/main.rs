@@ -282,6 +282,20 @@ action = "deny"
         text.contains("app-not-echo") && text.contains("2 session(s)"),
         "{text}"
     );
+    // Piped into a reader that has gone (`| head` done reading), a listing
+    // ends quietly instead of panicking on the broken pipe.
+    for args in ["sessions list", "sessions list --json"] {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{BIN} {args} --config {} | {{ exec 0<&-; sleep 0.3; }}",
+                agent.config.display()
+            ))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args} | head: {stderr}");
+    }
 }
 
 fn icpt_programs_loaded() -> usize {
