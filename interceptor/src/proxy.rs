@@ -276,35 +276,41 @@ impl Proxy {
         self.recorder.record(s.clone()).await;
 
         let timeout = Duration::from_millis(self.config.agent.upstream_connect_timeout_ms);
-        let upstream = match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
-            Ok(Ok(u)) => u,
+        let postgres = target.is_some_and(|t| t.protocol == Protocol::Postgres);
+        let failed = match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
+            Ok(Ok(u)) => Ok(u),
             Ok(Err(e)) => {
-                reset(&client);
                 let outcome = if e.kind() == io::ErrorKind::ConnectionRefused {
                     Outcome::Refused
                 } else {
                     Outcome::Error
                 };
-                return self
-                    .finish(s, outcome, Some(format!("upstream {dst}: {e}")))
-                    .await;
+                Err((outcome, e.to_string()))
             }
-            Err(_) => {
-                reset(&client);
+            Err(_) => Err((
+                Outcome::Error,
+                format!("connect timed out after {timeout:?}"),
+            )),
+        };
+        let upstream = match failed {
+            Ok(u) => u,
+            Err((outcome, cause)) => {
+                if postgres {
+                    // Said as the server's absence is said to a client that
+                    // connects directly: a FATAL 08001 naming the cause.
+                    let mut client = client;
+                    let message = format!("could not connect to server {dst}: {cause}");
+                    postgres::refuse_login(&mut client, "08001", &message, timeout).await;
+                } else {
+                    reset(&client);
+                }
                 return self
-                    .finish(
-                        s,
-                        Outcome::Error,
-                        Some(format!(
-                            "upstream {dst}: connect timed out after {timeout:?}"
-                        )),
-                    )
+                    .finish(s, outcome, Some(format!("upstream {dst}: {cause}")))
                     .await;
             }
         };
         let _ = upstream.set_nodelay(true);
         local_hop(&upstream, dst);
-        let postgres = target.is_some_and(|t| t.protocol == Protocol::Postgres);
         let r = if postgres {
             self.relay_postgres(&mut s, client, upstream).await
         } else {

@@ -1593,3 +1593,29 @@ fn client_libraries_and_large_copies_get_the_same_results_as_direct() {
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A PostgreSQL target that is down: the client is told so as a server
+/// would tell it (FATAL 08001 naming the cause), not with a reset, and
+/// the session is recorded as refused.
+#[test]
+fn a_postgres_target_that_is_down_gets_a_fatal_error_naming_the_cause() {
+    let port = free_port(); // nothing listens there
+    let sections = format!(
+        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
+         addresses = [\"127.0.0.1:{port}\"]\nprotocol = \"postgres\"\n"
+    );
+    let agent = Agent::start("pg-down", &sections, APP_DB);
+    let conn = format!("host=127.0.0.1 port={port} user=postgres password=x dbname=postgres");
+    let out = pg_tool(&agent, "psql", &[&conn, "-X", "-c", "select 1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("could not connect to server 127.0.0.1:{port}"))
+            && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("reset"), "{stderr}");
+    agent.sessions_until("the refused session", |s| {
+        s.iter().any(|x| x["outcome"] == "refused")
+    });
+}

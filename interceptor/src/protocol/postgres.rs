@@ -1622,20 +1622,20 @@ pub fn refusal_sql(d: &Decision) -> String {
 
 /// The ErrorResponse that refuses a startup setting (SQLSTATE 42501).
 fn startup_refusal(d: &Decision, setting: &str) -> BytesMut {
-    let mut body = Vec::new();
-    for (code, text) in [
-        (b'S', "FATAL".to_owned()),
-        (b'V', "FATAL".to_owned()),
-        (b'C', "42501".to_owned()),
-        (
-            b'M',
-            format!(
-                "interceptor: startup setting denied by rule \"{}\": {setting}",
-                d.rule
-            ),
+    fatal(
+        "42501",
+        &format!(
+            "interceptor: startup setting denied by rule \"{}\": {setting}",
+            d.rule
         ),
-    ] {
-        body.push(code);
+    )
+}
+
+/// A FATAL ErrorResponse with SQLSTATE `code` and `message`.
+fn fatal(code: &str, message: &str) -> BytesMut {
+    let mut body = Vec::new();
+    for (field, text) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
+        body.push(field);
         body.extend_from_slice(text.as_bytes());
         body.push(0);
     }
@@ -1643,6 +1643,50 @@ fn startup_refusal(d: &Decision, setting: &str) -> BytesMut {
     let mut out = BytesMut::new();
     put_message(&mut out, b'E', &body);
     out
+}
+
+/// Answers a client whose server cannot be reached as a server would:
+/// declines TLS and GSS encryption, then answers the startup packet with
+/// FATAL `code` and `message` (so clients say why, instead of "connection
+/// reset"), and returns. A CancelRequest or anything malformed just ends;
+/// a client that says nothing for `wait` is left.
+pub async fn refuse_login(
+    client: &mut tokio::net::TcpStream,
+    code: &str,
+    message: &str,
+    wait: std::time::Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = async {
+        let mut buf = BytesMut::new();
+        loop {
+            while buf.len() < 4 {
+                if client.read_buf(&mut buf).await? == 0 {
+                    return Ok(());
+                }
+            }
+            let len = be32(&buf[..4]) as usize;
+            if !(8..=MAX_STARTUP).contains(&len) {
+                return Ok(());
+            }
+            while buf.len() < len {
+                if client.read_buf(&mut buf).await? == 0 {
+                    return Ok(());
+                }
+            }
+            let kind = be32(&buf[4..8]);
+            bytes::Buf::advance(&mut buf, len);
+            match kind {
+                SSL_REQUEST | GSSENC_REQUEST if len == 8 => client.write_all(b"N").await?,
+                v if v >> 16 == 3 => {
+                    client.write_all(&fatal(code, message)).await?;
+                    return client.shutdown().await;
+                }
+                _ => return Ok::<(), io::Error>(()),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(wait, answer).await;
 }
 
 fn put_message(out: &mut BytesMut, ty: u8, body: &[u8]) {
