@@ -117,7 +117,13 @@ impl Masker {
     }
 
     /// The masked value of a column of form `form` (`None`: NULL).
-    pub fn masked(&self, form: Form, strategy: Strategy, keep: usize, value: &[u8]) -> Option<Vec<u8>> {
+    pub fn masked(
+        &self,
+        form: Form,
+        strategy: Strategy,
+        keep: usize,
+        value: &[u8],
+    ) -> Option<Vec<u8>> {
         match form {
             Form::Text => Some(self.mask(strategy, keep, value)),
             Form::Json => {

@@ -394,7 +394,9 @@ impl Policy {
                     commands.push(upper);
                 }
             }
-            let folded = |v: &Option<toml::Spanned<Vec<String>>>, what: &str| -> Result<Vec<String>, FileError> {
+            let folded = |v: &Option<toml::Spanned<Vec<String>>>,
+                          what: &str|
+             -> Result<Vec<String>, FileError> {
                 let Some(v) = v else { return Ok(Vec::new()) };
                 v.get_ref()
                     .iter()
@@ -418,7 +420,8 @@ impl Policy {
             for (what, globs) in [("table", &r.tables), ("function", &r.functions)] {
                 for g in globs.iter().flat_map(|g| g.get_ref()) {
                     if let Some(w) = name_warning(g) {
-                        self.warnings.push(format!("{at}: rule `{id}`: {what} `{g}` {w}"));
+                        self.warnings
+                            .push(format!("{at}: rule `{id}`: {what} `{g}` {w}"));
                     }
                 }
             }
@@ -623,9 +626,15 @@ impl Policy {
     /// A replication connection (`c` holds the REPLICATION command) that
     /// no rule allows by name: refused, whatever the defaults say (WAL and
     /// base backups can be neither classified nor masked).
-    fn unnamed_replication(&self, workload: &str, target: &str, c: &Classification) -> Option<Arc<str>> {
-        (c.commands.contains(&"REPLICATION") && !self.allows_command(workload, target, "REPLICATION"))
-            .then(|| default_name(RULE_DEFAULT_REPLICATION))
+    fn unnamed_replication(
+        &self,
+        workload: &str,
+        target: &str,
+        c: &Classification,
+    ) -> Option<Arc<str>> {
+        (c.commands.contains(&"REPLICATION")
+            && !self.allows_command(workload, target, "REPLICATION"))
+        .then(|| default_name(RULE_DEFAULT_REPLICATION))
     }
 
     /// Where a mask rule applies to `c`, the mask rule that refuses what
@@ -635,7 +644,10 @@ impl Policy {
         if c.outlets.is_empty() {
             return None;
         }
-        let mask = self.mask_rules(workload, target, Some(c)).into_iter().next()?;
+        let mask = self
+            .mask_rules(workload, target, Some(c))
+            .into_iter()
+            .next()?;
         let named = |outlet: &String| {
             if outlet == "DO" {
                 return self.allows_command(workload, target, "DO");
@@ -1312,7 +1324,13 @@ strategy = "hash"
         ] {
             assert_eq!(rule(sql), RULE_DEFAULT_STATEMENT, "{sql}");
         }
-        assert!(p.warnings.iter().any(|w| w.contains("`Public.Orders` reads as `public.orders`")), "{:?}", p.warnings);
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("`Public.Orders` reads as `public.orders`")),
+            "{:?}",
+            p.warnings
+        );
         let p = load("[[rule]]\nid = \"r\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ntables = [\"db.s.t\"]\naction = \"deny\"\n").unwrap();
         assert!(p.warnings[0].contains("database part"), "{:?}", p.warnings);
         let e = load("[[rule]]\nid = \"r\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ntables = ['\"open']\naction = \"deny\"\n").unwrap_err();
@@ -1339,14 +1357,36 @@ strategy = "hash"
             let d = p.decide_statement(w, "db", &c, sql);
             (d.action, d.rule.to_string())
         };
-        assert_eq!(decide("batch", "SELECT app.archive_all()"), (Action::Allow, "reads".into()));
-        assert_eq!(decide("batch", "SELECT archive_all()"), (Action::Allow, "reads".into()));
+        assert_eq!(
+            decide("batch", "SELECT app.archive_all()"),
+            (Action::Allow, "reads".into())
+        );
+        assert_eq!(
+            decide("batch", "SELECT archive_all()"),
+            (Action::Allow, "reads".into())
+        );
         assert_eq!(decide("web", "SELECT app.archive_all()").0, Action::Deny);
-        assert_eq!(decide("batch", "SELECT app.archive_all(), app.other()").0, Action::Deny);
+        assert_eq!(
+            decide("batch", "SELECT app.archive_all(), app.other()").0,
+            Action::Deny
+        );
         // Vouching covers the function, not a write beside it.
-        assert_eq!(decide("batch", "WITH d AS (DELETE FROM t) SELECT app.archive_all()").0, Action::Deny);
-        assert_eq!(decide("web", "SELECT U&\"pg\\005fsleep\"(1)"), (Action::Deny, "no-sleep".into()));
-        assert_eq!(decide("web", "SELECT pg_catalog.pg_terminate_backend(1)"), (Action::Deny, "no-terminate".into()));
+        assert_eq!(
+            decide(
+                "batch",
+                "WITH d AS (DELETE FROM t) SELECT app.archive_all()"
+            )
+            .0,
+            Action::Deny
+        );
+        assert_eq!(
+            decide("web", "SELECT U&\"pg\\005fsleep\"(1)"),
+            (Action::Deny, "no-sleep".into())
+        );
+        assert_eq!(
+            decide("web", "SELECT pg_catalog.pg_terminate_backend(1)"),
+            (Action::Deny, "no-terminate".into())
+        );
     }
 
     /// What carries data past masking is refused where a mask rule applies,
@@ -1361,8 +1401,14 @@ strategy = "hash"
             let d = p.decide_statement("w", "db", &c, sql);
             (d.action, d.rule.to_string())
         };
-        assert_eq!(decide(&p, "DO $$ BEGIN RAISE NOTICE '%', 1; END $$"), (Action::Deny, "cards".into()));
-        assert_eq!(decide(&p, "SELECT pg_notify('c', card) FROM cards"), (Action::Deny, "cards".into()));
+        assert_eq!(
+            decide(&p, "DO $$ BEGIN RAISE NOTICE '%', 1; END $$"),
+            (Action::Deny, "cards".into())
+        );
+        assert_eq!(
+            decide(&p, "SELECT pg_notify('c', card) FROM cards"),
+            (Action::Deny, "cards".into())
+        );
         assert_eq!(decide(&p, "SELECT card FROM cards").0, Action::Allow);
         let p = load(&format!(
             "{mask}\n[[rule]]\nid = \"jobs\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ncommands = [\"DO\"]\naction = \"allow\"\n\n\
@@ -1380,7 +1426,10 @@ strategy = "hash"
             ..Classification::not_sql("<replication connection>", Class::Admin)
         };
         assert_eq!(
-            plain.decide_statement("w", "db", &replication, "").rule.to_string(),
+            plain
+                .decide_statement("w", "db", &replication, "")
+                .rule
+                .to_string(),
             RULE_DEFAULT_REPLICATION
         );
         let named = load("[[rule]]\nid = \"standby\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ncommands = [\"replication\"]\naction = \"allow\"\n").unwrap();
@@ -1400,19 +1449,49 @@ strategy = "hash"
             (d.action, d.rule.to_string())
         };
         let denied = |w: &str, sql: &str, rule: &str| {
-            assert_eq!(decide(w, sql), (Action::Deny, rule.to_owned()), "{w}: {sql}");
+            assert_eq!(
+                decide(w, sql),
+                (Action::Deny, rule.to_owned()),
+                "{w}: {sql}"
+            );
         };
-        denied("billing", "WITH d AS (DELETE FROM audit.log RETURNING *) SELECT * FROM d", "audit-append-only");
-        denied("billing", "EXPLAIN ANALYZE UPDATE audit.log SET x = 1", "audit-append-only");
+        denied(
+            "billing",
+            "WITH d AS (DELETE FROM audit.log RETURNING *) SELECT * FROM d",
+            "audit-append-only",
+        );
+        denied(
+            "billing",
+            "EXPLAIN ANALYZE UPDATE audit.log SET x = 1",
+            "audit-append-only",
+        );
         denied("billing", "TRUNCATE audit.log", "audit-append-only");
-        denied("billing", "SELECT app.purge_audit()", "orders-no-ddl-or-admin");
+        denied(
+            "billing",
+            "SELECT app.purge_audit()",
+            "orders-no-ddl-or-admin",
+        );
         denied("billing", "SET ROLE admin", "orders-no-ddl-or-admin");
-        denied("reporting", "UPDATE orders SET total = 0", "reporting-read-only");
-        assert_eq!(decide("billing", "INSERT INTO audit.log VALUES (1)").0, Action::Allow);
-        assert_eq!(decide("billing", "UPDATE public.orders SET total = 0").0, Action::Allow);
+        denied(
+            "reporting",
+            "UPDATE orders SET total = 0",
+            "reporting-read-only",
+        );
+        assert_eq!(
+            decide("billing", "INSERT INTO audit.log VALUES (1)").0,
+            Action::Allow
+        );
+        assert_eq!(
+            decide("billing", "UPDATE public.orders SET total = 0").0,
+            Action::Allow
+        );
         // Unqualified, `orders` could be audit.orders (the search path is
         // the server's to resolve): the audit rule covers it.
-        denied("billing", "UPDATE orders SET total = 0", "audit-append-only");
+        denied(
+            "billing",
+            "UPDATE orders SET total = 0",
+            "audit-append-only",
+        );
         assert_eq!(decide("reporting", "SELECT * FROM orders").0, Action::Allow);
     }
 

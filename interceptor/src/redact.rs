@@ -703,7 +703,10 @@ mod tests {
             }
             compared += usize::from(check(&text));
         }
-        assert!(compared > 3_000, "only {compared} random texts were compared");
+        assert!(
+            compared > 3_000,
+            "only {compared} random texts were compared"
+        );
     }
 
     /// Texts where a scanner that drew a literal's or comment's end other

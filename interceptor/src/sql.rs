@@ -444,7 +444,9 @@ impl Classifier {
             let Some(pb::node::Node::SelectStmt(s)) = raw.stmt.as_ref()?.node.as_ref() else {
                 return None;
             };
-            let [from] = &s.from_clause[..] else { return None };
+            let [from] = &s.from_clause[..] else {
+                return None;
+            };
             match from.node.as_ref()? {
                 pb::node::Node::RangeVar(rv) => Some(rv.clone()),
                 _ => None,
@@ -485,8 +487,10 @@ impl Classifier {
         }
         let schema = qualifier.last().copied().unwrap_or("pg_catalog");
         if schema != "pg_catalog" || functions::OPERATORS.binary_search(&op).is_err() {
-            self.functions
-                .insert(format!("operator({})", qualified(&[qualifier.last().copied().unwrap_or(""), op])));
+            self.functions.insert(format!(
+                "operator({})",
+                qualified(&[qualifier.last().copied().unwrap_or(""), op])
+            ));
         }
     }
 }
@@ -545,7 +549,9 @@ impl<'t> Visitor<'t> for Classifier {
                 use pb::TransactionStmtKind as K;
                 if matches!(
                     K::try_from(t.kind),
-                    Ok(K::TransStmtPrepare | K::TransStmtCommitPrepared | K::TransStmtRollbackPrepared)
+                    Ok(K::TransStmtPrepare
+                        | K::TransStmtCommitPrepared
+                        | K::TransStmtRollbackPrepared)
                 ) {
                     // Two-phase commit: ends transactions of other sessions.
                     self.raise(Class::Admin);

@@ -94,7 +94,16 @@ fn corpus() -> Vec<Case> {
 /// `psql -X -A -t -c SQL` straight to the server (no agent).
 pub(super) fn direct(db: &pg::Postgres, sql: &str) -> String {
     let out = std::process::Command::new("psql")
-        .args([&db.conninfo(), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .args([
+            &db.conninfo(),
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
         .output()
         .unwrap();
     assert!(
@@ -162,25 +171,55 @@ fn the_bypass_corpus_is_refused_and_the_server_is_untouched() {
             Some(rule) => {
                 assert!(!ok, "[{how}] {:?} ran", case.sql);
                 let by = by.unwrap_or_else(|| {
-                    panic!("[{how}] {:?} failed, but not by the agent: {message}", case.sql)
+                    panic!(
+                        "[{how}] {:?} failed, but not by the agent: {message}",
+                        case.sql
+                    )
                 });
-                assert!(rule == "*" || by == rule, "[{how}] {:?}: refused by {by}, want {rule}", case.sql);
+                assert!(
+                    rule == "*" || by == rule,
+                    "[{how}] {:?}: refused by {by}, want {rule}",
+                    case.sql
+                );
             }
         }
     };
     // Simple protocol: one psql per case.
     for case in &cases {
-        let out = pg_tool(agent, "psql", &[&conn, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", &case.sql]);
+        let out = pg_tool(
+            agent,
+            "psql",
+            &[
+                &conn,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                &case.sql,
+            ],
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         expect(case, "simple", out.status.success(), &stderr);
     }
-    assert_eq!(direct(db, STATE), UNTOUCHED, "the simple protocol changed the server");
+    assert_eq!(
+        direct(db, STATE),
+        UNTOUCHED,
+        "the simple protocol changed the server"
+    );
     // Extended protocol: pg8000, one connection per case.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/bypass.py");
     let mut child = pg_tool_command(
         agent,
         "python3",
-        &[script, "127.0.0.1", &db.port.to_string(), pg::USER, pg::PASSWORD],
+        &[
+            script,
+            "127.0.0.1",
+            &db.port.to_string(),
+            pg::USER,
+            pg::PASSWORD,
+        ],
     )
     .stdin(std::process::Stdio::piped())
     .stdout(std::process::Stdio::piped())
@@ -203,13 +242,27 @@ fn the_bypass_corpus_is_refused_and_the_server_is_untouched() {
     for (case, r) in cases.iter().zip(&results) {
         // The server refuses several statements in one Parse itself; the
         // agent must still refuse first (its error is the one seen).
-        expect(case, "extended", r["ok"] == true, r["message"].as_str().unwrap_or_default());
+        expect(
+            case,
+            "extended",
+            r["ok"] == true,
+            r["message"].as_str().unwrap_or_default(),
+        );
     }
-    assert_eq!(direct(db, STATE), UNTOUCHED, "the extended protocol changed the server");
+    assert_eq!(
+        direct(db, STATE),
+        UNTOUCHED,
+        "the extended protocol changed the server"
+    );
 
     // A function an allow rule vouches for runs; one it does not is refused.
     let out = psql_tuples(agent, &conn, "SELECT app.report()");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = psql_tuples(agent, &conn, "SELECT app.report(), app.purge()");
     assert!(!out.status.success());
     assert_eq!(direct(db, STATE), UNTOUCHED);
@@ -234,28 +287,61 @@ fn startup_options_are_read_as_the_server_reads_them() {
         ("-c role=app_admin extra", "agent.unreadable-startup"),
         ("-c\u{a0}role=app_admin", "agent.unreadable-startup"),
     ] {
-        let out = pg_tool_command(agent, "psql", &[&conn, "-X", "-A", "-t", "-c", "SELECT current_user"])
-            .env("PGOPTIONS", options)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "PGOPTIONS={options:?} logged in: {}", String::from_utf8_lossy(&out.stdout));
-        assert_eq!(refused_by(&stderr.replace("startup setting denied", "denied")), Some(rule), "PGOPTIONS={options:?}: {stderr}");
-    }
-    // Harmless options pass.
-    let out = pg_tool_command(agent, "psql", &[&conn, "-X", "-A", "-t", "-c", "SHOW work_mem"])
-        .env("PGOPTIONS", "-c work_mem=8MB -e")
+        let out = pg_tool_command(
+            agent,
+            "psql",
+            &[&conn, "-X", "-A", "-t", "-c", "SELECT current_user"],
+        )
+        .env("PGOPTIONS", options)
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "8MB", "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "PGOPTIONS={options:?} logged in: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(
+            refused_by(&stderr.replace("startup setting denied", "denied")),
+            Some(rule),
+            "PGOPTIONS={options:?}: {stderr}"
+        );
+    }
+    // Harmless options pass.
+    let out = pg_tool_command(
+        agent,
+        "psql",
+        &[&conn, "-X", "-A", "-t", "-c", "SHOW work_mem"],
+    )
+    .env("PGOPTIONS", "-c work_mem=8MB -e")
+    .output()
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "8MB",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A replication connection: refused unless a rule names it (here the
     // read-only default refuses it first; the policy unit tests show the
     // by-name refusal under an allowing default).
-    let out = pg_tool(agent, "psql", &[&format!("{conn} replication=database"), "-X", "-c", "IDENTIFY_SYSTEM"]);
+    let out = pg_tool(
+        agent,
+        "psql",
+        &[
+            &format!("{conn} replication=database"),
+            "-X",
+            "-c",
+            "IDENTIFY_SYSTEM",
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("<replication connection>"), "{stderr}");
-    assert!(refused_by(&stderr.replace("startup setting denied", "denied")).is_some(), "{stderr}");
+    assert!(
+        refused_by(&stderr.replace("startup setting denied", "denied")).is_some(),
+        "{stderr}"
+    );
     agent.sessions_until("refused logins recorded", |s| {
         s.iter().filter(|x| x["outcome"] == "denied").count() >= 10
     });
@@ -312,12 +398,26 @@ fn masked_values_do_not_leak() {
     let out = psql_tuples(agent, &conn, "SELECT id, note FROM cards");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1|hello");
     // A value echoed in an error is hidden; the SQLSTATE stays.
-    let out = pg_tool(agent, "psql", &[&conn, "-X", "-v", "VERBOSITY=verbose", "-c", "SELECT card::int FROM cards"]);
+    let out = pg_tool(
+        agent,
+        "psql",
+        &[
+            &conn,
+            "-X",
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            "SELECT card::int FROM cards",
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(!stderr.contains(CARD), "an error echoed the card: {stderr}");
     // (22003: the value "4111…" is out of range for type integer.)
-    assert!(stderr.contains("22003") && stderr.contains("mask rule \"cards\""), "{stderr}");
+    assert!(
+        stderr.contains("22003") && stderr.contains("mask rule \"cards\""),
+        "{stderr}"
+    );
     // Outlets: refused by the mask rule.
     for sql in [
         "DO $$ BEGIN RAISE NOTICE '%', (SELECT card FROM cards LIMIT 1); END $$",
@@ -330,10 +430,27 @@ fn masked_values_do_not_leak() {
     }
     // Over the extended protocol.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/masking.py");
-    let out = pg_tool(agent, "python3", &[script, "127.0.0.1", &db.port.to_string(), pg::USER, pg::PASSWORD]);
-    assert!(out.status.success(), "masking.py: {}", String::from_utf8_lossy(&out.stderr));
+    let out = pg_tool(
+        agent,
+        "python3",
+        &[
+            script,
+            "127.0.0.1",
+            &db.port.to_string(),
+            pg::USER,
+            pg::PASSWORD,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "masking.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!v.to_string().contains(CARD), "leaked over the extended protocol: {v}");
+    assert!(
+        !v.to_string().contains(CARD),
+        "leaked over the extended protocol: {v}"
+    );
     assert_eq!(v["json"], serde_json::json!(["****11\"}", null]), "{v}");
     assert_eq!(v["stale"], serde_json::json!([[null, null]]), "{v}");
     // The refused second Parse, then the first statement's row: masked.
@@ -364,11 +481,30 @@ fn pgjdbc_prepared_statements_keep_their_masking_shape() {
         .arg(source)
         .output()
         .expect("javac (cargo xtask setup installs a JDK)");
-    assert!(out.status.success(), "javac: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "javac: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cp = format!("{jar}:{}", classes.display());
-    let out = pg_tool(agent, "java", &["-cp", &cp, "JdbcMask", &db.port.to_string(), pg::USER, pg::PASSWORD]);
+    let out = pg_tool(
+        agent,
+        "java",
+        &[
+            "-cp",
+            &cp,
+            "JdbcMask",
+            &db.port.to_string(),
+            pg::USER,
+            pg::PASSWORD,
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "java: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "java: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 21, "{stdout}");
     for (i, l) in lines[..10].iter().enumerate() {

@@ -35,7 +35,10 @@ fn pg_query_src() -> Result<(String, PathBuf)> {
         .output()
         .context("running cargo metadata")?;
     if !out.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8(out.stdout)?;
     // Without a JSON parser: the directory of the first file of the
@@ -152,7 +155,11 @@ fn walk() -> Result<()> {
     }
     let path = crate::root().join("interceptor/src/sql/walk.rs");
     std::fs::write(&path, out)?;
-    crate::run(Command::new("rustfmt").args(["--edition", "2021"]).arg(&path))?;
+    crate::run(
+        Command::new("rustfmt")
+            .args(["--edition", "2021"])
+            .arg(&path),
+    )?;
     eprintln!(
         "gen walk: {} message types, {} node kinds, from pg_query {version} -> {}",
         structs.len(),
@@ -176,7 +183,10 @@ fn messages(src: &str) -> Result<Messages> {
     while i < lines.len() {
         let line = lines[i];
         if let Some(rest) = line.strip_prefix("pub struct ") {
-            let name = rest.trim_end_matches(" {").trim_end_matches(" {}").to_owned();
+            let name = rest
+                .trim_end_matches(" {")
+                .trim_end_matches(" {}")
+                .to_owned();
             let mut body = String::new();
             if !rest.ends_with("{}") {
                 i += 1;
@@ -223,7 +233,10 @@ fn messages(src: &str) -> Result<Messages> {
         fields.retain(|f: &Field| f.ty == "Node" || names.contains(&f.ty));
     }
     if variants.len() < 200 {
-        bail!("only {} Node variants found: protobuf.rs layout changed", variants.len());
+        bail!(
+            "only {} Node variants found: protobuf.rs layout changed",
+            variants.len()
+        );
     }
     Ok((structs, variants))
 }
@@ -273,7 +286,11 @@ fn inner_type(ty: &str) -> Result<String> {
             break;
         }
     }
-    if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+    if t.is_empty()
+        || !t
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    {
         bail!("cannot read the type {ty:?}");
     }
     Ok(t)
@@ -307,7 +324,9 @@ fn functions() -> Result<()> {
         // Procedures (`CALL`) and aggregates of volatile transition
         // functions are volatile as their kind says.
         let vol = if kind == "p" { 'v' } else { vol };
-        let e = by_name.entry((schema.to_owned(), name.to_owned())).or_insert(vol);
+        let e = by_name
+            .entry((schema.to_owned(), name.to_owned()))
+            .or_insert(vol);
         if rank(vol) > rank(*e) {
             *e = vol;
         }

@@ -881,7 +881,8 @@ impl State {
             error: Some("42501".into()),
             ..Statement::new("startup", None, text.into(), Class::Unknown)
         };
-        self.batch().push(st, None, self.batches(), Answers::Nothing);
+        self.batch()
+            .push(st, None, self.batches(), Answers::Nothing);
         d
     }
 
@@ -1537,7 +1538,9 @@ fn server_options(options: &str) -> Result<Vec<(String, String)>, String> {
         .bytes()
         .find(|&b| !(b.is_ascii_graphic() || option_space(b)))
     {
-        return Err(format!("byte 0x{b:02x} is not read the same on every server"));
+        return Err(format!(
+            "byte 0x{b:02x} is not read the same on every server"
+        ));
     }
     // pg_split_opts.
     let mut words = Vec::new();
@@ -1569,7 +1572,10 @@ fn server_options(options: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     let mut words = words.into_iter();
     while let Some(word) = words.next() {
-        let Some(flags) = word.strip_prefix('-').filter(|f| !f.is_empty() && *f != "-") else {
+        let Some(flags) = word
+            .strip_prefix('-')
+            .filter(|f| !f.is_empty() && *f != "-")
+        else {
             return Err(format!("`{word}` is not a switch"));
         };
         for (at, c) in flags.char_indices() {
@@ -1634,7 +1640,12 @@ fn startup_refusal(d: &Decision, setting: &str) -> BytesMut {
 /// A FATAL ErrorResponse with SQLSTATE `code` and `message`.
 fn fatal(code: &str, message: &str) -> BytesMut {
     let mut body = Vec::new();
-    for (field, text) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
+    for (field, text) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
         body.push(field);
         body.extend_from_slice(text.as_bytes());
         body.push(0);
@@ -2313,7 +2324,10 @@ mod tests {
         assert_eq!(n, 3);
         assert_eq!(
             &row[..],
-            &msg(b'D', b"\0\x04\0\0\0\x017\0\0\0\x06****ef\xff\xff\xff\xff\0\0\0\x09\"****\\\"}\"")[..]
+            &msg(
+                b'D',
+                b"\0\x04\0\0\0\x017\0\0\0\x06****ef\xff\xff\xff\xff\0\0\0\x09\"****\\\"}\""
+            )[..]
         );
         // A masked json value is still JSON: a string.
         let doc = &row[row.len() - 9..];
@@ -2769,7 +2783,9 @@ mod tests {
         let state = gated(policy("literals", toml));
         let harmless = "SELECT query_to_xml('select 1', true, false, '')";
         let harmful = "SELECT query_to_xml('delete from t returning 1', true, false, '')";
-        assert!(state.statement("query", None, harmless, None, false).is_none());
+        assert!(state
+            .statement("query", None, harmless, None, false)
+            .is_none());
         state.ready();
         let d = state.statement("query", None, harmful, None, false);
         assert_eq!(d.map(|d| d.rule.to_string()).as_deref(), Some("no-writes"));

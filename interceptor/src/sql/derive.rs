@@ -227,12 +227,18 @@ pub fn derive(stmt: &pb::Node) -> Derivation {
     let cols = match stmt.node.as_ref() {
         Some(N::SelectStmt(s)) => Some(d.select(s)),
         Some(N::InsertStmt(s)) => returning(&mut d, &s.returning_clause, s.relation.as_ref(), &[]),
-        Some(N::UpdateStmt(s)) => {
-            returning(&mut d, &s.returning_clause, s.relation.as_ref(), &s.from_clause)
-        }
-        Some(N::DeleteStmt(s)) => {
-            returning(&mut d, &s.returning_clause, s.relation.as_ref(), &s.using_clause)
-        }
+        Some(N::UpdateStmt(s)) => returning(
+            &mut d,
+            &s.returning_clause,
+            s.relation.as_ref(),
+            &s.from_clause,
+        ),
+        Some(N::DeleteStmt(s)) => returning(
+            &mut d,
+            &s.returning_clause,
+            s.relation.as_ref(),
+            &s.using_clause,
+        ),
         Some(N::MergeStmt(s)) => {
             let from: Vec<pb::Node> = s.source_relation.iter().map(|b| (**b).clone()).collect();
             returning(&mut d, &s.returning_clause, s.relation.as_ref(), &from)
@@ -240,7 +246,10 @@ pub fn derive(stmt: &pb::Node) -> Derivation {
         Some(N::CopyStmt(c)) if !c.is_from => {
             out.copy_out = Some(match (&c.relation, c.attlist.is_empty()) {
                 (Some(_), false) => Some(
-                    strings(&c.attlist).iter().map(|n| n.to_lowercase()).collect(),
+                    strings(&c.attlist)
+                        .iter()
+                        .map(|n| n.to_lowercase())
+                        .collect(),
                 ),
                 _ => None,
             });
@@ -362,8 +371,14 @@ impl Deriver<'_, '_> {
                 self.projection(&s.target_list, &s.from_clause)
             }
             _ => {
-                let l = s.larg.as_ref().map_or(Cols::Unknown(Sources::whole_row()), |l| self.select(l));
-                let r = s.rarg.as_ref().map_or(Cols::Unknown(Sources::whole_row()), |r| self.select(r));
+                let l = s
+                    .larg
+                    .as_ref()
+                    .map_or(Cols::Unknown(Sources::whole_row()), |l| self.select(l));
+                let r = s
+                    .rarg
+                    .as_ref()
+                    .map_or(Cols::Unknown(Sources::whole_row()), |r| self.select(r));
                 match (l, r) {
                     (Cols::Known(mut l), Cols::Known(r)) if l.len() == r.len() => {
                         for (a, b) in l.iter_mut().zip(&r) {
@@ -394,7 +409,9 @@ impl Deriver<'_, '_> {
             if let Some(qualifier) = star(val) {
                 let pieces = match qualifier {
                     None => from.iter().map(|f| self.item(f)).collect(),
-                    Some(q) => vec![self.find(from, &q).unwrap_or(Cols::Unknown(Sources::whole_row()))],
+                    Some(q) => vec![self
+                        .find(from, &q)
+                        .unwrap_or(Cols::Unknown(Sources::whole_row()))],
                 };
                 for p in pieces {
                     match p {
@@ -449,8 +466,14 @@ impl Deriver<'_, '_> {
                 _ => Cols::Unknown(Sources::whole_row()),
             },
             Some(N::JoinExpr(j)) => {
-                let l = j.larg.as_ref().map_or(Cols::Unknown(Sources::whole_row()), |n| self.item(n));
-                let r = j.rarg.as_ref().map_or(Cols::Unknown(Sources::whole_row()), |n| self.item(n));
+                let l = j
+                    .larg
+                    .as_ref()
+                    .map_or(Cols::Unknown(Sources::whole_row()), |n| self.item(n));
+                let r = j
+                    .rarg
+                    .as_ref()
+                    .map_or(Cols::Unknown(Sources::whole_row()), |n| self.item(n));
                 match (l, r) {
                     // USING and NATURAL merge columns: positions change.
                     (Cols::Known(mut l), Cols::Known(r))
@@ -601,7 +624,8 @@ impl<'t> Visitor<'t> for Names<'_, '_, '_> {
                 }
                 for c in &r.coldeflist {
                     if let Some(pb::node::Node::ColumnDef(cd)) = &c.node {
-                        d.aliases.push((cd.colname.to_lowercase(), Sources::whole_row()));
+                        d.aliases
+                            .push((cd.colname.to_lowercase(), Sources::whole_row()));
                     }
                 }
             }
@@ -652,7 +676,10 @@ impl<'t> Visitor<'t> for Mentions<'_> {
         match n {
             Ref::ColumnRef(c) => {
                 let parts = strings(&c.fields);
-                if c.fields.iter().any(|f| matches!(f.node, Some(pb::node::Node::AStar(_)))) {
+                if c.fields
+                    .iter()
+                    .any(|f| matches!(f.node, Some(pb::node::Node::AStar(_))))
+                {
                     self.found.whole_row = true;
                 }
                 if let [only] = parts[..] {

@@ -117,10 +117,16 @@ fn functions_are_read_only_when_known_free_of_side_effects() {
         ("SELECT brin_summarize_new_values('i')", Class::Write),
         ("SELECT pg_terminate_backend(1)", Class::Admin),
         ("SELECT pg_stat_reset()", Class::Admin),
-        ("SELECT binary_upgrade_set_next_pg_type_oid(1)", Class::Admin),
+        (
+            "SELECT binary_upgrade_set_next_pg_type_oid(1)",
+            Class::Admin,
+        ),
         // information_schema is not on the search path.
         ("SELECT _pg_expandarray(array[1])", Class::Unknown),
-        ("SELECT information_schema._pg_expandarray(array[1])", Class::Read),
+        (
+            "SELECT information_schema._pg_expandarray(array[1])",
+            Class::Read,
+        ),
         ("SELECT public.lower('x')", Class::Unknown),
         ("SELECT app.archive_all()", Class::Unknown),
         ("SELECT 1 + 2 * 3 || 'x'", Class::Read),
@@ -130,7 +136,10 @@ fn functions_are_read_only_when_known_free_of_side_effects() {
         assert_eq!(class(sql), want, "{sql}");
     }
     let c = classify("SELECT app.archive_all(), Lower(x), \"MyFunc\"(1) FROM t");
-    assert_eq!(&c.functions[..], ["\"MyFunc\"".replace('"', ""), "app.archive_all".into()]);
+    assert_eq!(
+        &c.functions[..],
+        ["\"MyFunc\"".replace('"', ""), "app.archive_all".into()]
+    );
     assert_eq!(c.vouched, (Class::Read, true));
     assert!(!c.tables_known);
 }
@@ -141,7 +150,10 @@ fn sql_in_literals_is_read_in_turn() {
     assert_eq!(c.class, Class::Write);
     assert_eq!(&c.tables[..], ["t"]);
     let c = classify("SELECT query_to_xml('select query_to_xml(''select 1 from s'', true, false, '''')', true, false, '')");
-    assert_eq!((c.class, &c.tables[..]), (Class::Read, &["s".to_owned()][..]));
+    assert_eq!(
+        (c.class, &c.tables[..]),
+        (Class::Read, &["s".to_owned()][..])
+    );
     let c = classify("SELECT query_to_xml($1, true, false, '')");
     assert_eq!(c.class, Class::Unknown);
     assert!(c.doubt.unwrap().contains("not a literal"));
@@ -159,7 +171,12 @@ fn names_are_resolved_as_the_server_resolves_them() {
     );
     assert_eq!(
         &c.tables[..],
-        ["\"a.b\".c", "Line Items", "billing.invoices", "public.orders"]
+        [
+            "\"a.b\".c",
+            "Line Items",
+            "billing.invoices",
+            "public.orders"
+        ]
     );
     assert_eq!(c.statements, 3);
     assert_eq!(
@@ -173,7 +190,10 @@ fn names_are_resolved_as_the_server_resolves_them() {
 #[test]
 fn prepared_statement_names_changed_by_sql_are_reported() {
     let f = classify("PREPARE s1 AS SELECT 1; DEALLOCATE s2").forgets;
-    assert_eq!((f.all, &f.names[..]), (false, &["s1".to_owned(), "s2".to_owned()][..]));
+    assert_eq!(
+        (f.all, &f.names[..]),
+        (false, &["s1".to_owned(), "s2".to_owned()][..])
+    );
     assert!(classify("DEALLOCATE ALL").forgets.all);
     assert!(classify("DISCARD ALL").forgets.all);
     assert!(!classify("DISCARD PLANS").forgets.all);
@@ -182,7 +202,10 @@ fn prepared_statement_names_changed_by_sql_are_reported() {
 #[test]
 fn commands_and_outlets() {
     let c = classify("DO $$ BEGIN RAISE NOTICE 'x'; END $$");
-    assert_eq!((&c.commands[..], &c.outlets[..]), (&["DO"][..], &["DO".to_owned()][..]));
+    assert_eq!(
+        (&c.commands[..], &c.outlets[..]),
+        (&["DO"][..], &["DO".to_owned()][..])
+    );
     let c = classify("SELECT pg_notify('c', card) FROM cards; COPY t TO STDOUT");
     assert_eq!(&c.commands[..], ["COPY", "SELECT"]);
     assert_eq!(&c.outlets[..], ["pg_notify"]);
@@ -320,7 +343,10 @@ fn classifications_that_read_literals_say_so() {
     let (mut kx, mut ky) = (String::new(), String::new());
     assert!(crate::redact::classification_key(x, &mut kx));
     assert!(crate::redact::classification_key(y, &mut ky));
-    assert_eq!(kx, ky, "the two share a key: only the flag keeps them apart");
+    assert_eq!(
+        kx, ky,
+        "the two share a key: only the flag keeps them apart"
+    );
     let (a, b) = (classify(x), classify(y));
     assert!(a.reads_literals && b.reads_literals);
     assert_ne!(a.class, b.class);
@@ -333,29 +359,101 @@ fn classifications_that_read_literals_say_so() {
 fn derivations_follow_renames() {
     // (sql, result column names, whether each comes from `card`)
     let cases: &[(&str, &[&str], &[bool])] = &[
-        ("select id, card from cards", &["id", "card"], &[false, true]),
+        (
+            "select id, card from cards",
+            &["id", "card"],
+            &[false, true],
+        ),
         ("select card as c from cards", &["c"], &[true]),
         ("select upper(card) from cards", &["upper"], &[true]),
-        ("select upper(x) from (select card as x from cards) s", &["upper"], &[true]),
+        (
+            "select upper(x) from (select card as x from cards) s",
+            &["upper"],
+            &[true],
+        ),
         ("select x from cards as t(i, x)", &["x"], &[true]),
         ("select t.x from cards t(i, x)", &["x"], &[true]),
-        ("select * from cards as t(i, x)", &["i", "x", "note"], &[true, true, false]),
-        ("select y from (select * from cards) s(i, y)", &["y"], &[true]),
-        ("with c(a, b) as (select * from cards) select b from c", &["b"], &[true]),
-        ("with c(a, b) as (select id, card from cards) select b, a from c", &["b", "a"], &[true, false]),
-        ("select * from (select upper(card) from cards) s, other", &["upper", "z"], &[true, true]),
-        ("select * from (select id, card as k from cards) s", &["id", "k"], &[false, true]),
-        ("select * from unnest(array(select card from cards))", &["unnest"], &[true]),
-        ("select u from unnest(array(select card from cards)) u", &["u"], &[true]),
-        ("select value from json_each(json_build_object('c', (select card from cards limit 1)))", &["value"], &[true]),
-        ("select id from cards union select card from cards", &["id"], &[true]),
-        ("values (1, (select card from cards limit 1))", &["column1", "column2"], &[false, true]),
-        ("select row_to_json(c) from cards c", &["row_to_json"], &[true]),
+        (
+            "select * from cards as t(i, x)",
+            &["i", "x", "note"],
+            &[true, true, false],
+        ),
+        (
+            "select y from (select * from cards) s(i, y)",
+            &["y"],
+            &[true],
+        ),
+        (
+            "with c(a, b) as (select * from cards) select b from c",
+            &["b"],
+            &[true],
+        ),
+        (
+            "with c(a, b) as (select id, card from cards) select b, a from c",
+            &["b", "a"],
+            &[true, false],
+        ),
+        (
+            "select * from (select upper(card) from cards) s, other",
+            &["upper", "z"],
+            &[true, true],
+        ),
+        (
+            "select * from (select id, card as k from cards) s",
+            &["id", "k"],
+            &[false, true],
+        ),
+        (
+            "select * from unnest(array(select card from cards))",
+            &["unnest"],
+            &[true],
+        ),
+        (
+            "select u from unnest(array(select card from cards)) u",
+            &["u"],
+            &[true],
+        ),
+        (
+            "select value from json_each(json_build_object('c', (select card from cards limit 1)))",
+            &["value"],
+            &[true],
+        ),
+        (
+            "select id from cards union select card from cards",
+            &["id"],
+            &[true],
+        ),
+        (
+            "values (1, (select card from cards limit 1))",
+            &["column1", "column2"],
+            &[false, true],
+        ),
+        (
+            "select row_to_json(c) from cards c",
+            &["row_to_json"],
+            &[true],
+        ),
         ("select to_jsonb(c.*) from cards c", &["to_jsonb"], &[true]),
-        ("select (select x from cards t(i, x) limit 1)", &["x"], &[true]),
-        ("select query_to_xml('select 1', true, false, '')", &["query_to_xml"], &[true]),
-        ("select count(*), max(id) from cards", &["count", "max"], &[false, false]),
-        ("insert into cards values (1) returning card as k", &["k"], &[true]),
+        (
+            "select (select x from cards t(i, x) limit 1)",
+            &["x"],
+            &[true],
+        ),
+        (
+            "select query_to_xml('select 1', true, false, '')",
+            &["query_to_xml"],
+            &[true],
+        ),
+        (
+            "select count(*), max(id) from cards",
+            &["count", "max"],
+            &[false, false],
+        ),
+        (
+            "insert into cards values (1) returning card as k",
+            &["k"],
+            &[true],
+        ),
     ];
     for (sql, names, want) in cases {
         let c = classify(sql);
