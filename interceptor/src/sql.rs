@@ -405,14 +405,8 @@ impl Classifier {
                 self.raise(c);
                 self.outlets.insert(name.to_owned());
             }
-            Effect::RunsSql(arg) => {
-                self.reads_literals = true;
-                self.runs_sql(name, args.get(arg));
-            }
-            Effect::ReadsTable(arg) => {
-                self.reads_literals = true;
-                self.reads_table(name, args.get(arg));
-            }
+            Effect::RunsSql(arg) => self.runs_sql(name, args.get(arg)),
+            Effect::ReadsTable(arg) => self.reads_table(name, args.get(arg)),
             Effect::Unknown(why) => self.doubt(format!("{name}: {why}")),
         }
     }
@@ -420,6 +414,7 @@ impl Classifier {
     /// A function that runs the SQL in argument `arg`: read, and classified
     /// in turn, when it is a literal.
     fn runs_sql(&mut self, function: &str, arg: Option<&pb::Node>) {
+        self.reads_literals = true;
         let Some(text) = arg.and_then(literal) else {
             return self.doubt(format!(
                 "{function} runs SQL that is not a literal, which no parser can see"
@@ -437,6 +432,7 @@ impl Classifier {
 
     /// A function that reads the table named in argument `arg`.
     fn reads_table(&mut self, function: &str, arg: Option<&pb::Node>) {
+        self.reads_literals = true;
         let name = arg.and_then(literal).and_then(|t| {
             // A regclass literal reads as a (possibly qualified) name.
             let tree = parse(&format!("TABLE {t}"), Dialect::default()).ok()?;
@@ -485,12 +481,12 @@ impl Classifier {
         if !op.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)) {
             return;
         }
-        let schema = qualifier.last().copied().unwrap_or("pg_catalog");
-        if schema != "pg_catalog" || functions::OPERATORS.binary_search(&op).is_err() {
-            self.functions.insert(format!(
-                "operator({})",
-                qualified(&[qualifier.last().copied().unwrap_or(""), op])
-            ));
+        let schema = qualifier.last().copied();
+        if schema.is_some_and(|s| s != "pg_catalog")
+            || functions::OPERATORS.binary_search(&op).is_err()
+        {
+            let written = qualified(&[schema.unwrap_or(""), op]);
+            self.functions.insert(format!("operator({written})"));
         }
     }
 }
@@ -501,9 +497,13 @@ impl<'t> Visitor<'t> for Classifier {
         if let Some(c) = command(n) {
             self.commands.insert(c);
         }
+        let kind = n.name();
+        if kind.ends_with("Stmt") && kind != "RawStmt" {
+            self.statement(kind);
+        }
+        // What a kind's class does not say on its own.
         match n {
             Ref::SelectStmt(s) => {
-                self.statement("SelectStmt");
                 if s.into_clause.is_some() {
                     // SELECT … INTO creates a table.
                     self.raise(Class::Ddl);
@@ -525,7 +525,6 @@ impl<'t> Visitor<'t> for Classifier {
                 }
             }
             Ref::VariableSetStmt(s) => {
-                self.statement("VariableSetStmt");
                 let kind = pb::VariableSetKind::try_from(s.kind).unwrap_or_default();
                 let name = s.name.to_ascii_lowercase();
                 if kind == pb::VariableSetKind::VarResetAll
@@ -535,7 +534,6 @@ impl<'t> Visitor<'t> for Classifier {
                 }
             }
             Ref::CopyStmt(c) => {
-                self.statement("CopyStmt");
                 self.raise(if c.is_program || !c.filename.is_empty() {
                     Class::Admin
                 } else if c.is_from {
@@ -545,7 +543,6 @@ impl<'t> Visitor<'t> for Classifier {
                 });
             }
             Ref::TransactionStmt(t) => {
-                self.statement("TransactionStmt");
                 use pb::TransactionStmtKind as K;
                 if matches!(
                     K::try_from(t.kind),
@@ -569,17 +566,19 @@ impl<'t> Visitor<'t> for Classifier {
                         | O::ObjectSequence
                         | O::ObjectForeignTable
                 );
-                self.raise(match kind {
+                if matches!(
+                    kind,
                     O::ObjectExtension
-                    | O::ObjectFdw
-                    | O::ObjectForeignServer
-                    | O::ObjectEventTrigger
-                    | O::ObjectAccessMethod
-                    | O::ObjectLanguage
-                    | O::ObjectPublication
-                    | O::ObjectUserMapping => Class::Admin,
-                    _ => Class::Ddl,
-                });
+                        | O::ObjectFdw
+                        | O::ObjectForeignServer
+                        | O::ObjectEventTrigger
+                        | O::ObjectAccessMethod
+                        | O::ObjectLanguage
+                        | O::ObjectPublication
+                        | O::ObjectUserMapping
+                ) {
+                    self.raise(Class::Admin);
+                }
                 if relations {
                     for o in &d.objects {
                         if let Some(pb::node::Node::List(l)) = &o.node {
@@ -597,33 +596,24 @@ impl<'t> Visitor<'t> for Classifier {
                 }
             }
             Ref::PrepareStmt(p) => {
-                self.statement("PrepareStmt");
                 self.forgets.names.push(p.name.clone());
             }
             Ref::DeallocateStmt(d) => {
-                self.statement("DeallocateStmt");
                 if d.isall || d.name.is_empty() {
                     self.forgets.all = true;
                 } else {
                     self.forgets.names.push(d.name.clone());
                 }
             }
-            Ref::DiscardStmt(d) => {
-                self.statement("DiscardStmt");
-                if pb::DiscardMode::try_from(d.target) == Ok(pb::DiscardMode::DiscardAll) {
-                    self.forgets.all = true;
-                }
+            Ref::DiscardStmt(d)
+                if pb::DiscardMode::try_from(d.target) == Ok(pb::DiscardMode::DiscardAll) =>
+            {
+                self.forgets.all = true;
             }
             Ref::DoStmt(_) => {
-                self.statement("DoStmt");
                 self.outlets.insert("DO".to_owned());
             }
-            other => {
-                let kind = other.name();
-                if kind.ends_with("Stmt") && kind != "RawStmt" {
-                    self.statement(kind);
-                }
-            }
+            _ => {}
         }
         true
     }

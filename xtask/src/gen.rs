@@ -123,6 +123,16 @@ fn walk() -> Result<()> {
     for (variant, ty) in &variants {
         writeln!(out, "        N::{variant}(x) => {ty}(x, v),")?;
     }
+    writeln!(
+        out,
+        "    }}\n}}\n\n\
+         /// Visits the node `n` refers to and everything under it.\n\
+         pub fn visit<'a>(n: Ref<'a>, v: &mut dyn Visitor<'a>) {{\n    \
+             match n {{"
+    )?;
+    for name in structs.keys() {
+        writeln!(out, "        Ref::{name}(x) => {name}(x, v),")?;
+    }
     writeln!(out, "    }}\n}}")?;
     for (name, fields) in &structs {
         writeln!(

@@ -129,6 +129,14 @@ enum Cols {
 }
 
 impl Cols {
+    /// The columns of two sources that cannot be placed side by side:
+    /// not known one by one, coming from everything either comes from.
+    fn or(self, other: Cols) -> Cols {
+        let mut s = self.all();
+        s.add(&other.all());
+        Cols::Unknown(s)
+    }
+
     /// Everything these columns come from.
     fn all(&self) -> Sources {
         match self {
@@ -239,10 +247,14 @@ pub fn derive(stmt: &pb::Node) -> Derivation {
             s.relation.as_ref(),
             &s.using_clause,
         ),
-        Some(N::MergeStmt(s)) => {
-            let from: Vec<pb::Node> = s.source_relation.iter().map(|b| (**b).clone()).collect();
-            returning(&mut d, &s.returning_clause, s.relation.as_ref(), &from)
-        }
+        Some(N::MergeStmt(s)) => returning(
+            &mut d,
+            &s.returning_clause,
+            s.relation.as_ref(),
+            s.source_relation
+                .as_deref()
+                .map_or(&[][..], std::slice::from_ref),
+        ),
         Some(N::CopyStmt(c)) if !c.is_from => {
             out.copy_out = Some(match (&c.relation, c.attlist.is_empty()) {
                 (Some(_), false) => Some(
@@ -318,13 +330,11 @@ fn returning(
     from: &[pb::Node],
 ) -> Option<Cols> {
     let clause = clause.as_ref()?;
-    let mut items: Vec<pb::Node> = relation
-        .map(|rv| pb::Node {
-            node: Some(pb::node::Node::RangeVar(rv.clone())),
-        })
-        .into_iter()
-        .collect();
-    items.extend(from.iter().cloned());
+    // The target table is a FROM item of its own (a small node to copy).
+    let target = relation.map(|rv| pb::Node {
+        node: Some(pb::node::Node::RangeVar(rv.clone())),
+    });
+    let items: Vec<&pb::Node> = target.iter().chain(from).collect();
     Some(d.projection(&clause.exprs, &items))
 }
 
@@ -340,12 +350,23 @@ struct Deriver<'r, 'a> {
 impl Deriver<'_, '_> {
     /// What expression `n` is computed from.
     fn sources(&self, n: &pb::Node) -> Sources {
-        let mut m = Mentions {
-            relations: &self.rel.names,
-            found: Sources::default(),
-        };
+        let mut m = self.mentions();
         walk::node(n, &mut m);
         m.found
+    }
+
+    /// [`Self::sources`] of any node.
+    fn sources_of(&self, n: Ref<'_>) -> Sources {
+        let mut m = self.mentions();
+        walk::visit(n, &mut m);
+        m.found
+    }
+
+    fn mentions(&self) -> Mentions<'_> {
+        Mentions {
+            relations: &self.rel.names,
+            found: Sources::default(),
+        }
     }
 
     fn select(&mut self, s: &pb::SelectStmt) -> Cols {
@@ -368,18 +389,15 @@ impl Deriver<'_, '_> {
                     }
                     return Cols::Known(cols);
                 }
-                self.projection(&s.target_list, &s.from_clause)
+                let from: Vec<&pb::Node> = s.from_clause.iter().collect();
+                self.projection(&s.target_list, &from)
             }
             _ => {
-                let l = s
-                    .larg
-                    .as_ref()
-                    .map_or(Cols::Unknown(Sources::whole_row()), |l| self.select(l));
-                let r = s
-                    .rarg
-                    .as_ref()
-                    .map_or(Cols::Unknown(Sources::whole_row()), |r| self.select(r));
-                match (l, r) {
+                let side = |d: &mut Self, s: &Option<Box<pb::SelectStmt>>| match s {
+                    Some(s) => d.select(s),
+                    None => Cols::Unknown(Sources::whole_row()),
+                };
+                match (side(self, &s.larg), side(self, &s.rarg)) {
                     (Cols::Known(mut l), Cols::Known(r)) if l.len() == r.len() => {
                         for (a, b) in l.iter_mut().zip(&r) {
                             a.0.add(&b.0);
@@ -387,18 +405,14 @@ impl Deriver<'_, '_> {
                         }
                         Cols::Known(l)
                     }
-                    (l, r) => {
-                        let mut s = l.all();
-                        s.add(&r.all());
-                        Cols::Unknown(s)
-                    }
+                    (l, r) => l.or(r),
                 }
             }
         }
     }
 
     /// The columns of a select list (or RETURNING) over `from`.
-    fn projection(&mut self, targets: &[pb::Node], from: &[pb::Node]) -> Cols {
+    fn projection(&mut self, targets: &[pb::Node], from: &[&pb::Node]) -> Cols {
         let mut cols: Vec<(Sources, bool)> = Vec::new();
         let mut unknown: Option<Sources> = None;
         for t in targets {
@@ -442,39 +456,14 @@ impl Deriver<'_, '_> {
     fn item(&mut self, f: &pb::Node) -> Cols {
         use pb::node::Node as N;
         match f.node.as_ref() {
-            Some(N::RangeVar(rv)) => {
-                let name = rv.relname.to_lowercase();
-                match self.rel.ctes.get(&name).copied() {
-                    Some((_, q)) if rv.schemaname.is_empty() => {
-                        if !self.computing.insert(name.clone()) {
-                            // A recursive CTE's own name.
-                            return Cols::Unknown(Sources::whole_row());
-                        }
-                        let cols = match q.node.as_ref() {
-                            Some(N::SelectStmt(s)) => self.select(s),
-                            _ => Cols::Unknown(self.sources(q)),
-                        };
-                        self.computing.remove(&name);
-                        cols
-                    }
-                    // A table: its columns keep their own names.
-                    _ => Cols::Unknown(Sources::default()),
-                }
-            }
-            Some(N::RangeSubselect(r)) => match r.subquery.as_ref().and_then(|q| q.node.as_ref()) {
-                Some(N::SelectStmt(s)) => self.select(s),
-                _ => Cols::Unknown(Sources::whole_row()),
-            },
+            Some(N::RangeVar(rv)) => self.range_var(rv),
+            Some(N::RangeSubselect(r)) => self.subselect(r),
             Some(N::JoinExpr(j)) => {
-                let l = j
-                    .larg
-                    .as_ref()
-                    .map_or(Cols::Unknown(Sources::whole_row()), |n| self.item(n));
-                let r = j
-                    .rarg
-                    .as_ref()
-                    .map_or(Cols::Unknown(Sources::whole_row()), |n| self.item(n));
-                match (l, r) {
+                let side = |d: &mut Self, n: &Option<Box<pb::Node>>| match n {
+                    Some(n) => d.item(n),
+                    None => Cols::Unknown(Sources::whole_row()),
+                };
+                match (side(self, &j.larg), side(self, &j.rarg)) {
                     // USING and NATURAL merge columns: positions change.
                     (Cols::Known(mut l), Cols::Known(r))
                         if j.using_clause.is_empty() && !j.is_natural =>
@@ -482,11 +471,7 @@ impl Deriver<'_, '_> {
                         l.extend(r);
                         Cols::Known(l)
                     }
-                    (l, r) => {
-                        let mut s = l.all();
-                        s.add(&r.all());
-                        Cols::Unknown(s)
-                    }
+                    (l, r) => l.or(r),
                 }
             }
             // Functions, XMLTABLE, JSON_TABLE, TABLESAMPLE: computed from
@@ -496,8 +481,38 @@ impl Deriver<'_, '_> {
         }
     }
 
+    /// The columns of a table or CTE named in `FROM`.
+    fn range_var(&mut self, rv: &pb::RangeVar) -> Cols {
+        let name = rv.relname.to_lowercase();
+        let Some((_, q)) = self.rel.ctes.get(&name).copied() else {
+            // A table: its columns keep their own names.
+            return Cols::Unknown(Sources::default());
+        };
+        if !rv.schemaname.is_empty() {
+            return Cols::Unknown(Sources::default());
+        }
+        if !self.computing.insert(name.clone()) {
+            // A recursive CTE's own name.
+            return Cols::Unknown(Sources::whole_row());
+        }
+        let cols = match q.node.as_ref() {
+            Some(pb::node::Node::SelectStmt(s)) => self.select(s),
+            _ => Cols::Unknown(self.sources(q)),
+        };
+        self.computing.remove(&name);
+        cols
+    }
+
+    /// The columns of a subquery in `FROM`.
+    fn subselect(&mut self, r: &pb::RangeSubselect) -> Cols {
+        match r.subquery.as_ref().and_then(|q| q.node.as_ref()) {
+            Some(pb::node::Node::SelectStmt(s)) => self.select(s),
+            _ => Cols::Unknown(Sources::whole_row()),
+        }
+    }
+
     /// The columns of the `FROM` item called `name` (`t` of `t.*`).
-    fn find(&mut self, from: &[pb::Node], name: &str) -> Option<Cols> {
+    fn find(&mut self, from: &[&pb::Node], name: &str) -> Option<Cols> {
         use pb::node::Node as N;
         let called = |alias: &Option<pb::Alias>, own: Option<&str>| match alias {
             Some(a) => a.aliasname.eq_ignore_ascii_case(name),
@@ -515,10 +530,10 @@ impl Deriver<'_, '_> {
                     if called(&j.alias, None) {
                         true
                     } else {
-                        let inner: Vec<pb::Node> = [&j.larg, &j.rarg]
+                        let inner: Vec<&pb::Node> = [&j.larg, &j.rarg]
                             .into_iter()
                             .flatten()
-                            .map(|b| (**b).clone())
+                            .map(|b| &**b)
                             .collect();
                         if let Some(c) = self.find(&inner, name) {
                             return Some(c);
@@ -533,6 +548,19 @@ impl Deriver<'_, '_> {
             }
         }
         None
+    }
+
+    /// `expr AS name` in a select list or RETURNING: what each name
+    /// stands for.
+    fn target_aliases(&mut self, targets: &[pb::Node]) {
+        for t in targets {
+            if let Some(pb::node::Node::ResTarget(rt)) = &t.node {
+                if let (false, Some(val)) = (rt.name.is_empty(), &rt.val) {
+                    let s = self.sources(val);
+                    self.aliases.push((rt.name.to_lowercase(), s));
+                }
+            }
+        }
     }
 
     /// `name1, name2, …` over `cols`: each listed name stands for the
@@ -569,32 +597,11 @@ impl<'t> Visitor<'t> for Names<'_, '_, '_> {
     fn enter(&mut self, n: Ref<'t>) -> bool {
         let d = &mut *self.0;
         match n {
-            Ref::SelectStmt(s) => {
-                for t in &s.target_list {
-                    if let Some(pb::node::Node::ResTarget(rt)) = &t.node {
-                        if let (false, Some(val)) = (rt.name.is_empty(), &rt.val) {
-                            let s = d.sources(val);
-                            d.aliases.push((rt.name.to_lowercase(), s));
-                        }
-                    }
-                }
-            }
-            Ref::ReturningClause(r) => {
-                for t in &r.exprs {
-                    if let Some(pb::node::Node::ResTarget(rt)) = &t.node {
-                        if let (false, Some(val)) = (rt.name.is_empty(), &rt.val) {
-                            let s = d.sources(val);
-                            d.aliases.push((rt.name.to_lowercase(), s));
-                        }
-                    }
-                }
-            }
+            Ref::SelectStmt(s) => d.target_aliases(&s.target_list),
+            Ref::ReturningClause(r) => d.target_aliases(&r.exprs),
             Ref::RangeSubselect(r) => {
                 if let Some(a) = r.alias.as_ref().filter(|a| !a.colnames.is_empty()) {
-                    let node = pb::Node {
-                        node: Some(pb::node::Node::RangeSubselect(Box::new(r.clone()))),
-                    };
-                    let cols = d.item(&node);
+                    let cols = d.subselect(r);
                     d.column_list(&a.colnames, &cols);
                 }
             }
@@ -607,10 +614,7 @@ impl<'t> Visitor<'t> for Names<'_, '_, '_> {
             }
             Ref::RangeVar(rv) => {
                 if let Some(a) = rv.alias.as_ref().filter(|a| !a.colnames.is_empty()) {
-                    let node = pb::Node {
-                        node: Some(pb::node::Node::RangeVar(rv.clone())),
-                    };
-                    let cols = d.item(&node);
+                    let cols = d.range_var(rv);
                     d.column_list(&a.colnames, &cols);
                 }
             }
@@ -630,15 +634,7 @@ impl<'t> Visitor<'t> for Names<'_, '_, '_> {
                 }
             }
             Ref::RangeTableFunc(_) | Ref::JsonTable(_) | Ref::RangeTableSample(_) => {
-                let node = match n {
-                    Ref::RangeTableFunc(r) => pb::node::Node::RangeTableFunc(Box::new(r.clone())),
-                    Ref::JsonTable(r) => pb::node::Node::JsonTable(Box::new(r.clone())),
-                    Ref::RangeTableSample(r) => {
-                        pb::node::Node::RangeTableSample(Box::new(r.clone()))
-                    }
-                    _ => unreachable!(),
-                };
-                let s = d.sources(&pb::Node { node: Some(node) });
+                let s = d.sources_of(n);
                 d.everywhere.add(&s);
             }
             Ref::JoinExpr(j) => {
