@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Layout version of the pinned maps below; the agent stores it beside its pins.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `AF_INET` as the kernel reports it in `bpf_sock_addr` / `bpf_sock_ops`.
 pub const AF_INET: u16 = 2;
@@ -20,7 +20,13 @@ pub mod map_names {
     pub const TARGETS: &str = "ICPT_TARGETS";
     pub const SOCK_META: &str = "ICPT_SOCK_META";
     pub const CONN_META: &str = "ICPT_CONN_META";
+    pub const ACCEPTED: &str = "ICPT_ACCEPTED";
+    pub const LISTENERS: &str = "ICPT_LISTENERS";
 }
+
+/// Slots of the agent's listeners in `ICPT_LISTENERS`.
+pub const LISTENER_V4: u32 = 0;
+pub const LISTENER_V6: u32 = 1;
 
 /// Names of the programs in the object.
 pub mod program_names {
@@ -29,6 +35,7 @@ pub mod program_names {
     pub const GETPEERNAME4: &str = "icpt_getpeername4";
     pub const GETPEERNAME6: &str = "icpt_getpeername6";
     pub const SOCK_OPS: &str = "icpt_sock_ops";
+    pub const SK_LOOKUP: &str = "icpt_sk_lookup";
 }
 
 /// Agent settings the programs read on every connect (single-entry array).

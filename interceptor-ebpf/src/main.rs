@@ -7,6 +7,15 @@
 //! accepted socket; `getpeername4`/`getpeername6` show the application the
 //! peer it asked for. None of these programs may ever let an intercepted
 //! connect go direct: when in doubt they refuse it.
+//!
+//! The proxy address is steered, not merely bound: `sk_lookup` hands every
+//! connection for it to the agent's listener in `ICPT_LISTENERS`, and refuses
+//! it when there is none, so no other process can answer for the agent, even
+//! one bound to that address while the agent is down. The metadata of a
+//! connection lives as long as its socket: the client socket's close removes
+//! its 4-tuple entry, and once the agent's side of the connection exists
+//! (`PASSIVE_ESTABLISHED`) the entry moves to that socket's cookie, which the
+//! kernel never reuses.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -19,22 +28,24 @@ fn main() {
 mod programs {
     use aya_ebpf::{
         bindings::{
-            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-            BPF_TCP_CLOSE,
+            sk_action::{SK_DROP, SK_PASS},
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
         },
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
             bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
             bpf_ktime_get_boot_ns,
         },
-        macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap},
-        programs::{SockAddrContext, SockOpsContext},
+        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, SockMap},
+        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
         EbpfContext,
     };
     use aya_log_ebpf::{debug, warn};
     use interceptor_ebpf::{
-        ConnMeta, ProxyConfig, SockKey, TargetKey, AF_INET, AF_INET6, TARGET_PORT_BITS,
+        ConnMeta, ProxyConfig, SockKey, TargetKey, AF_INET, AF_INET6, LISTENER_V4, LISTENER_V6,
+        TARGET_PORT_BITS,
     };
 
     /// Verdicts of cgroup sock_addr programs.
@@ -57,9 +68,22 @@ mod programs {
     #[map(name = "ICPT_SOCK_META")]
     static SOCK_META: LruHashMap<u64, ConnMeta> = LruHashMap::pinned(META_ENTRIES, 0);
 
-    /// 4-tuple -> metadata, taken (looked up and deleted) by the proxy on accept.
+    /// 4-tuple -> metadata, from the client's connect until the agent's side
+    /// of the connection exists (then moved to `ACCEPTED`) or the client
+    /// socket closes (then removed).
     #[map(name = "ICPT_CONN_META")]
     static CONN_META: LruHashMap<SockKey, ConnMeta> = LruHashMap::pinned(META_ENTRIES, 0);
+
+    /// Cookie of the agent's accepted socket -> metadata, taken (looked up and
+    /// deleted) by the proxy on accept. Cookies are never reused, so an entry
+    /// left by a dead agent can never describe another connection.
+    #[map(name = "ICPT_ACCEPTED")]
+    static ACCEPTED: LruHashMap<u64, ConnMeta> = LruHashMap::pinned(META_ENTRIES, 0);
+
+    /// The agent's proxy listeners (`LISTENER_V4`, `LISTENER_V6`); a closed
+    /// listener leaves the map by itself.
+    #[map(name = "ICPT_LISTENERS")]
+    static LISTENERS: SockMap = SockMap::pinned(2, 0);
 
     /// The agent's own connects: its process id *and* its cgroup, so a
     /// workload process that reuses a dead agent's pid is still intercepted.
@@ -332,6 +356,51 @@ mod programs {
         }
     }
 
+    /// The [`SockKey`] of the connection of a sock_ops socket: `client_side`
+    /// for the application's socket (its local end is the source), otherwise
+    /// the agent's accepted socket (its remote end is the source).
+    #[inline(always)]
+    fn conn_key(ctx: &SockOpsContext, client_side: bool) -> SockKey {
+        let family = ctx.family();
+        let local = key_addr(family, ctx.local_ip4(), ctx.local_ip6());
+        let remote = key_addr(family, ctx.remote_ip4(), ctx.remote_ip6());
+        let v4 = family == AF_INET as u32 || is_v4_mapped(&ctx.local_ip6());
+        let local_port = ctx.local_port() as u16;
+        // remote_port holds the network-order port in its upper 16 bits (on
+        // little-endian), so a 32-bit byte swap yields the port.
+        let remote_port = u32::from_be(ctx.remote_port()) as u16;
+        let family = if v4 { AF_INET as u32 } else { AF_INET6 as u32 };
+        if client_side {
+            SockKey {
+                src_ip: local,
+                dst_ip: remote,
+                src_port: local_port,
+                dst_port: remote_port,
+                family,
+            }
+        } else {
+            SockKey {
+                src_ip: remote,
+                dst_ip: local,
+                src_port: remote_port,
+                dst_port: local_port,
+                family,
+            }
+        }
+    }
+
+    /// Whether a (normalised) destination is the proxy address.
+    #[inline(always)]
+    fn is_proxy(cfg: &ProxyConfig, key: &SockKey) -> bool {
+        key.dst_port == cfg.proxy_port
+            && cfg.proxy_port != 0
+            && if key.family == AF_INET as u32 {
+                key.dst_ip[0] == cfg.proxy_ip4
+            } else {
+                key.dst_ip == cfg.proxy_ip6
+            }
+    }
+
     #[sock_ops]
     pub fn icpt_sock_ops(ctx: SockOpsContext) -> u32 {
         let op = ctx.op();
@@ -342,28 +411,62 @@ mod programs {
             let Some(meta) = (unsafe { SOCK_META.get(&cookie) }) else {
                 return 1;
             };
-            let family = ctx.family();
-            let src = key_addr(family, ctx.local_ip4(), ctx.local_ip6());
-            let dst = key_addr(family, ctx.remote_ip4(), ctx.remote_ip6());
-            let v4 = family == AF_INET as u32 || is_v4_mapped(&ctx.local_ip6());
-            let key = SockKey {
-                src_ip: src,
-                dst_ip: dst,
-                src_port: ctx.local_port() as u16,
-                // remote_port holds the network-order port in its upper 16 bits
-                // (on little-endian), so a 32-bit byte swap yields the port.
-                dst_port: u32::from_be(ctx.remote_port()) as u16,
-                family: if v4 { AF_INET as u32 } else { AF_INET6 as u32 },
-            };
+            let key = conn_key(&ctx, true);
             if CONN_META.insert(&key, meta, 0).is_err() {
                 warn!(&ctx, "connection metadata map insert failed");
             }
-            // Ask for state changes so the cookie entry goes when the socket closes.
+            // Ask for state changes so the entries go when the socket closes.
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+            // The agent's side of a connection to the proxy address now
+            // exists: its metadata moves to this socket's cookie.
+            let Some(cfg) = CONFIG.get(0) else {
+                return 1;
+            };
+            let key = conn_key(&ctx, false);
+            if !is_proxy(cfg, &key) {
+                return 1;
+            }
+            // SAFETY: entries are written whole and never mutated in place.
+            if let Some(meta) = unsafe { CONN_META.get(&key) } {
+                if ACCEPTED.insert(&cookie, meta, 0).is_err() {
+                    warn!(&ctx, "accepted-connection metadata map insert failed");
+                }
+                let _ = CONN_META.remove(&key);
+            }
         } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
             let _ = SOCK_META.remove(&cookie);
+            let _ = CONN_META.remove(&conn_key(&ctx, true));
         }
         1
+    }
+
+    /// Steers connections for the proxy address to the agent's listener, or
+    /// refuses them when the agent has none: whoever else is bound there
+    /// never sees a redirected connect.
+    #[sk_lookup]
+    pub fn icpt_sk_lookup(ctx: SkLookupContext) -> u32 {
+        let Some(cfg) = CONFIG.get(0) else {
+            return SK_PASS;
+        };
+        let l = ctx.lookup;
+        // SAFETY: the kernel hands us a valid bpf_sk_lookup for the program's run.
+        let (family, protocol, port) = unsafe { ((*l).family, (*l).protocol, (*l).local_port) };
+        if protocol != IPPROTO_TCP || port != u32::from(cfg.proxy_port) || cfg.proxy_port == 0 {
+            return SK_PASS;
+        }
+        // SAFETY: as above; the address fields of the packet's family are valid.
+        let slot = if family == AF_INET as u32 && unsafe { (*l).local_ip4 } == cfg.proxy_ip4 {
+            LISTENER_V4
+        } else if family == AF_INET6 as u32 && unsafe { (*l).local_ip6 } == cfg.proxy_ip6 {
+            LISTENER_V6
+        } else {
+            return SK_PASS;
+        };
+        match LISTENERS.redirect_sk_lookup(&ctx, slot, 0) {
+            Ok(()) => SK_PASS,
+            Err(_) => SK_DROP,
+        }
     }
 
     /// GPL-compatible licence string the kernel checks for helper access.

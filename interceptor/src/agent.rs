@@ -41,14 +41,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    // Session records are evidence: readable by root (and the agent's user) only.
-    std::fs::set_permissions(
-        &data_dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .with_context(|| format!("restricting data directory {}", data_dir.display()))?;
+    own_data_dir(&data_dir)?;
     let store = Arc::new(SledStore::open(&data_dir)?);
     let orphans = store.close_orphans()?;
     if orphans > 0 {
@@ -65,8 +58,12 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         .build()
         .context("building the control runtime")?;
     // Listen before attaching, so a redirected connect always finds us.
-    let listeners = rt.block_on(proxy::bind(config.agent.proxy_port))?;
-    let (redirect, logger) = Redirect::start(&config, &workloads)?;
+    let listeners = rt.block_on(proxy::bind())?;
+    let listening: Vec<_> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let (redirect, logger) = Redirect::start(&config, &workloads, &listeners)?;
     let redirect = Arc::new(redirect);
     info!(
         attached = redirect.attached,
@@ -93,6 +90,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         recorder,
         ids: Arc::new(SessionIds::default()),
         masker: Arc::new(masker(&config)?),
+        listening,
     });
     let policy = proxy.policy.clone();
     let threads = config.agent.worker_threads();
@@ -127,6 +125,49 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     let orphans = store.close_orphans()?;
     info!(interrupted = orphans, "agent stopped");
     let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+/// Creates the data directory (0700), or checks one that exists: it must be
+/// a directory of the agent's own user, not a symlink; one whose mode lets
+/// others in is narrowed to 0700, and the log says so. Session records are
+/// evidence: a directory another user owns could hold whatever they put there.
+fn own_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating data directory {}", dir.display()));
+        }
+        Err(e) => return Err(e).with_context(|| format!("data directory {}", dir.display())),
+        Ok(meta) => {
+            let me = nix::unistd::geteuid().as_raw();
+            anyhow::ensure!(
+                meta.is_dir(),
+                "data directory {} is not a directory (a symlink or file is refused); remove it or choose another agent.data_dir",
+                dir.display()
+            );
+            anyhow::ensure!(
+                meta.uid() == me,
+                "refusing data directory {}: it belongs to uid {}, not to the agent's user (uid {me}), so another user may have put files in it; remove it and let the agent create it, or check its contents and `chown -R {me} {}`",
+                dir.display(),
+                meta.uid(),
+                dir.display()
+            );
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("restricting data directory {}", dir.display()))?;
+                tracing::warn!(
+                    data_dir = %dir.display(),
+                    "data directory had mode {mode:o}; narrowed to 700 (records are evidence: root only)"
+                );
+            }
+        }
+    }
     Ok(())
 }
 

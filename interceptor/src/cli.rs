@@ -9,7 +9,7 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use clap::{Parser, Subcommand};
 
 use crate::{
@@ -69,6 +69,11 @@ pub enum Command {
         /// Run even if the agent has not attached to this workload (traffic is then NOT intercepted).
         #[arg(long)]
         allow_unattached: bool,
+        /// Pass on these inherited descriptors (e.g. `3,4`) besides stdin,
+        /// stdout and stderr; every other one is closed. A socket among them
+        /// keeps the cgroup it was created in: its connects are NOT intercepted.
+        #[arg(long, value_delimiter = ',', value_name = "FD,…")]
+        keep_fds: Vec<i32>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -206,8 +211,15 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             config,
             workload,
             allow_unattached,
+            keep_fds,
             command,
-        } => exec(&config.config, &workload, allow_unattached, &command),
+        } => exec(
+            &config.config,
+            &workload,
+            allow_unattached,
+            &keep_fds,
+            &command,
+        ),
         Command::Sessions { command } => {
             output_to_pipes();
             sessions(command)
@@ -338,10 +350,16 @@ fn explain(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs `command` in `workload`'s cgroup. The process enters the cgroup
+/// before it does anything else that could make a socket, and the command
+/// inherits no descriptor but stdio and `keep_fds`: a socket made outside
+/// the cgroup would connect without interception (cgroup hooks follow the
+/// socket's cgroup, not its user's).
 fn exec(
     config: &Path,
     workload: &str,
     allow_unattached: bool,
+    keep_fds: &[i32],
     command: &[String],
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(config)?;
@@ -368,6 +386,11 @@ fn exec(
         );
     }
     cgroup::enter(&dir, std::process::id())?;
+    for fd in close_inherited(keep_fds)? {
+        eprintln!(
+            "warning: descriptor {fd} passed on with --keep-fds is a socket made outside workload `{workload}`: its connects are not intercepted"
+        );
+    }
     let err = std::process::Command::new(&command[0])
         .args(&command[1..])
         .exec();
@@ -379,6 +402,40 @@ fn exec(
             126
         },
     ))
+}
+
+/// Marks every open descriptor above stderr close-on-exec, except `keep`
+/// (made inheritable); returns those of `keep` that are sockets.
+fn close_inherited(keep: &[i32]) -> anyhow::Result<Vec<i32>> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .context("listing /proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for &fd in keep {
+        ensure!(
+            open.contains(&fd),
+            "--keep-fds: descriptor {fd} is not open"
+        );
+    }
+    let mut sockets = Vec::new();
+    for fd in open.into_iter().filter(|&fd| fd > 2) {
+        // The directory listing's own descriptor is closed by now: EBADF.
+        let Ok(bits) = fcntl(fd, FcntlArg::F_GETFD) else {
+            continue;
+        };
+        let mut flags = FdFlag::from_bits_truncate(bits);
+        let kept = keep.contains(&fd);
+        flags.set(FdFlag::FD_CLOEXEC, !kept);
+        fcntl(fd, FcntlArg::F_SETFD(flags)).with_context(|| format!("descriptor {fd}"))?;
+        if kept
+            && nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+        {
+            sockets.push(fd);
+        }
+    }
+    Ok(sockets)
 }
 
 /// Fetches from the running agent, or from the store when none answers.

@@ -1,6 +1,11 @@
 //! The proxy: accepts redirected connections on loopback, finds who made each
 //! one and where it was going, asks policy, and relays bytes both ways.
 //!
+//! Its listeners bind ephemeral loopback ports; connections for the proxy
+//! address (`agent.proxy_port`) reach them only by the kernel's steering
+//! (see [`crate::redirect`]), and each one's metadata is found by the cookie
+//! of the accepted socket.
+//!
 //! A connection with no interception metadata is refused and recorded, never
 //! relayed blind. Half-close is preserved (a FIN from one side becomes a FIN
 //! to the other while the reverse direction keeps flowing); a reset on one
@@ -18,7 +23,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use interceptor_ebpf::{ConnMeta, SockKey};
+use interceptor_ebpf::ConnMeta;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
@@ -31,7 +36,7 @@ use crate::{
     policy::{Action, Policy},
     protocol::postgres,
     record::{now_micros, rfc3339_micros, Outcome, Recorder, Session, SessionIds},
-    redirect::{original_dst, sock_key},
+    redirect::original_dst,
 };
 
 mod flush;
@@ -46,8 +51,9 @@ pub const RULE_PROXY_LOOP: &str = "proxy.loop";
 
 /// Where the proxy finds what the kernel learned about a connection.
 pub trait MetaSource: Send + Sync {
-    /// Looks up and removes the metadata filed under `key`.
-    fn take(&self, key: &SockKey) -> Option<ConnMeta>;
+    /// Looks up and removes the metadata filed for the accepted socket whose
+    /// cookie (`SO_COOKIE`) is `cookie`.
+    fn take(&self, cookie: u64) -> Option<ConnMeta>;
 }
 
 /// The data-plane threads and the channels that feed them connections.
@@ -86,20 +92,22 @@ pub struct Proxy {
     pub ids: Arc<SessionIds>,
     /// Keyed masking of result values (PostgreSQL targets).
     pub masker: Arc<crate::mask::Masker>,
+    /// Where the listeners are bound: a connect aimed there is a loop.
+    pub listening: Vec<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot listen on {0}: {1} (is another agent running, or the port taken? see agent.proxy_port)"
-)]
+#[error("cannot listen on {0}: {1}")]
 pub struct BindError(pub SocketAddr, pub io::Error);
 
-/// Binds the proxy listeners on 127.0.0.1 and [::1]. IPv6 is optional: a host
-/// without ::1 gets a warning and IPv6 connects of workloads fail closed.
-pub async fn bind(port: u16) -> Result<Vec<TcpListener>, BindError> {
-    let v4 = SocketAddr::new(IpAddr::V4(PROXY_IP4), port);
+/// Binds the proxy listeners on ephemeral ports of 127.0.0.1 and [::1]
+/// (the steering program brings them the proxy address's connections).
+/// IPv6 is optional: a host without ::1 gets a warning and IPv6 connects of
+/// workloads fail closed.
+pub async fn bind() -> Result<Vec<TcpListener>, BindError> {
+    let v4 = SocketAddr::new(IpAddr::V4(PROXY_IP4), 0);
     let mut out = vec![listen(v4)?];
-    let v6 = SocketAddr::new(IpAddr::V6(PROXY_IP6), port);
+    let v6 = SocketAddr::new(IpAddr::V6(PROXY_IP6), 0);
     match listen(v6) {
         Ok(l) => out.push(l),
         Err(e) => warn!(error = %e, "no IPv6 proxy listener: IPv6 connects of workloads will fail"),
@@ -114,7 +122,6 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, BindError> {
         tokio::net::TcpSocket::new_v6()
     }
     .map_err(|e| BindError(addr, e))?;
-    sock.set_reuseaddr(true).map_err(|e| BindError(addr, e))?;
     sock.bind(addr).map_err(|e| BindError(addr, e))?;
     sock.listen(4096).map_err(|e| BindError(addr, e))
 }
@@ -213,11 +220,11 @@ impl Proxy {
         let _ = client.set_nodelay(true);
         local_hop(&client, peer);
         let mut s = Session::new(self.ids.next(), peer.to_string());
-        let local = match client.local_addr() {
-            Ok(a) => a,
+        let cookie = match socket_cookie(&client) {
+            Ok(c) => c,
             Err(e) => return self.finish(s, Outcome::Error, Some(e.to_string())).await,
         };
-        let Some(meta) = self.meta.take(&sock_key(peer, local)) else {
+        let Some(meta) = self.meta.take(cookie) else {
             reset(&client);
             s.rule = Some(RULE_NO_METADATA.into());
             let why = "no interception metadata for this connection (not redirected by the agent); refused";
@@ -242,6 +249,10 @@ impl Proxy {
         if dst.port() == self.config.agent.proxy_port
             && matches!(crate::config::canonical_ip(dst.ip()), IpAddr::V4(a) if a == PROXY_IP4)
             || dst == SocketAddr::new(IpAddr::V6(PROXY_IP6), self.config.agent.proxy_port)
+            || self.listening.iter().any(|l| {
+                l.port() == dst.port()
+                    && crate::config::canonical_ip(l.ip()) == crate::config::canonical_ip(dst.ip())
+            })
         {
             reset(&client);
             s.rule = Some(RULE_PROXY_LOOP.into());
@@ -380,6 +391,27 @@ pub(crate) fn local_hop<S: AsFd>(s: &S, peer: SocketAddr) {
             reno.len() as libc::socklen_t,
         )
     };
+}
+
+/// The socket's cookie (`SO_COOKIE`): unique among the sockets of this boot.
+fn socket_cookie<S: AsFd>(s: &S) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a live socket into a u64 whose size it is told.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Closes a socket with RST instead of FIN (SO_LINGER 0) when it is dropped.

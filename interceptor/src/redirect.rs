@@ -4,31 +4,40 @@
 //! Layout in bpffs (`agent.pin_dir`, default `/sys/fs/bpf/interceptor`):
 //!
 //! ```text
-//! maps-v<ABI>/ICPT_CONFIG ICPT_TARGETS ICPT_SOCK_META ICPT_CONN_META AYA_LOGS
+//! maps-v<ABI>/ICPT_CONFIG ICPT_TARGETS ICPT_SOCK_META ICPT_CONN_META
+//!             ICPT_ACCEPTED ICPT_LISTENERS AYA_LOGS
 //! links/<workload>@<program>
+//! steering                  the sk_lookup link of the agent's network namespace
 //! ```
 //!
 //! Links are pinned so that they outlive the agent: while it is down the
-//! programs keep sending intercepted connects to the dead proxy port, which
-//! refuses them (fail closed). A restarted agent reuses the pinned maps and
-//! keeps the pinned links of workloads it still knows, so running workloads
-//! are never touched. `interceptor detach` removes all of it.
+//! programs keep sending intercepted connects to the proxy address, and the
+//! steering program refuses every connection there because the agent's
+//! listener has left `ICPT_LISTENERS` (fail closed), whoever else binds that
+//! address meanwhile. The agent's listeners bind ephemeral ports: the proxy
+//! address is never theirs to lose. A restarted agent reuses the pinned maps
+//! and keeps the pinned links of workloads it still knows, so running
+//! workloads are never touched. `interceptor detach` removes all of it.
 
 use std::{
     fs, io,
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
-    programs::{links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, SockMap},
+    programs::{
+        links::FdLink, links::PinnedLink, sock_ops::SockOpsLink, CgroupAttachMode, CgroupSockAddr,
+        SkLookup, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use interceptor_ebpf::{
-    map_names, program_names, ConnMeta, ProxyConfig, SockKey, TargetKey, ABI_VERSION, AF_INET,
-    AF_INET6, TARGET_PORT_BITS,
+    map_names, program_names, ConnMeta, ProxyConfig, TargetKey, ABI_VERSION, AF_INET, AF_INET6,
+    LISTENER_V4, LISTENER_V6, TARGET_PORT_BITS,
 };
 use tracing::{info, warn};
 
@@ -112,6 +121,10 @@ impl Pins {
     pub fn links(&self) -> PathBuf {
         self.root.join("links")
     }
+    /// The pinned sk_lookup link that steers the proxy address.
+    pub fn steering(&self) -> PathBuf {
+        self.root.join("steering")
+    }
     pub fn link(&self, workload: &str, program: &str) -> PathBuf {
         // bpffs refuses names with dots; workload names have no `@`.
         self.links().join(format!("{workload}@{program}"))
@@ -146,11 +159,14 @@ fn ensure_bpffs(dir: &Path) -> Result<(), RedirectError> {
 /// The agent's handle on the kernel side: maps it reads and writes, and the
 /// loaded object (kept alive for the log ring buffer and any new links).
 pub struct Redirect {
-    conn_meta: Mutex<HashMap<MapData, SockKey, ConnMeta>>,
+    accepted: Mutex<HashMap<MapData, u64, ConnMeta>>,
     config: Mutex<Array<MapData, ProxyConfig>>,
     /// Links attached by this run and adopted from earlier runs.
     pub attached: usize,
     pub adopted: usize,
+    /// sock_ops on the agent's own cgroup, where its accepted sockets live;
+    /// not pinned: it goes with this process.
+    _own_sock_ops: SockOpsLink,
     _ebpf: Ebpf,
 }
 
@@ -166,11 +182,13 @@ fn ebpf_level(name: &str) -> u8 {
 }
 
 impl Redirect {
-    /// Loads (or adopts) everything and attaches the configured workloads.
-    /// `logs` receives the eBPF log ring buffer reader.
+    /// Loads (or adopts) everything, hands the proxy address to `listeners`
+    /// (listening sockets on 127.0.0.1 and, if any, [::1]) and attaches the
+    /// configured workloads. Also returns the eBPF log ring buffer reader.
     pub fn start(
         config: &Config,
         workloads: &[Resolved],
+        listeners: &[impl AsRawFd],
     ) -> Result<(Self, Option<EbpfLogs>), RedirectError> {
         let pins = Pins::new(&config.agent.pin_dir);
         ensure_bpffs(&pins.root)?;
@@ -213,6 +231,30 @@ impl Redirect {
             .set(0, proxy, 0)
             .map_err(|e| RedirectError::Map(map_names::CONFIG, e))?;
 
+        // Entries a dead agent never took describe sockets that are gone.
+        let mut accepted: HashMap<MapData, u64, ConnMeta> = HashMap::try_from(
+            ebpf.take_map(map_names::ACCEPTED)
+                .ok_or(RedirectError::MissingMap(map_names::ACCEPTED))?,
+        )
+        .map_err(|e| RedirectError::Map(map_names::ACCEPTED, e))?;
+        let stale: Vec<u64> = accepted.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            let _ = accepted.remove(&k);
+        }
+        // The agent's side of each connection must be filed by cookie
+        // before the first one arrives.
+        let own_sock_ops = attach_own_sock_ops(&mut ebpf)?;
+        let name = map_names::LISTENERS;
+        let mut socks: SockMap<&mut MapData> =
+            SockMap::try_from(ebpf.map_mut(name).ok_or(RedirectError::MissingMap(name))?)
+                .map_err(|e| RedirectError::Map(name, e))?;
+        for (slot, l) in [LISTENER_V4, LISTENER_V6].into_iter().zip(listeners) {
+            socks
+                .set(slot, l, 0)
+                .map_err(|e| RedirectError::Map(name, e))?;
+        }
+        steer(&mut ebpf, &pins)?;
+
         fill_targets(&mut ebpf, config)?;
 
         let mut attached = 0;
@@ -250,17 +292,13 @@ impl Redirect {
                 None
             }
         };
-        let conn_meta = HashMap::try_from(
-            ebpf.take_map(map_names::CONN_META)
-                .ok_or(RedirectError::MissingMap(map_names::CONN_META))?,
-        )
-        .map_err(|e| RedirectError::Map(map_names::CONN_META, e))?;
         Ok((
             Redirect {
-                conn_meta: Mutex::new(conn_meta),
+                accepted: Mutex::new(accepted),
                 config: Mutex::new(cfg_map),
                 attached,
                 adopted,
+                _own_sock_ops: own_sock_ops,
                 _ebpf: ebpf,
             },
             logger,
@@ -280,19 +318,81 @@ impl Redirect {
 }
 
 impl crate::proxy::MetaSource for Redirect {
-    fn take(&self, key: &SockKey) -> Option<ConnMeta> {
-        let mut map = self.conn_meta.lock().unwrap_or_else(|p| p.into_inner());
-        let meta = map.get(key, 0).ok()?;
-        let _ = map.remove(key);
+    fn take(&self, cookie: u64) -> Option<ConnMeta> {
+        let mut map = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = map.get(&cookie, 0).ok()?;
+        let _ = map.remove(&cookie);
         Some(meta)
     }
 }
 
-fn own_cgroup_id() -> Result<u64, RedirectError> {
+/// The agent's own cgroup directory.
+fn own_cgroup() -> Result<PathBuf, RedirectError> {
     let mount = cgroup::cgroup2_mount()?;
     let rel =
         cgroup::proc_cgroup(std::process::id()).map_err(io_err(Path::new("/proc/self/cgroup")))?;
-    Ok(cgroup::cgroup_id(&mount.join(rel.trim_start_matches('/')))?)
+    Ok(mount.join(rel.trim_start_matches('/')))
+}
+
+fn own_cgroup_id() -> Result<u64, RedirectError> {
+    Ok(cgroup::cgroup_id(&own_cgroup()?)?)
+}
+
+/// Attaches sock_ops to the agent's own cgroup (beside whatever else runs
+/// there), so its accepted sockets take their metadata by cookie.
+fn attach_own_sock_ops(ebpf: &mut Ebpf) -> Result<SockOpsLink, RedirectError> {
+    let name = program_names::SOCK_OPS;
+    let dir = own_cgroup()?;
+    let cg = fs::File::open(&dir).map_err(io_err(&dir))?;
+    let perr = |e| RedirectError::Program(name, e);
+    let p: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(RedirectError::Program(
+            name,
+            aya::programs::ProgramError::NotLoaded,
+        ))?
+        .try_into()
+        .map_err(perr)?;
+    if p.fd().is_err() {
+        p.load().map_err(perr)?;
+    }
+    // A cgroup link always runs beside the cgroup's other programs; "Single"
+    // only means no legacy multi-attach flag.
+    let id = p.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
+    p.take_link(id).map_err(perr)
+}
+
+/// Attaches the steering program to the agent's network namespace and pins
+/// it, or adopts the one an earlier run pinned.
+fn steer(ebpf: &mut Ebpf, pins: &Pins) -> Result<(), RedirectError> {
+    let pin = pins.steering();
+    if pin.exists() {
+        match PinnedLink::from_pin(&pin) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                warn!(pin = %pin.display(), error = %e, "unusable steering pin; re-attaching");
+                fs::remove_file(&pin).map_err(io_err(&pin))?;
+            }
+        }
+    }
+    let name = program_names::SK_LOOKUP;
+    let perr = |e| RedirectError::Program(name, e);
+    let p: &mut SkLookup = ebpf
+        .program_mut(name)
+        .ok_or(RedirectError::Program(
+            name,
+            aya::programs::ProgramError::NotLoaded,
+        ))?
+        .try_into()
+        .map_err(perr)?;
+    p.load().map_err(perr)?;
+    let netns = Path::new("/proc/self/ns/net");
+    let ns = fs::File::open(netns).map_err(io_err(netns))?;
+    let id = p.attach(&ns).map_err(perr)?;
+    let link: FdLink = p.take_link(id).map_err(perr)?.into();
+    link.pin(&pin)
+        .map_err(|e| RedirectError::Pin(pin.clone(), error_chain(&e)))?;
+    Ok(())
 }
 
 fn ip6_words(o: [u8; 16]) -> [u32; 4] {
@@ -393,6 +493,11 @@ pub struct Detached {
 pub fn detach(config: &Config) -> Result<Detached, RedirectError> {
     let pins = Pins::new(&config.agent.pin_dir);
     let mut out = Detached::default();
+    let steering = pins.steering();
+    if steering.exists() {
+        unpin_link(&steering)?;
+        out.links += 1;
+    }
     let links = pins.links();
     if links.is_dir() {
         for e in fs::read_dir(&links).map_err(io_err(&links))?.flatten() {
@@ -438,19 +543,6 @@ pub fn key_parts(addr: SocketAddr) -> ([u32; 4], u16, u32) {
     }
 }
 
-/// The key under which sock_ops filed the connection the proxy accepted.
-pub fn sock_key(peer: SocketAddr, local: SocketAddr) -> SockKey {
-    let (src_ip, src_port, family) = key_parts(peer);
-    let (dst_ip, dst_port, _) = key_parts(local);
-    SockKey {
-        src_ip,
-        dst_ip,
-        src_port,
-        dst_port,
-        family,
-    }
-}
-
 /// The original destination recorded by connect4/6.
 pub fn original_dst(meta: &ConnMeta) -> SocketAddr {
     let ip = if meta.orig_family == AF_INET {
@@ -468,21 +560,6 @@ pub fn original_dst(meta: &ConnMeta) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_normalise_v4_mapped() {
-        let a = sock_key(
-            "[::ffff:127.0.0.1]:4000".parse().unwrap(),
-            "127.0.0.1:15001".parse().unwrap(),
-        );
-        let b = sock_key(
-            "127.0.0.1:4000".parse().unwrap(),
-            "[::ffff:127.0.0.1]:15001".parse().unwrap(),
-        );
-        assert_eq!(a, b);
-        assert_eq!(a.family, 2);
-        assert_eq!(a.src_ip[0].to_ne_bytes(), [127, 0, 0, 1]);
-    }
 
     #[test]
     fn original_dst_round_trips() {

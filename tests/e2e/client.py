@@ -12,8 +12,13 @@ Modes:
                            echoing its own message
   quick HOST PORT          connect, send a line, exit at once without reading
   thread HOST PORT         connect from a second thread; report pid and tid
-  connect HOST PORT        only connect; report the error, if any, and how long
-                           connect plus the first read took
+  connect HOST PORT [SRC]  only connect (from local port SRC, if given); report
+                           the error, if any, and how long connect plus the
+                           first read took
+  fdconnect HOST PORT FD   connect the inherited socket FD; report as connect
+  squat HOST PORT          listen on HOST:PORT as whoever runs it; print a
+                           line when listening, then one per connection it
+                           accepts, until killed
   udp HOST PORT            connect a UDP socket, send a datagram, read the echo
   raw HOST PORT HEX        send the bytes HEX, then read until the peer closes
 """
@@ -135,11 +140,14 @@ def thread(host, port):
     out({"pid": os.getpid(), "tid": res["tid"]})
 
 
-def connect(host, port):
+def connect(host, port, src=None):
     s = socket.socket(family(host), socket.SOCK_STREAM)
     start = time.monotonic()
     res = {"connected": False, "error": None}
     try:
+        if src is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::1" if ":" in host else "127.0.0.1", src))
         s.connect((host, port))
         res["connected"] = True
         s.settimeout(10)
@@ -150,6 +158,31 @@ def connect(host, port):
         res["errno"] = e.errno
     res["elapsed_ms"] = (time.monotonic() - start) * 1000
     out(res)
+
+
+def fdconnect(host, port, fd):
+    res = {"connected": False, "error": None, "pid": os.getpid()}
+    try:
+        s = socket.socket(fileno=fd)
+        s.connect((host, port))
+        res["connected"] = True
+        res["local_port"] = s.getsockname()[1]
+    except OSError as e:
+        res["error"] = e.__class__.__name__
+        res["errno"] = e.errno
+    out(res)
+
+
+def squat(host, port):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(64)
+    out({"listening": f"{host}:{port}", "uid": os.getuid()})
+    while True:
+        c, peer = s.accept()
+        out({"accepted": str(peer)})
+        c.close()
 
 
 def udp(host, port):
@@ -191,7 +224,11 @@ def main():
     elif mode == "thread":
         thread(host, port)
     elif mode == "connect":
-        connect(host, port)
+        connect(host, port, int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    elif mode == "fdconnect":
+        fdconnect(host, port, int(sys.argv[4]))
+    elif mode == "squat":
+        squat(host, port)
     elif mode == "udp":
         udp(host, port)
     elif mode == "raw":

@@ -1,0 +1,282 @@
+//! The boundary as an unprivileged local user attacks it: the proxy's
+//! address, stale connection metadata, descriptors handed in from outside.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::harness::*;
+
+/// uid and gid of `nobody`: an unprivileged local user.
+const NOBODY: &str = "65534";
+
+/// A listener bound by `nobody` on `host:port`, recording what it accepts.
+struct Squatter {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Squatter {
+    fn start(host: &str, port: u16) -> Squatter {
+        let mut child = Command::new("setpriv")
+            .args([
+                "--reuid",
+                NOBODY,
+                "--regid",
+                NOBODY,
+                "--clear-groups",
+                // Debian's (`cargo xtask setup` installs it): nobody may not
+                // run root's own interpreters.
+                "/usr/bin/python3",
+                "-",
+                "squat",
+                host,
+                &port.to_string(),
+            ])
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("setpriv (util-linux) runs the squatter as nobody");
+        // The client's source through stdin: nobody may not read our tree.
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(include_bytes!("client.py"))
+            .expect("squatter script");
+        drop(stdin);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let _ = tx.send(line.clone());
+                }
+                seen.lock().unwrap().push(line);
+            }
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("the squatter could not listen on {host}:{port}"));
+        assert!(ready.contains(&format!("\"uid\": {NOBODY}")), "{ready}");
+        Squatter { child, lines }
+    }
+
+    fn accepted(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("accepted"))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Hole 1: the proxy's address belongs to the agent even when it is down.
+/// `nobody` binds it before the agent starts, while it runs and after it was
+/// killed: no workload connect ever reaches the squatter, connects fail
+/// while the agent is down, and the agent starts regardless.
+#[test]
+fn nobody_can_answer_for_the_agent_on_its_address() {
+    let echo = Echo::start();
+    let mut agent = Agent::prepare("squat", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let port = echo.port.to_string();
+    let proxy = agent.proxy_port;
+    // Squatting before the first start: the agent starts anyway.
+    let v4 = Squatter::start("127.0.0.1", proxy);
+    let v6 = Squatter::start("::1", proxy);
+    agent.spawn();
+    let through = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    assert_eq!(through["received_sha256"], through["sent_sha256"]);
+    let through6 = agent.client(Some("app"), &["echo", "::1", &port]);
+    assert_eq!(through6["received_sha256"], through6["sent_sha256"]);
+    // A host process aimed at the proxy address meets the agent, not the
+    // squatter, and is refused there.
+    let outside = agent.client(None, &["connect", "127.0.0.1", &proxy.to_string()]);
+    assert_ne!(outside["first_read"], 6, "{outside}");
+    agent.sessions_until("the host process refused", |s| {
+        s.iter().any(|x| x["rule"] == "proxy.no-metadata")
+    });
+
+    agent.kill9();
+    let peers = echo.peers.lock().unwrap().len();
+    for host in ["127.0.0.1", "::1"] {
+        let down = agent.client(Some("app"), &["connect", host, &port]);
+        assert_eq!(down["connected"], false, "connect went through: {down}");
+        assert_eq!(down["error"], "ConnectionRefusedError", "{down}");
+    }
+    assert_eq!(
+        echo.peers.lock().unwrap().len(),
+        peers,
+        "a connect went direct"
+    );
+
+    // Restarted with the squatters still bound: it starts and serves.
+    agent.spawn();
+    let again = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    assert_eq!(again["received_sha256"], again["sent_sha256"]);
+    agent.sessions_until("the session after restart", |s| {
+        s.iter()
+            .any(|x| x["pid"] == again["pid"] && x["outcome"] == "closed")
+    });
+    assert!(
+        v4.accepted().is_empty() && v6.accepted().is_empty(),
+        "the squatter received connections: {:?} {:?}",
+        v4.accepted(),
+        v6.accepted()
+    );
+}
+
+/// Hole 5: metadata lives as long as its socket. A workload connects while
+/// the agent is down (refused); after a restart, a host process that binds
+/// the same source port and connects to the proxy address is not taken for
+/// the workload.
+#[test]
+fn metadata_of_a_closed_socket_is_never_given_to_another() {
+    let echo = Echo::start();
+    let mut agent = Agent::start("stale", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let proxy = agent.proxy_port.to_string();
+    agent.kill9();
+    let src = free_port().to_string();
+    let down = agent.client(
+        Some("app"),
+        &["connect", "127.0.0.1", &echo.port.to_string(), &src],
+    );
+    assert_eq!(down["error"], "ConnectionRefusedError", "{down}");
+
+    agent.spawn();
+    let host = agent.client(None, &["connect", "127.0.0.1", &proxy, &src]);
+    assert_ne!(host["first_read"], 6, "relayed: {host}");
+    let sessions = agent.sessions_until("the host process's session", |s| {
+        s.iter().any(|x| x["outcome"] == "refused")
+    });
+    let x = sessions.iter().find(|x| x["outcome"] == "refused").unwrap();
+    assert_eq!(x["rule"], "proxy.no-metadata", "{x:#}");
+    assert_eq!(x["workload"], serde_json::Value::Null, "{x:#}");
+    assert!(
+        sessions.iter().all(|x| x["workload"] != "app"),
+        "a host process was recorded as the workload: {sessions:#?}"
+    );
+}
+
+/// Hole 4: a socket made outside the workload's cgroup connects without
+/// interception. `interceptor exec` passes on no inherited descriptor but
+/// stdio unless `--keep-fds` names it, and then warns that it is a socket.
+#[test]
+fn exec_passes_on_no_socket_made_outside_unless_asked() {
+    let echo = Echo::start();
+    let agent = Agent::start("fds", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let port = echo.port.to_string();
+    // The parent makes a TCP socket outside every workload and leaves it
+    // inheritable (descriptor number printed by the child as FD).
+    let run = |keep: bool| -> (serde_json::Value, String) {
+        let script = r#"
+import os, socket, subprocess, sys
+s = socket.socket()
+os.set_inheritable(s.fileno(), True)
+fd = str(s.fileno())
+args = sys.argv[1:]
+args = [fd if a == "FD" else a for a in args]
+r = subprocess.run(args, pass_fds=[s.fileno()], capture_output=True, text=True)
+sys.stdout.write(r.stdout)
+sys.stderr.write(r.stderr)
+sys.exit(r.returncode)
+"#;
+        let mut args: Vec<String> = vec![
+            "-c".into(),
+            script.into(),
+            BIN.into(),
+            "exec".into(),
+            "--config".into(),
+            agent.config.display().to_string(),
+            "--workload".into(),
+            "app".into(),
+        ];
+        if keep {
+            args.extend(["--keep-fds".into(), "FD".into()]);
+        }
+        args.extend(
+            [
+                "--",
+                "python3",
+                CLIENT,
+                "fdconnect",
+                "127.0.0.1",
+                &port,
+                "FD",
+            ]
+            .map(String::from),
+        );
+        let out = Command::new("python3").args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (serde_json::from_slice(&out.stdout).unwrap(), stderr)
+    };
+    let (closed, _) = run(false);
+    assert_eq!(closed["connected"], false, "{closed}");
+    assert_eq!(
+        closed["errno"], 9,
+        "the inherited socket was passed on: {closed}"
+    );
+
+    // Asked for, it is passed on, and its connect goes direct: which is why
+    // exec warns.
+    let (kept, stderr) = run(true);
+    assert_eq!(kept["connected"], true, "{kept}");
+    assert!(
+        stderr.contains("is a socket made outside workload `app`"),
+        "{stderr}"
+    );
+    assert!(echo.saw_port(kept["local_port"].as_u64().unwrap() as u16));
+    // --keep-fds of a descriptor that is not open is an error.
+    let out = agent.cli(&[
+        "exec",
+        "--workload",
+        "app",
+        "--keep-fds",
+        "77",
+        "--",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("descriptor 77 is not open"));
+}
+
+/// Hole 7: a data directory made beforehand by another user is refused
+/// (they could have put records or a store of their own in it); one of the
+/// agent's own that others may enter is narrowed to 0700, and the log says so.
+#[test]
+fn a_data_directory_of_another_user_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut agent = Agent::prepare("datadir", &app_and_echo(free_port(), ""), ALLOW_APP_ECHO);
+    let data = agent.dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    let out = agent.cli(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("refusing data directory") && err.contains("uid 65534"),
+        "{err}"
+    );
+    assert!(!agent.pin_dir.exists(), "attached before refusing: {err}");
+
+    std::os::unix::fs::chown(&data, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    agent.spawn();
+    assert!(agent.log().contains("narrowed to 700"), "{}", agent.log());
+    assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
+}
