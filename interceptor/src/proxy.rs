@@ -42,6 +42,8 @@ use crate::{
 mod flush;
 pub mod relay_loop;
 
+pub use flush::STATEMENT_FLUSH;
+
 /// Rule name recorded when a connection cannot be tied to a workload.
 pub const RULE_UNATTRIBUTED: &str = "identity.unattributed";
 /// Rule name recorded when a connection arrives without interception metadata.
@@ -322,10 +324,15 @@ impl Proxy {
         };
         let _ = upstream.set_nodelay(true);
         local_hop(&upstream, dst);
+        let progress = Arc::new(crate::record::Progress::default());
         let r = if postgres {
-            self.relay_postgres(&mut s, client, upstream).await
+            self.relay_postgres(&mut s, client, upstream, progress)
+                .await
         } else {
-            relay_loop::relay(client, upstream).await
+            let listed = flush::Listed::new(s.id, None, progress.clone());
+            let r = relay_loop::relay(client, upstream, progress).await;
+            listed.finish(&self.recorder).await;
+            r
         };
         s.bytes_up = r.up;
         s.bytes_down = r.down;
@@ -341,6 +348,7 @@ impl Proxy {
         s: &mut Session,
         client: TcpStream,
         upstream: TcpStream,
+        progress: Arc<crate::record::Progress>,
     ) -> Relayed {
         let state = Arc::new(postgres::State::with_gate(postgres::Gate {
             policy: self.policy.clone(),
@@ -348,8 +356,8 @@ impl Proxy {
             target: s.target.clone().unwrap_or_default(),
             masker: self.masker.clone(),
         }));
-        let listed = flush::Listed::new(s.id, state.clone());
-        let relayed = postgres::relay(client, upstream, state.clone()).await;
+        let listed = flush::Listed::new(s.id, Some(state.clone()), progress.clone());
+        let relayed = postgres::relay(client, upstream, state.clone(), progress).await;
         s.statements = listed.finish(&self.recorder).await;
         s.postgres = Some(state.take_startup());
         let (up, down, result) = relayed;

@@ -311,6 +311,29 @@ pub enum StoreError {
     Corrupt(String, String),
 }
 
+/// Bytes a session has relayed so far: written by its relay loop, read by
+/// its worker's flush task, which records them while they change. An
+/// interrupted session's record is made of the last of them.
+#[derive(Debug, Default)]
+pub struct Progress {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Progress {
+    pub fn set(&self, up: u64, down: u64) {
+        self.up.store(up, Ordering::Relaxed);
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// What the data path hands the writer.
 #[derive(Debug, Clone)]
 pub enum Record {
@@ -322,6 +345,14 @@ pub enum Record {
         session: SessionId,
         first: u32,
         encoded: Vec<u8>,
+    },
+    /// How far an open session has got: bytes each way as of `at`
+    /// (microseconds since the epoch). Kept until the session's last record.
+    Progress {
+        session: SessionId,
+        up: u64,
+        down: u64,
+        at: u64,
     },
 }
 
@@ -351,6 +382,9 @@ pub struct SledStore {
     /// Session id (8 bytes) ++ first statement seq of a chunk (4 bytes),
     /// big-endian → JSON array of statements.
     statements: sled::Tree,
+    /// Session id → bytes up, bytes down, time (three big-endian u64) of an
+    /// open session's last [`Record::Progress`].
+    progress: sled::Tree,
 }
 
 impl SledStore {
@@ -368,30 +402,71 @@ impl SledStore {
         })?;
         let sessions = db.open_tree("sessions")?;
         let statements = db.open_tree("statements")?;
+        let progress = db.open_tree("progress")?;
         Ok(SledStore {
             db,
             sessions,
             statements,
+            progress,
         })
     }
 
-    /// Marks sessions left open by an agent that stopped as interrupted.
+    /// Marks sessions left open by an agent that stopped as interrupted,
+    /// with what the store holds of them: the statements recorded, the bytes
+    /// of their last progress record, and as their end the last moment
+    /// recorded (a statement's end or a progress record), not the moment the
+    /// agent noticed.
     pub fn close_orphans(&self) -> Result<usize, StoreError> {
         let mut n = 0;
-        let now = rfc3339_micros(now_micros());
         for item in self.sessions.iter() {
             let (k, v) = item?;
             let mut s: Session = decode(&k, &v)?;
-            if s.outcome == Outcome::Open {
-                s.outcome = Outcome::Interrupted;
-                s.ended_at = Some(now.clone());
-                s.detail = Some("the agent stopped while this session was open".into());
-                self.sessions.insert(k, encode(&s))?;
-                n += 1;
+            if s.outcome != Outcome::Open {
+                continue;
             }
+            let mut last = s.id.micros();
+            let (count, ended) = self.tally(s.id)?;
+            s.statements = s.statements.max(count);
+            last = last.max(ended);
+            if let Some(p) = self.progress.get(&k)? {
+                let word = |i: usize| {
+                    p.get(i * 8..i * 8 + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u64::from_be_bytes)
+                };
+                s.bytes_up = s.bytes_up.max(word(0));
+                s.bytes_down = s.bytes_down.max(word(1));
+                last = last.max(word(2));
+                self.progress.remove(&k)?;
+            }
+            s.outcome = Outcome::Interrupted;
+            s.ended_at = Some(rfc3339_micros(last));
+            s.detail = Some(format!(
+                "the agent stopped while this session was open; counts and end are the last recorded (progress is recorded every {} ms while bytes move)",
+                crate::proxy::STATEMENT_FLUSH.as_millis()
+            ));
+            self.sessions.insert(k, encode(&s))?;
+            n += 1;
         }
         self.db.flush()?;
         Ok(n)
+    }
+
+    /// How many statements of session `id` the store holds, and when the
+    /// last of them ended (microseconds since the epoch; 0 if none).
+    fn tally(&self, id: SessionId) -> Result<(u32, u64), StoreError> {
+        let mut count = 0u32;
+        let mut last = 0;
+        for item in self.statements.scan_prefix(id.0.to_be_bytes()) {
+            let (k, v) = item?;
+            let chunk =
+                codec::decode(&v).map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))?;
+            count = count.saturating_add(chunk.len() as u32);
+            for st in &chunk {
+                last = last.max(st.at + st.duration_us.unwrap_or(0));
+            }
+        }
+        Ok((count, last))
     }
 }
 
@@ -408,9 +483,28 @@ impl Store for SledStore {
     fn put_batch(&self, records: &[Record]) -> Result<(), StoreError> {
         let mut sessions = sled::Batch::default();
         let mut statements = sled::Batch::default();
+        let mut progress = sled::Batch::default();
         for r in records {
             match r {
-                Record::Session(s) => sessions.insert(&s.id.0.to_be_bytes(), encode(s)),
+                Record::Session(s) => {
+                    let key = s.id.0.to_be_bytes();
+                    sessions.insert(&key, encode(s));
+                    if s.outcome != Outcome::Open {
+                        progress.remove(&key);
+                    }
+                }
+                Record::Progress {
+                    session,
+                    up,
+                    down,
+                    at,
+                } => {
+                    let mut v = [0u8; 24];
+                    for (i, w) in [up, down, at].into_iter().enumerate() {
+                        v[i * 8..i * 8 + 8].copy_from_slice(&w.to_be_bytes());
+                    }
+                    progress.insert(&session.0.to_be_bytes(), &v);
+                }
                 Record::Statements {
                     session,
                     first,
@@ -424,6 +518,7 @@ impl Store for SledStore {
         }
         // Statements first: a session record never names statements that are not there.
         self.statements.apply_batch(statements)?;
+        self.progress.apply_batch(progress)?;
         self.sessions.apply_batch(sessions)?;
         Ok(())
     }
@@ -520,6 +615,19 @@ impl Recorder {
     pub async fn record(&self, s: Session) {
         if self.tx.send(Record::Session(Box::new(s))).await.is_err() {
             tracing::error!("recorder stopped; a session record was not stored");
+        }
+    }
+
+    /// Records how far an open session has got; waits if the writer is behind.
+    pub async fn progress(&self, id: SessionId, up: u64, down: u64) {
+        let record = Record::Progress {
+            session: id,
+            up,
+            down,
+            at: now_micros(),
+        };
+        if self.tx.send(record).await.is_err() {
+            tracing::error!(session = %id, "recorder stopped; progress was not stored");
         }
     }
 
@@ -639,7 +747,21 @@ mod tests {
                 .unwrap();
             rt.block_on(async {
                 rec.record(session(a, "web")).await;
+                // `a` ran two statements, the second ending 2.5 ms after
+                // its start, and moved bytes; then the agent died.
+                let mut list = codec::Records::default();
+                for seq in 0..2 {
+                    list.push(&Statement {
+                        seq,
+                        at: a.micros() + 1000 * u64::from(seq + 1),
+                        duration_us: Some(500),
+                        ..Statement::new("query", None, "SELECT 1".into(), crate::sql::Class::Read)
+                    });
+                }
+                rec.statements(a, list.take()).await;
+                rec.progress(a, 10, 20).await;
                 let mut closed = session(b, "batch");
+                rec.progress(b, 1, 2).await;
                 closed.outcome = Outcome::Closed;
                 rec.record(closed).await;
             });
@@ -659,8 +781,17 @@ mod tests {
                 Err(e) => panic!("reopening the store: {e}"),
             }
         };
+        assert_eq!(store.progress.len(), 1, "a closed session's progress stays");
+        let reopened = now_micros();
         assert_eq!(store.close_orphans().unwrap(), 1);
-        assert_eq!(store.get(a).unwrap().unwrap().outcome, Outcome::Interrupted);
+        let x = store.get(a).unwrap().unwrap();
+        assert_eq!(x.outcome, Outcome::Interrupted);
+        // What the store holds, and the last moment it knew (the progress
+        // record, later than the statements), not the moment of reopening.
+        assert_eq!((x.statements, x.bytes_up, x.bytes_down), (2, 10, 20));
+        let end = parse_rfc3339_micros(x.ended_at.as_deref().unwrap()).unwrap();
+        assert!(end >= a.micros() + 2500 && end <= reopened, "{x:?}");
+        assert!(store.progress.is_empty());
         let web = store
             .list(&Filter {
                 workload: Some("batch".into()),

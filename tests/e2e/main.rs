@@ -3,6 +3,7 @@
 
 mod boundary;
 mod enforcement;
+mod faults;
 mod harness;
 
 use std::time::{Duration, Instant};

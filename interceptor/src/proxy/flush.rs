@@ -1,4 +1,6 @@
-//! Records the statements of open PostgreSQL sessions while they run.
+//! Records open sessions while they run: the statements of PostgreSQL
+//! sessions, and every session's bytes while they move (so a session the
+//! agent could not end, killed, still shows how far it got).
 //!
 //! One task per data-plane thread ([`run`]) takes what has completed in
 //! every session open on that thread, each [`STATEMENT_FLUSH`], and hands it
@@ -22,7 +24,7 @@ use crate::{
     protocol::postgres::State,
     record::{
         codec::{Chunk, Records},
-        Recorder, SessionId,
+        Progress, Recorder, SessionId,
     },
 };
 
@@ -30,7 +32,11 @@ use crate::{
 pub const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
 
 struct Open {
-    state: Arc<State>,
+    /// A PostgreSQL session's statements.
+    state: Option<Arc<State>>,
+    progress: Arc<Progress>,
+    /// The bytes of the last progress record.
+    reported: (u64, u64),
     /// Statements taken from this session so far.
     recorded: u32,
     /// [`run`] is handing some of them to the recorder.
@@ -54,13 +60,16 @@ pub struct Listed {
 }
 
 impl Listed {
-    /// Puts a session on this thread's list.
-    pub fn new(id: SessionId, state: Arc<State>) -> Listed {
+    /// Puts a session on this thread's list: its bytes as its relay loop
+    /// counts them in `progress`, and its statements if `state` is given.
+    pub fn new(id: SessionId, state: Option<Arc<State>>, progress: Arc<Progress>) -> Listed {
         OPEN.with_borrow_mut(|open| {
             open.insert(
                 id,
                 Open {
                     state,
+                    progress,
+                    reported: (0, 0),
                     recorded: 0,
                     sending: false,
                 },
@@ -81,7 +90,10 @@ impl Listed {
         let Some(o) = self.take_off() else {
             return 0;
         };
-        let rest = rest(&o.state);
+        let Some(state) = o.state else {
+            return 0;
+        };
+        let rest = rest(&state);
         let recorded = o.recorded + count(&rest);
         recorder.statements(self.id, rest).await;
         recorded
@@ -112,20 +124,31 @@ pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
         tick.notified().await;
         OPEN.with_borrow(|open| ids.extend(open.keys().copied()));
         for id in ids.drain(..) {
-            // One session at a time, marked while its statements are on
-            // their way: its end waits for them (see `Listed::finish`).
-            let Some(done) = OPEN.with_borrow_mut(|open| {
+            // One session at a time, marked while its records are on their
+            // way: its end waits for them (see `Listed::finish`).
+            let Some((done, moved)) = OPEN.with_borrow_mut(|open| {
                 let o = open.get_mut(&id)?;
-                let done = o.state.take_records();
-                (!done.is_empty()).then(|| {
-                    o.recorded += count(&done);
-                    o.sending = true;
-                    done
-                })
+                let done = o
+                    .state
+                    .as_ref()
+                    .map(|s| s.take_records())
+                    .unwrap_or_default();
+                let bytes = o.progress.get();
+                let moved = (bytes != o.reported).then_some(bytes);
+                if done.is_empty() && moved.is_none() {
+                    return None;
+                }
+                o.recorded += count(&done);
+                o.reported = bytes;
+                o.sending = true;
+                Some((done, moved))
             }) else {
                 continue;
             };
             recorder.statements(id, done).await;
+            if let Some((up, down)) = moved {
+                recorder.progress(id, up, down).await;
+            }
             OPEN.with_borrow_mut(|open| open.get_mut(&id).map(|o| o.sending = false));
             SENT.notify_waiters();
         }
@@ -138,7 +161,7 @@ pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
 pub async fn drain(recorder: &Recorder) {
     let left: Vec<_> = OPEN.with_borrow(|open| {
         open.iter()
-            .map(|(id, o)| (*id, rest(&o.state)))
+            .filter_map(|(id, o)| Some((*id, rest(o.state.as_ref()?))))
             .filter(|(_, list)| !list.is_empty())
             .collect()
     });
@@ -204,7 +227,7 @@ mod tests {
         let store = Arc::new(crate::record::SledStore::open(&dir).unwrap());
         let (recorder, writer) = Recorder::start(store);
         let id = SessionId(0x5e55_1000);
-        let l = Listed::new(id, Arc::new(State::default()));
+        let l = Listed::new(id, Some(Arc::new(State::default())), Arc::default());
         OPEN.with_borrow_mut(|open| {
             let o = open.get_mut(&id).unwrap();
             o.recorded = 3;
@@ -235,7 +258,7 @@ mod tests {
     #[test]
     fn a_dropped_session_leaves_the_list() {
         let id = SessionId(0x5e55_2000);
-        let l = Listed::new(id, Arc::new(State::default()));
+        let l = Listed::new(id, Some(Arc::new(State::default())), Arc::default());
         assert!(listed(id));
         drop(l);
         assert!(!listed(id));

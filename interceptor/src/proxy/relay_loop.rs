@@ -319,21 +319,27 @@ pub(crate) fn submit_here(traffic: Box<dyn Traffic>) {
 }
 
 /// Relays `client` and `upstream` as opaque bytes on a relay loop
-/// until both directions end.
-pub async fn relay(client: tokio::net::TcpStream, upstream: tokio::net::TcpStream) -> Relayed {
+/// until both directions end, counting the bytes in `progress` as they go.
+pub async fn relay(
+    client: tokio::net::TcpStream,
+    upstream: tokio::net::TcpStream,
+    progress: Arc<crate::record::Progress>,
+) -> Relayed {
     // Leaving the runtime keeps the sockets non-blocking.
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
         (Ok(c), Ok(u)) => (c, u),
         (Err(e), _) | (_, Err(e)) => return failed(e),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    submit_here(Box::new(Tcp::new(
+    let mut tcp = Tcp::new(
         client,
         upstream,
         Box::new(move |r| {
             let _ = tx.send(r);
         }),
-    )));
+    );
+    tcp.progress = Some(progress);
+    submit_here(Box::new(tcp));
     rx.await.unwrap_or_else(|_| Relayed {
         up: 0,
         down: 0,
@@ -536,6 +542,8 @@ struct Tcp {
     up: Direction,
     down: Direction,
     done: Option<Done>,
+    /// Where the bytes moved so far are shown while the connection lasts.
+    progress: Option<Arc<crate::record::Progress>>,
 }
 
 impl Tcp {
@@ -546,6 +554,7 @@ impl Tcp {
             up: Direction::default(),
             down: Direction::default(),
             done: Some(done),
+            progress: None,
         }
     }
 
@@ -611,6 +620,9 @@ impl Traffic for Tcp {
             }
             Ok(())
         })();
+        if let Some(p) = &self.progress {
+            p.set(self.up.total, self.down.total);
+        }
         match result {
             Ok(()) if self.up.finished() && self.down.finished() => self.end(Ok(())),
             Ok(()) => Pumped::Open {
@@ -894,7 +906,7 @@ mod tests {
     async fn half_close_travels_and_the_reverse_direction_keeps_flowing() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
         app.write_all(b"request").await.unwrap();
         app.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -916,7 +928,7 @@ mod tests {
         for round in 0..200 {
             let (mut app, proxy_client) = pair().await;
             let (proxy_upstream, mut server) = pair().await;
-            let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+            let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
             tokio::time::sleep(Duration::from_micros(200)).await;
             app.write_all(&[7u8; 100]).await.unwrap();
             app.shutdown().await.unwrap();
@@ -935,7 +947,7 @@ mod tests {
     async fn a_reset_on_one_side_resets_the_other() {
         let (app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
         super::super::reset(&app);
         drop(app);
         let r = relay.await.unwrap();
@@ -949,7 +961,7 @@ mod tests {
     async fn bulk_switches_to_splice_and_arrives_intact() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
         let data: Vec<u8> = (0..(5u32 << 20))
             .map(|i| (i * 7 + i / 4093) as u8)
             .collect();
@@ -982,7 +994,7 @@ mod tests {
     async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
         // More than the socket buffers and a pipe can hold together.
         let data: Vec<u8> = (0..(128u32 << 20)).map(|i| (i % 251) as u8).collect();
         let (reading, read_started) = tokio::sync::oneshot::channel::<()>();
@@ -1015,7 +1027,7 @@ mod tests {
     async fn small_messages_to_a_slow_reader_wait_in_the_relay_and_arrive_in_order() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
         // Messages shorter than the copy buffer, spaced so that each read
         // takes one: the copy path, until the server's buffers are full
         // and a write takes only part of a message.
@@ -1050,7 +1062,7 @@ mod tests {
         // small messages and the relay holds bytes for it.
         setsockopt(&proxy_upstream, sockopt::SndBuf, &4096).unwrap();
         setsockopt(&server, sockopt::RcvBuf, &4096).unwrap();
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
         // Two, each short of the copy buffer: the relay holds part of the
         // first, and the second waits in its receive queue.
         for _ in 0..2 {

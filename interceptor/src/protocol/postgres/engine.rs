@@ -875,7 +875,12 @@ pub type Relayed = (u64, u64, Result<(), PgError>);
 /// while its peer has [`HIGH_WATER`] unsent. A clean end of one side is
 /// passed on as a FIN once what it sent is delivered; the first error ends
 /// both.
-pub async fn relay(client: TcpStream, upstream: TcpStream, state: Arc<State>) -> Relayed {
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    state: Arc<State>,
+    progress: Arc<crate::record::Progress>,
+) -> Relayed {
     let (client, server) = match (Side::new(client), Side::new(upstream)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => return (0, 0, Err(e.into())),
@@ -889,6 +894,7 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, state: Arc<State>) ->
             back: Backend::default(),
         },
         state,
+        progress,
         done: Some(done),
     }));
     ended.await.unwrap_or_else(|_| {
@@ -901,6 +907,8 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, state: Arc<State>) ->
 struct Postgres {
     conn: Conn,
     state: Arc<State>,
+    /// Bytes from the client and from the server so far, for the record.
+    progress: Arc<crate::record::Progress>,
     done: Option<tokio::sync::oneshot::Sender<Relayed>>,
 }
 
@@ -934,7 +942,9 @@ impl relay_loop::Traffic for Postgres {
             None => {}
         }
         let before = c.client.read + c.server.read;
-        match c.step(&self.state) {
+        let stepped = c.step(&self.state);
+        self.progress.set(c.client.read, c.server.read);
+        match stepped {
             Ok(false) => relay_loop::Pumped::Open {
                 moved: c.client.read + c.server.read - before,
             },
@@ -1010,7 +1020,12 @@ mod tests {
     async fn a_client_that_stops_reading_holds_the_server_back() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relayed = relay(proxy_client, proxy_upstream, Arc::new(State::default()));
+        let relayed = relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::new(State::default()),
+            Arc::default(),
+        );
         let flow = async {
             let startup = b"\0\0\0\x09\0\x03\0\0\0";
             app.write_all(startup).await.unwrap();
