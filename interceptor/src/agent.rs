@@ -63,7 +63,8 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    let (redirect, logger) = Redirect::start(&config, &workloads, &listeners)?;
+    let host = crate::local::HostAddrs::read().context("reading the host's addresses")?;
+    let (redirect, logger) = Redirect::start(&config, &workloads, &listeners, &host.get())?;
     let redirect = Arc::new(redirect);
     info!(
         attached = redirect.attached,
@@ -91,6 +92,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         ids: Arc::new(SessionIds::default()),
         masker: Arc::new(masker(&config)?),
         listening,
+        host: host.clone(),
     });
     let policy = proxy.policy.clone();
     let threads = config.agent.worker_threads();
@@ -107,6 +109,11 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
             tokio::spawn(forward_ebpf_logs(logger));
         }
         let accepting = tokio::spawn(Proxy::accept(listeners, workers.clone(), stop_rx));
+        tokio::spawn(follow_host_addresses(
+            config.clone(),
+            host,
+            redirect.clone(),
+        ));
         info!(data_dir = %data_dir.display(), threads, "agent ready");
         serve_signals(&config, &policy).await;
         info!("shutting down: intercepted connects fail until an agent runs again");
@@ -227,6 +234,32 @@ async fn serve_signals(config: &Config, policy: &ArcSwap<Policy>) {
                 }
                 Err(e) => error!(error = %e, "policy reload failed; keeping the current policy"),
             },
+        }
+    }
+}
+
+/// Keeps the interception of local targets on every address of the host
+/// as interfaces gain and lose addresses.
+async fn follow_host_addresses(
+    config: Arc<Config>,
+    host: Arc<crate::local::HostAddrs>,
+    redirect: Arc<Redirect>,
+) {
+    let mut every = tokio::time::interval(crate::local::REFRESH);
+    loop {
+        every.tick().await;
+        match host.refresh() {
+            Ok(false) => {}
+            Ok(true) => {
+                let now = host.get();
+                match redirect.refresh_targets(&config, &now) {
+                    Ok(()) => {
+                        info!(addresses = ?now, "host addresses changed; local targets follow")
+                    }
+                    Err(e) => error!(error = %e, "cannot follow the host's addresses"),
+                }
+            }
+            Err(e) => error!(error = %e, "cannot read the host's addresses"),
         }
     }
 }

@@ -248,6 +248,15 @@ pub struct AddrMatch {
 }
 
 impl AddrMatch {
+    /// Whether this matches a local address: its network is loopback,
+    /// unspecified or one of `host`'s addresses, or it contains one of them.
+    pub fn is_local(&self, host: &[IpAddr]) -> bool {
+        crate::local::is_local(self.net, host)
+            || host
+                .iter()
+                .any(|h| self.contains(SocketAddr::new(*h, self.port)))
+    }
+
     pub fn contains(&self, dst: SocketAddr) -> bool {
         if self.port != 0 && self.port != dst.port() {
             return false;
@@ -498,6 +507,23 @@ impl Config {
             .find(|t| t.addresses.iter().any(|a| a.contains(dst)))
     }
 
+    /// The target `dst` reaches on a host whose interfaces have the
+    /// addresses `host`: the first whose addresses contain it, else, for a
+    /// local `dst`, the first with a local address on its port (every
+    /// local address reaches a server on this host; see [`crate::local`]).
+    pub fn target_for_on(&self, dst: SocketAddr, host: &[IpAddr]) -> Option<&Target> {
+        self.target_for(dst).or_else(|| {
+            if !crate::local::is_local(dst.ip(), host) {
+                return None;
+            }
+            self.targets.iter().find(|t| {
+                t.addresses
+                    .iter()
+                    .any(|a| a.is_local(host) && (a.port == 0 || a.port == dst.port()))
+            })
+        })
+    }
+
     pub fn data_dir(&self, overridden: Option<&Path>) -> PathBuf {
         overridden
             .map(Path::to_path_buf)
@@ -545,6 +571,33 @@ protocol = "postgres"
             .is_some());
         assert!(c.target_for("127.0.0.1:5433".parse().unwrap()).is_none());
         assert!(c.target_for("11.0.0.1:80".parse().unwrap()).is_none());
+    }
+
+    /// A target on a local address is every local address on its port; a
+    /// target that names an address itself keeps it.
+    #[test]
+    fn local_targets_claim_every_local_address_on_their_port() {
+        let text =
+            format!("{GOOD}\n[[target]]\nname = \"other\"\naddresses = [\"127.0.0.2:5432\"]\n");
+        let c = Config::parse(Path::new("c.toml"), &text).unwrap();
+        let host: Vec<IpAddr> = vec!["192.0.2.7".parse().unwrap(), "fd00::7".parse().unwrap()];
+        let name = |dst: &str| {
+            c.target_for_on(dst.parse().unwrap(), &host)
+                .map(|t| t.name.as_str())
+        };
+        for dst in [
+            "127.0.0.9:5432",
+            "0.0.0.0:5432",
+            "[::]:5432",
+            "[::ffff:127.0.0.3]:5432",
+            "192.0.2.7:5432",
+            "[fd00::7]:5432",
+        ] {
+            assert_eq!(name(dst), Some("db"), "{dst}");
+        }
+        assert_eq!(name("127.0.0.2:5432"), Some("other"));
+        assert_eq!(name("127.0.0.9:5433"), None);
+        assert_eq!(name("192.0.2.8:5432"), None, "not this host's");
     }
 
     #[test]

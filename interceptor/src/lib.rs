@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod identity;
+pub mod local;
 pub mod mask;
 pub mod policy;
 pub mod protocol;

@@ -96,6 +96,8 @@ pub struct Proxy {
     pub masker: Arc<crate::mask::Masker>,
     /// Where the listeners are bound: a connect aimed there is a loop.
     pub listening: Vec<SocketAddr>,
+    /// This host's addresses: a local target is reached through any of them.
+    pub host: Arc<crate::local::HostAddrs>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -243,7 +245,7 @@ impl Proxy {
         s.cgroup = id.evidence.cgroup.clone();
         s.original_dst = Some(dst.to_string());
         s.evidence = Some(id.evidence);
-        let target = self.config.target_for(dst);
+        let target = self.config.target_for_on(dst, &self.host.get());
         if let Some(t) = target {
             s.target = Some(t.name.clone());
             s.protocol = t.protocol.to_string();

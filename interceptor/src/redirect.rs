@@ -160,6 +160,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), RedirectError> {
 /// loaded object (kept alive for the log ring buffer and any new links).
 pub struct Redirect {
     accepted: Mutex<HashMap<MapData, u64, ConnMeta>>,
+    targets: Mutex<LpmTrie<MapData, TargetKey, u32>>,
     config: Mutex<Array<MapData, ProxyConfig>>,
     /// Links attached by this run and adopted from earlier runs.
     pub attached: usize,
@@ -189,6 +190,7 @@ impl Redirect {
         config: &Config,
         workloads: &[Resolved],
         listeners: &[impl AsRawFd],
+        host: &[IpAddr],
     ) -> Result<(Self, Option<EbpfLogs>), RedirectError> {
         let pins = Pins::new(&config.agent.pin_dir);
         ensure_bpffs(&pins.root)?;
@@ -255,7 +257,11 @@ impl Redirect {
         }
         steer(&mut ebpf, &pins)?;
 
-        fill_targets(&mut ebpf, config)?;
+        let name = map_names::TARGETS;
+        let mut targets: LpmTrie<MapData, TargetKey, u32> =
+            LpmTrie::try_from(ebpf.take_map(name).ok_or(RedirectError::MissingMap(name))?)
+                .map_err(|e| RedirectError::Map(name, e))?;
+        set_targets(&mut targets, &target_keys(config, host))?;
 
         let mut attached = 0;
         let mut adopted = 0;
@@ -295,6 +301,7 @@ impl Redirect {
         Ok((
             Redirect {
                 accepted: Mutex::new(accepted),
+                targets: Mutex::new(targets),
                 config: Mutex::new(cfg_map),
                 attached,
                 adopted,
@@ -303,6 +310,13 @@ impl Redirect {
             },
             logger,
         ))
+    }
+
+    /// Intercepts `config`'s targets on the host's addresses as they are
+    /// now (they were `host` at start or at the last call).
+    pub fn refresh_targets(&self, config: &Config, host: &[IpAddr]) -> Result<(), RedirectError> {
+        let mut trie = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        set_targets(&mut *trie, &target_keys(config, host))
     }
 
     /// Marks the agent as gone (its pid no longer exempt); the links stay, so
@@ -401,32 +415,65 @@ fn ip6_words(o: [u8; 16]) -> [u32; 4] {
     })
 }
 
-/// Replaces the intercepted-destinations map with the config's targets.
-fn fill_targets(ebpf: &mut Ebpf, config: &Config) -> Result<(), RedirectError> {
-    let name = map_names::TARGETS;
-    let mut trie: LpmTrie<&mut MapData, TargetKey, u32> =
-        LpmTrie::try_from(ebpf.map_mut(name).ok_or(RedirectError::MissingMap(name))?)
-            .map_err(|e| RedirectError::Map(name, e))?;
-    let old: Vec<Key<TargetKey>> = trie.keys().filter_map(Result::ok).collect();
-    for k in old {
-        let _ = trie.remove(&k);
-    }
+/// The intercepted-destinations map's keys for `config`'s targets on a
+/// host with the addresses `host`: each target's own addresses, and for one
+/// with a local address, every local address on its port (see
+/// [`crate::local`]).
+fn target_keys(config: &Config, host: &[IpAddr]) -> Vec<(Key<TargetKey>, u32)> {
+    let key = |net: IpAddr, prefix: u8, port: u16| {
+        let (addr, prefix) = match net {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + u32::from(prefix)),
+            IpAddr::V6(v6) => (v6.octets(), u32::from(prefix)),
+        };
+        Key::new(
+            TARGET_PORT_BITS + prefix,
+            TargetKey {
+                port: port.to_be_bytes(),
+                addr,
+            },
+        )
+    };
+    let mut keys = Vec::new();
     for (i, t) in config.targets.iter().enumerate() {
         for a in &t.addresses {
-            let (addr, prefix) = match a.net {
-                IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + u32::from(a.prefix)),
-                IpAddr::V6(v6) => (v6.octets(), u32::from(a.prefix)),
-            };
-            let key = Key::new(
-                TARGET_PORT_BITS + prefix,
-                TargetKey {
-                    port: a.port.to_be_bytes(),
-                    addr,
-                },
+            keys.push((key(a.net, a.prefix, a.port), i as u32));
+        }
+    }
+    // After every explicit address, so those keep their own target.
+    for (i, t) in config.targets.iter().enumerate() {
+        for a in t.addresses.iter().filter(|a| a.is_local(host)) {
+            let local = crate::local::ALWAYS.into_iter().chain(
+                host.iter()
+                    .map(|h| (*h, if h.is_ipv4() { 32 } else { 128 })),
             );
-            trie.insert(&key, i as u32, 0)
+            for (net, prefix) in local {
+                keys.push((key(net, prefix, a.port), i as u32));
+            }
+        }
+    }
+    keys
+}
+
+/// Brings the intercepted-destinations map to `keys`: adds first, then
+/// removes what is no longer wanted, so no wanted destination is ever
+/// missing from it, even for a moment.
+fn set_targets(
+    trie: &mut LpmTrie<impl std::borrow::BorrowMut<MapData>, TargetKey, u32>,
+    keys: &[(Key<TargetKey>, u32)],
+) -> Result<(), RedirectError> {
+    let name = map_names::TARGETS;
+    let id = |k: &Key<TargetKey>| (k.prefix_len(), k.data().port, k.data().addr);
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in keys {
+        // The first of several with one key wins, as in `Config::target_for`.
+        if seen.insert(id(k)) {
+            trie.insert(k, v, 0)
                 .map_err(|e| RedirectError::Map(name, e))?;
         }
+    }
+    let old: Vec<Key<TargetKey>> = trie.keys().filter_map(Result::ok).collect();
+    for k in old.iter().filter(|k| !seen.contains(&id(k))) {
+        let _ = trie.remove(k);
     }
     Ok(())
 }

@@ -280,3 +280,99 @@ fn a_data_directory_of_another_user_is_refused() {
     assert!(agent.log().contains("narrowed to 700"), "{}", agent.log());
     assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
 }
+
+/// Hole 2: a PostgreSQL target named by 127.0.0.1 is the same target on
+/// every local address that reaches its server (here one listening on every
+/// address): 127.0.0.2, 0.0.0.0, `::`, `::1` and the host's own addresses.
+/// Whether the agent intercepts every connect (and allows unmatched
+/// destinations) or only its targets, each of them is checked and recorded
+/// as the target: a write is refused there as on 127.0.0.1.
+#[test]
+fn every_local_address_of_a_local_target_is_that_target() {
+    let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-local-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = crate::pg::Postgres::start_on(&dir, "*").expect("starting PostgreSQL");
+    crate::enforcement::direct(&db, "CREATE TABLE t (x int)");
+    let sections = format!(
+        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
+         addresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
+        db.port
+    );
+    let policy = r#"
+[defaults]
+connect = "deny"
+unmatched_destination = "allow"
+
+[[rule]]
+id = "app-db"
+workloads = ["app"]
+targets = ["db"]
+action = "allow"
+
+[[rule]]
+id = "no-writes"
+on = "statement"
+workloads = ["app"]
+targets = ["db"]
+classes = ["write"]
+action = "deny"
+"#;
+    let host = interceptor::local::HostAddrs::read().unwrap().get();
+    let mut addresses = vec!["127.0.0.2", "0.0.0.0", "::", "::1"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    addresses.extend(
+        host.iter()
+            .filter(|a| {
+                !a.is_loopback()
+                    && !matches!(a, std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+            })
+            .map(|a| a.to_string()),
+    );
+    eprintln!("local addresses tried: {addresses:?}");
+    for intercept in ["all", "targets"] {
+        let mut agent = Agent::prepare(&format!("local-{intercept}"), &sections, policy);
+        let text = std::fs::read_to_string(&agent.config).unwrap();
+        std::fs::write(
+            &agent.config,
+            text.replace(
+                "[agent]\n",
+                &format!("[agent]\nintercept = \"{intercept}\"\n"),
+            ),
+        )
+        .unwrap();
+        agent.spawn();
+        for a in &addresses {
+            let conn = db
+                .conninfo()
+                .replace("host=127.0.0.1", &format!("host={a}"));
+            let read = crate::psql_tuples(&agent, &conn, "SELECT count(*) FROM t");
+            assert!(
+                read.status.success(),
+                "{intercept}, {a}: {}",
+                String::from_utf8_lossy(&read.stderr)
+            );
+            let write = crate::psql_tuples(&agent, &conn, "INSERT INTO t VALUES (1)");
+            let err = String::from_utf8_lossy(&write.stderr);
+            assert!(
+                !write.status.success() && err.contains("no-writes"),
+                "{intercept}: a write through {a} was not refused: {err}"
+            );
+        }
+        let want = addresses.len() * 2;
+        let sessions = agent.sessions_until(&format!("{want} sessions"), |s| {
+            s.iter().filter(|x| x["outcome"] == "closed").count() >= want
+        });
+        for x in &sessions {
+            assert_eq!(x["target"], "db", "{intercept}: {x:#}");
+            assert_eq!(x["protocol"], "postgres", "{intercept}: {x:#}");
+        }
+    }
+    assert_eq!(
+        crate::enforcement::direct(&db, "SELECT count(*) FROM t"),
+        "0"
+    );
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -54,8 +54,15 @@ fn check(c: &mut Command) -> io::Result<()> {
 }
 
 impl Postgres {
-    /// initdb with SCRAM for every connection, then start on a free port.
+    /// initdb with SCRAM for every connection, then start on a free port
+    /// of 127.0.0.1.
     pub fn start(dir: &Path) -> io::Result<Self> {
+        Self::start_on(dir, "127.0.0.1")
+    }
+
+    /// [`Postgres::start`] listening on `listen_addresses` (`*`: every
+    /// address, IPv4 and IPv6).
+    pub fn start_on(dir: &Path, listen_addresses: &str) -> io::Result<Self> {
         let bin = bin_dir().ok_or_else(|| {
             io::Error::other("PostgreSQL server binaries not found; run cargo xtask setup")
         })?;
@@ -74,6 +81,14 @@ impl Postgres {
                 .arg(&data)
                 .arg(format!("--pwfile={}", pwfile.display())),
         )?;
+        if listen_addresses != "127.0.0.1" {
+            // SCRAM from any address it listens on, not only loopback.
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))?
+                .write_all(b"host all all all scram-sha-256\n")?;
+        }
         let port = free_port()?;
         let pg = Postgres {
             port,
@@ -88,7 +103,7 @@ impl Postgres {
                 .arg(&data)
                 .arg("-o")
                 .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                    "-p {port} -k {} -c listen_addresses='{listen_addresses}' -c fsync=off -c max_connections=200",
                     dir.display()
                 ))
                 .arg("start"),
