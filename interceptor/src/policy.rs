@@ -63,6 +63,10 @@ struct RawDefaults {
     unmatched_destination: toml::Spanned<Action>,
     #[serde(default = "allow")]
     statement: toml::Spanned<Action>,
+    /// A PostgreSQL session on a destination that is not a postgres target
+    /// (its statements would go unchecked).
+    #[serde(default = "deny")]
+    unknown_postgres: toml::Spanned<Action>,
     /// Record Bind parameter values with the statements (off: never stored).
     #[serde(default)]
     record_parameters: bool,
@@ -82,6 +86,7 @@ impl Default for RawDefaults {
             connect: deny(),
             unmatched_destination: deny(),
             statement: allow(),
+            unknown_postgres: deny(),
             record_parameters: false,
         }
     }
@@ -208,14 +213,18 @@ pub const RULE_DEFAULT_STATEMENT: &str = "defaults.statement";
 pub const RULE_UNREADABLE_STARTUP: &str = "agent.unreadable-startup";
 /// Refuses a replication connection no rule allows by name.
 pub const RULE_DEFAULT_REPLICATION: &str = "defaults.replication";
+/// Decides a PostgreSQL session found on a destination that is not a
+/// postgres target.
+pub const RULE_DEFAULT_UNKNOWN_POSTGRES: &str = "defaults.unknown_postgres";
 
 /// The names above, shared like a rule's own.
-static DEFAULT_NAMES: LazyLock<[Arc<str>; 4]> = LazyLock::new(|| {
+static DEFAULT_NAMES: LazyLock<[Arc<str>; 5]> = LazyLock::new(|| {
     [
         RULE_DEFAULT_CONNECT,
         RULE_DEFAULT_UNMATCHED,
         RULE_DEFAULT_STATEMENT,
         RULE_DEFAULT_REPLICATION,
+        RULE_DEFAULT_UNKNOWN_POSTGRES,
     ]
     .map(Arc::from)
 });
@@ -237,6 +246,8 @@ pub struct Policy {
     /// Statements no statement rule matches (default allow: the connect rule
     /// already let this workload reach this target).
     pub default_statement: Action,
+    /// A PostgreSQL session found on an opaque destination (default deny).
+    pub default_unknown_postgres: Action,
     /// Whether Bind parameter values are recorded (default: never).
     pub record_parameters: bool,
     /// Rules that may not match the way they read (`policy check` prints
@@ -253,6 +264,7 @@ impl Default for Policy {
             default_connect: Action::Deny,
             default_unmatched: Action::Deny,
             default_statement: Action::Allow,
+            default_unknown_postgres: Action::Deny,
             record_parameters: false,
             warnings: Vec::new(),
         }
@@ -298,7 +310,12 @@ impl Policy {
                     ),
                 ));
             }
-            for a in [&d.connect, &d.unmatched_destination, &d.statement] {
+            for a in [
+                &d.connect,
+                &d.unmatched_destination,
+                &d.statement,
+                &d.unknown_postgres,
+            ] {
                 if !matches!(a.get_ref(), Action::Allow | Action::Deny) {
                     return Err(src.error_at(Some(a.span()), "a default must be `allow` or `deny`"));
                 }
@@ -306,6 +323,7 @@ impl Policy {
             self.default_connect = *d.connect.get_ref();
             self.default_unmatched = *d.unmatched_destination.get_ref();
             self.default_statement = *d.statement.get_ref();
+            self.default_unknown_postgres = *d.unknown_postgres.get_ref();
             self.record_parameters = d.record_parameters;
             *defaults_from = Some(src.path.to_path_buf());
         }
@@ -464,6 +482,15 @@ impl Policy {
 
     /// Decides a connect by `workload` to `target` (`None`: the destination
     /// matches no configured target).
+    /// Decides a PostgreSQL session found where policy expected opaque
+    /// bytes (a destination that is not a postgres target).
+    pub fn decide_unknown_postgres(&self) -> Decision {
+        Decision {
+            action: self.default_unknown_postgres,
+            rule: default_name(RULE_DEFAULT_UNKNOWN_POSTGRES),
+        }
+    }
+
     pub fn decide_connect(&self, workload: &str, target: Option<&str>) -> Decision {
         let Some(target) = target else {
             return Decision {

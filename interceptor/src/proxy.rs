@@ -331,14 +331,36 @@ impl Proxy {
             self.relay_postgres(&mut s, client, upstream, progress)
                 .await
         } else {
+            // A PostgreSQL session where policy expected opaque bytes
+            // would go unchecked: it is told by its first bytes.
+            let unknown = self.policy.load().decide_unknown_postgres();
+            let sniff = if unknown.action == Action::Allow {
+                relay_loop::Sniff::Note
+            } else {
+                relay_loop::Sniff::Refuse(format!(
+                    "a PostgreSQL session to {dst}, which is no postgres target: its statements cannot be checked; refused by rule `{}`",
+                    unknown.rule
+                ))
+            };
             let listed = flush::Listed::new(s.id, None, progress.clone());
-            let r = relay_loop::relay(client, upstream, progress).await;
+            let r = relay_loop::relay(client, upstream, progress, Some(sniff)).await;
             listed.finish(&self.recorder).await;
+            if r.postgres || r.outcome == Outcome::Denied {
+                s.protocol = "postgres".into();
+                s.rule = Some(unknown.rule.to_string());
+            }
             r
         };
         s.bytes_up = r.up;
         s.bytes_down = r.down;
-        self.finish(s, r.outcome, r.detail).await;
+        let detail = match (r.postgres, r.detail) {
+            (true, None) => Some(
+                "a PostgreSQL session to a destination that is no postgres target: relayed unchecked (defaults.unknown_postgres = allow)"
+                    .into(),
+            ),
+            (_, detail) => detail,
+        };
+        self.finish(s, r.outcome, detail).await;
     }
 
     /// Relays a PostgreSQL connection. Its statements are recorded as they
@@ -376,6 +398,7 @@ impl Proxy {
             down,
             outcome,
             detail,
+            postgres: false,
         }
     }
 }
@@ -443,6 +466,8 @@ pub struct Relayed {
     pub down: u64,
     pub outcome: Outcome,
     pub detail: Option<String>,
+    /// An opaque connection turned out to carry a PostgreSQL session.
+    pub postgres: bool,
 }
 
 /// How an I/O error ends a session: a reset, or an error.

@@ -376,3 +376,95 @@ action = "deny"
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Hole 2, second half: an opaque connection that opens a PostgreSQL
+/// session is told by its first bytes, however they are split, before any
+/// of them goes upstream; it is refused (`defaults.unknown_postgres`) and
+/// recorded as PostgreSQL, unless policy allows such sessions. Other bytes
+/// are relayed as ever.
+#[test]
+fn postgres_on_an_opaque_destination_is_recognised_and_refused() {
+    let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-opaque-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = crate::pg::Postgres::start(&dir).expect("starting PostgreSQL");
+    let echo = Echo::start();
+    // `db` is declared opaque (protocol tcp, the default).
+    let sections = format!(
+        "{}\n[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\n",
+        app_and_echo(echo.port, ""),
+        db.port
+    );
+    let policy = |unknown: &str| {
+        format!(
+            "{}\n[[rule]]\nid = \"app-db\"\nworkloads = [\"app\"]\ntargets = [\"db\"]\naction = \"allow\"\n",
+            ALLOW_APP_ECHO.replace(
+                "[defaults]\n",
+                &format!("[defaults]\nunknown_postgres = \"{unknown}\"\n")
+            )
+        )
+    };
+    let mut agent = Agent::start("opaque", &sections, &policy("deny"));
+    let port = echo.port.to_string();
+    let ssl_request = "0000000804d2162f";
+    for (how, hex) in [
+        ("whole", ssl_request.to_string()),
+        ("split", "0000,0008,04,d2162f".to_string()),
+        ("startup", "000000090003000000".to_string()),
+    ] {
+        let r = agent.client(Some("app"), &["raw", "127.0.0.1", &port, &hex]);
+        assert_eq!(r["received"], "", "{how}: relayed: {r}");
+    }
+    // Other first bytes go through, even one that starts as a startup would.
+    for hex in ["474554202f20485454502f312e310d0a", "00016869"] {
+        let r = agent.client(
+            Some("app"),
+            &["raw", "127.0.0.1", &port, &format!("{hex},")],
+        );
+        assert_eq!(r["received"], hex, "{r}");
+    }
+    let conn = db.conninfo();
+    let psql = crate::psql_tuples(&agent, &conn, "SELECT 1");
+    assert!(!psql.status.success(), "psql got through an opaque target");
+    let sessions = agent.sessions_until("four refused PostgreSQL sessions", |s| {
+        s.iter()
+            .filter(|x| x["rule"] == "defaults.unknown_postgres")
+            .count()
+            >= 4
+    });
+    for x in sessions
+        .iter()
+        .filter(|x| x["rule"] == "defaults.unknown_postgres")
+    {
+        assert_eq!(x["outcome"], "denied", "{x:#}");
+        assert_eq!(x["protocol"], "postgres", "{x:#}");
+        assert_eq!(x["bytes_up"], 0, "bytes went upstream: {x:#}");
+    }
+
+    // Allowed by policy: relayed, and still recorded as PostgreSQL.
+    agent.stop();
+    std::fs::write(agent.dir.join("policy.toml"), policy("allow")).unwrap();
+    agent.spawn();
+    let psql = crate::psql_tuples(&agent, &conn, "SELECT 41 + 1");
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&psql.stdout).trim(), "42");
+    let sessions = agent.sessions_until("an allowed PostgreSQL session", |s| {
+        s.iter()
+            .any(|x| x["outcome"] == "closed" && x["protocol"] == "postgres")
+    });
+    let x = sessions
+        .iter()
+        .find(|x| x["outcome"] == "closed" && x["protocol"] == "postgres")
+        .unwrap();
+    assert_eq!(x["target"], "db", "{x:#}");
+    assert!(s_of(&x["detail"]).contains("relayed unchecked"), "{x:#}");
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn s_of(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}

@@ -20,7 +20,9 @@ Modes:
                            line when listening, then one per connection it
                            accepts, until killed
   udp HOST PORT            connect a UDP socket, send a datagram, read the echo
-  raw HOST PORT HEX        send the bytes HEX, then read until the peer closes
+  raw HOST PORT HEX        send the bytes HEX (chunks separated by commas go
+                           0.2 s apart; an empty last chunk shuts down
+                           writing), then read until the peer closes
 """
 import asyncio
 import hashlib
@@ -199,7 +201,18 @@ def raw(host, port, data):
     s = socket.socket(family(host), socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect((host, port))
-    s.sendall(bytes.fromhex(data))
+    chunks = data.split(",")
+    for i, chunk in enumerate(chunks):
+        if i:
+            time.sleep(0.2)
+        try:
+            if i and not chunk and i == len(chunks) - 1:
+                s.shutdown(socket.SHUT_WR)
+                break
+            s.sendall(bytes.fromhex(chunk))
+        except OSError as e:
+            out({"received": "", "error": e.__class__.__name__, "sent_chunks": i})
+            return
     got = b""
     try:
         while True:

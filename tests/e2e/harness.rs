@@ -56,7 +56,11 @@ impl Echo {
                 let peers = peers.clone();
                 std::thread::spawn(move || {
                     for c in l.incoming().flatten() {
-                        peers.lock().unwrap().insert(c.peer_addr().unwrap());
+                        // A connection reset before it was accepted (the
+                        // agent refused it) has no peer any more.
+                        if let Ok(peer) = c.peer_addr() {
+                            peers.lock().unwrap().insert(peer);
+                        }
                         std::thread::spawn(move || echo(c));
                     }
                 });

@@ -63,6 +63,37 @@ pub const MAX_STATEMENT: usize = 16 << 20;
 /// Largest server message we buffer to inspect (auth, tags, errors).
 const MAX_INSPECT: usize = 1 << 20;
 
+/// Whether the bytes a client sent first open a PostgreSQL session: a
+/// startup packet of protocol 3 (any minor version), or an SSL,
+/// GSS-encryption or cancel request. `Some` once they tell, `None` while
+/// they are still a prefix of one (fewer than its first 8 bytes).
+pub fn opens_session(prefix: &[u8]) -> Option<bool> {
+    let n = prefix.len().min(8);
+    let mut b = [0u8; 8];
+    b[..n].copy_from_slice(&prefix[..n]);
+    // The length (big-endian, 8..=MAX_STARTUP): its first two bytes are zero.
+    if b[..n.min(2)].iter().any(|&x| x != 0) {
+        return Some(false);
+    }
+    if n >= 4 && !(8..=MAX_STARTUP as u32).contains(&u32::from_be_bytes([b[0], b[1], b[2], b[3]])) {
+        return Some(false);
+    }
+    // The code: major 3, or 1234 with a minor of 5678..=5680.
+    let major = u16::from_be_bytes([b[4], b[5]]);
+    let minor = u16::from_be_bytes([b[6], b[7]]);
+    let request = (CANCEL_REQUEST & 0xffff) as u16..=(GSSENC_REQUEST & 0xffff) as u16;
+    let fits = match n {
+        0..=4 => true,
+        5 => b[4] == 0 || b[4] == (SSL_REQUEST >> 24) as u8,
+        6 | 7 => major == 3 || (major == 1234 && (n == 6 || b[6] == (SSL_REQUEST >> 8) as u8)),
+        _ => major == 3 || (major == 1234 && request.contains(&minor)),
+    };
+    if !fits {
+        return Some(false);
+    }
+    (n == 8).then_some(true)
+}
+
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
@@ -1922,6 +1953,49 @@ fn without_channel_binding(body: &[u8]) -> BytesMut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every prefix of a startup, SSL, GSS or cancel request is `None`
+    /// until its eighth byte says `Some(true)`; other first bytes say
+    /// `Some(false)` as soon as they can.
+    #[test]
+    fn what_opens_a_session_is_told_from_its_first_bytes() {
+        let mut startup = vec![0, 0, 0, 0, 0, 3, 0, 0];
+        startup.extend_from_slice(b"user\0app\0\0");
+        let len = startup.len() as u32;
+        startup[..4].copy_from_slice(&len.to_be_bytes());
+        let request = |code: u32| {
+            let mut m = 8u32.to_be_bytes().to_vec();
+            m.extend_from_slice(&code.to_be_bytes());
+            m
+        };
+        let mut v32 = startup.clone();
+        v32[7] = 2; // protocol 3.2
+        for whole in [
+            startup,
+            v32,
+            request(SSL_REQUEST),
+            request(GSSENC_REQUEST),
+            request(CANCEL_REQUEST),
+        ] {
+            for n in 0..8 {
+                assert_eq!(opens_session(&whole[..n]), None, "{whole:?}[..{n}]");
+            }
+            assert_eq!(opens_session(&whole), Some(true), "{whole:?}");
+        }
+        for other in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01\x02\x00",            // TLS ClientHello
+            b"\x05\x01\x00",                    // SOCKS5 greeting
+            &[0, 0, 0, 4, 0, 3, 0, 0],          // too short a length
+            &[0, 0, 0x27, 0x11, 0, 3, 0, 0],    // longer than 10000
+            &[0, 0, 0, 8, 0, 2, 0, 0],          // protocol 2
+            &[0, 0, 0, 8, 4, 0xd2, 0x16, 0x31], // 1234.5681
+            &[0, 0, 0, 8, 1],
+            &[0, 0, 0, 8, 4, 0xd2, 0x17],
+        ] {
+            assert_eq!(opens_session(other), Some(false), "{other:?}");
+        }
+    }
 
     /// A statement's command tags.
     fn tags(s: &Statement) -> Vec<String> {

@@ -318,12 +318,25 @@ pub(crate) fn submit_here(traffic: Box<dyn Traffic>) {
     });
 }
 
+/// What an opaque connection does when the client's first bytes open a
+/// PostgreSQL session (see [`crate::protocol::postgres::opens_session`]):
+/// nothing the client sends goes upstream until they tell.
+#[derive(Debug, Clone)]
+pub enum Sniff {
+    /// Relay it (it is reported in [`super::Relayed::postgres`]).
+    Note,
+    /// End the connection with both sides reset, as denied for this reason.
+    Refuse(String),
+}
+
 /// Relays `client` and `upstream` as opaque bytes on a relay loop
-/// until both directions end, counting the bytes in `progress` as they go.
+/// until both directions end, counting the bytes in `progress` as they go,
+/// and looking at the client's first bytes as `sniff` says.
 pub async fn relay(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
     progress: Arc<crate::record::Progress>,
+    sniff: Option<Sniff>,
 ) -> Relayed {
     // Leaving the runtime keeps the sockets non-blocking.
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
@@ -339,12 +352,14 @@ pub async fn relay(
         }),
     );
     tcp.progress = Some(progress);
+    tcp.sniff = sniff;
     submit_here(Box::new(tcp));
     rx.await.unwrap_or_else(|_| Relayed {
         up: 0,
         down: 0,
         outcome: Outcome::Interrupted,
         detail: Some("the relay loop stopped".into()),
+        postgres: false,
     })
 }
 
@@ -354,6 +369,7 @@ fn failed(e: io::Error) -> Relayed {
         down: 0,
         outcome: Outcome::Error,
         detail: Some(e.to_string()),
+        postgres: false,
     }
 }
 
@@ -544,6 +560,11 @@ struct Tcp {
     done: Option<Done>,
     /// Where the bytes moved so far are shown while the connection lasts.
     progress: Option<Arc<crate::record::Progress>>,
+    /// Until the client's first bytes tell whether they open a PostgreSQL
+    /// session: what to do if they do.
+    sniff: Option<Sniff>,
+    /// They did, and the connection goes on.
+    postgres: bool,
 }
 
 impl Tcp {
@@ -555,7 +576,58 @@ impl Tcp {
             down: Direction::default(),
             done: Some(done),
             progress: None,
+            sniff: None,
+            postgres: false,
         }
+    }
+
+    /// Looks at what the client has sent so far without taking it: whether
+    /// the up direction may run (`Ok(true)`). Ends sniffing once the bytes
+    /// tell (or the client can send no more); `Err(Some(why))` when they
+    /// open a PostgreSQL session that is to be refused, `Err(None)` with the
+    /// socket's error in `failed` (a peek takes a socket error away from the
+    /// read that would otherwise meet it).
+    fn sniffed(
+        &mut self,
+        client_ended: bool,
+        failed: &mut Option<io::Error>,
+    ) -> Result<bool, Option<String>> {
+        if self.sniff.is_none() {
+            return Ok(true);
+        }
+        let mut first = [0u8; 8];
+        // SAFETY: recv(2) into a live 8-byte buffer; MSG_PEEK leaves the
+        // bytes queued, MSG_DONTWAIT keeps it from blocking.
+        let n = unsafe {
+            libc::recv(
+                self.client.as_raw_fd(),
+                first.as_mut_ptr().cast(),
+                first.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(false);
+            }
+            *failed = Some(e);
+            return Err(None);
+        }
+        let told = match crate::protocol::postgres::opens_session(&first[..n as usize]) {
+            // An end before eight bytes: no session can follow.
+            None if n == 0 || client_ended => false,
+            None => return Ok(false),
+            Some(told) => told,
+        };
+        let sniff = self.sniff.take();
+        if told {
+            match sniff {
+                Some(Sniff::Refuse(why)) => return Err(Some(why)),
+                _ => self.postgres = true,
+            }
+        }
+        Ok(true)
     }
 
     /// Reports the end; on an error both sides are reset.
@@ -568,12 +640,17 @@ impl Tcp {
                 super::io_outcome(e)
             }
         };
+        self.report(outcome, detail)
+    }
+
+    fn report(&mut self, outcome: Outcome, detail: Option<String>) -> Pumped {
         if let Some(done) = self.done.take() {
             done(Relayed {
                 up: self.up.total,
                 down: self.down.total,
                 outcome,
                 detail,
+                postgres: self.postgres,
             });
         }
         Pumped::Over
@@ -597,7 +674,7 @@ impl Traffic for Tcp {
     fn pump(&mut self, event: Option<Event>, scratch: &mut [u8]) -> Pumped {
         // Per direction: `None` if it does not run, else whether a short
         // read means drained.
-        let (up, down) = match event {
+        let (mut up, down) = match event {
             None => (Some(false), Some(false)),
             Some(e) if e.upstream => (
                 (e.room() && self.up.waiting()).then_some(false),
@@ -608,6 +685,25 @@ impl Traffic for Tcp {
                 (e.room() && self.down.waiting()).then_some(false),
             ),
         };
+        if self.sniff.is_some() {
+            let client_ended = event.is_some_and(|e| !e.upstream && e.ended());
+            let mut failed = None;
+            match self.sniffed(client_ended, &mut failed) {
+                // Not yet: the client's bytes stay queued; its next bytes
+                // bring an event of their own.
+                Ok(false) => up = None,
+                // Told: the up direction reads what was queued.
+                Ok(true) => up = up.or(Some(false)),
+                Err(Some(why)) => {
+                    reset(&self.client);
+                    reset(&self.upstream);
+                    return self.report(Outcome::Denied, Some(why));
+                }
+                Err(None) => {
+                    return self.end(Err(failed.unwrap_or_else(|| io::ErrorKind::Other.into())))
+                }
+            }
+        }
         let before = self.up.total + self.down.total;
         let result = (|| {
             if let Some(short_drains) = up {
@@ -906,7 +1002,12 @@ mod tests {
     async fn half_close_travels_and_the_reverse_direction_keeps_flowing() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
+        let relay = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::default(),
+            Some(Sniff::Note),
+        ));
         app.write_all(b"request").await.unwrap();
         app.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -928,7 +1029,12 @@ mod tests {
         for round in 0..200 {
             let (mut app, proxy_client) = pair().await;
             let (proxy_upstream, mut server) = pair().await;
-            let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
+            let relay = tokio::spawn(relay(
+                proxy_client,
+                proxy_upstream,
+                Arc::default(),
+                Some(Sniff::Note),
+            ));
             tokio::time::sleep(Duration::from_micros(200)).await;
             app.write_all(&[7u8; 100]).await.unwrap();
             app.shutdown().await.unwrap();
@@ -947,7 +1053,12 @@ mod tests {
     async fn a_reset_on_one_side_resets_the_other() {
         let (app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
+        let relay = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::default(),
+            Some(Sniff::Note),
+        ));
         super::super::reset(&app);
         drop(app);
         let r = relay.await.unwrap();
@@ -961,7 +1072,12 @@ mod tests {
     async fn bulk_switches_to_splice_and_arrives_intact() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
+        let relay = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::default(),
+            Some(Sniff::Note),
+        ));
         let data: Vec<u8> = (0..(5u32 << 20))
             .map(|i| (i * 7 + i / 4093) as u8)
             .collect();
@@ -994,7 +1110,12 @@ mod tests {
     async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
+        let relay = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::default(),
+            Some(Sniff::Note),
+        ));
         // More than the socket buffers and a pipe can hold together.
         let data: Vec<u8> = (0..(128u32 << 20)).map(|i| (i % 251) as u8).collect();
         let (reading, read_started) = tokio::sync::oneshot::channel::<()>();
@@ -1027,7 +1148,12 @@ mod tests {
     async fn small_messages_to_a_slow_reader_wait_in_the_relay_and_arrive_in_order() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
+        let relay = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::default(),
+            Some(Sniff::Note),
+        ));
         // Messages shorter than the copy buffer, spaced so that each read
         // takes one: the copy path, until the server's buffers are full
         // and a write takes only part of a message.
@@ -1062,7 +1188,12 @@ mod tests {
         // small messages and the relay holds bytes for it.
         setsockopt(&proxy_upstream, sockopt::SndBuf, &4096).unwrap();
         setsockopt(&server, sockopt::RcvBuf, &4096).unwrap();
-        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default()));
+        let relay = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::default(),
+            Some(Sniff::Note),
+        ));
         // Two, each short of the copy buffer: the relay holds part of the
         // first, and the second waits in its receive queue.
         for _ in 0..2 {
