@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use interceptor::{
     mask::Masker,
     policy::{Action, Policy},
-    protocol::postgres::{Backend, Frontend, Gate, State},
+    protocol::postgres::{Backend, Frontend, Gate, Recording, State},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
         workload: "reporting".into(),
         target: "orders-db".into(),
         masker: Arc::new(Masker::new(b"fuzz")),
+        recording: Recording::default(),
     });
     let (mut front, mut back) = (Frontend::default(), Backend::default());
     let (mut from_client, mut from_server) = (BytesMut::new(), BytesMut::new());

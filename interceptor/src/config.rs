@@ -144,6 +144,29 @@ pub struct AgentSection {
     /// most 1000). Lower request/response latency for more agent CPU time.
     #[serde(default)]
     pub busy_poll_us: u32,
+    /// Longest statement text recorded, in bytes; a longer one is recorded
+    /// cut, with the length and SHA-256 of the whole.
+    #[serde(default = "default_record_text_limit")]
+    pub record_text_limit: usize,
+    /// Bytes of statements one session may add to the store per second
+    /// (with bursts of four seconds' worth); beyond, statements are decided
+    /// as ever but not recorded one by one, and the recording says how many
+    /// it dropped.
+    #[serde(default = "default_record_bytes_per_second")]
+    pub record_bytes_per_second: u64,
+}
+
+/// Least `record_text_limit` a config may set.
+pub const MIN_RECORD_TEXT_LIMIT: usize = 256;
+/// Least `record_bytes_per_second` a config may set.
+pub const MIN_RECORD_RATE: u64 = 4096;
+
+fn default_record_text_limit() -> usize {
+    4096
+}
+
+fn default_record_bytes_per_second() -> u64 {
+    1 << 20
 }
 
 /// Longest busy-polling window a config may ask for.
@@ -391,6 +414,18 @@ impl Config {
         }
         if agent.proxy_port == 0 {
             return Err(src.error_at(src.key_span("proxy_port"), "agent.proxy_port must not be 0"));
+        }
+        if agent.record_text_limit < MIN_RECORD_TEXT_LIMIT {
+            return Err(src.error_at(
+                src.key_span("record_text_limit"),
+                format!("agent.record_text_limit must be at least {MIN_RECORD_TEXT_LIMIT} bytes"),
+            ));
+        }
+        if agent.record_bytes_per_second < MIN_RECORD_RATE {
+            return Err(src.error_at(
+                src.key_span("record_bytes_per_second"),
+                format!("agent.record_bytes_per_second must be at least {MIN_RECORD_RATE}"),
+            ));
         }
         if !["error", "warn", "info", "debug", "trace"].contains(&agent.ebpf_log_level.as_str()) {
             return Err(src.error_at(

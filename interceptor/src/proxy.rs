@@ -379,6 +379,10 @@ impl Proxy {
             workload: s.workload.clone().unwrap_or_default(),
             target: s.target.clone().unwrap_or_default(),
             masker: self.masker.clone(),
+            recording: postgres::Recording {
+                text_limit: self.config.agent.record_text_limit,
+                bytes_per_second: self.config.agent.record_bytes_per_second,
+            },
         }));
         let listed = flush::Listed::new(s.id, Some(state.clone()), progress.clone());
         let relayed = postgres::relay(client, upstream, state.clone(), progress).await;

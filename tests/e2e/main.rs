@@ -5,6 +5,7 @@ mod boundary;
 mod enforcement;
 mod faults;
 mod harness;
+mod resources;
 
 use std::time::{Duration, Instant};
 

@@ -167,6 +167,39 @@ pub struct Statement {
     pub rows: Option<u64>,
     /// SQLSTATE of the first error in the batch.
     pub error: Option<String>,
+    /// Set when `text` was cut at the recording limit
+    /// (`agent.record_text_limit`): what the whole text was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<Whole>,
+}
+
+/// A statement text recorded cut: the length in bytes and the SHA-256 of
+/// the whole text as it would have been recorded (secrets redacted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whole {
+    pub len: u64,
+    #[serde(with = "crate::identity::hex32")]
+    pub sha256: [u8; 32],
+}
+
+impl Whole {
+    /// `text` cut to at most `limit` bytes (at a character boundary), and
+    /// what the whole was, if it had to be cut.
+    pub fn cut(text: String, limit: usize) -> (Arc<str>, Option<Whole>) {
+        if text.len() <= limit {
+            return (text.into(), None);
+        }
+        use sha2::Digest;
+        let whole = Whole {
+            len: text.len() as u64,
+            sha256: sha2::Sha256::digest(text.as_bytes()).into(),
+        };
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        (text[..end].into(), Some(whole))
+    }
 }
 
 impl Statement {
@@ -194,6 +227,7 @@ impl Statement {
             tags: Tags::new(),
             rows: None,
             error: None,
+            whole: None,
         }
     }
 }
@@ -427,6 +461,24 @@ pub struct Gate {
     pub workload: String,
     pub target: String,
     pub masker: Arc<Masker>,
+    pub recording: Recording,
+}
+
+/// How much of a session's statements the store takes (see
+/// `agent.record_text_limit` and `agent.record_bytes_per_second`).
+#[derive(Debug, Clone, Copy)]
+pub struct Recording {
+    pub text_limit: usize,
+    pub bytes_per_second: u64,
+}
+
+impl Default for Recording {
+    fn default() -> Self {
+        Recording {
+            text_limit: 4096,
+            bytes_per_second: 1 << 20,
+        }
+    }
 }
 
 /// A result column as RowDescription gives it.
@@ -765,7 +817,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl State {
     /// A connection whose statements `gate` decides.
     pub fn with_gate(gate: Gate) -> Self {
+        let mut batch = Batch::default();
+        batch.done.limit(gate.recording.bytes_per_second);
         State {
+            batch: Mutex::new(batch),
             gate: Some(Gated {
                 policies: Mutex::new(Policies {
                     current: arc_swap::Cache::new(gate.policy.clone()),
@@ -805,6 +860,14 @@ impl State {
         Some(d)
     }
 
+    /// Longest statement text recorded whole.
+    fn record_text_limit(&self) -> usize {
+        self.gate
+            .as_ref()
+            .map_or(Recording::default(), |g| g.gate.recording)
+            .text_limit
+    }
+
     fn startup(&self) -> MutexGuard<'_, Startup> {
         lock(&self.startup)
     }
@@ -837,9 +900,11 @@ impl State {
             lock(&self.learned).learn(&c);
         }
         let (action, rule, refused) = verdict(decision);
-        let recorded: Arc<str> = match plain {
-            true => text.into(),
-            false => crate::redact::redact_sql(text).into(),
+        let limit = self.record_text_limit();
+        let (recorded, whole) = match plain {
+            true if text.len() <= limit => (Arc::<str>::from(text), None),
+            true => Whole::cut(text.to_owned(), limit),
+            false => Whole::cut(crate::redact::redact_sql(text), limit),
         };
         // A Parse names the statement the server will hold (none: the
         // Parse was too large to read its name).
@@ -848,6 +913,7 @@ impl State {
             tables: c.tables.clone(),
             decision: action,
             rule,
+            whole,
             ..Statement::new(kind, name, recorded, c.class)
         };
         let mut b = self.batch();
@@ -2024,6 +2090,7 @@ mod tests {
             workload: "w".into(),
             target: "t".into(),
             masker: Arc::new(Masker::new(b"unit-test-key")),
+            recording: Recording::default(),
         })
     }
 

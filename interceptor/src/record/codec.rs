@@ -20,9 +20,12 @@
 //! decode to much more than its own size. Each statement's seq and time
 //! are written as the (zigzag) difference from the previous one's.
 //!
-//! Records of the first binary format ([`FORMAT_PLAIN`]: every string
-//! written out, seq and time whole) and JSON arrays (they start with `[`),
-//! written by older agents, still decode.
+//! A statement whose text was cut at the recording limit ends with the
+//! whole text's length and SHA-256 (an optional value: a varint and 32
+//! bytes). Records of the format before that field ([`FORMAT_NO_WHOLE`]),
+//! of the first binary format ([`FORMAT_PLAIN`]: every string written out,
+//! seq and time whole) and JSON arrays (they start with `[`), written by
+//! older agents, still decode.
 //!
 //! Decoding checks every length against the bytes left before it allocates,
 //! so a damaged record is an error, never a panic or a huge allocation.
@@ -32,7 +35,9 @@ use std::{borrow::Cow, sync::Arc};
 use crate::{policy::Action, protocol::postgres::Statement, sql::Class};
 
 /// First byte of a record in the current format.
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
+/// First byte of a record of the format before [`Statement::whole`].
+const FORMAT_NO_WHOLE: u8 = 2;
 /// First byte of a record of the first binary format.
 const FORMAT_PLAIN: u8 = 1;
 
@@ -77,10 +82,123 @@ pub struct Records {
     /// The record being filled: its first seq and count.
     open: Option<(u32, u32)>,
     body: Writer,
+    /// How many bytes of statements may be recorded, and when.
+    budget: Option<Budget>,
+    /// Statements the budget turned away since the last were recorded.
+    dropped: Dropped,
+}
+
+/// A token bucket of statement bytes, on the statements' own clock.
+#[derive(Debug)]
+struct Budget {
+    per_second: u64,
+    /// Bytes that may be recorded now (at most four seconds' worth).
+    left: u64,
+    /// When `left` was last filled (µs since the epoch).
+    at: u64,
+}
+
+impl Budget {
+    fn take(&mut self, cost: u64, now: u64) -> bool {
+        let cap = self.per_second.saturating_mul(4);
+        let earned =
+            u128::from(now.saturating_sub(self.at)) * u128::from(self.per_second) / 1_000_000;
+        if earned > 0 {
+            self.left = (u128::from(self.left) + earned).min(u128::from(cap)) as u64;
+            self.at = now;
+        }
+        match self.left.checked_sub(cost) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Dropped {
+    count: u64,
+    bytes: u64,
+    denied: u64,
+    /// The first one's seq and time, the last one's time.
+    first: Option<(u32, u64)>,
+    last_at: u64,
+}
+
+/// What a statement costs the store, near enough: its text (a prepared
+/// statement's runs share theirs), its parameters and the rest.
+fn cost(s: &Statement) -> u64 {
+    let text = if s.kind == "execute" { 0 } else { s.text.len() };
+    let parameters: usize = s
+        .parameters
+        .iter()
+        .flatten()
+        .map(|p| p.as_ref().map_or(1, |p| p.len()))
+        .sum();
+    (32 + text + parameters) as u64
 }
 
 impl Records {
+    /// Records at most `bytes_per_second` of statements (in bursts of up to
+    /// four seconds' worth); beyond, statements are counted, and the next
+    /// record says how many were not recorded (see [`Records::push`]).
+    pub fn limit(&mut self, bytes_per_second: u64) {
+        self.budget = Some(Budget {
+            per_second: bytes_per_second,
+            left: bytes_per_second.saturating_mul(4),
+            at: 0,
+        });
+    }
+
+    /// Encodes `s`, unless the budget is spent: then it is only counted.
+    /// The statements counted are said by one of kind `dropped`, under the
+    /// seq of the first of them, before the next recorded statement (or at
+    /// the next [`Records::take`]).
     pub fn push(&mut self, s: &Statement) {
+        if let Some(b) = &mut self.budget {
+            if b.at == 0 {
+                b.at = s.at;
+            }
+            let cost = cost(s);
+            if !b.take(cost, s.at) {
+                let d = &mut self.dropped;
+                d.count += 1;
+                d.bytes += cost;
+                d.denied += u64::from(s.decision == Some(Action::Deny));
+                d.first.get_or_insert((s.seq, s.at));
+                d.last_at = s.at;
+                return;
+            }
+        }
+        self.say_dropped();
+        self.encode(s);
+    }
+
+    /// Records the statement that says what the budget turned away.
+    fn say_dropped(&mut self) {
+        let d = std::mem::take(&mut self.dropped);
+        let (Some((seq, at)), Some(b)) = (d.first, &self.budget) else {
+            return;
+        };
+        let text = format!(
+            "{} statements ({} bytes) not recorded: over this session's recording rate of {} bytes/s \
+             (agent.record_bytes_per_second); {} of them denied; all decided as usual; the last at {}",
+            d.count,
+            d.bytes,
+            b.per_second,
+            d.denied,
+            crate::record::rfc3339_micros(d.last_at)
+        );
+        self.encode(&Statement {
+            seq,
+            at,
+            ..Statement::new("dropped", None, text.into(), Class::Unknown)
+        });
+    }
+
+    fn encode(&mut self, s: &Statement) {
         if self
             .open
             .is_some_and(|(_, n)| n >= PER_RECORD || self.body.body.len() >= RECORD_BYTES)
@@ -94,6 +212,7 @@ impl Records {
 
     /// Every statement pushed since the last take, in records.
     pub fn take(&mut self) -> Vec<Chunk> {
+        self.say_dropped();
         self.seal();
         std::mem::take(&mut self.sealed)
     }
@@ -216,6 +335,10 @@ impl Writer {
         self.option(s.rows, |w, r| varint(&mut w.body, r));
         self.option(s.error.as_deref(), |w, e| {
             w.string(e, false);
+        });
+        self.option(s.whole.as_ref(), |w, whole| {
+            varint(&mut w.body, whole.len);
+            w.body.extend_from_slice(&whole.sha256);
         });
     }
 
@@ -346,16 +469,18 @@ fn unzigzag(v: u64) -> u64 {
 
 /// The statements of a stored record, in any format.
 pub fn decode(bytes: &[u8]) -> Result<Vec<Statement>, String> {
-    let plain = match bytes.first() {
+    let (plain, whole) = match bytes.first() {
         Some(b'[') => return serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        Some(&FORMAT) => false,
-        Some(&FORMAT_PLAIN) => true,
+        Some(&FORMAT) => (false, true),
+        Some(&FORMAT_NO_WHOLE) => (false, false),
+        Some(&FORMAT_PLAIN) => (true, false),
         Some(b) => return Err(format!("unknown statement record format {b:#04x}")),
         None => return Err("empty statement record".into()),
     };
     let mut r = Reader {
         rest: &bytes[1..],
         plain,
+        whole,
         said: Vec::new(),
         next_seq: 0,
         last_at: 0,
@@ -405,6 +530,8 @@ struct Reader<'a> {
     rest: &'a [u8],
     /// The first binary format: strings in full, seq and time whole.
     plain: bool,
+    /// Statements end with [`Statement::whole`].
+    whole: bool,
     /// Strings said so far in this record.
     said: Vec<Arc<str>>,
     next_seq: u64,
@@ -564,6 +691,15 @@ impl Reader<'_> {
         let tags = (0..n).map(|_| self.shared()).collect::<Result<_, _>>()?;
         let rows = self.option(Self::varint)?;
         let error = self.option(Self::string)?;
+        let whole = match self.whole {
+            true => self.option(|r| {
+                let len = r.varint()?;
+                let (hash, rest) = r.rest.split_first_chunk::<32>().ok_or("record cut short")?;
+                r.rest = rest;
+                Ok(crate::protocol::postgres::Whole { len, sha256: *hash })
+            })?,
+            false => None,
+        };
         Ok(Statement {
             seq,
             at,
@@ -580,6 +716,7 @@ impl Reader<'_> {
             tags,
             rows,
             error,
+            whole,
         })
     }
 }
@@ -609,6 +746,10 @@ mod tests {
             tags: ["UPDATE 3".into(), "COMMIT".into()].into_iter().collect(),
             rows: Some(3),
             error: Some("42501".into()),
+            whole: Some(crate::protocol::postgres::Whole {
+                len: 1 << 40,
+                sha256: [0xab; 32],
+            }),
         };
         let mut list = vec![plain.clone(), full];
         for (i, (class, action)) in [
@@ -724,6 +865,96 @@ mod tests {
         let mut empty = Vec::new();
         encode(&[], &mut empty);
         assert_eq!(decode(&empty).unwrap(), vec![]);
+    }
+
+    /// A cut text's whole length and hash round-trip; records of the format
+    /// before that field still decode.
+    #[test]
+    fn cut_texts_keep_their_whole_and_older_records_decode() {
+        let long = "SELECT '".to_string() + &"é".repeat(5000) + "'";
+        let (text, whole) = crate::protocol::postgres::Whole::cut(long.clone(), 4096);
+        assert!(text.len() <= 4096 && text.len() >= 4095, "{}", text.len());
+        assert!(long.starts_with(&*text));
+        let whole = whole.unwrap();
+        assert_eq!(whole.len, long.len() as u64);
+        use sha2::Digest;
+        assert_eq!(whole.sha256, <[u8; 32]>::from(sha2::Sha256::digest(&long)));
+        let cut = vec![Statement {
+            whole: Some(whole),
+            ..Statement::new("query", None, text, Class::Read)
+        }];
+        let mut bytes = Vec::new();
+        encode(&cut, &mut bytes);
+        assert_eq!(decode(&bytes).unwrap(), cut);
+        let json = serde_json::to_string(&cut).unwrap();
+        assert_eq!(serde_json::from_str::<Vec<Statement>>(&json).unwrap(), cut);
+        let (short, none) = crate::protocol::postgres::Whole::cut("SELECT 1".into(), 4096);
+        assert!(none.is_none());
+        // The same statement without the field, as the format before wrote it.
+        let older = vec![Statement::new("query", None, short, Class::Read)];
+        let mut bytes = Vec::new();
+        encode(&older, &mut bytes);
+        assert_eq!(bytes.pop(), Some(0), "no whole: an empty option last");
+        bytes[0] = FORMAT_NO_WHOLE;
+        assert_eq!(decode(&bytes).unwrap(), older);
+    }
+
+    /// Over its budget, a session's statements are counted, not encoded,
+    /// and one statement says how many, under the first one's seq, before
+    /// the next recorded one; denied ones count too.
+    #[test]
+    fn statements_over_the_budget_are_counted_and_said() {
+        let mut r = Records::default();
+        r.limit(4096);
+        let text: Arc<str> = "x".repeat(968).into(); // costs 1000
+        let t0 = 1_709_210_096_000_000;
+        let st = |seq: u32, at: u64| Statement {
+            seq,
+            at,
+            decision: Some(if seq % 2 == 0 {
+                Action::Deny
+            } else {
+                Action::Allow
+            }),
+            ..Statement::new("query", None, text.clone(), Class::Read)
+        };
+        // A burst: four seconds' worth pass, the rest are counted.
+        for seq in 0..100 {
+            r.push(&st(seq, t0));
+        }
+        // One second later: a thousand more bytes may go.
+        r.push(&st(100, t0 + 1_000_000));
+        let got: Vec<Statement> = r
+            .take()
+            .iter()
+            .flat_map(|c| decode(&c.bytes).unwrap())
+            .collect();
+        let kinds: Vec<&str> = got.iter().map(|s| &*s.kind).collect();
+        assert_eq!(kinds, [&["query"; 16][..], &["dropped", "query"]].concat());
+        let said = &got[16];
+        assert_eq!(said.seq, 16);
+        assert!(
+            said.text
+                .starts_with("84 statements (84000 bytes) not recorded")
+                && said.text.contains("42 of them denied"),
+            "{}",
+            said.text
+        );
+        assert_eq!(got[17].seq, 100);
+        // The second earned 4096 bytes, of which 3480 are left: three
+        // more go, and what is turned away then is said at the next take.
+        for seq in 101..110 {
+            r.push(&st(seq, t0 + 1_000_001));
+        }
+        let got: Vec<Statement> = r
+            .take()
+            .iter()
+            .flat_map(|c| decode(&c.bytes).unwrap())
+            .collect();
+        let kinds: Vec<&str> = got.iter().map(|s| &*s.kind).collect();
+        assert_eq!(kinds, ["query", "query", "query", "dropped"]);
+        assert!(got[3].text.starts_with("6 statements"), "{}", got[3].text);
+        assert_eq!(got[3].seq, 104);
     }
 
     /// The runs of a prepared statement say its text, kind, rule, tables

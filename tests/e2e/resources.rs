@@ -1,0 +1,147 @@
+//! Bounded resources: what one workload's session may take from the agent
+//! and its store.
+
+use crate::{harness::*, s};
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+/// Hole 6: statement texts are recorded up to `agent.record_text_limit`,
+/// with the length and SHA-256 of the whole; a session's statements beyond
+/// `agent.record_bytes_per_second` are decided as ever but only counted,
+/// and the recording says how many it dropped (denied ones too).
+#[test]
+fn long_statements_are_cut_and_a_flood_is_counted() {
+    let policy = format!(
+        "{}\n[[rule]]\nid = \"no-deletes\"\non = \"statement\"\nworkloads = [\"app\"]\n\
+         targets = [\"db\"]\nclasses = [\"write\"]\naction = \"deny\"\n",
+        super::APP_DB
+    );
+    let (dir, db, mut agent) =
+        super::postgres_and_agent_with("bounded", &policy, Some("CREATE TABLE t (x int)"));
+    agent.stop();
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace("[agent]\n", "[agent]\nrecord_bytes_per_second = 16384\n"),
+    )
+    .unwrap();
+    agent.spawn();
+    let conn = db.conninfo();
+    let store = agent.dir.join("data").join("store");
+    let run_file = |agent: &Agent, name: &str, sql: &str| {
+        let file = dir.join(name);
+        std::fs::write(&file, sql).unwrap();
+        let out = super::pg_tool(
+            agent,
+            "psql",
+            &[
+                &conn,
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=0",
+                "-f",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+
+    // Ten statements of 1 MiB each.
+    let before = dir_bytes(&store);
+    let mib = "x".repeat(1 << 20);
+    let long: String = (0..10)
+        .map(|_| format!("SELECT length('{mib}');\n"))
+        .collect();
+    let out = run_file(&agent, "long.sql", &long);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("1048576")
+            .count(),
+        10
+    );
+    let events = super::events_of_kind_until(&agent, "query", |e| {
+        e.iter().filter(|x| x["whole"].is_object()).count() >= 10
+    });
+    let cut: Vec<_> = events.iter().filter(|x| x["whole"].is_object()).collect();
+    assert_eq!(cut.len(), 10);
+    for x in &cut {
+        assert!(s(&x["text"]).len() <= 4096, "{}", s(&x["text"]).len());
+        // SELECT length('…') as psql sends it.
+        assert_eq!(x["whole"]["len"], (1u64 << 20) + 18, "{}", x["whole"]);
+        assert_eq!(s(&x["whole"]["sha256"]).len(), 64);
+    }
+    agent.stop();
+    let grown = dir_bytes(&store).saturating_sub(before);
+    eprintln!("10 MiB of statements grew the store by {grown} bytes");
+    assert!(
+        grown < 2 << 20,
+        "the store grew by {grown} bytes for 10 MiB sent"
+    );
+    agent.spawn();
+
+    // A flood: 3000 statements, every third a denied DELETE.
+    let flood: String = (0..3000)
+        .map(|i| {
+            if i % 3 == 2 {
+                "DELETE FROM t;\n".to_string()
+            } else {
+                format!("SELECT {i};\n")
+            }
+        })
+        .collect();
+    run_file(&agent, "flood.sql", &flood);
+    let sessions = agent.sessions_until("the flood's session", |x| {
+        x.iter().filter(|x| x["outcome"] == "closed").count() >= 2
+    });
+    let flood_session = sessions
+        .iter()
+        .filter(|x| x["outcome"] == "closed")
+        .max_by_key(|x| x["statements"].as_u64())
+        .unwrap();
+    let show = agent.cli(&["sessions", "show", s(&flood_session["id"]), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let events = v["statement_events"].as_array().unwrap();
+    let recorded = events.iter().filter(|e| e["kind"] == "query").count();
+    let mut dropped = 0;
+    let mut denied_dropped = 0;
+    for e in events.iter().filter(|e| e["kind"] == "dropped") {
+        let t = s(&e["text"]);
+        let n = |after: &str| -> u64 {
+            t.split(after)
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        dropped += n(" statements (");
+        denied_dropped += n(" of them denied");
+    }
+    eprintln!("flood: {recorded} recorded, {dropped} dropped ({denied_dropped} denied)");
+    assert!(dropped > 0, "nothing was dropped");
+    assert!(denied_dropped > 0, "denied statements were not counted");
+    assert_eq!(recorded as u64 + dropped, 3000);
+    assert_eq!(
+        crate::enforcement::direct(&db, "SELECT count(*) FROM t"),
+        "0"
+    );
+}
