@@ -911,7 +911,7 @@ mod tests {
         let st = |seq: u32, at: u64| Statement {
             seq,
             at,
-            decision: Some(if seq % 2 == 0 {
+            decision: Some(if seq.is_multiple_of(2) {
                 Action::Deny
             } else {
                 Action::Allow
