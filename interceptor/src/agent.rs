@@ -84,7 +84,9 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
 
     let config = Arc::new(config);
     let proxy = Arc::new(Proxy {
-        identity: Arc::new(Resolver::new(&config, &workloads)),
+        identity: Arc::new(
+            Resolver::new(&config, &workloads).context("starting the executable hasher")?,
+        ),
         config: config.clone(),
         policy: Arc::new(ArcSwap::from_pointee(policy)),
         meta: redirect.clone(),

@@ -9,17 +9,16 @@
 use std::{
     collections::HashMap,
     fs,
-    io::Read,
-    os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Mutex, RwLock},
 };
 
 use interceptor_ebpf::ConnMeta;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::{cgroup, cgroup::Resolved, config::Config};
+
+pub mod hasher;
 
 /// Evidence behind an attribution, as stored with the session.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,13 +65,13 @@ pub struct Resolver {
     workloads: Vec<WorkloadCg>,
     /// cgroup id → (workload index, cgroup path) for sub-cgroups found so far.
     sub_cgroups: RwLock<HashMap<u64, (usize, String)>>,
-    exe_hashes: Mutex<HashMap<(u64, u64, i64, u64), String>>,
+    hasher: hasher::Hasher,
     users: Mutex<HashMap<u32, Option<String>>>,
     ticks_per_s: u64,
 }
 
 impl Resolver {
-    pub fn new(config: &Config, resolved: &[Resolved]) -> Self {
+    pub fn new(config: &Config, resolved: &[Resolved]) -> std::io::Result<Self> {
         let workloads = resolved
             .iter()
             .map(|r| WorkloadCg {
@@ -86,17 +85,17 @@ impl Resolver {
                 id: r.id,
             })
             .collect();
-        Resolver {
+        Ok(Resolver {
             workloads,
             sub_cgroups: RwLock::default(),
-            exe_hashes: Mutex::default(),
+            hasher: hasher::Hasher::start()?,
             users: Mutex::default(),
             // SAFETY: sysconf has no memory-safety preconditions.
             ticks_per_s: match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
                 n if n > 0 => n as u64,
                 _ => 100,
             },
-        }
+        })
     }
 
     /// Which workload owns cgroup `id`, and the cgroup's path.
@@ -117,8 +116,19 @@ impl Resolver {
         None
     }
 
-    /// Attributes a connection. Reads /proc and may hash an executable (cached).
-    pub fn resolve(&self, meta: &ConnMeta) -> Identity {
+    /// Attributes a connection: reads /proc, and waits for the hash of the
+    /// caller's executable at most [`hasher::DEADLINE`] (cached; made off
+    /// the data path, never behind another executable's).
+    pub async fn resolve(&self, meta: &ConnMeta) -> Identity {
+        let (mut id, hash) = self.resolve_now(meta);
+        if let Some(slot) = hash {
+            id.evidence.exe_sha256 = hasher::wait(slot).await;
+        }
+        id
+    }
+
+    /// What can be known at once, and the executable's hash to wait for.
+    fn resolve_now(&self, meta: &ConnMeta) -> (Identity, Option<hasher::Slot>) {
         let comm_len = meta
             .comm
             .iter()
@@ -141,10 +151,11 @@ impl Resolver {
             ev.cgroup = Some(rel.clone());
             ev.systemd_unit = systemd_unit(rel);
         }
+        let mut hash = None;
         if let Some(p) = self.live_process(meta, owner.as_ref().map(|(_, r)| r.as_str())) {
             ev.process_start = Some(p.start);
             ev.exe = p.exe;
-            ev.exe_sha256 = p.exe_sha256;
+            hash = p.exe_hash;
             ev.attribution = "process".into();
         }
         let (workload, spiffe_id) = match owner {
@@ -154,11 +165,14 @@ impl Resolver {
             ),
             None => (None, None),
         };
-        Identity {
-            workload,
-            spiffe_id,
-            evidence: ev,
-        }
+        (
+            Identity {
+                workload,
+                spiffe_id,
+                evidence: ev,
+            },
+            hash,
+        )
     }
 
     fn live_process(&self, meta: &ConnMeta, cgroup_rel: Option<&str>) -> Option<LiveProcess> {
@@ -185,33 +199,14 @@ impl Resolver {
         let exe = fs::read_link(&exe_path)
             .ok()
             .map(|p| p.display().to_string());
-        let exe_sha256 = self.exe_hash(&exe_path);
+        let exe_hash = fs::File::open(&exe_path)
+            .ok()
+            .and_then(|f| self.hasher.hash(f));
         Some(LiveProcess {
             start: crate::record::rfc3339_micros(boot_wall_micros() + start_ns / 1000),
             exe,
-            exe_sha256,
+            exe_hash,
         })
-    }
-
-    fn exe_hash(&self, exe_path: &str) -> Option<String> {
-        let mut f = fs::File::open(exe_path).ok()?;
-        let m = f.metadata().ok()?;
-        let key = (m.dev(), m.ino(), m.mtime(), m.size());
-        if let Some(h) = self.exe_hashes.lock().ok()?.get(&key) {
-            return Some(h.clone());
-        }
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf).ok()?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let hex = hex(&hasher.finalize());
-        self.exe_hashes.lock().ok()?.insert(key, hex.clone());
-        Some(hex)
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {
@@ -231,7 +226,7 @@ impl Resolver {
 struct LiveProcess {
     start: String,
     exe: Option<String>,
-    exe_sha256: Option<String>,
+    exe_hash: Option<hasher::Slot>,
 }
 
 /// The innermost systemd unit (`.service` or `.scope`) in a cgroup path.
@@ -299,17 +294,28 @@ mod tests {
         assert_eq!(systemd_unit("/interceptor/billing"), None);
     }
 
-    #[test]
-    fn hashes_the_running_executable() {
+    #[tokio::test(flavor = "current_thread")]
+    async fn hashes_the_running_executable() {
         let cfg = Config::parse(
             std::path::Path::new("c.toml"),
             "[agent]\ntrust_domain = \"t\"\n",
         )
         .unwrap();
-        let r = Resolver::new(&cfg, &[]);
-        let me = r.exe_hash("/proc/self/exe").unwrap();
-        let mut h = Sha256::new();
-        h.update(fs::read(std::env::current_exe().unwrap()).unwrap());
-        assert_eq!(me, hex(&h.finalize()));
+        let r = Resolver::new(&cfg, &[]).unwrap();
+        let mut slot = r
+            .hasher
+            .hash(fs::File::open("/proc/self/exe").unwrap())
+            .unwrap();
+        // This test binary is large: no deadline here.
+        let me = slot
+            .wait_for(Option::is_some)
+            .await
+            .unwrap()
+            .clone()
+            .flatten()
+            .unwrap();
+        use sha2::Digest;
+        let whole = sha2::Sha256::digest(fs::read(std::env::current_exe().unwrap()).unwrap());
+        assert_eq!(me, hex(&whole));
     }
 }

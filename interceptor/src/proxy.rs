@@ -236,7 +236,7 @@ impl Proxy {
             return self.finish(s, Outcome::Refused, Some(why.into())).await;
         };
         let dst = original_dst(&meta);
-        let id = self.identity.resolve(&meta);
+        let id = self.identity.resolve(&meta).await;
         s.workload = id.workload.clone();
         s.identity = id.spiffe_id.clone();
         s.pid = meta.tgid;

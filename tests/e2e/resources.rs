@@ -145,3 +145,79 @@ fn long_statements_are_cut_and_a_flood_is_counted() {
         "0"
     );
 }
+
+/// Hole 6: executables are hashed off the data path. While one workload
+/// runs a 1 GiB executable whose modification time it changes before each
+/// connect (a new hash every time), another workload's connects take no
+/// longer, and still carry their own executable's hash.
+#[test]
+fn a_huge_executable_does_not_slow_other_workloads() {
+    let echo = Echo::start();
+    let sections = format!(
+        "{}\n[[workload]]\nname = \"big\"\nmanaged = true\n",
+        app_and_echo(echo.port, "")
+    );
+    let policy = ALLOW_APP_ECHO.replace("workloads = [\"app\"]", "workloads = [\"app\", \"big\"]");
+    let agent = Agent::start("bigexe", &sections, &policy);
+    let bigpy = agent.dir.join("bigpy");
+    std::fs::copy("/usr/bin/python3", &bigpy).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&bigpy)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let port = echo.port.to_string();
+    let script = format!(
+        "import os, socket, sys, time\n\
+         exe = sys.executable\n\
+         for i in range(8):\n\
+         \x20   t = time.time_ns() + i\n\
+         \x20   os.utime(exe, ns=(t, t))\n\
+         \x20   s = socket.create_connection(('127.0.0.1', {port}))\n\
+         \x20   s.sendall(b'x'); s.recv(1); s.close()\n"
+    );
+    let mut big = std::process::Command::new(BIN)
+        .args(["exec", "--config"])
+        .arg(&agent.config)
+        .args(["--workload", "big", "--"])
+        .arg(&bigpy)
+        .args(["-c", &script])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut times = Vec::new();
+    for _ in 0..8 {
+        let r = agent.client(Some("app"), &["connect", "127.0.0.1", &port]);
+        assert_eq!(r["first_read"], 6, "{r}");
+        times.push(r["elapsed_ms"].as_f64().unwrap());
+    }
+    assert!(big.wait().unwrap().success());
+    times.sort_by(f64::total_cmp);
+    eprintln!("app's connect + first read beside the 1 GiB executable, ms: {times:?}");
+    assert!(
+        times[times.len() / 2] < 100.0,
+        "median {} ms",
+        times[times.len() / 2]
+    );
+    assert!(
+        times[times.len() - 1] < 300.0,
+        "slowest {} ms",
+        times[times.len() - 1]
+    );
+    let sessions = agent.sessions_until("16 sessions", |s| {
+        s.iter().filter(|x| x["outcome"] == "closed").count() >= 16
+    });
+    for x in sessions.iter().filter(|x| x["workload"] == "app") {
+        assert_eq!(
+            s(&x["evidence"]["exe_sha256"]).len(),
+            64,
+            "no hash for app: {x:#}"
+        );
+    }
+    assert_eq!(
+        sessions.iter().filter(|x| x["workload"] == "big").count(),
+        8,
+        "{sessions:#?}"
+    );
+}
