@@ -154,6 +154,23 @@ pub struct AgentSection {
     /// it dropped.
     #[serde(default = "default_record_bytes_per_second")]
     pub record_bytes_per_second: u64,
+    /// End a relayed connection that moved no byte for this many seconds
+    /// (0: never).
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// End a relayed connection one side of which ended its sending while
+    /// the other has not, once no byte moved for this many seconds since
+    /// (0: never).
+    #[serde(default = "default_half_closed_timeout_s")]
+    pub half_closed_timeout_s: u64,
+}
+
+fn default_idle_timeout_s() -> u64 {
+    3600
+}
+
+fn default_half_closed_timeout_s() -> u64 {
+    60
 }
 
 /// Least `record_text_limit` a config may set.
@@ -173,6 +190,16 @@ fn default_record_bytes_per_second() -> u64 {
 pub const MAX_BUSY_POLL_US: u32 = 1000;
 
 impl AgentSection {
+    /// How the relay loops treat connections: busy polling and timeouts.
+    pub fn tuning(&self) -> crate::proxy::relay_loop::Tuning {
+        let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+        crate::proxy::relay_loop::Tuning {
+            busy_poll: self.busy_poll(),
+            idle: secs(self.idle_timeout_s),
+            half_closed: secs(self.half_closed_timeout_s),
+        }
+    }
+
     /// The busy-polling window, if on.
     pub fn busy_poll(&self) -> Option<std::time::Duration> {
         (self.busy_poll_us > 0).then(|| std::time::Duration::from_micros(self.busy_poll_us.into()))

@@ -137,7 +137,7 @@ impl Proxy {
     pub fn start_workers(self: &Arc<Self>, n: usize) -> io::Result<Workers> {
         let mut senders = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
-        let loops = relay_loop::Loops::start(n, self.config.agent.busy_poll())?;
+        let loops = relay_loop::Loops::start(n, self.config.agent.tuning())?;
         let mut ticks = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();

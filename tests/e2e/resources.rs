@@ -221,3 +221,60 @@ fn a_huge_executable_does_not_slow_other_workloads() {
         "{sessions:#?}"
     );
 }
+
+/// Hole 6: idle and half-closed connections end at their configured
+/// timeouts (`agent.idle_timeout_s`, `agent.half_closed_timeout_s`), both
+/// sides reset, and the session says why.
+#[test]
+fn idle_and_half_closed_connections_time_out() {
+    // A server that takes connections and never answers nor closes.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hold_port = holder.local_addr().unwrap().port().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in holder.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let policy = "[defaults]\nconnect = \"allow\"\nunmatched_destination = \"allow\"\n";
+    let mut agent = Agent::prepare("timeouts", &app_and_echo(free_port(), ""), policy);
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace(
+            "[agent]\n",
+            "[agent]\nidle_timeout_s = 2\nhalf_closed_timeout_s = 1\n",
+        ),
+    )
+    .unwrap();
+    agent.spawn();
+    let t = std::time::Instant::now();
+    // Says nothing, hears nothing.
+    let idle = agent.client(Some("app"), &["raw", "127.0.0.1", &hold_port, ""]);
+    let idle_took = t.elapsed();
+    // Says a line and ends its sending; the server never ends its own.
+    let t = std::time::Instant::now();
+    let half = agent.client(Some("app"), &["raw", "127.0.0.1", &hold_port, "68690a,"]);
+    let half_took = t.elapsed();
+    eprintln!("idle ended after {idle_took:?} ({idle}), half closed after {half_took:?} ({half})");
+    assert!(
+        idle_took >= std::time::Duration::from_secs(2)
+            && idle_took < std::time::Duration::from_secs(5)
+    );
+    assert!(
+        half_took >= std::time::Duration::from_secs(1)
+            && half_took < std::time::Duration::from_secs(4)
+    );
+    let sessions = agent.sessions_until("two timed-out sessions", |s| {
+        s.iter().filter(|x| x["outcome"] == "error").count() >= 2
+    });
+    let details: Vec<&str> = sessions.iter().map(|x| s(&x["detail"])).collect();
+    assert!(
+        details.iter().any(|d| d.contains("idle for 2 s")),
+        "{details:?}"
+    );
+    assert!(
+        details.iter().any(|d| d.contains("half closed for 1 s")),
+        "{details:?}"
+    );
+}

@@ -80,9 +80,11 @@ pub trait Traffic: Send {
     /// both sockets). Reports the connection's end itself, then says
     /// [`Pumped::Over`].
     fn pump(&mut self, event: Option<Event>, scratch: &mut [u8]) -> Pumped;
-    /// The loop cannot take it (stopped, or the sockets cannot be watched):
-    /// report that end.
+    /// The loop cannot take it (stopped, the sockets cannot be watched, or
+    /// a timeout passed): report that end.
     fn refuse(self: Box<Self>, e: io::Error);
+    /// One side has ended its sending and the other not.
+    fn half_closed(&self) -> bool;
 }
 
 /// What epoll reported for one socket of a connection.
@@ -119,6 +121,22 @@ pub enum Pumped {
     /// Over, and its end reported.
     Over,
 }
+
+/// How a loop treats its connections beyond moving their bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tuning {
+    /// Keep polling this long after each read (see the module's
+    /// documentation).
+    pub busy_poll: Option<Duration>,
+    /// End a connection that has moved no byte for this long.
+    pub idle: Option<Duration>,
+    /// End a connection one side of which has ended its sending while the
+    /// other has not, once no byte has moved for this long since.
+    pub half_closed: Option<Duration>,
+}
+
+/// How often a loop with timeouts looks for connections past them.
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// What a loop is asked to do.
 pub(crate) enum Job {
@@ -172,10 +190,11 @@ pub struct RelayLoop {
 }
 
 impl RelayLoop {
-    /// Starts a loop thread named `name`. With `busy_poll`, the thread keeps
-    /// polling (without sleeping) for that long after each read (see the
-    /// module's documentation for why, and at what price).
-    pub fn start(name: String, busy_poll: Option<Duration>) -> io::Result<RelayLoop> {
+    /// Starts a loop thread named `name`. With `tuning.busy_poll`, the
+    /// thread keeps polling (without sleeping) for that long after each
+    /// read (see the module's documentation for why, and at what price);
+    /// with its timeouts, connections past them are ended.
+    pub fn start(name: String, tuning: Tuning) -> io::Result<RelayLoop> {
         // SAFETY: plain eventfd(2); the fd is owned right below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -208,8 +227,10 @@ impl RelayLoop {
                     open,
                     moved: m,
                     scratch: vec![0; COPY_BUF].into_boxed_slice(),
-                    busy_poll,
+                    busy_poll: tuning.busy_poll,
                     last_read: None,
+                    tuning,
+                    clock: Clock::default(),
                 };
                 if let Err(e) = l.run(&rx, &bell, &stop) {
                     warn!(error = %e, "relay loop failed; its connections are closed");
@@ -309,7 +330,7 @@ pub(crate) fn submit_here(traffic: Box<dyn Traffic>) {
     LOOPS.with(|slot| {
         let mut slot = slot.borrow_mut();
         if slot.is_none() {
-            match Loops::start(1, None) {
+            match Loops::start(1, Tuning::default()) {
                 Ok(l) => *slot = Some(l),
                 Err(e) => return traffic.refuse(e),
             }
@@ -382,7 +403,7 @@ pub fn bare(to: std::net::SocketAddr, threads: usize) -> io::Result<()> {
     let mut out = io::stdout();
     writeln!(out, "{}", listener.local_addr()?.port())?;
     out.flush()?;
-    let loops = Loops::start(threads, None)?;
+    let loops = Loops::start(threads, Tuning::default())?;
     for client in listener.incoming() {
         let client = match client {
             Ok(c) => c,
@@ -424,6 +445,19 @@ struct Loop {
     scratch: Box<[u8]>,
     busy_poll: Option<Duration>,
     last_read: Option<Instant>,
+    tuning: Tuning,
+    clock: Clock,
+}
+
+/// When each connection last moved bytes and since when it is half
+/// closed, by slot; kept only when the loop has timeouts.
+#[derive(Default)]
+struct Clock {
+    /// Read once per wake-up.
+    now: Option<Instant>,
+    last_sweep: Option<Instant>,
+    active: Vec<Instant>,
+    half_since: Vec<Option<Instant>>,
 }
 
 impl Loop {
@@ -439,7 +473,21 @@ impl Loop {
                 .busy_poll
                 .zip(self.last_read)
                 .is_some_and(|(window, t)| t.elapsed() < window);
-            let n = self.epoll.wait(&mut events, if polling { 0 } else { -1 })?;
+            let timed = self.tuning.idle.is_some() || self.tuning.half_closed.is_some();
+            let sleep = match (polling, timed && self.open.load(Ordering::Relaxed) > 0) {
+                (true, _) => 0,
+                (false, true) => SWEEP.as_millis() as libc::c_int,
+                (false, false) => -1,
+            };
+            let n = self.epoll.wait(&mut events, sleep)?;
+            if timed {
+                let now = Instant::now();
+                self.clock.now = Some(now);
+                if self.clock.last_sweep.is_none_or(|t| now - t >= SWEEP) {
+                    self.clock.last_sweep = Some(now);
+                    self.sweep(now);
+                }
+            }
             if n == 0 && polling {
                 // Let whatever else is runnable here (the server being
                 // answered, say) go first.
@@ -494,6 +542,13 @@ impl Loop {
         }
         self.slots[token] = Some(traffic);
         self.open.fetch_add(1, Ordering::Relaxed);
+        if let Some(now) = self.clock.now {
+            let c = &mut self.clock;
+            c.active.resize(self.slots.len(), now);
+            c.half_since.resize(self.slots.len(), None);
+            c.active[token] = now;
+            c.half_since[token] = None;
+        }
         // Bytes may have come before the sockets were registered (or while
         // the connection moved here from another loop).
         self.pump(token, None);
@@ -528,12 +583,61 @@ impl Loop {
         }
     }
 
+    /// Ends the connections past a timeout.
+    fn sweep(&mut self, now: Instant) {
+        let Tuning {
+            idle, half_closed, ..
+        } = self.tuning;
+        for token in 0..self.slots.len() {
+            let Some(traffic) = &self.slots[token] else {
+                continue;
+            };
+            let c = &mut self.clock;
+            let (Some(&active), Some(since)) = (c.active.get(token), c.half_since.get_mut(token))
+            else {
+                continue;
+            };
+            *since = traffic.half_closed().then(|| since.unwrap_or(now));
+            let quiet = now.saturating_duration_since(active);
+            // Half closed and quiet since it became so: a reply still
+            // streaming after the client's end is not stuck.
+            let half_quiet = since.map(|t| now.saturating_duration_since(t.max(active)));
+            let why =
+                if let Some(limit) = half_closed.filter(|&d| half_quiet.is_some_and(|q| q >= d)) {
+                    format!(
+                        "half closed for {} s (agent.half_closed_timeout_s)",
+                        limit.as_secs()
+                    )
+                } else if let Some(limit) = idle.filter(|&d| quiet >= d) {
+                    format!("idle for {} s (agent.idle_timeout_s)", limit.as_secs())
+                } else {
+                    continue;
+                };
+            let traffic = self.slots[token].take().expect("checked above");
+            for fd in traffic.sockets() {
+                let _ = self.epoll.delete(fd);
+            }
+            self.free.push(token);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            traffic.refuse(io::Error::new(io::ErrorKind::TimedOut, why));
+        }
+    }
+
     fn pump(&mut self, token: usize, event: Option<Event>) {
         let Some(Some(traffic)) = self.slots.get_mut(token) else {
             return; // over earlier in this batch of events
         };
         match traffic.pump(event, &mut self.scratch) {
             Pumped::Open { moved } => {
+                if let Some(now) = self.clock.now {
+                    let c = &mut self.clock;
+                    if let (Some(a), true) = (c.active.get_mut(token), moved > 0) {
+                        *a = now;
+                    }
+                    if let Some(since) = c.half_since.get_mut(token) {
+                        *since = traffic.half_closed().then(|| since.unwrap_or(now));
+                    }
+                }
                 if moved > 0 {
                     self.moved.fetch_add(moved, Ordering::Relaxed);
                     if self.busy_poll.is_some() {
@@ -730,6 +834,10 @@ impl Traffic for Tcp {
 
     fn refuse(mut self: Box<Self>, e: io::Error) {
         self.end(Err(e));
+    }
+
+    fn half_closed(&self) -> bool {
+        self.up.eof != self.down.eof
     }
 }
 
@@ -1234,8 +1342,14 @@ mod tests {
 
     #[test]
     fn busy_poll_keeps_the_loop_awake_only_for_the_window_after_a_read() {
-        let l =
-            RelayLoop::start("relay-busy-test".into(), Some(Duration::from_millis(400))).unwrap();
+        let l = RelayLoop::start(
+            "relay-busy-test".into(),
+            Tuning {
+                busy_poll: Some(Duration::from_millis(400)),
+                ..Tuning::default()
+            },
+        )
+        .unwrap();
         let (done, ended) = mpsc::channel();
         let (mut app, client, upstream, mut server) = std_pairs();
         l.submit(Box::new(Tcp::new(
@@ -1264,6 +1378,67 @@ mod tests {
         drop((app, server));
         let r = ended.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!((r.up, r.down, r.outcome), (4, 0, Outcome::Closed));
+    }
+
+    /// A connection that moves no byte past the idle timeout, and one left
+    /// half closed and quiet past its timeout, are ended with both sides
+    /// reset; one that keeps talking, more slowly than the timeouts, is
+    /// not, even half closed.
+    #[test]
+    fn idle_and_half_closed_connections_end_at_their_timeouts() {
+        let l = RelayLoop::start(
+            "relay-timeout-test".into(),
+            Tuning {
+                idle: Some(Duration::from_secs(2)),
+                half_closed: Some(Duration::from_secs(1)),
+                ..Tuning::default()
+            },
+        )
+        .unwrap();
+        let start = |l: &RelayLoop| {
+            let (done, ended) = mpsc::channel();
+            let (app, client, upstream, server) = std_pairs();
+            l.submit(Box::new(Tcp::new(
+                client,
+                upstream,
+                Box::new(move |r| done.send(r).unwrap()),
+            )));
+            (app, server, ended)
+        };
+        let t = Instant::now();
+        let (_idle_app, mut idle_server, idle) = start(&l);
+        let (half_app, _half_server, half) = start(&l);
+        half_app.shutdown(std::net::Shutdown::Write).unwrap();
+        let (mut talker, mut talker_server, talking) = start(&l);
+        // Half closed, and the server's reply keeps streaming.
+        talker.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = [0u8; 1];
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(300));
+            talker_server.write_all(b"x").unwrap();
+            std::io::Read::read_exact(&mut talker, &mut got).unwrap();
+        }
+        let r = half.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(r.outcome, Outcome::Error);
+        assert!(
+            r.detail.as_deref().unwrap().contains("half closed for 1 s"),
+            "{:?}",
+            r.detail
+        );
+        let r = idle.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            r.detail.as_deref().unwrap().contains("idle for 2 s"),
+            "{:?}",
+            r.detail
+        );
+        assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+        let e = std::io::Read::read(&mut idle_server, &mut got).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        // 3 s in, talking every 0.3 s: still open.
+        assert!(talking.try_recv().is_err(), "a live connection was ended");
+        drop((talker, talker_server));
+        let r = talking.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(r.outcome, Outcome::Closed, "{:?}", r.detail);
     }
 
     /// (app, proxy's client side, proxy's upstream side, server), the

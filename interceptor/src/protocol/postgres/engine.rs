@@ -956,6 +956,10 @@ impl relay_loop::Traffic for Postgres {
     fn refuse(mut self: Box<Self>, e: io::Error) {
         self.end(Err(e.into()));
     }
+
+    fn half_closed(&self) -> bool {
+        self.conn.client.ended != self.conn.server.ended
+    }
 }
 
 /// One relayed connection: its two sockets and the machines between them.

@@ -260,20 +260,20 @@ struct Shared {
 impl Loops {
     /// Starts `n` loops (at least one), balanced as [`Balance::default`]
     /// says; `busy_poll` as for [`RelayLoop::start`].
-    pub fn start(n: usize, busy_poll: Option<std::time::Duration>) -> std::io::Result<Arc<Loops>> {
-        Loops::with_balance(n, busy_poll, Some(Balance::default()))
+    pub fn start(n: usize, tuning: super::Tuning) -> std::io::Result<Arc<Loops>> {
+        Loops::with_balance(n, tuning, Some(Balance::default()))
     }
 
     /// As [`Loops::start`]; `balance: None` keeps every loop taking
     /// connections and never moves one.
     pub fn with_balance(
         n: usize,
-        busy_poll: Option<std::time::Duration>,
+        tuning: super::Tuning,
         balance: Option<Balance>,
     ) -> std::io::Result<Arc<Loops>> {
         let n = n.max(1);
         let loops = (0..n)
-            .map(|i| RelayLoop::start(format!("relay-loop-{i}"), busy_poll))
+            .map(|i| RelayLoop::start(format!("relay-loop-{i}"), tuning))
             .collect::<std::io::Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             loops,
@@ -672,7 +672,7 @@ mod tests {
     /// as they would have on one loop.
     #[test]
     fn connections_moved_between_loops_lose_nothing() {
-        let loops = Loops::with_balance(2, None, None).unwrap();
+        let loops = Loops::with_balance(2, super::super::Tuning::default(), None).unwrap();
         let (apps, ended) = connect(&loops, server(echo), 16);
         wait_for("every connection on a loop", || {
             loops.open().iter().sum::<usize>() == 16
@@ -739,7 +739,7 @@ mod tests {
             gather_below: 0.02,
             retry_after: 1,
         };
-        let loops = Loops::with_balance(2, None, Some(balance)).unwrap();
+        let loops = Loops::with_balance(2, super::super::Tuning::default(), Some(balance)).unwrap();
         assert_eq!(loops.active(), 1);
         let (apps, ended) = connect(&loops, server(sink), 8);
         wait_for("new connections on the first loop", || {
