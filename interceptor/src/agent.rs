@@ -73,6 +73,10 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         port = config.agent.proxy_port,
         "eBPF programs in place"
     );
+    tracing::warn!(
+        "unix sockets are not intercepted: a workload reaches a local server over its unix \
+         socket unseen; make such sockets unreachable to workload users (docs/threat-model.md)"
+    );
 
     let store_dyn: Arc<dyn Store> = store.clone();
     let (recorder, writer) = Recorder::start(store_dyn.clone());

@@ -387,11 +387,20 @@ pub struct SledStore {
     progress: sled::Tree,
 }
 
+/// sled's page cache: the agent writes far more than it reads back, so a
+/// small cache costs little, where sled's default (1 GiB) let a long-running
+/// agent's memory grow with its store.
+pub const STORE_CACHE: u64 = 16 << 20;
+
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("store");
         let shown = path.display().to_string();
-        let db = sled::open(&path).map_err(|e| match e {
+        let opened = sled::Config::new()
+            .path(&path)
+            .cache_capacity(STORE_CACHE)
+            .open();
+        let db = opened.map_err(|e| match e {
             sled::Error::Io(ref io)
                 if io.kind() == std::io::ErrorKind::WouldBlock
                     || io.raw_os_error() == Some(libc::EAGAIN) =>

@@ -468,3 +468,22 @@ fn postgres_on_an_opaque_destination_is_recognised_and_refused() {
 fn s_of(v: &serde_json::Value) -> &str {
     v.as_str().unwrap_or_default()
 }
+
+/// A connect made by sendto(MSG_FASTOPEN), with no connect call, meets the
+/// same hooks: redirected, attributed and recorded.
+#[test]
+fn tcp_fast_open_is_intercepted_too() {
+    let echo = Echo::start();
+    let agent = Agent::start("tfo", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let r = agent.client(
+        Some("app"),
+        &["fastopen", "127.0.0.1", &echo.port.to_string()],
+    );
+    assert_eq!(r["received"], "fast\n", "{r}");
+    let port = r["local_port"].as_u64().unwrap() as u16;
+    assert!(!echo.saw_port(port), "a Fast Open connect went direct");
+    agent.sessions_until("the Fast Open session", |s| {
+        s.iter()
+            .any(|x| x["pid"] == r["pid"] && x["rule"] == "app-to-echo" && x["bytes_up"] == 5)
+    });
+}

@@ -15,6 +15,8 @@ Modes:
   connect HOST PORT [SRC]  only connect (from local port SRC, if given); report
                            the error, if any, and how long connect plus the
                            first read took
+  fastopen HOST PORT       send a line with sendto(MSG_FASTOPEN) (TCP Fast Open,
+                           no connect call), read the echo; report as echo
   fdconnect HOST PORT FD   connect the inherited socket FD; report as connect
   squat HOST PORT          listen on HOST:PORT as whoever runs it; print a
                            line when listening, then one per connection it
@@ -162,6 +164,16 @@ def connect(host, port, src=None):
     out(res)
 
 
+def fastopen(host, port):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    # Blocking: the call connects, then sends.
+    s.sendto(b"fast\n", socket.MSG_FASTOPEN, (host, port))
+    s.settimeout(10)
+    got = s.recv(100)
+    out({"received": got.decode(), "local_port": s.getsockname()[1],
+         "peer_port": s.getpeername()[1], "pid": os.getpid()})
+
+
 def fdconnect(host, port, fd):
     res = {"connected": False, "error": None, "pid": os.getpid()}
     try:
@@ -238,6 +250,8 @@ def main():
         thread(host, port)
     elif mode == "connect":
         connect(host, port, int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    elif mode == "fastopen":
+        fastopen(host, port)
     elif mode == "fdconnect":
         fdconnect(host, port, int(sys.argv[4]))
     elif mode == "squat":

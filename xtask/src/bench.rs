@@ -23,6 +23,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::{agent::Agent, cargo, pg::free_port, require_root, root, run as run_cmd};
 
+mod memory;
+
 const RR_RATE: u64 = 2000; // requests per second on the persistent connection
 const RR_COUNT: u64 = 10_000;
 /// Each load runs this many times per path, alternating direct and agent;
@@ -49,10 +51,17 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             postgres(&tuning)
         }
+        Some("memory") => {
+            let (tuning, rest) = Tuning::parse(&args[1..])?;
+            if !rest.is_empty() {
+                bail!("bench memory takes no loads (got {rest:?})");
+            }
+            memory::memory(&tuning)
+        }
         Some("client") => client(&args[1..]),
         Some("server") => server(),
         _ => bail!(
-            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS]> \
+            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS] | memory [SETTINGS]> \
              (SETTINGS: --busy-poll-us N, --workers N)"
         ),
     }
@@ -576,6 +585,13 @@ fn client(args: &[String]) -> Result<()> {
                 bail!("sink received {ack:?} bytes, sent {BULK_BYTES}");
             }
             println!("gbps={}", BULK_BYTES as f64 * 8.0 / secs / 1e9);
+        }
+        "churn" | "hold" => {
+            let n: u64 = args
+                .get(2)
+                .and_then(|n| n.parse().ok())
+                .context("bench client churn|hold ADDR N")?;
+            memory::load(load, addr, n)?;
         }
         "connect" => {
             let mut lat = Vec::with_capacity(CONNECTS as usize);

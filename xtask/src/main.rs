@@ -18,13 +18,14 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [SETTINGS] [LOAD…] | bench postgres [SETTINGS] | fuzz [SECONDS]>
+const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [SETTINGS] [LOAD…] | bench postgres [SETTINGS] | bench memory [SETTINGS] | fuzz [SECONDS]>
 
   setup      install the eBPF toolchain (nightly rust-src, bpf-linker) and test packages
   test       setup, then every test: unit, in-process, privileged end-to-end, and 60 s of each fuzzer
   demo       run the agent with policies/demo.toml against a throw-away PostgreSQL
   bench l4 [LOAD…]  direct vs through the agent: rr, saturation, transactions, bulk, connect
   bench postgres    pgbench -S direct, through the agent, through pgbouncer
+  bench memory      the agent's memory after 100000 sessions and per idle connection
   SETTINGS          --busy-poll-us N: run the agent with agent.busy_poll_us = N
                     --workers N: agent.workers = N (and N bare relay threads)
   gen walk          regenerate interceptor/src/sql/walk.rs from pg_query's parse tree types
