@@ -345,7 +345,7 @@ impl Proxy {
             let listed = flush::Listed::new(s.id, None, progress.clone());
             let r = relay_loop::relay(client, upstream, progress, Some(sniff)).await;
             listed.finish(&self.recorder).await;
-            if r.postgres || r.outcome == Outcome::Denied {
+            if r.postgres {
                 s.protocol = "postgres".into();
                 s.rule = Some(unknown.rule.to_string());
             }
@@ -470,7 +470,8 @@ pub struct Relayed {
     pub down: u64,
     pub outcome: Outcome,
     pub detail: Option<String>,
-    /// An opaque connection turned out to carry a PostgreSQL session.
+    /// An opaque connection turned out to carry a PostgreSQL session
+    /// (relayed, or refused for it).
     pub postgres: bool,
 }
 

@@ -10,9 +10,6 @@ use std::{
 
 use crate::harness::*;
 
-/// uid and gid of `nobody`: an unprivileged local user.
-const NOBODY: &str = "65534";
-
 /// A listener bound by `nobody` on `host:port`, recording what it accepts.
 struct Squatter {
     child: Child,
@@ -151,14 +148,14 @@ fn metadata_of_a_closed_socket_is_never_given_to_another() {
     let proxy = agent.proxy_port.to_string();
     agent.kill9();
     let src = free_port().to_string();
-    let down = agent.client(
+    let down = agent.client_as_nobody(
         Some("app"),
         &["connect", "127.0.0.1", &echo.port.to_string(), &src],
     );
     assert_eq!(down["error"], "ConnectionRefusedError", "{down}");
 
     agent.spawn();
-    let host = agent.client(None, &["connect", "127.0.0.1", &proxy, &src]);
+    let host = agent.client_as_nobody(None, &["connect", "127.0.0.1", &proxy, &src]);
     assert_ne!(host["first_read"], 6, "relayed: {host}");
     let sessions = agent.sessions_until("the host process's session", |s| {
         s.iter().any(|x| x["outcome"] == "refused")
@@ -411,7 +408,7 @@ fn postgres_on_an_opaque_destination_is_recognised_and_refused() {
         ("split", "0000,0008,04,d2162f".to_string()),
         ("startup", "000000090003000000".to_string()),
     ] {
-        let r = agent.client(Some("app"), &["raw", "127.0.0.1", &port, &hex]);
+        let r = agent.client_as_nobody(Some("app"), &["raw", "127.0.0.1", &port, &hex]);
         assert_eq!(r["received"], "", "{how}: relayed: {r}");
     }
     // Other first bytes go through, even one that starts as a startup would.
@@ -475,7 +472,7 @@ fn s_of(v: &serde_json::Value) -> &str {
 fn tcp_fast_open_is_intercepted_too() {
     let echo = Echo::start();
     let agent = Agent::start("tfo", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
-    let r = agent.client(
+    let r = agent.client_as_nobody(
         Some("app"),
         &["fastopen", "127.0.0.1", &echo.port.to_string()],
     );

@@ -42,6 +42,7 @@ def family(host):
 
 
 def out(obj):
+    obj.setdefault("uid", os.getuid())
     print(json.dumps(obj), flush=True)
 
 

@@ -20,6 +20,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_interceptor");
 pub const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/client.py");
 pub const POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
 
+/// uid and gid of `nobody`: an unprivileged local user.
+pub const NOBODY: &str = "65534";
+
 pub fn require_root() {
     assert_eq!(
         nix::unistd::geteuid().as_raw(),
@@ -254,6 +257,53 @@ impl Agent {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// [`Agent::client`] as the unprivileged user `nobody` (uid and gid
+    /// 65534, no supplementary groups): for attacks that need no privilege.
+    /// Debian's python runs it, reading the client from stdin (nobody may
+    /// not read root's interpreters nor the source tree).
+    pub fn client_as_nobody(&self, workload: Option<&str>, args: &[&str]) -> Value {
+        let mut c = match workload {
+            Some(w) => {
+                let mut c = Command::new(BIN);
+                c.args(["exec", "--config"]).arg(&self.config).args([
+                    "--workload",
+                    w,
+                    "--",
+                    "setpriv",
+                ]);
+                c
+            }
+            None => Command::new("setpriv"),
+        };
+        c.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+            .args(["/usr/bin/python3", "-"])
+            .args(args)
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(&std::fs::read(CLIENT).unwrap()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "client {args:?} as nobody in {workload:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "client printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        assert_eq!(v["uid"], 65534, "not run as nobody: {v}");
+        v
     }
 
     pub fn client_output(&self, workload: Option<&str>, args: &[&str]) -> Output {

@@ -726,9 +726,9 @@ impl Tcp {
         };
         let sniff = self.sniff.take();
         if told {
-            match sniff {
-                Some(Sniff::Refuse(why)) => return Err(Some(why)),
-                _ => self.postgres = true,
+            self.postgres = true;
+            if let Some(Sniff::Refuse(why)) = sniff {
+                return Err(Some(why));
             }
         }
         Ok(true)
