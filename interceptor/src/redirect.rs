@@ -30,8 +30,7 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, SockMap},
     programs::{
-        links::FdLink, links::PinnedLink, sock_ops::SockOpsLink, CgroupAttachMode, CgroupSockAddr,
-        SkLookup, SockOps,
+        links::FdLink, links::PinnedLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -167,7 +166,7 @@ pub struct Redirect {
     pub adopted: usize,
     /// sock_ops on the agent's own cgroup, where its accepted sockets live;
     /// not pinned: it goes with this process.
-    _own_sock_ops: SockOpsLink,
+    _own_sock_ops: FdLink,
     _ebpf: Ebpf,
 }
 
@@ -353,27 +352,23 @@ fn own_cgroup_id() -> Result<u64, RedirectError> {
 }
 
 /// Attaches sock_ops to the agent's own cgroup (beside whatever else runs
-/// there), so its accepted sockets take their metadata by cookie.
-fn attach_own_sock_ops(ebpf: &mut Ebpf) -> Result<SockOpsLink, RedirectError> {
-    let name = program_names::SOCK_OPS;
+/// there: a cgroup link never replaces another), so its accepted sockets
+/// take their metadata by cookie. Not pinned: dropping it detaches it.
+fn attach_own_sock_ops(ebpf: &mut Ebpf) -> Result<FdLink, RedirectError> {
     let dir = own_cgroup()?;
     let cg = fs::File::open(&dir).map_err(io_err(&dir))?;
-    let perr = |e| RedirectError::Program(name, e);
-    let p: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(RedirectError::Program(
-            name,
-            aya::programs::ProgramError::NotLoaded,
-        ))?
-        .try_into()
-        .map_err(perr)?;
-    if p.fd().is_err() {
-        p.load().map_err(perr)?;
-    }
-    // A cgroup link always runs beside the cgroup's other programs; "Single"
-    // only means no legacy multi-attach flag.
-    let id = p.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
-    p.take_link(id).map_err(perr)
+    attach(ebpf, program_names::SOCK_OPS, &cg)
+}
+
+/// Program `name` of the object.
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, RedirectError> {
+    ebpf.program_mut(name).ok_or(RedirectError::Program(
+        name,
+        aya::programs::ProgramError::NotLoaded,
+    ))
 }
 
 /// Attaches the steering program to the agent's network namespace and pins
@@ -391,14 +386,7 @@ fn steer(ebpf: &mut Ebpf, pins: &Pins) -> Result<(), RedirectError> {
     }
     let name = program_names::SK_LOOKUP;
     let perr = |e| RedirectError::Program(name, e);
-    let p: &mut SkLookup = ebpf
-        .program_mut(name)
-        .ok_or(RedirectError::Program(
-            name,
-            aya::programs::ProgramError::NotLoaded,
-        ))?
-        .try_into()
-        .map_err(perr)?;
+    let p: &mut SkLookup = program(ebpf, name)?.try_into().map_err(perr)?;
     p.load().map_err(perr)?;
     let netns = Path::new("/proc/self/ns/net");
     let ns = fs::File::open(netns).map_err(io_err(netns))?;
@@ -478,28 +466,26 @@ fn set_targets(
     Ok(())
 }
 
+/// Attaches cgroup program `name` to `cg`. A cgroup link always runs beside
+/// the cgroup's other programs; "Single" only means no legacy multi-attach
+/// flag.
 fn attach(ebpf: &mut Ebpf, name: &'static str, cg: &fs::File) -> Result<FdLink, RedirectError> {
-    let prog = ebpf.program_mut(name).ok_or(RedirectError::Program(
-        name,
-        aya::programs::ProgramError::NotLoaded,
-    ))?;
     let perr = |e| RedirectError::Program(name, e);
+    let link = |e: aya::programs::links::LinkError| RedirectError::Pin(name.into(), e.to_string());
     if name == program_names::SOCK_OPS {
-        let p: &mut SockOps = prog.try_into().map_err(perr)?;
+        let p: &mut SockOps = program(ebpf, name)?.try_into().map_err(perr)?;
         if p.fd().is_err() {
             p.load().map_err(perr)?;
         }
         let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
-        let link = p.take_link(id).map_err(perr)?;
-        FdLink::try_from(link).map_err(|e| RedirectError::Pin(name.into(), e.to_string()))
+        FdLink::try_from(p.take_link(id).map_err(perr)?).map_err(link)
     } else {
-        let p: &mut CgroupSockAddr = prog.try_into().map_err(perr)?;
+        let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(perr)?;
         if p.fd().is_err() {
             p.load().map_err(perr)?;
         }
         let id = p.attach(cg, CgroupAttachMode::Single).map_err(perr)?;
-        let link = p.take_link(id).map_err(perr)?;
-        FdLink::try_from(link).map_err(|e| RedirectError::Pin(name.into(), e.to_string()))
+        FdLink::try_from(p.take_link(id).map_err(perr)?).map_err(link)
     }
 }
 

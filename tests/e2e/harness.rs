@@ -244,19 +244,7 @@ impl Agent {
     /// Runs the test client inside `workload` (or outside every workload when
     /// `None`) and parses its JSON report.
     pub fn client(&self, workload: Option<&str>, args: &[&str]) -> Value {
-        let out = self.client_output(workload, args);
-        assert!(
-            out.status.success(),
-            "client {args:?} in {workload:?} failed: {}\nstdout: {}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "client printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        report(&self.client_output(workload, args), args, workload)
     }
 
     /// [`Agent::client`] as the unprivileged user `nobody` (uid and gid
@@ -264,19 +252,7 @@ impl Agent {
     /// Debian's python runs it, reading the client from stdin (nobody may
     /// not read root's interpreters nor the source tree).
     pub fn client_as_nobody(&self, workload: Option<&str>, args: &[&str]) -> Value {
-        let mut c = match workload {
-            Some(w) => {
-                let mut c = Command::new(BIN);
-                c.args(["exec", "--config"]).arg(&self.config).args([
-                    "--workload",
-                    w,
-                    "--",
-                    "setpriv",
-                ]);
-                c
-            }
-            None => Command::new("setpriv"),
-        };
+        let mut c = self.run_in(workload, "setpriv");
         c.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
             .args(["/usr/bin/python3", "-"])
             .args(args)
@@ -290,42 +266,32 @@ impl Agent {
             let mut stdin = child.stdin.take().unwrap();
             stdin.write_all(&std::fs::read(CLIENT).unwrap()).unwrap();
         }
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "client {args:?} as nobody in {workload:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "client printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        });
+        let v = report(&child.wait_with_output().unwrap(), args, workload);
         assert_eq!(v["uid"], 65534, "not run as nobody: {v}");
         v
     }
 
     pub fn client_output(&self, workload: Option<&str>, args: &[&str]) -> Output {
-        let mut c = match workload {
+        let mut c = self.run_in(workload, "python3");
+        c.arg(CLIENT).args(args).output().unwrap()
+    }
+
+    /// `program` inside `workload` (through `interceptor exec`), or outside
+    /// every workload when `None`.
+    fn run_in(&self, workload: Option<&str>, program: &str) -> Command {
+        match workload {
             Some(w) => {
                 let mut c = Command::new(BIN);
                 c.args(["exec", "--config"]).arg(&self.config).args([
                     "--workload",
                     w,
                     "--",
-                    "python3",
-                    CLIENT,
+                    program,
                 ]);
                 c
             }
-            None => {
-                let mut c = Command::new("python3");
-                c.arg(CLIENT);
-                c
-            }
-        };
-        c.args(args).output().unwrap()
+            None => Command::new(program),
+        }
     }
 
     /// `sessions list --json`, waiting until `want(sessions)` holds (records
@@ -362,6 +328,22 @@ impl Agent {
         self.stop();
         self.cli(&["detach"])
     }
+}
+
+/// The test client's JSON report, from a run that must have succeeded.
+fn report(out: &Output, args: &[&str], workload: Option<&str>) -> Value {
+    assert!(
+        out.status.success(),
+        "client {args:?} in {workload:?} failed: {}\nstdout: {}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 impl Drop for Agent {

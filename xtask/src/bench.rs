@@ -124,30 +124,59 @@ impl Tuning {
     }
 }
 
-/// `only`: names of loads to run (all when empty).
-fn l4(tuning: &Tuning, only: &[String]) -> Result<()> {
+/// Release builds of the agent and of this program (the load generator and
+/// servers), for benches of loads of our own: their paths.
+fn release_builds() -> Result<(PathBuf, PathBuf)> {
     require_root("cargo xtask bench")?;
     crate::setup::run()?;
     let agent_bin = crate::agent::build(true)?;
     run_cmd(cargo().args(["build", "--release", "-p", "xtask"]))?;
-    let me = root().join("target/release/xtask");
+    Ok((agent_bin, root().join("target/release/xtask")))
+}
 
+/// The echo and sink servers (`bench server`), in their own process outside
+/// every workload; stopped on drop.
+struct Servers {
+    child: std::process::Child,
+    echo: u16,
+    sink: u16,
+}
+
+impl Servers {
+    fn start(me: &Path) -> Result<Servers> {
+        let mut child = Command::new(me)
+            .args(["bench", "server"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let mut ports = line.split_whitespace().map(str::parse::<u16>);
+        match (ports.next(), ports.next()) {
+            (Some(Ok(echo)), Some(Ok(sink))) => Ok(Servers { child, echo, sink }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("bench server said {line:?}")
+            }
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `only`: names of loads to run (all when empty).
+fn l4(tuning: &Tuning, only: &[String]) -> Result<()> {
+    let (agent_bin, me) = release_builds()?;
     let dir = std::env::temp_dir().join(format!("interceptor-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-
-    // Servers run in their own process, outside every workload.
-    let mut server = Command::new(&me)
-        .args(["bench", "server"])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("piped")).read_line(&mut line)?;
-    let mut ports = line.split_whitespace().map(str::parse::<u16>);
-    let (echo, sink) = match (ports.next(), ports.next()) {
-        (Some(Ok(e)), Some(Ok(s))) => (e, s),
-        _ => bail!("bench server said {line:?}"),
-    };
+    let servers = Servers::start(&me)?;
+    let (echo, sink) = (servers.echo, servers.sink);
 
     let config = bench_config(
         &dir,
@@ -214,8 +243,7 @@ fn l4(tuning: &Tuning, only: &[String]) -> Result<()> {
         drop(agent);
         Ok(())
     })();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -105,7 +105,7 @@ fn run(rx: &mpsc::Receiver<Job>, slots: &Mutex<HashMap<Key, Slot>>) {
         };
         let job = &mut active[next];
         let finished = match job.file.read(&mut buf) {
-            Ok(0) => Some(Some(hex(&job.hasher.clone().finalize()))),
+            Ok(0) => Some(Some(super::hex(&job.hasher.clone().finalize()))),
             Ok(n) => {
                 job.hasher.update(&buf[..n]);
                 job.left = job.left.saturating_sub(n as u64);
@@ -126,10 +126,6 @@ fn run(rx: &mpsc::Receiver<Job>, slots: &Mutex<HashMap<Key, Slot>>) {
             let _ = job.done.send(Some(result));
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    super::hex(bytes)
 }
 
 #[cfg(test)]

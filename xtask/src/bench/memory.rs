@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{bare_relay, bench_config, Tuning};
-use crate::{agent::Agent, cargo, require_root, root, run as run_cmd};
+use super::{bare_relay, bench_config, release_builds, Servers, Tuning};
+use crate::agent::Agent;
 
 /// Sessions opened and closed through the agent before its memory is read.
 const SESSIONS: u64 = 100_000;
@@ -79,26 +79,12 @@ fn release(mut child: Child) -> Result<()> {
 }
 
 pub fn memory(tuning: &Tuning) -> Result<()> {
-    require_root("cargo xtask bench")?;
-    crate::setup::run()?;
-    let agent_bin = crate::agent::build(true)?;
-    run_cmd(cargo().args(["build", "--release", "-p", "xtask"]))?;
-    let me = root().join("target/release/xtask");
+    let (agent_bin, me) = release_builds()?;
     let dir = std::env::temp_dir().join(format!("interceptor-bench-mem-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let mut server = Command::new(&me)
-        .args(["bench", "server"])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("piped")).read_line(&mut line)?;
-    let echo: u16 = line
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("bench server's ports")?;
-    let addr = format!("127.0.0.1:{echo}");
+    let servers = Servers::start(&me)?;
+    let addr = format!("127.0.0.1:{}", servers.echo);
     let config = bench_config(
         &dir,
         "interceptor-bench-mem",
@@ -171,8 +157,7 @@ pub fn memory(tuning: &Tuning) -> Result<()> {
         );
         Ok(())
     })();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
