@@ -14,6 +14,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/lib/postgresql", "postgresql"),
     ("/usr/bin/psql", "postgresql-client"),
     ("/usr/bin/python3", "python3"),
+    // setpriv: the end-to-end tests run attacks as the unprivileged `nobody`.
+    ("/usr/bin/setpriv", "util-linux"),
     // A minimal userspace relay the l4 benchmark compares against.
     ("/usr/bin/socat", "socat"),
     // The pooler the postgres benchmark compares against.
