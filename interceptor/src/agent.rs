@@ -63,6 +63,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    let unix_listeners = rt.block_on(async { proxy::unix::bind(&config) })?;
     let host = crate::local::HostAddrs::read().context("reading the host's addresses")?;
     let (redirect, logger) = Redirect::start(&config, &workloads, &listeners, &host.get())?;
     let redirect = Arc::new(redirect);
@@ -73,10 +74,27 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         port = config.agent.proxy_port,
         "eBPF programs in place"
     );
-    tracing::warn!(
-        "unix sockets are not intercepted: a workload reaches a local server over its unix \
-         socket unseen; make such sockets unreachable to workload users (docs/threat-model.md)"
-    );
+    let unix_paths: usize = config.targets.iter().map(|t| t.unix.len()).sum();
+    match (&redirect.unix_missing, &redirect.unix_unguarded) {
+        (None, None) => info!(
+            unix_paths,
+            dir = %config.agent.unix_dir.display(),
+            "unix sockets: workloads' connects to targets' unix paths go through the agent, \
+             and the kernel guard refuses every other way to those sockets"
+        ),
+        (None, Some(why)) => info!(
+            unix_paths,
+            dir = %config.agent.unix_dir.display(),
+            "unix sockets: workloads' connects to targets' unix paths go through the agent; \
+             no kernel guard here ({why}): other ways to those sockets are closed by their \
+             directories' permissions, checked every second"
+        ),
+        (Some(why), _) => tracing::warn!(
+            "unix sockets are not intercepted on this kernel ({why}): a workload reaches a \
+             local server over its unix socket unseen; make such sockets unreachable to \
+             workload users (docs/threat-model.md)"
+        ),
+    }
 
     let store_dyn: Arc<dyn Store> = store.clone();
     let (recorder, writer) = Recorder::start(store_dyn.clone());
@@ -114,7 +132,12 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         if let Some(logger) = logger {
             tokio::spawn(forward_ebpf_logs(logger));
         }
-        let accepting = tokio::spawn(Proxy::accept(listeners, workers.clone(), stop_rx));
+        let accepting = tokio::spawn(Proxy::accept(
+            listeners,
+            unix_listeners,
+            workers.clone(),
+            stop_rx,
+        ));
         tokio::spawn(follow_host_addresses(
             config.clone(),
             host,
@@ -245,7 +268,8 @@ async fn serve_signals(config: &Config, policy: &ArcSwap<Policy>) {
 }
 
 /// Keeps the interception of local targets on every address of the host
-/// as interfaces gain and lose addresses.
+/// as interfaces gain and lose addresses, and the guard of unix targets on
+/// their servers' sockets as servers make them anew.
 async fn follow_host_addresses(
     config: Arc<Config>,
     host: Arc<crate::local::HostAddrs>,
@@ -254,6 +278,9 @@ async fn follow_host_addresses(
     let mut every = tokio::time::interval(crate::local::REFRESH);
     loop {
         every.tick().await;
+        if let Err(e) = redirect.refresh_unix(&config) {
+            error!(error = %e, "cannot follow the unix targets' sockets");
+        }
         match host.refresh() {
             Ok(false) => {}
             Ok(true) => {

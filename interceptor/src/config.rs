@@ -163,6 +163,15 @@ pub struct AgentSection {
     /// (0: never).
     #[serde(default = "default_half_closed_timeout_s")]
     pub half_closed_timeout_s: u64,
+    /// Where the agent's sockets for unix targets live: a directory only
+    /// root may write to (created 0755 if missing; the start is refused if
+    /// anyone else could create or replace a socket in it).
+    #[serde(default = "default_unix_dir")]
+    pub unix_dir: PathBuf,
+}
+
+fn default_unix_dir() -> PathBuf {
+    PathBuf::from("/run/interceptor")
 }
 
 fn default_idle_timeout_s() -> u64 {
@@ -321,7 +330,8 @@ impl AddrMatch {
 
     /// Parses `IP:PORT`, `[IPv6]:PORT`, `CIDR:PORT`, `[CIDR]:PORT`, with `*` for any port.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let hint = "expected IP:PORT, CIDR:PORT or [IPv6/len]:PORT, with * for any port";
+        let hint =
+            "expected IP:PORT, CIDR:PORT or [IPv6/len]:PORT, with * for any port, or unix:/path";
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (h, p) = rest
                 .split_once("]:")
@@ -386,7 +396,42 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
 pub struct Target {
     pub name: String,
     pub addresses: Vec<AddrMatch>,
+    /// Unix stream socket paths (`unix:/path` in `addresses`): absolute
+    /// and normal (no `.`, `..`, `//` or trailing `/`).
+    pub unix: Vec<PathBuf>,
     pub protocol: Protocol,
+}
+
+/// Longest unix socket path (`sun_path`, without a NUL).
+pub const UNIX_PATH_MAX: usize = 107;
+
+/// Parses the path of a `unix:` address.
+fn parse_unix_path(s: &str) -> Result<PathBuf, String> {
+    let hint = "a unix address is `unix:` and an absolute, normal path";
+    if !s.starts_with('/') {
+        return Err(format!("`unix:{s}`: {hint}"));
+    }
+    if s.len() > UNIX_PATH_MAX || s.contains('\0') {
+        return Err(format!(
+            "`unix:{s}`: longer than a unix socket path may be ({UNIX_PATH_MAX} bytes)"
+        ));
+    }
+    if s.len() > 1 && s.ends_with('/')
+        || s.contains("//")
+        || s.split('/').any(|c| c == "." || c == "..")
+    {
+        return Err(format!(
+            "`unix:{s}`: {hint} (no `.`, `..`, `//` or trailing `/`)"
+        ));
+    }
+    Ok(PathBuf::from(s))
+}
+
+impl Target {
+    /// The agent's socket for this target's unix path number `i`, in `dir`.
+    pub fn unix_socket(&self, dir: &Path, i: usize) -> PathBuf {
+        dir.join(format!("{}.{i}.sock", self.name))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -528,8 +573,22 @@ impl Config {
                 return Err(src.error_at(span, format!("target `{name}` has no addresses")));
             }
             let mut addresses = Vec::new();
+            let mut unix = Vec::new();
             for a in t.addresses {
                 let span = Some(a.span());
+                if let Some(path) = a.get_ref().strip_prefix("unix:") {
+                    let path = parse_unix_path(path).map_err(|e| src.error_at(span.clone(), e))?;
+                    if targets.iter().any(|t: &Target| t.unix.contains(&path))
+                        || unix.contains(&path)
+                    {
+                        return Err(src.error_at(
+                            span,
+                            format!("`unix:{}` belongs to two targets", path.display()),
+                        ));
+                    }
+                    unix.push(path);
+                    continue;
+                }
                 let m = AddrMatch::parse(a.get_ref()).map_err(|e| src.error_at(span.clone(), e))?;
                 if m.contains(SocketAddr::new(IpAddr::V4(PROXY_IP4), agent.proxy_port))
                     || m.contains(SocketAddr::new(IpAddr::V6(PROXY_IP6), agent.proxy_port))
@@ -544,11 +603,26 @@ impl Config {
                 }
                 addresses.push(m);
             }
-            targets.push(Target {
+            let target = Target {
                 name,
                 addresses,
+                unix,
                 protocol: t.protocol,
-            });
+            };
+            for i in 0..target.unix.len() {
+                let own = target.unix_socket(&agent.unix_dir, i);
+                if own.as_os_str().len() > UNIX_PATH_MAX {
+                    return Err(src.error_at(
+                        span,
+                        format!(
+                            "the agent's socket for target `{}` would be {}, longer than a unix socket path may be; shorten the target's name or agent.unix_dir",
+                            target.name,
+                            own.display()
+                        ),
+                    ));
+                }
+            }
+            targets.push(target);
         }
         Ok(Config {
             path: path.to_path_buf(),
@@ -620,6 +694,56 @@ name = "db"
 addresses = ["127.0.0.1:5432", "[::1]:5432", "10.0.0.0/8:*"]
 protocol = "postgres"
 "#;
+
+    /// A unix address is an absolute, normal path that fits a socket
+    /// address, belongs to one target, and leaves room for the agent's
+    /// own socket for it.
+    #[test]
+    fn unix_addresses_are_absolute_normal_paths() {
+        let with = |addr: &str| {
+            let text = format!(
+                "{GOOD}\n[[target]]\nname = \"local\"\naddresses = [\"{addr}\", \"127.0.0.1:6432\"]\n"
+            );
+            Config::parse(Path::new("c.toml"), &text)
+        };
+        let c = with("unix:/run/postgresql/.s.PGSQL.5432").unwrap();
+        let t = &c.targets[1];
+        assert_eq!(t.unix, [PathBuf::from("/run/postgresql/.s.PGSQL.5432")]);
+        assert_eq!(t.addresses.len(), 1);
+        assert_eq!(
+            t.unix_socket(&c.agent.unix_dir, 0),
+            Path::new("/run/interceptor/local.0.sock")
+        );
+        let long = format!("unix:/{}", "x".repeat(107));
+        for bad in [
+            "unix:run/pg.sock",
+            "unix:/run/../pg.sock",
+            "unix:/run/./pg.sock",
+            "unix://run/pg.sock",
+            "unix:/run/pg/",
+            long.as_str(),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.line, 17, "{bad}: {e}");
+            assert!(e.message.contains("unix"), "{bad}: {e}");
+        }
+        let twice = format!(
+            "{GOOD}\n[[target]]\nname = \"a\"\naddresses = [\"unix:/s\"]\n\
+             [[target]]\nname = \"b\"\naddresses = [\"unix:/s\"]\n"
+        );
+        let e = Config::parse(Path::new("c.toml"), &twice).unwrap_err();
+        assert!(e.message.contains("two targets"), "{e}");
+        let deep = GOOD.replace(
+            "proxy_port = 15001",
+            &format!("proxy_port = 15001\nunix_dir = \"/{}\"", "d".repeat(100)),
+        );
+        let e = Config::parse(
+            Path::new("c.toml"),
+            &format!("{deep}\n[[target]]\nname = \"x\"\naddresses = [\"unix:/s\"]\n"),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("shorten"), "{e}");
+    }
 
     #[test]
     fn parses_a_good_config() {

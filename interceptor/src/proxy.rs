@@ -31,7 +31,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    config::{Config, Protocol, PROXY_IP4, PROXY_IP6},
+    config::{Config, Protocol, Target, PROXY_IP4, PROXY_IP6},
     identity::Resolver,
     policy::{Action, Policy},
     protocol::postgres,
@@ -41,6 +41,7 @@ use crate::{
 
 mod flush;
 pub mod relay_loop;
+pub mod unix;
 
 pub use flush::STATEMENT_FLUSH;
 
@@ -58,9 +59,20 @@ pub trait MetaSource: Send + Sync {
     fn take(&self, cookie: u64) -> Option<ConnMeta>;
 }
 
+/// A connection as accepted: on the proxy address, or on the agent's
+/// socket for unix path `path` of target `target`.
+pub enum Accepted {
+    Tcp(std::net::TcpStream, SocketAddr),
+    Unix {
+        stream: std::os::unix::net::UnixStream,
+        target: usize,
+        path: usize,
+    },
+}
+
 /// The data-plane threads and the channels that feed them connections.
 pub struct Workers {
-    senders: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    senders: Vec<mpsc::UnboundedSender<Accepted>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     next: AtomicUsize,
     /// The relay loops the workers hand connections to.
@@ -68,7 +80,7 @@ pub struct Workers {
 }
 
 impl Workers {
-    fn dispatch(&self, conn: (std::net::TcpStream, SocketAddr)) {
+    fn dispatch(&self, conn: Accepted) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
         if self.senders[i].send(conn).is_err() {
             warn!(worker = i, "data-plane worker is gone; connection dropped");
@@ -140,7 +152,7 @@ impl Proxy {
         let loops = relay_loop::Loops::start(n, self.config.agent.tuning())?;
         let mut ticks = Vec::with_capacity(n);
         for i in 0..n {
-            let (tx, mut rx) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -157,10 +169,21 @@ impl Proxy {
                         relay_loop::install(loops);
                         rt.block_on(async move {
                             tokio::spawn(flush::run(recorder.clone(), tick));
-                            while let Some((s, peer)) = rx.recv().await {
-                                match TcpStream::from_std(s) {
-                                    Ok(s) => drop(tokio::spawn(me.clone().handle(s, peer))),
-                                    Err(e) => warn!(error = %e, "cannot register a connection"),
+                            while let Some(conn) = rx.recv().await {
+                                let me = me.clone();
+                                let registered = match conn {
+                                    Accepted::Tcp(s, peer) => TcpStream::from_std(s)
+                                        .map(|s| drop(tokio::spawn(me.handle(s, peer)))),
+                                    Accepted::Unix {
+                                        stream,
+                                        target,
+                                        path,
+                                    } => tokio::net::UnixStream::from_std(stream).map(|s| {
+                                        drop(tokio::spawn(me.handle_unix(s, target, path)))
+                                    }),
+                                };
+                                if let Err(e) = registered {
+                                    warn!(error = %e, "cannot register a connection");
                                 }
                             }
                             // Stopping: the open sessions' statements, done
@@ -181,32 +204,46 @@ impl Proxy {
         })
     }
 
-    /// Accepts on `listeners` until `shutdown` turns true, handing each
-    /// connection to a data-plane worker in turn.
+    /// Accepts on `listeners` and `unix` until `shutdown` turns true,
+    /// handing each connection to a data-plane worker in turn.
     pub async fn accept(
         listeners: Vec<TcpListener>,
+        unix: Vec<unix::Listener>,
         workers: Arc<Workers>,
         shutdown: watch::Receiver<bool>,
     ) {
         let mut tasks = Vec::new();
         for l in listeners {
-            let workers = workers.clone();
-            let mut stop = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        r = l.accept() => match r.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
-                            Ok(conn) => workers.dispatch(conn),
-                            Err(e) => {
-                                // EMFILE and friends: back off instead of spinning.
-                                warn!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                        },
-                        _ = stop.changed() => break,
+            let l = Arc::new(l);
+            tasks.push(tokio::spawn(accept_loop(
+                workers.clone(),
+                shutdown.clone(),
+                move || {
+                    let l = l.clone();
+                    async move {
+                        let (s, peer) = l.accept().await?;
+                        Ok(Accepted::Tcp(s.into_std()?, peer))
                     }
-                }
-            }));
+                },
+            )));
+        }
+        for l in unix {
+            let l = Arc::new(l);
+            tasks.push(tokio::spawn(accept_loop(
+                workers.clone(),
+                shutdown.clone(),
+                move || {
+                    let l = l.clone();
+                    async move {
+                        let (s, _) = l.listener.accept().await?;
+                        Ok(Accepted::Unix {
+                            stream: s.into_std()?,
+                            target: l.target,
+                            path: l.path,
+                        })
+                    }
+                },
+            )));
         }
         for t in tasks {
             let _ = t.await;
@@ -236,20 +273,8 @@ impl Proxy {
             return self.finish(s, Outcome::Refused, Some(why.into())).await;
         };
         let dst = original_dst(&meta);
-        let id = self.identity.resolve(&meta).await;
-        s.workload = id.workload.clone();
-        s.identity = id.spiffe_id.clone();
-        s.pid = meta.tgid;
-        s.exe = id.evidence.exe.clone();
-        s.uid = meta.uid;
-        s.cgroup = id.evidence.cgroup.clone();
-        s.original_dst = Some(dst.to_string());
-        s.evidence = Some(id.evidence);
         let target = self.config.target_for_on(dst, &self.host.get());
-        if let Some(t) = target {
-            s.target = Some(t.name.clone());
-            s.protocol = t.protocol.to_string();
-        }
+        let workload = self.identify(&mut s, &meta, target, dst.to_string()).await;
         if dst.port() == self.config.agent.proxy_port
             && matches!(crate::config::canonical_ip(dst.ip()), IpAddr::V4(a) if a == PROXY_IP4)
             || dst == SocketAddr::new(IpAddr::V6(PROXY_IP6), self.config.agent.proxy_port)
@@ -268,14 +293,111 @@ impl Proxy {
                 )
                 .await;
         }
-        let Some(workload) = id.workload else {
+        if let Err((outcome, why)) = self.authorize(&mut s, workload, target, meta.cgroup_id) {
             reset(&client);
+            return self.finish(s, outcome, Some(why)).await;
+        }
+        self.recorder.record(s.clone()).await;
+        let timeout = self.connect_timeout();
+        let upstream = within(timeout, TcpStream::connect(dst)).await.inspect(|u| {
+            let _ = u.set_nodelay(true);
+            local_hop(u, dst);
+        });
+        self.serve(s, client, upstream, target, dst.to_string())
+            .await;
+    }
+
+    /// A connection on the agent's socket for unix path `path` of target
+    /// `target`: the connect of a workload to that path, sent here by the
+    /// unix programs (or made here directly; it is the same connect). Who
+    /// made it is told by the socket's peer credentials, its process kept
+    /// from being replaced meanwhile by a pidfd; the upstream connect is
+    /// made as that process's user and groups, so the server's socket
+    /// permissions and its peer authentication see whom they would have
+    /// seen.
+    async fn handle_unix(self: Arc<Self>, client: tokio::net::UnixStream, ti: usize, pi: usize) {
+        let config = self.config.clone();
+        let t = &config.targets[ti];
+        let dst = &t.unix[pi];
+        let original = format!("unix:{}", dst.display());
+        let peer = match unix::Peer::of(&client) {
+            Ok(p) => p,
+            Err(e) => {
+                let s = Session::new(self.ids.next(), "unix".into());
+                let why = format!("cannot tell who connected: {e}");
+                return self.finish(s, Outcome::Error, Some(why)).await;
+            }
+        };
+        let mut s = Session::new(self.ids.next(), format!("unix:pid={}", peer.pid));
+        let meta = peer.meta();
+        let mut workload = self
+            .identify(&mut s, &meta, Some(t), original.clone())
+            .await;
+        if let Some(e) = s.evidence.as_mut() {
+            e.attribution = "peer credentials".into();
+        }
+        if !peer.alive() {
+            // Its pid may be another process's by now: nothing read of it
+            // can be trusted.
+            workload = None;
+            s.workload = None;
+            s.identity = None;
+        }
+        if let Err((outcome, why)) = self.authorize(&mut s, workload, Some(t), meta.cgroup_id) {
+            return self.finish(s, outcome, Some(why)).await;
+        }
+        self.recorder.record(s.clone()).await;
+        let timeout = self.connect_timeout();
+        let upstream = within(
+            timeout,
+            unix::connect_as(dst.clone(), peer.creds(), timeout),
+        )
+        .await;
+        self.serve(s, client, upstream, Some(t), original).await;
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.agent.upstream_connect_timeout_ms)
+    }
+
+    /// Fills the session with who made the connection and where it was
+    /// going; the workload, if the caller belongs to one.
+    async fn identify(
+        &self,
+        s: &mut Session,
+        meta: &ConnMeta,
+        target: Option<&Target>,
+        original: String,
+    ) -> Option<String> {
+        let id = self.identity.resolve(meta).await;
+        s.workload = id.workload.clone();
+        s.identity = id.spiffe_id.clone();
+        s.pid = meta.tgid;
+        s.exe = id.evidence.exe.clone();
+        s.uid = meta.uid;
+        s.cgroup = id.evidence.cgroup.clone();
+        s.original_dst = Some(original);
+        s.evidence = Some(id.evidence);
+        if let Some(t) = target {
+            s.target = Some(t.name.clone());
+            s.protocol = t.protocol.to_string();
+        }
+        id.workload
+    }
+
+    /// Whether the connect may go on: the caller is a workload and policy
+    /// allows it to reach `target`. Sets the session's rule.
+    fn authorize(
+        &self,
+        s: &mut Session,
+        workload: Option<String>,
+        target: Option<&Target>,
+        cgroup_id: u64,
+    ) -> Result<(), (Outcome, String)> {
+        let Some(workload) = workload else {
             s.rule = Some(RULE_UNATTRIBUTED.into());
-            let why = format!(
-                "cgroup id {} belongs to no configured workload",
-                meta.cgroup_id
-            );
-            return self.finish(s, Outcome::Denied, Some(why)).await;
+            let why = format!("cgroup id {cgroup_id} belongs to no configured workload");
+            return Err((Outcome::Denied, why));
         };
         let decision = self
             .policy
@@ -283,38 +405,41 @@ impl Proxy {
             .decide_connect(&workload, target.map(|t| t.name.as_str()));
         s.rule = Some(decision.rule.to_string());
         if decision.action != Action::Allow {
-            reset(&client);
-            let why = format!("connect denied by rule `{}`", decision.rule);
-            debug!(%workload, %dst, rule = %decision.rule, "denied");
-            return self.finish(s, Outcome::Denied, Some(why)).await;
+            debug!(%workload, target = ?target.map(|t| &t.name), rule = %decision.rule, "denied");
+            return Err((
+                Outcome::Denied,
+                format!("connect denied by rule `{}`", decision.rule),
+            ));
         }
-        self.recorder.record(s.clone()).await;
+        Ok(())
+    }
 
-        let timeout = Duration::from_millis(self.config.agent.upstream_connect_timeout_ms);
+    /// The rest of an admitted connection: tells the client when the
+    /// server cannot be reached, else relays and records it.
+    async fn serve<C, U>(
+        &self,
+        mut s: Session,
+        mut client: C,
+        upstream: Result<U, (Outcome, String)>,
+        target: Option<&Target>,
+        dst: String,
+    ) where
+        C: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + Unpin
+            + AsFd
+            + TryInto<relay_loop::Stream, Error = io::Error>,
+        U: TryInto<relay_loop::Stream, Error = io::Error>,
+    {
         let postgres = target.is_some_and(|t| t.protocol == Protocol::Postgres);
-        let failed = match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
-            Ok(Ok(u)) => Ok(u),
-            Ok(Err(e)) => {
-                let outcome = if e.kind() == io::ErrorKind::ConnectionRefused {
-                    Outcome::Refused
-                } else {
-                    Outcome::Error
-                };
-                Err((outcome, e.to_string()))
-            }
-            Err(_) => Err((
-                Outcome::Error,
-                format!("connect timed out after {timeout:?}"),
-            )),
-        };
-        let upstream = match failed {
+        let upstream = match upstream {
             Ok(u) => u,
             Err((outcome, cause)) => {
                 if postgres {
                     // Said as the server's absence is said to a client that
                     // connects directly: a FATAL 08001 naming the cause.
-                    let mut client = client;
                     let message = format!("could not connect to server {dst}: {cause}");
+                    let timeout = self.connect_timeout();
                     postgres::refuse_login(&mut client, "08001", &message, timeout).await;
                 } else {
                     reset(&client);
@@ -324,8 +449,6 @@ impl Proxy {
                     .await;
             }
         };
-        let _ = upstream.set_nodelay(true);
-        local_hop(&upstream, dst);
         let progress = Arc::new(crate::record::Progress::default());
         let r = if postgres {
             self.relay_postgres(&mut s, client, upstream, progress)
@@ -370,8 +493,8 @@ impl Proxy {
     async fn relay_postgres(
         &self,
         s: &mut Session,
-        client: TcpStream,
-        upstream: TcpStream,
+        client: impl TryInto<relay_loop::Stream, Error = io::Error>,
+        upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
         progress: Arc<crate::record::Progress>,
     ) -> Relayed {
         let state = Arc::new(postgres::State::with_gate(postgres::Gate {
@@ -403,6 +526,51 @@ impl Proxy {
             outcome,
             detail,
             postgres: false,
+        }
+    }
+}
+
+/// Runs an upstream connect for at most `timeout`: the stream, or how the
+/// session ends and why.
+async fn within<U>(
+    timeout: Duration,
+    connect: impl std::future::Future<Output = io::Result<U>>,
+) -> Result<U, (Outcome, String)> {
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(u)) => Ok(u),
+        Ok(Err(e)) => {
+            let outcome = if e.kind() == io::ErrorKind::ConnectionRefused {
+                Outcome::Refused
+            } else {
+                Outcome::Error
+            };
+            Err((outcome, e.to_string()))
+        }
+        Err(_) => Err((
+            Outcome::Error,
+            format!("connect timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// Loops on `accept`, handing each connection to a worker, until `stop`
+/// turns.
+async fn accept_loop<F, Fut>(workers: Arc<Workers>, mut stop: watch::Receiver<bool>, accept: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = io::Result<Accepted>>,
+{
+    loop {
+        tokio::select! {
+            r = accept() => match r {
+                Ok(conn) => workers.dispatch(conn),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = stop.changed() => break,
         }
     }
 }

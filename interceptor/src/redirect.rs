@@ -6,8 +6,11 @@
 //! ```text
 //! maps-v<ABI>/ICPT_CONFIG ICPT_TARGETS ICPT_SOCK_META ICPT_CONN_META
 //!             ICPT_ACCEPTED ICPT_LISTENERS AYA_LOGS
-//! links/<workload>@<program>
+//!             ICPT_UNIX_TARGETS ICPT_UNIX_FLAGS ICPT_UNIX_SERVERS
+//! links/<workload>@<program>   (also @icpt_connect_unix)
 //! steering                  the sk_lookup link of the agent's network namespace
+//! unix_guard                the fmod_ret link that keeps workloads off target
+//!                           servers' unix sockets (see [`unix`])
 //! ```
 //!
 //! Links are pinned so that they outlive the agent: while it is down the
@@ -44,6 +47,9 @@ use crate::{
     cgroup::{self, Resolved},
     config::{Config, Intercept, PROXY_IP4, PROXY_IP6},
 };
+
+mod sys;
+pub mod unix;
 
 /// The eBPF object, built from `interceptor-ebpf` by `build.rs`.
 static EBPF_OBJECT: &[u8] =
@@ -84,6 +90,12 @@ pub enum RedirectError {
     Pin(PathBuf, String),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error("unix sockets: {0}")]
+    Unix(#[from] unix::UnixError),
+    #[error("this kernel cannot guard the unix targets' sockets ({0}), and workloads can reach them around the agent: {1}. Put each socket in a directory others may not search (e.g. `chmod o-x` on it), with no other link to it; the agent reaches it with CAP_DAC_READ_SEARCH")]
+    UnixOpen(String, String),
+    #[error("targets have unix addresses, but this kernel cannot redirect unix-socket connects ({0}); interception of unix sockets needs Linux 6.7+ with BTF")]
+    UnixUnsupported(unix::UnixError),
 }
 
 /// An error and its sources on one line (aya's errors keep the errno in `source`).
@@ -123,6 +135,10 @@ impl Pins {
     /// The pinned sk_lookup link that steers the proxy address.
     pub fn steering(&self) -> PathBuf {
         self.root.join("steering")
+    }
+    /// The pinned link of the unix guard (see [`unix`]).
+    pub fn unix_guard(&self) -> PathBuf {
+        self.root.join("unix_guard")
     }
     pub fn link(&self, workload: &str, program: &str) -> PathBuf {
         // bpffs refuses names with dots; workload names have no `@`.
@@ -164,6 +180,15 @@ pub struct Redirect {
     /// Links attached by this run and adopted from earlier runs.
     pub attached: usize,
     pub adopted: usize,
+    /// The unix programs, unless this kernel lacks them (then no target
+    /// has a unix address: the start fails otherwise).
+    unix: Option<unix::Unix>,
+    /// Why the unix programs are not loaded.
+    pub unix_missing: Option<String>,
+    /// Why the unix guard is not in place (the programs are).
+    pub unix_unguarded: Option<String>,
+    /// Unix target sockets last seen reachable around the agent.
+    unix_open: Mutex<Vec<String>>,
     /// sock_ops on the agent's own cgroup, where its accepted sockets live;
     /// not pinned: it goes with this process.
     _own_sock_ops: FdLink,
@@ -262,6 +287,28 @@ impl Redirect {
                 .map_err(|e| RedirectError::Map(name, e))?;
         set_targets(&mut targets, &target_keys(config, host))?;
 
+        let wants_unix = config.targets.iter().any(|t| !t.unix.is_empty());
+        let (unix, unix_missing) = match unix::Unix::load(&maps_dir, &pins.unix_guard()) {
+            Ok(u) => {
+                u.set_routes(&unix_routes(config))?;
+                u.set_servers(&unix_servers(config))?;
+                (Some(u), None)
+            }
+            Err(e) if wants_unix => return Err(RedirectError::UnixUnsupported(e)),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        if let Some(why) = unix.as_ref().and_then(|u| u.unguarded.as_ref()) {
+            let open: Vec<String> = config
+                .targets
+                .iter()
+                .flat_map(|t| &t.unix)
+                .filter_map(|p| unix::reachable_around(p))
+                .collect();
+            if !open.is_empty() {
+                return Err(RedirectError::UnixOpen(why.clone(), open.join("; ")));
+            }
+        }
+
         let mut attached = 0;
         let mut adopted = 0;
         let known: Vec<&str> = workloads.iter().map(|w| w.workload.as_str()).collect();
@@ -287,6 +334,13 @@ impl Redirect {
                     .map_err(|e| RedirectError::Pin(pin.clone(), error_chain(&e)))?;
                 attached += 1;
             }
+            if let Some(u) = &unix {
+                if u.attach(&cg, &pins.link(&w.workload, unix::CONNECT_UNIX))? {
+                    attached += 1;
+                } else {
+                    adopted += 1;
+                }
+            }
             info!(workload = %w.workload, cgroup = %w.rel, cgroup_id = w.id, "workload attached");
         }
 
@@ -304,6 +358,10 @@ impl Redirect {
                 config: Mutex::new(cfg_map),
                 attached,
                 adopted,
+                unix_unguarded: unix.as_ref().and_then(|u| u.unguarded.clone()),
+                unix_open: Mutex::default(),
+                unix,
+                unix_missing,
                 _own_sock_ops: own_sock_ops,
                 _ebpf: ebpf,
             },
@@ -316,6 +374,39 @@ impl Redirect {
     pub fn refresh_targets(&self, config: &Config, host: &[IpAddr]) -> Result<(), RedirectError> {
         let mut trie = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         set_targets(&mut *trie, &target_keys(config, host))
+    }
+
+    /// Follows the unix targets' sockets: a server that made its socket
+    /// anew has a new inode to guard, and a directory that was missing at
+    /// start may now resolve.
+    /// Without the guard, a socket that became reachable around the agent
+    /// (its directory opened, a second link made) is logged as an error
+    /// once, and again when it changes.
+    pub fn refresh_unix(&self, config: &Config) -> Result<(), RedirectError> {
+        let Some(u) = &self.unix else {
+            return Ok(());
+        };
+        u.set_routes(&unix_routes(config))?;
+        u.set_servers(&unix_servers(config))?;
+        if u.unguarded.is_some() {
+            let open: Vec<String> = config
+                .targets
+                .iter()
+                .flat_map(|t| &t.unix)
+                .filter_map(|p| unix::reachable_around(p))
+                .collect();
+            let mut last = self.unix_open.lock().unwrap_or_else(|p| p.into_inner());
+            if *last != open {
+                for why in &open {
+                    tracing::error!(
+                        "a unix target's socket is reachable around the agent: {why}; \
+                         workloads can use it unchecked until that is undone"
+                    );
+                }
+                *last = open;
+            }
+        }
+        Ok(())
     }
 
     /// Marks the agent as gone (its pid no longer exempt); the links stay, so
@@ -395,6 +486,37 @@ fn steer(ebpf: &mut Ebpf, pins: &Pins) -> Result<(), RedirectError> {
     link.pin(&pin)
         .map_err(|e| RedirectError::Pin(pin.clone(), error_chain(&e)))?;
     Ok(())
+}
+
+/// Where the unix programs send a connect: each target path, as written
+/// and as its directory resolves now, to the agent's socket for it.
+fn unix_routes(config: &Config) -> Vec<(PathBuf, PathBuf)> {
+    let mut routes = Vec::new();
+    for t in &config.targets {
+        for (i, path) in t.unix.iter().enumerate() {
+            let own = t.unix_socket(&config.agent.unix_dir, i);
+            routes.push((path.clone(), own.clone()));
+            let resolved = path
+                .parent()
+                .and_then(|d| fs::canonicalize(d).ok())
+                .zip(path.file_name())
+                .map(|(d, f)| d.join(f));
+            if let Some(r) = resolved.filter(|r| r != path && r.as_os_str().len() <= unix::SUN_PATH)
+            {
+                routes.push((r, own));
+            }
+        }
+    }
+    routes
+}
+
+/// The target servers' sockets to guard, with their target's index.
+fn unix_servers(config: &Config) -> Vec<(PathBuf, u32)> {
+    let mut out = Vec::new();
+    for (i, t) in config.targets.iter().enumerate() {
+        out.extend(t.unix.iter().map(|p| (p.clone(), i as u32)));
+    }
+    out
 }
 
 fn ip6_words(o: [u8; 16]) -> [u32; 4] {
@@ -526,10 +648,11 @@ pub struct Detached {
 pub fn detach(config: &Config) -> Result<Detached, RedirectError> {
     let pins = Pins::new(&config.agent.pin_dir);
     let mut out = Detached::default();
-    let steering = pins.steering();
-    if steering.exists() {
-        unpin_link(&steering)?;
-        out.links += 1;
+    for link in [pins.steering(), pins.unix_guard()] {
+        if link.exists() {
+            unpin_link(&link)?;
+            out.links += 1;
+        }
     }
     let links = pins.links();
     if links.is_dir() {

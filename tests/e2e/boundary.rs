@@ -484,3 +484,326 @@ fn tcp_fast_open_is_intercepted_too() {
             .any(|x| x["pid"] == r["pid"] && x["rule"] == "app-to-echo" && x["bytes_up"] == 5)
     });
 }
+
+/// Connects a unix stream socket to `path` (from `cwd`), as `nobody` when
+/// `as_nobody`, in `workload` or not: the errno, or, once connected,
+/// `ended` if the peer closed at once, else `open`.
+fn unix_connect(
+    agent: &Agent,
+    workload: Option<&str>,
+    as_nobody: bool,
+    cwd: &std::path::Path,
+    path: &str,
+) -> String {
+    const PY: &str = "import socket, sys\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+        try:\n    s.connect(sys.argv[1])\n\
+        except OSError as e:\n    print(e.errno); sys.exit(0)\n\
+        s.settimeout(5)\n\
+        try:\n    print('ended' if s.recv(1) == b'' else 'open')\n\
+        except OSError:\n    print('open')\n";
+    let mut c = if as_nobody {
+        let mut c = agent.run_in(workload, "setpriv");
+        c.args([
+            "--reuid",
+            NOBODY,
+            "--regid",
+            NOBODY,
+            "--clear-groups",
+            "/usr/bin/python3",
+        ]);
+        c
+    } else {
+        agent.run_in(workload, "/usr/bin/python3")
+    };
+    let out = c.args(["-c", PY, path]).current_dir(cwd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs `interceptor run` on `agent`'s config for at most 30 s: its log if
+/// it exited by itself, `None` if it became ready (then it is stopped).
+fn run_until_ready_or_exit(agent: &Agent) -> Option<String> {
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&agent.config)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("agent ready") {
+                let _ = tx.send(None);
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        let _ = tx.send(Some(log));
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent neither started nor stopped");
+    if got.is_none() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+    child.wait().unwrap();
+    got
+}
+
+/// Hole 3: a workload reached a local PostgreSQL over its unix socket, and
+/// nothing saw it. Now a connect of a workload to a target's unix path goes
+/// to the agent: identity, policy, statements and recording as for TCP;
+/// while the agent is down the path meets nobody listening.
+///
+/// Every other way to that socket (a symlink, a hard link, a relative path,
+/// `/proc/self/root/…`) is refused by the kernel guard where the kernel
+/// runs BPF LSM or tracing programs. On a kernel without (this test's
+/// machine), the agent starts only once the socket's directory is closed
+/// to others, reaches it itself with `CAP_DAC_READ_SEARCH`, and says so
+/// when a second link to the socket appears. The upstream connect is made
+/// as the caller, so the socket's own permissions still hold. A process of
+/// no workload that uses the agent's socket directly is refused and
+/// recorded; one that uses the server's socket is not touched.
+#[test]
+fn unix_socket_connects_go_through_the_agent_and_no_other_way() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("icpt-e2e-pgserver-unix-{id}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let db = crate::pg::Postgres::start(&dir).expect("starting PostgreSQL");
+    crate::enforcement::direct(&db, "CREATE TABLE t (x int)");
+    let name = format!(".s.PGSQL.{}", db.port);
+    let sock = dir.join(&name);
+    let sections = format!(
+        "[[workload]]\nname = \"app\"\nmanaged = true\n\n[[target]]\nname = \"db\"\n\
+         addresses = [\"unix:{}\"]\nprotocol = \"postgres\"\n",
+        sock.display()
+    );
+    let policy = r#"
+[defaults]
+connect = "deny"
+
+[[rule]]
+id = "app-db"
+workloads = ["app"]
+targets = ["db"]
+action = "allow"
+
+[[rule]]
+id = "no-writes"
+on = "statement"
+workloads = ["app"]
+targets = ["db"]
+classes = ["write"]
+action = "deny"
+"#;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let mut agent = Agent::prepare("unix", &sections, policy);
+    // The directory open to all: without a kernel guard, no start.
+    mode(&dir, 0o755);
+    let guarded = match run_until_ready_or_exit(&agent) {
+        None => true,
+        Some(log) => {
+            assert!(
+                log.contains("cannot guard the unix targets' sockets")
+                    && log.contains("lets others search it"),
+                "{log}"
+            );
+            false
+        }
+    };
+    eprintln!("kernel guard of unix sockets: {guarded}");
+    mode(&dir, 0o750);
+    agent.spawn();
+    assert!(
+        agent.log().contains("unix sockets: workloads' connects"),
+        "{}",
+        agent.log()
+    );
+    let conn_in = |d: &std::path::Path| {
+        db.conninfo()
+            .replace("host=127.0.0.1", &format!("host={}", d.display()))
+    };
+    let conn = conn_in(&dir);
+    let psql_as_nobody = |agent: &Agent, conn: &str, sql: &str| {
+        crate::pg_tool(
+            agent,
+            "setpriv",
+            &[
+                "--reuid",
+                NOBODY,
+                "--regid",
+                NOBODY,
+                "--clear-groups",
+                "psql",
+                conn,
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                sql,
+            ],
+        )
+    };
+
+    // The path itself: through the agent, statements checked; as root
+    // and as nobody, who may not search the directory.
+    let read = crate::psql_tuples(&agent, &conn, "SELECT count(*) FROM t");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let read = psql_as_nobody(&agent, &conn, "SELECT count(*) FROM t");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let write = crate::psql_tuples(&agent, &conn, "INSERT INTO t VALUES (1)");
+    let err = String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success() && err.contains("no-writes"),
+        "a write went through: {err}"
+    );
+    let original = format!("unix:{}", sock.display());
+    let sessions = agent.sessions_until("3 unix sessions", |s| {
+        s.iter().filter(|x| x["outcome"] == "closed").count() >= 3
+    });
+    let closed: Vec<_> = sessions
+        .iter()
+        .filter(|x| x["outcome"] == "closed")
+        .collect();
+    for x in &closed {
+        assert_eq!(x["target"], "db", "{x:#}");
+        assert_eq!(x["protocol"], "postgres", "{x:#}");
+        assert_eq!(x["workload"], "app", "{x:#}");
+        assert_eq!(x["original_dst"], original.as_str(), "{x:#}");
+    }
+    assert!(closed.iter().any(|x| x["uid"] == 65534), "{closed:#?}");
+
+    // Every other way to the same socket, from the workload: refused
+    // (EPERM by the guard, EACCES by the closed directory).
+    let ways = std::env::temp_dir().join(format!("icpt-e2e-unix-ways-{id}"));
+    let _ = std::fs::remove_dir_all(&ways);
+    std::fs::create_dir_all(&ways).unwrap();
+    std::os::unix::fs::symlink(&sock, ways.join(&name)).unwrap();
+    let proc_root = format!("/proc/self/root{}", sock.display());
+    let other_ways = |agent: &Agent, when: &str| {
+        let out = psql_as_nobody(agent, &conn_in(&ways), "INSERT INTO t VALUES (2)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && (err.contains("Permission denied") || err.contains("Operation not permitted")),
+            "{when}: the server's socket was reached through a symlink: {err}"
+        );
+        let errno = unix_connect(agent, Some("app"), true, &ways, &proc_root);
+        assert!(
+            errno == "13" || errno == "1",
+            "{when}: {proc_root}: {errno}"
+        );
+        if guarded {
+            // Root may search any directory: only the guard stops it.
+            let errno = unix_connect(agent, Some("app"), false, &dir, &format!("./{name}"));
+            assert_eq!(errno, "1", "{when}: a relative path reached the server");
+        }
+    };
+    other_ways(&agent, "agent running");
+    // A second link is a way around the closed directory: without the
+    // guard the agent says so at once.
+    let link = ways.join("hard.sock");
+    std::fs::hard_link(&sock, &link).unwrap();
+    if guarded {
+        let errno = unix_connect(&agent, Some("app"), true, &ways, link.to_str().unwrap());
+        assert_eq!(errno, "1", "a hard link reached the server");
+    } else {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !agent.log().contains("reachable around the agent") {
+            assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    std::fs::remove_file(&link).unwrap();
+    // A process of no workload is not touched.
+    let out = Command::new("psql")
+        .args([&conn, "-X", "-A", "-t", "-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The agent's own socket, used directly by a process of no workload:
+    // refused and recorded.
+    let own = agent.dir.join("run/db.0.sock");
+    assert_eq!(
+        unix_connect(&agent, None, false, &ways, own.to_str().unwrap()),
+        "ended"
+    );
+    agent.sessions_until("the unattributed connect", |s| {
+        s.iter()
+            .any(|x| x["rule"] == "identity.unattributed" && x["original_dst"] == original.as_str())
+    });
+
+    // The server's socket closed to others: a workload user without
+    // access is refused by the agent as the kernel would refuse them.
+    mode(&sock, 0o700);
+    let as_nobody = psql_as_nobody(&agent, &conn, "SELECT 1");
+    let err = String::from_utf8_lossy(&as_nobody.stderr);
+    assert!(
+        !as_nobody.status.success() && err.contains("Permission denied"),
+        "nobody reached a socket closed to them through the agent: {err}"
+    );
+    let as_root = crate::psql_tuples(&agent, &conn, "SELECT 1");
+    assert!(
+        as_root.status.success(),
+        "{}",
+        String::from_utf8_lossy(&as_root.stderr)
+    );
+    mode(&sock, 0o777);
+
+    // Agent down: the path meets nobody; the other ways stay closed.
+    agent.kill9();
+    let down = crate::psql_tuples(&agent, &conn, "INSERT INTO t VALUES (3)");
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        !down.status.success() && err.contains("Connection refused"),
+        "with the agent down: {err}"
+    );
+    other_ways(&agent, "agent down");
+    agent.spawn();
+    assert!(agent.log().contains("adopted=6"), "{}", agent.log());
+    let again = crate::psql_tuples(&agent, &conn, "SELECT count(*) FROM t");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    assert_eq!(
+        crate::enforcement::direct(&db, "SELECT count(*) FROM t"),
+        "0"
+    );
+    drop(agent);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&ways);
+}

@@ -134,9 +134,10 @@ impl Agent {
             format!(
                 "[agent]\ntrust_domain = \"e2e.test\"\nproxy_port = {proxy_port}\npin_dir = \"{}\"\n\
                  managed_cgroup_parent = \"{parent}\"\npolicies = [\"policy.toml\"]\ndata_dir = \"{}\"\n\
-                 ebpf_log_level = \"debug\"\n\n{sections}",
+                 unix_dir = \"{}\"\nebpf_log_level = \"debug\"\n\n{sections}",
                 pin_dir.display(),
-                dir.join("data").display()
+                dir.join("data").display(),
+                dir.join("run").display()
             ),
         )
         .unwrap();
@@ -278,7 +279,7 @@ impl Agent {
 
     /// `program` inside `workload` (through `interceptor exec`), or outside
     /// every workload when `None`.
-    fn run_in(&self, workload: Option<&str>, program: &str) -> Command {
+    pub fn run_in(&self, workload: Option<&str>, program: &str) -> Command {
         match workload {
             Some(w) => {
                 let mut c = Command::new(BIN);

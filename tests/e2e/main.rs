@@ -318,7 +318,7 @@ fn sigkill_fails_closed_restart_adopts_and_detach_cleans_up() {
         s.iter()
             .any(|x| x["pid"] == first["pid"] && x["outcome"] == "closed")
     });
-    assert!(icpt_programs_loaded() >= 5);
+    assert!(icpt_programs_loaded() >= 7);
     // Records are durable once their batch is fsynced (group commit); give
     // the writer that moment before pulling the plug.
     std::thread::sleep(Duration::from_millis(300));
@@ -338,7 +338,7 @@ fn sigkill_fails_closed_restart_adopts_and_detach_cleans_up() {
     );
 
     agent.spawn();
-    assert!(agent.log().contains("adopted=5"), "{}", agent.log());
+    assert!(agent.log().contains("adopted=6"), "{}", agent.log());
     let again = agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
     assert_eq!(again["received_sha256"], again["sent_sha256"]);
     let after = agent.sessions_until("session after restart", |s| {

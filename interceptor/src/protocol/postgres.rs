@@ -1759,7 +1759,7 @@ fn fatal(code: &str, message: &str) -> BytesMut {
 /// reset"), and returns. A CancelRequest or anything malformed just ends;
 /// a client that says nothing for `wait` is left.
 pub async fn refuse_login(
-    client: &mut tokio::net::TcpStream,
+    client: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
     code: &str,
     message: &str,
     wait: std::time::Duration,

@@ -40,7 +40,7 @@ use std::{
     cell::RefCell,
     io::{self, Write},
     net::TcpStream,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering},
         mpsc, Arc,
@@ -69,6 +69,60 @@ const UPSTREAM: u64 = 1;
 
 /// What the loop calls once with a TCP connection's end.
 pub type Done = Box<dyn FnOnce(Relayed) + Send>;
+
+/// A connected stream socket, TCP or unix, non-blocking: one side of a
+/// relayed connection. The loop only reads, writes, splices and shuts it
+/// down, which every stream socket does alike.
+#[derive(Debug)]
+pub struct Stream(OwnedFd);
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Stream {
+        Stream(s.into())
+    }
+}
+
+impl From<std::os::unix::net::UnixStream> for Stream {
+    fn from(s: std::os::unix::net::UnixStream) -> Stream {
+        Stream(s.into())
+    }
+}
+
+/// Leaving the runtime keeps the socket non-blocking.
+impl TryFrom<tokio::net::TcpStream> for Stream {
+    type Error = io::Error;
+    fn try_from(s: tokio::net::TcpStream) -> io::Result<Stream> {
+        Ok(s.into_std()?.into())
+    }
+}
+
+impl TryFrom<tokio::net::UnixStream> for Stream {
+    type Error = io::Error;
+    fn try_from(s: tokio::net::UnixStream) -> io::Result<Stream> {
+        Ok(s.into_std()?.into())
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        send(self.as_raw_fd(), buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// What a loop relays for one connection: its two sockets and what moves
 /// bytes between them. The loop owns it from [`RelayLoop::submit`] until
@@ -354,13 +408,12 @@ pub enum Sniff {
 /// until both directions end, counting the bytes in `progress` as they go,
 /// and looking at the client's first bytes as `sniff` says.
 pub async fn relay(
-    client: tokio::net::TcpStream,
-    upstream: tokio::net::TcpStream,
+    client: impl TryInto<Stream, Error = io::Error>,
+    upstream: impl TryInto<Stream, Error = io::Error>,
     progress: Arc<crate::record::Progress>,
     sniff: Option<Sniff>,
 ) -> Relayed {
-    // Leaving the runtime keeps the sockets non-blocking.
-    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+    let (client, upstream) = match (client.try_into(), upstream.try_into()) {
         (Ok(c), Ok(u)) => (c, u),
         (Err(e), _) | (_, Err(e)) => return failed(e),
     };
@@ -657,8 +710,8 @@ impl Loop {
 
 /// An opaque TCP connection: bytes both ways, counted.
 struct Tcp {
-    client: TcpStream,
-    upstream: TcpStream,
+    client: Stream,
+    upstream: Stream,
     up: Direction,
     down: Direction,
     done: Option<Done>,
@@ -672,10 +725,10 @@ struct Tcp {
 }
 
 impl Tcp {
-    fn new(client: TcpStream, upstream: TcpStream, done: Done) -> Tcp {
+    fn new(client: impl Into<Stream>, upstream: impl Into<Stream>, done: Done) -> Tcp {
         Tcp {
-            client,
-            upstream,
+            client: client.into(),
+            upstream: upstream.into(),
             up: Direction::default(),
             down: Direction::default(),
             done: Some(done),
@@ -870,8 +923,8 @@ impl Direction {
     /// copy read is taken to mean `from` has nothing more.
     fn pump(
         &mut self,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &Stream,
+        to: &Stream,
         scratch: &mut [u8],
         short_drains: bool,
     ) -> io::Result<()> {

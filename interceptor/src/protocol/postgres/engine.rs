@@ -15,10 +15,7 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{policy::Decision, proxy::relay_loop, sql::Classification};
 
@@ -759,7 +756,7 @@ const READ_ROOM: usize = 64 * 1024;
 
 /// One socket of a relayed connection, with what epoll last said of it.
 struct Side {
-    sock: std::net::TcpStream,
+    sock: relay_loop::Stream,
     /// Read from this side and not yet taken by its machine.
     input: BytesMut,
     /// To be written to this side.
@@ -780,10 +777,9 @@ struct Side {
 }
 
 impl Side {
-    fn new(s: TcpStream) -> io::Result<Side> {
+    fn new(s: impl TryInto<relay_loop::Stream, Error = io::Error>) -> io::Result<Side> {
         Ok(Side {
-            // Leaving the runtime keeps the socket non-blocking.
-            sock: s.into_std()?,
+            sock: s.try_into()?,
             input: BytesMut::with_capacity(READ_ROOM),
             out: BytesMut::new(),
             read: 0,
@@ -876,8 +872,8 @@ pub type Relayed = (u64, u64, Result<(), PgError>);
 /// passed on as a FIN once what it sent is delivered; the first error ends
 /// both.
 pub async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
+    client: impl TryInto<relay_loop::Stream, Error = io::Error>,
+    upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
     state: Arc<State>,
     progress: Arc<crate::record::Progress>,
 ) -> Relayed {
