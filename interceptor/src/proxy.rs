@@ -330,7 +330,7 @@ impl Proxy {
         };
         let mut s = Session::new(self.ids.next(), format!("unix:pid={}", peer.pid));
         let meta = peer.meta();
-        let mut workload = self
+        let workload = self
             .identify(&mut s, &meta, Some(t), original.clone())
             .await;
         if let Some(e) = s.evidence.as_mut() {
@@ -339,9 +339,13 @@ impl Proxy {
         if !peer.alive() {
             // Its pid may be another process's by now: nothing read of it
             // can be trusted.
-            workload = None;
-            s.workload = None;
-            s.identity = None;
+            (s.workload, s.identity) = (None, None);
+            s.rule = Some(RULE_UNATTRIBUTED.into());
+            let why = format!(
+                "process {} ended before it could be identified; refused",
+                peer.pid
+            );
+            return self.finish(s, Outcome::Denied, Some(why)).await;
         }
         if let Err((outcome, why)) = self.authorize(&mut s, workload, Some(t), meta.cgroup_id) {
             return self.finish(s, outcome, Some(why)).await;

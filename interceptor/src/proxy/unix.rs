@@ -433,4 +433,30 @@ mod tests {
         assert!(connect_blocking(&closed, &Creds { uid: 0, ..nobody }, t).is_ok());
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A peer that is gone by the time it is looked at is never believed:
+    /// either no pidfd is given for it, or the pidfd says it is gone.
+    #[test]
+    fn a_peer_that_exited_is_not_alive() {
+        let dir = std::env::temp_dir().join(format!("icpt-peer-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let _ = fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let _us = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert!(Peer::of(&s).unwrap().alive(), "a live peer");
+        let status = std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+            ])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (gone, _) = l.accept().unwrap();
+        assert!(!Peer::of(&gone).is_ok_and(|p| p.alive()));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
