@@ -8,7 +8,10 @@
 //! when classified afresh (no cache, no earlier context).
 #![no_main]
 
-use std::sync::{Arc, LazyLock};
+use std::{
+    path::Path,
+    sync::{Arc, LazyLock},
+};
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
@@ -20,16 +23,15 @@ use interceptor::{
 use libfuzzer_sys::fuzz_target;
 
 static POLICY: LazyLock<Arc<ArcSwap<Policy>>> = LazyLock::new(|| {
-    let dir = std::env::temp_dir().join(format!("interceptor-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let defaults = dir.join("defaults.toml");
-    std::fs::write(&defaults, "[defaults]\nrecord_parameters = true\n").unwrap();
-    let rules = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../policies/orders-db-statements.toml"
-    );
-    let policy = Policy::load_files(&[defaults, rules.into()], None).expect("fuzz policy loads");
-    let _ = std::fs::remove_dir_all(&dir);
+    let rules = include_str!("../../policies/orders-db-statements.toml");
+    let policy = Policy::from_texts(
+        &[
+            (Path::new("defaults.toml"), "[defaults]\nrecord_parameters = true\n"),
+            (Path::new("orders-db-statements.toml"), rules),
+        ],
+        None,
+    )
+    .expect("fuzz policy loads");
     Arc::new(ArcSwap::from_pointee(policy))
 });
 

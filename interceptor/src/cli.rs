@@ -93,6 +93,17 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// For benchmarks: the two PostgreSQL machines of one connection fed
+    /// `pgbench -S` traffic in this process, with no socket; prints
+    /// nanoseconds per transaction.
+    #[command(hide = true)]
+    BenchEngine {
+        /// pgbench's protocol: simple, extended or prepared.
+        #[arg(long)]
+        mode: crate::protocol::postgres::harness::Mode,
+        #[arg(long, default_value_t = 200_000)]
+        txns: u32,
+    },
     /// For benchmarks: relays every connection made to a free loopback port
     /// (printed first) to ADDR with the agent's relay loop and nothing else:
     /// no eBPF, identity, policy or recording.
@@ -251,8 +262,13 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::BenchEngine { mode, txns } => {
+            let ns = crate::protocol::postgres::harness::run(mode, txns);
+            println!("{ns:.1}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BenchRelay { to, threads } => {
-            crate::proxy::relay_loop::bare(to, threads)?;
+            interceptor_relay::bare(to, threads)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach { store } => {

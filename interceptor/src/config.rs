@@ -136,7 +136,7 @@ pub struct AgentSection {
     pub upstream_connect_timeout_ms: u64,
     /// Data-plane threads, and relay loops (default: one per CPU). Loops
     /// carry connections only as the load needs (see
-    /// `proxy::relay_loop::Loops`); this is the most.
+    /// `interceptor_relay::Loops`); this is the most.
     #[serde(default)]
     pub workers: Option<std::num::NonZeroUsize>,
     /// Microseconds a data-plane thread keeps polling after it read bytes,
@@ -200,9 +200,9 @@ pub const MAX_BUSY_POLL_US: u32 = 1000;
 
 impl AgentSection {
     /// How the relay loops treat connections: busy polling and timeouts.
-    pub fn tuning(&self) -> crate::proxy::relay_loop::Tuning {
+    pub fn tuning(&self) -> interceptor_relay::Tuning {
         let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
-        crate::proxy::relay_loop::Tuning {
+        interceptor_relay::Tuning {
             busy_poll: self.busy_poll(),
             idle: secs(self.idle_timeout_s),
             half_closed: secs(self.half_closed_timeout_s),
@@ -276,7 +276,7 @@ pub enum Protocol {
     /// Opaque bytes.
     #[default]
     Tcp,
-    /// PostgreSQL wire protocol (relayed as bytes until its handler lands).
+    /// PostgreSQL wire protocol: statements decided, masked and recorded.
     Postgres,
 }
 

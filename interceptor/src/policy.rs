@@ -12,7 +12,7 @@
 
 use std::{
     fmt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, LazyLock},
 };
 
@@ -279,15 +279,23 @@ impl Policy {
     }
 
     pub fn load_files(files: &[PathBuf], config: Option<&Config>) -> Result<Self, PolicyError> {
-        let mut policy = Policy::default();
-        let mut defaults_from: Option<PathBuf> = None;
+        let mut texts = Vec::with_capacity(files.len());
         for file in files {
             let text =
                 std::fs::read_to_string(file).map_err(|e| PolicyError::Read(file.clone(), e))?;
-            let src = Source {
-                path: file,
-                text: &text,
-            };
+            texts.push((file.as_path(), text));
+        }
+        let texts: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (*p, t.as_str())).collect();
+        Ok(Self::from_texts(&texts, config)?)
+    }
+
+    /// Compiles policy files given as text, each with the name its errors
+    /// are to carry (tests and fuzzers need no files).
+    pub fn from_texts(files: &[(&Path, &str)], config: Option<&Config>) -> Result<Self, FileError> {
+        let mut policy = Policy::default();
+        let mut defaults_from: Option<PathBuf> = None;
+        for (path, text) in files {
+            let src = Source { path, text };
             policy.add_file(&src, config, &mut defaults_from)?;
         }
         Ok(policy)
@@ -995,7 +1003,7 @@ pub enum PolicyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+
 
     fn load(text: &str) -> Result<Policy, FileError> {
         let mut p = Policy::default();
@@ -1005,6 +1013,19 @@ mod tests {
         };
         p.add_file(&src, None, &mut None)?;
         Ok(p)
+    }
+
+    /// The example config of the repository loads, with the policies it
+    /// names, and with no warning.
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/interceptor.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.workloads.len(), 2);
+        assert_eq!(config.targets[0].unix.len(), 1);
+        let p = Policy::load(&config).unwrap();
+        assert!(p.rules.len() > 3, "{}", p.rules.len());
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     }
 
     #[test]

@@ -24,6 +24,11 @@ use std::{
 
 use arc_swap::ArcSwap;
 use interceptor_ebpf::ConnMeta;
+use interceptor_relay::{
+    self as relay_loop,
+    sys::{local_hop, reset},
+    End, Ending,
+};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
@@ -40,7 +45,6 @@ use crate::{
 };
 
 mod flush;
-pub mod relay_loop;
 pub mod unix;
 
 pub use flush::STATEMENT_FLUSH;
@@ -453,7 +457,7 @@ impl Proxy {
                     .await;
             }
         };
-        let progress = Arc::new(crate::record::Progress::default());
+        let progress = Arc::new(relay_loop::Progress::default());
         let r = if postgres {
             self.relay_postgres(&mut s, client, upstream, progress)
                 .await
@@ -461,16 +465,15 @@ impl Proxy {
             // A PostgreSQL session where policy expected opaque bytes
             // would go unchecked: it is told by its first bytes.
             let unknown = self.policy.load().decide_unknown_postgres();
-            let sniff = if unknown.action == Action::Allow {
-                relay_loop::Sniff::Note
-            } else {
-                relay_loop::Sniff::Refuse(format!(
+            let sniff = relay_loop::Sniff {
+                opens: postgres::opens_session,
+                refuse: (unknown.action != Action::Allow).then(|| format!(
                     "a PostgreSQL session to {dst}, which is no postgres target: its statements cannot be checked; refused by rule `{}`",
                     unknown.rule
-                ))
+                )),
             };
             let listed = flush::Listed::new(s.id, None, progress.clone());
-            let r = relay_loop::relay(client, upstream, progress, Some(sniff)).await;
+            let r = Relayed::from(relay_loop::relay(client, upstream, progress, Some(sniff)).await);
             listed.finish(&self.recorder).await;
             if r.postgres {
                 s.protocol = "postgres".into();
@@ -499,7 +502,7 @@ impl Proxy {
         s: &mut Session,
         client: impl TryInto<relay_loop::Stream, Error = io::Error>,
         upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
-        progress: Arc<crate::record::Progress>,
+        progress: Arc<relay_loop::Progress>,
     ) -> Relayed {
         let state = Arc::new(postgres::State::with_gate(postgres::Gate {
             policy: self.policy.clone(),
@@ -512,25 +515,10 @@ impl Proxy {
             },
         }));
         let listed = flush::Listed::new(s.id, Some(state.clone()), progress.clone());
-        let relayed = postgres::relay(client, upstream, state.clone(), progress).await;
+        let end = postgres::relay(client, upstream, state.clone(), progress).await;
         s.statements = listed.finish(&self.recorder).await;
         s.postgres = Some(state.take_startup());
-        let (up, down, result) = relayed;
-        let (outcome, detail) = match result {
-            Ok(()) => (Outcome::Closed, None),
-            Err(postgres::PgError::Io(e)) => io_outcome(e),
-            Err(e @ postgres::PgError::StartupRefused { .. }) => {
-                (Outcome::Denied, Some(e.to_string()))
-            }
-            Err(e) => (Outcome::Error, Some(e.to_string())),
-        };
-        Relayed {
-            up,
-            down,
-            outcome,
-            detail,
-            postgres: false,
-        }
+        Relayed::from(end)
     }
 }
 
@@ -579,29 +567,6 @@ where
     }
 }
 
-/// A hop whose far end is on this host (the application's, always; the
-/// server's, when it runs here) has no network to share: it uses reno, the
-/// cheapest congestion control, whatever the node's default is (chosen for
-/// its network paths). With BBR, the default of many distributions, its
-/// per-ACK model was about 0.8% of the relay's CPU time at pgbench -S -c 8.
-pub(crate) fn local_hop<S: AsFd>(s: &S, peer: SocketAddr) {
-    if !peer.ip().is_loopback() {
-        return;
-    }
-    let reno = b"reno";
-    // SAFETY: setsockopt(2) on a live socket, reading `reno.len()` bytes.
-    // Failure (no reno in this kernel) leaves the default: nothing to do.
-    unsafe {
-        libc::setsockopt(
-            s.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            reno.as_ptr().cast(),
-            reno.len() as libc::socklen_t,
-        )
-    };
-}
-
 /// The socket's cookie (`SO_COOKIE`): unique among the sockets of this boot.
 fn socket_cookie<S: AsFd>(s: &S) -> io::Result<u64> {
     let mut cookie = 0u64;
@@ -623,19 +588,6 @@ fn socket_cookie<S: AsFd>(s: &S) -> io::Result<u64> {
     }
 }
 
-/// Closes a socket with RST instead of FIN (SO_LINGER 0) when it is dropped.
-pub(crate) fn reset<S: AsFd>(s: &S) {
-    set_linger_zero(s.as_fd());
-}
-
-fn set_linger_zero(fd: BorrowedFd<'_>) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Linger, &l);
-}
-
 /// Result of relaying one connection.
 pub struct Relayed {
     pub up: u64,
@@ -645,6 +597,28 @@ pub struct Relayed {
     /// An opaque connection turned out to carry a PostgreSQL session
     /// (relayed, or refused for it).
     pub postgres: bool,
+}
+
+/// How the relay's end of a connection is recorded.
+impl From<End> for Relayed {
+    fn from(end: End) -> Relayed {
+        let (outcome, detail) = match end.how {
+            Ending::Closed => (Outcome::Closed, None),
+            Ending::Failed(e) => io_outcome(e),
+            Ending::Refused(why) => (Outcome::Denied, Some(why)),
+            Ending::Stopped => (
+                Outcome::Interrupted,
+                Some("the relay loop stopped".into()),
+            ),
+        };
+        Relayed {
+            up: end.up,
+            down: end.down,
+            outcome,
+            detail,
+            postgres: end.sniffed,
+        }
+    }
 }
 
 /// How an I/O error ends a session: a reset, or an error.
@@ -661,14 +635,6 @@ pub(crate) fn io_outcome(e: io::Error) -> (Outcome, Option<String>) {
         Outcome::Error
     };
     (outcome, Some(e.to_string()))
-}
-
-/// Sends FIN; a peer that is already gone is not an error here.
-pub(crate) fn shutdown_write(fd: RawFd) -> io::Result<()> {
-    match nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write) {
-        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// A connected loopback pair for relay tests: (the connecting end, the

@@ -3,9 +3,10 @@
 //!
 //! The data path only ever sends into a bounded channel; when the writer
 //! falls behind, senders wait (backpressure) — records are never dropped.
-//! One writer thread applies batches and fsyncs each one (group commit), so a
-//! slow disk never adds latency to relayed bytes. sled holds one fixed tree
-//! of sessions keyed by time-ordered ids.
+//! One writer thread applies batches as they arrive and fsyncs at most every
+//! 50 ms (group commit), so a slow disk never adds latency to relayed bytes.
+//! sled holds three trees: sessions by time-ordered id, statement chunks, and
+//! the progress of open sessions (docs/store-format.md).
 
 use std::{
     fmt,
@@ -311,29 +312,6 @@ pub enum StoreError {
     Corrupt(String, String),
 }
 
-/// Bytes a session has relayed so far: written by its relay loop, read by
-/// its worker's flush task, which records them while they change. An
-/// interrupted session's record is made of the last of them.
-#[derive(Debug, Default)]
-pub struct Progress {
-    up: AtomicU64,
-    down: AtomicU64,
-}
-
-impl Progress {
-    pub fn set(&self, up: u64, down: u64) {
-        self.up.store(up, Ordering::Relaxed);
-        self.down.store(down, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> (u64, u64) {
-        (
-            self.up.load(Ordering::Relaxed),
-            self.down.load(Ordering::Relaxed),
-        )
-    }
-}
-
 /// What the data path hands the writer.
 #[derive(Debug, Clone)]
 pub enum Record {
@@ -380,7 +358,8 @@ pub struct SledStore {
     db: sled::Db,
     sessions: sled::Tree,
     /// Session id (8 bytes) ++ first statement seq of a chunk (4 bytes),
-    /// big-endian → JSON array of statements.
+    /// big-endian → a chunk of statements ([`codec`]; older agents' JSON
+    /// arrays still read).
     statements: sled::Tree,
     /// Session id → bytes up, bytes down, time (three big-endian u64) of an
     /// open session's last [`Record::Progress`].

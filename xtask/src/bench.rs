@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{agent::Agent, cargo, pg::free_port, require_root, root, run as run_cmd};
 
+mod engine;
 mod memory;
 
 const RR_RATE: u64 = 2000; // requests per second on the persistent connection
@@ -58,10 +59,16 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             memory::memory(&tuning)
         }
+        Some("engine") => {
+            if args.len() > 1 {
+                bail!("bench engine takes no arguments (got {:?})", &args[1..]);
+            }
+            engine::engine()
+        }
         Some("client") => client(&args[1..]),
         Some("server") => server(),
         _ => bail!(
-            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS] | memory [SETTINGS]> \
+            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS] | memory [SETTINGS] | engine> \
              (SETTINGS: --busy-poll-us N, --workers N)"
         ),
     }

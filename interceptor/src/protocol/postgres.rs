@@ -2,10 +2,13 @@
 //! negotiation, and statement recording.
 //!
 //! Frames are read incrementally into an owned `BytesMut`; every length is
-//! checked before it is used, and only the messages we inspect (startup,
-//! Query, Parse, authentication, CommandComplete, ErrorResponse,
-//! ReadyForQuery) are buffered whole, up to fixed limits. Everything else
-//! streams through untouched. A malformed frame from either side ends the
+//! checked before it is used, and only the messages the agent inspects are
+//! buffered whole, up to fixed limits: from the client the startup, Query,
+//! Parse, Bind, Execute, Close, Describe and FunctionCall; from the server
+//! authentication, CommandComplete, EmptyQueryResponse, PortalSuspended,
+//! ErrorResponse, ParameterStatus and ReadyForQuery, and while a mask rule
+//! applies RowDescription, NoData, DataRow and NoticeResponse too.
+//! Everything else streams through untouched. A malformed frame from either side ends the
 //! session with a recorded reason, never a panic.
 //!
 //! The agent must see plaintext, so it answers `SSLRequest` and
@@ -44,6 +47,7 @@ use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
 mod engine;
+pub mod harness;
 pub use engine::{backend, frontend, relay, Backend, Frontend};
 
 use crate::{
@@ -381,8 +385,9 @@ const ASCII_SWALLOWING_ENCODINGS: &[&str] = &[
     "UHC",
 ];
 
-/// Shared between the two directions of one connection. Both run in one
-/// task, so the locks are never contended; they only make the task `Send`.
+/// Shared between the two directions of one connection, which the relay
+/// loop feeds, and the worker's flush task, which takes finished records
+/// (`take_records`, every 200 ms): the locks are contended only then.
 #[derive(Default)]
 pub struct State {
     batch: Mutex<Batch>,
@@ -2074,12 +2079,9 @@ mod tests {
         out.to_vec()
     }
 
-    /// The policy in `toml` (loaded from a file named by `tag`).
+    /// The policy in `toml` (its errors naming `tag`).
     fn policy(tag: &str, toml: &str) -> Arc<ArcSwap<Policy>> {
-        let path = std::env::temp_dir().join(format!("icpt-pg-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&path, toml).unwrap();
-        let policy = Policy::load_files(std::slice::from_ref(&path), None).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let policy = Policy::from_texts(&[(std::path::Path::new(tag), toml)], None).unwrap();
         Arc::new(ArcSwap::from_pointee(policy))
     }
 

@@ -24,7 +24,7 @@ use crate::{
     protocol::postgres::State,
     record::{
         codec::{Chunk, Records},
-        Progress, Recorder, SessionId,
+        Recorder, SessionId,
     },
 };
 
@@ -34,7 +34,7 @@ pub const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
 struct Open {
     /// A PostgreSQL session's statements.
     state: Option<Arc<State>>,
-    progress: Arc<Progress>,
+    progress: Arc<interceptor_relay::Progress>,
     /// The bytes of the last progress record.
     reported: (u64, u64),
     /// Statements taken from this session so far.
@@ -62,7 +62,11 @@ pub struct Listed {
 impl Listed {
     /// Puts a session on this thread's list: its bytes as its relay loop
     /// counts them in `progress`, and its statements if `state` is given.
-    pub fn new(id: SessionId, state: Option<Arc<State>>, progress: Arc<Progress>) -> Listed {
+    pub fn new(
+        id: SessionId,
+        state: Option<Arc<State>>,
+        progress: Arc<interceptor_relay::Progress>,
+    ) -> Listed {
         OPEN.with_borrow_mut(|open| {
             open.insert(
                 id,

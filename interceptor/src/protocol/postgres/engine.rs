@@ -17,7 +17,9 @@ use std::{
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{policy::Decision, proxy::relay_loop, sql::Classification};
+use interceptor_relay::{self as relay_loop, sys, End, Ending};
+
+use crate::{policy::Decision, sql::Classification};
 
 use super::{
     be32, cstr, error_code, malformed, parse_startup, refusal, startup_refusal,
@@ -812,7 +814,7 @@ impl Side {
             self.input.reserve(READ_ROOM);
         }
         let room = self.input.capacity() - self.input.len();
-        let Some(n) = relay_loop::ready(read_into(self.sock.as_raw_fd(), &mut self.input))? else {
+        let Some(n) = sys::ready(read_into(self.sock.as_raw_fd(), &mut self.input))? else {
             self.readable = false;
             return Ok(None);
         };
@@ -828,8 +830,8 @@ impl Side {
     /// Writes what it can of `out`.
     fn flush(&mut self) -> io::Result<()> {
         while !self.out.is_empty() && self.writable {
-            let sent = relay_loop::send(self.sock.as_raw_fd(), &self.out);
-            match relay_loop::ready(sent.and_then(relay_loop::moved))? {
+            let sent = sys::send(self.sock.as_raw_fd(), &self.out);
+            match sys::ready(sent.and_then(sys::moved))? {
                 Some(n) => self.out.advance(n),
                 None => self.writable = false,
             }
@@ -843,7 +845,7 @@ impl Side {
             return Ok(());
         }
         self.shut = true;
-        crate::proxy::shutdown_write(self.sock.as_raw_fd())
+        sys::shutdown_write(self.sock.as_raw_fd())
     }
 }
 
@@ -855,31 +857,27 @@ fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
     let room = buf.spare_capacity_mut();
     // SAFETY: `room` is writable memory of `room.len()` bytes owned by
     // `buf`; recv(2) writes at most that many and reports how many.
-    let n = unsafe { relay_loop::recv(fd, room.as_mut_ptr().cast(), room.len())? };
+    let n = unsafe { sys::recv(fd, room.as_mut_ptr().cast(), room.len())? };
     // SAFETY: the kernel initialised the first `n` bytes of the free room.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
 }
 
-/// What a relayed connection amounts to: bytes from the client, bytes from
-/// the server, and how it ended.
-pub type Relayed = (u64, u64, Result<(), PgError>);
-
 /// Relays one PostgreSQL connection on a relay loop
 /// ([`relay_loop`]): every socket event is answered there, by the machines
 /// between the two sockets, with no runtime in between. A side is not read
 /// while its peer has [`HIGH_WATER`] unsent. A clean end of one side is
-/// passed on as a FIN once what it sent is delivered; the first error ends
-/// both.
+/// passed on as a FIN once what it sent is delivered. The first error ends
+/// both as opaque relaying does (see [`Postgres::end`]).
 pub async fn relay(
     client: impl TryInto<relay_loop::Stream, Error = io::Error>,
     upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
     state: Arc<State>,
-    progress: Arc<crate::record::Progress>,
-) -> Relayed {
+    progress: Arc<relay_loop::Progress>,
+) -> End {
     let (client, server) = match (Side::new(client), Side::new(upstream)) {
         (Ok(c), Ok(s)) => (c, s),
-        (Err(e), _) | (_, Err(e)) => return (0, 0, Err(e.into())),
+        (Err(e), _) | (_, Err(e)) => return End::at_once(Ending::Failed(e)),
     };
     let (done, ended) = tokio::sync::oneshot::channel();
     relay_loop::submit_here(Box::new(Postgres {
@@ -893,10 +891,7 @@ pub async fn relay(
         progress,
         done: Some(done),
     }));
-    ended.await.unwrap_or_else(|_| {
-        let stopped = io::Error::new(io::ErrorKind::Interrupted, "the relay loop stopped");
-        (0, 0, Err(stopped.into()))
-    })
+    ended.await.unwrap_or_else(|_| End::at_once(Ending::Stopped))
 }
 
 /// A PostgreSQL connection as the relay loop sees it.
@@ -904,19 +899,41 @@ struct Postgres {
     conn: Conn,
     state: Arc<State>,
     /// Bytes from the client and from the server so far, for the record.
-    progress: Arc<crate::record::Progress>,
-    done: Option<tokio::sync::oneshot::Sender<Relayed>>,
+    progress: Arc<relay_loop::Progress>,
+    done: Option<tokio::sync::oneshot::Sender<End>>,
 }
 
 impl Postgres {
+    /// Reports the end. On an error both sides are reset, as opaque
+    /// relaying does, so each peer learns that the connection broke rather
+    /// than ended; except that the agent's own last word to the client (a
+    /// refused login) goes out, followed by a FIN, so the client reads why.
     fn end(&mut self, result: Result<(), PgError>) -> relay_loop::Pumped {
-        if result.is_err() {
-            // The agent's last word to the client (a refused login) goes
-            // out if the socket takes it now.
-            let _ = (&self.conn.client.sock).write(&self.conn.client.out);
-        }
+        let how = match result {
+            Ok(()) => Ending::Closed,
+            Err(e) => {
+                let client = &self.conn.client;
+                let said = !client.out.is_empty();
+                if said {
+                    let _ = (&client.sock).write(&client.out);
+                } else {
+                    sys::reset(&client.sock);
+                }
+                sys::reset(&self.conn.server.sock);
+                match e {
+                    PgError::Io(e) => Ending::Failed(e),
+                    e @ PgError::StartupRefused { .. } => Ending::Refused(e.to_string()),
+                    e => Ending::Failed(io::Error::other(e.to_string())),
+                }
+            }
+        };
         if let Some(done) = self.done.take() {
-            let _ = done.send((self.conn.client.read, self.conn.server.read, result));
+            let _ = done.send(End {
+                up: self.conn.client.read,
+                down: self.conn.server.read,
+                how,
+                sniffed: false,
+            });
         }
         relay_loop::Pumped::Over
     }
@@ -1078,8 +1095,33 @@ mod tests {
             app.shutdown().await.unwrap();
             total
         };
-        let ((up, down, result), total) = tokio::join!(relayed, flow);
-        result.unwrap();
-        assert_eq!((up, down), (9, total as u64));
+        let (end, total) = tokio::join!(relayed, flow);
+        assert!(matches!(end.how, Ending::Closed), "{end:?}");
+        assert_eq!((end.up, end.down), (9, total as u64));
+    }
+
+    /// The end path is the opaque relay's: a side that fails resets the
+    /// other, which learns that the connection broke rather than ended.
+    #[tokio::test]
+    async fn a_reset_on_one_side_resets_the_other() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let relayed = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            Arc::new(State::default()),
+            Arc::default(),
+        ));
+        let startup = b"\0\0\0\x09\0\x03\0\0\0";
+        app.write_all(startup).await.unwrap();
+        let mut got = [0u8; 9];
+        server.read_exact(&mut got).await.unwrap();
+        interceptor_relay::sys::reset(&app);
+        drop(app);
+        let mut rest = Vec::new();
+        let e = server.read_to_end(&mut rest).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        let end = relayed.await.unwrap();
+        assert!(matches!(end.how, Ending::Failed(_)), "{end:?}");
     }
 }

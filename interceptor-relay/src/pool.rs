@@ -44,7 +44,7 @@ use std::{
 
 use tracing::{debug, warn};
 
-use super::{RelayLoop, Traffic};
+use crate::{RelayLoop, Traffic};
 
 /// When the balancer moves connections.
 #[derive(Clone, Copy, Debug)]
@@ -260,7 +260,7 @@ struct Shared {
 impl Loops {
     /// Starts `n` loops (at least one), balanced as [`Balance::default`]
     /// says; `busy_poll` as for [`RelayLoop::start`].
-    pub fn start(n: usize, tuning: super::Tuning) -> std::io::Result<Arc<Loops>> {
+    pub fn start(n: usize, tuning: crate::Tuning) -> std::io::Result<Arc<Loops>> {
         Loops::with_balance(n, tuning, Some(Balance::default()))
     }
 
@@ -268,7 +268,7 @@ impl Loops {
     /// connections and never moves one.
     pub fn with_balance(
         n: usize,
-        tuning: super::Tuning,
+        tuning: crate::Tuning,
         balance: Option<Balance>,
     ) -> std::io::Result<Arc<Loops>> {
         let n = n.max(1);
@@ -456,7 +456,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::{proxy::Relayed, record::Outcome};
+    use crate::{End, Ending};
 
     /// A server on loopback: each connection is handled by `serve` on a
     /// thread of its own.
@@ -501,7 +501,7 @@ mod tests {
         loops: &Loops,
         to: std::net::SocketAddr,
         n: usize,
-    ) -> (Vec<TcpStream>, mpsc::Receiver<Relayed>) {
+    ) -> (Vec<TcpStream>, mpsc::Receiver<End>) {
         let front = TcpListener::bind("127.0.0.1:0").unwrap();
         let (tx, rx) = mpsc::channel();
         let apps = (0..n)
@@ -517,7 +517,7 @@ mod tests {
                 let done = Box::new(move |r| {
                     let _ = tx.send(r);
                 });
-                loops.submit(Box::new(super::super::Tcp::new(client, upstream, done)));
+                loops.submit(Box::new(crate::tcp::Tcp::new(client, upstream, done)));
                 app.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
                 app
             })
@@ -672,7 +672,7 @@ mod tests {
     /// as they would have on one loop.
     #[test]
     fn connections_moved_between_loops_lose_nothing() {
-        let loops = Loops::with_balance(2, super::super::Tuning::default(), None).unwrap();
+        let loops = Loops::with_balance(2, crate::Tuning::default(), None).unwrap();
         let (apps, ended) = connect(&loops, server(echo), 16);
         wait_for("every connection on a loop", || {
             loops.open().iter().sum::<usize>() == 16
@@ -714,7 +714,7 @@ mod tests {
         let mut relayed: Vec<u64> = (0..16)
             .map(|_| {
                 let r = ended.recv_timeout(Duration::from_secs(20)).unwrap();
-                assert_eq!(r.outcome, Outcome::Closed, "{:?}", r.detail);
+                assert!(matches!(r.how, Ending::Closed), "{:?}", r.how);
                 assert_eq!(r.up, r.down);
                 r.up
             })
@@ -739,7 +739,7 @@ mod tests {
             gather_below: 0.02,
             retry_after: 1,
         };
-        let loops = Loops::with_balance(2, super::super::Tuning::default(), Some(balance)).unwrap();
+        let loops = Loops::with_balance(2, crate::Tuning::default(), Some(balance)).unwrap();
         assert_eq!(loops.active(), 1);
         let (apps, ended) = connect(&loops, server(sink), 8);
         wait_for("new connections on the first loop", || {
@@ -777,7 +777,7 @@ mod tests {
         }
         for _ in 0..8 {
             let r = ended.recv_timeout(Duration::from_secs(20)).unwrap();
-            assert_eq!((r.outcome, r.down), (Outcome::Closed, 8), "{:?}", r.detail);
+            assert!(matches!(r.how, Ending::Closed) && r.down == 8, "{r:?}");
         }
     }
 }
