@@ -35,7 +35,7 @@ pub fn bare(to: std::net::SocketAddr, threads: usize) -> io::Result<()> {
         for (s, peer) in [(&client, from), (&upstream, to)] {
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
-            super::local_hop(s, peer);
+            local_hop(s, peer);
         }
         loops.submit(Box::new(Tcp::new(client, upstream, Box::new(|_| {}))));
     }

@@ -37,7 +37,6 @@
 //! a FIN to the other while the reverse direction keeps flowing; an error
 //! on either side resets both.
 
-
 use std::{
     io::{self, Write},
     net::TcpStream,

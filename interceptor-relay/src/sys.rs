@@ -117,7 +117,11 @@ impl Epoll {
     }
 
     /// Waits up to `timeout_ms` (-1: forever) for events.
-    pub(crate) fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: libc::c_int) -> io::Result<usize> {
+    pub(crate) fn wait(
+        &self,
+        events: &mut [libc::epoll_event],
+        timeout_ms: libc::c_int,
+    ) -> io::Result<usize> {
         loop {
             // SAFETY: events is a valid buffer of the length passed.
             let n = unsafe {

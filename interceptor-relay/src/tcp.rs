@@ -398,8 +398,29 @@ impl Pipe {
 mod tests {
     //! The relay against real loopback sockets, without eBPF.
     use super::*;
-    use crate::loopback_pair as pair;
+    use crate::{loopback_pair as pair, RelayLoop, Tuning};
+    use std::{
+        io::Write,
+        net::TcpStream,
+        sync::mpsc,
+        time::{Duration, Instant},
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sets a socket's buffer size (`SO_SNDBUF` or `SO_RCVBUF`).
+    fn buffer(s: &impl AsRawFd, option: libc::c_int, bytes: libc::c_int) {
+        // SAFETY: setsockopt(2) on a live socket, reading a c_int.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    }
 
     /// A sniffer that never recognises anything the tests send: the bytes
     /// it looks at still go through, in order.
@@ -425,12 +446,7 @@ mod tests {
     async fn half_close_travels_and_the_reverse_direction_keeps_flowing() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            Arc::default(),
-            note(),
-        ));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default(), note()));
         app.write_all(b"request").await.unwrap();
         app.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -452,12 +468,7 @@ mod tests {
         for round in 0..200 {
             let (mut app, proxy_client) = pair().await;
             let (proxy_upstream, mut server) = pair().await;
-            let relay = tokio::spawn(relay(
-                proxy_client,
-                proxy_upstream,
-                Arc::default(),
-                note(),
-            ));
+            let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default(), note()));
             tokio::time::sleep(Duration::from_micros(200)).await;
             app.write_all(&[7u8; 100]).await.unwrap();
             app.shutdown().await.unwrap();
@@ -476,12 +487,7 @@ mod tests {
     async fn a_reset_on_one_side_resets_the_other() {
         let (app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            Arc::default(),
-            note(),
-        ));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default(), note()));
         crate::sys::reset(&app);
         drop(app);
         let r = relay.await.unwrap();
@@ -507,12 +513,7 @@ mod tests {
     async fn bulk_switches_to_splice_and_arrives_intact() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            Arc::default(),
-            note(),
-        ));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default(), note()));
         let data: Vec<u8> = (0..(5u32 << 20))
             .map(|i| (i * 7 + i / 4093) as u8)
             .collect();
@@ -535,19 +536,17 @@ mod tests {
         assert!(got == data, "bulk data differs");
         assert_eq!(back, b"ok");
         let r = relay.await.unwrap();
-        assert!((r.up, r.down) == (data.len() as u64, 2) && closed(&r), "{r:?}");
+        assert!(
+            (r.up, r.down) == (data.len() as u64, 2) && closed(&r),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_slow_reader_holds_the_writer_back_and_loses_nothing() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            Arc::default(),
-            note(),
-        ));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default(), note()));
         // More than the socket buffers and a pipe can hold together.
         let data: Vec<u8> = (0..(128u32 << 20)).map(|i| (i % 251) as u8).collect();
         let (reading, read_started) = tokio::sync::oneshot::channel::<()>();
@@ -580,12 +579,7 @@ mod tests {
     async fn small_messages_to_a_slow_reader_wait_in_the_relay_and_arrive_in_order() {
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            Arc::default(),
-            note(),
-        ));
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default(), note()));
         // Messages shorter than the copy buffer, spaced so that each read
         // takes one: the copy path, until the server's buffers are full
         // and a write takes only part of a message.
@@ -613,19 +607,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_end_sent_while_the_relay_waits_for_room_is_relayed() {
-        use nix::sys::socket::{setsockopt, sockopt};
         let (mut app, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
         // Small buffers toward the server, so that it is full after a few
         // small messages and the relay holds bytes for it.
-        setsockopt(&proxy_upstream, sockopt::SndBuf, &4096).unwrap();
-        setsockopt(&server, sockopt::RcvBuf, &4096).unwrap();
-        let relay = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            Arc::default(),
-            note(),
-        ));
+        buffer(&proxy_upstream, libc::SO_SNDBUF, 4096);
+        buffer(&server, libc::SO_RCVBUF, 4096);
+        let relay = tokio::spawn(relay(proxy_client, proxy_upstream, Arc::default(), note()));
         // Two, each short of the copy buffer: the relay holds part of the
         // first, and the second waits in its receive queue.
         for _ in 0..2 {

@@ -1004,7 +1004,6 @@ pub enum PolicyError {
 mod tests {
     use super::*;
 
-
     fn load(text: &str) -> Result<Policy, FileError> {
         let mut p = Policy::default();
         let src = Source {

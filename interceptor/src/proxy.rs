@@ -14,7 +14,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsFd, AsRawFd},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -606,10 +606,7 @@ impl From<End> for Relayed {
             Ending::Closed => (Outcome::Closed, None),
             Ending::Failed(e) => io_outcome(e),
             Ending::Refused(why) => (Outcome::Denied, Some(why)),
-            Ending::Stopped => (
-                Outcome::Interrupted,
-                Some("the relay loop stopped".into()),
-            ),
+            Ending::Stopped => (Outcome::Interrupted, Some("the relay loop stopped".into())),
         };
         Relayed {
             up: end.up,

@@ -33,10 +33,17 @@ pub fn engine() -> Result<()> {
                 .output()
                 .context("running interceptor bench-engine")?;
             if !out.status.success() {
-                bail!("bench-engine {mode}: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "bench-engine {mode}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             let text = String::from_utf8_lossy(&out.stdout);
-            ns.push(text.trim().parse::<f64>().context("bench-engine's figure")?);
+            ns.push(
+                text.trim()
+                    .parse::<f64>()
+                    .context("bench-engine's figure")?,
+            );
         }
         ns.sort_by(f64::total_cmp);
         let instructions = match (callgrind(&bin, mode, SHORT)?, callgrind(&bin, mode, LONG)?) {
@@ -45,7 +52,10 @@ pub fn engine() -> Result<()> {
             }
             _ => "n/a (no valgrind)".into(),
         };
-        println!("{mode:<11} {:>8.0}                          {instructions}", ns[RUNS / 2]);
+        println!(
+            "{mode:<11} {:>8.0}                          {instructions}",
+            ns[RUNS / 2]
+        );
     }
     Ok(())
 }

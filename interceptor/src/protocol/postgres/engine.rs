@@ -891,7 +891,9 @@ pub async fn relay(
         progress,
         done: Some(done),
     }));
-    ended.await.unwrap_or_else(|_| End::at_once(Ending::Stopped))
+    ended
+        .await
+        .unwrap_or_else(|_| End::at_once(Ending::Stopped))
 }
 
 /// A PostgreSQL connection as the relay loop sees it.

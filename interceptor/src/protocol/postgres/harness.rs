@@ -160,7 +160,11 @@ impl Connection {
         c.from_client.put_slice(&startup);
         message(&mut c.from_server, b'R', &0u32.to_be_bytes());
         message(&mut c.from_server, b'S', b"client_encoding\0UTF8\0");
-        message(&mut c.from_server, b'S', b"standard_conforming_strings\0on\0");
+        message(
+            &mut c.from_server,
+            b'S',
+            b"standard_conforming_strings\0on\0",
+        );
         message(&mut c.from_server, b'Z', b"I");
         if mode == Mode::Prepared {
             let mut parse = cstrs(&[b"P0_1", format!("{SQL}$1").as_bytes()]);
@@ -201,7 +205,12 @@ pub fn run(mode: Mode, txns: u32) -> f64 {
     let mut c = Connection::new(mode);
     let start = Instant::now();
     for aid in 0..txns {
-        transaction(mode, 1 + aid % 100_000, &mut c.from_client, &mut c.from_server);
+        transaction(
+            mode,
+            1 + aid % 100_000,
+            &mut c.from_client,
+            &mut c.from_server,
+        );
         c.exchange();
         if aid % 1000 == 999 {
             drop(c.state.take_records());
