@@ -5,9 +5,8 @@
 //! A data-plane worker does the work that needs the agent (identity,
 //! policy, the upstream connect, recording) and then hands both sockets to
 //! a loop thread (as many as the load needs: see [`Loops`]) as a
-//! [`Traffic`]: opaque TCP ([`relay`]) or
-//! PostgreSQL (`protocol::postgres::relay`, whose machines sit between the
-//! two sockets). From there on every byte is moved by that thread's
+//! [`Traffic`]: an opaque stream ([`relay`]), or one whose protocol the
+//! agent inspects, with its machines between the two sockets. From there on every byte is moved by that thread's
 //! `epoll` loop, with no runtime, task or waker between a socket event and
 //! the system call that answers it. That path is what a request waits on,
 //! twice per round trip, and on a virtual machine it runs with cold caches
@@ -33,9 +32,9 @@
 //! time that monitoring will show (up to the window after every message
 //! read), and on burstable or shared machines idle time is not free.
 //!
-//! Semantics, as for every relayed connection: a FIN from one side becomes
-//! a FIN to the other while the reverse direction keeps flowing; an error
-//! on either side resets both.
+//! Semantics, for every relayed connection (inspected ones included): a FIN
+//! from one side becomes a FIN to the other while the reverse direction
+//! keeps flowing; an error on either side resets both.
 
 use std::{
     io::{self, Write},
