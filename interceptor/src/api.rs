@@ -18,10 +18,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    protocol::postgres::Statement,
-    record::{Filter, Session, SessionId, Store},
-};
+use crate::record::{Filter, Session, SessionId, Statement, Store};
 
 pub const SOCKET_NAME: &str = "agent.sock";
 

@@ -17,8 +17,7 @@ use crate::{
     cgroup,
     config::{Config, DEFAULT_CONFIG},
     policy,
-    protocol::postgres::Statement,
-    record::{self, Filter, Session, SessionId, SledStore, Store},
+    record::{self, Filter, Session, SessionId, SledStore, Statement, Store},
     redirect,
 };
 

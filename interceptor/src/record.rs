@@ -23,11 +23,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub mod codec;
+pub mod event;
 
-use crate::{
-    identity::Evidence,
-    protocol::postgres::{Startup, Statement},
-};
+pub use event::{Startup, Statement, StatementKind, Tags, Whole};
+
+use crate::identity::Evidence;
 
 /// Time-ordered session id: microseconds since the epoch in the upper bits,
 /// a sequence in the low 12 bits; shown as 16 hex digits.
@@ -743,7 +743,7 @@ mod tests {
                         seq,
                         at: a.micros() + 1000 * u64::from(seq + 1),
                         duration_us: Some(500),
-                        ..Statement::new("query", None, "SELECT 1".into(), crate::sql::Class::Read)
+                        ..Statement::new(StatementKind::Query, None, "SELECT 1".into(), crate::sql::Class::Read)
                     });
                 }
                 rec.statements(a, list.take()).await;

@@ -26,7 +26,6 @@
 //! state and the extended protocol's skip-until-Sync are the server's own.
 
 use std::{
-    borrow::Cow,
     collections::VecDeque,
     io,
     sync::{
@@ -46,10 +45,14 @@ use foldhash::HashMap;
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
+mod code;
 mod engine;
 pub mod harness;
+
+pub use code::{BackendCode, FrontendCode};
 pub use engine::{backend, frontend, relay, Backend, Frontend};
 
+pub use crate::record::{Startup, Statement, StatementKind, Tags, Whole};
 use crate::{
     mask::Masker,
     policy::{Action, ColumnMask, Decision, Policy},
@@ -102,8 +105,6 @@ const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
 const AUTH_SASL: u32 = 10;
-/// Every message type a client may send after the startup packet.
-const FRONTEND_TYPES: &[u8] = b"BCcdDEfFHpPQSX";
 /// Classifications remembered per connection (drivers repeat their SQL).
 const CLASS_CACHE: usize = 512;
 
@@ -126,138 +127,6 @@ fn malformed(side: &'static str, what: impl Into<String>) -> PgError {
         side,
         what: what.into(),
     }
-}
-
-/// A statement's command tags.
-pub type Tags = smallvec::SmallVec<[Arc<str>; 1]>;
-
-/// One recorded statement (or batch of extended-protocol messages).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Statement {
-    pub seq: u32,
-    /// When it arrived (the statements of one read share it), in
-    /// microseconds since the epoch (RFC 3339 in JSON).
-    #[serde(with = "crate::record::micros_as_rfc3339")]
-    pub at: u64,
-    /// `query` (simple protocol), `parse` (extended protocol), `execute` (a
-    /// prepared statement run again, in a later batch than its `parse`),
-    /// `bind` or `function`.
-    pub kind: Cow<'static, str>,
-    /// Prepared statement name (extended protocol; empty = unnamed).
-    pub name: Option<Arc<str>>,
-    /// Statement text with secrets redacted (shared by the runs of one
-    /// prepared statement).
-    pub text: Arc<str>,
-    /// What the statement does (the worst of several in one message).
-    pub class: Class,
-    /// Tables and views it names.
-    #[serde(default)]
-    pub tables: Arc<[String]>,
-    /// `allow` or `deny`, and the rule that decided.
-    pub decision: Option<Action>,
-    pub rule: Option<Arc<str>>,
-    /// Result values masked in this statement's batch.
-    #[serde(default)]
-    pub masked: u32,
-    /// Bind parameter values (`kind = "bind"`, only when policy asks):
-    /// text as sent, binary as `\x` hex, each cut at 256 characters.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parameters: Option<Vec<Option<String>>>,
-    pub duration_us: Option<u64>,
-    /// Command tags the server returned for this statement's batch (most
-    /// statements have one: held inline).
-    pub tags: Tags,
-    /// Rows returned or affected (from the last command tag).
-    pub rows: Option<u64>,
-    /// SQLSTATE of the first error in the batch.
-    pub error: Option<String>,
-    /// Set when `text` was cut at the recording limit
-    /// (`agent.record_text_limit`): what the whole text was.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub whole: Option<Whole>,
-}
-
-/// A statement text recorded cut: the length in bytes and the SHA-256 of
-/// the whole text as it would have been recorded (secrets redacted).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Whole {
-    pub len: u64,
-    #[serde(with = "crate::identity::hex32")]
-    pub sha256: [u8; 32],
-}
-
-impl Whole {
-    /// `text` cut to at most `limit` bytes (at a character boundary), and
-    /// what the whole was, if it had to be cut.
-    pub fn cut(text: String, limit: usize) -> (Arc<str>, Option<Whole>) {
-        if text.len() <= limit {
-            return (text.into(), None);
-        }
-        use sha2::Digest;
-        let whole = Whole {
-            len: text.len() as u64,
-            sha256: sha2::Sha256::digest(text.as_bytes()).into(),
-        };
-        let mut end = limit;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        (text[..end].into(), Some(whole))
-    }
-}
-
-impl Statement {
-    /// A statement not yet numbered nor stamped (see [`Batch::push`]),
-    /// nor answered.
-    pub(crate) fn new(
-        kind: &'static str,
-        name: Option<Arc<str>>,
-        text: Arc<str>,
-        class: Class,
-    ) -> Self {
-        Statement {
-            seq: 0,
-            at: 0,
-            kind: Cow::Borrowed(kind),
-            name,
-            text,
-            class,
-            tables: Arc::default(),
-            decision: None,
-            rule: None,
-            masked: 0,
-            parameters: None,
-            duration_us: None,
-            tags: Tags::new(),
-            rows: None,
-            error: None,
-            whole: None,
-        }
-    }
-}
-
-/// What the startup message said.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Startup {
-    pub user: Option<String>,
-    /// Settings the startup packet asks for that a statement would need
-    /// policy for (`role`, `session_authorization`, `search_path`), as
-    /// `SET` statements; each is decided and recorded like one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub settings: Vec<String>,
-    pub database: Option<String>,
-    pub application_name: Option<String>,
-    /// The client asked for TLS or GSS encryption and was told no.
-    pub encryption_declined: bool,
-    /// This connection carried a CancelRequest.
-    pub cancel_request: bool,
-    /// The client asked for a replication connection.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub replication: bool,
-    /// Why the startup packet cannot be read as the server reads it (it is
-    /// refused).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unreadable: Option<String>,
 }
 
 /// Statements waiting for the server's ReadyForQuery, and what the server
@@ -647,7 +516,7 @@ impl Batch {
                 p.first_run = None;
                 // Its Parse's record takes this run's answer.
                 let parse = self.pending.iter_mut().rev().find(|e| {
-                    e.batch == batch && e.st.kind == "parse" && e.st.name.as_deref() == Some(name)
+                    e.batch == batch && e.st.kind == StatementKind::Parse && e.st.name.as_deref() == Some(name)
                 });
                 if let Some(e) = parse {
                     e.answers = Answers::One;
@@ -775,7 +644,7 @@ impl Batch {
         let mut completed = self.parsed;
         let mut lost = Vec::new();
         for e in self.pending.iter().filter(|e| {
-            e.batch == batch && e.st.kind == "parse" && e.st.decision != Some(Action::Deny)
+            e.batch == batch && e.st.kind == StatementKind::Parse && e.st.decision != Some(Action::Deny)
         }) {
             if completed > 0 {
                 completed -= 1;
@@ -893,7 +762,7 @@ impl State {
     /// not show their source).
     fn statement(
         &self,
-        kind: &'static str,
+        kind: StatementKind,
         name: Option<Arc<str>>,
         text: &str,
         class: Option<Classified>,
@@ -913,7 +782,7 @@ impl State {
         };
         // A Parse names the statement the server will hold (none: the
         // Parse was too large to read its name).
-        let prepared = (kind == "parse").then(|| name.clone());
+        let prepared = (kind == StatementKind::Parse).then(|| name.clone());
         let st = Statement {
             tables: c.tables.clone(),
             decision: action,
@@ -957,13 +826,13 @@ impl State {
                 b.shapes.forget(name);
             }
         }
-        let answers = if kind == "query" {
+        let answers = if kind == StatementKind::Query {
             Answers::All
         } else {
             Answers::Nothing
         };
         b.push(st, Some(c), self.batches(), answers);
-        if matches!(kind, "query" | "function") {
+        if matches!(kind, StatementKind::Query | StatementKind::Function) {
             // A ReadyForQuery answers it alone.
             self.batch_closed();
         }
@@ -981,7 +850,7 @@ impl State {
             decision: Some(Action::Deny),
             rule: Some(d.rule.clone()),
             error: Some("42501".into()),
-            ..Statement::new("startup", None, text.into(), Class::Unknown)
+            ..Statement::new(StatementKind::Startup, None, text.into(), Class::Unknown)
         };
         self.batch()
             .push(st, None, self.batches(), Answers::Nothing);
@@ -1018,7 +887,7 @@ impl State {
             tables: c.tables.clone(),
             decision: action,
             rule,
-            ..Statement::new("execute", name, text, c.class)
+            ..Statement::new(StatementKind::Execute, name, text, c.class)
         };
         b.push(st, Some(c), self.batches(), Answers::One);
         refused
@@ -1211,7 +1080,7 @@ impl State {
         b.push(
             Statement {
                 parameters: Some(params),
-                ..Statement::new("bind", Some(stmt.into()), text.into(), class)
+                ..Statement::new(StatementKind::Bind, Some(stmt.into()), text.into(), class)
             },
             None,
             self.batches(),
@@ -1282,9 +1151,9 @@ impl State {
     /// Backend side of masking: learns row shapes from RowDescription and
     /// NoData, ends a result on PortalSuspended/EmptyQueryResponse, and
     /// returns a DataRow rewritten when any of its columns is masked.
-    fn shape_message(&self, ty: u8, body: &[u8]) -> Result<Option<BytesMut>, PgError> {
+    fn shape_message(&self, ty: BackendCode, body: &[u8]) -> Result<Option<BytesMut>, PgError> {
         match ty {
-            b'T' => {
+            BackendCode::RowDescription => {
                 let cols = Arc::new(parse_row_description(body)?);
                 let mut b = self.batch();
                 match b.shapes.describes.pop_front() {
@@ -1306,7 +1175,7 @@ impl State {
                         let class = b
                             .pending
                             .iter()
-                            .find(|e| e.st.kind == "query")
+                            .find(|e| e.st.kind == StatementKind::Query)
                             .and_then(|e| e.class.clone());
                         let k = b.shapes.results;
                         drop(b);
@@ -1316,16 +1185,16 @@ impl State {
                 }
                 Ok(None)
             }
-            b'n' => {
+            BackendCode::NoData => {
                 self.batch().shapes.describes.pop_front();
                 Ok(None)
             }
-            b's' | b'I' => {
+            BackendCode::PortalSuspended | BackendCode::EmptyQueryResponse => {
                 let mut b = self.batch();
                 b.result(None);
                 b.shapes.plan = None;
                 b.shapes.executes.pop_front();
-                b.shapes.results += usize::from(ty == b'I');
+                b.shapes.results += usize::from(ty == BackendCode::EmptyQueryResponse);
                 Ok(None)
             }
             _ => {
@@ -1380,7 +1249,7 @@ impl State {
     /// when a mask rule applies to the statement it answers (to any
     /// statement, when none is waiting); `None`: passed on as it is. The
     /// agent's own refusals pass.
-    fn mask_message(&self, ty: u8, body: &[u8]) -> Option<BytesMut> {
+    fn mask_message(&self, ty: BackendCode, body: &[u8]) -> Option<BytesMut> {
         let g = &self.gate.as_ref()?.gate;
         // The statements of the batch being answered that have not had all
         // their answers: the message is about one of them.
@@ -1436,7 +1305,7 @@ impl State {
         }
         out.push(0);
         let mut msg = BytesMut::with_capacity(out.len() + 5);
-        put_message(&mut msg, ty, &out);
+        put_message(&mut msg, ty.byte(), &out);
         Some(msg)
     }
 
@@ -1444,8 +1313,8 @@ impl State {
     /// each portal runs; each execution recorded) and, for masking, of
     /// Describe and Execute (whose rows arrive next).
     /// The decision on an Execute that is not allowed.
-    fn note_frontend(&self, ty: u8, body: &[u8], masking: bool) -> Option<Decision> {
-        if ty == b'E' {
+    fn note_frontend(&self, ty: FrontendCode, body: &[u8], masking: bool) -> Option<Decision> {
+        if ty == FrontendCode::Execute {
             return self.executed(cstr(body).map(|(p, _)| p), masking);
         }
         let mut b = self.batch();
@@ -1453,14 +1322,14 @@ impl State {
             return None; // the server does not bind or close it
         }
         match ty {
-            b'B' => {
+            FrontendCode::Bind => {
                 if let Some((portal, rest)) = cstr(body) {
                     if let Some((stmt, _)) = cstr(rest) {
                         b.shapes.bound(portal, stmt);
                     }
                 }
             }
-            b'C' => match body.split_first().map(|(k, rest)| (*k, cstr(rest))) {
+            FrontendCode::Close => match body.split_first().map(|(k, rest)| (*k, cstr(rest))) {
                 Some((b'S', Some((name, _)))) => b.shapes.forget(name),
                 Some((b'P', Some((name, _)))) => {
                     b.shapes.portal_stmt.remove(name);
@@ -1468,7 +1337,7 @@ impl State {
                 }
                 _ => {}
             },
-            b'D' if masking => {
+            FrontendCode::Describe if masking => {
                 if let Some((&kind, rest)) = body.split_first() {
                     if let Some((name, _)) = cstr(rest) {
                         b.shapes.describes.push_back(if kind == b'S' {
@@ -1754,7 +1623,7 @@ fn fatal(code: &str, message: &str) -> BytesMut {
     }
     body.push(0);
     let mut out = BytesMut::new();
-    put_message(&mut out, b'E', &body);
+    put_message(&mut out, BackendCode::ErrorResponse.byte(), &body);
     out
 }
 
@@ -1814,18 +1683,18 @@ fn put_message(out: &mut BytesMut, ty: u8, body: &[u8]) {
 /// an unnamed Parse, Bind and Execute of the same, whose ParseComplete and
 /// BindComplete are swallowed, so the client sees the error where its
 /// message failed and the server skips to Sync on its own.
-fn refusal(ty: u8, d: &Decision, state: &State) -> BytesMut {
+fn refusal(ty: FrontendCode, d: &Decision, state: &State) -> BytesMut {
     let sql = refusal_sql(d);
     let mut out = BytesMut::new();
-    if matches!(ty, b'P' | b'E') {
+    if matches!(ty, FrontendCode::Parse | FrontendCode::Execute) {
         let mut parse = Vec::with_capacity(sql.len() + 8);
         parse.push(0); // unnamed statement
         parse.extend_from_slice(sql.as_bytes());
         parse.extend_from_slice(&[0, 0, 0]); // NUL, no parameter types
-        put_message(&mut out, b'P', &parse);
+        put_message(&mut out, FrontendCode::Parse.byte(), &parse);
         // portal "", statement "", no formats, no parameters, no result formats
-        put_message(&mut out, b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
-        put_message(&mut out, b'E', &[0, 0, 0, 0, 0]);
+        put_message(&mut out, FrontendCode::Bind.byte(), &[0, 0, 0, 0, 0, 0, 0, 0]);
+        put_message(&mut out, FrontendCode::Execute.byte(), &[0, 0, 0, 0, 0]);
         let mut b = state.batch();
         let batch = state.batches();
         match b.swallow.back_mut() {
@@ -1836,7 +1705,7 @@ fn refusal(ty: u8, d: &Decision, state: &State) -> BytesMut {
     } else {
         let mut q = sql.into_bytes();
         q.push(0);
-        put_message(&mut out, b'Q', &q);
+        put_message(&mut out, FrontendCode::Query.byte(), &q);
     }
     out
 }
@@ -1924,7 +1793,7 @@ fn mask_row(
     let n = u16::from_be_bytes([body[0], body[1]]) as usize;
     let mut rest = &body[2..];
     let mut out = BytesMut::with_capacity(body.len() + 16);
-    out.put_u8(b'D');
+    out.put_u8(BackendCode::DataRow.byte());
     out.put_u32(0); // length, set below
     out.put_u16(n as u16);
     let mut masked = 0;
@@ -2010,7 +1879,7 @@ fn without_channel_binding(body: &[u8]) -> BytesMut {
     }
     let len = 4 + 4 + mechs.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
     let mut out = BytesMut::with_capacity(1 + len);
-    out.put_u8(b'R');
+    out.put_u8(BackendCode::Authentication.byte());
     out.put_u32(len as u32);
     out.put_u32(AUTH_SASL);
     for m in mechs {
@@ -2726,7 +2595,7 @@ mod tests {
             .iter()
             .map(|s| {
                 (
-                    &*s.kind,
+                    s.kind.as_str(),
                     s.name.as_deref(),
                     &*s.text,
                     s.rows,
@@ -2835,7 +2704,7 @@ mod tests {
         let done = state.take_done();
         let last = done.last().unwrap();
         assert_eq!(
-            (&*last.kind, last.name.as_deref(), &*last.text),
+            (last.kind.as_str(), last.name.as_deref(), &*last.text),
             ("execute", Some("s2"), read)
         );
         assert_eq!(last.decision, Some(Action::Deny));
@@ -2867,7 +2736,7 @@ mod tests {
         ];
         exchange(&mut inp, &mut f, &mut b, &sent, &answer.concat());
         let done = state.take_done();
-        let seen: Vec<(&str, Vec<String>)> = done.iter().map(|s| (&*s.kind, tags(s))).collect();
+        let seen: Vec<(&str, Vec<String>)> = done.iter().map(|s| (s.kind.as_str(), tags(s))).collect();
         let one = || vec!["INSERT 0 1".to_string()];
         assert_eq!(
             seen,
@@ -2901,7 +2770,7 @@ mod tests {
         let state = State::default();
         for round in 0..2 {
             for t in texts {
-                assert!(state.statement("query", None, t, None, false).is_none());
+                assert!(state.statement(StatementKind::Query, None, t, None, false).is_none());
                 state.ready();
             }
             let done = state.take_done();
@@ -2927,10 +2796,10 @@ mod tests {
         let harmless = "SELECT query_to_xml('select 1', true, false, '')";
         let harmful = "SELECT query_to_xml('delete from t returning 1', true, false, '')";
         assert!(state
-            .statement("query", None, harmless, None, false)
+            .statement(StatementKind::Query, None, harmless, None, false)
             .is_none());
         state.ready();
-        let d = state.statement("query", None, harmful, None, false);
+        let d = state.statement(StatementKind::Query, None, harmful, None, false);
         assert_eq!(d.map(|d| d.rule.to_string()).as_deref(), Some("no-writes"));
     }
 

@@ -30,9 +30,13 @@
 //! Decoding checks every length against the bytes left before it allocates,
 //! so a damaged record is an error, never a panic or a huge allocation.
 
-use std::{borrow::Cow, sync::Arc};
+use std::sync::Arc;
 
-use crate::{policy::Action, protocol::postgres::Statement, sql::Class};
+use crate::{
+    policy::Action,
+    record::{Statement, StatementKind, Whole},
+    sql::Class,
+};
 
 /// First byte of a record in the current format.
 const FORMAT: u8 = 3;
@@ -130,7 +134,11 @@ struct Dropped {
 /// What a statement costs the store, near enough: its text (a prepared
 /// statement's runs share theirs), its parameters and the rest.
 fn cost(s: &Statement) -> u64 {
-    let text = if s.kind == "execute" { 0 } else { s.text.len() };
+    let text = if s.kind == StatementKind::Execute {
+        0
+    } else {
+        s.text.len()
+    };
     let parameters: usize = s
         .parameters
         .iter()
@@ -194,7 +202,7 @@ impl Records {
         self.encode(&Statement {
             seq,
             at,
-            ..Statement::new("dropped", None, text.into(), Class::Unknown)
+            ..Statement::new(StatementKind::Dropped, None, text.into(), Class::Unknown)
         });
     }
 
@@ -253,9 +261,9 @@ struct Writer {
     /// share theirs) refers to it without a lookup. They are held, so
     /// their memory cannot come to hold another string meanwhile.
     recent: [Option<(Arc<str>, u32)>; 4],
-    /// Likewise the last statement's kind, when it is one of the agent's
-    /// own (static, so never freed), and its tables with their numbers.
-    recent_kind: Option<(&'static str, u32)>,
+    /// Likewise the last statement's kind, and its tables, with their
+    /// numbers.
+    recent_kind: Option<(StatementKind, u32)>,
     recent_tables: Option<(Arc<[String]>, Vec<u32>)>,
     next_seq: u64,
     last_at: u64,
@@ -304,7 +312,7 @@ impl Writer {
         self.next_seq = seq + 1;
         varint(&mut self.body, zigzag(s.at.wrapping_sub(self.last_at)));
         self.last_at = s.at;
-        self.kind(&s.kind);
+        self.kind(s.kind);
         self.option(s.name.as_ref(), |w, n| w.shared(NAME, n, false));
         self.shared(TEXT, &s.text, true);
         self.body.push(class_byte(s.class));
@@ -342,17 +350,12 @@ impl Writer {
         });
     }
 
-    /// Says a statement's kind: by the number it last had if it is the
-    /// same static string (whether it is borrowed is what matters here).
-    #[allow(clippy::ptr_arg)]
-    fn kind(&mut self, kind: &Cow<'static, str>) {
-        let Cow::Borrowed(kind) = *kind else {
-            self.string(kind, false);
-            return;
-        };
+    /// Says a statement's kind (by its name): by the number it last had if
+    /// it is the same kind.
+    fn kind(&mut self, kind: StatementKind) {
         match self.recent_kind {
-            Some((k, number)) if std::ptr::eq(k, kind) => again(&mut self.body, number),
-            _ => self.recent_kind = self.string(kind, false).map(|n| (kind, n)),
+            Some((k, number)) if k == kind => again(&mut self.body, number),
+            _ => self.recent_kind = self.string(kind.as_str(), false).map(|n| (kind, n)),
         }
     }
 
@@ -661,6 +664,8 @@ impl Reader<'_> {
     fn statement(&mut self) -> Result<Statement, String> {
         let (seq, at) = self.seq_at()?;
         let kind = self.string()?;
+        let kind = StatementKind::from_name(&kind)
+            .ok_or_else(|| format!("unknown statement kind {kind:?}"))?;
         let name = self.option(Self::shared)?;
         let text = self.text()?;
         let class = match self.byte()? {
@@ -696,14 +701,14 @@ impl Reader<'_> {
                 let len = r.varint()?;
                 let (hash, rest) = r.rest.split_first_chunk::<32>().ok_or("record cut short")?;
                 r.rest = rest;
-                Ok(crate::protocol::postgres::Whole { len, sha256: *hash })
+                Ok(Whole { len, sha256: *hash })
             })?,
             false => None,
         };
         Ok(Statement {
             seq,
             at,
-            kind: Cow::Owned(kind),
+            kind,
             name,
             text,
             class,
@@ -728,12 +733,12 @@ mod tests {
     fn statements() -> Vec<Statement> {
         let plain = Statement {
             at: 1_709_210_096_789_012,
-            ..Statement::new("query", None, "SELECT 1".into(), Class::Read)
+            ..Statement::new(StatementKind::Query, None, "SELECT 1".into(), Class::Read)
         };
         let full = Statement {
             seq: u32::MAX,
             at: 4_102_444_799_999_999,
-            kind: Cow::Borrowed("bind"),
+            kind: StatementKind::Bind,
             name: Some("s1 ünïcode".into()),
             text: "UPDATE \"ta\u{0}ble\" SET x = $1 -- 🎉\n".into(),
             class: Class::Unknown,
@@ -746,7 +751,7 @@ mod tests {
             tags: ["UPDATE 3".into(), "COMMIT".into()].into_iter().collect(),
             rows: Some(3),
             error: Some("42501".into()),
-            whole: Some(crate::protocol::postgres::Whole {
+            whole: Some(Whole {
                 len: 1 << 40,
                 sha256: [0xab; 32],
             }),
@@ -818,8 +823,7 @@ mod tests {
         let list: Vec<Statement> = (0..20u32)
             .map(|i| Statement {
                 seq: i,
-                ..Statement::new(
-                    "query",
+                ..Statement::new(StatementKind::Query,
                     None,
                     format!("SELECT '{i}{}'", "x".repeat(5000)).into(),
                     Class::Read,
@@ -872,7 +876,7 @@ mod tests {
     #[test]
     fn cut_texts_keep_their_whole_and_older_records_decode() {
         let long = "SELECT '".to_string() + &"é".repeat(5000) + "'";
-        let (text, whole) = crate::protocol::postgres::Whole::cut(long.clone(), 4096);
+        let (text, whole) = Whole::cut(long.clone(), 4096);
         assert!(text.len() <= 4096 && text.len() >= 4095, "{}", text.len());
         assert!(long.starts_with(&*text));
         let whole = whole.unwrap();
@@ -881,17 +885,17 @@ mod tests {
         assert_eq!(whole.sha256, <[u8; 32]>::from(sha2::Sha256::digest(&long)));
         let cut = vec![Statement {
             whole: Some(whole),
-            ..Statement::new("query", None, text, Class::Read)
+            ..Statement::new(StatementKind::Query, None, text, Class::Read)
         }];
         let mut bytes = Vec::new();
         encode(&cut, &mut bytes);
         assert_eq!(decode(&bytes).unwrap(), cut);
         let json = serde_json::to_string(&cut).unwrap();
         assert_eq!(serde_json::from_str::<Vec<Statement>>(&json).unwrap(), cut);
-        let (short, none) = crate::protocol::postgres::Whole::cut("SELECT 1".into(), 4096);
+        let (short, none) = Whole::cut("SELECT 1".into(), 4096);
         assert!(none.is_none());
         // The same statement without the field, as the format before wrote it.
-        let older = vec![Statement::new("query", None, short, Class::Read)];
+        let older = vec![Statement::new(StatementKind::Query, None, short, Class::Read)];
         let mut bytes = Vec::new();
         encode(&older, &mut bytes);
         assert_eq!(bytes.pop(), Some(0), "no whole: an empty option last");
@@ -916,7 +920,7 @@ mod tests {
             } else {
                 Action::Allow
             }),
-            ..Statement::new("query", None, text.clone(), Class::Read)
+            ..Statement::new(StatementKind::Query, None, text.clone(), Class::Read)
         };
         // A burst: four seconds' worth pass, the rest are counted.
         for seq in 0..100 {
@@ -929,7 +933,7 @@ mod tests {
             .iter()
             .flat_map(|c| decode(&c.bytes).unwrap())
             .collect();
-        let kinds: Vec<&str> = got.iter().map(|s| &*s.kind).collect();
+        let kinds: Vec<&str> = got.iter().map(|s| s.kind.as_str()).collect();
         assert_eq!(kinds, [&["query"; 16][..], &["dropped", "query"]].concat());
         let said = &got[16];
         assert_eq!(said.seq, 16);
@@ -951,7 +955,7 @@ mod tests {
             .iter()
             .flat_map(|c| decode(&c.bytes).unwrap())
             .collect();
-        let kinds: Vec<&str> = got.iter().map(|s| &*s.kind).collect();
+        let kinds: Vec<&str> = got.iter().map(|s| s.kind.as_str()).collect();
         assert_eq!(kinds, ["query", "query", "query", "dropped"]);
         assert!(got[3].text.starts_with("6 statements"), "{}", got[3].text);
         assert_eq!(got[3].seq, 104);
@@ -973,7 +977,7 @@ mod tests {
                 duration_us: Some(40 + u64::from(i % 9)),
                 tags: ["SELECT 1".into()].into(),
                 rows: Some(1),
-                ..Statement::new("execute", None, text.clone(), Class::Read)
+                ..Statement::new(StatementKind::Execute, None, text.clone(), Class::Read)
             })
             .collect();
         let mut bytes = Vec::new();
@@ -1000,23 +1004,23 @@ mod tests {
         );
         let name: Arc<str> = long.as_str().into();
         let tag: Arc<str> = "SELECT 1".into();
-        let st = |text: &Arc<str>, tables: &Arc<[String]>, kind: Cow<'static, str>| Statement {
+        let st = |text: &Arc<str>, tables: &Arc<[String]>, kind: StatementKind| Statement {
             kind,
             name: Some(name.clone()),
             tables: tables.clone(),
             rule: Some(text.clone()),
             tags: [tag.clone(), text.clone()].into_iter().collect(),
-            ..Statement::new("execute", None, text.clone(), Class::Read)
+            ..Statement::new(StatementKind::Execute, None, text.clone(), Class::Read)
         };
-        let owned = || Cow::Owned("execute".to_string());
+        use StatementKind::{Execute, Parse};
         let list: Vec<Statement> = [
-            st(&a, &t1, "execute".into()),
-            st(&a, &t1, "execute".into()),
-            st(&b, &t2, owned()),
-            st(&"SELECT 1".into(), &t2, owned()),
-            st(&a, &Arc::from(vec!["public.a".to_string()]), "parse".into()),
-            st(&b, &t1, "execute".into()),
-            st(&a, &t2, "execute".into()),
+            st(&a, &t1, Execute),
+            st(&a, &t1, Execute),
+            st(&b, &t2, Execute),
+            st(&"SELECT 1".into(), &t2, Execute),
+            st(&a, &Arc::from(vec!["public.a".to_string()]), Parse),
+            st(&b, &t1, Execute),
+            st(&a, &t2, Execute),
         ]
         .into_iter()
         .enumerate()
@@ -1040,7 +1044,7 @@ mod tests {
             &*list[0].text,
             "SELECT abalance FROM pgbench_accounts WHERE aid = 42;"
         );
-        assert_eq!(list[0].kind, "query");
+        assert_eq!(list[0].kind, StatementKind::Query);
     }
 
     /// Only a statement's text (shared when decoded) may be said again
@@ -1051,7 +1055,7 @@ mod tests {
         let long = "t".repeat(SHORT + 1);
         let st = Statement {
             tables: Arc::from(vec![long.clone(), long.clone()]),
-            ..Statement::new("query", None, long.as_str().into(), Class::Read)
+            ..Statement::new(StatementKind::Query, None, long.as_str().into(), Class::Read)
         };
         let mut bytes = Vec::new();
         encode(std::slice::from_ref(&st), &mut bytes);

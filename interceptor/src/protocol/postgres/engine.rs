@@ -19,13 +19,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use interceptor_relay::{self as relay_loop, sys, End, Ending};
 
-use crate::{policy::Decision, sql::Classification};
+use crate::{policy::Decision, record::StatementKind, sql::Classification};
 
 use super::{
-    be32, cstr, error_code, malformed, parse_startup, refusal, startup_refusal,
-    without_channel_binding, Class, Classified, PgError, State, AUTH_SASL, CANCEL_REQUEST,
-    FRONTEND_TYPES, GSSENC_REQUEST, MAX_INSPECT, MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT,
-    SSL_REQUEST,
+    be32,
+    code::{BackendCode as Back, FrontendCode as Front},
+    cstr, error_code, malformed, parse_startup, refusal, startup_refusal, without_channel_binding,
+    Class, Classified, PgError, State, AUTH_SASL, CANCEL_REQUEST, GSSENC_REQUEST, MAX_INSPECT,
+    MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT, SSL_REQUEST,
 };
 
 /// The part of a frame still to come that is not inspected: passed on, or
@@ -199,7 +200,7 @@ impl Frontend {
         let input = &mut Flow::new(input, to_server);
         while self.rest.drain(input) {
             let more = if self.typed {
-                let ty = input.first().copied();
+                let ty = input.first().copied().and_then(Front::new);
                 let more = self.message(input, state, flags)?;
                 if more {
                     self.sent(ty, state);
@@ -294,7 +295,7 @@ impl Frontend {
                 }
                 requests.extend(settings.into_iter().map(|t| (t, None)));
                 for (text, class) in requests {
-                    if let Some(d) = state.statement("startup", None, &text, class, masking) {
+                    if let Some(d) = state.statement(StatementKind::Startup, None, &text, class, masking) {
                         // Refused as the server refuses a login: FATAL, then close.
                         if let Some(e) = state.batch().pending.back_mut() {
                             e.st.error = Some("42501".into());
@@ -329,21 +330,23 @@ impl Frontend {
         state: &State,
         flags: super::Flags,
     ) -> Result<bool, PgError> {
-        let Some((ty, total)) = header(input, "client")? else {
+        let Some((byte, total)) = header(input, "client")? else {
             return Ok(false);
         };
-        if !FRONTEND_TYPES.contains(&ty) {
+        let Some(ty) = Front::new(byte) else {
             // The server would end the session too; nothing unknown passes.
             return Err(malformed(
                 "client",
-                format!("unknown message type {:?}", ty as char),
+                format!("unknown message type {:?}", byte as char),
             ));
-        }
-        if ty == b'S' {
+        };
+        if ty == Front::Sync {
             state.synced(std::mem::take(&mut self.skipping));
         }
         let masking = flags.masking;
-        if matches!(ty, b'B' | b'E' | b'C') || masking && ty == b'D' {
+        if matches!(ty, Front::Bind | Front::Execute | Front::Close)
+            || masking && ty == Front::Describe
+        {
             if total > MAX_INSPECT {
                 return Ok(self.uninspected(ty, input, total, state, masking));
             }
@@ -351,7 +354,7 @@ impl Frontend {
                 return Ok(false);
             }
             let refused = state.note_frontend(ty, &input[5..total], masking);
-            if ty == b'B' && flags.record_parameters {
+            if ty == Front::Bind && flags.record_parameters {
                 state.bind(&input[5..total]);
             }
             match refused {
@@ -363,19 +366,19 @@ impl Frontend {
             }
             return Ok(true);
         }
-        if ty == b'F' {
+        if ty == Front::FunctionCall {
             return self.function_call(input, total, state, masking);
         }
-        if matches!(ty, b'Q' | b'P') && total <= MAX_STATEMENT {
+        if matches!(ty, Front::Query | Front::Parse) && total <= MAX_STATEMENT {
             if input.len() < total {
                 return Ok(false);
             }
             let body = &input[5..total];
             let denied = match ty {
-                b'Q' => {
+                Front::Query => {
                     let (sql, _) = cstr(body)
                         .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
-                    state.statement("query", None, sql, None, masking)
+                    state.statement(StatementKind::Query, None, sql, None, masking)
                 }
                 _ => {
                     let (name, rest) = cstr(body)
@@ -383,7 +386,7 @@ impl Frontend {
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
-                    state.statement("parse", Some(name.into()), sql, Some(c), masking)
+                    state.statement(StatementKind::Parse, Some(name.into()), sql, Some(c), masking)
                 }
             };
             match denied {
@@ -395,13 +398,17 @@ impl Frontend {
             }
             return Ok(true);
         }
-        if matches!(ty, b'Q' | b'P') {
+        if matches!(ty, Front::Query | Front::Parse) {
             let text = format!("<statement of {total} bytes, too large to inspect>");
-            let kind = if ty == b'Q' { "query" } else { "parse" };
+            let kind = if ty == Front::Query {
+                StatementKind::Query
+            } else {
+                StatementKind::Parse
+            };
             let c = Classified::own(Classification::not_sql(&text, Class::Unknown));
             let have = input.len().min(total);
             // A Parse's statement name comes first: known if it is here.
-            let name = (ty == b'P')
+            let name = (ty == Front::Parse)
                 .then(|| cstr(&input[5..have]).map(|(n, _)| n.into()))
                 .flatten();
             if let Some(d) = state.statement(kind, name, &text, Some(c), masking) {
@@ -434,22 +441,22 @@ impl Frontend {
         }
         let text = format!("<fast-path function call, oid {}>", be32(&input[5..9]));
         let c = Classified::own(Classification::not_sql(&text, Class::Admin));
-        match state.statement("function", None, &text, Some(c), masking) {
+        match state.statement(StatementKind::Function, None, &text, Some(c), masking) {
             None => self.rest.start(input, total),
             Some(d) => {
                 let have = input.len().min(total);
                 input.advance(have);
                 self.rest.discard = total - have;
-                self.refuse(b'F', &d, state, input);
+                self.refuse(Front::FunctionCall, &d, state, input);
             }
         }
         Ok(true)
     }
 
     /// Sends the refusal of a denied `ty` message in its place.
-    fn refuse(&mut self, ty: u8, d: &Decision, state: &State, to_server: &mut Flow) {
+    fn refuse(&mut self, ty: Front, d: &Decision, state: &State, to_server: &mut Flow) {
         to_server.put(&refusal(ty, d, state));
-        if matches!(ty, b'P' | b'E') {
+        if matches!(ty, Front::Parse | Front::Execute) {
             self.skipping = true;
             // In place of one: a Parse, Bind and Execute.
             self.extended = self.extended.saturating_add(2);
@@ -457,19 +464,19 @@ impl Frontend {
     }
 
     /// A message of type `ty` went (or has begun to go) to the server.
-    fn sent(&mut self, ty: Option<u8>, state: &State) {
+    fn sent(&mut self, ty: Option<Front>, state: &State) {
         match ty {
-            Some(b'P' | b'B' | b'D' | b'E' | b'C') => {
+            Some(t) if t.extended() => {
                 self.extended = self.extended.saturating_add(1);
                 self.extended_since_sync = true;
             }
-            Some(b'Q' | b'F') => {
+            Some(Front::Query | Front::FunctionCall) => {
                 if self.extended_since_sync {
                     state.query_closed(self.extended);
                 }
                 self.extended = 0;
             }
-            Some(b'S') => {
+            Some(Front::Sync) => {
                 self.extended = 0;
                 self.extended_since_sync = false;
             }
@@ -484,7 +491,7 @@ impl Frontend {
     /// dropped whole if refused. `true`: more may follow.
     fn uninspected(
         &mut self,
-        ty: u8,
+        ty: Front,
         input: &mut Flow,
         total: usize,
         state: &State,
@@ -492,20 +499,20 @@ impl Frontend {
     ) -> bool {
         let have = input.len().min(total);
         match ty {
-            b'B' => {
+            Front::Bind => {
                 let body = &input[5..have];
                 match cstr(body).and_then(|(_, rest)| cstr(rest)) {
                     // A Bind is never refused (its Execute may be).
-                    Some(_) => drop(state.note_frontend(b'B', body, masking)),
+                    Some(_) => drop(state.note_frontend(Front::Bind, body, masking)),
                     None => state.portals_unknown(),
                 }
             }
-            b'C' => state.portals_unknown(),
-            b'E' => {
-                if let Some(d) = state.note_frontend(b'E', &[], masking) {
+            Front::Close => state.portals_unknown(),
+            Front::Execute => {
+                if let Some(d) = state.note_frontend(Front::Execute, &[], masking) {
                     input.advance(have);
                     self.rest.discard = total - have;
-                    self.refuse(b'E', &d, state, input);
+                    self.refuse(Front::Execute, &d, state, input);
                     return true;
                 }
             }
@@ -532,14 +539,6 @@ pub struct Backend {
     completed: u32,
 }
 
-/// Whether a server message of type `ty` completes the answer to one of
-/// the client's messages (an extended-protocol one, until they are all
-/// answered: a Describe's RowDescription or NoData, not its
-/// ParameterDescription).
-fn completes(ty: u8) -> bool {
-    matches!(ty, b'1' | b'2' | b'3' | b'n' | b'T' | b'C' | b'I' | b's')
-}
-
 impl Backend {
     /// Takes what it can of `input`, appending what goes to the client.
     pub fn feed(
@@ -560,10 +559,12 @@ impl Backend {
         }
         let masking = state.policy_flags().masking;
         while self.rest.drain(input) {
-            let Some((ty, total)) = header(input, "server")? else {
+            let Some((byte, total)) = header(input, "server")? else {
                 break;
             };
-            if matches!(ty, b'1' | b'2') && total == 5 {
+            // A code the server has no message for: passed on, uninspected.
+            let ty = Back::new(byte);
+            if matches!(ty, Some(Back::ParseComplete | Back::BindComplete)) && total == 5 {
                 let mut b = state.batch();
                 if b.swallowed() {
                     drop(b);
@@ -571,13 +572,23 @@ impl Backend {
                     input.advance(5);
                     continue;
                 }
-                if ty == b'1' {
+                if ty == Some(Back::ParseComplete) {
                     b.parsed += 1;
                 }
             }
-            if masking && matches!(ty, b'T' | b'n' | b'D' | b's' | b'I') {
+            let shaping = matches!(
+                ty,
+                Some(
+                    Back::RowDescription
+                        | Back::NoData
+                        | Back::DataRow
+                        | Back::PortalSuspended
+                        | Back::EmptyQueryResponse
+                )
+            );
+            if let (true, Some(code)) = (masking && shaping, ty) {
                 if total > MAX_INSPECT {
-                    if ty == b'D' {
+                    if code == Back::DataRow {
                         return Err(malformed(
                             "server",
                             format!("a {total}-byte row is too large to mask"),
@@ -588,7 +599,7 @@ impl Backend {
                         break;
                     }
                     self.took(ty);
-                    match state.shape_message(ty, &input[5..total])? {
+                    match state.shape_message(code, &input[5..total])? {
                         Some(row) => {
                             input.advance(total);
                             input.put(&row);
@@ -598,7 +609,7 @@ impl Backend {
                     continue;
                 }
             }
-            if masking && matches!(ty, b'E' | b'N') {
+            if let (true, Some(code @ (Back::ErrorResponse | Back::NoticeResponse))) = (masking, ty) {
                 // Errors and notices can echo values (`invalid input
                 // syntax for type integer: "4111…"`, a key's detail).
                 if total > MAX_INSPECT {
@@ -612,8 +623,8 @@ impl Backend {
                 }
                 self.took(ty);
                 let body = &input[5..total];
-                let masked = state.mask_message(ty, body);
-                if ty == b'E' {
+                let masked = state.mask_message(code, body);
+                if code == Back::ErrorResponse {
                     self.failed(state, body);
                 }
                 match masked {
@@ -625,9 +636,19 @@ impl Backend {
                 }
                 continue;
             }
-            if !(matches!(ty, b'R' | b'C' | b'E' | b'Z' | b'S' | b'I' | b's')
-                && total <= MAX_INSPECT)
-            {
+            let inspected = matches!(
+                ty,
+                Some(
+                    Back::Authentication
+                        | Back::CommandComplete
+                        | Back::ErrorResponse
+                        | Back::ReadyForQuery
+                        | Back::ParameterStatus
+                        | Back::EmptyQueryResponse
+                        | Back::PortalSuspended
+                )
+            );
+            if !(inspected && total <= MAX_INSPECT) {
                 self.took(ty);
                 self.rest.start(input, total);
                 continue;
@@ -638,26 +659,28 @@ impl Backend {
             self.took(ty);
             let body = &input[5..total];
             match ty {
-                b'R' if body.len() >= 4 && be32(body) == AUTH_SASL => {
+                Some(Back::Authentication) if body.len() >= 4 && be32(body) == AUTH_SASL => {
                     let offer = without_channel_binding(body);
                     input.advance(total);
                     input.put(&offer);
                     continue;
                 }
-                b'C' => {
+                Some(Back::CommandComplete) => {
                     let mut b = state.batch();
                     b.result(cstr(body).map(|(tag, _)| tag));
                     b.shapes.plan = None;
                     b.shapes.executes.pop_front();
                     b.shapes.results += 1;
                 }
-                b'E' => self.failed(state, body),
-                b'I' | b's' => state.batch().result(None),
-                b'Z' => {
+                Some(Back::ErrorResponse) => self.failed(state, body),
+                Some(Back::EmptyQueryResponse | Back::PortalSuspended) => {
+                    state.batch().result(None)
+                }
+                Some(Back::ReadyForQuery) => {
                     self.completed = 0;
                     state.ready();
                 }
-                b'S' => state.parameter_status(body),
+                Some(Back::ParameterStatus) => state.parameter_status(body),
                 _ => {}
             }
             input.pass(total);
@@ -673,8 +696,9 @@ impl Backend {
     }
 
     /// A server message of type `ty` is taken (whole, or begun).
-    fn took(&mut self, ty: u8) {
-        self.completed = self.completed.saturating_add(u32::from(completes(ty)));
+    fn took(&mut self, ty: Option<Back>) {
+        let completes = ty.is_some_and(Back::completes);
+        self.completed = self.completed.saturating_add(u32::from(completes));
     }
 
     /// The server closed its side, leaving `input` unread.
