@@ -743,7 +743,12 @@ mod tests {
                         seq,
                         at: a.micros() + 1000 * u64::from(seq + 1),
                         duration_us: Some(500),
-                        ..Statement::new(StatementKind::Query, None, "SELECT 1".into(), crate::sql::Class::Read)
+                        ..Statement::new(
+                            StatementKind::Query,
+                            None,
+                            "SELECT 1".into(),
+                            crate::sql::Class::Read,
+                        )
                     });
                 }
                 rec.statements(a, list.take()).await;

@@ -43,7 +43,6 @@ use arc_swap::ArcSwap;
 use foldhash::HashMap;
 
 use bytes::{BufMut, BytesMut};
-use serde::{Deserialize, Serialize};
 
 mod code;
 mod engine;
@@ -516,7 +515,9 @@ impl Batch {
                 p.first_run = None;
                 // Its Parse's record takes this run's answer.
                 let parse = self.pending.iter_mut().rev().find(|e| {
-                    e.batch == batch && e.st.kind == StatementKind::Parse && e.st.name.as_deref() == Some(name)
+                    e.batch == batch
+                        && e.st.kind == StatementKind::Parse
+                        && e.st.name.as_deref() == Some(name)
                 });
                 if let Some(e) = parse {
                     e.answers = Answers::One;
@@ -644,7 +645,9 @@ impl Batch {
         let mut completed = self.parsed;
         let mut lost = Vec::new();
         for e in self.pending.iter().filter(|e| {
-            e.batch == batch && e.st.kind == StatementKind::Parse && e.st.decision != Some(Action::Deny)
+            e.batch == batch
+                && e.st.kind == StatementKind::Parse
+                && e.st.decision != Some(Action::Deny)
         }) {
             if completed > 0 {
                 completed -= 1;
@@ -1693,7 +1696,11 @@ fn refusal(ty: FrontendCode, d: &Decision, state: &State) -> BytesMut {
         parse.extend_from_slice(&[0, 0, 0]); // NUL, no parameter types
         put_message(&mut out, FrontendCode::Parse.byte(), &parse);
         // portal "", statement "", no formats, no parameters, no result formats
-        put_message(&mut out, FrontendCode::Bind.byte(), &[0, 0, 0, 0, 0, 0, 0, 0]);
+        put_message(
+            &mut out,
+            FrontendCode::Bind.byte(),
+            &[0, 0, 0, 0, 0, 0, 0, 0],
+        );
         put_message(&mut out, FrontendCode::Execute.byte(), &[0, 0, 0, 0, 0]);
         let mut b = state.batch();
         let batch = state.batches();
@@ -2736,7 +2743,8 @@ mod tests {
         ];
         exchange(&mut inp, &mut f, &mut b, &sent, &answer.concat());
         let done = state.take_done();
-        let seen: Vec<(&str, Vec<String>)> = done.iter().map(|s| (s.kind.as_str(), tags(s))).collect();
+        let seen: Vec<(&str, Vec<String>)> =
+            done.iter().map(|s| (s.kind.as_str(), tags(s))).collect();
         let one = || vec!["INSERT 0 1".to_string()];
         assert_eq!(
             seen,
@@ -2770,7 +2778,9 @@ mod tests {
         let state = State::default();
         for round in 0..2 {
             for t in texts {
-                assert!(state.statement(StatementKind::Query, None, t, None, false).is_none());
+                assert!(state
+                    .statement(StatementKind::Query, None, t, None, false)
+                    .is_none());
                 state.ready();
             }
             let done = state.take_done();

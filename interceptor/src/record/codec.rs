@@ -823,7 +823,8 @@ mod tests {
         let list: Vec<Statement> = (0..20u32)
             .map(|i| Statement {
                 seq: i,
-                ..Statement::new(StatementKind::Query,
+                ..Statement::new(
+                    StatementKind::Query,
                     None,
                     format!("SELECT '{i}{}'", "x".repeat(5000)).into(),
                     Class::Read,
@@ -895,7 +896,12 @@ mod tests {
         let (short, none) = Whole::cut("SELECT 1".into(), 4096);
         assert!(none.is_none());
         // The same statement without the field, as the format before wrote it.
-        let older = vec![Statement::new(StatementKind::Query, None, short, Class::Read)];
+        let older = vec![Statement::new(
+            StatementKind::Query,
+            None,
+            short,
+            Class::Read,
+        )];
         let mut bytes = Vec::new();
         encode(&older, &mut bytes);
         assert_eq!(bytes.pop(), Some(0), "no whole: an empty option last");
@@ -1055,7 +1061,12 @@ mod tests {
         let long = "t".repeat(SHORT + 1);
         let st = Statement {
             tables: Arc::from(vec![long.clone(), long.clone()]),
-            ..Statement::new(StatementKind::Query, None, long.as_str().into(), Class::Read)
+            ..Statement::new(
+                StatementKind::Query,
+                None,
+                long.as_str().into(),
+                Class::Read,
+            )
         };
         let mut bytes = Vec::new();
         encode(std::slice::from_ref(&st), &mut bytes);

@@ -141,12 +141,7 @@ impl Whole {
 
 impl Statement {
     /// A statement not yet numbered nor stamped, nor answered.
-    pub fn new(
-        kind: StatementKind,
-        name: Option<Arc<str>>,
-        text: Arc<str>,
-        class: Class,
-    ) -> Self {
+    pub fn new(kind: StatementKind, name: Option<Arc<str>>, text: Arc<str>, class: Class) -> Self {
         Statement {
             seq: 0,
             at: 0,
@@ -191,4 +186,3 @@ pub struct Startup {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<String>,
 }
-

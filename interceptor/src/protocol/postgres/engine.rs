@@ -295,7 +295,9 @@ impl Frontend {
                 }
                 requests.extend(settings.into_iter().map(|t| (t, None)));
                 for (text, class) in requests {
-                    if let Some(d) = state.statement(StatementKind::Startup, None, &text, class, masking) {
+                    if let Some(d) =
+                        state.statement(StatementKind::Startup, None, &text, class, masking)
+                    {
                         // Refused as the server refuses a login: FATAL, then close.
                         if let Some(e) = state.batch().pending.back_mut() {
                             e.st.error = Some("42501".into());
@@ -386,7 +388,13 @@ impl Frontend {
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
-                    state.statement(StatementKind::Parse, Some(name.into()), sql, Some(c), masking)
+                    state.statement(
+                        StatementKind::Parse,
+                        Some(name.into()),
+                        sql,
+                        Some(c),
+                        masking,
+                    )
                 }
             };
             match denied {
@@ -609,7 +617,8 @@ impl Backend {
                     continue;
                 }
             }
-            if let (true, Some(code @ (Back::ErrorResponse | Back::NoticeResponse))) = (masking, ty) {
+            if let (true, Some(code @ (Back::ErrorResponse | Back::NoticeResponse))) = (masking, ty)
+            {
                 // Errors and notices can echo values (`invalid input
                 // syntax for type integer: "4111…"`, a key's detail).
                 if total > MAX_INSPECT {
