@@ -47,12 +47,14 @@ use sys::send;
 
 mod bare;
 mod event_loop;
+mod inspected;
 mod pool;
 pub mod sys;
 mod tcp;
 
 pub use bare::bare;
 pub use event_loop::{install, submit_here, RelayLoop};
+pub use inspected::{relay_inspected, Machines, HIGH_WATER};
 pub use pool::Loops;
 pub use tcp::{relay, Progress, Sniff};
 

@@ -1,5 +1,7 @@
 //! The relay as two byte-driven machines, client → server ([`Frontend`])
-//! and server → client ([`Backend`]), and the loop that feeds them.
+//! and server → client ([`Backend`]), and their hook into the relay's
+//! inspected pair (`interceptor_relay::relay_inspected`), which feeds them
+//! from the sockets.
 //!
 //! A machine never touches a socket. It is handed what has arrived, takes
 //! every whole frame it can (or passes on what has come of a frame it does
@@ -8,16 +10,12 @@
 //! fuzzers drive the very same machines from byte slices ([`frontend`],
 //! [`backend`]), in chunks that split frames anywhere.
 
-use std::{
-    io::{self, Write},
-    os::fd::AsRawFd,
-    sync::Arc,
-};
+use std::{io, sync::Arc};
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use interceptor_relay::{self as relay_loop, sys, End, Ending};
+use interceptor_relay::{self as relay_loop, End, Ending};
 
 use crate::{policy::Decision, record::StatementKind, sql::Classification};
 
@@ -784,276 +782,64 @@ where
     }
 }
 
-/// Unsent output above which a side is not read until its peer catches up.
-const HIGH_WATER: usize = 256 * 1024;
-/// Free room a read asks for.
-const READ_ROOM: usize = 64 * 1024;
-
-/// One socket of a relayed connection, with what epoll last said of it.
-struct Side {
-    sock: relay_loop::Stream,
-    /// Read from this side and not yet taken by its machine.
-    input: BytesMut,
-    /// To be written to this side.
-    out: BytesMut,
-    /// Bytes read from this side.
-    read: u64,
-    /// This side has closed its sending half (read 0).
-    ended: bool,
-    /// Our sending half to this side is shut down.
-    shut: bool,
-    /// A read may find something (cleared by EAGAIN, or by a short read
-    /// unless the peer's end was reported: that brings no new event).
-    readable: bool,
-    /// The peer's end or an error was reported.
-    closing: bool,
-    /// A write may go through (cleared by EAGAIN).
-    writable: bool,
-}
-
-impl Side {
-    fn new(s: impl TryInto<relay_loop::Stream, Error = io::Error>) -> io::Result<Side> {
-        Ok(Side {
-            sock: s.try_into()?,
-            input: BytesMut::with_capacity(READ_ROOM),
-            out: BytesMut::new(),
-            read: 0,
-            ended: false,
-            shut: false,
-            readable: true,
-            closing: false,
-            writable: true,
-        })
-    }
-
-    /// Takes in what epoll reported for this socket.
-    fn saw(&mut self, e: relay_loop::Event) {
-        self.readable |= e.input();
-        self.closing |= e.ended();
-        self.writable |= e.room();
-    }
-
-    /// Reads once, unless this side has ended, has nothing to read, or its
-    /// peer has [`HIGH_WATER`] (`peer_unsent`) still to write. `Some(0)`:
-    /// the end, now marked; `None`: nothing read.
-    fn take(&mut self, peer_unsent: usize) -> io::Result<Option<usize>> {
-        if self.ended || !self.readable || peer_unsent >= HIGH_WATER {
-            return Ok(None);
-        }
-        // Keep the room at the front of one allocation: an emptied buffer
-        // starts over from its beginning (a cheap reclaim), so a busy
-        // connection keeps touching the same few cache lines.
-        if self.input.is_empty() || self.input.capacity() - self.input.len() < READ_ROOM / 4 {
-            self.input.reserve(READ_ROOM);
-        }
-        let room = self.input.capacity() - self.input.len();
-        let Some(n) = sys::ready(read_into(self.sock.as_raw_fd(), &mut self.input))? else {
-            self.readable = false;
-            return Ok(None);
-        };
-        if n > 0 && n < room && !self.closing {
-            // A short read drained the socket: more bytes bring an event.
-            self.readable = false;
-        }
-        self.read += n as u64;
-        self.ended = n == 0;
-        Ok(Some(n))
-    }
-
-    /// Writes what it can of `out`.
-    fn flush(&mut self) -> io::Result<()> {
-        while !self.out.is_empty() && self.writable {
-            let sent = sys::send(self.sock.as_raw_fd(), &self.out);
-            match sys::ready(sent.and_then(sys::moved))? {
-                Some(n) => self.out.advance(n),
-                None => self.writable = false,
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends FIN once everything queued for this side is written.
-    fn shut_when_flushed(&mut self) -> io::Result<()> {
-        if self.shut || !self.out.is_empty() {
-            return Ok(());
-        }
-        self.shut = true;
-        sys::shutdown_write(self.sock.as_raw_fd())
-    }
-}
-
-/// recv(2) into the free room of `buf`. (Not read(2): on a socket that
-/// goes through the file layer first, position lock and access
-/// notification included, which perf showed as a visible share of the
-/// relay loop's time.)
-fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
-    let room = buf.spare_capacity_mut();
-    // SAFETY: `room` is writable memory of `room.len()` bytes owned by
-    // `buf`; recv(2) writes at most that many and reports how many.
-    let n = unsafe { sys::recv(fd, room.as_mut_ptr().cast(), room.len())? };
-    // SAFETY: the kernel initialised the first `n` bytes of the free room.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
-}
-
-/// Relays one PostgreSQL connection on a relay loop
-/// ([`relay_loop`]): every socket event is answered there, by the machines
-/// between the two sockets, with no runtime in between. A side is not read
-/// while its peer has [`HIGH_WATER`] unsent. A clean end of one side is
-/// passed on as a FIN once what it sent is delivered. The first error ends
-/// both as opaque relaying does (see [`Postgres::end`]).
+/// Relays one PostgreSQL connection on a relay loop, its two machines
+/// between the two sockets ([`interceptor_relay::relay_inspected`]): every
+/// socket event is answered there, with no runtime in between.
 pub async fn relay(
     client: impl TryInto<relay_loop::Stream, Error = io::Error>,
     upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
     state: Arc<State>,
     progress: Arc<relay_loop::Progress>,
 ) -> End {
-    let (client, server) = match (Side::new(client), Side::new(upstream)) {
-        (Ok(c), Ok(s)) => (c, s),
-        (Err(e), _) | (_, Err(e)) => return End::at_once(Ending::Failed(e)),
-    };
-    let (done, ended) = tokio::sync::oneshot::channel();
-    relay_loop::submit_here(Box::new(Postgres {
-        conn: Conn {
-            client,
-            server,
-            front: Frontend::default(),
-            back: Backend::default(),
-        },
+    let machines = Machines {
+        front: Frontend::default(),
+        back: Backend::default(),
         state,
-        progress,
-        done: Some(done),
-    }));
-    ended
-        .await
-        .unwrap_or_else(|_| End::at_once(Ending::Stopped))
+    };
+    relay_loop::relay_inspected(client, upstream, machines, progress).await
 }
 
-/// A PostgreSQL connection as the relay loop sees it.
-struct Postgres {
-    conn: Conn,
-    state: Arc<State>,
-    /// Bytes from the client and from the server so far, for the record.
-    progress: Arc<relay_loop::Progress>,
-    done: Option<tokio::sync::oneshot::Sender<End>>,
-}
-
-impl Postgres {
-    /// Reports the end. On an error both sides are reset, as opaque
-    /// relaying does, so each peer learns that the connection broke rather
-    /// than ended; except that the agent's own last word to the client (a
-    /// refused login) goes out, followed by a FIN, so the client reads why.
-    fn end(&mut self, result: Result<(), PgError>) -> relay_loop::Pumped {
-        let how = match result {
-            Ok(()) => Ending::Closed,
-            Err(e) => {
-                let client = &self.conn.client;
-                let said = !client.out.is_empty();
-                if said {
-                    let _ = (&client.sock).write(&client.out);
-                } else {
-                    sys::reset(&client.sock);
-                }
-                sys::reset(&self.conn.server.sock);
-                match e {
-                    PgError::Io(e) => Ending::Failed(e),
-                    e @ PgError::StartupRefused { .. } => Ending::Refused(e.to_string()),
-                    e => Ending::Failed(io::Error::other(e.to_string())),
-                }
-            }
-        };
-        if let Some(done) = self.done.take() {
-            let _ = done.send(End {
-                up: self.conn.client.read,
-                down: self.conn.server.read,
-                how,
-                sniffed: false,
-            });
-        }
-        relay_loop::Pumped::Over
-    }
-}
-
-impl relay_loop::Traffic for Postgres {
-    fn sockets(&self) -> [std::os::fd::RawFd; 2] {
-        [
-            self.conn.client.sock.as_raw_fd(),
-            self.conn.server.sock.as_raw_fd(),
-        ]
-    }
-
-    fn pump(&mut self, event: Option<relay_loop::Event>, _: &mut [u8]) -> relay_loop::Pumped {
-        let c = &mut self.conn;
-        match event {
-            Some(e) if e.upstream => c.server.saw(e),
-            Some(e) => c.client.saw(e),
-            None => {}
-        }
-        let before = c.client.read + c.server.read;
-        let stepped = c.step(&self.state);
-        self.progress.set(c.client.read, c.server.read);
-        match stepped {
-            Ok(false) => relay_loop::Pumped::Open {
-                moved: c.client.read + c.server.read - before,
-            },
-            Ok(true) => self.end(Ok(())),
-            Err(e) => self.end(Err(e)),
-        }
-    }
-
-    fn refuse(mut self: Box<Self>, e: io::Error) {
-        self.end(Err(e.into()));
-    }
-
-    fn half_closed(&self) -> bool {
-        self.conn.client.ended != self.conn.server.ended
-    }
-}
-
-/// One relayed connection: its two sockets and the machines between them.
-struct Conn {
-    client: Side,
-    server: Side,
+/// One connection's machines and what they share, as the relay loop
+/// drives them.
+struct Machines {
     front: Frontend,
     back: Backend,
+    state: Arc<State>,
 }
 
-impl Conn {
-    /// Moves everything that can move; `true` when both sides have ended.
-    fn step(&mut self, state: &State) -> Result<bool, PgError> {
-        let Conn {
-            client: c,
-            server: s,
-            front,
-            back,
-        } = self;
-        loop {
-            s.flush()?;
-            c.flush()?;
-            let from_client = c.take(s.out.len())?;
-            match from_client {
-                Some(0) => front.eof(&c.input, state)?,
-                Some(_) => front.feed(&mut c.input, &mut s.out, &mut c.out, state)?,
-                None => {}
-            }
-            let from_server = s.take(c.out.len())?;
-            match from_server {
-                Some(0) => back.eof(&s.input)?,
-                Some(_) => back.feed(&mut s.input, &mut c.out, state)?,
-                None => {}
-            }
-            if c.ended {
-                s.shut_when_flushed()?;
-            }
-            if s.ended {
-                c.shut_when_flushed()?;
-            }
-            if c.ended && s.ended && c.shut && s.shut {
-                return Ok(true);
-            }
-            if from_client.is_none() && from_server.is_none() {
-                return Ok(false);
-            }
+impl relay_loop::Machines for Machines {
+    type Error = PgError;
+
+    fn client(
+        &mut self,
+        input: &mut BytesMut,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<(), PgError> {
+        self.front.feed(input, to_server, to_client, &self.state)
+    }
+
+    fn client_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
+        self.front.eof(input, &self.state)
+    }
+
+    fn server(&mut self, input: &mut BytesMut, to_client: &mut BytesMut) -> Result<(), PgError> {
+        self.back.feed(input, to_client, &self.state)
+    }
+
+    fn server_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
+        self.back.eof(input)
+    }
+}
+
+/// How a PostgreSQL connection's error ends it: a refused login is a
+/// refusal; the rest are failures.
+impl From<PgError> for Ending {
+    fn from(e: PgError) -> Ending {
+        match e {
+            PgError::Io(e) => Ending::Failed(e),
+            e @ PgError::StartupRefused { .. } => Ending::Refused(e.to_string()),
+            e => Ending::Failed(io::Error::other(e.to_string())),
         }
     }
 }
