@@ -298,12 +298,7 @@ impl Redirect {
             Err(e) => (None, Some(e.to_string())),
         };
         if let Some(why) = unix.as_ref().and_then(|u| u.unguarded.as_ref()) {
-            let open: Vec<String> = config
-                .targets
-                .iter()
-                .flat_map(|t| &t.unix)
-                .filter_map(|p| unix::reachable_around(p))
-                .collect();
+            let open = unix::targets_reachable_around(config);
             if !open.is_empty() {
                 return Err(RedirectError::UnixOpen(why.clone(), open.join("; ")));
             }
@@ -389,12 +384,7 @@ impl Redirect {
         u.set_routes(&unix_routes(config))?;
         u.set_servers(&unix_servers(config))?;
         if u.unguarded.is_some() {
-            let open: Vec<String> = config
-                .targets
-                .iter()
-                .flat_map(|t| &t.unix)
-                .filter_map(|p| unix::reachable_around(p))
-                .collect();
+            let open = unix::targets_reachable_around(config);
             let mut last = self.unix_open.lock().unwrap_or_else(|p| p.into_inner());
             if *last != open {
                 for why in &open {

@@ -10,6 +10,7 @@ use std::{
         unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     },
     path::{Path, PathBuf},
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -178,8 +179,11 @@ impl Peer {
     /// What the identity resolver needs, as the TCP programs would have
     /// filed it: the process, its user, its cgroup and name now.
     pub fn meta(&self) -> ConnMeta {
-        let cgroup_id = crate::cgroup::cgroup2_mount()
-            .ok()
+        // The mount does not move while the agent runs: read once.
+        static MOUNT: OnceLock<Option<PathBuf>> = OnceLock::new();
+        let mount = MOUNT.get_or_init(|| crate::cgroup::cgroup2_mount().ok());
+        let cgroup_id = mount
+            .as_deref()
             .zip(crate::cgroup::proc_cgroup(self.pid).ok())
             .and_then(|(mount, rel)| {
                 crate::cgroup::cgroup_id(&mount.join(rel.trim_start_matches('/'))).ok()
@@ -311,9 +315,14 @@ struct ThreadCreds {
 
 impl ThreadCreds {
     fn become_(who: &Creds) -> io::Result<ThreadCreds> {
-        let mut groups = vec![0 as libc::gid_t; 65536];
+        // SAFETY: getgroups(2) with size 0 only counts.
+        let count = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        if count < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut groups = vec![0 as libc::gid_t; count as usize];
         // SAFETY: getgroups(2) into a buffer of the size it is told.
-        let n = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
+        let n = unsafe { libc::getgroups(count, groups.as_mut_ptr()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

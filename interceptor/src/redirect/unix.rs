@@ -9,8 +9,8 @@
 //!   each workload cgroup like the TCP programs): a stream connect whose
 //!   path is in `ICPT_UNIX_TARGETS` is rewritten to the agent's socket for
 //!   that target (`bpf_sock_addr_set_sun_path`); a rewrite that fails
-//!   refuses the connect. Every stream connect of a workload socket is
-//!   marked in `ICPT_UNIX_FLAGS` by socket cookie.
+//!   refuses the connect. Where the guard runs, every stream connect of a
+//!   workload socket is marked in `ICPT_UNIX_FLAGS` by socket cookie.
 //! - `icpt_unix_guard` (the BPF LSM hook `unix_stream_connect`, or where
 //!   BPF LSM is not enabled, `fmod_ret` on `security_unix_stream_connect`:
 //!   the kernel calls either once the path has been resolved to a
@@ -146,25 +146,28 @@ impl Layout {
     }
 }
 
-/// `cgroup/connect_unix`: mark the socket, rewrite a target's path.
-fn connect_program(l: &Layout, targets: &OwnedFd, flags: &OwnedFd) -> Vec<u64> {
+/// `cgroup/connect_unix`: mark the socket in `flags` (only for a guard to
+/// read: `None` where none runs), rewrite a target's path.
+fn connect_program(l: &Layout, targets: &OwnedFd, flags: Option<&OwnedFd>) -> Vec<u64> {
     const KEY: i16 = -128;
     let mut a = Asm::default();
     a.mov(R6, R1)
         // struct bpf_sock_addr.type
         .load(Size::W, R2, R6, 32)
-        .jump_if(Cond::Ne, R2, SOCK_STREAM, "allow")
-        .mov(R1, R6)
-        .call(sys::GET_SOCKET_COOKIE)
-        .store(Size::DW, FP, -8, R0)
-        .store_imm(Size::W, FP, -16, 1)
-        .map(R1, flags)
-        .mov(R2, FP)
-        .add_imm(R2, -8)
-        .mov(R3, FP)
-        .add_imm(R3, -16)
-        .mov_imm(R4, 0)
-        .call(sys::MAP_UPDATE);
+        .jump_if(Cond::Ne, R2, SOCK_STREAM, "allow");
+    if let Some(flags) = flags {
+        a.mov(R1, R6)
+            .call(sys::GET_SOCKET_COOKIE)
+            .store(Size::DW, FP, -8, R0)
+            .store_imm(Size::W, FP, -16, 1)
+            .map(R1, flags)
+            .mov(R2, FP)
+            .add_imm(R2, -8)
+            .mov(R3, FP)
+            .add_imm(R3, -16)
+            .mov_imm(R4, 0)
+            .call(sys::MAP_UPDATE);
+    }
     for i in 0..(PATH_KEY / 8) as i16 {
         a.store_imm(Size::DW, FP, KEY + 8 * i, 0);
     }
@@ -283,18 +286,6 @@ impl Unix {
         let targets = pinned_map(maps_dir, TARGETS, sys::MAP_HASH, PATH_KEY, PATH_VALUE, 1024)?;
         let flags = pinned_map(maps_dir, FLAGS, sys::MAP_LRU_HASH, 8, 4, 65536)?;
         let servers = pinned_map(maps_dir, SERVERS, sys::MAP_HASH, INODE_KEY, 4, 1024)?;
-        let connect = sys::prog_load(
-            &ProgSpec {
-                kind: sys::PROG_CGROUP_SOCK_ADDR,
-                attach: sys::ATTACH_CGROUP_UNIX_CONNECT,
-                attach_btf_id: 0,
-                name: CONNECT_UNIX,
-            },
-            &connect_program(&layout, &targets, &flags),
-        )
-        .map_err(sys_err(format!(
-            "loading {CONNECT_UNIX} (cgroup/connect_unix needs Linux 6.7+)"
-        )))?;
         let mut unguarded = None;
         if !adopt(guard_pin) {
             match guard(&layout, &guard_program(&layout, &flags, &servers)) {
@@ -303,6 +294,20 @@ impl Unix {
                 Err(e) => unguarded = Some(e.to_string()),
             }
         }
+        // Marks nobody reads would only fill the map.
+        let marks = unguarded.is_none().then_some(&flags);
+        let connect = sys::prog_load(
+            &ProgSpec {
+                kind: sys::PROG_CGROUP_SOCK_ADDR,
+                attach: sys::ATTACH_CGROUP_UNIX_CONNECT,
+                attach_btf_id: 0,
+                name: CONNECT_UNIX,
+            },
+            &connect_program(&layout, &targets, marks),
+        )
+        .map_err(sys_err(format!(
+            "loading {CONNECT_UNIX} (cgroup/connect_unix needs Linux 6.7+)"
+        )))?;
         Ok(Unix {
             targets,
             servers,
@@ -433,6 +438,17 @@ fn inode_key(meta: &fs::Metadata) -> [u8; INODE_KEY] {
     key[..8].copy_from_slice(&meta.ino().to_ne_bytes());
     key[8..12].copy_from_slice(&kdev.to_ne_bytes());
     key
+}
+
+/// Why workload users could reach the sockets of `config`'s unix targets
+/// around the agent, one reason per socket (see [`reachable_around`]).
+pub fn targets_reachable_around(config: &crate::config::Config) -> Vec<String> {
+    config
+        .targets
+        .iter()
+        .flat_map(|t| &t.unix)
+        .filter_map(|p| reachable_around(p))
+        .collect()
 }
 
 /// Why a workload user could reach the socket at `path` by a way of its own
