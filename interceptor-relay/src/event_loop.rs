@@ -34,6 +34,9 @@ pub(crate) enum Job {
     /// Hand connections over to other loops, in turn: every other one
     /// (`all` false) or all of them.
     Shed { all: bool, to: Vec<Handle> },
+    /// The connection in `slot` whose [`Bell`](crate::Bell) is `bell` was
+    /// rung: pump it (unless it has left, or the slot holds another).
+    Wake { slot: usize, bell: usize },
 }
 
 /// Where a loop takes jobs from other threads.
@@ -55,6 +58,12 @@ impl Handle {
         self.jobs.send(job)?;
         ring(&self.bell);
         Ok(())
+    }
+
+    /// Asks the loop to pump the connection in `slot` (see [`Job::Wake`]).
+    pub(crate) fn wake(&self, slot: usize, bell: usize) {
+        // A loop that has stopped has nothing left to wake.
+        let _ = self.send(Job::Wake { slot, bell });
     }
 
     /// Asks the loop to hand connections over to `to` (see [`Job::Shed`]).
@@ -94,12 +103,17 @@ impl RelayLoop {
         let epoll = Epoll::new()?;
         epoll.add(bell.as_raw_fd(), BELL, libc::EPOLLIN | libc::EPOLLET)?;
         let (jobs, rx) = mpsc::channel();
+        let handle = Handle {
+            jobs,
+            bell: bell.clone(),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let open = Arc::new(AtomicUsize::new(0));
         let moved = Arc::new(AtomicU64::new(0));
         let tid = Arc::new(AtomicI32::new(0));
         let thread = {
-            let (bell, stop, open, m, t) = (
+            let (me, bell, stop, open, m, t) = (
+                handle.clone(),
                 bell.clone(),
                 stop.clone(),
                 open.clone(),
@@ -110,6 +124,7 @@ impl RelayLoop {
                 // SAFETY: gettid(2) takes no arguments and cannot fail.
                 t.store(unsafe { libc::gettid() }, Ordering::Relaxed);
                 let mut l = Loop {
+                    me,
                     epoll,
                     slots: Vec::new(),
                     free: Vec::new(),
@@ -127,7 +142,7 @@ impl RelayLoop {
             })?
         };
         Ok(RelayLoop {
-            handle: Handle { jobs, bell },
+            handle,
             stop,
             open,
             moved,
@@ -237,6 +252,9 @@ fn ring(bell: &OwnedFd) {
 
 /// The loop thread's state.
 struct Loop {
+    /// Where other threads reach this loop (given to the bells of the
+    /// connections it takes in).
+    me: Handle,
     epoll: Epoll,
     slots: Vec<Option<Box<dyn Traffic>>>,
     free: Vec<usize>,
@@ -317,6 +335,12 @@ impl Loop {
                     match job {
                         Job::Relay(traffic) => self.add(traffic),
                         Job::Shed { all, to } => self.shed(all, &to),
+                        Job::Wake { slot, bell } => {
+                            let here = self.slots.get(slot).and_then(|t| t.as_ref()?.bell());
+                            if here.is_some_and(|b| b.id() == bell) {
+                                self.pump(slot, None);
+                            }
+                        }
                     }
                 }
             }
@@ -342,6 +366,9 @@ impl Loop {
             // Its sockets close with it, which takes them out of epoll.
             return traffic.refuse(e);
         }
+        if let Some(bell) = traffic.bell() {
+            bell.joined(&self.me, token);
+        }
         self.slots[token] = Some(traffic);
         self.open.fetch_add(1, Ordering::Relaxed);
         if let Some(now) = self.clock.now {
@@ -352,7 +379,8 @@ impl Loop {
             c.half_since[token] = None;
         }
         // Bytes may have come before the sockets were registered (or while
-        // the connection moved here from another loop).
+        // the connection moved here from another loop), and its bell may
+        // have rung in between.
         self.pump(token, None);
     }
 

@@ -8,6 +8,13 @@
 //! that bytes the machines addressed to the client themselves (the agent's
 //! last word, a refused login say) go out first, followed by a FIN, so the
 //! client reads why.
+//!
+//! Machines may hold a message (a decision on it is made elsewhere): while
+//! they say so ([`Machines::holding`]) the client is not read, so what it
+//! sends next waits in its socket and pushes back on it; the server side
+//! flows on. Whoever decides rings the connection's [`Bell`], and the
+//! machines are handed the client's input again, on whichever loop relays
+//! the connection by then.
 
 use std::{
     io::{self, Write},
@@ -20,7 +27,7 @@ use bytes::{Buf, BytesMut};
 use crate::{
     submit_here,
     sys::{self, reset},
-    End, Ending, Event, Progress, Pumped, Stream, Traffic,
+    Bell, End, Ending, Event, Progress, Pumped, Stream, Traffic,
 };
 
 /// A protocol's machines for one connection, as the loop drives them.
@@ -44,19 +51,26 @@ pub trait Machines: Send + 'static {
         -> Result<(), Self::Error>;
     /// The server ended its sending, leaving `input` untaken.
     fn server_ended(&mut self, input: &[u8]) -> Result<(), Self::Error>;
+    /// A message of the client's is held, waiting for a decision: read no
+    /// more from the client until the bell rings.
+    fn holding(&self) -> bool {
+        false
+    }
 }
 
 /// Relays `client` and `upstream` with `machines` between them on this
 /// thread's relay loops, until both sides end; bytes read from each are
-/// shown in `progress` as they go.
+/// shown in `progress` as they go. `bell` wakes machines that hold a
+/// message.
 pub async fn relay_inspected<M: Machines>(
     client: impl TryInto<Stream, Error = io::Error>,
     upstream: impl TryInto<Stream, Error = io::Error>,
     machines: M,
     progress: Arc<Progress>,
+    bell: Option<Bell>,
 ) -> End {
-    let (client, server) = match (Side::new(client), Side::new(upstream)) {
-        (Ok(c), Ok(s)) => (c, s),
+    let (client, server) = match (client.try_into(), upstream.try_into()) {
+        (Ok(c), Ok(s)) => (Side::new(c), Side::new(s)),
         (Err(e), _) | (_, Err(e)) => return End::at_once(Ending::Failed(e)),
     };
     let (done, ended) = tokio::sync::oneshot::channel();
@@ -65,6 +79,7 @@ pub async fn relay_inspected<M: Machines>(
         server,
         machines,
         progress,
+        bell,
         done: Some(done),
     }));
     ended
@@ -78,12 +93,15 @@ struct Inspected<M> {
     server: Side,
     machines: M,
     progress: Arc<Progress>,
+    bell: Option<Bell>,
     done: Option<tokio::sync::oneshot::Sender<End>>,
 }
 
 impl<M: Machines> Inspected<M> {
     /// Moves everything that can move; `true` when both sides have ended.
-    fn step(&mut self) -> Result<bool, M::Error> {
+    /// `woken`: the bell rang, so the machines look at the client's input
+    /// again even if nothing new came.
+    fn step(&mut self, mut woken: bool) -> Result<bool, M::Error> {
         let Inspected {
             client: c,
             server: s,
@@ -93,10 +111,19 @@ impl<M: Machines> Inspected<M> {
         loop {
             s.flush()?;
             c.flush()?;
-            let from_client = c.take(s.out.len())?;
+            let from_client = match machines.holding() {
+                true => None,
+                false => c.take(s.out.len())?,
+            };
             match from_client {
                 Some(0) => machines.client_ended(&c.input)?,
                 Some(_) => machines.client(&mut c.input, &mut s.out, &mut c.out)?,
+                None if std::mem::take(&mut woken) && !c.ended => {
+                    machines.client(&mut c.input, &mut s.out, &mut c.out)?;
+                    if !machines.holding() {
+                        continue; // the client may be read again
+                    }
+                }
                 None => {}
             }
             let from_server = s.take(c.out.len())?;
@@ -159,7 +186,8 @@ impl<M: Machines> Traffic for Inspected<M> {
             None => {}
         }
         let before = self.client.read + self.server.read;
-        let stepped = self.step();
+        let woken = self.bell.as_ref().is_some_and(Bell::take_rung);
+        let stepped = self.step(woken);
         self.progress.set(self.client.read, self.server.read);
         match stepped {
             Ok(false) => Pumped::Open {
@@ -176,6 +204,10 @@ impl<M: Machines> Traffic for Inspected<M> {
 
     fn half_closed(&self) -> bool {
         self.client.ended != self.server.ended
+    }
+
+    fn bell(&self) -> Option<&Bell> {
+        self.bell.as_ref()
     }
 }
 
@@ -207,9 +239,9 @@ struct Side {
 }
 
 impl Side {
-    fn new(s: impl TryInto<Stream, Error = io::Error>) -> io::Result<Side> {
-        Ok(Side {
-            sock: s.try_into()?,
+    fn new(sock: Stream) -> Side {
+        Side {
+            sock,
             input: BytesMut::with_capacity(READ_ROOM),
             out: BytesMut::new(),
             read: 0,
@@ -218,7 +250,7 @@ impl Side {
             readable: true,
             closing: false,
             writable: true,
-        })
+        }
     }
 
     /// Takes in what epoll reported for this socket.
@@ -289,4 +321,190 @@ fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
     // SAFETY: the kernel initialised the first `n` bytes of the free room.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Read,
+        net::{TcpListener, TcpStream},
+        sync::atomic::{AtomicBool, Ordering},
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+    use crate::Loops;
+
+    /// Passes bytes on, but holds at each `H` until `released`.
+    struct HoldAtH {
+        released: Arc<AtomicBool>,
+        held: bool,
+    }
+
+    impl Machines for HoldAtH {
+        type Error = io::Error;
+
+        fn client(
+            &mut self,
+            input: &mut BytesMut,
+            to_server: &mut BytesMut,
+            _: &mut BytesMut,
+        ) -> io::Result<()> {
+            let released = self.released.load(Ordering::SeqCst);
+            let upto = match input.iter().position(|&b| b == b'H') {
+                Some(at) if !released => at,
+                _ => input.len(),
+            };
+            self.held = upto < input.len();
+            to_server.extend_from_slice(&input.split_to(upto));
+            Ok(())
+        }
+
+        fn client_ended(&mut self, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn server(&mut self, input: &mut BytesMut, to_client: &mut BytesMut) -> io::Result<()> {
+            to_client.extend_from_slice(&input.split());
+            Ok(())
+        }
+
+        fn server_ended(&mut self, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn holding(&self) -> bool {
+            self.held
+        }
+    }
+
+    /// An echo server's address.
+    fn echo() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let mut s = s.unwrap();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        if (&s).write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// An app's end of a connection relayed by `loops` to `server`, with
+    /// `machines` between.
+    fn relayed<M: Machines>(
+        loops: &Loops,
+        server: std::net::SocketAddr,
+        machines: M,
+        bell: Option<Bell>,
+    ) -> TcpStream {
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let app = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let (client, _) = front.accept().unwrap();
+        let upstream = TcpStream::connect(server).unwrap();
+        for s in [&client, &upstream] {
+            s.set_nonblocking(true).unwrap();
+        }
+        let (done, _) = tokio::sync::oneshot::channel();
+        loops.submit(Box::new(Inspected {
+            client: Side::new(client.into()),
+            server: Side::new(upstream.into()),
+            machines,
+            progress: Arc::default(),
+            bell,
+            done: Some(done),
+        }));
+        app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        app
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < until, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A held message waits without stopping its loop: another connection
+    /// on the same loop flows meanwhile. What the client sends behind it
+    /// waits too. The connection then moves to another loop, and a ring
+    /// of its bell still reaches it there: the held bytes go on, in order.
+    #[test]
+    fn a_held_connection_is_woken_on_the_loop_it_moved_to() {
+        let loops = Loops::with_balance(2, crate::Tuning::default(), None).unwrap();
+        let server = echo();
+        let released = Arc::new(AtomicBool::new(false));
+        let bell = Bell::new();
+        let hold = HoldAtH {
+            released: released.clone(),
+            held: false,
+        };
+        // Both on loop 0 (submits alternate between the two loops).
+        let mut held = relayed(&loops, server, hold, Some(bell.clone()));
+        let mut filler = relayed(
+            &loops,
+            server,
+            HoldAtH {
+                released: Arc::new(AtomicBool::new(true)),
+                held: false,
+            },
+            None,
+        );
+        let mut other = relayed(
+            &loops,
+            server,
+            HoldAtH {
+                released: Arc::new(AtomicBool::new(true)),
+                held: false,
+            },
+            None,
+        );
+        wait_for("three connections on the loops", || loops.open() == [2, 1]);
+
+        held.write_all(b"abcHdef").unwrap();
+        let mut got = [0u8; 3];
+        held.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abc");
+        held.write_all(b"ghi").unwrap();
+
+        // The loop holding it serves the other connections.
+        for c in [&mut other, &mut filler] {
+            c.write_all(b"ping").unwrap();
+            let mut pong = [0u8; 4];
+            c.read_exact(&mut pong).unwrap();
+            assert_eq!(&pong, b"ping");
+        }
+        held.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut none = [0u8; 1];
+        let e = held.read(&mut none).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+
+        // Move everything on loop 0 to loop 1, then decide.
+        loops.shed(0, true, 1);
+        wait_for("the move", || loops.open() == [0, 3]);
+        released.store(true, Ordering::SeqCst);
+        bell.ring();
+        held.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = [0u8; 7];
+        held.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"Hdefghi");
+    }
 }

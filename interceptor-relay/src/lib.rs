@@ -46,6 +46,7 @@ use std::{
 use sys::send;
 
 mod bare;
+mod bell;
 mod event_loop;
 mod inspected;
 mod pool;
@@ -53,6 +54,7 @@ pub mod sys;
 mod tcp;
 
 pub use bare::bare;
+pub use bell::Bell;
 pub use event_loop::{install, submit_here, RelayLoop};
 pub use inspected::{relay_inspected, Machines, HIGH_WATER};
 pub use pool::Loops;
@@ -85,6 +87,13 @@ pub enum Ending {
     Refused(String),
     /// The loop stopped before the connection ended.
     Stopped,
+}
+
+/// A socket's failure.
+impl From<io::Error> for Ending {
+    fn from(e: io::Error) -> Ending {
+        Ending::Failed(e)
+    }
 }
 
 impl End {
@@ -168,6 +177,10 @@ pub trait Traffic: Send {
     fn refuse(self: Box<Self>, e: io::Error);
     /// One side has ended its sending and the other not.
     fn half_closed(&self) -> bool;
+    /// What wakes it from another thread, if anything may (see [`Bell`]).
+    fn bell(&self) -> Option<&Bell> {
+        None
+    }
 }
 
 /// What epoll reported for one socket of a connection.

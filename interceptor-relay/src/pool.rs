@@ -312,13 +312,13 @@ impl Loops {
 
     /// How many connections each loop relays now.
     #[cfg(test)]
-    fn open(&self) -> Vec<usize> {
+    pub(crate) fn open(&self) -> Vec<usize> {
         self.shared.loops.iter().map(RelayLoop::open).collect()
     }
 
     /// Moves connections of loop `from` to loop `to`: every other one, or all.
     #[cfg(test)]
-    fn shed(&self, from: usize, all: bool, to: usize) {
+    pub(crate) fn shed(&self, from: usize, all: bool, to: usize) {
         let to = vec![self.shared.loops[to].handle().clone()];
         self.shared.loops[from].handle().shed(all, to);
     }

@@ -796,7 +796,7 @@ pub async fn relay(
         back: Backend::default(),
         state,
     };
-    relay_loop::relay_inspected(client, upstream, machines, progress).await
+    relay_loop::relay_inspected(client, upstream, machines, progress, None).await
 }
 
 /// One connection's machines and what they share, as the relay loop
