@@ -16,9 +16,10 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use interceptor::{
+    gate::{AgentGate, Parties},
     mask::Masker,
     policy::{Action, Policy},
-    protocol::postgres::{Backend, Frontend, Gate, Recording, State},
+    protocol::postgres::{Backend, Frontend, Outbox, State},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -44,13 +45,13 @@ fuzz_target!(|data: &[u8]| {
     let step = 1 + (cut as usize * 7) % 509;
     let cut = (cut as usize * rest.len()) / 255;
     let (client, server) = rest.split_at(cut);
-    let state = State::with_gate(Gate {
+    let gate = AgentGate::new(Parties {
         policy: POLICY.clone(),
         workload: "reporting".into(),
         target: "orders-db".into(),
         masker: Arc::new(Masker::new(b"fuzz")),
-        recording: Recording::default(),
     });
+    let mut state = State::new(Box::new(gate), Outbox::default());
     let (mut front, mut back) = (Frontend::default(), Backend::default());
     let (mut from_client, mut from_server) = (BytesMut::new(), BytesMut::new());
     let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
@@ -62,11 +63,11 @@ fuzz_target!(|data: &[u8]| {
                 Some(part) => {
                     from_client.extend_from_slice(part);
                     front
-                        .feed(&mut from_client, &mut to_server, &mut to_client, &state)
+                        .feed(&mut from_client, &mut to_server, &mut to_client, &mut state)
                         .is_err()
                 }
                 None => {
-                    let _ = front.eof(&from_client, &state);
+                    let _ = front.eof(&from_client, &mut state);
                     true
                 }
             };
@@ -75,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
             server_over = match server_parts.next() {
                 Some(part) => {
                     from_server.extend_from_slice(part);
-                    back.feed(&mut from_server, &mut to_client, &state).is_err()
+                    back.feed(&mut from_server, &mut to_client, &mut state).is_err()
                 }
                 None => {
                     let _ = back.eof(&from_server);
@@ -96,8 +97,9 @@ fuzz_target!(|data: &[u8]| {
             d.rule
         );
     }
+    state.ended();
     let _ = state.take_done();
-    let _ = state.take_pending();
+    let _ = state.outbox().take_startup();
 });
 
 /// The SQL of every Query and Parse in what went to the server (after the

@@ -7,7 +7,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering},
-        mpsc, Arc,
+        mpsc, Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -84,7 +84,7 @@ pub struct RelayLoop {
     moved: Arc<AtomicU64>,
     /// The loop thread's id (0 until it has started).
     tid: Arc<AtomicI32>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl RelayLoop {
@@ -147,7 +147,7 @@ impl RelayLoop {
             open,
             moved,
             tid,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -188,10 +188,13 @@ impl RelayLoop {
     /// CPU time the loop thread has used so far (user and system).
     pub(crate) fn cpu_time(&self) -> Option<Duration> {
         use std::os::unix::thread::JoinHandleExt;
-        let thread = self.thread.as_ref()?.as_pthread_t();
+        // Held while the clock is read: the thread is not joined meanwhile.
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        let thread = handle.as_ref()?.as_pthread_t();
         let mut clock: libc::clockid_t = 0;
-        // SAFETY: `thread` is a live thread (joined only on drop); the
-        // clock id is written into a local.
+        // SAFETY: `thread` is a live thread (joined only by `stop`, which
+        // waits for the lock held here); the clock id is written into a
+        // local.
         if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } != 0 {
             return None;
         }
@@ -207,13 +210,23 @@ impl RelayLoop {
     }
 }
 
-impl Drop for RelayLoop {
-    fn drop(&mut self) {
+impl RelayLoop {
+    /// Stops the loop thread and waits for it: the connections it relays
+    /// are dropped there (each [`Traffic`] has its last word as it goes),
+    /// without their end being reported.
+    pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         ring(&self.handle.bell);
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for RelayLoop {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

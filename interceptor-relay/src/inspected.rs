@@ -56,6 +56,9 @@ pub trait Machines: Send + 'static {
     fn holding(&self) -> bool {
         false
     }
+    /// The connection is over (its end is reported right after), or its
+    /// loop stopped: last words for whoever reads what the machines kept.
+    fn ended(&mut self) {}
 }
 
 /// Relays `client` and `upstream` with `machines` between them on this
@@ -88,7 +91,7 @@ pub async fn relay_inspected<M: Machines>(
 }
 
 /// An inspected connection as the loop sees it.
-struct Inspected<M> {
+struct Inspected<M: Machines> {
     client: Side,
     server: Side,
     machines: M,
@@ -163,6 +166,7 @@ impl<M: Machines> Inspected<M> {
             }
         };
         if let Some(done) = self.done.take() {
+            self.machines.ended();
             let _ = done.send(End {
                 up: self.client.read,
                 down: self.server.read,
@@ -171,6 +175,16 @@ impl<M: Machines> Inspected<M> {
             });
         }
         Pumped::Over
+    }
+}
+
+/// A connection dropped before its end was reported (its loop stopped):
+/// the machines still have their last word; the end reads as stopped.
+impl<M: Machines> Drop for Inspected<M> {
+    fn drop(&mut self) {
+        if self.done.is_some() {
+            self.machines.ended();
+        }
     }
 }
 

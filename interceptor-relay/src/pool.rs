@@ -297,6 +297,14 @@ impl Loops {
         }))
     }
 
+    /// Stops every loop and waits for them: their connections are dropped
+    /// (see [`RelayLoop::stop`]); one handed over later is refused.
+    pub fn stop(&self) {
+        for l in &self.shared.loops {
+            l.stop();
+        }
+    }
+
     /// Hands a connection to one of the loops that take connections, in turn.
     pub fn submit(&self, traffic: Box<dyn Traffic>) {
         let active = self.shared.active.load(Ordering::Relaxed).max(1);

@@ -13,6 +13,7 @@ pub mod api;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod gate;
 pub mod identity;
 pub mod local;
 pub mod mask;

@@ -40,7 +40,9 @@ use crate::{
     identity::Resolver,
     policy::{Action, Policy},
     protocol::postgres,
-    record::{now_micros, rfc3339_micros, Outcome, Recorder, Session, SessionIds},
+    record::{
+        now_micros, rfc3339_micros, Outbox, Outcome, Recorder, Recording, Session, SessionIds,
+    },
     redirect::original_dst,
 };
 
@@ -91,8 +93,10 @@ impl Workers {
         }
     }
 
-    /// Stops the workers, then the relay loops; open connections end.
+    /// Stops the relay loops, then the workers; open connections end, and
+    /// what they had not recorded is (see [`flush::drain`]).
     pub fn stop(self) {
+        self.loops.stop();
         drop(self.senders);
         for t in self.threads {
             let _ = t.join();
@@ -504,20 +508,22 @@ impl Proxy {
         upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
         progress: Arc<relay_loop::Progress>,
     ) -> Relayed {
-        let state = Arc::new(postgres::State::with_gate(postgres::Gate {
+        let gate = crate::gate::AgentGate::new(crate::gate::Parties {
             policy: self.policy.clone(),
             workload: s.workload.clone().unwrap_or_default(),
             target: s.target.clone().unwrap_or_default(),
             masker: self.masker.clone(),
-            recording: postgres::Recording {
-                text_limit: self.config.agent.record_text_limit,
-                bytes_per_second: self.config.agent.record_bytes_per_second,
-            },
-        }));
-        let listed = flush::Listed::new(s.id, Some(state.clone()), progress.clone());
-        let end = postgres::relay(client, upstream, state.clone(), progress).await;
+        });
+        let outbox = Outbox::new(Recording {
+            text_limit: self.config.agent.record_text_limit,
+            bytes_per_second: self.config.agent.record_bytes_per_second,
+        });
+        let state = postgres::State::new(Box::new(gate), outbox.clone());
+        let listed = flush::Listed::new(s.id, Some(outbox.clone()), progress.clone());
+        let bell = relay_loop::Bell::new();
+        let end = postgres::relay(client, upstream, state, progress, bell).await;
         s.statements = listed.finish(&self.recorder).await;
-        s.postgres = Some(state.take_startup());
+        s.postgres = outbox.take_startup();
         Relayed::from(end)
     }
 }

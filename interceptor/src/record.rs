@@ -24,8 +24,10 @@ use tokio::sync::mpsc;
 
 pub mod codec;
 pub mod event;
+mod outbox;
 
 pub use event::{Startup, Statement, StatementKind, Tags, Whole};
+pub use outbox::{Outbox, Recording};
 
 use crate::identity::Evidence;
 

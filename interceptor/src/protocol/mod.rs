@@ -2,3 +2,4 @@
 //! A target with `protocol = "tcp"` is relayed as opaque bytes.
 
 pub mod postgres;
+pub mod seam;

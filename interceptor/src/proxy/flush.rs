@@ -20,20 +20,14 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{
-    protocol::postgres::State,
-    record::{
-        codec::{Chunk, Records},
-        Recorder, SessionId,
-    },
-};
+use crate::record::{codec::Chunk, Outbox, Recorder, SessionId};
 
 /// How often completed statements of open sessions are recorded.
 pub const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
 
 struct Open {
-    /// A PostgreSQL session's statements.
-    state: Option<Arc<State>>,
+    /// Where an inspected session's statements arrive.
+    outbox: Option<Outbox>,
     progress: Arc<interceptor_relay::Progress>,
     /// The bytes of the last progress record.
     reported: (u64, u64),
@@ -61,17 +55,17 @@ pub struct Listed {
 
 impl Listed {
     /// Puts a session on this thread's list: its bytes as its relay loop
-    /// counts them in `progress`, and its statements if `state` is given.
+    /// counts them in `progress`, and its statements if `outbox` is given.
     pub fn new(
         id: SessionId,
-        state: Option<Arc<State>>,
+        outbox: Option<Outbox>,
         progress: Arc<interceptor_relay::Progress>,
     ) -> Listed {
         OPEN.with_borrow_mut(|open| {
             open.insert(
                 id,
                 Open {
-                    state,
+                    outbox,
                     progress,
                     reported: (0, 0),
                     recorded: 0,
@@ -94,10 +88,10 @@ impl Listed {
         let Some(o) = self.take_off() else {
             return 0;
         };
-        let Some(state) = o.state else {
+        let Some(outbox) = o.outbox else {
             return 0;
         };
-        let rest = rest(&state);
+        let rest = outbox.take();
         let recorded = o.recorded + count(&rest);
         recorder.statements(self.id, rest).await;
         recorded
@@ -132,11 +126,7 @@ pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
             // way: its end waits for them (see `Listed::finish`).
             let Some((done, moved)) = OPEN.with_borrow_mut(|open| {
                 let o = open.get_mut(&id)?;
-                let done = o
-                    .state
-                    .as_ref()
-                    .map(|s| s.take_records())
-                    .unwrap_or_default();
+                let done = o.outbox.as_ref().map(Outbox::take).unwrap_or_default();
                 let bytes = o.progress.get();
                 let moved = (bytes != o.reported).then_some(bytes);
                 if done.is_empty() && moved.is_none() {
@@ -160,30 +150,20 @@ pub async fn run(recorder: Recorder, tick: Arc<Notify>) {
 }
 
 /// Records, for every session open on this thread, what it has completed
-/// and what is still unanswered. For a stopping worker: its sessions end
-/// with its runtime, and their last statements would otherwise be lost.
+/// and what is still unanswered. For a stopping worker, once the relay
+/// loops have stopped (their connections left what they held in their
+/// outboxes): its sessions end with its runtime, and their last statements
+/// would otherwise be lost.
 pub async fn drain(recorder: &Recorder) {
     let left: Vec<_> = OPEN.with_borrow(|open| {
         open.iter()
-            .filter_map(|(id, o)| Some((*id, rest(o.state.as_ref()?))))
+            .filter_map(|(id, o)| Some((*id, o.outbox.as_ref()?.take())))
             .filter(|(_, list)| !list.is_empty())
             .collect()
     });
     for (id, list) in left {
         recorder.statements(id, list).await;
     }
-}
-
-/// What a session has completed and not yet handed over, then what is still
-/// waiting for the server's answer.
-fn rest(state: &State) -> Vec<Chunk> {
-    let mut chunks = state.take_records();
-    let mut pending = Records::default();
-    for s in state.take_pending() {
-        pending.push(&s);
-    }
-    chunks.extend(pending.take());
-    chunks
 }
 
 /// How many statements `chunks` hold.
@@ -231,7 +211,7 @@ mod tests {
         let store = Arc::new(crate::record::SledStore::open(&dir).unwrap());
         let (recorder, writer) = Recorder::start(store);
         let id = SessionId(0x5e55_1000);
-        let l = Listed::new(id, Some(Arc::new(State::default())), Arc::default());
+        let l = Listed::new(id, Some(Outbox::default()), Arc::default());
         OPEN.with_borrow_mut(|open| {
             let o = open.get_mut(&id).unwrap();
             o.recorded = 3;
@@ -262,7 +242,7 @@ mod tests {
     #[test]
     fn a_dropped_session_leaves_the_list() {
         let id = SessionId(0x5e55_2000);
-        let l = Listed::new(id, Some(Arc::new(State::default())), Arc::default());
+        let l = Listed::new(id, Some(Outbox::default()), Arc::default());
         assert!(listed(id));
         drop(l);
         assert!(!listed(id));

@@ -189,11 +189,11 @@ impl Frontend {
         input: &mut BytesMut,
         to_server: &mut BytesMut,
         to_client: &mut BytesMut,
-        state: &State,
+        state: &mut State,
     ) -> Result<(), PgError> {
         // What policy says of this connection, once per read (a reload is
         // seen at the next one).
-        let flags = state.policy_flags();
+        let flags = state.flags();
         state.client_read();
         let input = &mut Flow::new(input, to_server);
         while self.rest.drain(input) {
@@ -215,7 +215,7 @@ impl Frontend {
     }
 
     /// The client closed its side, leaving `input` unread.
-    pub fn eof(&self, input: &[u8], state: &State) -> Result<(), PgError> {
+    pub fn eof(&self, input: &[u8], state: &mut State) -> Result<(), PgError> {
         if self.typed {
             return cut_short(input, &self.rest, "client");
         }
@@ -234,7 +234,7 @@ impl Frontend {
         &mut self,
         input: &mut Flow,
         to_client: &mut BytesMut,
-        state: &State,
+        state: &mut State,
     ) -> Result<bool, PgError> {
         // Check the length as soon as it is there: a hostile length must not
         // make us wait for bytes that will never come.
@@ -263,12 +263,11 @@ impl Frontend {
                 self.typed = true;
             }
             v if v >> 16 == 3 => {
-                parse_startup(&input[8..len], &mut state.startup())?;
+                parse_startup(&input[8..len], state.startup())?;
                 let (settings, replication, unreadable) = {
                     let st = state.startup();
                     (st.settings.clone(), st.replication, st.unreadable.clone())
                 };
-                let masking = state.policy_flags().masking;
                 // Each request is decided like the statement it amounts to
                 // (a replication connection by name only); options the
                 // agent cannot read as the server does are refused
@@ -293,11 +292,13 @@ impl Frontend {
                 }
                 requests.extend(settings.into_iter().map(|t| (t, None)));
                 for (text, class) in requests {
-                    if let Some(d) =
-                        state.statement(StatementKind::Startup, None, &text, class, masking)
-                    {
+                    let decided = state.statement(StatementKind::Startup, None, &text, class);
+                    let Ok(refused) = decided else {
+                        unreachable!("a startup request is never held")
+                    };
+                    if let Some(d) = refused {
                         // Refused as the server refuses a login: FATAL, then close.
-                        if let Some(e) = state.batch().pending.back_mut() {
+                        if let Some(e) = state.batch.pending.back_mut() {
                             e.st.error = Some("42501".into());
                         }
                         to_client.extend_from_slice(&startup_refusal(&d, &text));
@@ -327,7 +328,7 @@ impl Frontend {
     fn message(
         &mut self,
         input: &mut Flow,
-        state: &State,
+        state: &mut State,
         flags: super::Flags,
     ) -> Result<bool, PgError> {
         let Some((byte, total)) = header(input, "client")? else {
@@ -353,7 +354,9 @@ impl Frontend {
             if input.len() < total {
                 return Ok(false);
             }
-            let refused = state.note_frontend(ty, &input[5..total], masking);
+            let Ok(refused) = state.note_frontend(ty, &input[5..total], masking) else {
+                return Ok(false); // held: seen again once decided
+            };
             if ty == Front::Bind && flags.record_parameters {
                 state.bind(&input[5..total]);
             }
@@ -367,7 +370,7 @@ impl Frontend {
             return Ok(true);
         }
         if ty == Front::FunctionCall {
-            return self.function_call(input, total, state, masking);
+            return self.function_call(input, total, state);
         }
         if matches!(ty, Front::Query | Front::Parse) && total <= MAX_STATEMENT {
             if input.len() < total {
@@ -378,7 +381,7 @@ impl Frontend {
                 Front::Query => {
                     let (sql, _) = cstr(body)
                         .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
-                    state.statement(StatementKind::Query, None, sql, None, masking)
+                    state.statement(StatementKind::Query, None, sql, None)
                 }
                 _ => {
                     let (name, rest) = cstr(body)
@@ -386,14 +389,11 @@ impl Frontend {
                     let (sql, _) = cstr(rest)
                         .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
-                    state.statement(
-                        StatementKind::Parse,
-                        Some(name.into()),
-                        sql,
-                        Some(c),
-                        masking,
-                    )
+                    state.statement(StatementKind::Parse, Some(name.into()), sql, Some(c))
                 }
+            };
+            let Ok(denied) = denied else {
+                return Ok(false); // held: seen again once decided
             };
             match denied {
                 None => input.pass(total),
@@ -417,7 +417,10 @@ impl Frontend {
             let name = (ty == Front::Parse)
                 .then(|| cstr(&input[5..have]).map(|(n, _)| n.into()))
                 .flatten();
-            if let Some(d) = state.statement(kind, name, &text, Some(c), masking) {
+            let Ok(denied) = state.statement(kind, name, &text, Some(c)) else {
+                return Ok(false); // held: seen again once decided
+            };
+            if let Some(d) = denied {
                 // Nothing of it reaches the server; the refusal takes its place.
                 input.advance(have);
                 self.rest.discard = total - have;
@@ -436,8 +439,7 @@ impl Frontend {
         &mut self,
         input: &mut Flow,
         total: usize,
-        state: &State,
-        masking: bool,
+        state: &mut State,
     ) -> Result<bool, PgError> {
         if total < 9 {
             return Err(malformed("client", "FunctionCall without a function"));
@@ -447,9 +449,10 @@ impl Frontend {
         }
         let text = format!("<fast-path function call, oid {}>", be32(&input[5..9]));
         let c = Classified::own(Classification::not_sql(&text, Class::Admin));
-        match state.statement(StatementKind::Function, None, &text, Some(c), masking) {
-            None => self.rest.start(input, total),
-            Some(d) => {
+        match state.statement(StatementKind::Function, None, &text, Some(c)) {
+            Err(_held) => return Ok(false), // seen again once decided
+            Ok(None) => self.rest.start(input, total),
+            Ok(Some(d)) => {
                 let have = input.len().min(total);
                 input.advance(have);
                 self.rest.discard = total - have;
@@ -460,7 +463,7 @@ impl Frontend {
     }
 
     /// Sends the refusal of a denied `ty` message in its place.
-    fn refuse(&mut self, ty: Front, d: &Decision, state: &State, to_server: &mut Flow) {
+    fn refuse(&mut self, ty: Front, d: &Decision, state: &mut State, to_server: &mut Flow) {
         to_server.put(&refusal(ty, d, state));
         if matches!(ty, Front::Parse | Front::Execute) {
             self.skipping = true;
@@ -470,7 +473,7 @@ impl Frontend {
     }
 
     /// A message of type `ty` went (or has begun to go) to the server.
-    fn sent(&mut self, ty: Option<Front>, state: &State) {
+    fn sent(&mut self, ty: Option<Front>, state: &mut State) {
         match ty {
             Some(t) if t.extended() => {
                 self.extended = self.extended.saturating_add(1);
@@ -500,7 +503,7 @@ impl Frontend {
         ty: Front,
         input: &mut Flow,
         total: usize,
-        state: &State,
+        state: &mut State,
         masking: bool,
     ) -> bool {
         let have = input.len().min(total);
@@ -515,7 +518,10 @@ impl Frontend {
             }
             Front::Close => state.portals_unknown(),
             Front::Execute => {
-                if let Some(d) = state.note_frontend(Front::Execute, &[], masking) {
+                let Ok(refused) = state.note_frontend(Front::Execute, &[], masking) else {
+                    return false; // held: seen again once decided
+                };
+                if let Some(d) = refused {
                     input.advance(have);
                     self.rest.discard = total - have;
                     self.refuse(Front::Execute, &d, state, input);
@@ -551,7 +557,7 @@ impl Backend {
         &mut self,
         input: &mut BytesMut,
         to_client: &mut BytesMut,
-        state: &State,
+        state: &mut State,
     ) -> Result<(), PgError> {
         if !self.spoken {
             self.spoken = true;
@@ -563,7 +569,7 @@ impl Backend {
             input.pass(all);
             return Ok(());
         }
-        let masking = state.policy_flags().masking;
+        let masking = state.flags().masking;
         while self.rest.drain(input) {
             let Some((byte, total)) = header(input, "server")? else {
                 break;
@@ -571,9 +577,8 @@ impl Backend {
             // A code the server has no message for: passed on, uninspected.
             let ty = Back::new(byte);
             if matches!(ty, Some(Back::ParseComplete | Back::BindComplete)) && total == 5 {
-                let mut b = state.batch();
+                let b = &mut state.batch;
                 if b.swallowed() {
-                    drop(b);
                     self.took(ty);
                     input.advance(5);
                     continue;
@@ -673,16 +678,14 @@ impl Backend {
                     continue;
                 }
                 Some(Back::CommandComplete) => {
-                    let mut b = state.batch();
+                    let b = &mut state.batch;
                     b.result(cstr(body).map(|(tag, _)| tag));
                     b.shapes.plan = None;
                     b.shapes.executes.pop_front();
                     b.shapes.results += 1;
                 }
                 Some(Back::ErrorResponse) => self.failed(state, body),
-                Some(Back::EmptyQueryResponse | Back::PortalSuspended) => {
-                    state.batch().result(None)
-                }
+                Some(Back::EmptyQueryResponse | Back::PortalSuspended) => state.batch.result(None),
                 Some(Back::ReadyForQuery) => {
                     self.completed = 0;
                     state.ready();
@@ -696,8 +699,8 @@ impl Backend {
     }
 
     /// An ErrorResponse (`body`): the statement being answered failed.
-    fn failed(&self, state: &State, body: &[u8]) {
-        let mut b = state.batch();
+    fn failed(&self, state: &mut State, body: &[u8]) {
+        let b = &mut state.batch;
         b.error(error_code(body), self.completed);
         b.shapes.plan = None;
     }
@@ -728,7 +731,7 @@ pub async fn frontend<R, W, C>(
     r: &mut R,
     w: &mut W,
     client_w: &mut C,
-    state: &State,
+    state: &mut State,
 ) -> Result<(), PgError>
 where
     R: AsyncRead + Unpin,
@@ -759,7 +762,7 @@ where
 
 /// Server → client over any byte streams, until the server's end. For
 /// tests and fuzzing, like [`frontend`].
-pub async fn backend<R, W>(r: &mut R, w: &mut W, state: &State) -> Result<(), PgError>
+pub async fn backend<R, W>(r: &mut R, w: &mut W, state: &mut State) -> Result<(), PgError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -784,27 +787,31 @@ where
 
 /// Relays one PostgreSQL connection on a relay loop, its two machines
 /// between the two sockets ([`interceptor_relay::relay_inspected`]): every
-/// socket event is answered there, with no runtime in between.
+/// socket event is answered there, with no runtime in between. `bell`
+/// wakes the connection when a held statement is decided (see
+/// [`super::Verdict::Hold`]). What it records goes to the state's outbox,
+/// the rest of it once the connection ends.
 pub async fn relay(
     client: impl TryInto<relay_loop::Stream, Error = io::Error>,
     upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
-    state: Arc<State>,
+    state: State,
     progress: Arc<relay_loop::Progress>,
+    bell: relay_loop::Bell,
 ) -> End {
     let machines = Machines {
         front: Frontend::default(),
         back: Backend::default(),
         state,
     };
-    relay_loop::relay_inspected(client, upstream, machines, progress, None).await
+    relay_loop::relay_inspected(client, upstream, machines, progress, Some(bell)).await
 }
 
-/// One connection's machines and what they share, as the relay loop
+/// One connection's machines and the state they share, as the relay loop
 /// drives them.
 struct Machines {
     front: Frontend,
     back: Backend,
-    state: Arc<State>,
+    state: State,
 }
 
 impl relay_loop::Machines for Machines {
@@ -816,19 +823,30 @@ impl relay_loop::Machines for Machines {
         to_server: &mut BytesMut,
         to_client: &mut BytesMut,
     ) -> Result<(), PgError> {
-        self.front.feed(input, to_server, to_client, &self.state)
+        self.front
+            .feed(input, to_server, to_client, &mut self.state)
     }
 
     fn client_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
-        self.front.eof(input, &self.state)
+        self.front.eof(input, &mut self.state)
     }
 
     fn server(&mut self, input: &mut BytesMut, to_client: &mut BytesMut) -> Result<(), PgError> {
-        self.back.feed(input, to_client, &self.state)
+        self.back.feed(input, to_client, &mut self.state)
     }
 
     fn server_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
         self.back.eof(input)
+    }
+
+    fn holding(&self) -> bool {
+        self.state.holding()
+    }
+
+    /// However the connection ends (its loop stopping included), what it
+    /// has not recorded yet goes to the outbox before the end is told.
+    fn ended(&mut self) {
+        self.state.ended();
     }
 }
 
@@ -861,8 +879,9 @@ mod tests {
         let relayed = relay(
             proxy_client,
             proxy_upstream,
-            Arc::new(State::default()),
+            State::default(),
             Arc::default(),
+            relay_loop::Bell::new(),
         );
         let flow = async {
             let startup = b"\0\0\0\x09\0\x03\0\0\0";
@@ -930,8 +949,9 @@ mod tests {
         let relayed = tokio::spawn(relay(
             proxy_client,
             proxy_upstream,
-            Arc::new(State::default()),
+            State::default(),
             Arc::default(),
+            relay_loop::Bell::new(),
         ));
         let startup = b"\0\0\0\x09\0\x03\0\0\0";
         app.write_all(startup).await.unwrap();
@@ -944,5 +964,228 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
         let end = relayed.await.unwrap();
         assert!(matches!(end.how, Ending::Failed(_)), "{end:?}");
+    }
+
+    /// A gate for tests: decides nothing, except that it holds every
+    /// statement whose text has `/* hold */`, handing the ticket over.
+    struct Holding {
+        open: crate::gate::AgentGate,
+        bell: relay_loop::Bell,
+        tickets: std::sync::mpsc::Sender<super::super::Ticket>,
+    }
+
+    impl super::super::Gate for Holding {
+        fn flags(&mut self) -> super::super::Flags {
+            self.open.flags()
+        }
+        fn classify(
+            &mut self,
+            text: &str,
+            reading: Result<crate::sql::Dialect, String>,
+        ) -> Classified {
+            self.open.classify(text, reading)
+        }
+        fn reading_changed(&mut self) {
+            self.open.reading_changed()
+        }
+        fn statement(&mut self, seen: crate::protocol::seam::Seen<'_>) -> super::super::Verdict {
+            if !seen.text.contains("/* hold */") {
+                return self.open.statement(seen);
+            }
+            let t = super::super::Ticket::new("needs-a-second-person".into(), self.bell.clone());
+            self.tickets.send(t.clone()).unwrap();
+            super::super::Verdict::Hold(t)
+        }
+        fn result_shape(
+            &mut self,
+            columns: Option<&[crate::protocol::seam::Column<'_>]>,
+            class: Option<&Classification>,
+            k: usize,
+        ) -> Option<super::super::Plan> {
+            self.open.result_shape(columns, class, k)
+        }
+        fn mask(
+            &self,
+            how: &(crate::policy::ColumnMask, crate::mask::Form),
+            value: &[u8],
+        ) -> Option<Vec<u8>> {
+            self.open.mask(how, value)
+        }
+        fn message_rule(&mut self, classes: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {
+            self.open.message_rule(classes)
+        }
+        fn names_rule(&self, rule: &str) -> bool {
+            self.open.names_rule(rule)
+        }
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&(5 + sql.len() as u32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    }
+
+    /// The server's answer to one simple query.
+    const ANSWER: &[u8] = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
+
+    /// Reads what reaches `server` within `wait`.
+    async fn arrives(server: &mut tokio::net::TcpStream, wait: Duration) -> Vec<u8> {
+        let mut got = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n @ 1..)) = tokio::time::timeout_at(until, server.read(&mut buf)).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    /// A held statement waits without stopping its relay loop: it does not
+    /// reach the server, nor does what its client sends behind it, while
+    /// another connection on the same loop flows. Released, it goes on in
+    /// order; refused, the server raises the refusal naming the decision's
+    /// rule, and the session goes on. Both are recorded as decided.
+    #[tokio::test]
+    async fn a_held_statement_waits_alone_and_goes_on_as_decided() {
+        let (tickets, decide) = std::sync::mpsc::channel();
+        let outbox = super::super::Outbox::default();
+        let bell = relay_loop::Bell::new();
+        let gate = Holding {
+            open: crate::gate::AgentGate::open(),
+            bell: bell.clone(),
+            tickets,
+        };
+        let state = State::new(Box::new(gate), outbox.clone());
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let held = tokio::spawn(relay(
+            proxy_client,
+            proxy_upstream,
+            state,
+            Arc::default(),
+            bell,
+        ));
+        // Another connection, on the same loop (this thread's only one).
+        let (mut app2, proxy_client2) = pair().await;
+        let (proxy_upstream2, mut server2) = pair().await;
+        let other = tokio::spawn(relay(
+            proxy_client2,
+            proxy_upstream2,
+            State::default(),
+            Arc::default(),
+            relay_loop::Bell::new(),
+        ));
+        let startup = b"\0\0\0\x09\0\x03\0\0\0";
+        for (app, server) in [(&mut app, &mut server), (&mut app2, &mut server2)] {
+            app.write_all(startup).await.unwrap();
+            let mut got = [0u8; 9];
+            server.read_exact(&mut got).await.unwrap();
+            server.write_all(b"Z\0\0\0\x05I").await.unwrap();
+            let mut z = [0u8; 6];
+            app.read_exact(&mut z).await.unwrap();
+        }
+
+        let first = query("SELECT 1 /* hold */");
+        let behind = query("SELECT 3");
+        app.write_all(&[first.clone(), behind.clone()].concat())
+            .await
+            .unwrap();
+        let ticket = tokio::task::spawn_blocking(move || {
+            let t = decide.recv_timeout(Duration::from_secs(10)).unwrap();
+            (t, decide)
+        });
+        let (ticket, decide) = ticket.await.unwrap();
+        for _ in 0..3 {
+            // The other connection flows meanwhile.
+            app2.write_all(&query("SELECT 2")).await.unwrap();
+            let mut q = vec![0u8; query("SELECT 2").len()];
+            server2.read_exact(&mut q).await.unwrap();
+            server2.write_all(ANSWER).await.unwrap();
+            let mut a = vec![0u8; ANSWER.len()];
+            app2.read_exact(&mut a).await.unwrap();
+        }
+        let early = arrives(&mut server, Duration::from_millis(300)).await;
+        assert!(
+            early.is_empty(),
+            "a held statement reached the server: {early:?}"
+        );
+
+        ticket.decide(crate::policy::Decision {
+            action: crate::policy::Action::Allow,
+            rule: "approved-by-bob".into(),
+        });
+        let mut got = vec![0u8; first.len() + behind.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [first, behind].concat(), "released, in order");
+        server.write_all(&[ANSWER, ANSWER].concat()).await.unwrap();
+        let mut a = vec![0u8; 2 * ANSWER.len()];
+        app.read_exact(&mut a).await.unwrap();
+
+        // Held again, then refused.
+        app.write_all(&query("DELETE FROM t /* hold */"))
+            .await
+            .unwrap();
+        let ticket = tokio::task::spawn_blocking(move || {
+            decide.recv_timeout(Duration::from_secs(10)).unwrap()
+        });
+        let ticket = ticket.await.unwrap();
+        assert!(arrives(&mut server, Duration::from_millis(100))
+            .await
+            .is_empty());
+        ticket.decide(crate::policy::Decision {
+            action: crate::policy::Action::Deny,
+            rule: "denied-by-bob".into(),
+        });
+        let refusal = arrives(&mut server, Duration::from_millis(500)).await;
+        let refusal = String::from_utf8_lossy(&refusal);
+        assert!(!refusal.contains("DELETE"), "{refusal}");
+        assert!(
+            refusal.contains("denied by rule \"denied-by-bob\""),
+            "{refusal}"
+        );
+        server
+            .write_all(b"E\0\0\0\x0cC42501\0\0Z\0\0\0\x05I")
+            .await
+            .unwrap();
+        let mut a = [0u8; 19];
+        app.read_exact(&mut a).await.unwrap();
+
+        for (mut app, mut server) in [(app, server), (app2, server2)] {
+            app.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            server.shutdown().await.unwrap();
+        }
+        assert!(matches!(held.await.unwrap().how, Ending::Closed));
+        assert!(matches!(other.await.unwrap().how, Ending::Closed));
+        let recorded: Vec<_> = outbox
+            .take_statements()
+            .into_iter()
+            .map(|s| {
+                (
+                    s.text.to_string(),
+                    s.decision,
+                    s.rule.map(|r| r.to_string()),
+                )
+            })
+            .collect();
+        use crate::policy::Action::{Allow, Deny};
+        assert_eq!(
+            recorded,
+            [
+                (
+                    "SELECT 1 /* hold */".into(),
+                    Some(Allow),
+                    Some("approved-by-bob".into())
+                ),
+                ("SELECT 3".into(), None, None),
+                (
+                    "DELETE FROM t /* hold */".into(),
+                    Some(Deny),
+                    Some("denied-by-bob".into())
+                ),
+            ]
+        );
     }
 }

@@ -9,7 +9,8 @@ use std::{path::Path, sync::Arc, time::Instant};
 use arc_swap::ArcSwap;
 use bytes::{BufMut, BytesMut};
 
-use super::{Backend, Frontend, Gate, Recording, State};
+use super::{Backend, Frontend, Outbox, State};
+use crate::gate::{AgentGate, Parties};
 use crate::{mask::Masker, policy::Policy};
 
 /// pgbench's query protocols (`-M`).
@@ -137,13 +138,13 @@ impl Connection {
     fn new(mode: Mode) -> Connection {
         let policy = Policy::from_texts(&[(Path::new("bench.toml"), POLICY)], None)
             .expect("the bench policy compiles");
-        let state = State::with_gate(Gate {
+        let gate = AgentGate::new(Parties {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             workload: "pgbench".into(),
             target: "db".into(),
             masker: Arc::new(Masker::new(b"bench-engine-key")),
-            recording: Recording::default(),
         });
+        let state = State::new(Box::new(gate), Outbox::default());
         let mut c = Connection {
             front: Frontend::default(),
             back: Backend::default(),
@@ -186,11 +187,11 @@ impl Connection {
                 &mut self.from_client,
                 &mut self.to_server,
                 &mut self.to_client,
-                &self.state,
+                &mut self.state,
             )
             .expect("the client's bytes pass");
         self.back
-            .feed(&mut self.from_server, &mut self.to_client, &self.state)
+            .feed(&mut self.from_server, &mut self.to_client, &mut self.state)
             .expect("the server's bytes pass");
         assert!(self.from_client.is_empty() && self.from_server.is_empty());
         self.to_server.clear();
@@ -221,11 +222,11 @@ pub fn run(mode: Mode, txns: u32) -> f64 {
         c.from_server.extend_from_slice(server);
         c.exchange();
         if i % 1000 == 999 {
-            drop(c.state.take_records());
+            drop(c.state.outbox().take());
         }
     }
     let elapsed = start.elapsed();
-    drop(c.state.take_records());
+    drop(c.state.outbox().take());
     elapsed.as_nanos() as f64 / f64::from(txns.max(1))
 }
 

@@ -1,0 +1,284 @@
+//! The agent's side of the seam (see [`crate::protocol::seam`]): one
+//! connection's view of the policy, its classification cache and what its
+//! statements taught about result columns, behind the [`Gate`] that its
+//! wire machines ask.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+// Keyed by what the client sends (statement text): foldhash, seeded at
+// random per map, is several times cheaper than SipHash on such short
+// keys, and each map is bounded whatever the client does.
+use foldhash::HashMap;
+
+use crate::{
+    mask::{Form, Masker},
+    policy::{ColumnMask, Policy},
+    protocol::seam::{Classified, Column, Flags, Gate, Memo, Plan, Seen, Verdict},
+    record::StatementKind,
+    sql::{classify_with, Class, Classification, Dialect, Sources},
+};
+
+/// Most classifications cached per connection.
+const CLASS_CACHE: usize = 512;
+/// Most aliases remembered per connection; past this, results whose
+/// statement does not show their source are masked whole.
+const MAX_ALIASES: usize = 10_000;
+
+/// A connection's gate: its statements are decided by `policy` as those of
+/// `workload` to `target`, and their result values masked by `masker`.
+pub struct AgentGate {
+    policy: Option<Policies>,
+    seen: Cache,
+    learned: Learned,
+}
+
+/// Who is speaking to what, and the policy that decides their statements.
+pub struct Parties {
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub workload: String,
+    pub target: String,
+    pub masker: Arc<Masker>,
+}
+
+/// The policy in force, as one connection sees it: a reload is noticed by
+/// one atomic load (not an `ArcSwap` guard per statement), and what the
+/// policy says of the connection is worked out once per policy.
+struct Policies {
+    parties: Parties,
+    current: arc_swap::Cache<Arc<ArcSwap<Policy>>, Arc<Policy>>,
+    /// The policy last consulted for [`Flags`], and what it said.
+    flags: Option<(Arc<Policy>, Flags)>,
+}
+
+/// Classifications by classification key, and the buffer keys are written
+/// into (so a cache hit allocates nothing).
+#[derive(Default)]
+struct Cache {
+    by_key: HashMap<String, Classified>,
+    key: String,
+}
+
+/// What the statements of one connection named, for results whose own
+/// statement does not show where their columns come from (a cursor's
+/// `FETCH`, an `EXECUTE`).
+#[derive(Default)]
+struct Learned {
+    /// Every alias given and what it stands for.
+    aliases: HashMap<String, Sources>,
+    /// What computed, unnamed columns came from.
+    unplaced: Sources,
+    /// More aliases than [`MAX_ALIASES`]: such results are masked whole.
+    saturated: bool,
+}
+
+impl Learned {
+    fn learn(&mut self, c: &Classification) {
+        for d in c.derivations.iter() {
+            self.unplaced.add(&d.unplaced);
+            self.unplaced.add(&d.everywhere);
+            for (name, s) in &d.aliases {
+                let full = self.aliases.len() >= MAX_ALIASES;
+                match self.aliases.get_mut(name) {
+                    Some(known) => known.add(s),
+                    None if full => self.saturated = true,
+                    None => {
+                        self.aliases.insert(name.clone(), s.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AgentGate {
+    /// A connection of `parties`.
+    pub fn new(parties: Parties) -> AgentGate {
+        AgentGate {
+            policy: Some(Policies {
+                current: arc_swap::Cache::new(parties.policy.clone()),
+                parties,
+                flags: None,
+            }),
+            seen: Cache::default(),
+            learned: Learned::default(),
+        }
+    }
+
+    /// A connection nothing decides: every statement passes, unmasked, and
+    /// is still classified and recorded.
+    pub fn open() -> AgentGate {
+        AgentGate {
+            policy: None,
+            seen: Cache::default(),
+            learned: Learned::default(),
+        }
+    }
+
+    /// What each of `cols` is computed from: its statement's derivation,
+    /// and what the connection's statements said about its name. Rows whose
+    /// statement does not show their source (or is not known) also count
+    /// every computed column seen on the connection.
+    fn derived(&self, cols: &[Column<'_>], d: Option<&crate::sql::Derivation>) -> Vec<Sources> {
+        let learned = &self.learned;
+        let opaque = d.is_none_or(|d| d.opaque);
+        cols.iter()
+            .enumerate()
+            .map(|(i, col)| {
+                let name = col.name.to_lowercase();
+                let mut s = d.map(|d| d.column(i, &name)).unwrap_or_default();
+                if let Some(from) = learned.aliases.get(&name) {
+                    s.add(from);
+                }
+                if opaque {
+                    s.add(&learned.unplaced);
+                    // Rows of a statement that did not parse (or is not
+                    // known) could hold anything: masked whole.
+                    s.whole_row |= learned.saturated || d.is_none();
+                }
+                s
+            })
+            .collect()
+    }
+}
+
+impl Gate for AgentGate {
+    fn flags(&mut self) -> Flags {
+        let Some(Policies {
+            parties: p,
+            current,
+            flags,
+        }) = &mut self.policy
+        else {
+            return Flags::default();
+        };
+        let policy = current.load();
+        match flags {
+            Some((of, f)) if Arc::ptr_eq(of, policy) => *f,
+            _ => {
+                let f = Flags {
+                    masking: policy.masks(&p.workload, &p.target),
+                    record_parameters: policy.record_parameters,
+                };
+                *flags = Some((policy.clone(), f));
+                f
+            }
+        }
+    }
+
+    /// Classification of `text`, cached by its
+    /// [classification key](crate::redact::classification_key) (the text
+    /// without its values, where that is certain to be safe), since drivers
+    /// send the same statements with different values over and over.
+    /// Whether the text may hold a secret is cached with it: every text of
+    /// one key has the same words, and only a word leads to a secret.
+    fn classify(&mut self, text: &str, reading: Result<Dialect, String>) -> Classified {
+        let dialect = match reading {
+            Ok(d) => d,
+            Err(why) => {
+                return Classified::scanned(text, Classification::not_sql(why, Class::Unknown))
+            }
+        };
+        let Cache { by_key, key } = &mut self.seen;
+        if !crate::redact::classification_key(text, key) {
+            return Classified::scanned(text, classify_with(text, dialect));
+        }
+        if let Some(c) = by_key.get(key.as_str()) {
+            return c.clone();
+        }
+        let c = Classified::scanned(key, classify_with(text, dialect));
+        if c.class.reads_literals {
+            // Its values decide it: every text of the key is read anew.
+            return c;
+        }
+        if by_key.len() >= CLASS_CACHE {
+            by_key.clear();
+        }
+        by_key.insert(key.clone(), c.clone());
+        c
+    }
+
+    fn reading_changed(&mut self) {
+        self.seen.by_key.clear();
+    }
+
+    /// Decided by the policy in force; a run of a prepared statement is
+    /// taken from its memo while the policy that made it is in force.
+    /// Statements other than runs teach what their columns come from, when
+    /// masking applies.
+    fn statement(&mut self, seen: Seen<'_>) -> Verdict {
+        if seen.kind != StatementKind::Execute && self.flags().masking {
+            self.learned.learn(seen.class);
+        }
+        let Some(Policies {
+            parties: p,
+            current,
+            ..
+        }) = &mut self.policy
+        else {
+            return Verdict::Pass(None);
+        };
+        let policy = current.load();
+        if let Some(Memo(Some((of, d)))) = seen.memo.as_deref() {
+            if std::ptr::eq(of.as_ptr(), Arc::as_ptr(policy)) {
+                return Verdict::of(d.clone());
+            }
+        }
+        let d = policy.decide_statement(&p.workload, &p.target, seen.class, seen.text);
+        if let Some(m) = seen.memo {
+            m.0 = Some((Arc::downgrade(policy), d.clone()));
+        }
+        Verdict::of(d)
+    }
+
+    fn result_shape(
+        &mut self,
+        columns: Option<&[Column<'_>]>,
+        class: Option<&Classification>,
+        k: usize,
+    ) -> Option<Plan> {
+        let p = &self.policy.as_ref()?.parties;
+        let Some(cols) = columns else {
+            // Rows whose columns we never saw: mask every value (fail closed).
+            return Some(Arc::new(Vec::new()));
+        };
+        let shape: Vec<(&str, u32)> = cols.iter().map(|c| (c.name, c.type_id)).collect();
+        let derived = self.derived(cols, class.and_then(|c| c.derivations.get(k)));
+        let plan = p
+            .policy
+            .load()
+            .mask_plan(&p.workload, &p.target, class, &shape, &derived);
+        if plan.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(Arc::new(
+            plan.into_iter()
+                .zip(cols)
+                .map(|(m, c)| m.map(|m| (m, Form::of(c.type_id))))
+                .collect(),
+        ))
+    }
+
+    fn mask(&self, (m, form): &(ColumnMask, Form), value: &[u8]) -> Option<Vec<u8>> {
+        let p = &self.policy.as_ref()?.parties;
+        p.masker.masked(*form, m.strategy, m.keep, value)
+    }
+
+    fn message_rule(&mut self, classes: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {
+        let p = &self.policy.as_ref()?.parties;
+        let policy = p.policy.load();
+        if classes.is_empty() {
+            policy.message_mask_rule(&p.workload, &p.target, None)
+        } else {
+            classes
+                .iter()
+                .find_map(|c| policy.message_mask_rule(&p.workload, &p.target, c.as_deref()))
+        }
+    }
+
+    fn names_rule(&self, rule: &str) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.parties.policy.load().names_rule(rule))
+    }
+}

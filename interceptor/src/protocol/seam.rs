@@ -1,0 +1,191 @@
+//! The seam between a protocol's wire machines and the agent.
+//!
+//! A machine owns its protocol's state (which answer belongs to which
+//! statement, prepared statement and portal names, how the server reads
+//! text) and holds no lock. Everything it asks of the agent goes through a
+//! [`Gate`], one per connection:
+//! - the statement seen (its classification, then its [`Verdict`]);
+//! - the shape of a result (how its values are masked: a [`Plan`]);
+//! - the value to mask;
+//! - a server message that may echo values (the mask rule hiding it).
+//!
+//! The answer for the record goes to the connection's
+//! [`Outbox`](crate::record::Outbox), which the agent drains.
+//!
+//! A verdict may be [`Verdict::Hold`]: the decision is made later,
+//! elsewhere (an approval, say). The machine keeps the message and reads
+//! nothing more of its client; the relay loop goes on with every other
+//! connection. Whoever decides calls [`Ticket::decide`], which rings the
+//! connection's [`Bell`]: the machine is handed its input again, on
+//! whichever relay loop carries the connection by then, and goes on with
+//! that decision as if it had been given at once.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use interceptor_relay::Bell;
+
+use crate::{
+    policy::{Action, ColumnMask, Decision, Policy},
+    record::StatementKind,
+    sql::{Classification, Dialect},
+};
+
+/// What a connection's policy says of it, worked out once per policy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Flags {
+    /// Mask rules apply to this connection at all.
+    pub masking: bool,
+    /// Bind parameter values are recorded.
+    pub record_parameters: bool,
+}
+
+/// A statement's classification, and whether its text is free of what
+/// [`redact_sql`](crate::redact::redact_sql) hides (so it is recorded as
+/// it is, without a second scan).
+#[derive(Clone)]
+pub struct Classified {
+    pub class: Arc<Classification>,
+    pub plain: bool,
+}
+
+impl Classified {
+    /// Text the agent wrote itself: nothing in it to hide.
+    pub fn own(c: Classification) -> Self {
+        Classified {
+            class: Arc::new(c),
+            plain: true,
+        }
+    }
+
+    /// `text`, classified `c` anew.
+    pub fn scanned(text: &str, c: Classification) -> Self {
+        Classified {
+            class: Arc::new(c),
+            plain: !crate::redact::may_hold_secret(text),
+        }
+    }
+}
+
+/// A statement the machine has seen, as the gate decides it.
+pub struct Seen<'a> {
+    pub kind: StatementKind,
+    pub text: &'a str,
+    pub class: &'a Classification,
+    /// The kept decision on runs of one prepared statement, if this is
+    /// one: the gate may answer from it while the policy that made it is
+    /// in force.
+    pub memo: Option<&'a mut Memo>,
+}
+
+/// A decision kept for the runs of one prepared statement (see
+/// [`Seen::memo`]), and the policy that made it. (Weak: an old policy is
+/// not kept, nor can a new one take its place in memory while this is
+/// held.)
+#[derive(Default)]
+pub struct Memo(pub(crate) Option<(Weak<Policy>, Decision)>);
+
+/// What the gate says of a statement.
+pub enum Verdict {
+    /// It goes on, recorded with this decision (`None`: nothing decides
+    /// this connection's statements).
+    Pass(Option<Decision>),
+    /// It is refused.
+    Refuse(Decision),
+    /// It waits for a decision made elsewhere.
+    Hold(Ticket),
+}
+
+impl Verdict {
+    /// The verdict of a decision made now.
+    pub fn of(d: Decision) -> Verdict {
+        match d.action {
+            Action::Allow => Verdict::Pass(Some(d)),
+            _ => Verdict::Refuse(d),
+        }
+    }
+}
+
+/// How each column of the rows now arriving is masked (`None`: as is);
+/// empty means every column (rows whose shape was never seen: fail closed).
+pub type Plan = Arc<Vec<Option<(ColumnMask, crate::mask::Form)>>>;
+
+/// A result column: its name and the wire's type id.
+pub struct Column<'a> {
+    pub name: &'a str,
+    pub type_id: u32,
+}
+
+/// The agent's side of one connection (see the module's documentation).
+pub trait Gate: Send {
+    /// What the policy in force says of this connection.
+    fn flags(&mut self) -> Flags;
+    /// The classification of `text`, read as `reading` says (or why how
+    /// the server reads it is not certain: then it is `unknown`).
+    fn classify(&mut self, text: &str, reading: Result<Dialect, String>) -> Classified;
+    /// How the server reads statement text has changed: classifications
+    /// made before no longer hold.
+    fn reading_changed(&mut self);
+    /// The verdict on a statement seen.
+    fn statement(&mut self, seen: Seen<'_>) -> Verdict;
+    /// How the rows of a result with `columns` are masked (`None`: not at
+    /// all; columns unknown: every value). `class` is the statement's
+    /// (`None`: not known) and `k` which of its statements this result is.
+    fn result_shape(
+        &mut self,
+        columns: Option<&[Column<'_>]>,
+        class: Option<&Classification>,
+        k: usize,
+    ) -> Option<Plan>;
+    /// The masked form of `value` (`None`: NULL).
+    fn mask(&self, how: &(ColumnMask, crate::mask::Form), value: &[u8]) -> Option<Vec<u8>>;
+    /// A server message that may echo values arrived, about one of the
+    /// statements of `classes` (none: no statement is waiting): the mask
+    /// rule that hides it, if any.
+    fn message_rule(&mut self, classes: &[Option<Arc<Classification>>]) -> Option<Arc<str>>;
+    /// `rule` names a rule of the policy in force (so a refusal naming it
+    /// is the agent's own).
+    fn names_rule(&self, rule: &str) -> bool;
+}
+
+/// A decision to come (see [`Verdict::Hold`]). Clones are the same ticket:
+/// the machine keeps one, whoever decides another.
+#[derive(Clone)]
+pub struct Ticket(Arc<TicketInner>);
+
+struct TicketInner {
+    /// The rule that holds the statement.
+    rule: Arc<str>,
+    decision: Mutex<Option<Decision>>,
+    bell: Bell,
+}
+
+impl Ticket {
+    /// A ticket of `rule`; deciding it rings `bell`.
+    pub fn new(rule: Arc<str>, bell: Bell) -> Ticket {
+        Ticket(Arc::new(TicketInner {
+            rule,
+            decision: Mutex::new(None),
+            bell,
+        }))
+    }
+
+    /// Decides it (the first decision stands) and wakes its connection.
+    pub fn decide(&self, d: Decision) {
+        {
+            let mut decision = self.0.decision.lock().unwrap_or_else(|p| p.into_inner());
+            decision.get_or_insert(d);
+        }
+        self.0.bell.ring();
+    }
+
+    /// The decision, once made.
+    pub fn decision(&self) -> Option<Decision> {
+        let decision = self.0.decision.lock().unwrap_or_else(|p| p.into_inner());
+        decision.clone()
+    }
+
+    /// The rule that holds the statement.
+    pub fn rule(&self) -> &Arc<str> {
+        &self.0.rule
+    }
+}
