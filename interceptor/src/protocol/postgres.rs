@@ -918,13 +918,8 @@ impl State {
         }
         // Encoded here and freed on this thread (see `Records`), where
         // they lie.
-        done.push(
-            pending
-                .drain(..answered)
-                .map(|e| e.st)
-                .collect::<Vec<_>>()
-                .iter(),
-        );
+        done.push(pending.iter().take(answered).map(|e| &e.st));
+        pending.drain(..answered);
         // What the server skipped after an error is not coming.
         while b.swallow.front().is_some_and(|(n, _)| *n <= batch) {
             b.swallow.pop_front();
@@ -1213,8 +1208,8 @@ impl State {
     /// recorded as it stands, and so is what the startup said.
     pub fn ended(&mut self) {
         let b = &mut self.batch;
-        let left: Vec<Statement> = b.pending.drain(..).map(|e| e.st).collect();
-        b.done.push(&left);
+        b.done.push(b.pending.iter().map(|e| &e.st));
+        b.pending.clear();
         b.done.set_startup(std::mem::take(&mut self.startup));
     }
 
