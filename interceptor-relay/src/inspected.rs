@@ -61,6 +61,44 @@ pub trait Machines: Send + 'static {
     fn ended(&mut self) {}
 }
 
+/// Machines chosen at run time (a protocol registry's entry) are machines.
+impl<M: Machines + ?Sized> Machines for Box<M> {
+    type Error = M::Error;
+
+    fn client(
+        &mut self,
+        input: &mut BytesMut,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<(), Self::Error> {
+        (**self).client(input, to_server, to_client)
+    }
+
+    fn client_ended(&mut self, input: &[u8]) -> Result<(), Self::Error> {
+        (**self).client_ended(input)
+    }
+
+    fn server(
+        &mut self,
+        input: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<(), Self::Error> {
+        (**self).server(input, to_client)
+    }
+
+    fn server_ended(&mut self, input: &[u8]) -> Result<(), Self::Error> {
+        (**self).server_ended(input)
+    }
+
+    fn holding(&self) -> bool {
+        (**self).holding()
+    }
+
+    fn ended(&mut self) {
+        (**self).ended()
+    }
+}
+
 /// Relays `client` and `upstream` with `machines` between them on this
 /// thread's relay loops, until both sides end; bytes read from each are
 /// shown in `progress` as they go. `bell` wakes machines that hold a

@@ -278,6 +278,10 @@ pub enum Protocol {
     Tcp,
     /// PostgreSQL wire protocol: statements decided, masked and recorded.
     Postgres,
+    /// A protocol for tests: each line a statement (see
+    /// `protocol::lines`).
+    #[cfg(test)]
+    Lines,
 }
 
 impl fmt::Display for Protocol {
@@ -285,6 +289,8 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Postgres => "postgres",
+            #[cfg(test)]
+            Protocol::Lines => "lines",
         })
     }
 }

@@ -21,6 +21,8 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod record;
-pub mod redact;
 pub mod redirect;
-pub mod sql;
+
+/// SQL as the server reads it, and the redaction scanner: their own crate
+/// (see `interceptor-sql`), under the agent's paths.
+pub use interceptor_sql::{self as sql, redact};

@@ -36,10 +36,10 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    config::{Config, Protocol, Target, PROXY_IP4, PROXY_IP6},
+    config::{Config, Target, PROXY_IP4, PROXY_IP6},
     identity::Resolver,
     policy::{Action, Policy},
-    protocol::postgres,
+    protocol::{self, postgres},
     record::{
         now_micros, rfc3339_micros, Outbox, Outcome, Recorder, Recording, Session, SessionIds,
     },
@@ -436,24 +436,22 @@ impl Proxy {
         target: Option<&Target>,
         dst: String,
     ) where
-        C: tokio::io::AsyncRead
-            + tokio::io::AsyncWrite
-            + Unpin
-            + AsFd
-            + TryInto<relay_loop::Stream, Error = io::Error>,
+        C: protocol::Client + AsFd + TryInto<relay_loop::Stream, Error = io::Error>,
         U: TryInto<relay_loop::Stream, Error = io::Error>,
     {
-        let postgres = target.is_some_and(|t| t.protocol == Protocol::Postgres);
+        let handler = target.and_then(|t| protocol::handler(t.protocol));
         let upstream = match upstream {
             Ok(u) => u,
             Err((outcome, cause)) => {
-                if postgres {
-                    // Said as the server's absence is said to a client that
-                    // connects directly: a FATAL 08001 naming the cause.
-                    let message = format!("could not connect to server {dst}: {cause}");
-                    let timeout = self.connect_timeout();
-                    postgres::refuse_login(&mut client, "08001", &message, timeout).await;
-                } else {
+                let message = format!("could not connect to server {dst}: {cause}");
+                let said = match handler {
+                    Some(h) => {
+                        let wait = self.connect_timeout();
+                        h.refuse_upstream(&mut client, &message, wait).await
+                    }
+                    None => false,
+                };
+                if !said {
                     reset(&client);
                 }
                 return self
@@ -462,8 +460,8 @@ impl Proxy {
             }
         };
         let progress = Arc::new(relay_loop::Progress::default());
-        let r = if postgres {
-            self.relay_postgres(&mut s, client, upstream, progress)
+        let r = if let Some(h) = handler {
+            self.relay_inspected(&mut s, h, client, upstream, progress)
                 .await
         } else {
             // A PostgreSQL session where policy expected opaque bytes
@@ -497,13 +495,15 @@ impl Proxy {
         self.finish(s, r.outcome, detail).await;
     }
 
-    /// Relays a PostgreSQL connection. Its statements are recorded as they
-    /// complete (by this thread's [`flush::run`], every
+    /// Relays a connection whose protocol the agent inspects, with
+    /// `handler`'s machines between the two sockets. Its statements are
+    /// recorded as they complete (by this thread's [`flush::run`], every
     /// [`flush::STATEMENT_FLUSH`]) and whatever is left at the end
     /// ([`flush::Listed::finish`]).
-    async fn relay_postgres(
+    async fn relay_inspected(
         &self,
         s: &mut Session,
+        handler: &dyn protocol::Handler,
         client: impl TryInto<relay_loop::Stream, Error = io::Error>,
         upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
         progress: Arc<relay_loop::Progress>,
@@ -518,10 +518,11 @@ impl Proxy {
             text_limit: self.config.agent.record_text_limit,
             bytes_per_second: self.config.agent.record_bytes_per_second,
         });
-        let state = postgres::State::new(Box::new(gate), outbox.clone());
+        let machines = handler.machines(Box::new(gate), outbox.clone());
         let listed = flush::Listed::new(s.id, Some(outbox.clone()), progress.clone());
         let bell = relay_loop::Bell::new();
-        let end = postgres::relay(client, upstream, state, progress, bell).await;
+        let end = relay_loop::relay_inspected(client, upstream, machines, progress, Some(bell));
+        let end = end.await;
         s.statements = listed.finish(&self.recorder).await;
         s.postgres = outbox.take_startup();
         Relayed::from(end)
@@ -682,5 +683,139 @@ mod tests {
         assert_eq!(congestion_control(&b), default);
         local_hop(&a, b.local_addr().unwrap());
         assert_eq!(congestion_control(&a), "reno");
+    }
+
+    use crate::record::{SessionId, Store};
+
+    /// No metadata for anyone: the pipeline test starts after admission.
+    struct NoMeta;
+
+    impl MetaSource for NoMeta {
+        fn take(&self, _: u64) -> Option<ConnMeta> {
+            None
+        }
+    }
+
+    /// A protocol is a registry entry. The test protocol `lines` (a config
+    /// variant, a wire module and an entry in `protocol::handler`, all
+    /// `cfg(test)`) goes through the session pipeline as PostgreSQL does:
+    /// its server's absence is told its own way; its statements are decided
+    /// through the seam (a denied one never reaches the server), recorded
+    /// with their answers, and counted in the session's record. The
+    /// pipeline, the flush, the record and the relay do not name it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_protocol_is_a_registry_entry() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = "[agent]\ntrust_domain = \"example.org\"\nproxy_port = 15001\n\n\
+                      [[workload]]\nname = \"app\"\nmanaged = true\n\n\
+                      [[target]]\nname = \"lines-db\"\naddresses = [\"127.0.0.1:1\"]\nprotocol = \"lines\"\n";
+        let config = Arc::new(Config::parse(std::path::Path::new("c.toml"), config).unwrap());
+        let rules = "[[rule]]\nid = \"no-writes\"\non = \"statement\"\nworkloads = [\"*\"]\n\
+                     targets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n";
+        let policy = Policy::from_texts(&[(std::path::Path::new("p.toml"), rules)], None).unwrap();
+        let dir = std::env::temp_dir().join(format!("icpt-registry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(crate::record::SledStore::open(&dir).unwrap());
+        let (recorder, writer) = Recorder::start(store.clone());
+        let proxy = Proxy {
+            identity: Arc::new(Resolver::new(&config, &[]).unwrap()),
+            config: config.clone(),
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            meta: Arc::new(NoMeta),
+            recorder: recorder.clone(),
+            ids: Arc::default(),
+            masker: Arc::new(crate::mask::Masker::new(b"registry")),
+            listening: Vec::new(),
+            host: Arc::default(),
+        };
+        let target = &config.targets[0];
+        let session = |id| Session {
+            workload: Some("app".into()),
+            target: Some(target.name.clone()),
+            protocol: target.protocol.to_string(),
+            ..Session::new(SessionId(id), "test".into())
+        };
+
+        // The server cannot be reached: said the protocol's way.
+        let (mut app, client) = loopback_pair().await;
+        let refused = Err((Outcome::Refused, "Connection refused".to_owned()));
+        let serve =
+            proxy.serve::<_, TcpStream>(session(1), client, refused, Some(target), "db:1".into());
+        let (_, told) = tokio::join!(serve, async {
+            let mut told = String::new();
+            app.read_to_string(&mut told).await.unwrap();
+            told
+        });
+        assert_eq!(
+            told,
+            "ERR could not connect to server db:1: Connection refused\n"
+        );
+
+        // Relayed: decided, answered, recorded.
+        let (mut app, client) = loopback_pair().await;
+        let (upstream, mut server) = loopback_pair().await;
+        let serve = proxy.serve(
+            session(2),
+            client,
+            Ok(upstream),
+            Some(target),
+            "db:1".into(),
+        );
+        let talk = async {
+            app.write_all(b"SELECT 1\nDELETE FROM t\nSELECT 2\n")
+                .await
+                .unwrap();
+            let mut got = vec![0u8; 18];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(
+                got, b"SELECT 1\nSELECT 2\n",
+                "the denied statement stays out"
+            );
+            server.write_all(b"one\ntwo\n").await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut seen = String::new();
+            app.read_to_string(&mut seen).await.unwrap();
+            seen
+        };
+        let (_, seen) = tokio::join!(serve, talk);
+        assert_eq!(seen, "ERR denied by rule \"no-writes\"\none\ntwo\n");
+        drop(proxy);
+        drop(recorder);
+        writer.join();
+        let recorded = store.get(SessionId(2)).unwrap().unwrap();
+        assert_eq!(
+            (recorded.protocol.as_str(), recorded.statements),
+            ("lines", 3)
+        );
+        assert_eq!(recorded.outcome, Outcome::Closed);
+        let statements: Vec<_> = store
+            .statements(SessionId(2))
+            .unwrap()
+            .into_iter()
+            .map(|s| {
+                let tags: Vec<String> = s.tags.iter().map(|t| t.to_string()).collect();
+                (s.text.to_string(), s.decision, tags)
+            })
+            .collect();
+        assert_eq!(
+            statements,
+            [
+                (
+                    "SELECT 1".into(),
+                    Some(Action::Allow),
+                    vec!["one".to_owned()]
+                ),
+                ("DELETE FROM t".into(), Some(Action::Deny), vec![]),
+                (
+                    "SELECT 2".into(),
+                    Some(Action::Allow),
+                    vec!["two".to_owned()]
+                ),
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,10 +4,12 @@
 //! classification cache key, the cache key against PostgreSQL's own lexer
 //! (`key`, a differential fuzzer), and the stored form of recorded
 //! statements.
-//! Each target runs SECONDS (default 60) from the seeds in `fuzz/seeds`
-//! plus the corpus it has grown in `fuzz/corpus`; a crash, a broken
-//! invariant or a hang fails the task and leaves the input in
-//! `fuzz/artifacts`.
+//! Each target runs SECONDS (default 60) from the seeds in its fuzz
+//! directory's `seeds` plus the corpus it has grown in its `corpus`; a
+//! crash, a broken invariant or a hang fails the task and leaves the input
+//! in its `artifacts`. The SQL crate's targets live in
+//! `interceptor-sql/fuzz` (they build without the agent), the agent's in
+//! `fuzz`.
 
 use std::process::Command;
 
@@ -15,25 +17,35 @@ use anyhow::{Context, Result};
 
 use crate::{root, run};
 
-pub const TARGETS: &[&str] = &["pg_relay", "sql", "key", "store"];
+/// Fuzz directories and their targets.
+pub const TARGETS: &[(&str, &[&str])] = &[
+    ("interceptor-sql/fuzz", &["sql", "key"]),
+    ("fuzz", &["pg_relay", "store"]),
+];
 
 pub fn run_all(seconds: u64) -> Result<()> {
     cargo_fuzz()?;
-    let dir = root().join("fuzz");
-    for target in TARGETS {
-        let corpus = dir.join("corpus").join(target);
-        std::fs::create_dir_all(&corpus)
-            .with_context(|| format!("creating {}", corpus.display()))?;
-        eprintln!("fuzz: {target} for {seconds} s");
-        run(nightly(&dir)
-            .args(["fuzz", "run", "-O", target])
-            .arg(&corpus)
-            .arg(dir.join("seeds").join(target))
-            .arg("--")
-            .arg(format!("-max_total_time={seconds}"))
-            .args(["-rss_limit_mb=4096", "-timeout=10", "-print_final_stats=1"]))?;
+    for (dir, targets) in TARGETS {
+        let dir = root().join(dir);
+        for target in *targets {
+            fuzz(&dir, target, seconds)?;
+        }
     }
     Ok(())
+}
+
+/// Runs `target` of the fuzz directory `dir` for `seconds`.
+fn fuzz(dir: &std::path::Path, target: &str, seconds: u64) -> Result<()> {
+    let corpus = dir.join("corpus").join(target);
+    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    eprintln!("fuzz: {target} for {seconds} s");
+    run(nightly(dir)
+        .args(["fuzz", "run", "-O", target])
+        .arg(&corpus)
+        .arg(dir.join("seeds").join(target))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .args(["-rss_limit_mb=4096", "-timeout=10", "-print_final_stats=1"]))
 }
 
 /// cargo through rustup's proxy with the nightly toolchain (sanitizers).

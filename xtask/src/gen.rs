@@ -2,12 +2,12 @@
 //! committed, and made again by these commands when the source changes.
 //!
 //! - `walk`: a complete walker over pg_query's parse tree
-//!   (`interceptor/src/sql/walk.rs`), read from the protobuf types of the
+//!   (`interceptor-sql/src/walk.rs`), read from the protobuf types of the
 //!   pg_query version in `Cargo.lock`. Every message-typed field of every
 //!   message is visited, so a classifier built on it cannot miss a node
 //!   (pg_query's own `nodes()` visits only some fields).
 //! - `functions`: the built-in functions of the PostgreSQL server installed
-//!   here, with their volatility (`interceptor/src/sql/functions.rs`), read
+//!   here, with their volatility (`interceptor-sql/src/functions.rs`), read
 //!   from `pg_proc` of a throw-away server.
 
 use std::{
@@ -163,7 +163,7 @@ fn walk() -> Result<()> {
         }
         writeln!(out, "    v.leave(Ref::{name}(x));\n}}")?;
     }
-    let path = crate::root().join("interceptor/src/sql/walk.rs");
+    let path = crate::root().join("interceptor-sql/src/walk.rs");
     std::fs::write(&path, out)?;
     crate::run(
         Command::new("rustfmt")
@@ -368,7 +368,7 @@ fn functions() -> Result<()> {
         writeln!(out, "    {op:?},")?;
     }
     writeln!(out, "];")?;
-    let path = crate::root().join("interceptor/src/sql/functions.rs");
+    let path = crate::root().join("interceptor-sql/src/functions.rs");
     std::fs::write(&path, out)?;
     eprintln!(
         "gen functions: {} functions of PostgreSQL {} -> {}",

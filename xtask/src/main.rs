@@ -28,8 +28,8 @@ const USAGE: &str = "usage: cargo xtask <setup | test | demo | bench l4 [SETTING
   bench memory      the agent's memory after 100000 sessions and per idle connection
   SETTINGS          --busy-poll-us N: run the agent with agent.busy_poll_us = N
                     --workers N: agent.workers = N (and N bare relay threads)
-  gen walk          regenerate interceptor/src/sql/walk.rs from pg_query's parse tree types
-  gen functions     regenerate interceptor/src/sql/functions.rs from pg_proc of the installed PostgreSQL
+  gen walk          regenerate interceptor-sql/src/walk.rs from pg_query's parse tree types
+  gen functions     regenerate interceptor-sql/src/functions.rs from pg_proc of the installed PostgreSQL
   fuzz [SECONDS]    coverage-guided fuzzing of the PostgreSQL relay, the SQL scanner and stored records (default 60 s each)";
 
 fn main() {

@@ -1,5 +1,63 @@
 //! Protocol handlers: what the proxy understands of a target's traffic.
 //! A target with `protocol = "tcp"` is relayed as opaque bytes.
+//!
+//! A protocol the agent inspects is an entry of [`handler`]: it makes one
+//! connection's machines (which talk to the agent through the
+//! [`seam`](seam::Gate) alone) and says how a client is told that its
+//! server cannot be reached. The session pipeline, the statement flush,
+//! the record and the relay name no protocol: adding one is a config
+//! variant, a wire module, its gate part where it needs one, and an entry
+//! here. (The test protocol [`lines`] is one, and goes through the whole
+//! pipeline in `proxy`'s tests.)
 
+use std::{future::Future, pin::Pin, time::Duration};
+
+use interceptor_relay::{Ending, Machines};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{config::Protocol, record::Outbox};
+
+#[cfg(test)]
+pub mod lines;
 pub mod postgres;
 pub mod seam;
+
+/// A client's socket, as a handler answers it before any relaying.
+pub trait Client: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Client for T {}
+
+/// A handler's future.
+pub type Answer<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+
+/// What the agent does with the connections of one protocol it inspects.
+pub trait Handler: Sync {
+    /// One connection's machines: they ask `gate` and leave what the record
+    /// takes in `outbox`.
+    fn machines(
+        &self,
+        gate: Box<dyn seam::Gate>,
+        outbox: Outbox,
+    ) -> Box<dyn Machines<Error = Ending>>;
+
+    /// Tells a client whose server cannot be reached (`message` says why)
+    /// as that server's own clients are told, waiting at most `wait` for
+    /// the client's first words. `false`: the protocol has no way to say
+    /// it, and the client is reset.
+    fn refuse_upstream<'a>(
+        &'a self,
+        client: &'a mut dyn Client,
+        message: &'a str,
+        wait: Duration,
+    ) -> Answer<'a>;
+}
+
+/// The handler of `protocol` (`None`: opaque bytes).
+pub fn handler(protocol: Protocol) -> Option<&'static dyn Handler> {
+    match protocol {
+        Protocol::Tcp => None,
+        Protocol::Postgres => Some(&postgres::Postgres),
+        #[cfg(test)]
+        Protocol::Lines => Some(&lines::Lines),
+    }
+}

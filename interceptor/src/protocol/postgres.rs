@@ -40,7 +40,7 @@ mod engine;
 pub mod harness;
 
 pub use code::{BackendCode, FrontendCode};
-pub use engine::{backend, frontend, relay, Backend, Frontend};
+pub use engine::{backend, frontend, relay, Backend, Frontend, Machines};
 
 pub use super::seam::{Classified, Flags, Gate, Plan, Ticket, Verdict};
 pub use crate::record::{Outbox, Recording};
@@ -244,6 +244,33 @@ const ASCII_SWALLOWING_ENCODINGS: &[&str] = &[
     "SHIFT_JIS_2004",
     "UHC",
 ];
+
+/// PostgreSQL in the protocol registry (see [`super::handler`]).
+pub struct Postgres;
+
+impl super::Handler for Postgres {
+    fn machines(
+        &self,
+        gate: Box<dyn Gate>,
+        outbox: Outbox,
+    ) -> Box<dyn interceptor_relay::Machines<Error = interceptor_relay::Ending>> {
+        Box::new(Machines::new(State::new(gate, outbox)))
+    }
+
+    /// Said as the server's absence is said to a client that connects
+    /// directly: a FATAL 08001 naming the cause.
+    fn refuse_upstream<'a>(
+        &'a self,
+        client: &'a mut dyn super::Client,
+        message: &'a str,
+        wait: std::time::Duration,
+    ) -> super::Answer<'a> {
+        Box::pin(async move {
+            refuse_login(client, "08001", message, wait).await;
+            true
+        })
+    }
+}
 
 /// One connection's protocol state, owned by its two machines (the relay
 /// loop drives both, one at a time): no lock. What it asks of the agent
@@ -1433,7 +1460,7 @@ fn fatal(code: &str, message: &str) -> BytesMut {
 /// reset"), and returns. A CancelRequest or anything malformed just ends;
 /// a client that says nothing for `wait` is left.
 pub async fn refuse_login(
-    client: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    client: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized),
     code: &str,
     message: &str,
     wait: std::time::Duration,

@@ -798,45 +798,56 @@ pub async fn relay(
     progress: Arc<relay_loop::Progress>,
     bell: relay_loop::Bell,
 ) -> End {
-    let machines = Machines {
-        front: Frontend::default(),
-        back: Backend::default(),
-        state,
-    };
+    let machines = Machines::new(state);
     relay_loop::relay_inspected(client, upstream, machines, progress, Some(bell)).await
 }
 
 /// One connection's machines and the state they share, as the relay loop
 /// drives them.
-struct Machines {
+pub struct Machines {
     front: Frontend,
     back: Backend,
     state: State,
 }
 
+impl Machines {
+    pub fn new(state: State) -> Machines {
+        Machines {
+            front: Frontend::default(),
+            back: Backend::default(),
+            state,
+        }
+    }
+}
+
+/// A PostgreSQL connection's errors end it as the relay says: a refused
+/// login is a refusal; the rest are failures.
 impl relay_loop::Machines for Machines {
-    type Error = PgError;
+    type Error = Ending;
 
     fn client(
         &mut self,
         input: &mut BytesMut,
         to_server: &mut BytesMut,
         to_client: &mut BytesMut,
-    ) -> Result<(), PgError> {
-        self.front
-            .feed(input, to_server, to_client, &mut self.state)
+    ) -> Result<(), Ending> {
+        let fed = self
+            .front
+            .feed(input, to_server, to_client, &mut self.state);
+        fed.map_err(Into::into)
     }
 
-    fn client_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
-        self.front.eof(input, &mut self.state)
+    fn client_ended(&mut self, input: &[u8]) -> Result<(), Ending> {
+        self.front.eof(input, &mut self.state).map_err(Into::into)
     }
 
-    fn server(&mut self, input: &mut BytesMut, to_client: &mut BytesMut) -> Result<(), PgError> {
-        self.back.feed(input, to_client, &mut self.state)
+    fn server(&mut self, input: &mut BytesMut, to_client: &mut BytesMut) -> Result<(), Ending> {
+        let fed = self.back.feed(input, to_client, &mut self.state);
+        fed.map_err(Into::into)
     }
 
-    fn server_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
-        self.back.eof(input)
+    fn server_ended(&mut self, input: &[u8]) -> Result<(), Ending> {
+        self.back.eof(input).map_err(Into::into)
     }
 
     fn holding(&self) -> bool {
@@ -850,8 +861,6 @@ impl relay_loop::Machines for Machines {
     }
 }
 
-/// How a PostgreSQL connection's error ends it: a refused login is a
-/// refusal; the rest are failures.
 impl From<PgError> for Ending {
     fn from(e: PgError) -> Ending {
         match e {

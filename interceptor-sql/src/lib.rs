@@ -24,12 +24,17 @@
 //! using newer syntax is refused by the server itself, and a keyword that
 //! newer versions reserve makes text that an older server accepts fail to
 //! parse here, so it is `unknown` (fail closed).
+//!
+//! [`redact`] holds the scanner behind secret redaction and classification
+//! keys. This crate names no protocol, policy or record: the agent and the
+//! wire machines use it alike.
 
 mod derive;
 #[rustfmt::skip]
 mod functions;
 #[rustfmt::skip]
 pub mod walk;
+pub mod redact;
 
 use std::{collections::BTreeSet, fmt, sync::Arc};
 

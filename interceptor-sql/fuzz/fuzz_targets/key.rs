@@ -6,7 +6,7 @@
 //! could share a key, and one lend the other its classification.
 #![no_main]
 
-use interceptor::redact;
+use interceptor_sql::redact;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -6,7 +6,7 @@
 //! cached by key, and texts sharing a key all read them).
 #![no_main]
 
-use interceptor::{redact, sql};
+use interceptor_sql::{self as sql, redact};
 use libfuzzer_sys::fuzz_target;
 
 fn check(text: &str) -> (String, sql::Classification) {

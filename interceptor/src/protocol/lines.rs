@@ -1,0 +1,173 @@
+//! A protocol for tests, to show that a protocol is a registry entry: the
+//! client sends statements, one per line; the server answers each with a
+//! line. A statement is classified and decided through the seam like any
+//! other; a refused one never reaches the server, and the client reads
+//! `ERR denied by rule "…"` in its place. Each statement is recorded with
+//! the server's answer as its tag.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use bytes::BytesMut;
+use interceptor_relay::{Ending, Machines};
+
+use super::seam::{Gate, Seen, Ticket, Verdict};
+use crate::{
+    record::{now_micros, Outbox, Statement, StatementKind},
+    sql::Dialect,
+};
+
+/// The registry's entry.
+pub struct Lines;
+
+impl super::Handler for Lines {
+    fn machines(&self, gate: Box<dyn Gate>, outbox: Outbox) -> Box<dyn Machines<Error = Ending>> {
+        Box::new(Conn {
+            gate,
+            outbox,
+            pending: VecDeque::new(),
+            held: None,
+            seq: 0,
+        })
+    }
+
+    fn refuse_upstream<'a>(
+        &'a self,
+        client: &'a mut dyn super::Client,
+        message: &'a str,
+        _: std::time::Duration,
+    ) -> super::Answer<'a> {
+        use tokio::io::AsyncWriteExt;
+        Box::pin(async move {
+            let said = format!("ERR {message}\n");
+            client.write_all(said.as_bytes()).await.is_ok()
+        })
+    }
+}
+
+/// Longest line.
+const MAX_LINE: usize = 64 * 1024;
+
+struct Conn {
+    gate: Box<dyn Gate>,
+    outbox: Outbox,
+    /// Statements in the order they came, and whether each is done (a
+    /// refused one at once, one sent once the server answered it): they
+    /// are recorded in that order.
+    pending: VecDeque<(Statement, bool)>,
+    held: Option<Ticket>,
+    seq: u32,
+}
+
+impl Conn {
+    fn statement(&mut self, text: &str) -> Result<Verdict, ()> {
+        let c = self.gate.classify(text, Ok(Dialect::default()));
+        let verdict = match self.held.take() {
+            Some(t) => match t.decision() {
+                Some(d) => Verdict::of(d),
+                None => {
+                    self.held = Some(t);
+                    return Err(());
+                }
+            },
+            None => self.gate.statement(Seen {
+                kind: StatementKind::Query,
+                text,
+                class: &c.class,
+                memo: None,
+            }),
+        };
+        if let Verdict::Hold(t) = verdict {
+            self.held = Some(t);
+            return Err(());
+        }
+        let (decision, rule) = match &verdict {
+            Verdict::Pass(Some(d)) | Verdict::Refuse(d) => (Some(d.action), Some(d.rule.clone())),
+            _ => (None, None),
+        };
+        let mut st = Statement {
+            decision,
+            rule,
+            tables: c.class.tables.clone(),
+            ..Statement::new(StatementKind::Query, None, Arc::from(text), c.class.class)
+        };
+        st.seq = self.seq;
+        st.at = now_micros();
+        self.seq += 1;
+        let refused = matches!(verdict, Verdict::Refuse(_));
+        self.pending.push_back((st, refused));
+        self.record_done();
+        Ok(verdict)
+    }
+
+    /// Records the statements done, up to the first that is not.
+    fn record_done(&mut self) {
+        while let Some((st, true)) = self.pending.front() {
+            self.outbox.push([st]);
+            self.pending.pop_front();
+        }
+    }
+}
+
+fn line(input: &BytesMut) -> Result<Option<usize>, Ending> {
+    match input.iter().position(|&b| b == b'\n') {
+        Some(at) => Ok(Some(at)),
+        None if input.len() > MAX_LINE => Err(Ending::Refused("a line too long".into())),
+        None => Ok(None),
+    }
+}
+
+impl Machines for Conn {
+    type Error = Ending;
+
+    fn client(
+        &mut self,
+        input: &mut BytesMut,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<(), Ending> {
+        while let Some(at) = line(input)? {
+            let text = String::from_utf8_lossy(&input[..at]).into_owned();
+            let Ok(verdict) = self.statement(&text) else {
+                return Ok(()); // held: seen again once decided
+            };
+            let whole = input.split_to(at + 1);
+            match verdict {
+                Verdict::Refuse(d) => to_client
+                    .extend_from_slice(format!("ERR denied by rule \"{}\"\n", d.rule).as_bytes()),
+                _ => to_server.extend_from_slice(&whole),
+            }
+        }
+        Ok(())
+    }
+
+    fn client_ended(&mut self, _: &[u8]) -> Result<(), Ending> {
+        Ok(())
+    }
+
+    fn server(&mut self, input: &mut BytesMut, to_client: &mut BytesMut) -> Result<(), Ending> {
+        while let Some(at) = line(input)? {
+            let answer = input.split_to(at + 1);
+            if let Some((st, done)) = self.pending.iter_mut().find(|(_, done)| !done) {
+                st.tags.push(String::from_utf8_lossy(&answer[..at]).into());
+                st.duration_us = Some(now_micros().saturating_sub(st.at));
+                *done = true;
+            }
+            self.record_done();
+            to_client.extend_from_slice(&answer);
+        }
+        Ok(())
+    }
+
+    fn server_ended(&mut self, _: &[u8]) -> Result<(), Ending> {
+        Ok(())
+    }
+
+    fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    fn ended(&mut self) {
+        self.outbox.push(self.pending.iter().map(|(st, _)| st));
+        self.pending.clear();
+    }
+}
