@@ -12,9 +12,9 @@ use arc_swap::ArcSwap;
 use foldhash::HashMap;
 
 use crate::{
-    mask::{Form, Masker},
+    mask::Masker,
     policy::{ColumnMask, Policy},
-    protocol::seam::{Classified, Column, Flags, Gate, Memo, Plan, Seen, Verdict},
+    protocol::seam::{Classified, Column, Flags, Gate, Masks, Memo, Seen, Verdict},
     record::StatementKind,
     sql::{classify_with, Class, Classification, Dialect, Sources},
 };
@@ -233,35 +233,26 @@ impl Gate for AgentGate {
 
     fn result_shape(
         &mut self,
-        columns: Option<&[Column<'_>]>,
+        cols: &[Column<'_>],
         class: Option<&Classification>,
         k: usize,
-    ) -> Option<Plan> {
+    ) -> Option<Masks> {
         let p = &self.policy.as_ref()?.parties;
-        let Some(cols) = columns else {
-            // Rows whose columns we never saw: mask every value (fail closed).
-            return Some(Arc::new(Vec::new()));
-        };
-        let shape: Vec<(&str, u32)> = cols.iter().map(|c| (c.name, c.type_id)).collect();
+        let shape: Vec<(&str, Option<&str>)> = cols.iter().map(|c| (c.name, c.type_name)).collect();
         let derived = self.derived(cols, class.and_then(|c| c.derivations.get(k)));
         let plan = p
             .policy
             .load()
             .mask_plan(&p.workload, &p.target, class, &shape, &derived);
-        if plan.iter().all(Option::is_none) {
-            return None;
-        }
-        Some(Arc::new(
-            plan.into_iter()
-                .zip(cols)
-                .map(|(m, c)| m.map(|m| (m, Form::of(c.type_id))))
-                .collect(),
-        ))
+        plan.iter().any(Option::is_some).then_some(plan)
     }
 
-    fn mask(&self, (m, form): &(ColumnMask, Form), value: &[u8]) -> Option<Vec<u8>> {
-        let p = &self.policy.as_ref()?.parties;
-        p.masker.masked(*form, m.strategy, m.keep, value)
+    /// (An open gate plans no masking, so is never asked: it redacts.)
+    fn mask(&self, m: &ColumnMask, value: &[u8]) -> Vec<u8> {
+        match &self.policy {
+            Some(p) => p.parties.masker.mask(m.strategy, m.keep, value),
+            None => b"****".to_vec(),
+        }
     }
 
     fn message_rule(&mut self, classes: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {

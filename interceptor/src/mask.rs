@@ -1,83 +1,11 @@
 //! Masking of result values: the strategies of mask rules, and the keyed
-//! hash behind `strategy = "hash"`.
-//!
-//! Only text-like values are rewritten (their wire form is the same in text
-//! and binary formats); a masked value of any other type becomes NULL, the
-//! one replacement that is valid for every type and format.
+//! hash behind `strategy = "hash"`. How a masked value is written for a
+//! column's type is the wire module's to say (for PostgreSQL,
+//! `protocol::postgres::types`).
 
 use sha2::{Digest, Sha256};
 
 use crate::policy::Strategy;
-
-/// PostgreSQL type OIDs whose binary form is their text: text, varchar,
-/// bpchar, name, unknown.
-const TEXT_LIKE: &[u32] = &[25, 1043, 1042, 19, 705];
-/// `json`: text in both forms, which must stay JSON.
-const JSON: u32 = 114;
-
-/// How a masked value of a column's type is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Form {
-    /// The strategy's text as it is.
-    Text,
-    /// The strategy's text as a JSON string (`"****1234"`), so drivers that
-    /// decode `json` still can.
-    Json,
-    /// NULL: valid for every type and format (`jsonb`, numbers, …).
-    Null,
-}
-
-impl Form {
-    pub fn of(type_oid: u32) -> Self {
-        if TEXT_LIKE.contains(&type_oid) {
-            Form::Text
-        } else if type_oid == JSON {
-            Form::Json
-        } else {
-            Form::Null
-        }
-    }
-}
-
-/// Built-in PostgreSQL types a mask rule can name in `types`, with the
-/// names PostgreSQL itself accepts for them, and their OIDs.
-const TYPES: &[(&[&str], u32)] = &[
-    (&["text"], 25),
-    (&["varchar", "character varying"], 1043),
-    (&["bpchar", "char", "character"], 1042),
-    (&["name"], 19),
-    (&["json"], 114),
-    (&["jsonb"], 3802),
-    (&["xml"], 142),
-    (&["uuid"], 2950),
-    (&["bytea"], 17),
-    (&["bool", "boolean"], 16),
-    (&["int2", "smallint"], 21),
-    (&["int4", "integer", "int"], 23),
-    (&["int8", "bigint"], 20),
-    (&["numeric", "decimal"], 1700),
-    (&["float4", "real"], 700),
-    (&["float8", "double precision"], 701),
-    (&["money"], 790),
-    (&["date"], 1082),
-    (&["time"], 1083),
-    (&["timestamp"], 1114),
-    (&["timestamptz"], 1184),
-    (&["interval"], 1186),
-    (&["inet"], 869),
-    (&["cidr"], 650),
-    (&["macaddr"], 829),
-    (&["oid"], 26),
-];
-
-/// The OID of the built-in type called `name` (any case), if there is one.
-pub fn type_oid(name: &str) -> Option<u32> {
-    let name = name.to_ascii_lowercase();
-    TYPES
-        .iter()
-        .find(|(names, _)| names.contains(&name.as_str()))
-        .map(|&(_, oid)| oid)
-}
 
 /// Masks values with a per-agent key.
 pub struct Masker {
@@ -113,24 +41,6 @@ impl Masker {
                 format!("****{tail}").into_bytes()
             }
             Strategy::Hash => crate::identity::hex(&self.hmac(value)[..8]).into_bytes(),
-        }
-    }
-
-    /// The masked value of a column of form `form` (`None`: NULL).
-    pub fn masked(
-        &self,
-        form: Form,
-        strategy: Strategy,
-        keep: usize,
-        value: &[u8],
-    ) -> Option<Vec<u8>> {
-        match form {
-            Form::Text => Some(self.mask(strategy, keep, value)),
-            Form::Json => {
-                let text = String::from_utf8_lossy(&self.mask(strategy, keep, value)).into_owned();
-                Some(serde_json::Value::String(text).to_string().into_bytes())
-            }
-            Form::Null => None,
         }
     }
 

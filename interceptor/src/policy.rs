@@ -161,25 +161,8 @@ struct RawPolicyFile {
 pub struct Rule {
     /// Shared with every decision it makes: deciding allocates nothing.
     pub id: Arc<str>,
-    pub on: Scope,
-    /// Statement rules: classes matched (empty = any).
-    pub classes: Vec<Class>,
-    /// Statement rules: table globs, folded as the server folds names
-    /// (empty = any).
-    pub tables: Vec<String>,
-    /// Statement rules: lowercased substrings (empty = any).
-    pub patterns: Vec<String>,
-    /// Statement rules: function name globs, folded like `tables` (empty =
-    /// any). An allow rule vouches for the functions it names.
-    pub functions: Vec<String>,
-    /// Statement rules: command names (empty = any).
-    pub commands: Vec<String>,
-    /// Mask rules: lowercased column globs.
-    pub columns: Vec<String>,
-    /// Mask rules: OIDs of the column types matched (empty = any).
-    pub types: Vec<u32>,
-    pub strategy: Option<Strategy>,
-    pub keep: usize,
+    /// What it decides, and what it matches there.
+    pub family: Family,
     /// Empty means every workload (`"*"`).
     pub workloads: Vec<String>,
     /// Empty means every configured target (`"*"`).
@@ -190,10 +173,69 @@ pub struct Rule {
     pub source: String,
 }
 
+/// The families of rules: what a rule decides.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "on", rename_all = "lowercase")]
+pub enum Family {
+    /// Connects to a target (`on = "connect"`): allow or deny.
+    Connect,
+    /// SQL statements (`on = "statement"`): allow or deny.
+    Statement(Sql),
+    /// The result values of SQL statements (`on = "statement"`,
+    /// `action = "mask"`).
+    Mask(Mask),
+}
+
+/// What a rule on SQL statements matches (each empty: any).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Sql {
+    pub classes: Vec<Class>,
+    /// Table globs, folded as the server folds names.
+    pub tables: Vec<String>,
+    /// Lowercased substrings of the text (or of a name in it).
+    pub patterns: Vec<String>,
+    /// Function name globs, folded like `tables`. An allow rule vouches
+    /// for the functions it names.
+    pub functions: Vec<String>,
+    /// Command names.
+    pub commands: Vec<String>,
+}
+
+/// What a mask rule masks, and how.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mask {
+    /// The statements whose results it masks (it uses `classes` and
+    /// `tables`).
+    pub sql: Sql,
+    /// Lowercased column globs.
+    pub columns: Vec<String>,
+    /// Names of the column types matched, as the wire modules name them
+    /// (empty = any).
+    pub types: Vec<&'static str>,
+    pub strategy: Strategy,
+    pub keep: usize,
+}
+
 impl Rule {
     fn matches(&self, workload: &str, target: &str) -> bool {
         (self.workloads.is_empty() || self.workloads.iter().any(|w| w == workload))
             && (self.targets.is_empty() || self.targets.iter().any(|t| t == target))
+    }
+
+    /// What it matches, if it is an allow or deny rule on statements.
+    fn statement(&self) -> Option<&Sql> {
+        match &self.family {
+            Family::Statement(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// What it masks, if it is a mask rule.
+    fn mask(&self) -> Option<&Mask> {
+        match &self.family {
+            Family::Mask(m) => Some(m),
+            _ => None,
+        }
     }
 }
 
@@ -391,13 +433,13 @@ impl Policy {
             let mut types = Vec::new();
             if let Some(t) = &r.types {
                 for name in t.get_ref() {
-                    let Some(oid) = crate::mask::type_oid(name) else {
+                    let Some(canonical) = crate::protocol::type_name(name) else {
                         return Err(src.error_at(
                             Some(t.span()),
                             format!("rule `{id}`: `{name}` is not a built-in PostgreSQL type this agent knows (text, varchar, int4, numeric, jsonb, uuid, timestamptz…)"),
                         ));
                     };
-                    types.push(oid);
+                    types.push(canonical);
                 }
             }
             let lower = |v: Option<toml::Spanned<Vec<String>>>| -> Vec<String> {
@@ -451,11 +493,24 @@ impl Policy {
                     }
                 }
             }
-            let classes = r.classes.map(|c| c.into_inner()).unwrap_or_default();
-            let patterns = lower(r.patterns);
-            let columns = lower(r.columns);
-            let strategy = r.strategy.map(|s| *s.get_ref());
-            let keep = r.keep.unwrap_or(4);
+            let sql = Sql {
+                classes: r.classes.map(|c| c.into_inner()).unwrap_or_default(),
+                tables,
+                patterns: lower(r.patterns),
+                functions,
+                commands,
+            };
+            let family = match (on, r.strategy) {
+                (Scope::Connect, _) => Family::Connect,
+                (Scope::Statement, Some(strategy)) => Family::Mask(Mask {
+                    sql,
+                    columns: lower(r.columns),
+                    types,
+                    strategy: *strategy.get_ref(),
+                    keep: r.keep.unwrap_or(4),
+                }),
+                (Scope::Statement, None) => Family::Statement(sql),
+            };
             let workloads = names(src, &r.workloads, "workload", |n| {
                 config.is_none_or(|c| c.workload(n).is_some())
             })?;
@@ -464,16 +519,7 @@ impl Policy {
             })?;
             self.rules.push(Rule {
                 id: id.into(),
-                on,
-                classes,
-                tables,
-                patterns,
-                functions,
-                commands,
-                columns,
-                types,
-                strategy,
-                keep,
+                family,
                 workloads,
                 targets,
                 action: *r.action.get_ref(),
@@ -509,7 +555,7 @@ impl Policy {
         verdict(
             self.rules
                 .iter()
-                .filter(|r| r.on == Scope::Connect && r.matches(workload, target)),
+                .filter(|r| matches!(r.family, Family::Connect) && r.matches(workload, target)),
             self.default_connect,
             RULE_DEFAULT_CONNECT,
         )
@@ -534,31 +580,28 @@ impl Policy {
         // tables they name. Rules that match it as it is come first, so the
         // refusal names the most specific rule.
         let applies = |rule: &Rule, doubt: bool| {
-            if rule.on != Scope::Statement
-                || rule.action == Action::Mask
-                || !rule.matches(workload, target)
-            {
+            let Some(m) = rule.statement().filter(|_| rule.matches(workload, target)) else {
                 return false;
-            }
+            };
             let deny = rule.action == Action::Deny;
             let doubt = doubt && deny;
-            let class_covered = rule.classes.is_empty()
-                || rule.classes.contains(&class)
+            let class_covered = m.classes.is_empty()
+                || m.classes.contains(&class)
                 || (doubt && class == Class::Unknown);
             if !class_covered {
                 return false;
             }
-            if !rule.patterns.is_empty() {
+            if !m.patterns.is_empty() {
                 let text = lower.get_or_init(|| text.to_lowercase());
                 let seen = |p: &String| {
                     text.contains(p.as_str()) || c.names.iter().any(|n| n.contains(p.as_str()))
                 };
-                if !rule.patterns.iter().any(seen) {
+                if !m.patterns.iter().any(seen) {
                     return false;
                 }
             }
-            if !rule.functions.is_empty() {
-                let listed = |f: &String| rule.functions.iter().any(|g| name_matches(g, f));
+            if !m.functions.is_empty() {
+                let listed = |f: &String| m.functions.iter().any(|g| name_matches(g, f));
                 let covered = if deny {
                     c.calls.iter().any(listed)
                 } else {
@@ -568,8 +611,8 @@ impl Policy {
                     return false;
                 }
             }
-            if !rule.commands.is_empty() {
-                let listed = |cmd: &&str| rule.commands.iter().any(|r| r == cmd);
+            if !m.commands.is_empty() {
+                let listed = |cmd: &&str| m.commands.iter().any(|r| r == cmd);
                 let covered = if deny {
                     c.commands.iter().any(listed)
                 } else {
@@ -579,10 +622,10 @@ impl Policy {
                     return false;
                 }
             }
-            if rule.tables.is_empty() {
+            if m.tables.is_empty() {
                 return true;
             }
-            let covered = |t: &String| rule.tables.iter().any(|g| table_matches(g, t));
+            let covered = |t: &String| m.tables.iter().any(|g| table_matches(g, t));
             if deny {
                 (doubt && !tables_known) || c.tables.iter().any(covered)
             } else {
@@ -631,10 +674,10 @@ impl Policy {
         }
         let vouched = |f: &String| {
             self.rules.iter().any(|r| {
-                r.on == Scope::Statement
-                    && r.action == Action::Allow
+                r.action == Action::Allow
                     && r.matches(workload, target)
-                    && r.functions.iter().any(|g| name_matches(g, f))
+                    && r.statement()
+                        .is_some_and(|m| m.functions.iter().any(|g| name_matches(g, f)))
             })
         };
         if c.functions.iter().all(vouched) {
@@ -649,10 +692,10 @@ impl Policy {
     fn allows_command(&self, workload: &str, target: &str, command: &str) -> bool {
         let naming = |a: Action| {
             self.rules.iter().any(|r| {
-                r.on == Scope::Statement
-                    && r.action == a
+                r.action == a
                     && r.matches(workload, target)
-                    && r.commands.iter().any(|c| c == command)
+                    && r.statement()
+                        .is_some_and(|m| m.commands.iter().any(|c| c == command))
             })
         };
         naming(Action::Allow) && !naming(Action::Deny)
@@ -679,7 +722,7 @@ impl Policy {
         if c.outlets.is_empty() {
             return None;
         }
-        let mask = self
+        let (mask, _) = self
             .mask_rules(workload, target, Some(c))
             .into_iter()
             .next()?;
@@ -688,10 +731,10 @@ impl Policy {
                 return self.allows_command(workload, target, "DO");
             }
             self.rules.iter().any(|r| {
-                r.on == Scope::Statement
-                    && r.action == Action::Allow
+                r.action == Action::Allow
                     && r.matches(workload, target)
-                    && r.functions.iter().any(|g| name_matches(g, outlet))
+                    && r.statement()
+                        .is_some_and(|m| m.functions.iter().any(|g| name_matches(g, outlet)))
             })
         };
         (!c.outlets.iter().all(named)).then(|| mask.id.clone())
@@ -711,24 +754,31 @@ impl Policy {
     pub fn masks(&self, workload: &str, target: &str) -> bool {
         self.rules
             .iter()
-            .any(|r| r.action == Action::Mask && r.matches(workload, target))
+            .any(|r| r.mask().is_some() && r.matches(workload, target))
     }
 
     /// Mask rules for `workload` on `target` that apply to a statement
     /// classified `c` (`None`: not known; rules that name tables or classes
     /// then apply too — fail closed).
-    fn mask_rules(&self, workload: &str, target: &str, c: Option<&Classification>) -> Vec<&Rule> {
+    fn mask_rules(
+        &self,
+        workload: &str,
+        target: &str,
+        c: Option<&Classification>,
+    ) -> Vec<(&Rule, &Mask)> {
         self.rules
             .iter()
-            .filter(|r| r.action == Action::Mask && r.matches(workload, target))
-            .filter(|r| match c {
+            .filter(|r| r.matches(workload, target))
+            .filter_map(|r| Some((r, r.mask()?)))
+            .filter(|(_, m)| match c {
                 Some(c) => {
-                    (r.classes.is_empty() || r.classes.contains(&c.class))
-                        && (r.tables.is_empty()
+                    let sql = &m.sql;
+                    (sql.classes.is_empty() || sql.classes.contains(&c.class))
+                        && (sql.tables.is_empty()
                             || !c.tables_known
                             || c.tables
                                 .iter()
-                                .any(|t| r.tables.iter().any(|g| table_matches(g, t))))
+                                .any(|t| sql.tables.iter().any(|g| table_matches(g, t))))
                 }
                 None => true,
             })
@@ -746,7 +796,7 @@ impl Policy {
     ) -> Option<Arc<str>> {
         self.mask_rules(workload, target, c)
             .first()
-            .map(|r| r.id.clone())
+            .map(|(r, _)| r.id.clone())
     }
 
     /// Whether `id` names a rule of this policy or a built-in default.
@@ -763,32 +813,31 @@ impl Policy {
         workload: &str,
         target: &str,
         c: Option<&Classification>,
-        columns: &[(&str, u32)],
+        columns: &[(&str, Option<&str>)],
         derived: &[Sources],
     ) -> Vec<Option<ColumnMask>> {
         let rules = self.mask_rules(workload, target, c);
         columns
             .iter()
             .enumerate()
-            .map(|(i, &(name, type_oid))| {
+            .map(|(i, &(name, type_name))| {
                 let col = name.to_lowercase();
                 let from = derived.get(i);
                 rules
                     .iter()
-                    .find(|r| {
-                        let named = r.columns.iter().any(|g| {
+                    .find(|(_, m)| {
+                        let named = m.columns.iter().any(|g| {
                             wildcard(g, &col)
                                 || from.is_some_and(|s| s.names.iter().any(|n| wildcard(g, n)))
                         });
-                        (named && (r.types.is_empty() || r.types.contains(&type_oid)))
-                            || from.is_some_and(|s| s.whole_row)
+                        let typed =
+                            m.types.is_empty() || type_name.is_some_and(|t| m.types.contains(&t));
+                        (named && typed) || from.is_some_and(|s| s.whole_row)
                     })
-                    .and_then(|r| {
-                        Some(ColumnMask {
-                            rule: r.id.clone(),
-                            strategy: r.strategy?,
-                            keep: r.keep,
-                        })
+                    .map(|(r, m)| ColumnMask {
+                        rule: r.id.clone(),
+                        strategy: m.strategy,
+                        keep: m.keep,
                     })
             })
             .collect()
@@ -802,13 +851,13 @@ impl Policy {
             let copied = d.copy_out.as_ref()?;
             self.mask_rules(workload, target, Some(c))
                 .into_iter()
-                .find(|r| match copied {
+                .find(|(_, m)| match copied {
                     None => true,
                     Some(cols) => cols
                         .iter()
-                        .any(|n| r.columns.iter().any(|g| wildcard(g, n))),
+                        .any(|n| m.columns.iter().any(|g| wildcard(g, n))),
                 })
-                .map(|r| r.id.clone())
+                .map(|(r, _)| r.id.clone())
         })
     }
 }
@@ -1167,7 +1216,7 @@ strategy = "hash"
 "#,
         )
         .unwrap();
-        let plan = |sql: &str, cols: &[(&str, u32)]| -> Vec<Option<String>> {
+        let plan = |sql: &str, cols: &[(&str, Option<&str>)]| -> Vec<Option<String>> {
             let c = crate::sql::classify(sql);
             let derived: Vec<_> = cols
                 .iter()
@@ -1179,7 +1228,12 @@ strategy = "hash"
                 .map(|m| m.map(|m| m.rule.to_string()))
                 .collect()
         };
-        let cols = [("id", 23), ("email", 25), ("note", 1043), ("age", 23)];
+        let cols = [
+            ("id", Some("int4")),
+            ("email", Some("text")),
+            ("note", Some("varchar")),
+            ("age", Some("int4")),
+        ];
         assert_eq!(
             plan("select * from crm.people", &cols),
             [None, Some("emails".into()), Some("free-text".into()), None]
@@ -1215,7 +1269,8 @@ strategy = "hash"
         .unwrap();
         let masked = |sql: &str, cols: &[&str]| -> Vec<bool> {
             let c = crate::sql::classify(sql);
-            let shape: Vec<(&str, u32)> = cols.iter().map(|n| (*n, 25)).collect();
+            let shape: Vec<(&str, Option<&str>)> =
+                cols.iter().map(|n| (*n, Some("text"))).collect();
             let derived: Vec<_> = cols
                 .iter()
                 .enumerate()

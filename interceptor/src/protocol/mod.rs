@@ -52,6 +52,12 @@ pub trait Handler: Sync {
     ) -> Answer<'a>;
 }
 
+/// The name policy keeps for a type a mask rule names (`types`), as the
+/// wire module that knows it spells it; `None`: no wire module knows it.
+pub fn type_name(name: &str) -> Option<&'static str> {
+    postgres::types::canonical(name)
+}
+
 /// The handler of `protocol` (`None`: opaque bytes).
 pub fn handler(protocol: Protocol) -> Option<&'static dyn Handler> {
     match protocol {

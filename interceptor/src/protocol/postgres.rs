@@ -38,11 +38,12 @@ use bytes::{BufMut, BytesMut};
 mod code;
 mod engine;
 pub mod harness;
+pub mod types;
 
 pub use code::{BackendCode, FrontendCode};
 pub use engine::{backend, frontend, relay, Backend, Frontend, Machines};
 
-pub use super::seam::{Classified, Flags, Gate, Plan, Ticket, Verdict};
+pub use super::seam::{Classified, Flags, Gate, Ticket, Verdict};
 pub use crate::record::{Outbox, Recording};
 pub use crate::record::{Startup, Statement, StatementKind, Tags, Whole};
 use crate::{
@@ -325,6 +326,11 @@ struct Column {
     name: String,
     type_oid: u32,
 }
+
+/// How each column of the rows now arriving is masked (`None`: as is), and
+/// how its type writes a masked value; empty means every column (rows whose
+/// shape was never seen: fail closed).
+type Plan = Arc<Vec<Option<(crate::policy::ColumnMask, types::Form)>>>;
 
 /// What a Describe asked about.
 enum Described {
@@ -991,15 +997,25 @@ impl State {
         class: Option<&Classification>,
         k: usize,
     ) -> Option<Plan> {
-        let shape: Option<Vec<Col<'_>>> = cols.map(|cols| {
-            cols.iter()
-                .map(|c| Col {
-                    name: &c.name,
-                    type_id: c.type_oid,
-                })
-                .collect()
-        });
-        self.gate.result_shape(shape.as_deref(), class, k)
+        let Some(cols) = cols else {
+            // Rows whose columns we never saw: mask every value (fail closed).
+            return Some(Arc::new(Vec::new()));
+        };
+        let shape: Vec<Col<'_>> = cols
+            .iter()
+            .map(|c| Col {
+                name: &c.name,
+                type_name: types::name_of(c.type_oid),
+            })
+            .collect();
+        let masks = self.gate.result_shape(&shape, class, k)?;
+        Some(Arc::new(
+            masks
+                .into_iter()
+                .zip(cols)
+                .map(|(m, c)| m.map(|m| (m, types::Form::of(c.type_oid))))
+                .collect(),
+        ))
     }
 
     /// Backend side of masking: learns row shapes from RowDescription and
@@ -1614,7 +1630,7 @@ fn parse_row_description(body: &[u8]) -> Result<Vec<Column>, PgError> {
 /// were masked.
 fn mask_row(
     body: &[u8],
-    plan: &[Option<(crate::policy::ColumnMask, crate::mask::Form)>],
+    plan: &[Option<(crate::policy::ColumnMask, types::Form)>],
     gate: &dyn Gate,
 ) -> Result<(BytesMut, u32), PgError> {
     let bad = || malformed("server", "malformed DataRow");
@@ -1655,9 +1671,13 @@ fn mask_row(
                 masked += 1;
                 out.put_i32(-1);
             }
-            (Some(v), Some(Some(how))) => {
+            (Some(v), Some(Some((how, form)))) => {
                 masked += 1;
-                match gate.mask(how, v) {
+                let value = match form {
+                    types::Form::Null => None,
+                    _ => form.write(gate.mask(how, v)),
+                };
+                match value {
                     Some(new) => {
                         out.put_i32(new.len() as i32);
                         out.put_slice(&new);
@@ -2172,7 +2192,7 @@ mod tests {
             strategy,
             keep: 2,
         };
-        use crate::mask::Form;
+        use types::Form;
         let plan = vec![
             None,
             Some((mask(crate::policy::Strategy::Partial), Form::Text)),

@@ -105,14 +105,16 @@ impl Verdict {
     }
 }
 
-/// How each column of the rows now arriving is masked (`None`: as is);
-/// empty means every column (rows whose shape was never seen: fail closed).
-pub type Plan = Arc<Vec<Option<(ColumnMask, crate::mask::Form)>>>;
+/// How each column of a result is masked (`None`: as is), in the order of
+/// its columns.
+pub type Masks = Vec<Option<ColumnMask>>;
 
-/// A result column: its name and the wire's type id.
+/// A result column: its name, and the name of its type as policy speaks of
+/// types (the wire module maps its type ids to these; `None`: a type no
+/// rule can name).
 pub struct Column<'a> {
     pub name: &'a str,
-    pub type_id: u32,
+    pub type_name: Option<&'a str>,
 }
 
 /// The agent's side of one connection (see the module's documentation).
@@ -128,16 +130,18 @@ pub trait Gate: Send {
     /// The verdict on a statement seen.
     fn statement(&mut self, seen: Seen<'_>) -> Verdict;
     /// How the rows of a result with `columns` are masked (`None`: not at
-    /// all; columns unknown: every value). `class` is the statement's
-    /// (`None`: not known) and `k` which of its statements this result is.
+    /// all). `class` is the statement's (`None`: not known) and `k` which
+    /// of its statements this result is. (Rows whose columns were never
+    /// seen are the machine's to mask whole: fail closed.)
     fn result_shape(
         &mut self,
-        columns: Option<&[Column<'_>]>,
+        columns: &[Column<'_>],
         class: Option<&Classification>,
         k: usize,
-    ) -> Option<Plan>;
-    /// The masked form of `value` (`None`: NULL).
-    fn mask(&self, how: &(ColumnMask, crate::mask::Form), value: &[u8]) -> Option<Vec<u8>>;
+    ) -> Option<Masks>;
+    /// The strategy's text for `value`, masked as `how` says (the machine
+    /// writes it as its column's type needs).
+    fn mask(&self, how: &ColumnMask, value: &[u8]) -> Vec<u8>;
     /// A server message that may echo values arrived, about one of the
     /// statements of `classes` (none: no statement is waiting): the mask
     /// rule that hides it, if any.

@@ -1007,17 +1007,13 @@ mod tests {
         }
         fn result_shape(
             &mut self,
-            columns: Option<&[crate::protocol::seam::Column<'_>]>,
+            columns: &[crate::protocol::seam::Column<'_>],
             class: Option<&Classification>,
             k: usize,
-        ) -> Option<super::super::Plan> {
+        ) -> Option<crate::protocol::seam::Masks> {
             self.open.result_shape(columns, class, k)
         }
-        fn mask(
-            &self,
-            how: &(crate::policy::ColumnMask, crate::mask::Form),
-            value: &[u8],
-        ) -> Option<Vec<u8>> {
+        fn mask(&self, how: &crate::policy::ColumnMask, value: &[u8]) -> Vec<u8> {
             self.open.mask(how, value)
         }
         fn message_rule(&mut self, classes: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {
