@@ -14,34 +14,12 @@ use std::{
 };
 
 use interceptor_ebpf::ConnMeta;
-use serde::{Deserialize, Serialize};
 
 use crate::{cgroup, cgroup::Resolved, config::Config};
 
 pub mod hasher;
 
-/// Evidence behind an attribution, as stored with the session.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Evidence {
-    pub pid: u32,
-    pub tid: u32,
-    /// Process start, RFC 3339 (from /proc; absent when the process was gone).
-    pub process_start: Option<String>,
-    pub exe: Option<String>,
-    pub exe_sha256: Option<String>,
-    pub uid: u32,
-    pub user: Option<String>,
-    pub gid: u32,
-    /// cgroup v2 path of the caller, relative to the mount.
-    pub cgroup: Option<String>,
-    pub cgroup_id: u64,
-    pub systemd_unit: Option<String>,
-    /// Thread name at connect (kernel-captured; spoofable, informative only).
-    pub comm: String,
-    pub netns_cookie: u64,
-    /// `process`: live /proc facts matched; `kernel`: only what the kernel captured.
-    pub attribution: String,
-}
+pub use interceptor_record::{hex, hex32, Evidence};
 
 /// A resolved identity: the workload (if any) and its SPIFFE id.
 #[derive(Debug, Clone)]
@@ -246,39 +224,6 @@ fn boot_wall_micros() -> u64 {
         })
     };
     us(ClockId::CLOCK_REALTIME).saturating_sub(us(ClockId::CLOCK_BOOTTIME))
-}
-
-/// Serde for a SHA-256 digest shown as 64 lowercase hex digits.
-pub mod hex32 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::hex(d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        let bad = || serde::de::Error::custom(format!("`{text}` is not a SHA-256 (64 hex digits)"));
-        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(text.get(i * 2..i * 2 + 2).ok_or_else(bad)?, 16)
-                .map_err(|_| bad())?;
-        }
-        Ok(out)
-    }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 #[cfg(test)]

@@ -20,9 +20,12 @@ pub mod mask;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
-pub mod record;
 pub mod redirect;
 
 /// SQL as the server reads it, and the redaction scanner: their own crate
 /// (see `interceptor-sql`), under the agent's paths.
 pub use interceptor_sql::{self as sql, redact};
+
+/// What the agent records, and its store: their own crate (see
+/// `interceptor-record`), under the agent's path.
+pub use interceptor_record as record;

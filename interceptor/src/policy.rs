@@ -11,7 +11,6 @@
 //! reserved and rejected with a clear message until it lands.
 
 use std::{
-    fmt,
     path::{Path, PathBuf},
     sync::{Arc, LazyLock},
 };
@@ -23,27 +22,7 @@ use crate::{
     sql::{Class, Classification, Sources},
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Allow,
-    Deny,
-    /// Statement rules: mask result columns.
-    Mask,
-    /// Reserved: just-in-time approval by another identity.
-    Review,
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Action::Allow => "allow",
-            Action::Deny => "deny",
-            Action::Mask => "mask",
-            Action::Review => "review",
-        })
-    }
-}
+pub use interceptor_record::Action;
 
 /// What a rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]

@@ -7,9 +7,9 @@
 //! Each target runs SECONDS (default 60) from the seeds in its fuzz
 //! directory's `seeds` plus the corpus it has grown in its `corpus`; a
 //! crash, a broken invariant or a hang fails the task and leaves the input
-//! in its `artifacts`. The SQL crate's targets live in
-//! `interceptor-sql/fuzz` (they build without the agent), the agent's in
-//! `fuzz`.
+//! in its `artifacts`. The SQL and record crates' targets live in
+//! `interceptor-sql/fuzz` and `interceptor-record/fuzz` (they build
+//! without the agent), the agent's in `fuzz`.
 
 use std::process::Command;
 
@@ -20,7 +20,8 @@ use crate::{root, run};
 /// Fuzz directories and their targets.
 pub const TARGETS: &[(&str, &[&str])] = &[
     ("interceptor-sql/fuzz", &["sql", "key"]),
-    ("fuzz", &["pg_relay", "store"]),
+    ("interceptor-record/fuzz", &["store"]),
+    ("fuzz", &["pg_relay"]),
 ];
 
 pub fn run_all(seconds: u64) -> Result<()> {

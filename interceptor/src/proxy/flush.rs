@@ -15,7 +15,6 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Weak,
     },
-    time::Duration,
 };
 
 use tokio::sync::Notify;
@@ -23,7 +22,7 @@ use tokio::sync::Notify;
 use crate::record::{codec::Chunk, Outbox, Recorder, SessionId};
 
 /// How often completed statements of open sessions are recorded.
-pub const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
+pub use crate::record::STATEMENT_FLUSH;
 
 struct Open {
     /// Where an inspected session's statements arrive.

@@ -32,11 +32,9 @@
 
 use std::sync::Arc;
 
-use crate::{
-    policy::Action,
-    record::{Statement, StatementKind, Whole},
-    sql::Class,
-};
+use interceptor_sql::Class;
+
+use crate::{Action, Statement, StatementKind, Whole};
 
 /// First byte of a record in the current format.
 const FORMAT: u8 = 3;
@@ -197,7 +195,7 @@ impl Records {
             d.bytes,
             b.per_second,
             d.denied,
-            crate::record::rfc3339_micros(d.last_at)
+            crate::rfc3339_micros(d.last_at)
         );
         self.encode(&Statement {
             seq,

@@ -26,10 +26,68 @@ pub mod codec;
 pub mod event;
 mod outbox;
 
-pub use event::{Startup, Statement, StatementKind, Tags, Whole};
+pub use event::{Action, Startup, Statement, StatementKind, Tags, Whole};
 pub use outbox::{Outbox, Recording};
 
-use crate::identity::Evidence;
+/// How often the statements and progress of open sessions are recorded
+/// (the agent's statement flush).
+pub const STATEMENT_FLUSH: Duration = Duration::from_millis(200);
+
+/// Evidence behind an attribution, as stored with the session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub pid: u32,
+    pub tid: u32,
+    /// Process start, RFC 3339 (from /proc; absent when the process was gone).
+    pub process_start: Option<String>,
+    pub exe: Option<String>,
+    pub exe_sha256: Option<String>,
+    pub uid: u32,
+    pub user: Option<String>,
+    pub gid: u32,
+    /// cgroup v2 path of the caller, relative to the mount.
+    pub cgroup: Option<String>,
+    pub cgroup_id: u64,
+    pub systemd_unit: Option<String>,
+    /// Thread name at connect (kernel-captured; spoofable, informative only).
+    pub comm: String,
+    pub netns_cookie: u64,
+    /// `process`: live /proc facts matched; `kernel`: only what the kernel captured.
+    pub attribution: String,
+}
+
+/// Serde for a SHA-256 digest shown as 64 lowercase hex digits.
+pub mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::hex(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let bad = || serde::de::Error::custom(format!("`{text}` is not a SHA-256 (64 hex digits)"));
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(text.get(i * 2..i * 2 + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(out)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
 
 /// Time-ordered session id: microseconds since the epoch in the upper bits,
 /// a sequence in the low 12 bits; shown as 16 hex digits.
@@ -433,7 +491,7 @@ impl SledStore {
             s.ended_at = Some(rfc3339_micros(last));
             s.detail = Some(format!(
                 "the agent stopped while this session was open; counts and end are the last recorded (progress is recorded every {} ms while bytes move)",
-                crate::proxy::STATEMENT_FLUSH.as_millis()
+                STATEMENT_FLUSH.as_millis()
             ));
             self.sessions.insert(k, encode(&s))?;
             n += 1;
@@ -449,8 +507,7 @@ impl SledStore {
         let mut last = 0;
         for item in self.statements.scan_prefix(id.0.to_be_bytes()) {
             let (k, v) = item?;
-            let chunk =
-                codec::decode(&v).map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))?;
+            let chunk = codec::decode(&v).map_err(|e| StoreError::Corrupt(hex(&k), e))?;
             count = count.saturating_add(chunk.len() as u32);
             for st in &chunk {
                 last = last.max(st.at + st.duration_us.unwrap_or(0));
@@ -465,8 +522,7 @@ fn encode(s: &Session) -> Vec<u8> {
 }
 
 fn decode(k: &[u8], v: &[u8]) -> Result<Session, StoreError> {
-    serde_json::from_slice(v)
-        .map_err(|e| StoreError::Corrupt(crate::identity::hex(k), e.to_string()))
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(hex(k), e.to_string()))
 }
 
 impl Store for SledStore {
@@ -517,8 +573,7 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.statements.scan_prefix(id.0.to_be_bytes()) {
             let (k, v) = item?;
-            let chunk =
-                codec::decode(&v).map_err(|e| StoreError::Corrupt(crate::identity::hex(&k), e))?;
+            let chunk = codec::decode(&v).map_err(|e| StoreError::Corrupt(hex(&k), e))?;
             out.extend(chunk);
         }
         Ok(out)
@@ -749,7 +804,7 @@ mod tests {
                             StatementKind::Query,
                             None,
                             "SELECT 1".into(),
-                            crate::sql::Class::Read,
+                            interceptor_sql::Class::Read,
                         )
                     });
                 }

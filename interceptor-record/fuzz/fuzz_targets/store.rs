@@ -3,7 +3,7 @@
 //! a panic; whatever decodes re-encodes to a record that decodes the same.
 #![no_main]
 
-use interceptor::record::codec;
+use interceptor_record::codec;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,11 +2,34 @@
 //! statements seen on it and, for PostgreSQL, what its startup said. Facts
 //! of protocols are data here; no protocol module is imported.
 
-use std::sync::Arc;
+use std::{fmt, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{policy::Action, sql::Class};
+use interceptor_sql::Class;
+
+/// What a rule decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Statement rules: mask result columns.
+    Mask,
+    /// Reserved: just-in-time approval by another identity.
+    Review,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Mask => "mask",
+            Action::Review => "review",
+        })
+    }
+}
 
 /// What kind of message a recorded statement stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -73,7 +96,7 @@ pub struct Statement {
     pub seq: u32,
     /// When it arrived (the statements of one read share it), in
     /// microseconds since the epoch (RFC 3339 in JSON).
-    #[serde(with = "crate::record::micros_as_rfc3339")]
+    #[serde(with = "crate::micros_as_rfc3339")]
     pub at: u64,
     pub kind: StatementKind,
     /// Prepared statement name (extended protocol; empty = unnamed).
@@ -115,7 +138,7 @@ pub struct Statement {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Whole {
     pub len: u64,
-    #[serde(with = "crate::identity::hex32")]
+    #[serde(with = "crate::hex32")]
     pub sha256: [u8; 32],
 }
 
