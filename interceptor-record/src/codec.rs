@@ -1039,7 +1039,7 @@ mod tests {
     /// older agents wrote, still decode.
     #[test]
     fn records_of_the_first_binary_format_decode() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/store");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/store");
         let bytes = std::fs::read(dir.join("two")).unwrap();
         assert_eq!(bytes[0], FORMAT_PLAIN);
         let list = decode(&bytes).unwrap();
@@ -1089,7 +1089,7 @@ mod tests {
 
     #[test]
     fn fuzzing_seeds_decode() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/store");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/store");
         for seed in ["two", "json", "runs"] {
             let list = decode(&std::fs::read(dir.join(seed)).unwrap()).unwrap();
             assert!(!list.is_empty(), "{seed}");
