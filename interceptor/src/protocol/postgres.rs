@@ -38,6 +38,7 @@ use bytes::{BufMut, BytesMut};
 mod code;
 mod engine;
 pub mod harness;
+mod message;
 pub mod types;
 
 pub use code::{BackendCode, FrontendCode};
@@ -46,6 +47,8 @@ pub use engine::{backend, frontend, relay, Backend, Frontend, Machines};
 pub use super::seam::{Classified, Flags, Gate, Ticket, Verdict};
 pub use crate::record::{Outbox, Recording};
 pub use crate::record::{Startup, Statement, StatementKind, Tags, Whole};
+use message::{be32, Column, Fields};
+
 use crate::{
     policy::{Action, Decision},
     protocol::seam::{Column as Col, Memo, Seen},
@@ -318,13 +321,6 @@ impl Decided {
             Decided::Refused(d) => Ok((Some(d.action), Some(d.rule.clone()), Some(d))),
         }
     }
-}
-
-/// A result column as RowDescription gives it.
-#[derive(Debug, Clone)]
-struct Column {
-    name: String,
-    type_oid: u32,
 }
 
 /// How each column of the rows now arriving is masked (`None`: as is), and
@@ -895,10 +891,8 @@ impl State {
 
     /// ParameterStatus: the settings that change how statements are read.
     fn parameter_status(&mut self, body: &[u8]) {
-        let Some((name, rest)) = cstr(body) else {
-            return;
-        };
-        let Some((value, _)) = cstr(rest) else {
+        let Some(message::ParameterStatus { name, value }) = message::ParameterStatus::read(body)
+        else {
             return;
         };
         let l = &mut self.batch.lexing;
@@ -968,14 +962,18 @@ impl State {
 
     /// Records a Bind with its parameter values.
     fn bind(&mut self, body: &[u8]) {
-        let Some((stmt, params)) = parse_bind(body) else {
+        let Some(bind) = message::Bind::read(body) else {
             return;
         };
+        let Some(params) = bind.parameters() else {
+            return;
+        };
+        let stmt = bind.statement;
         let b = &mut self.batch;
         let class = b
             .shapes
             .stmts
-            .get(&stmt)
+            .get(stmt)
             .map_or(Class::Unknown, |p| p.class.class);
         let text = format!("<bind to statement \"{stmt}\">");
         b.push(
@@ -1123,16 +1121,7 @@ impl State {
                 .collect()
         };
         let rule = self.gate.message_rule(&classes)?;
-        let mut fields = Vec::new();
-        let mut rest = body;
-        while let Some((&code, more)) = rest.split_first() {
-            if code == 0 {
-                break;
-            }
-            let (value, after) = cstr(more)?;
-            fields.push((code, value));
-            rest = after;
-        }
+        let fields = message::all_fields(body)?;
         let own = fields.iter().any(|&(code, v)| {
             code == b'M'
                 && v.strip_prefix("interceptor: statement denied by rule \"")
@@ -1172,7 +1161,8 @@ impl State {
         masking: bool,
     ) -> Result<Option<Decision>, Held> {
         if ty == FrontendCode::Execute {
-            return self.executed(cstr(body).map(|(p, _)| p), masking);
+            let portal = message::Execute::read(body).map(|e| e.portal);
+            return self.executed(portal, masking);
         }
         let b = &mut self.batch;
         if b.skipping {
@@ -1180,29 +1170,27 @@ impl State {
         }
         match ty {
             FrontendCode::Bind => {
-                if let Some((portal, rest)) = cstr(body) {
-                    if let Some((stmt, _)) = cstr(rest) {
-                        b.shapes.bound(portal, stmt);
-                    }
+                if let Some(bind) = message::Bind::read(body) {
+                    b.shapes.bound(bind.portal, bind.statement);
                 }
             }
-            FrontendCode::Close => match body.split_first().map(|(k, rest)| (*k, cstr(rest))) {
-                Some((b'S', Some((name, _)))) => b.shapes.forget(name),
-                Some((b'P', Some((name, _)))) => {
-                    b.shapes.portal_stmt.remove(name);
-                    b.shapes.portal_cols.remove(name);
-                }
-                _ => {}
-            },
-            FrontendCode::Describe if masking => {
-                if let Some((&kind, rest)) = body.split_first() {
-                    if let Some((name, _)) = cstr(rest) {
-                        b.shapes.describes.push_back(if kind == b'S' {
-                            Described::Statement(name.into())
-                        } else {
-                            Described::Portal(name.into())
-                        });
+            FrontendCode::Close => {
+                let closed = message::Named::read(body).map(|n| (n.closes(), n.name));
+                match closed {
+                    Some((Some(message::Object::Statement), name)) => b.shapes.forget(name),
+                    Some((Some(message::Object::Portal), name)) => {
+                        b.shapes.portal_stmt.remove(name);
+                        b.shapes.portal_cols.remove(name);
                     }
+                    _ => {}
+                }
+            }
+            FrontendCode::Describe if masking => {
+                if let Some(d) = message::Named::read(body) {
+                    b.shapes.describes.push_back(match d.describes() {
+                        message::Object::Statement => Described::Statement(d.name.into()),
+                        message::Object::Portal => Described::Portal(d.name.into()),
+                    });
                 }
             }
             _ => {}
@@ -1272,28 +1260,9 @@ impl State {
 #[derive(Debug)]
 pub(super) struct Held;
 
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// A NUL-terminated string at the start of `b`, and the rest.
-fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
-    // The first NUL, where the server ends the string (memchr: statement
-    // text is most of what the relay reads).
-    let end = memchr::memchr(0, b)?;
-    Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
-}
-
-/// Startup message parameters: pairs of C strings, ended by an empty one.
-fn parse_startup(mut body: &[u8], st: &mut Startup) -> Result<(), PgError> {
-    loop {
-        let (k, rest) =
-            cstr(body).ok_or_else(|| malformed("client", "unterminated startup parameter"))?;
-        if k.is_empty() {
-            return Ok(());
-        }
-        let (v, rest) =
-            cstr(rest).ok_or_else(|| malformed("client", "unterminated startup value"))?;
+fn parse_startup(body: &[u8], st: &mut Startup) -> Result<(), PgError> {
+    for parameter in message::StartupParameters::of(body) {
+        let (k, v) = parameter.map_err(|what| malformed("client", what))?;
         match k {
             "user" => st.user = Some(v.into()),
             "database" => st.database = Some(v.into()),
@@ -1311,8 +1280,8 @@ fn parse_startup(mut body: &[u8], st: &mut Startup) -> Result<(), PgError> {
             },
             other => guarded_setting(st, other, v),
         }
-        body = rest;
     }
+    Ok(())
 }
 
 /// Settings a statement would need policy for: changing them at startup
@@ -1557,45 +1526,6 @@ fn refusal(ty: FrontendCode, d: &Decision, state: &mut State) -> BytesMut {
     out
 }
 
-/// Statement name and parameter values of a Bind body.
-fn parse_bind(body: &[u8]) -> Option<(String, Vec<Option<String>>)> {
-    let (_portal, rest) = cstr(body)?;
-    let (stmt, rest) = cstr(rest)?;
-    let u16at = |b: &[u8]| -> Option<usize> {
-        Some(u16::from_be_bytes([*b.first()?, *b.get(1)?]) as usize)
-    };
-    let nfmt = u16at(rest)?;
-    let formats: Vec<usize> = (0..nfmt)
-        .map(|i| u16at(rest.get(2 + i * 2..)?))
-        .collect::<Option<_>>()?;
-    let mut rest = rest.get(2 + nfmt * 2..)?;
-    let nparams = u16at(rest)?;
-    rest = rest.get(2..)?;
-    let mut params = Vec::with_capacity(nparams.min(1024));
-    for i in 0..nparams {
-        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-        rest = rest.get(4..)?;
-        if len < 0 {
-            params.push(None);
-            continue;
-        }
-        let v = rest.get(..len as usize)?;
-        rest = rest.get(len as usize..)?;
-        let binary = match formats.len() {
-            0 => false,
-            1 => formats[0] == 1,
-            _ => formats.get(i).copied() == Some(1),
-        };
-        let shown = if binary {
-            format!("\\x{}", crate::identity::hex(&v[..v.len().min(128)]))
-        } else {
-            String::from_utf8_lossy(v).chars().take(256).collect()
-        };
-        params.push(Some(shown));
-    }
-    Some((stmt.to_owned(), params))
-}
-
 /// A plan that masks nothing (one unmasked column; rows are left as they are).
 fn nothing_masked() -> Plan {
     Arc::new(vec![None])
@@ -1603,26 +1533,7 @@ fn nothing_masked() -> Plan {
 
 /// Column names and type OIDs of a RowDescription.
 fn parse_row_description(body: &[u8]) -> Result<Vec<Column>, PgError> {
-    let bad = || malformed("server", "malformed RowDescription");
-    if body.len() < 2 {
-        return Err(bad());
-    }
-    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut rest = &body[2..];
-    let mut cols = Vec::with_capacity(n.min(1600));
-    for _ in 0..n {
-        let (name, r) = cstr(rest).ok_or_else(bad)?;
-        // table oid (4), attnum (2), type oid (4), typlen (2), typmod (4), format (2)
-        if r.len() < 18 {
-            return Err(bad());
-        }
-        cols.push(Column {
-            name: name.to_owned(),
-            type_oid: be32(&r[6..10]),
-        });
-        rest = &r[18..];
-    }
-    Ok(cols)
+    message::row_description(body).ok_or_else(|| malformed("server", "malformed RowDescription"))
 }
 
 /// A DataRow with the planned columns masked: text-like values by their
@@ -1634,33 +1545,13 @@ fn mask_row(
     gate: &dyn Gate,
 ) -> Result<(BytesMut, u32), PgError> {
     let bad = || malformed("server", "malformed DataRow");
-    if body.len() < 2 {
-        return Err(bad());
-    }
-    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
-    let mut rest = &body[2..];
+    let mut row = message::DataRow::read(body).ok_or_else(bad)?;
     let mut out = BytesMut::with_capacity(body.len() + 16);
     out.put_u8(BackendCode::DataRow.byte());
     out.put_u32(0); // length, set below
-    out.put_u16(n as u16);
+    out.put_u16(row.len() as u16);
     let mut masked = 0;
-    for i in 0..n {
-        if rest.len() < 4 {
-            return Err(bad());
-        }
-        let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-        rest = &rest[4..];
-        let value = if len < 0 {
-            None
-        } else {
-            let len = len as usize;
-            if rest.len() < len {
-                return Err(bad());
-            }
-            let (v, r) = rest.split_at(len);
-            rest = r;
-            Some(v)
-        };
+    for (i, value) in (&mut row).enumerate() {
         let column = if plan.is_empty() {
             Some(None) // every column, as NULL
         } else {
@@ -1692,7 +1583,7 @@ fn mask_row(
             (None, _) => out.put_i32(-1),
         }
     }
-    if !rest.is_empty() {
+    if !row.whole() {
         return Err(bad());
     }
     let len = (out.len() - 1) as u32;
@@ -1701,33 +1592,18 @@ fn mask_row(
 }
 
 /// The SQLSTATE (`C` field) of an ErrorResponse body.
-fn error_code(mut body: &[u8]) -> Option<String> {
-    while let Some((&field, rest)) = body.split_first() {
-        if field == 0 {
-            return None;
-        }
-        let (value, rest) = cstr(rest)?;
-        if field == b'C' {
-            return Some(value.into());
-        }
-        body = rest;
-    }
-    None
+fn error_code(body: &[u8]) -> Option<String> {
+    Fields::of(body).code().map(Into::into)
 }
 
-/// Rebuilds an AuthenticationSASL message without `*-PLUS` mechanisms.
-fn without_channel_binding(body: &[u8]) -> BytesMut {
-    let mut mechs = Vec::new();
-    let mut rest = &body[4..];
-    while let Some((m, r)) = cstr(rest) {
-        if m.is_empty() {
-            break;
-        }
-        if !m.ends_with("-PLUS") {
-            mechs.push(m);
-        }
-        rest = r;
-    }
+/// An AuthenticationSASL message offering `mechanisms` but the `*-PLUS`
+/// ones (channel binding cannot survive a proxy).
+fn without_channel_binding(mechanisms: &[&str]) -> BytesMut {
+    let mechs: Vec<&str> = mechanisms
+        .iter()
+        .copied()
+        .filter(|m| !m.ends_with("-PLUS"))
+        .collect();
     let len = 4 + 4 + mechs.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
     let mut out = BytesMut::with_capacity(1 + len);
     out.put_u8(BackendCode::Authentication.byte());
@@ -2241,7 +2117,8 @@ mod tests {
         // portal "", statement "s1", formats [text, text, binary], 3 params: "42", NULL, 0x0102
         let body =
             b"\0s1\0\0\x03\0\0\0\0\0\x01\0\x03\0\0\0\x0242\xff\xff\xff\xff\0\0\0\x02\x01\x02\0\0";
-        let (stmt, params) = parse_bind(body).unwrap();
+        let bind = message::Bind::read(body).unwrap();
+        let (stmt, params) = (bind.statement, bind.parameters().unwrap());
         assert_eq!(stmt, "s1");
         assert_eq!(
             params,
@@ -2252,7 +2129,8 @@ mod tests {
             b"\0s1\0\0\x05\0",
             b"\0s1\0\0\0\0\x01\x7f\xff\xff\xff",
         ] {
-            assert!(parse_bind(hostile).is_none(), "{hostile:?}");
+            let bind = message::Bind::read(hostile);
+            assert!(bind.and_then(|b| b.parameters()).is_none(), "{hostile:?}");
         }
     }
 
@@ -2261,8 +2139,15 @@ mod tests {
         let mut body = Vec::new();
         body.extend_from_slice(&AUTH_SASL.to_be_bytes());
         body.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
-        let out = without_channel_binding(&body);
+        let mechanisms = message::sasl_mechanisms(&body).unwrap();
+        assert_eq!(mechanisms, ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        let out = without_channel_binding(&mechanisms);
         assert_eq!(&out[..], b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0");
+        assert_eq!(
+            message::sasl_mechanisms(b"\0\0\0\x0c"),
+            None,
+            "another request"
+        );
         assert_eq!(be32(&out[1..5]) as usize, out.len() - 1);
     }
 
@@ -2278,7 +2163,7 @@ mod tests {
                     }
                 }
                 let first = b.iter().position(|&c| c == 0);
-                let split = cstr(&b).map(|(s, rest)| (s.len(), rest.len()));
+                let split = message::cstr(&b).map(|(s, rest)| (s.len(), rest.len()));
                 assert_eq!(split, first.map(|n| (n, len - n - 1)), "{b:?}");
             }
         }

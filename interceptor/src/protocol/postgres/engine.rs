@@ -22,9 +22,9 @@ use crate::{policy::Decision, record::StatementKind, sql::Classification};
 use super::{
     be32,
     code::{BackendCode as Back, FrontendCode as Front},
-    cstr, error_code, malformed, parse_startup, refusal, startup_refusal, without_channel_binding,
-    Class, Classified, PgError, State, AUTH_SASL, CANCEL_REQUEST, GSSENC_REQUEST, MAX_INSPECT,
-    MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT, SSL_REQUEST,
+    error_code, malformed, message, parse_startup, refusal, startup_refusal,
+    without_channel_binding, Class, Classified, PgError, State, CANCEL_REQUEST, GSSENC_REQUEST,
+    MAX_INSPECT, MAX_MESSAGE, MAX_STARTUP, MAX_STATEMENT, SSL_REQUEST,
 };
 
 /// The part of a frame still to come that is not inspected: passed on, or
@@ -379,15 +379,16 @@ impl Frontend {
             let body = &input[5..total];
             let denied = match ty {
                 Front::Query => {
-                    let (sql, _) = cstr(body)
+                    let q = message::Query::read(body)
                         .ok_or_else(|| malformed("client", "Query without a terminated string"))?;
-                    state.statement(StatementKind::Query, None, sql, None)
+                    state.statement(StatementKind::Query, None, q.sql, None)
                 }
                 _ => {
-                    let (name, rest) = cstr(body)
+                    let p = message::Parse::read(body)
                         .ok_or_else(|| malformed("client", "Parse without a statement name"))?;
-                    let (sql, _) = cstr(rest)
-                        .ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
+                    let (name, sql) = (p.name, p.sql);
+                    let sql =
+                        sql.ok_or_else(|| malformed("client", "Parse without a terminated query"))?;
                     let c = state.classified(sql);
                     state.statement(StatementKind::Parse, Some(name.into()), sql, Some(c))
                 }
@@ -415,7 +416,7 @@ impl Frontend {
             let have = input.len().min(total);
             // A Parse's statement name comes first: known if it is here.
             let name = (ty == Front::Parse)
-                .then(|| cstr(&input[5..have]).map(|(n, _)| n.into()))
+                .then(|| message::Parse::read(&input[5..have]).map(|p| p.name.into()))
                 .flatten();
             let Ok(denied) = state.statement(kind, name, &text, Some(c)) else {
                 return Ok(false); // held: seen again once decided
@@ -447,7 +448,8 @@ impl Frontend {
         if input.len() < 9 {
             return Ok(false);
         }
-        let text = format!("<fast-path function call, oid {}>", be32(&input[5..9]));
+        let call = message::FunctionCall::read(&input[5..9]).expect("four bytes are here");
+        let text = format!("<fast-path function call, oid {}>", call.function);
         let c = Classified::own(Classification::not_sql(&text, Class::Admin));
         match state.statement(StatementKind::Function, None, &text, Some(c)) {
             Err(_held) => return Ok(false), // seen again once decided
@@ -510,7 +512,7 @@ impl Frontend {
         match ty {
             Front::Bind => {
                 let body = &input[5..have];
-                match cstr(body).and_then(|(_, rest)| cstr(rest)) {
+                match message::Bind::read(body) {
                     // A Bind is never refused (its Execute may be).
                     Some(_) => drop(state.note_frontend(Front::Bind, body, masking)),
                     None => state.portals_unknown(),
@@ -671,15 +673,17 @@ impl Backend {
             self.took(ty);
             let body = &input[5..total];
             match ty {
-                Some(Back::Authentication) if body.len() >= 4 && be32(body) == AUTH_SASL => {
-                    let offer = without_channel_binding(body);
-                    input.advance(total);
-                    input.put(&offer);
-                    continue;
+                Some(Back::Authentication) => {
+                    if let Some(mechanisms) = message::sasl_mechanisms(body) {
+                        let offer = without_channel_binding(&mechanisms);
+                        input.advance(total);
+                        input.put(&offer);
+                        continue;
+                    }
                 }
                 Some(Back::CommandComplete) => {
                     let b = &mut state.batch;
-                    b.result(cstr(body).map(|(tag, _)| tag));
+                    b.result(message::CommandComplete::read(body).map(|c| c.tag));
                     b.shapes.plan = None;
                     b.shapes.executes.pop_front();
                     b.shapes.results += 1;

@@ -2,6 +2,8 @@
 //! layout here and nowhere else (protocol v3, "Message Formats"). A view
 //! reads a message's body (after the type byte and length) without
 //! copying it; `None` means the body does not hold what its layout says.
+//! The framing itself (type byte and length; a startup packet's length
+//! and code) is the engine's.
 //!
 //! Strings are C strings (up to the first NUL) and must be UTF-8, as the
 //! agent reads them; integers are big-endian.
@@ -363,8 +365,34 @@ pub(super) fn sasl_mechanisms(body: &[u8]) -> Option<Vec<&str>> {
     Some(mechs)
 }
 
-/// The first byte of ReadyForQuery's body: the transaction status.
-#[cfg(test)]
-pub(super) fn ready_status(body: &[u8]) -> Option<u8> {
-    body.first().copied()
+/// StartupMessage after its length and protocol version: `(String name,
+/// String value)*, Byte 0`: each parameter in turn, or what is wrong.
+pub(super) struct StartupParameters<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> StartupParameters<'a> {
+    pub fn of(body: &'a [u8]) -> Self {
+        StartupParameters { rest: body }
+    }
+}
+
+impl<'a> Iterator for StartupParameters<'a> {
+    type Item = Result<(&'a str, &'a str), &'static str>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Some((name, rest)) = cstr(self.rest) else {
+            self.rest = &[];
+            return Some(Err("unterminated startup parameter"));
+        };
+        if name.is_empty() {
+            return None;
+        }
+        let Some((value, rest)) = cstr(rest) else {
+            self.rest = &[];
+            return Some(Err("unterminated startup value"));
+        };
+        self.rest = rest;
+        Some(Ok((name, value)))
+    }
 }
