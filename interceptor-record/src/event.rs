@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use interceptor_sql::Class;
 
+/// The outcome of a policy question, with the rule that answered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub action: Action,
+    pub rule: Arc<str>,
+}
+
 /// What a rule decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

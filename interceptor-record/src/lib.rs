@@ -26,7 +26,7 @@ pub mod codec;
 pub mod event;
 mod outbox;
 
-pub use event::{Action, Startup, Statement, StatementKind, Tags, Whole};
+pub use event::{Action, Decision, Startup, Statement, StatementKind, Tags, Whole};
 pub use outbox::{Outbox, Recording};
 
 /// How often the statements and progress of open sessions are recorded

@@ -28,7 +28,7 @@ const MAX_ALIASES: usize = 10_000;
 /// A connection's gate: its statements are decided by `policy` as those of
 /// `workload` to `target`, and their result values masked by `masker`.
 pub struct AgentGate {
-    policy: Option<Policies>,
+    policy: Policies,
     seen: Cache,
     learned: Learned,
 }
@@ -95,21 +95,11 @@ impl AgentGate {
     /// A connection of `parties`.
     pub fn new(parties: Parties) -> AgentGate {
         AgentGate {
-            policy: Some(Policies {
+            policy: Policies {
                 current: arc_swap::Cache::new(parties.policy.clone()),
                 parties,
                 flags: None,
-            }),
-            seen: Cache::default(),
-            learned: Learned::default(),
-        }
-    }
-
-    /// A connection nothing decides: every statement passes, unmasked, and
-    /// is still classified and recorded.
-    pub fn open() -> AgentGate {
-        AgentGate {
-            policy: None,
+            },
             seen: Cache::default(),
             learned: Learned::default(),
         }
@@ -144,14 +134,11 @@ impl AgentGate {
 
 impl Gate for AgentGate {
     fn flags(&mut self) -> Flags {
-        let Some(Policies {
+        let Policies {
             parties: p,
             current,
             flags,
-        }) = &mut self.policy
-        else {
-            return Flags::default();
-        };
+        } = &mut self.policy;
         let policy = current.load();
         match flags {
             Some((of, f)) if Arc::ptr_eq(of, policy) => *f,
@@ -210,23 +197,21 @@ impl Gate for AgentGate {
         if seen.kind != StatementKind::Execute && self.flags().masking {
             self.learned.learn(seen.class);
         }
-        let Some(Policies {
+        let Policies {
             parties: p,
             current,
             ..
-        }) = &mut self.policy
-        else {
-            return Verdict::Pass(None);
-        };
+        } = &mut self.policy;
         let policy = current.load();
         if let Some(Memo(Some((of, d)))) = seen.memo.as_deref() {
-            if std::ptr::eq(of.as_ptr(), Arc::as_ptr(policy)) {
+            if std::ptr::addr_eq(of.as_ptr(), Arc::as_ptr(policy)) {
                 return Verdict::of(d.clone());
             }
         }
         let d = policy.decide_statement(&p.workload, &p.target, seen.class, seen.text);
         if let Some(m) = seen.memo {
-            m.0 = Some((Arc::downgrade(policy), d.clone()));
+            let of: Arc<dyn std::any::Any + Send + Sync> = policy.clone();
+            m.0 = Some((Arc::downgrade(&of), d.clone()));
         }
         Verdict::of(d)
     }
@@ -237,7 +222,7 @@ impl Gate for AgentGate {
         class: Option<&Classification>,
         k: usize,
     ) -> Option<Masks> {
-        let p = &self.policy.as_ref()?.parties;
+        let p = &self.policy.parties;
         let shape: Vec<(&str, Option<&str>)> = cols.iter().map(|c| (c.name, c.type_name)).collect();
         let derived = self.derived(cols, class.and_then(|c| c.derivations.get(k)));
         let plan = p
@@ -247,16 +232,12 @@ impl Gate for AgentGate {
         plan.iter().any(Option::is_some).then_some(plan)
     }
 
-    /// (An open gate plans no masking, so is never asked: it redacts.)
     fn mask(&self, m: &ColumnMask, value: &[u8]) -> Vec<u8> {
-        match &self.policy {
-            Some(p) => p.parties.masker.mask(m.strategy, m.keep, value),
-            None => b"****".to_vec(),
-        }
+        self.policy.parties.masker.mask(m.strategy, m.keep, value)
     }
 
     fn message_rule(&mut self, classes: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {
-        let p = &self.policy.as_ref()?.parties;
+        let p = &self.policy.parties;
         let policy = p.policy.load();
         if classes.is_empty() {
             policy.message_mask_rule(&p.workload, &p.target, None)
@@ -268,8 +249,6 @@ impl Gate for AgentGate {
     }
 
     fn names_rule(&self, rule: &str) -> bool {
-        self.policy
-            .as_ref()
-            .is_some_and(|p| p.parties.policy.load().names_rule(rule))
+        self.policy.parties.policy.load().names_rule(rule)
     }
 }

@@ -22,7 +22,8 @@ use crate::{
     sql::{Class, Classification, Sources},
 };
 
-pub use interceptor_record::Action;
+pub use crate::protocol::seam::{ColumnMask, Strategy};
+pub use interceptor_record::{Action, Decision};
 
 /// What a rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -110,20 +111,6 @@ struct RawRule {
     /// Mask rules with `strategy = "partial"`: characters kept at the end.
     #[serde(default)]
     keep: Option<usize>,
-}
-
-/// How a masked value is replaced. Values of non-text types become NULL
-/// whatever the strategy, the only replacement valid for every type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    /// `****`.
-    Redact,
-    /// `****1234`: all but the last `keep` characters.
-    Partial,
-    /// A keyed hash (HMAC-SHA-256 with the agent's key, 16 hex digits): equal
-    /// values stay equal, so joins and grouping still work.
-    Hash,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,20 +205,11 @@ impl Rule {
     }
 }
 
-/// The outcome of a policy question, with the rule that answered it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Decision {
-    pub action: Action,
-    pub rule: Arc<str>,
-}
-
 /// Rule names of the built-in defaults, as recorded in sessions.
 pub const RULE_DEFAULT_CONNECT: &str = "defaults.connect";
 pub const RULE_DEFAULT_UNMATCHED: &str = "defaults.unmatched_destination";
 pub const RULE_DEFAULT_STATEMENT: &str = "defaults.statement";
-/// Refuses a startup packet whose `options` the agent cannot read as the
-/// server does (whatever the policy says).
-pub const RULE_UNREADABLE_STARTUP: &str = "agent.unreadable-startup";
+pub use crate::protocol::postgres::RULE_UNREADABLE_STARTUP;
 /// Refuses a replication connection no rule allows by name.
 pub const RULE_DEFAULT_REPLICATION: &str = "defaults.replication";
 /// Decides a PostgreSQL session found on a destination that is not a
@@ -718,14 +696,6 @@ impl Policy {
         };
         (!c.outlets.iter().all(named)).then(|| mask.id.clone())
     }
-}
-
-/// How one result column is masked, and by which rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnMask {
-    pub rule: Arc<str>,
-    pub strategy: Strategy,
-    pub keep: usize,
 }
 
 impl Policy {

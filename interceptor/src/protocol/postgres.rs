@@ -50,11 +50,14 @@ pub use crate::record::{Startup, Statement, StatementKind, Tags, Whole};
 use message::{be32, Column, Fields};
 
 use crate::{
-    policy::{Action, Decision},
     protocol::seam::{Column as Col, Memo, Seen},
-    record::now_micros,
+    record::{now_micros, Action, Decision},
     sql::{Class, Classification, Dialect},
 };
+
+/// Refuses a startup packet whose `options` the agent cannot read as the
+/// server does (whatever the policy says).
+pub const RULE_UNREADABLE_STARTUP: &str = "agent.unreadable-startup";
 
 /// Startup packets are small; PostgreSQL itself refuses more than 10000 bytes.
 pub const MAX_STARTUP: usize = 10_000;
@@ -294,7 +297,7 @@ pub struct State {
 impl Default for State {
     /// A connection nothing decides, recorded into an outbox of its own.
     fn default() -> Self {
-        State::new(Box::new(crate::gate::AgentGate::open()), Outbox::default())
+        State::new(Box::new(super::seam::Open), Outbox::default())
     }
 }
 
@@ -326,7 +329,7 @@ impl Decided {
 /// How each column of the rows now arriving is masked (`None`: as is), and
 /// how its type writes a masked value; empty means every column (rows whose
 /// shape was never seen: fail closed).
-type Plan = Arc<Vec<Option<(crate::policy::ColumnMask, types::Form)>>>;
+type Plan = Arc<Vec<Option<(super::seam::ColumnMask, types::Form)>>>;
 
 /// What a Describe asked about.
 enum Described {
@@ -777,7 +780,7 @@ impl State {
     fn refused_startup(&mut self, text: &str) -> Decision {
         let d = Decision {
             action: Action::Deny,
-            rule: crate::policy::RULE_UNREADABLE_STARTUP.into(),
+            rule: RULE_UNREADABLE_STARTUP.into(),
         };
         let st = Statement {
             decision: Some(Action::Deny),
@@ -1541,7 +1544,7 @@ fn parse_row_description(body: &[u8]) -> Result<Vec<Column>, PgError> {
 /// were masked.
 fn mask_row(
     body: &[u8],
-    plan: &[Option<(crate::policy::ColumnMask, types::Form)>],
+    plan: &[Option<(super::seam::ColumnMask, types::Form)>],
     gate: &dyn Gate,
 ) -> Result<(BytesMut, u32), PgError> {
     let bad = || malformed("server", "malformed DataRow");
@@ -1702,8 +1705,8 @@ mod tests {
     /// the refusal instead, the client's own Bind/Execute/Sync follow
     /// unchanged (the server skips them after the error), and the client
     /// sees ErrorResponse then ReadyForQuery, never the injected answers.
-    #[tokio::test]
-    async fn denied_parse_becomes_the_servers_own_error() {
+    #[test]
+    fn denied_parse_becomes_the_servers_own_error() {
         let toml = "[[rule]]\nid = \"no-writes\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n";
         let mut state = gated(policy("unit", toml));
         let mut input = b"\0\0\0\x09\0\x03\0\0\0".to_vec(); // startup, no parameters
@@ -1715,9 +1718,7 @@ mod tests {
             input.extend_from_slice(m);
         }
         let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
-        frontend(&mut &input[..], &mut to_server, &mut to_client, &mut state)
-            .await
-            .unwrap();
+        frontend(&mut &input[..], &mut to_server, &mut to_client, &mut state).unwrap();
         let sent = String::from_utf8_lossy(&to_server);
         assert!(
             !sent.contains("DELETE FROM t"),
@@ -1738,9 +1739,7 @@ mod tests {
         server.extend(&error);
         server.extend(msg(b'Z', b"I"));
         let mut out = Vec::new();
-        backend(&mut &server[..], &mut out, &mut state)
-            .await
-            .unwrap();
+        backend(&mut &server[..], &mut out, &mut state).unwrap();
         assert_eq!(out, [msg(b'Z', b"I"), error, msg(b'Z', b"I")].concat());
         let done = state.take_done();
         assert_eq!(done[0].decision, Some(Action::Deny));
@@ -1915,8 +1914,8 @@ mod tests {
 
     /// A FunctionCall is decided by the function it calls however large it
     /// is: one too large to hold is refused whole, or streams through.
-    #[tokio::test]
-    async fn large_function_calls_are_decided_too() {
+    #[test]
+    fn large_function_calls_are_decided_too() {
         let toml = "[[rule]]\nid = \"no-admin\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"admin\"]\naction = \"deny\"\n";
         let mut body = 2965u32.to_be_bytes().to_vec(); // lowrite
         body.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // no formats, one argument
@@ -1927,9 +1926,7 @@ mod tests {
 
         let mut denied = gated(policy("big-call", toml));
         let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
-        frontend(&mut &input[..], &mut to_server, &mut to_client, &mut denied)
-            .await
-            .unwrap();
+        frontend(&mut &input[..], &mut to_server, &mut to_client, &mut denied).unwrap();
         assert!(
             to_server.len() < 100_000,
             "{} bytes reached the server",
@@ -1944,9 +1941,7 @@ mod tests {
         server.extend(msg(b'C', b"SELECT 1\0"));
         server.extend(msg(b'Z', b"I"));
         let mut out = Vec::new();
-        backend(&mut &server[..], &mut out, &mut denied)
-            .await
-            .unwrap();
+        backend(&mut &server[..], &mut out, &mut denied).unwrap();
         let done = denied.take_done();
         assert_eq!(done.len(), 2);
         assert_eq!(&*done[0].text, "<fast-path function call, oid 2965>");
@@ -1967,7 +1962,6 @@ mod tests {
             &mut to_client,
             &mut allowed,
         )
-        .await
         .unwrap();
         assert!(to_server == input, "relayed unchanged");
         let mut server = msg(b'Z', b"I");
@@ -1975,9 +1969,7 @@ mod tests {
         server.extend(msg(b'Z', b"I"));
         server.extend(msg(b'C', b"SELECT 1\0"));
         server.extend(msg(b'Z', b"I"));
-        backend(&mut &server[..], &mut out, &mut allowed)
-            .await
-            .unwrap();
+        backend(&mut &server[..], &mut out, &mut allowed).unwrap();
         let done = allowed.take_done();
         assert_eq!(done.len(), 2);
         assert_eq!(done[0].decision, Some(Action::Allow));
@@ -2023,8 +2015,8 @@ mod tests {
 
     /// Random and mutated input into both directions: an error or a clean
     /// end, never a panic or a hang (the input is finite, so every read ends).
-    #[tokio::test]
-    async fn random_frames_never_panic() {
+    #[test]
+    fn random_frames_never_panic() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -2053,9 +2045,9 @@ mod tests {
             }
             let mut state = State::default();
             let (mut w, mut cw) = (Vec::new(), Vec::new());
-            let _ = frontend(&mut &input[..], &mut w, &mut cw, &mut state).await;
+            let _ = frontend(&mut &input[..], &mut w, &mut cw, &mut state);
             let mut out = Vec::new();
-            let _ = backend(&mut &input[9.min(input.len())..], &mut out, &mut state).await;
+            let _ = backend(&mut &input[9.min(input.len())..], &mut out, &mut state);
         }
     }
 
@@ -2189,8 +2181,8 @@ mod tests {
     }
 
     /// Hostile frames end the relay with an error, never a panic or a hang.
-    #[tokio::test]
-    async fn malformed_frames_are_rejected() {
+    #[test]
+    fn malformed_frames_are_rejected() {
         let cases: [(&[u8], &str); 6] = [
             (&[0, 0, 0, 3, 0, 0, 0, 0], "startup packet length 3"),
             (
@@ -2212,15 +2204,13 @@ mod tests {
             let mut state = State::default();
             let mut r = input;
             let (mut w, mut cw) = (Vec::new(), Vec::new());
-            let e = frontend(&mut r, &mut w, &mut cw, &mut state)
-                .await
-                .unwrap_err();
+            let e = frontend(&mut r, &mut w, &mut cw, &mut state).unwrap_err();
             assert!(e.to_string().contains(want), "{e} (wanted {want})");
         }
     }
 
-    #[tokio::test]
-    async fn queries_are_recorded_and_ssl_is_declined() {
+    #[test]
+    fn queries_are_recorded_and_ssl_is_declined() {
         let mut input = Vec::new();
         input.extend_from_slice(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]); // SSLRequest
         input.extend_from_slice(b"\0\0\0\0\0\x03\0\0user\0bob\0\0"); // length set below
@@ -2232,9 +2222,7 @@ mod tests {
         input.extend_from_slice(q);
         let mut state = State::default();
         let (mut w, mut cw) = (Vec::new(), Vec::new());
-        frontend(&mut &input[..], &mut w, &mut cw, &mut state)
-            .await
-            .unwrap();
+        frontend(&mut &input[..], &mut w, &mut cw, &mut state).unwrap();
         assert_eq!(cw, b"N");
         assert_eq!(
             w,
@@ -2249,9 +2237,7 @@ mod tests {
         server.extend_from_slice(b"C\0\0\0\x0fALTER ROLE\0");
         server.extend_from_slice(b"Z\0\0\0\x05I");
         let mut out = Vec::new();
-        backend(&mut &server[..], &mut out, &mut state)
-            .await
-            .unwrap();
+        backend(&mut &server[..], &mut out, &mut state).unwrap();
         assert_eq!(out, server);
         let done = state.take_done();
         assert_eq!(done.len(), 1);
@@ -2586,8 +2572,8 @@ mod tests {
     /// non-ASCII bytes can be read as the SQL parser reads it: when it
     /// cannot, or when it is not yet known, or when an earlier statement
     /// that could change it is unanswered, the statement is `unknown`.
-    #[tokio::test]
-    async fn backslashes_and_encodings_are_read_as_the_server_reads_them() {
+    #[test]
+    fn backslashes_and_encodings_are_read_as_the_server_reads_them() {
         let status = |k: &str, v: &str| msg(b'S', format!("{k}\0{v}\0").as_bytes());
         let hidden = "SELECT 'a\\' , ' ; DELETE FROM t ; -- '";
         let gbk = "SELECT E'\u{4e2d}\\' ; DELETE FROM t ; SELECT 1 -- ' ;";
@@ -2642,9 +2628,7 @@ mod tests {
             let mut state = State::default();
             let mut server: Vec<u8> = reports.iter().flat_map(|(k, v)| status(k, v)).collect();
             server.extend(msg(b'Z', b"I"));
-            backend(&mut &server[..], &mut Vec::new(), &mut state)
-                .await
-                .unwrap();
+            backend(&mut &server[..], &mut Vec::new(), &mut state).unwrap();
             let mut input = b"\0\0\0\x09\0\x03\0\0\0".to_vec();
             input.extend(msg(b'Q', format!("{sql}\0").as_bytes()));
             // Pipelined behind it: the same text again, while the first is unanswered.
@@ -2655,7 +2639,6 @@ mod tests {
                 &mut Vec::new(),
                 &mut state,
             )
-            .await
             .unwrap();
             let pending = state.take_pending();
             assert_eq!(pending[0].class, want, "{reports:?} {sql:?}");
@@ -2666,8 +2649,8 @@ mod tests {
     /// A role, session authorization or search path asked for in the
     /// startup packet is decided like the `SET` it amounts to: refused with
     /// a FATAL 42501 before the server sees the login, and recorded.
-    #[tokio::test]
-    async fn startup_settings_are_decided_like_set() {
+    #[test]
+    fn startup_settings_are_decided_like_set() {
         assert_eq!(
             server_options(r"-c role=admin --search-path=audit\ x -cwork_mem=64MB").unwrap(),
             [
@@ -2694,7 +2677,7 @@ mod tests {
             input.extend_from_slice(&[0, 3, 0, 0]);
             input.extend_from_slice(params);
             let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
-            let r = frontend(&mut &input[..], &mut to_server, &mut to_client, &mut state).await;
+            let r = frontend(&mut &input[..], &mut to_server, &mut to_client, &mut state);
             let pending = state.take_pending();
             match refused {
                 Some(setting) => {

@@ -15,18 +15,20 @@
 //! A verdict may be [`Verdict::Hold`]: the decision is made later,
 //! elsewhere (an approval, say). The machine keeps the message and reads
 //! nothing more of its client; the relay loop goes on with every other
-//! connection. Whoever decides calls [`Ticket::decide`], which rings the
-//! connection's [`Bell`]: the machine is handed its input again, on
+//! connection. Whoever decides calls [`Ticket::decide`], which wakes the
+//! connection (the relay's `Bell` for it): the machine is handed its input again, on
 //! whichever relay loop carries the connection by then, and goes on with
 //! that decision as if it had been given at once.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::{
+    any::Any,
+    sync::{Arc, Mutex, Weak},
+};
 
-use interceptor_relay::Bell;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    policy::{Action, ColumnMask, Decision, Policy},
-    record::StatementKind,
+    record::{Action, Decision, StatementKind},
     sql::{Classification, Dialect},
 };
 
@@ -78,11 +80,11 @@ pub struct Seen<'a> {
 }
 
 /// A decision kept for the runs of one prepared statement (see
-/// [`Seen::memo`]), and the policy that made it. (Weak: an old policy is
-/// not kept, nor can a new one take its place in memory while this is
-/// held.)
+/// [`Seen::memo`]), and what made it (the gate's to say: the agent's keeps
+/// its policy). (Weak: an old policy is not kept, nor can a new one take
+/// its place in memory while this is held.)
 #[derive(Default)]
-pub struct Memo(pub(crate) Option<(Weak<Policy>, Decision)>);
+pub struct Memo(pub Option<(Weak<dyn Any + Send + Sync>, Decision)>);
 
 /// What the gate says of a statement.
 pub enum Verdict {
@@ -103,6 +105,28 @@ impl Verdict {
             _ => Verdict::Refuse(d),
         }
     }
+}
+
+/// How a masked value is replaced. Values of non-text types become NULL
+/// whatever the strategy, the only replacement valid for every type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// `****`.
+    Redact,
+    /// `****1234`: all but the last `keep` characters.
+    Partial,
+    /// A keyed hash (HMAC-SHA-256 with the agent's key, 16 hex digits): equal
+    /// values stay equal, so joins and grouping still work.
+    Hash,
+}
+
+/// How one result column is masked, and by which rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMask {
+    pub rule: Arc<str>,
+    pub strategy: Strategy,
+    pub keep: usize,
 }
 
 /// How each column of a result is masked (`None`: as is), in the order of
@@ -151,6 +175,55 @@ pub trait Gate: Send {
     fn names_rule(&self, rule: &str) -> bool;
 }
 
+/// A gate that decides nothing: every statement passes, unmasked, and is
+/// classified afresh each time (no cache). For machines run without the
+/// agent: tests, fuzzing.
+pub struct Open;
+
+impl Gate for Open {
+    fn flags(&mut self) -> Flags {
+        Flags::default()
+    }
+
+    fn classify(&mut self, text: &str, reading: Result<Dialect, String>) -> Classified {
+        match reading {
+            Ok(d) => Classified::scanned(text, crate::sql::classify_with(text, d)),
+            Err(why) => Classified::scanned(
+                text,
+                Classification::not_sql(why, crate::sql::Class::Unknown),
+            ),
+        }
+    }
+
+    fn reading_changed(&mut self) {}
+
+    fn statement(&mut self, _: Seen<'_>) -> Verdict {
+        Verdict::Pass(None)
+    }
+
+    fn result_shape(
+        &mut self,
+        _: &[Column<'_>],
+        _: Option<&Classification>,
+        _: usize,
+    ) -> Option<Masks> {
+        None
+    }
+
+    /// (Never asked: it plans no masking. It redacts.)
+    fn mask(&self, _: &ColumnMask, _: &[u8]) -> Vec<u8> {
+        b"****".to_vec()
+    }
+
+    fn message_rule(&mut self, _: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {
+        None
+    }
+
+    fn names_rule(&self, _: &str) -> bool {
+        false
+    }
+}
+
 /// A decision to come (see [`Verdict::Hold`]). Clones are the same ticket:
 /// the machine keeps one, whoever decides another.
 #[derive(Clone)]
@@ -160,16 +233,20 @@ struct TicketInner {
     /// The rule that holds the statement.
     rule: Arc<str>,
     decision: Mutex<Option<Decision>>,
-    bell: Bell,
+    wake: Wake,
 }
 
+/// What wakes a connection whose statement is held (for the agent, a ring
+/// of the relay's bell for it).
+pub type Wake = Box<dyn Fn() + Send + Sync>;
+
 impl Ticket {
-    /// A ticket of `rule`; deciding it rings `bell`.
-    pub fn new(rule: Arc<str>, bell: Bell) -> Ticket {
+    /// A ticket of `rule`; deciding it calls `wake`.
+    pub fn new(rule: Arc<str>, wake: Wake) -> Ticket {
         Ticket(Arc::new(TicketInner {
             rule,
             decision: Mutex::new(None),
-            bell,
+            wake,
         }))
     }
 
@@ -179,7 +256,7 @@ impl Ticket {
             let mut decision = self.0.decision.lock().unwrap_or_else(|p| p.into_inner());
             decision.get_or_insert(d);
         }
-        self.0.bell.ring();
+        (self.0.wake)();
     }
 
     /// The decision, once made.

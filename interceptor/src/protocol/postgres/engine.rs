@@ -8,16 +8,21 @@
 //! not inspect), and appends what must go out. So the agent's relay loop
 //! drives them straight from socket events ([`relay`]), and the tests and
 //! fuzzers drive the very same machines from byte slices ([`frontend`],
-//! [`backend`]), in chunks that split frames anywhere.
+//! [`backend`], with no runtime), in chunks that split frames anywhere.
 
-use std::{io, sync::Arc};
+use std::{
+    io::{self, Read, Write},
+    sync::Arc,
+};
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use interceptor_relay::{self as relay_loop, End, Ending};
 
-use crate::{policy::Decision, record::StatementKind, sql::Classification};
+use crate::{
+    record::{Decision, StatementKind},
+    sql::Classification,
+};
 
 use super::{
     be32,
@@ -730,61 +735,52 @@ const CHUNK: usize = 1021;
 /// Client → server over any byte streams, until the client's end: what
 /// the client sent is read from `r`, what goes on to the server written
 /// to `w`, the agent's own answers to `client_w`. For tests and fuzzing;
-/// the agent itself runs [`relay`].
-pub async fn frontend<R, W, C>(
-    r: &mut R,
-    w: &mut W,
-    client_w: &mut C,
+/// the agent itself drives the machines from its relay loop.
+pub fn frontend(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    client_w: &mut impl Write,
     state: &mut State,
-) -> Result<(), PgError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-    C: AsyncWrite + Unpin,
-{
+) -> Result<(), PgError> {
     let mut m = Frontend::default();
     let (mut input, mut out, mut answers) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
     let mut chunk = [0u8; CHUNK];
     loop {
-        let n = r.read(&mut chunk).await?;
+        let n = r.read(&mut chunk)?;
         input.extend_from_slice(&chunk[..n]);
         let fed = match n {
             0 => m.eof(&input, state),
             _ => m.feed(&mut input, &mut out, &mut answers, state),
         };
         // The client gets the agent's answer even when it ends the session.
-        client_w.write_all(&answers).await?;
+        client_w.write_all(&answers)?;
         answers.clear();
         fed?;
-        w.write_all(&out).await?;
+        w.write_all(&out)?;
         out.clear();
         if n == 0 {
-            return w.shutdown().await.map_err(Into::into);
+            return Ok(());
         }
     }
 }
 
 /// Server → client over any byte streams, until the server's end. For
 /// tests and fuzzing, like [`frontend`].
-pub async fn backend<R, W>(r: &mut R, w: &mut W, state: &mut State) -> Result<(), PgError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+pub fn backend(r: &mut impl Read, w: &mut impl Write, state: &mut State) -> Result<(), PgError> {
     let mut m = Backend::default();
     let (mut input, mut out) = (BytesMut::new(), BytesMut::new());
     let mut chunk = [0u8; CHUNK];
     loop {
-        let n = r.read(&mut chunk).await?;
+        let n = r.read(&mut chunk)?;
         input.extend_from_slice(&chunk[..n]);
         match n {
             0 => m.eof(&input)?,
             _ => m.feed(&mut input, &mut out, state)?,
         }
-        w.write_all(&out).await?;
+        w.write_all(&out)?;
         out.clear();
         if n == 0 {
-            return w.shutdown().await.map_err(Into::into);
+            return Ok(());
         }
     }
 }
@@ -880,6 +876,7 @@ mod tests {
     use super::*;
     use crate::proxy::loopback_pair as pair;
     use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A client that stops reading holds the server back: the relay stops
     /// reading from the server once a bounded amount waits for the client,
@@ -982,7 +979,7 @@ mod tests {
     /// A gate for tests: decides nothing, except that it holds every
     /// statement whose text has `/* hold */`, handing the ticket over.
     struct Holding {
-        open: crate::gate::AgentGate,
+        open: crate::protocol::seam::Open,
         bell: relay_loop::Bell,
         tickets: std::sync::mpsc::Sender<super::super::Ticket>,
     }
@@ -1005,7 +1002,9 @@ mod tests {
             if !seen.text.contains("/* hold */") {
                 return self.open.statement(seen);
             }
-            let t = super::super::Ticket::new("needs-a-second-person".into(), self.bell.clone());
+            let bell = self.bell.clone();
+            let wake = Box::new(move || bell.ring());
+            let t = super::super::Ticket::new("needs-a-second-person".into(), wake);
             self.tickets.send(t.clone()).unwrap();
             super::super::Verdict::Hold(t)
         }
@@ -1061,7 +1060,7 @@ mod tests {
         let outbox = super::super::Outbox::default();
         let bell = relay_loop::Bell::new();
         let gate = Holding {
-            open: crate::gate::AgentGate::open(),
+            open: crate::protocol::seam::Open,
             bell: bell.clone(),
             tickets,
         };

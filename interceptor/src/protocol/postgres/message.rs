@@ -106,7 +106,7 @@ impl<'a> Bind<'a> {
                 _ => formats.get(i).copied() == Some(1),
             };
             let shown = if binary {
-                format!("\\x{}", crate::identity::hex(&v[..v.len().min(128)]))
+                format!("\\x{}", crate::record::hex(&v[..v.len().min(128)]))
             } else {
                 String::from_utf8_lossy(v).chars().take(256).collect()
             };
