@@ -2,11 +2,7 @@
 //! default): what the agent and the responder commands need, and what
 //! the wire machines, which only leave records in an outbox, do not.
 
-use std::{
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 
@@ -372,7 +368,6 @@ async fn write_loop(rx: &mut mpsc::Receiver<Record>, store: &dyn Store) {
         last_flush = tokio::time::Instant::now();
     }
 }
-
 
 #[cfg(test)]
 mod tests {
