@@ -252,3 +252,79 @@ impl Gate for AgentGate {
         self.policy.parties.policy.load().names_rule(rule)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::Class;
+
+    fn gate(toml: &str) -> AgentGate {
+        let policy = Policy::from_texts(&[(std::path::Path::new("p.toml"), toml)], None).unwrap();
+        AgentGate::new(Parties {
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            workload: "w".into(),
+            target: "t".into(),
+            masker: Arc::new(Masker::new(b"unit-test-key")),
+        })
+    }
+
+    /// Texts that differ only in their values share one cached
+    /// classification; a text whose values decide its class is never
+    /// cached; a change in how the server reads text empties the cache.
+    #[test]
+    fn classifications_are_cached_by_key() {
+        let mut g = gate("");
+        for aid in 1..=5 {
+            let text = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid}");
+            let c = g.classify(&text, Ok(Dialect::default()));
+            assert_eq!(c.class.class, Class::Read);
+        }
+        assert_eq!(g.seen.by_key.len(), 1);
+        g.classify(
+            "SELECT query_to_xml('select 1', true, false, '')",
+            Ok(Dialect::default()),
+        );
+        assert_eq!(
+            g.seen.by_key.len(),
+            1,
+            "a text whose values decide it is not cached"
+        );
+        g.reading_changed();
+        assert!(g.seen.by_key.is_empty());
+    }
+
+    /// Rows of a statement whose columns cannot be traced (it did not
+    /// parse) are masked whole on a connection with mask rules; rows of one
+    /// that parsed are masked by column.
+    #[test]
+    fn rows_of_untraceable_statements_are_masked_whole() {
+        let toml = "[[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"card\"]\nstrategy = \"redact\"\n";
+        let mut gate = gate(toml);
+        let cols = [
+            Column {
+                name: "id",
+                type_name: Some("int4"),
+            },
+            Column {
+                name: "c",
+                type_name: Some("text"),
+            },
+        ];
+        let mut masked = |c: &Classification| -> Vec<bool> {
+            let plan = gate.result_shape(&cols, Some(c), 0);
+            plan.map_or(vec![false; 2], |p| p.iter().map(Option::is_some).collect())
+        };
+        assert_eq!(
+            masked(&crate::sql::classify("select id, card as c from t")),
+            [false, true]
+        );
+        assert_eq!(
+            masked(&crate::sql::classify("select id, note as c from t")),
+            [false, false]
+        );
+        assert_eq!(
+            masked(&Classification::not_sql("<too large>", Class::Unknown)),
+            [true, true]
+        );
+    }
+}

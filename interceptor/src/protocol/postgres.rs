@@ -1251,12 +1251,6 @@ impl State {
     pub fn take_done(&self) -> Vec<Statement> {
         self.batch.done.take_statements()
     }
-
-    /// Statements still waiting for an answer, taken off.
-    #[cfg(test)]
-    fn take_pending(&mut self) -> Vec<Statement> {
-        self.batch.pending.drain(..).map(|e| e.st).collect()
-    }
 }
 
 /// A statement's message waits for a decision (see [`Verdict::Hold`]).
@@ -2531,15 +2525,24 @@ mod tests {
             "SELECT \"password\" FROM t",
             "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
         ];
-        let mut state = State::default();
+        // The agent's gate, whose cache is under test (an empty policy).
+        let mut state = gated(policy("cache", ""));
+        let (mut f, mut b) = (Frontend::default(), Backend::default());
+        let mut input = BytesMut::new();
+        let login = (
+            vec![b"\0\0\0\x09\0\x03\0\0\0".to_vec()],
+            vec![msg(b'Z', b"I")],
+        );
+        relay_batches(&mut state, (&mut f, &mut b), &mut input, &[login]);
         for round in 0..2 {
-            for t in texts {
-                assert!(state
-                    .statement(StatementKind::Query, None, t, None)
-                    .unwrap()
-                    .is_none());
-                state.ready();
-            }
+            let batches: Vec<Exchange> = texts
+                .iter()
+                .map(|t| {
+                    let q = msg(b'Q', format!("{t}\0").as_bytes());
+                    (vec![q], vec![msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")])
+                })
+                .collect();
+            relay_batches(&mut state, (&mut f, &mut b), &mut input, &batches);
             let done = state.take_done();
             let got: Vec<&str> = done.iter().map(|s| &*s.text).collect();
             let want: Vec<String> = texts.iter().map(|t| crate::redact::redact_sql(t)).collect();
@@ -2558,14 +2561,28 @@ mod tests {
         let mut state = gated(policy("literals", toml));
         let harmless = "SELECT query_to_xml('select 1', true, false, '')";
         let harmful = "SELECT query_to_xml('delete from t returning 1', true, false, '')";
-        assert!(state
-            .statement(StatementKind::Query, None, harmless, None)
-            .unwrap()
-            .is_none());
-        state.ready();
-        let d = state.statement(StatementKind::Query, None, harmful, None);
-        let d = d.unwrap().map(|d| d.rule.to_string());
-        assert_eq!(d.as_deref(), Some("no-writes"));
+        let login = (
+            vec![b"\0\0\0\x09\0\x03\0\0\0".to_vec()],
+            vec![msg(b'Z', b"I")],
+        );
+        let query = |sql: &str| msg(b'Q', format!("{sql}\0").as_bytes());
+        let answered = (
+            vec![query(harmless)],
+            vec![msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")],
+        );
+        let (mut f, mut b) = (Frontend::default(), Backend::default());
+        let mut input = BytesMut::new();
+        relay_batches(&mut state, (&mut f, &mut b), &mut input, &[login, answered]);
+        let (mut to_server, mut to_client) = (BytesMut::new(), BytesMut::new());
+        input.extend_from_slice(&query(harmful));
+        f.feed(&mut input, &mut to_server, &mut to_client, &mut state)
+            .unwrap();
+        let sent = String::from_utf8_lossy(&to_server);
+        assert!(sent.contains("denied by rule \"no-writes\""), "{sent}");
+        state.ended();
+        let done = state.take_done();
+        assert_eq!(done[0].decision, Some(Action::Allow));
+        assert_eq!(done[1].rule.as_deref(), Some("no-writes"));
     }
 
     /// What the server reported decides whether text with backslashes or
@@ -2640,7 +2657,8 @@ mod tests {
                 &mut state,
             )
             .unwrap();
-            let pending = state.take_pending();
+            state.ended();
+            let pending = state.take_done();
             assert_eq!(pending[0].class, want, "{reports:?} {sql:?}");
             assert_eq!(pending[1].class, Class::Unknown, "{reports:?}: pipelined");
         }
@@ -2651,14 +2669,6 @@ mod tests {
     /// a FATAL 42501 before the server sees the login, and recorded.
     #[test]
     fn startup_settings_are_decided_like_set() {
-        assert_eq!(
-            server_options(r"-c role=admin --search-path=audit\ x -cwork_mem=64MB").unwrap(),
-            [
-                ("role".to_string(), "admin".to_string()),
-                ("search_path".to_string(), "audit x".to_string()),
-                ("work_mem".to_string(), "64MB".to_string()),
-            ]
-        );
         let toml = "[[rule]]\nid = \"no-admin\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\nclasses = [\"admin\"]\naction = \"deny\"\n";
         let policy = policy("startup", toml);
         for (params, refused) in [
@@ -2678,7 +2688,8 @@ mod tests {
             input.extend_from_slice(params);
             let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
             let r = frontend(&mut &input[..], &mut to_server, &mut to_client, &mut state);
-            let pending = state.take_pending();
+            state.ended();
+            let pending = state.take_done();
             match refused {
                 Some(setting) => {
                     let e = r.unwrap_err().to_string();
@@ -2702,6 +2713,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `options` are read as the server reads them.
+    #[test]
+    fn startup_options_are_read_as_the_server_reads_them() {
+        assert_eq!(
+            server_options(r"-c role=admin --search-path=audit\ x -cwork_mem=64MB").unwrap(),
+            [
+                ("role".to_string(), "admin".to_string()),
+                ("search_path".to_string(), "audit x".to_string()),
+                ("work_mem".to_string(), "64MB".to_string()),
+            ]
+        );
     }
 
     /// The machines give the same bytes and the same record however the
@@ -2746,10 +2770,10 @@ mod tests {
                 back.feed(&mut input, &mut to_client, &mut state).unwrap();
             }
             back.eof(&input).unwrap();
+            state.ended();
             let texts: Vec<(String, u32)> = state
                 .take_done()
                 .into_iter()
-                .chain(state.take_pending())
                 .map(|s| (s.text.to_string(), s.masked))
                 .collect();
             (to_server, to_client, texts)
@@ -2863,40 +2887,5 @@ mod tests {
             };
             assert_eq!(kinds, want);
         }
-    }
-
-    /// Rows of a statement whose columns cannot be traced (it did not
-    /// parse) are masked whole on a connection with mask rules; rows of one
-    /// that parsed are masked by column.
-    #[test]
-    fn rows_of_untraceable_statements_are_masked_whole() {
-        let toml = "[[rule]]\nid = \"cards\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\ncolumns = [\"card\"]\nstrategy = \"redact\"\n";
-        let mut state = gated(policy("untraced", toml));
-        let cols = [
-            Column {
-                name: "id".into(),
-                type_oid: 23,
-            },
-            Column {
-                name: "c".into(),
-                type_oid: 25,
-            },
-        ];
-        let mut masked = |c: &Classification| -> Vec<bool> {
-            let plan = state.plan_for(Some(&cols), Some(c), 0);
-            plan.map_or(vec![false; 2], |p| p.iter().map(Option::is_some).collect())
-        };
-        assert_eq!(
-            masked(&crate::sql::classify("select id, card as c from t")),
-            [false, true]
-        );
-        assert_eq!(
-            masked(&crate::sql::classify("select id, note as c from t")),
-            [false, false]
-        );
-        assert_eq!(
-            masked(&Classification::not_sql("<too large>", Class::Unknown)),
-            [true, true]
-        );
     }
 }
