@@ -85,9 +85,12 @@ pub const MAX_KEYED: usize = 4096;
 /// outside literals and comments, odd numbers) keys by the exact text: a
 /// scanner that disagreed with the server about where a literal or comment
 /// ends could otherwise give a statement the classification of another.
+/// Text holding a NUL is never keyed: the parser cannot read it at all (a
+/// NUL inside a comment would otherwise share the key of an empty
+/// statement), and no statement the wire delivers holds one.
 pub fn classification_key(text: &str, out: &mut String) -> bool {
     out.clear();
-    if text.len() > MAX_KEYED {
+    if text.len() > MAX_KEYED || text.contains('\0') {
         return false;
     }
     let keyed = match common_fingerprint(text, out) {
