@@ -2045,11 +2045,46 @@ mod tests {
         }
     }
 
+    /// A gate for the machines alone: it decides nothing, and masks a
+    /// value as `****` and its last `keep` bytes (the agent's strategies
+    /// are the gate's to apply; the machine only writes what it gets).
+    struct Tails;
+
+    impl Gate for Tails {
+        fn flags(&mut self) -> Flags {
+            Flags::default()
+        }
+        fn classify(&mut self, text: &str, reading: Result<Dialect, String>) -> Classified {
+            super::super::seam::Open.classify(text, reading)
+        }
+        fn reading_changed(&mut self) {}
+        fn statement(&mut self, _: Seen<'_>) -> Verdict {
+            Verdict::Pass(None)
+        }
+        fn result_shape(
+            &mut self,
+            _: &[Col<'_>],
+            _: Option<&Classification>,
+            _: usize,
+        ) -> Option<super::super::seam::Masks> {
+            None
+        }
+        fn mask(&self, how: &super::super::seam::ColumnMask, value: &[u8]) -> Vec<u8> {
+            let keep = value.len().min(how.keep);
+            [b"****", &value[value.len() - keep..]].concat()
+        }
+        fn message_rule(&mut self, _: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {
+            None
+        }
+        fn names_rule(&self, _: &str) -> bool {
+            false
+        }
+    }
+
     #[test]
     fn rows_are_reframed_with_masked_values_and_hostile_rows_rejected() {
-        let state = gated(policy("masks", ""));
-        let m = &*state.gate;
-        let mask = |strategy| crate::policy::ColumnMask {
+        let m = &Tails;
+        let mask = |strategy| super::super::seam::ColumnMask {
             rule: "r".into(),
             strategy,
             keep: 2,
@@ -2057,9 +2092,9 @@ mod tests {
         use types::Form;
         let plan = vec![
             None,
-            Some((mask(crate::policy::Strategy::Partial), Form::Text)),
-            Some((mask(crate::policy::Strategy::Redact), Form::Null)),
-            Some((mask(crate::policy::Strategy::Partial), Form::Json)),
+            Some((mask(super::super::seam::Strategy::Partial), Form::Text)),
+            Some((mask(super::super::seam::Strategy::Redact), Form::Null)),
+            Some((mask(super::super::seam::Strategy::Partial), Form::Json)),
         ];
         // id "7", email "abcdef", amount "12.5", doc {"k": "v\"x"}
         let body = b"\0\x04\0\0\0\x017\0\0\0\x06abcdef\0\0\0\x0412.5\0\0\0\x0c{\"k\":\"v\\\"x\"}";
