@@ -394,6 +394,20 @@ mod tests {
         held: bool,
     }
 
+    impl HoldAtH {
+        fn new(released: Arc<AtomicBool>) -> Self {
+            HoldAtH {
+                released,
+                held: false,
+            }
+        }
+
+        /// One that never holds.
+        fn passing() -> Self {
+            HoldAtH::new(Arc::new(AtomicBool::new(true)))
+        }
+    }
+
     impl Machines for HoldAtH {
         type Error = io::Error;
 
@@ -497,30 +511,11 @@ mod tests {
         let server = echo();
         let released = Arc::new(AtomicBool::new(false));
         let bell = Bell::new();
-        let hold = HoldAtH {
-            released: released.clone(),
-            held: false,
-        };
+        let hold = HoldAtH::new(released.clone());
         // Both on loop 0 (submits alternate between the two loops).
         let mut held = relayed(&loops, server, hold, Some(bell.clone()));
-        let mut filler = relayed(
-            &loops,
-            server,
-            HoldAtH {
-                released: Arc::new(AtomicBool::new(true)),
-                held: false,
-            },
-            None,
-        );
-        let mut other = relayed(
-            &loops,
-            server,
-            HoldAtH {
-                released: Arc::new(AtomicBool::new(true)),
-                held: false,
-            },
-            None,
-        );
+        let mut filler = relayed(&loops, server, HoldAtH::passing(), None);
+        let mut other = relayed(&loops, server, HoldAtH::passing(), None);
         wait_for("three connections on the loops", || loops.open() == [2, 1]);
 
         held.write_all(b"abcHdef").unwrap();

@@ -16,7 +16,7 @@ use crate::{
     policy::{ColumnMask, Policy},
     protocol::seam::{Classified, Column, Flags, Gate, Masks, Memo, Seen, Verdict},
     record::StatementKind,
-    sql::{classify_with, Class, Classification, Dialect, Sources},
+    sql::{classify_with, Classification, Dialect, Sources},
 };
 
 /// Most classifications cached per connection.
@@ -160,16 +160,13 @@ impl Gate for AgentGate {
     /// Whether the text may hold a secret is cached with it: every text of
     /// one key has the same words, and only a word leads to a secret.
     fn classify(&mut self, text: &str, reading: Result<Dialect, String>) -> Classified {
-        let dialect = match reading {
-            Ok(d) => d,
-            Err(why) => {
-                return Classified::scanned(text, Classification::not_sql(why, Class::Unknown))
-            }
-        };
         let Cache { by_key, key } = &mut self.seen;
-        if !crate::redact::classification_key(text, key) {
-            return Classified::scanned(text, classify_with(text, dialect));
-        }
+        let dialect = match reading {
+            Ok(d) if crate::redact::classification_key(text, key) => d,
+            // Not known how the server reads it, or no key: classified
+            // anew (and not cached).
+            other => return Classified::afresh(text, other),
+        };
         if let Some(c) = by_key.get(key.as_str()) {
             return c.clone();
         }

@@ -10,9 +10,9 @@ use std::{collections::VecDeque, sync::Arc};
 use bytes::BytesMut;
 use interceptor_relay::{Ending, Machines};
 
-use super::seam::{Gate, Seen, Ticket, Verdict};
+use super::seam::{decide, Gate, Seen, Ticket};
 use crate::{
-    record::{now_micros, Outbox, Statement, StatementKind},
+    record::{now_micros, Decision, Outbox, Statement, StatementKind},
     sql::Dialect,
 };
 
@@ -59,31 +59,18 @@ struct Conn {
 }
 
 impl Conn {
-    fn statement(&mut self, text: &str) -> Result<Verdict, ()> {
+    /// Decides and records the statement `text`: the refusal if it is
+    /// refused; `Err`: it is held.
+    fn statement(&mut self, text: &str) -> Result<Option<Decision>, ()> {
         let c = self.gate.classify(text, Ok(Dialect::default()));
-        let verdict = match self.held.take() {
-            Some(t) => match t.decision() {
-                Some(d) => Verdict::of(d),
-                None => {
-                    self.held = Some(t);
-                    return Err(());
-                }
-            },
-            None => self.gate.statement(Seen {
-                kind: StatementKind::Query,
-                text,
-                class: &c.class,
-                memo: None,
-            }),
+        let seen = Seen {
+            kind: StatementKind::Query,
+            text,
+            class: &c.class,
+            memo: None,
         };
-        if let Verdict::Hold(t) = verdict {
-            self.held = Some(t);
-            return Err(());
-        }
-        let (decision, rule) = match &verdict {
-            Verdict::Pass(Some(d)) | Verdict::Refuse(d) => (Some(d.action), Some(d.rule.clone())),
-            _ => (None, None),
-        };
+        let decided = decide(&mut *self.gate, &mut self.held, seen, true);
+        let (decision, rule, refused) = decided.parts().ok_or(())?;
         let mut st = Statement {
             decision,
             rule,
@@ -93,10 +80,9 @@ impl Conn {
         st.seq = self.seq;
         st.at = now_micros();
         self.seq += 1;
-        let refused = matches!(verdict, Verdict::Refuse(_));
-        self.pending.push_back((st, refused));
+        self.pending.push_back((st, refused.is_some()));
         self.record_done();
-        Ok(verdict)
+        Ok(refused)
     }
 
     /// Records the statements done, up to the first that is not.
@@ -127,14 +113,14 @@ impl Machines for Conn {
     ) -> Result<(), Ending> {
         while let Some(at) = line(input)? {
             let text = String::from_utf8_lossy(&input[..at]).into_owned();
-            let Ok(verdict) = self.statement(&text) else {
+            let Ok(refused) = self.statement(&text) else {
                 return Ok(()); // held: seen again once decided
             };
             let whole = input.split_to(at + 1);
-            match verdict {
-                Verdict::Refuse(d) => to_client
+            match refused {
+                Some(d) => to_client
                     .extend_from_slice(format!("ERR denied by rule \"{}\"\n", d.rule).as_bytes()),
-                _ => to_server.extend_from_slice(&whole),
+                None => to_server.extend_from_slice(&whole),
             }
         }
         Ok(())

@@ -50,7 +50,7 @@ pub use crate::record::{Startup, Statement, StatementKind, Tags, Whole};
 use message::{be32, Column, Fields};
 
 use crate::{
-    protocol::seam::{Column as Col, Memo, Seen},
+    protocol::seam::{decide, Column as Col, Memo, Seen},
     record::{now_micros, Action, Decision},
     sql::{Class, Classification, Dialect},
 };
@@ -298,31 +298,6 @@ impl Default for State {
     /// A connection nothing decides, recorded into an outbox of its own.
     fn default() -> Self {
         State::new(Box::new(super::seam::Open), Outbox::default())
-    }
-}
-
-/// What a statement's message comes to.
-pub(super) enum Decided {
-    /// It goes on, recorded with this decision (`None`: ungated).
-    Go(Option<Decision>),
-    /// It is refused.
-    Refused(Decision),
-    /// It waits for a decision: the message stays where it is.
-    Held,
-}
-
-/// A decision as recorded (action, and the rule's name), and as enforced
-/// (the decision itself when it is not allowed).
-type Parts = (Option<Action>, Option<Arc<str>>, Option<Decision>);
-
-impl Decided {
-    fn parts(self) -> Result<Parts, Held> {
-        match self {
-            Decided::Held => Err(Held),
-            Decided::Go(None) => Ok((None, None, None)),
-            Decided::Go(Some(d)) => Ok((Some(d.action), Some(d.rule), None)),
-            Decided::Refused(d) => Ok((Some(d.action), Some(d.rule.clone()), Some(d))),
-        }
     }
 }
 
@@ -645,45 +620,6 @@ impl State {
         self.held.is_some()
     }
 
-    /// The verdict on a statement, asked of the gate; for a message held
-    /// before, the decision that came since (while none has, it stays
-    /// held). `holdable`: the message can wait; if not, a hold refuses it
-    /// (fail closed).
-    fn decide(
-        (gate, held): (&mut (dyn Gate + '_), &mut Option<Ticket>),
-        kind: StatementKind,
-        c: &Classification,
-        text: &str,
-        memo: Option<&mut Memo>,
-        holdable: bool,
-    ) -> Decided {
-        let ticket = match held.take() {
-            Some(t) => t,
-            None => match gate.statement(Seen {
-                kind,
-                text,
-                class: c,
-                memo,
-            }) {
-                Verdict::Pass(d) => return Decided::Go(d),
-                Verdict::Refuse(d) => return Decided::Refused(d),
-                Verdict::Hold(t) => t,
-            },
-        };
-        match ticket.decision() {
-            Some(d) if d.action == Action::Allow => Decided::Go(Some(d)),
-            Some(d) => Decided::Refused(d),
-            None if holdable => {
-                *held = Some(ticket);
-                Decided::Held
-            }
-            None => Decided::Refused(Decision {
-                action: Action::Deny,
-                rule: ticket.rule().clone(),
-            }),
-        }
-    }
-
     /// What the startup message said.
     pub fn startup(&mut self) -> &mut Startup {
         &mut self.startup
@@ -706,9 +642,14 @@ impl State {
     ) -> Result<Option<Decision>, Held> {
         let Classified { class: c, plain } = class.unwrap_or_else(|| self.classified(text));
         let holdable = kind != StatementKind::Startup;
-        let gate = (&mut *self.gate, &mut self.held);
-        let (action, rule, refused) =
-            State::decide(gate, kind, &c, text, None, holdable).parts()?;
+        let seen = Seen {
+            kind,
+            text,
+            class: &c,
+            memo: None,
+        };
+        let decided = decide(&mut *self.gate, &mut self.held, seen, holdable);
+        let (action, rule, refused) = decided.parts().ok_or(Held)?;
         let limit = self.batch.done.text_limit();
         let (recorded, whole) = match plain {
             true if text.len() <= limit => (Arc::<str>::from(text), None),
@@ -818,9 +759,14 @@ impl State {
             }
             return Ok(None);
         };
-        let gate = (&mut *self.gate, &mut self.held);
-        let decided = State::decide(gate, StatementKind::Execute, &c, &text, decided, true);
-        let (action, rule, refused) = decided.parts()?;
+        let seen = Seen {
+            kind: StatementKind::Execute,
+            text: &text,
+            class: &c,
+            memo: decided,
+        };
+        let decided = decide(&mut *self.gate, &mut self.held, seen, true);
+        let (action, rule, refused) = decided.parts().ok_or(Held)?;
         let b = &mut self.batch;
         if let (true, Some(portal)) = (masking, portal) {
             // Its rows come next.
@@ -1124,7 +1070,7 @@ impl State {
                 .collect()
         };
         let rule = self.gate.message_rule(&classes)?;
-        let fields = message::all_fields(body)?;
+        let fields = Fields::all(body)?;
         let own = fields.iter().any(|&(code, v)| {
             code == b'M'
                 && v.strip_prefix("interceptor: statement denied by rule \"")
@@ -1768,15 +1714,20 @@ mod tests {
         }
     }
 
+    /// A startup with no parameters, and the server's ReadyForQuery after
+    /// the login.
+    fn login() -> Exchange {
+        (
+            vec![b"\0\0\0\x09\0\x03\0\0\0".to_vec()],
+            vec![msg(b'Z', b"I")],
+        )
+    }
+
     /// A login, then `batches` (see [`relay_batches`]); the statements
     /// recorded as (text, tags, error, answered).
     fn relayed(state: &mut State, batches: &[Exchange]) -> Vec<Recorded> {
         let (mut f, mut b) = (engine::Frontend::default(), engine::Backend::default());
-        let login = (
-            vec![b"\0\0\0\x09\0\x03\0\0\0".to_vec()],
-            vec![msg(b'Z', b"I")],
-        );
-        let all: Vec<Exchange> = std::iter::once(login)
+        let all: Vec<Exchange> = std::iter::once(login())
             .chain(batches.iter().cloned())
             .collect();
         relay_batches(state, (&mut f, &mut b), &mut BytesMut::new(), &all);
@@ -2564,11 +2515,7 @@ mod tests {
         let mut state = gated(policy("cache", ""));
         let (mut f, mut b) = (Frontend::default(), Backend::default());
         let mut input = BytesMut::new();
-        let login = (
-            vec![b"\0\0\0\x09\0\x03\0\0\0".to_vec()],
-            vec![msg(b'Z', b"I")],
-        );
-        relay_batches(&mut state, (&mut f, &mut b), &mut input, &[login]);
+        relay_batches(&mut state, (&mut f, &mut b), &mut input, &[login()]);
         for round in 0..2 {
             let batches: Vec<Exchange> = texts
                 .iter()
@@ -2596,10 +2543,7 @@ mod tests {
         let mut state = gated(policy("literals", toml));
         let harmless = "SELECT query_to_xml('select 1', true, false, '')";
         let harmful = "SELECT query_to_xml('delete from t returning 1', true, false, '')";
-        let login = (
-            vec![b"\0\0\0\x09\0\x03\0\0\0".to_vec()],
-            vec![msg(b'Z', b"I")],
-        );
+        let login = login();
         let query = |sql: &str| msg(b'Q', format!("{sql}\0").as_bytes());
         let answered = (
             vec![query(harmless)],

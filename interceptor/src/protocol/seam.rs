@@ -66,6 +66,16 @@ impl Classified {
             plain: !crate::redact::may_hold_secret(text),
         }
     }
+
+    /// `text` classified anew, read as `reading` says (or why that is not
+    /// certain: then it is `unknown`).
+    pub fn afresh(text: &str, reading: Result<Dialect, String>) -> Self {
+        let c = match reading {
+            Ok(d) => crate::sql::classify_with(text, d),
+            Err(why) => Classification::not_sql(why, crate::sql::Class::Unknown),
+        };
+        Classified::scanned(text, c)
+    }
 }
 
 /// A statement the machine has seen, as the gate decides it.
@@ -104,6 +114,66 @@ impl Verdict {
             Action::Allow => Verdict::Pass(Some(d)),
             _ => Verdict::Refuse(d),
         }
+    }
+}
+
+/// Where a statement's message stands once asked (see [`decide`]).
+pub enum Decided {
+    /// It goes on, recorded with this decision (`None`: ungated).
+    Go(Option<Decision>),
+    /// It is refused.
+    Refused(Decision),
+    /// It waits for a decision: the message stays where it is, to be seen
+    /// again once the connection is woken.
+    Held,
+}
+
+/// A decision as recorded (action, and the rule's name), and as enforced
+/// (the decision itself when it is not allowed).
+pub type Parts = (Option<Action>, Option<Arc<str>>, Option<Decision>);
+
+impl Decided {
+    /// What is recorded and enforced; `None`: it is held.
+    pub fn parts(self) -> Option<Parts> {
+        match self {
+            Decided::Held => None,
+            Decided::Go(None) => Some((None, None, None)),
+            Decided::Go(Some(d)) => Some((Some(d.action), Some(d.rule), None)),
+            Decided::Refused(d) => Some((Some(d.action), Some(d.rule.clone()), Some(d))),
+        }
+    }
+}
+
+/// The verdict on `seen`, asked of `gate`; for a message held before (its
+/// ticket kept in `held`), the decision that came since, and while none
+/// has, it stays held. `holdable`: the message can wait; if not, a hold
+/// refuses it by the holding rule (fail closed). Every machine decides
+/// through this, so a held message is taken up again the same way.
+pub fn decide(
+    gate: &mut dyn Gate,
+    held: &mut Option<Ticket>,
+    seen: Seen<'_>,
+    holdable: bool,
+) -> Decided {
+    let ticket = match held.take() {
+        Some(t) => t,
+        None => match gate.statement(seen) {
+            Verdict::Pass(d) => return Decided::Go(d),
+            Verdict::Refuse(d) => return Decided::Refused(d),
+            Verdict::Hold(t) => t,
+        },
+    };
+    match ticket.decision() {
+        Some(d) if d.action == Action::Allow => Decided::Go(Some(d)),
+        Some(d) => Decided::Refused(d),
+        None if holdable => {
+            *held = Some(ticket);
+            Decided::Held
+        }
+        None => Decided::Refused(Decision {
+            action: Action::Deny,
+            rule: ticket.rule().clone(),
+        }),
     }
 }
 
@@ -186,13 +256,7 @@ impl Gate for Open {
     }
 
     fn classify(&mut self, text: &str, reading: Result<Dialect, String>) -> Classified {
-        match reading {
-            Ok(d) => Classified::scanned(text, crate::sql::classify_with(text, d)),
-            Err(why) => Classified::scanned(
-                text,
-                Classification::not_sql(why, crate::sql::Class::Unknown),
-            ),
-        }
+        Classified::afresh(text, reading)
     }
 
     fn reading_changed(&mut self) {}

@@ -198,17 +198,25 @@ impl<'a> CommandComplete<'a> {
 /// ErrorResponse and NoticeResponse: `(Byte code, String value)*, Byte 0`.
 pub(super) struct Fields<'a> {
     body: &'a [u8],
+    /// A field could not be read.
+    bad: bool,
 }
 
 impl<'a> Fields<'a> {
     pub fn of(body: &'a [u8]) -> Self {
-        Fields { body }
+        Fields { body, bad: false }
     }
 
     /// The SQLSTATE (`C` field).
     pub fn code(&self) -> Option<&'a str> {
-        let mut all = Fields { body: self.body };
-        all.find_map(|(code, value)| (code == b'C').then_some(value))
+        Fields::of(self.body).find_map(|(code, value)| (code == b'C').then_some(value))
+    }
+
+    /// Every field (`None`: one cannot be read).
+    pub fn all(body: &'a [u8]) -> Option<Vec<(u8, &'a str)>> {
+        let mut fields = Fields::of(body);
+        let all: Vec<_> = fields.by_ref().collect();
+        (!fields.bad).then_some(all)
     }
 }
 
@@ -223,27 +231,12 @@ impl<'a> Iterator for Fields<'a> {
         }
         let Some((value, after)) = cstr(rest) else {
             self.body = &[];
+            self.bad = true;
             return None;
         };
         self.body = after;
         Some((code, value))
     }
-}
-
-/// The fields of an ErrorResponse or NoticeResponse, all of them (`None`:
-/// a field that cannot be read).
-pub(super) fn all_fields(body: &[u8]) -> Option<Vec<(u8, &str)>> {
-    let mut fields = Vec::new();
-    let mut rest = body;
-    while let Some((&code, more)) = rest.split_first() {
-        if code == 0 {
-            break;
-        }
-        let (value, after) = cstr(more)?;
-        fields.push((code, value));
-        rest = after;
-    }
-    Some(fields)
 }
 
 /// ParameterStatus: `String name, String value`.
