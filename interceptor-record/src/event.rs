@@ -1,10 +1,10 @@
 //! What a session's record holds besides the session itself: the
-//! statements seen on it and, for PostgreSQL, what its startup said. Facts
-//! of protocols are data here; no protocol module is imported.
+//! statements seen on it, and what its protocol told of it. Facts of
+//! protocols are data here; no protocol module is imported.
 
-use std::{fmt, sync::Arc};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use interceptor_sql::Class;
 
@@ -193,26 +193,33 @@ impl Statement {
     }
 }
 
-/// What the startup message said.
+/// What a connection's protocol told of its session, kept as data: one
+/// object per protocol, under the protocol's name (for PostgreSQL,
+/// `postgres`: what its startup packet said). The record knows no
+/// protocol's fields; a reader that knows one reads its object back
+/// typed ([`Facts::get`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Startup {
-    pub user: Option<String>,
-    /// Settings the startup packet asks for that a statement would need
-    /// policy for (`role`, `session_authorization`, `search_path`), as
-    /// `SET` statements; each is decided and recorded like one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub settings: Vec<String>,
-    pub database: Option<String>,
-    pub application_name: Option<String>,
-    /// The client asked for TLS or GSS encryption and was told no.
-    pub encryption_declined: bool,
-    /// This connection carried a CancelRequest.
-    pub cancel_request: bool,
-    /// The client asked for a replication connection.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub replication: bool,
-    /// Why the startup packet cannot be read as the server reads it (it is
-    /// refused).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unreadable: Option<String>,
+#[serde(transparent)]
+pub struct Facts(BTreeMap<String, serde_json::Value>);
+
+impl Facts {
+    /// Sets `protocol`'s facts.
+    pub fn set(&mut self, protocol: &str, facts: &impl Serialize) {
+        let value = serde_json::to_value(facts).expect("facts are plain data");
+        self.0.insert(protocol.to_owned(), value);
+    }
+
+    /// `protocol`'s facts, read as `T` (`None`: none, or not a `T`).
+    pub fn get<T: DeserializeOwned>(&self, protocol: &str) -> Option<T> {
+        serde_json::from_value(self.0.get(protocol)?.clone()).ok()
+    }
+
+    /// Takes in `other`'s facts (its own stand over these).
+    pub fn extend(&mut self, other: Facts) {
+        self.0.extend(other.0);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }

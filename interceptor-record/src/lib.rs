@@ -21,7 +21,7 @@ pub mod codec;
 pub mod event;
 mod outbox;
 
-pub use event::{Action, Decision, Startup, Statement, StatementKind, Tags, Whole};
+pub use event::{Action, Decision, Facts, Statement, StatementKind, Tags, Whole};
 pub use outbox::{Outbox, Recording};
 
 /// How often the statements and progress of open sessions are recorded
@@ -318,9 +318,11 @@ pub struct Session {
     /// The application's side of the connection (its source address).
     pub client: String,
     pub evidence: Option<Evidence>,
-    /// What the PostgreSQL startup said (postgres targets only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postgres: Option<Startup>,
+    /// What the connection's protocol told of it, under the protocol's
+    /// name (`postgres`: what its startup said), beside the session's own
+    /// fields.
+    #[serde(default, flatten)]
+    pub facts: Facts,
     /// Statements recorded so far (their text is in the statements tree).
     #[serde(default)]
     pub statements: u32,
@@ -349,7 +351,7 @@ impl Session {
             detail: None,
             client,
             evidence: None,
-            postgres: None,
+            facts: Facts::default(),
             statements: 0,
         }
     }

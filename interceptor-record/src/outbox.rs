@@ -1,6 +1,7 @@
 //! Where one connection's machines leave what the record takes: its
 //! answered statements, encoded as they complete (on the relay loop, where
-//! they were made), and at the end what the session's startup said. The
+//! they were made), and at the end what the protocol tells of the session
+//! (its [`Facts`]). The
 //! agent's worker drains it while the connection runs and once it ends.
 //!
 //! The one lock here is taken once per answered batch by the loop and
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     codec::{Chunk, Records},
-    Startup, Statement,
+    Facts, Statement,
 };
 
 /// How much of a session's statements the store takes (see
@@ -41,7 +42,7 @@ pub struct Outbox {
 #[derive(Default)]
 struct Held {
     records: Records,
-    startup: Option<Startup>,
+    facts: Facts,
 }
 
 impl Default for Outbox {
@@ -57,7 +58,7 @@ impl Outbox {
         Outbox {
             shared: Arc::new(Mutex::new(Held {
                 records,
-                startup: None,
+                facts: Facts::default(),
             })),
             text_limit: recording.text_limit,
         }
@@ -85,13 +86,14 @@ impl Outbox {
         self.held().records.take()
     }
 
-    /// What the session's startup said (left at the connection's end).
-    pub fn set_startup(&self, st: Startup) {
-        self.held().startup = Some(st);
+    /// What `protocol` tells of the session (left at the connection's
+    /// end).
+    pub fn set_facts(&self, protocol: &str, facts: &impl serde::Serialize) {
+        self.held().facts.set(protocol, facts);
     }
 
-    pub fn take_startup(&self) -> Option<Startup> {
-        self.held().startup.take()
+    pub fn take_facts(&self) -> Facts {
+        std::mem::take(&mut self.held().facts)
     }
 
     /// The statements pushed since the last take (decoded from

@@ -419,6 +419,33 @@ mod tests {
         assert!(parse_duration("m").is_err());
     }
 
+    /// A session stored as the agent wrote it when its PostgreSQL startup
+    /// was a field of its own reads back with the startup as its
+    /// `postgres` facts, and is stored again the same (as JSON: the facts'
+    /// own keys come sorted).
+    #[test]
+    fn sessions_stored_with_a_startup_read_back_with_it_as_facts() {
+        let stored = br#"{"id":"0006445c8a1b2c3d","workload":"web","identity":null,"pid":7,"exe":null,"uid":0,"cgroup":null,"original_dst":"127.0.0.1:5432","target":"db","protocol":"postgres","started_at":"2026-12-01T10:00:00.000000Z","ended_at":null,"bytes_up":9,"bytes_down":6,"outcome":"closed","rule":"r","detail":null,"client":"127.0.0.1:1","evidence":null,"postgres":{"user":"app","database":"orders","application_name":null,"encryption_declined":true,"cancel_request":false},"statements":0}"#;
+        let s = decode(b"k", stored).unwrap();
+        #[derive(Deserialize)]
+        struct Startup {
+            user: Option<String>,
+            database: Option<String>,
+            encryption_declined: bool,
+        }
+        let pg: Startup = s.facts.get("postgres").unwrap();
+        assert_eq!(pg.user.as_deref(), Some("app"));
+        assert_eq!(pg.database.as_deref(), Some("orders"));
+        assert!(pg.encryption_declined);
+        assert_eq!(s.statements, 0);
+        let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        assert_eq!(json(&encode(&s)), json(stored));
+        let plain = Session::new(s.id, "127.0.0.1:1".into());
+        let json = String::from_utf8(encode(&plain)).unwrap();
+        assert!(!json.contains("postgres"), "{json}");
+        assert_eq!(decode(b"k", json.as_bytes()).unwrap(), plain);
+    }
+
     fn session(id: SessionId, workload: &str) -> Session {
         Session {
             workload: Some(workload.into()),

@@ -17,6 +17,7 @@ use crate::{
     cgroup,
     config::{Config, DEFAULT_CONFIG},
     policy,
+    protocol::postgres::{self, Startup},
     record::{self, Filter, Session, SessionId, SledStore, Statement, Store},
     redirect,
 };
@@ -610,7 +611,7 @@ fn print_session(s: &Session) {
     for (k, v) in rows {
         println!("{k:<14} {v}");
     }
-    if let Some(pg) = &s.postgres {
+    if let Some(pg) = s.facts.get::<Startup>(postgres::FACTS) {
         println!("postgres:");
         println!("  {:<14} {}", "user", opt(&pg.user));
         println!("  {:<14} {}", "database", opt(&pg.database));

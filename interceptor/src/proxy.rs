@@ -39,7 +39,7 @@ use crate::{
     config::{Config, Target, PROXY_IP4, PROXY_IP6},
     identity::Resolver,
     policy::{Action, Policy},
-    protocol::{self, postgres},
+    protocol,
     record::{
         now_micros, rfc3339_micros, Outbox, Outcome, Recorder, Recording, Session, SessionIds,
     },
@@ -464,32 +464,24 @@ impl Proxy {
             self.relay_inspected(&mut s, h, client, upstream, progress)
                 .await
         } else {
-            // A PostgreSQL session where policy expected opaque bytes
-            // would go unchecked: it is told by its first bytes.
-            let unknown = self.policy.load().decide_unknown_postgres();
-            let sniff = relay_loop::Sniff {
-                opens: postgres::opens_session,
-                refuse: (unknown.action != Action::Allow).then(|| format!(
-                    "a PostgreSQL session to {dst}, which is no postgres target: its statements cannot be checked; refused by rule `{}`",
-                    unknown.rule
-                )),
-            };
+            // A session of a protocol the agent inspects, where policy
+            // expected opaque bytes, would go unchecked: it is told by its
+            // first bytes.
+            let unexpected = protocol::Unexpected::decided(&self.policy.load(), &dst);
             let listed = flush::Listed::new(s.id, None, progress.clone());
-            let r = Relayed::from(relay_loop::relay(client, upstream, progress, Some(sniff)).await);
+            let sniff = Some(unexpected.sniff());
+            let r = Relayed::from(relay_loop::relay(client, upstream, progress, sniff).await);
             listed.finish(&self.recorder).await;
-            if r.postgres {
-                s.protocol = "postgres".into();
-                s.rule = Some(unknown.rule.to_string());
+            if r.sniffed {
+                s.protocol = unexpected.protocol.into();
+                s.rule = Some(unexpected.decision.rule.to_string());
             }
             r
         };
         s.bytes_up = r.up;
         s.bytes_down = r.down;
-        let detail = match (r.postgres, r.detail) {
-            (true, None) => Some(
-                "a PostgreSQL session to a destination that is no postgres target: relayed unchecked (defaults.unknown_postgres = allow)"
-                    .into(),
-            ),
+        let detail = match (r.sniffed, r.detail) {
+            (true, None) => Some(protocol::Unexpected::RELAYED.into()),
             (_, detail) => detail,
         };
         self.finish(s, r.outcome, detail).await;
@@ -524,7 +516,7 @@ impl Proxy {
         let end = relay_loop::relay_inspected(client, upstream, machines, progress, Some(bell));
         let end = end.await;
         s.statements = listed.finish(&self.recorder).await;
-        s.postgres = outbox.take_startup();
+        s.facts.extend(outbox.take_facts());
         Relayed::from(end)
     }
 }
@@ -601,9 +593,10 @@ pub struct Relayed {
     pub down: u64,
     pub outcome: Outcome,
     pub detail: Option<String>,
-    /// An opaque connection turned out to carry a PostgreSQL session
-    /// (relayed, or refused for it).
-    pub postgres: bool,
+    /// An opaque connection turned out to carry a session of a protocol
+    /// the agent inspects (see [`protocol::Unexpected`]): relayed, or
+    /// refused for it.
+    pub sniffed: bool,
 }
 
 /// How the relay's end of a connection is recorded.
@@ -620,7 +613,7 @@ impl From<End> for Relayed {
             down: end.down,
             outcome,
             detail,
-            postgres: end.sniffed,
+            sniffed: end.sniffed,
         }
     }
 }

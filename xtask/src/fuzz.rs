@@ -1,15 +1,17 @@
 //! `cargo xtask fuzz [SECONDS]`: coverage-guided fuzzing (cargo-fuzz,
 //! libFuzzer, AddressSanitizer) of what reads untrusted bytes: the
-//! PostgreSQL relay in both directions, the SQL classifier, redactor and
-//! classification cache key, the cache key against PostgreSQL's own lexer
-//! (`key`, a differential fuzzer), and the stored form of recorded
-//! statements.
+//! PostgreSQL relay in both directions (the wire machines with a gate of
+//! their own that holds statements, and with the agent's gate and
+//! policy), the SQL classifier, redactor and classification cache key,
+//! the cache key against PostgreSQL's own lexer (`key`, a differential
+//! fuzzer), and the stored form of recorded statements.
 //! Each target runs SECONDS (default 60) from the seeds in its fuzz
 //! directory's `seeds` plus the corpus it has grown in its `corpus`; a
 //! crash, a broken invariant or a hang fails the task and leaves the input
-//! in its `artifacts`. The SQL and record crates' targets live in
-//! `interceptor-sql/fuzz` and `interceptor-record/fuzz` (they build
-//! without the agent), the agent's in `fuzz`.
+//! in its `artifacts`. The SQL, record and wire crates' targets live in
+//! their crates' `fuzz` directories (they build without the agent), the
+//! agent's in `fuzz`. All build into one target directory
+//! (`target/fuzz`), so what they share is built once.
 
 use std::process::Command;
 
@@ -21,6 +23,7 @@ use crate::{root, run};
 pub const TARGETS: &[(&str, &[&str])] = &[
     ("interceptor-sql/fuzz", &["sql", "key"]),
     ("interceptor-record/fuzz", &["store"]),
+    ("interceptor-wire/fuzz", &["machines"]),
     ("fuzz", &["pg_relay"]),
 ];
 
@@ -41,7 +44,8 @@ fn fuzz(dir: &std::path::Path, target: &str, seconds: u64) -> Result<()> {
     std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
     eprintln!("fuzz: {target} for {seconds} s");
     run(nightly(dir)
-        .args(["fuzz", "run", "-O", target])
+        .args(["fuzz", "run", "-O", target, "--target-dir"])
+        .arg(root().join("target/fuzz"))
         .arg(&corpus)
         .arg(dir.join("seeds").join(target))
         .arg("--")

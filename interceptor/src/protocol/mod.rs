@@ -12,15 +12,19 @@
 
 use std::{future::Future, pin::Pin, time::Duration};
 
-use interceptor_relay::{Ending, Machines};
+use interceptor_relay::{Ending, Machines, Sniff};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{config::Protocol, record::Outbox};
+use crate::{
+    config::Protocol,
+    policy::Policy,
+    record::{Action, Decision, Outbox},
+};
 
 #[cfg(test)]
 pub mod lines;
 pub mod postgres;
-pub mod seam;
+pub use interceptor_wire::seam;
 
 /// A client's socket, as a handler answers it before any relaying.
 pub trait Client: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -50,6 +54,45 @@ pub trait Handler: Sync {
         message: &'a str,
         wait: Duration,
     ) -> Answer<'a>;
+}
+
+/// A session of a protocol the agent inspects, found on a connection
+/// relayed as opaque bytes (a destination that is no target of that
+/// protocol): its statements would go unchecked, so policy decides it
+/// (`defaults.unknown_postgres`). Only PostgreSQL is told by its first
+/// bytes today.
+pub struct Unexpected {
+    /// The protocol's name, as sessions record it.
+    pub protocol: &'static str,
+    pub decision: Decision,
+    refusal: String,
+}
+
+impl Unexpected {
+    /// How a session found and relayed is described.
+    pub const RELAYED: &'static str = "a PostgreSQL session to a destination that is no postgres target: relayed unchecked (defaults.unknown_postgres = allow)";
+
+    /// What `policy` decides of one found on a connection to `dst`.
+    pub fn decided(policy: &Policy, dst: &str) -> Unexpected {
+        let decision = policy.decide_unknown_postgres();
+        let refusal = format!(
+            "a PostgreSQL session to {dst}, which is no postgres target: its statements cannot be checked; refused by rule `{}`",
+            decision.rule
+        );
+        Unexpected {
+            protocol: "postgres",
+            decision,
+            refusal,
+        }
+    }
+
+    /// How the relay tells it, and refuses it unless it is allowed.
+    pub fn sniff(&self) -> Sniff {
+        Sniff {
+            opens: postgres::opens_session,
+            refuse: (self.decision.action != Action::Allow).then(|| self.refusal.clone()),
+        }
+    }
 }
 
 /// The name policy keeps for a type a mask rule names (`types`), as the

@@ -1,23 +1,18 @@
 //! The relay as two byte-driven machines, client → server ([`Frontend`])
-//! and server → client ([`Backend`]), and their hook into the relay's
-//! inspected pair (`interceptor_relay::relay_inspected`), which feeds them
-//! from the sockets.
+//! and server → client ([`Backend`]), and the pair of them with their
+//! state ([`Machines`]), which the agent's relay loop feeds from the
+//! sockets.
 //!
 //! A machine never touches a socket. It is handed what has arrived, takes
 //! every whole frame it can (or passes on what has come of a frame it does
 //! not inspect), and appends what must go out. So the agent's relay loop
-//! drives them straight from socket events ([`relay`]), and the tests and
+//! drives them straight from socket events, and the tests and
 //! fuzzers drive the very same machines from byte slices ([`frontend`],
 //! [`backend`], with no runtime), in chunks that split frames anywhere.
 
-use std::{
-    io::{self, Read, Write},
-    sync::Arc,
-};
+use std::io::{Read, Write};
 
 use bytes::{Buf, BufMut, BytesMut};
-
-use interceptor_relay::{self as relay_loop, End, Ending};
 
 use crate::{
     record::{Decision, StatementKind},
@@ -785,25 +780,8 @@ pub fn backend(r: &mut impl Read, w: &mut impl Write, state: &mut State) -> Resu
     }
 }
 
-/// Relays one PostgreSQL connection on a relay loop, its two machines
-/// between the two sockets ([`interceptor_relay::relay_inspected`]): every
-/// socket event is answered there, with no runtime in between. `bell`
-/// wakes the connection when a held statement is decided (see
-/// [`super::Verdict::Hold`]). What it records goes to the state's outbox,
-/// the rest of it once the connection ends.
-pub async fn relay(
-    client: impl TryInto<relay_loop::Stream, Error = io::Error>,
-    upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
-    state: State,
-    progress: Arc<relay_loop::Progress>,
-    bell: relay_loop::Bell,
-) -> End {
-    let machines = Machines::new(state);
-    relay_loop::relay_inspected(client, upstream, machines, progress, Some(bell)).await
-}
-
-/// One connection's machines and the state they share, as the relay loop
-/// drives them.
+/// One connection's machines and the state they share, as a relay loop
+/// drives them: the client's bytes, the server's, and the end of each.
 pub struct Machines {
     front: Frontend,
     back: Backend,
@@ -818,382 +796,46 @@ impl Machines {
             state,
         }
     }
-}
 
-/// A PostgreSQL connection's errors end it as the relay says: a refused
-/// login is a refusal; the rest are failures.
-impl relay_loop::Machines for Machines {
-    type Error = Ending;
-
-    fn client(
+    /// What the client sent (`input`, whole frames taken): what goes on
+    /// to the server, and the agent's own answers to the client.
+    pub fn client(
         &mut self,
         input: &mut BytesMut,
         to_server: &mut BytesMut,
         to_client: &mut BytesMut,
-    ) -> Result<(), Ending> {
-        let fed = self
-            .front
-            .feed(input, to_server, to_client, &mut self.state);
-        fed.map_err(Into::into)
+    ) -> Result<(), PgError> {
+        self.front
+            .feed(input, to_server, to_client, &mut self.state)
     }
 
-    fn client_ended(&mut self, input: &[u8]) -> Result<(), Ending> {
-        self.front.eof(input, &mut self.state).map_err(Into::into)
+    /// The client's end, with what was left of its last frame.
+    pub fn client_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
+        self.front.eof(input, &mut self.state)
     }
 
-    fn server(&mut self, input: &mut BytesMut, to_client: &mut BytesMut) -> Result<(), Ending> {
-        let fed = self.back.feed(input, to_client, &mut self.state);
-        fed.map_err(Into::into)
+    /// What the server sent: what goes on to the client.
+    pub fn server(
+        &mut self,
+        input: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) -> Result<(), PgError> {
+        self.back.feed(input, to_client, &mut self.state)
     }
 
-    fn server_ended(&mut self, input: &[u8]) -> Result<(), Ending> {
-        self.back.eof(input).map_err(Into::into)
+    /// The server's end, with what was left of its last frame.
+    pub fn server_ended(&mut self, input: &[u8]) -> Result<(), PgError> {
+        self.back.eof(input)
     }
 
-    fn holding(&self) -> bool {
+    /// A statement waits for its decision (see [`super::Verdict::Hold`]).
+    pub fn holding(&self) -> bool {
         self.state.holding()
     }
 
-    /// However the connection ends (its loop stopping included), what it
-    /// has not recorded yet goes to the outbox before the end is told.
-    fn ended(&mut self) {
+    /// However the connection ends, what it has not recorded yet goes to
+    /// the outbox.
+    pub fn ended(&mut self) {
         self.state.ended();
-    }
-}
-
-impl From<PgError> for Ending {
-    fn from(e: PgError) -> Ending {
-        match e {
-            PgError::Io(e) => Ending::Failed(e),
-            e @ PgError::StartupRefused { .. } => Ending::Refused(e.to_string()),
-            e => Ending::Failed(io::Error::other(e.to_string())),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proxy::loopback_pair as pair;
-    use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A client that stops reading holds the server back: the relay stops
-    /// reading from the server once a bounded amount waits for the client,
-    /// instead of buffering the result. When the client reads again,
-    /// everything arrives, and the session ends cleanly.
-    #[tokio::test]
-    async fn a_client_that_stops_reading_holds_the_server_back() {
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let relayed = relay(
-            proxy_client,
-            proxy_upstream,
-            State::default(),
-            Arc::default(),
-            relay_loop::Bell::new(),
-        );
-        let flow = async {
-            let startup = b"\0\0\0\x09\0\x03\0\0\0";
-            app.write_all(startup).await.unwrap();
-            let mut got = [0u8; 9];
-            server.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, startup);
-            // DataRows of 8 KiB until the server's writes stall.
-            let mut frame = vec![b'D'];
-            frame.extend_from_slice(&(4 + 8192u32).to_be_bytes());
-            frame.resize(5 + 8192, 7);
-            let (mut sent, mut at) = (0usize, 0usize);
-            loop {
-                match server.try_write(&frame[at..]) {
-                    Ok(n) => {
-                        sent += n;
-                        at = (at + n) % frame.len();
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        let wait =
-                            tokio::time::timeout(Duration::from_millis(500), server.writable());
-                        if wait.await.is_err() {
-                            break; // nobody takes more
-                        }
-                    }
-                    Err(e) => panic!("{e}"),
-                }
-                assert!(
-                    sent < 64 << 20,
-                    "the relay took 64 MiB for a client that reads nothing"
-                );
-            }
-            // Socket buffers on both hops plus the relay's own bound.
-            assert!(
-                sent < 32 << 20,
-                "{sent} bytes went in before the server was held back"
-            );
-            let finish = async {
-                server.write_all(&frame[at..]).await.unwrap();
-                server.shutdown().await.unwrap();
-                sent + frame.len() - at
-            };
-            let read = async {
-                let mut all = Vec::new();
-                app.read_to_end(&mut all).await.unwrap();
-                all
-            };
-            let (total, all) = tokio::join!(finish, read);
-            assert_eq!(all.len(), total, "every byte arrives");
-            assert!(all.chunks(frame.len()).all(|f| f == &frame[..f.len()]));
-            app.shutdown().await.unwrap();
-            total
-        };
-        let (end, total) = tokio::join!(relayed, flow);
-        assert!(matches!(end.how, Ending::Closed), "{end:?}");
-        assert_eq!((end.up, end.down), (9, total as u64));
-    }
-
-    /// The end path is the opaque relay's: a side that fails resets the
-    /// other, which learns that the connection broke rather than ended.
-    #[tokio::test]
-    async fn a_reset_on_one_side_resets_the_other() {
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let relayed = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            State::default(),
-            Arc::default(),
-            relay_loop::Bell::new(),
-        ));
-        let startup = b"\0\0\0\x09\0\x03\0\0\0";
-        app.write_all(startup).await.unwrap();
-        let mut got = [0u8; 9];
-        server.read_exact(&mut got).await.unwrap();
-        interceptor_relay::sys::reset(&app);
-        drop(app);
-        let mut rest = Vec::new();
-        let e = server.read_to_end(&mut rest).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
-        let end = relayed.await.unwrap();
-        assert!(matches!(end.how, Ending::Failed(_)), "{end:?}");
-    }
-
-    /// A gate for tests: decides nothing, except that it holds every
-    /// statement whose text has `/* hold */`, handing the ticket over.
-    struct Holding {
-        open: crate::protocol::seam::Open,
-        bell: relay_loop::Bell,
-        tickets: std::sync::mpsc::Sender<super::super::Ticket>,
-    }
-
-    impl super::super::Gate for Holding {
-        fn flags(&mut self) -> super::super::Flags {
-            self.open.flags()
-        }
-        fn classify(
-            &mut self,
-            text: &str,
-            reading: Result<crate::sql::Dialect, String>,
-        ) -> Classified {
-            self.open.classify(text, reading)
-        }
-        fn reading_changed(&mut self) {
-            self.open.reading_changed()
-        }
-        fn statement(&mut self, seen: crate::protocol::seam::Seen<'_>) -> super::super::Verdict {
-            if !seen.text.contains("/* hold */") {
-                return self.open.statement(seen);
-            }
-            let bell = self.bell.clone();
-            let wake = Box::new(move || bell.ring());
-            let t = super::super::Ticket::new("needs-a-second-person".into(), wake);
-            self.tickets.send(t.clone()).unwrap();
-            super::super::Verdict::Hold(t)
-        }
-        fn result_shape(
-            &mut self,
-            columns: &[crate::protocol::seam::Column<'_>],
-            class: Option<&Classification>,
-            k: usize,
-        ) -> Option<crate::protocol::seam::Masks> {
-            self.open.result_shape(columns, class, k)
-        }
-        fn mask(&self, how: &crate::policy::ColumnMask, value: &[u8]) -> Vec<u8> {
-            self.open.mask(how, value)
-        }
-        fn message_rule(&mut self, classes: &[Option<Arc<Classification>>]) -> Option<Arc<str>> {
-            self.open.message_rule(classes)
-        }
-        fn names_rule(&self, rule: &str) -> bool {
-            self.open.names_rule(rule)
-        }
-    }
-
-    fn query(sql: &str) -> Vec<u8> {
-        let mut m = vec![b'Q'];
-        m.extend_from_slice(&(5 + sql.len() as u32).to_be_bytes());
-        m.extend_from_slice(sql.as_bytes());
-        m.push(0);
-        m
-    }
-
-    /// The server's answer to one simple query.
-    const ANSWER: &[u8] = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
-
-    /// Reads what reaches `server` within `wait`.
-    async fn arrives(server: &mut tokio::net::TcpStream, wait: Duration) -> Vec<u8> {
-        let mut got = Vec::new();
-        let until = tokio::time::Instant::now() + wait;
-        let mut buf = [0u8; 4096];
-        while let Ok(Ok(n @ 1..)) = tokio::time::timeout_at(until, server.read(&mut buf)).await {
-            got.extend_from_slice(&buf[..n]);
-        }
-        got
-    }
-
-    /// A held statement waits without stopping its relay loop: it does not
-    /// reach the server, nor does what its client sends behind it, while
-    /// another connection on the same loop flows. Released, it goes on in
-    /// order; refused, the server raises the refusal naming the decision's
-    /// rule, and the session goes on. Both are recorded as decided.
-    #[tokio::test]
-    async fn a_held_statement_waits_alone_and_goes_on_as_decided() {
-        let (tickets, decide) = std::sync::mpsc::channel();
-        let outbox = super::super::Outbox::default();
-        let bell = relay_loop::Bell::new();
-        let gate = Holding {
-            open: crate::protocol::seam::Open,
-            bell: bell.clone(),
-            tickets,
-        };
-        let state = State::new(Box::new(gate), outbox.clone());
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let held = tokio::spawn(relay(
-            proxy_client,
-            proxy_upstream,
-            state,
-            Arc::default(),
-            bell,
-        ));
-        // Another connection, on the same loop (this thread's only one).
-        let (mut app2, proxy_client2) = pair().await;
-        let (proxy_upstream2, mut server2) = pair().await;
-        let other = tokio::spawn(relay(
-            proxy_client2,
-            proxy_upstream2,
-            State::default(),
-            Arc::default(),
-            relay_loop::Bell::new(),
-        ));
-        let startup = b"\0\0\0\x09\0\x03\0\0\0";
-        for (app, server) in [(&mut app, &mut server), (&mut app2, &mut server2)] {
-            app.write_all(startup).await.unwrap();
-            let mut got = [0u8; 9];
-            server.read_exact(&mut got).await.unwrap();
-            server.write_all(b"Z\0\0\0\x05I").await.unwrap();
-            let mut z = [0u8; 6];
-            app.read_exact(&mut z).await.unwrap();
-        }
-
-        let first = query("SELECT 1 /* hold */");
-        let behind = query("SELECT 3");
-        app.write_all(&[first.clone(), behind.clone()].concat())
-            .await
-            .unwrap();
-        let ticket = tokio::task::spawn_blocking(move || {
-            let t = decide.recv_timeout(Duration::from_secs(10)).unwrap();
-            (t, decide)
-        });
-        let (ticket, decide) = ticket.await.unwrap();
-        for _ in 0..3 {
-            // The other connection flows meanwhile.
-            app2.write_all(&query("SELECT 2")).await.unwrap();
-            let mut q = vec![0u8; query("SELECT 2").len()];
-            server2.read_exact(&mut q).await.unwrap();
-            server2.write_all(ANSWER).await.unwrap();
-            let mut a = vec![0u8; ANSWER.len()];
-            app2.read_exact(&mut a).await.unwrap();
-        }
-        let early = arrives(&mut server, Duration::from_millis(300)).await;
-        assert!(
-            early.is_empty(),
-            "a held statement reached the server: {early:?}"
-        );
-
-        ticket.decide(crate::policy::Decision {
-            action: crate::policy::Action::Allow,
-            rule: "approved-by-bob".into(),
-        });
-        let mut got = vec![0u8; first.len() + behind.len()];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, [first, behind].concat(), "released, in order");
-        server.write_all(&[ANSWER, ANSWER].concat()).await.unwrap();
-        let mut a = vec![0u8; 2 * ANSWER.len()];
-        app.read_exact(&mut a).await.unwrap();
-
-        // Held again, then refused.
-        app.write_all(&query("DELETE FROM t /* hold */"))
-            .await
-            .unwrap();
-        let ticket = tokio::task::spawn_blocking(move || {
-            decide.recv_timeout(Duration::from_secs(10)).unwrap()
-        });
-        let ticket = ticket.await.unwrap();
-        assert!(arrives(&mut server, Duration::from_millis(100))
-            .await
-            .is_empty());
-        ticket.decide(crate::policy::Decision {
-            action: crate::policy::Action::Deny,
-            rule: "denied-by-bob".into(),
-        });
-        let refusal = arrives(&mut server, Duration::from_millis(500)).await;
-        let refusal = String::from_utf8_lossy(&refusal);
-        assert!(!refusal.contains("DELETE"), "{refusal}");
-        assert!(
-            refusal.contains("denied by rule \"denied-by-bob\""),
-            "{refusal}"
-        );
-        server
-            .write_all(b"E\0\0\0\x0cC42501\0\0Z\0\0\0\x05I")
-            .await
-            .unwrap();
-        let mut a = [0u8; 19];
-        app.read_exact(&mut a).await.unwrap();
-
-        for (mut app, mut server) in [(app, server), (app2, server2)] {
-            app.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            server.read_to_end(&mut rest).await.unwrap();
-            server.shutdown().await.unwrap();
-        }
-        assert!(matches!(held.await.unwrap().how, Ending::Closed));
-        assert!(matches!(other.await.unwrap().how, Ending::Closed));
-        let recorded: Vec<_> = outbox
-            .take_statements()
-            .into_iter()
-            .map(|s| {
-                (
-                    s.text.to_string(),
-                    s.decision,
-                    s.rule.map(|r| r.to_string()),
-                )
-            })
-            .collect();
-        use crate::policy::Action::{Allow, Deny};
-        assert_eq!(
-            recorded,
-            [
-                (
-                    "SELECT 1 /* hold */".into(),
-                    Some(Allow),
-                    Some("approved-by-bob".into())
-                ),
-                ("SELECT 3".into(), None, None),
-                (
-                    "DELETE FROM t /* hold */".into(),
-                    Some(Deny),
-                    Some("denied-by-bob".into())
-                ),
-            ]
-        );
     }
 }
