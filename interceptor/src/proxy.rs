@@ -112,7 +112,7 @@ pub struct Proxy {
     pub identity: Arc<Resolver>,
     pub recorder: Recorder,
     pub ids: Arc<SessionIds>,
-    /// Keyed masking of result values (PostgreSQL targets).
+    /// Keyed masking of result values (targets whose protocol is inspected).
     pub masker: Arc<crate::mask::Masker>,
     /// Where the listeners are bound: a connect aimed there is a loop.
     pub listening: Vec<SocketAddr>,

@@ -1,5 +1,5 @@
-//! Records open sessions while they run: the statements of PostgreSQL
-//! sessions, and every session's bytes while they move (so a session the
+//! Records open sessions while they run: the statements of sessions whose
+//! protocol the agent inspects, and every session's bytes while they move (so a session the
 //! agent could not end, killed, still shows how far it got).
 //!
 //! One task per data-plane thread ([`run`]) takes what has completed in
@@ -43,7 +43,7 @@ static SENT: Notify = Notify::const_new();
 static LISTED: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// The PostgreSQL sessions open on this thread.
+    /// The sessions open on this thread.
     static OPEN: RefCell<HashMap<SessionId, Open>> = RefCell::new(HashMap::new());
 }
 
