@@ -20,9 +20,12 @@
 //! decode to much more than its own size. Each statement's seq and time
 //! are written as the (zigzag) difference from the previous one's.
 //!
-//! A statement whose text was cut at the recording limit ends with the
-//! whole text's length and SHA-256 (an optional value: a varint and 32
-//! bytes). Records of the format before that field ([`FORMAT_NO_WHOLE`]),
+//! A statement whose text was cut at the recording limit has the whole
+//! text's length and SHA-256 (an optional value: a varint and 32 bytes);
+//! each statement ends with the approval request behind its decision (an
+//! optional string). Records of the format before that last field
+//! ([`FORMAT_NO_APPROVAL`]), of the format before the whole text's hash
+//! ([`FORMAT_NO_WHOLE`]),
 //! of the first binary format ([`FORMAT_PLAIN`]: every string written out,
 //! seq and time whole) and JSON arrays (they start with `[`), written by
 //! older agents, still decode.
@@ -37,7 +40,9 @@ use interceptor_sql::Class;
 use crate::{Action, Statement, StatementKind, Whole};
 
 /// First byte of a record in the current format.
-const FORMAT: u8 = 3;
+const FORMAT: u8 = 4;
+/// First byte of a record of the format before [`Statement::approval`].
+const FORMAT_NO_APPROVAL: u8 = 3;
 /// First byte of a record of the format before [`Statement::whole`].
 const FORMAT_NO_WHOLE: u8 = 2;
 /// First byte of a record of the first binary format.
@@ -346,6 +351,9 @@ impl Writer {
             varint(&mut w.body, whole.len);
             w.body.extend_from_slice(&whole.sha256);
         });
+        self.option(s.approval.as_deref(), |w, a| {
+            w.string(a, false);
+        });
     }
 
     /// Says a statement's kind (by its name): by the number it last had if
@@ -470,18 +478,17 @@ fn unzigzag(v: u64) -> u64 {
 
 /// The statements of a stored record, in any format.
 pub fn decode(bytes: &[u8]) -> Result<Vec<Statement>, String> {
-    let (plain, whole) = match bytes.first() {
+    let format = match bytes.first() {
         Some(b'[') => return serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        Some(&FORMAT) => (false, true),
-        Some(&FORMAT_NO_WHOLE) => (false, false),
-        Some(&FORMAT_PLAIN) => (true, false),
+        Some(&f @ (FORMAT | FORMAT_NO_APPROVAL | FORMAT_NO_WHOLE | FORMAT_PLAIN)) => f,
         Some(b) => return Err(format!("unknown statement record format {b:#04x}")),
         None => return Err("empty statement record".into()),
     };
     let mut r = Reader {
         rest: &bytes[1..],
-        plain,
-        whole,
+        plain: format == FORMAT_PLAIN,
+        whole: format >= FORMAT_NO_APPROVAL,
+        approval: format >= FORMAT,
         said: Vec::new(),
         next_seq: 0,
         last_at: 0,
@@ -531,8 +538,10 @@ struct Reader<'a> {
     rest: &'a [u8],
     /// The first binary format: strings in full, seq and time whole.
     plain: bool,
-    /// Statements end with [`Statement::whole`].
+    /// Statements have [`Statement::whole`].
     whole: bool,
+    /// Statements end with [`Statement::approval`].
+    approval: bool,
     /// Strings said so far in this record.
     said: Vec<Arc<str>>,
     next_seq: u64,
@@ -703,6 +712,10 @@ impl Reader<'_> {
             })?,
             false => None,
         };
+        let approval = match self.approval {
+            true => self.option(Self::string)?.map(Arc::from),
+            false => None,
+        };
         Ok(Statement {
             seq,
             at,
@@ -720,6 +733,7 @@ impl Reader<'_> {
             rows,
             error,
             whole,
+            approval,
         })
     }
 }
@@ -753,6 +767,7 @@ mod tests {
                 len: 1 << 40,
                 sha256: [0xab; 32],
             }),
+            approval: Some("0190f3a1b2c3d4e5".into()),
         };
         let mut list = vec![plain.clone(), full];
         for (i, (class, action)) in [
@@ -902,9 +917,38 @@ mod tests {
         )];
         let mut bytes = Vec::new();
         encode(&older, &mut bytes);
+        assert_eq!(bytes.pop(), Some(0), "no approval: an empty option last");
+        bytes[0] = FORMAT_NO_APPROVAL;
+        assert_eq!(decode(&bytes).unwrap(), older);
         assert_eq!(bytes.pop(), Some(0), "no whole: an empty option last");
         bytes[0] = FORMAT_NO_WHOLE;
         assert_eq!(decode(&bytes).unwrap(), older);
+    }
+
+    /// The approval request behind a statement's decision round-trips.
+    #[test]
+    fn approvals_behind_statements_are_kept() {
+        let list = vec![
+            Statement {
+                approval: Some("0190f3a1b2c3d4e5".into()),
+                decision: Some(Action::Allow),
+                rule: Some("dba-review".into()),
+                ..Statement::new(
+                    StatementKind::Query,
+                    None,
+                    "DELETE FROM t".into(),
+                    Class::Write,
+                )
+            },
+            Statement {
+                seq: 1,
+                ..Statement::new(StatementKind::Query, None, "SELECT 1".into(), Class::Read)
+            },
+        ];
+        let mut bytes = Vec::new();
+        encode(&list, &mut bytes);
+        assert_eq!(bytes[0], FORMAT);
+        assert_eq!(decode(&bytes).unwrap(), list);
     }
 
     /// Over its budget, a session's statements are counted, not encoded,

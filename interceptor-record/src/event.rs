@@ -13,6 +13,30 @@ use interceptor_sql::Class;
 pub struct Decision {
     pub action: Action,
     pub rule: Arc<str>,
+    /// The approval request behind it, when a review rule matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+}
+
+impl Decision {
+    /// `action` by `rule`, with no approval behind it.
+    pub fn new(action: Action, rule: Arc<str>) -> Self {
+        Decision {
+            action,
+            rule,
+            via: None,
+        }
+    }
+}
+
+/// The approval request behind a decision (see [`Decision::via`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Via {
+    /// The request's id (its grant has the same id).
+    pub request: Arc<str>,
+    /// What became of it, in a few words (`approved by alice`, `no
+    /// decision within 60s`), for the refusal a client reads.
+    pub why: Arc<str>,
 }
 
 /// What a rule decided.
@@ -23,7 +47,7 @@ pub enum Action {
     Deny,
     /// Statement rules: mask result columns.
     Mask,
-    /// Reserved: just-in-time approval by another identity.
+    /// Just-in-time approval by another person: held until decided.
     Review,
 }
 
@@ -138,6 +162,10 @@ pub struct Statement {
     /// (`agent.record_text_limit`): what the whole text was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whole: Option<Whole>,
+    /// The approval request whose grant let it through, or whose refusal
+    /// stopped it (a review rule matched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Arc<str>>,
 }
 
 /// A statement text recorded cut: the length in bytes and the SHA-256 of
@@ -189,6 +217,7 @@ impl Statement {
             rows: None,
             error: None,
             whole: None,
+            approval: None,
         }
     }
 }

@@ -17,11 +17,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod approval;
 pub mod codec;
 pub mod event;
 mod outbox;
 
-pub use event::{Action, Decision, Facts, Statement, StatementKind, Tags, Whole};
+pub use approval::{Request, RequestId};
+pub use event::{Action, Decision, Facts, Statement, StatementKind, Tags, Via, Whole};
 pub use outbox::{Outbox, Recording};
 
 /// How often the statements and progress of open sessions are recorded
@@ -313,6 +315,10 @@ pub struct Session {
     pub outcome: Outcome,
     /// The rule that decided the connect.
     pub rule: Option<String>,
+    /// The approval request behind the connect's decision (a review rule
+    /// decided it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
     /// Why it ended the way it did (error text, refusal reason).
     pub detail: Option<String>,
     /// The application's side of the connection (its source address).
@@ -348,6 +354,7 @@ impl Session {
             bytes_down: 0,
             outcome: Outcome::Open,
             rule: None,
+            approval: None,
             detail: None,
             client,
             evidence: None,

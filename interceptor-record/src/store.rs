@@ -72,6 +72,8 @@ pub struct SledStore {
     /// Session id → bytes up, bytes down, time (three big-endian u64) of an
     /// open session's last [`Record::Progress`].
     progress: sled::Tree,
+    /// Approval request id → the request, its history and its grant (JSON).
+    approvals: sled::Tree,
 }
 
 /// sled's page cache: the agent writes far more than it reads back, so a
@@ -99,11 +101,13 @@ impl SledStore {
         let sessions = db.open_tree("sessions")?;
         let statements = db.open_tree("statements")?;
         let progress = db.open_tree("progress")?;
+        let approvals = db.open_tree("approvals")?;
         Ok(SledStore {
             db,
             sessions,
             statements,
             progress,
+            approvals,
         })
     }
 
@@ -261,6 +265,50 @@ impl Store for SledStore {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Where approval requests and their grants live (see [`crate::approval`]).
+/// Small on purpose: a fleet-wide store on a distributed engine can take
+/// its place. Every write is durable when it returns: a decision must
+/// survive the agent.
+pub trait ApprovalStore: Send + Sync {
+    /// Writes `request` whole (a new one, or its new state).
+    fn put_request(&self, request: &Request) -> Result<(), StoreError>;
+    fn request(&self, id: RequestId) -> Result<Option<Request>, StoreError>;
+    /// Requests made at or after `since` (µs since the epoch), oldest first.
+    fn requests(&self, since: u64) -> Result<Vec<Request>, StoreError>;
+}
+
+impl ApprovalStore for SledStore {
+    fn put_request(&self, request: &Request) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(request).expect("requests always serialize");
+        self.approvals.insert(request.id.0.to_be_bytes(), value)?;
+        self.approvals.flush()?;
+        Ok(())
+    }
+
+    fn request(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
+        let key = id.0.to_be_bytes();
+        self.approvals
+            .get(key)?
+            .map(|v| read_request(&key, &v))
+            .transpose()
+    }
+
+    fn requests(&self, since: u64) -> Result<Vec<Request>, StoreError> {
+        let start = since << 12;
+        self.approvals
+            .range(start.to_be_bytes()..)
+            .map(|item| {
+                let (k, v) = item?;
+                read_request(&k, &v)
+            })
+            .collect()
+    }
+}
+
+fn read_request(k: &[u8], v: &[u8]) -> Result<Request, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(hex(k), e.to_string()))
 }
 
 /// Capacity of the channel between the data path and the writer.

@@ -53,7 +53,7 @@ use message::{be32, Column, Fields};
 
 use crate::{
     record::{now_micros, Action, Decision},
-    seam::{decide, Column as Col, Memo, Seen},
+    seam::{decide, Column as Col, Decided, Memo, Parts, Seen},
     sql::{Class, Classification, Dialect},
 };
 
@@ -291,6 +291,10 @@ pub struct State {
     gate: Box<dyn Gate>,
     /// A statement waits for this decision (see [`Verdict::Hold`]).
     held: Option<Ticket>,
+    /// NoticeResponses for the client (a statement held: why, and how to
+    /// have it approved), sent at the next boundary between the server's
+    /// messages.
+    notices: BytesMut,
     /// Batches the client has closed (its startup packet, each Sync, Query
     /// and FunctionCall, each answered by one ReadyForQuery): which batch
     /// its messages belong to.
@@ -609,6 +613,7 @@ impl State {
             startup: Startup::default(),
             gate,
             held: None,
+            notices: BytesMut::new(),
             batches: 0,
         }
     }
@@ -621,6 +626,19 @@ impl State {
     /// A message of the client's waits for a decision.
     pub fn holding(&self) -> bool {
         self.held.is_some()
+    }
+
+    /// A statement held just now: its client is told why (a notice).
+    fn told(&mut self, decided: &Decided) {
+        if let Decided::Held(Some(text)) = decided {
+            let notice = notice(text);
+            self.notices.extend_from_slice(&notice);
+        }
+    }
+
+    /// Notices waiting for the client (see [`State::told`]), taken.
+    pub(super) fn take_notices(&mut self) -> Option<BytesMut> {
+        (!self.notices.is_empty()).then(|| self.notices.split())
     }
 
     /// What the startup message said.
@@ -652,7 +670,13 @@ impl State {
             memo: None,
         };
         let decided = decide(&mut *self.gate, &mut self.held, seen, holdable);
-        let (action, rule, refused) = decided.parts().ok_or(Held)?;
+        self.told(&decided);
+        let Parts {
+            action,
+            rule,
+            approval,
+            refused,
+        } = decided.parts().ok_or(Held)?;
         let limit = self.batch.done.text_limit();
         let (recorded, whole) = match plain {
             true if text.len() <= limit => (Arc::<str>::from(text), None),
@@ -667,6 +691,7 @@ impl State {
             decision: action,
             rule,
             whole,
+            approval,
             ..Statement::new(kind, name, recorded, c.class)
         };
         let batches = self.batches;
@@ -722,10 +747,7 @@ impl State {
     /// Records a startup packet refused whatever the policy says (it
     /// cannot be read as the server reads it); the refusal.
     fn refused_startup(&mut self, text: &str) -> Decision {
-        let d = Decision {
-            action: Action::Deny,
-            rule: RULE_UNREADABLE_STARTUP.into(),
-        };
+        let d = Decision::new(Action::Deny, RULE_UNREADABLE_STARTUP.into());
         let st = Statement {
             decision: Some(Action::Deny),
             rule: Some(d.rule.clone()),
@@ -769,7 +791,13 @@ impl State {
             memo: decided,
         };
         let decided = decide(&mut *self.gate, &mut self.held, seen, true);
-        let (action, rule, refused) = decided.parts().ok_or(Held)?;
+        self.told(&decided);
+        let Parts {
+            action,
+            rule,
+            approval,
+            refused,
+        } = decided.parts().ok_or(Held)?;
         let b = &mut self.batch;
         if let (true, Some(portal)) = (masking, portal) {
             // Its rows come next.
@@ -784,6 +812,7 @@ impl State {
             tables: c.tables.clone(),
             decision: action,
             rule,
+            approval,
             ..Statement::new(StatementKind::Execute, name, text, c.class)
         };
         b.push(st, Some(c), batches, Answers::One);
@@ -1383,6 +1412,26 @@ pub fn fatal(code: &str, message: &str) -> BytesMut {
     body.push(0);
     let mut out = BytesMut::new();
     put_message(&mut out, BackendCode::ErrorResponse.byte(), &body);
+    out
+}
+
+/// A NoticeResponse saying `message` (SQLSTATE 00000): psql and the
+/// drivers show or log it, whatever they are waiting for.
+fn notice(message: &str) -> BytesMut {
+    let mut body = Vec::new();
+    for (field, text) in [
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', "00000"),
+        (b'M', message),
+    ] {
+        body.push(field);
+        body.extend(text.bytes().filter(|&b| b != 0));
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = BytesMut::new();
+    put_message(&mut out, BackendCode::NoticeResponse.byte(), &body);
     out
 }
 

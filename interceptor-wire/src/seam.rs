@@ -124,23 +124,43 @@ pub enum Decided {
     /// It is refused.
     Refused(Decision),
     /// It waits for a decision: the message stays where it is, to be seen
-    /// again once the connection is woken.
-    Held,
+    /// again once the connection is woken. Held just now, with what its
+    /// client is to be told (its ticket's notice), that notice.
+    Held(Option<Arc<str>>),
 }
 
-/// A decision as recorded (action, and the rule's name), and as enforced
-/// (the decision itself when it is not allowed).
-pub type Parts = (Option<Action>, Option<Arc<str>>, Option<Decision>);
+/// A decision as recorded (action, the rule's name, the approval request
+/// behind it) and as enforced (the decision itself when it is not allowed).
+pub struct Parts {
+    pub action: Option<Action>,
+    pub rule: Option<Arc<str>>,
+    pub approval: Option<Arc<str>>,
+    pub refused: Option<Decision>,
+}
 
 impl Decided {
     /// What is recorded and enforced; `None`: it is held.
     pub fn parts(self) -> Option<Parts> {
-        match self {
-            Decided::Held => None,
-            Decided::Go(None) => Some((None, None, None)),
-            Decided::Go(Some(d)) => Some((Some(d.action), Some(d.rule), None)),
-            Decided::Refused(d) => Some((Some(d.action), Some(d.rule.clone()), Some(d))),
-        }
+        let d = match self {
+            Decided::Held(_) => return None,
+            Decided::Go(None) => {
+                return Some(Parts {
+                    action: None,
+                    rule: None,
+                    approval: None,
+                    refused: None,
+                })
+            }
+            Decided::Go(Some(d)) => (d, false),
+            Decided::Refused(d) => (d, true),
+        };
+        let (d, refused) = d;
+        Some(Parts {
+            action: Some(d.action),
+            rule: Some(d.rule.clone()),
+            approval: d.via.as_ref().map(|v| v.request.clone()),
+            refused: refused.then_some(d),
+        })
     }
 }
 
@@ -155,25 +175,23 @@ pub fn decide(
     seen: Seen<'_>,
     holdable: bool,
 ) -> Decided {
-    let ticket = match held.take() {
-        Some(t) => t,
+    let (ticket, fresh) = match held.take() {
+        Some(t) => (t, false),
         None => match gate.statement(seen) {
             Verdict::Pass(d) => return Decided::Go(d),
             Verdict::Refuse(d) => return Decided::Refused(d),
-            Verdict::Hold(t) => t,
+            Verdict::Hold(t) => (t, true),
         },
     };
     match ticket.decision() {
         Some(d) if d.action == Action::Allow => Decided::Go(Some(d)),
         Some(d) => Decided::Refused(d),
         None if holdable => {
+            let notice = ticket.0.notice.clone().filter(|_| fresh);
             *held = Some(ticket);
-            Decided::Held
+            Decided::Held(notice)
         }
-        None => Decided::Refused(Decision {
-            action: Action::Deny,
-            rule: ticket.rule().clone(),
-        }),
+        None => Decided::Refused(Decision::new(Action::Deny, ticket.rule().clone())),
     }
 }
 
@@ -296,6 +314,8 @@ pub struct Ticket(Arc<TicketInner>);
 struct TicketInner {
     /// The rule that holds the statement.
     rule: Arc<str>,
+    /// What the client is told while it waits (how to have it approved).
+    notice: Option<Arc<str>>,
     decision: Mutex<Option<Decision>>,
     wake: Wake,
 }
@@ -305,10 +325,12 @@ struct TicketInner {
 pub type Wake = Box<dyn Fn() + Send + Sync>;
 
 impl Ticket {
-    /// A ticket of `rule`; deciding it calls `wake`.
-    pub fn new(rule: Arc<str>, wake: Wake) -> Ticket {
+    /// A ticket of `rule`; deciding it calls `wake`. `notice`: what the
+    /// client is told while it waits.
+    pub fn new(rule: Arc<str>, notice: Option<Arc<str>>, wake: Wake) -> Ticket {
         Ticket(Arc::new(TicketInner {
             rule,
+            notice,
             decision: Mutex::new(None),
             wake,
         }))
@@ -332,5 +354,15 @@ impl Ticket {
     /// The rule that holds the statement.
     pub fn rule(&self) -> &Arc<str> {
         &self.0.rule
+    }
+
+    /// Whether it is decided.
+    pub fn decided(&self) -> bool {
+        self.decision().is_some()
+    }
+
+    /// Whether `other` is this very ticket (a clone of it).
+    pub fn same(&self, other: &Ticket) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }

@@ -98,10 +98,16 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
 
     let store_dyn: Arc<dyn Store> = store.clone();
     let (recorder, writer) = Recorder::start(store_dyn.clone());
+    let service = approvals(&config, &data_dir, store.clone())?;
+    let requesters = Arc::new(crate::approvals::Requesters::default());
     api::serve(
         &api::socket_path(&data_dir),
         store_dyn,
         config_path.display().to_string(),
+        api::Approvals {
+            service: service.clone(),
+            requesters: requesters.clone(),
+        },
     )?;
 
     let config = Arc::new(config);
@@ -117,6 +123,8 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         masker: Arc::new(masker(&config)?),
         listening,
         host: host.clone(),
+        approvals: service.as_ref().map(|s| s.broker.clone()),
+        requesters,
     });
     let policy = proxy.policy.clone();
     let threads = config.agent.worker_threads();
@@ -158,10 +166,66 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         Err(_) => error!("data-plane workers still referenced at shutdown"),
     }
     writer.join();
+    if let Some(s) = &service {
+        s.broker.stop();
+    }
     let orphans = store.close_orphans()?;
     info!(interrupted = orphans, "agent stopped");
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+/// Just-in-time approval, if `[approvals]` is configured: the broker over
+/// the store (pending requests and grants taken up again), the token
+/// verifier, the HTTPS API if it listens, and the webhooks.
+fn approvals(
+    config: &Config,
+    data_dir: &Path,
+    store: Arc<SledStore>,
+) -> anyhow::Result<Option<Arc<crate::approvals::service::Service>>> {
+    use crate::approvals::{notify::Notifier, oidc::Verifier, service::Service, Broker};
+    let Some(cfg) = &config.approvals else {
+        return Ok(None);
+    };
+    let key = secret_file(&data_dir.join("approvals.key"))?;
+    let tell: Option<crate::approvals::Tell> = Notifier::start(&cfg.webhooks)
+        .map(|n| Box::new(move |r: &crate::record::Request, what: &str| n.tell(r, what)) as Box<_>);
+    let broker = Broker::open(store, &key, tell).context("reading approval requests")?;
+    let service = Arc::new(Service {
+        broker,
+        verifier: Verifier::new(cfg),
+    });
+    if let Some(listen) = cfg.listen {
+        let (cert, key) = (
+            cfg.cert_file.as_ref().expect("checked at load"),
+            cfg.key_file.as_ref().expect("checked at load"),
+        );
+        let tls = crate::approvals::https::tls_config(cert, key)?;
+        crate::approvals::https::serve(listen, tls, service.clone())?;
+    }
+    Ok(Some(service))
+}
+
+/// The 32 random bytes in `path`, made (mode 0600) if it is not there.
+fn secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(k) if k.len() == 32 => return Ok(k),
+        Ok(_) => anyhow::bail!("{} is not a 32-byte key; remove it to make a new one (pending approval requests then no longer match)", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut key = vec![0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, &key)?;
+    f.sync_all()?;
+    Ok(key)
 }
 
 /// Creates the data directory (0700), or checks one that exists: it must be

@@ -18,16 +18,44 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{Filter, Session, SessionId, Statement, Store};
+use crate::{
+    approvals::{
+        service::{Call, Reply, Service},
+        Requesters,
+    },
+    record::{approval::Channel, Filter, Session, SessionId, Statement, Store},
+};
+
+/// What the API serves besides sessions: approvals (if configured), and
+/// who started which process.
+#[derive(Clone)]
+pub struct Approvals {
+    pub service: Option<Arc<Service>>,
+    pub requesters: Arc<Requesters>,
+}
 
 pub const SOCKET_NAME: &str = "agent.sock";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    SessionsList { filter: Filter },
-    SessionsShow { id: SessionId },
+    SessionsList {
+        filter: Filter,
+    },
+    SessionsShow {
+        id: SessionId,
+    },
     Status,
+    /// An approvals call, with an approver's token (root is no approver).
+    Approvals {
+        call: Call,
+        token: Option<String>,
+    },
+    /// The caller (by its kernel-given pid) was started by the person
+    /// `token` names: the requester of what it asks for.
+    Requester {
+        token: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +72,12 @@ pub enum Response {
     Status {
         pid: u32,
         config: String,
+    },
+    Approvals {
+        reply: Reply,
+    },
+    Requester {
+        subject: String,
     },
     Error {
         message: String,
@@ -63,7 +97,12 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Serves the API until the process exits.
-pub fn serve(path: &Path, store: Arc<dyn Store>, config_path: String) -> Result<(), ApiError> {
+pub fn serve(
+    path: &Path,
+    store: Arc<dyn Store>,
+    config_path: String,
+    approvals: Approvals,
+) -> Result<(), ApiError> {
     let io = |e| ApiError::Io(path.to_path_buf(), e);
     if path.exists() {
         // A live agent would have been found by the caller; this one is stale.
@@ -75,7 +114,7 @@ pub fn serve(path: &Path, store: Arc<dyn Store>, config_path: String) -> Result<
         .name("api".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                if let Err(e) = handle(conn, store.as_ref(), &config_path) {
+                if let Err(e) = handle(conn, store.as_ref(), &config_path, &approvals) {
                     tracing::debug!(error = %e, "API connection ended");
                 }
             }
@@ -84,7 +123,12 @@ pub fn serve(path: &Path, store: Arc<dyn Store>, config_path: String) -> Result<
     Ok(())
 }
 
-fn handle(conn: UnixStream, store: &dyn Store, config_path: &str) -> std::io::Result<()> {
+fn handle(
+    conn: UnixStream,
+    store: &dyn Store,
+    config_path: &str,
+    approvals: &Approvals,
+) -> std::io::Result<()> {
     let cred = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(std::io::Error::from)?;
     let me = nix::unistd::geteuid().as_raw();
@@ -119,8 +163,53 @@ fn handle(conn: UnixStream, store: &dyn Store, config_path: &str) -> std::io::Re
             pid: std::process::id(),
             config: config_path.to_owned(),
         },
+        Ok(Request::Approvals { call, token }) => match &approvals.service {
+            None => Response::Error {
+                message: "approvals are not configured on this agent ([approvals] in its config)"
+                    .into(),
+            },
+            Some(service) => {
+                let channel = Channel {
+                    by: "socket".into(),
+                    peer: format!("uid={} pid={}", cred.uid(), cred.pid()),
+                };
+                Response::Approvals {
+                    reply: service.call(call, token.as_deref(), channel),
+                }
+            }
+        },
+        Ok(Request::Requester { token }) => requester(approvals, &token, cred.pid()),
     };
     writeln!(w, "{}", serde_json::to_string(&resp)?)
+}
+
+/// Registers the person `token` names as the one who started process
+/// `pid` (the caller, as the kernel says).
+fn requester(approvals: &Approvals, token: &str, pid: i32) -> Response {
+    let Some(service) = &approvals.service else {
+        return Response::Error {
+            message: "approvals are not configured on this agent ([approvals] in its config)"
+                .into(),
+        };
+    };
+    let person = match service.verifier.verify(token) {
+        Ok(p) => p,
+        Err(e) => {
+            return Response::Error {
+                message: format!("the requester token is refused: {e}"),
+            }
+        }
+    };
+    let subject = person.subject.clone();
+    match approvals.requesters.register(pid as u32, person) {
+        Ok(()) => {
+            tracing::info!(pid, %subject, "a process started by a person (its requests name them)");
+            Response::Requester { subject }
+        }
+        Err(e) => Response::Error {
+            message: format!("process {pid}: {e}"),
+        },
+    }
 }
 
 /// A session with its statements.

@@ -1,4 +1,5 @@
-//! The command line: `run`, `exec`, `sessions`, `policy`, `detach`.
+//! The command line: `run`, `exec`, `sessions`, `approvals`, `policy`,
+//! `detach`.
 //!
 //! Listings come from the running agent's API when it answers, or straight
 //! from the store when it is stopped. Every listing has `--json`.
@@ -11,6 +12,8 @@ use std::{
 
 use anyhow::{bail, ensure, Context};
 use clap::{Parser, Subcommand};
+
+mod approvals;
 
 use crate::{
     api::{self, Request, Response},
@@ -74,6 +77,11 @@ pub enum Command {
         /// keeps the cgroup it was created in: its connects are NOT intercepted.
         #[arg(long, value_delimiter = ',', value_name = "FD,…")]
         keep_fds: Vec<i32>,
+        /// A file holding the OIDC token of the person running the command:
+        /// its requests for approval name them, and they can never approve
+        /// those requests.
+        #[arg(long, value_name = "FILE")]
+        requester_token: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -82,6 +90,11 @@ pub enum Command {
     Sessions {
         #[command(subcommand)]
         command: SessionsCommand,
+    },
+    /// Just-in-time approval: requests, approvals, grants.
+    Approvals {
+        #[command(subcommand)]
+        command: approvals::ApprovalsCommand,
     },
     /// Policy files.
     Policy {
@@ -223,17 +236,23 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             workload,
             allow_unattached,
             keep_fds,
+            requester_token,
             command,
         } => exec(
             &config.config,
             &workload,
             allow_unattached,
             &keep_fds,
+            requester_token.as_deref(),
             &command,
         ),
         Command::Sessions { command } => {
             output_to_pipes();
             sessions(command)
+        }
+        Command::Approvals { command } => {
+            output_to_pipes();
+            approvals::run(command)
         }
         Command::Policy {
             command:
@@ -323,19 +342,29 @@ fn explain(
         .zip(sql)
         .map(|(c, sql)| policy.decide_statement(workload, target, c, sql));
     if json {
+        let terms = |d: &policy::Decision| {
+            (d.action == policy::Action::Review)
+                .then(|| policy.review_terms(&d.rule))
+                .flatten()
+        };
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "workload": workload,
                 "target": target,
                 "connect": decision,
+                "connect_review": terms(&decision),
                 "statement": class,
                 "statement_decision": statement_decision,
+                "statement_review": statement_decision.as_ref().and_then(terms),
             }))?
         );
         return Ok(ExitCode::SUCCESS);
     }
     println!("connect: {} (rule {})", decision.action, decision.rule);
+    if let Some(r) = review_line(&policy, &decision) {
+        println!("  {r}");
+    }
     if let Some(c) = class {
         println!("statement class: {}", c.class);
         let tables = if c.tables.is_empty() {
@@ -361,9 +390,34 @@ fn explain(
         }
         if let Some(d) = statement_decision {
             println!("statement: {} (rule {})", d.action, d.rule);
+            if let Some(r) = review_line(&policy, &d) {
+                println!("  {r}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a review decision means: who must approve, and how long it waits.
+fn review_line(policy: &policy::Policy, d: &policy::Decision) -> Option<String> {
+    if d.action != policy::Action::Review {
+        return None;
+    }
+    let t = policy.review_terms(&d.rule)?;
+    let groups: Vec<String> = t
+        .approvers
+        .iter()
+        .map(|a| format!("{} of [{}]", a.count, a.groups.join(", ")))
+        .collect();
+    Some(format!(
+        "held for approval by {} (distinct people; never the requester or the workload's owners); waits {}s, the request {}s; an approval grants scope `{}` for {}s{}",
+        groups.join(" and "),
+        t.hold_us / 1_000_000,
+        t.pending_ttl_us / 1_000_000,
+        t.scope.as_str(),
+        t.duration_us / 1_000_000,
+        t.uses.map_or(String::new(), |n| format!(", {n} use(s)"))
+    ))
 }
 
 /// Runs `command` in `workload`'s cgroup. The process enters the cgroup
@@ -376,9 +430,27 @@ fn exec(
     workload: &str,
     allow_unattached: bool,
     keep_fds: &[i32],
+    requester_token: Option<&Path>,
     command: &[String],
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(config)?;
+    if let Some(f) = requester_token {
+        // This process becomes the command: the agent ties the person to
+        // its pid, as the kernel gives it.
+        let token =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let req = Request::Requester {
+            token: token.trim().to_owned(),
+        };
+        match api::call(&config.data_dir(None), &req)? {
+            Some(Response::Requester { subject }) => {
+                tracing::debug!(%subject, "requests of this command name its requester")
+            }
+            Some(Response::Error { message }) => bail!("--requester-token: {message}"),
+            Some(other) => bail!("unexpected answer from the agent: {other:?}"),
+            None => bail!("--requester-token: no agent answers to take it"),
+        }
+    }
     let w = config.workload(workload).with_context(|| {
         let names: Vec<&str> = config.workloads.iter().map(|w| w.name.as_str()).collect();
         format!(
@@ -473,7 +545,9 @@ fn query(store: &StoreArgs, req: Request) -> anyhow::Result<Response> {
             sessions: db.list(&filter)?,
         },
         Request::SessionsShow { id } => api::show(&db, id)?,
-        Request::Status => bail!("the agent is not running"),
+        Request::Status | Request::Approvals { .. } | Request::Requester { .. } => {
+            bail!("the agent is not running")
+        }
     })
 }
 

@@ -239,6 +239,127 @@ fn default_connect_timeout_ms() -> u64 {
     5000
 }
 
+/// Just-in-time approval (`[approvals]`): who signs approvers' tokens,
+/// where approvers reach the agent, who is told.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsSection {
+    /// The approval API over HTTPS (none: only the local socket, which
+    /// still needs an approver's token).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The OIDC issuer approvers' tokens must come from (`iss`); its keys
+    /// are found by discovery unless `jwks_file` is given.
+    pub issuer: String,
+    /// What approvers' tokens must be for (`aud`).
+    pub audience: String,
+    /// The issuer's keys as a JWKS file (air-gapped sites).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// The claim that lists an approver's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Signature algorithms accepted (of RS256, ES256, EdDSA).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_s: u64,
+    /// Groups whose members may approve by break-glass in place of a
+    /// rule's approvers: two of them, neither the requester nor an owner,
+    /// and loudly recorded.
+    #[serde(default)]
+    pub break_glass_groups: Vec<String>,
+    /// Where requests made and decided are posted.
+    #[serde(default, rename = "webhook")]
+    pub webhooks: Vec<Webhook>,
+}
+
+/// A webhook: JSON posted with a Slack-compatible `text` field.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+}
+
+/// Signature algorithms an approver's token may use: never `none` nor a
+/// shared-secret one.
+pub const APPROVER_ALGORITHMS: [&str; 3] = ["RS256", "ES256", "EdDSA"];
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_algorithms() -> Vec<String> {
+    APPROVER_ALGORITHMS.map(String::from).to_vec()
+}
+fn default_leeway() -> u64 {
+    30
+}
+
+impl ApprovalsSection {
+    /// Checked, its files relative to `base`.
+    fn checked(mut self, src: &Source<'_>, base: &Path) -> Result<Self, FileError> {
+        let at = |key: &str| src.key_span(key).or_else(|| src.key_span("approvals"));
+        if !self.issuer.starts_with("https://")
+            && !self.issuer.starts_with("http://127.0.0.1")
+            && !self.issuer.starts_with("http://localhost")
+        {
+            return Err(src.error_at(
+                at("issuer"),
+                "approvals.issuer must be an https:// URL (http only on the loopback)",
+            ));
+        }
+        if self.audience.is_empty() {
+            return Err(src.error_at(at("audience"), "approvals.audience must not be empty"));
+        }
+        if self.groups_claim.is_empty() {
+            return Err(src.error_at(
+                at("groups_claim"),
+                "approvals.groups_claim must name a claim (like `groups`)",
+            ));
+        }
+        if self.algorithms.is_empty() {
+            return Err(src.error_at(at("algorithms"), "approvals.algorithms must not be empty"));
+        }
+        for a in &self.algorithms {
+            if !APPROVER_ALGORITHMS.contains(&a.as_str()) {
+                return Err(src.error_at(
+                    at("algorithms"),
+                    format!(
+                        "approvals.algorithms: `{a}` is not accepted (use {})",
+                        APPROVER_ALGORITHMS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if self.leeway_s > 300 {
+            return Err(src.error_at(at("leeway_s"), "approvals.leeway_s must be at most 300"));
+        }
+        if self.listen.is_some() && (self.cert_file.is_none() || self.key_file.is_none()) {
+            return Err(src.error_at(
+                at("listen"),
+                "approvals.listen needs cert_file and key_file (the API is HTTPS only)",
+            ));
+        }
+        for w in &self.webhooks {
+            if !w.url.starts_with("https://") && !w.url.starts_with("http://") {
+                return Err(src.error_at(
+                    at("webhook"),
+                    format!("webhook url `{}` is not an http(s) URL", w.url),
+                ));
+            }
+        }
+        for f in [&mut self.cert_file, &mut self.key_file, &mut self.jwks_file] {
+            *f = f.take().map(|p| base.join(p));
+        }
+        Ok(self)
+    }
+}
+
 /// How a workload's processes are found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Selector {
@@ -259,6 +380,8 @@ struct RawWorkload {
     #[serde(default)]
     managed: bool,
     spiffe_id: Option<String>,
+    #[serde(default)]
+    owners: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -267,6 +390,9 @@ pub struct Workload {
     pub selector: Selector,
     /// SPIFFE id of the workload (default `spiffe://<trust_domain>/<name>`).
     pub spiffe_id: String,
+    /// People (OIDC subjects) and groups who own it: never approvers of
+    /// its requests.
+    pub owners: Vec<String>,
 }
 
 /// Application protocol spoken to a target.
@@ -444,6 +570,8 @@ impl Target {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     agent: AgentSection,
+    #[serde(default)]
+    approvals: Option<ApprovalsSection>,
     #[serde(default, rename = "workload")]
     workloads: Vec<RawWorkload>,
     #[serde(default, rename = "target")]
@@ -455,6 +583,8 @@ struct RawConfig {
 pub struct Config {
     pub path: PathBuf,
     pub agent: AgentSection,
+    /// Just-in-time approval (none: review rules are refused at load).
+    pub approvals: Option<ApprovalsSection>,
     pub workloads: Vec<Workload>,
     pub targets: Vec<Target>,
 }
@@ -557,10 +687,14 @@ impl Config {
                     format!("spiffe_id of `{name}` must start with spiffe://"),
                 ));
             }
+            if w.owners.iter().any(|o| o.trim().is_empty()) {
+                return Err(src.error_at(span, format!("workload `{name}`: an owner is empty")));
+            }
             workloads.push(Workload {
                 name,
                 selector,
                 spiffe_id,
+                owners: w.owners,
             });
         }
 
@@ -630,9 +764,11 @@ impl Config {
             }
             targets.push(target);
         }
+        let approvals = raw.approvals.map(|a| a.checked(&src, base)).transpose()?;
         Ok(Config {
             path: path.to_path_buf(),
             agent,
+            approvals,
             workloads,
             targets,
         })

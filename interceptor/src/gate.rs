@@ -12,10 +12,14 @@ use arc_swap::ArcSwap;
 use foldhash::HashMap;
 
 use crate::{
+    approvals::{Answer, Ask, Broker},
     mask::Masker,
-    policy::{ColumnMask, Policy},
-    protocol::seam::{Classified, Column, Flags, Gate, Masks, Memo, Seen, Verdict},
-    record::StatementKind,
+    policy::{Action, ColumnMask, Decision, Policy},
+    protocol::seam::{Classified, Column, Flags, Gate, Masks, Memo, Seen, Ticket, Verdict},
+    record::{
+        approval::{Asked, Requester, Scope},
+        StatementKind,
+    },
     sql::{classify_with, Classification, Dialect, Sources},
 };
 
@@ -31,6 +35,32 @@ pub struct AgentGate {
     policy: Policies,
     seen: Cache,
     learned: Learned,
+    /// How statements review rules match are asked about (none: the
+    /// agent has no approvals configured, and they are refused).
+    asking: Option<Asking>,
+    /// Texts of prepared statements let through by approval (a ticket, or
+    /// a grant) on this connection: the first run of each in a later batch
+    /// goes with its Parse, whatever the grant's uses (a driver that
+    /// prepares, then runs, asks once).
+    approved_parses: Vec<([u8; 32], Verdicts)>,
+}
+
+/// How a prepared statement was let through by approval.
+enum Verdicts {
+    Ticket(Ticket),
+    Granted(Decision),
+}
+
+/// Most prepared statements remembered as let through by approval.
+const APPROVED_PARSES: usize = 16;
+
+/// What the agent's side needs to ask for approval.
+pub struct Asking {
+    pub broker: Arc<Broker>,
+    /// Who asks (workload, process, person).
+    pub requester: Requester,
+    /// Rings the connection's bell: a held statement is decided.
+    pub wake: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// Who is speaking to what, and the policy that decides their statements.
@@ -92,8 +122,9 @@ impl Learned {
 }
 
 impl AgentGate {
-    /// A connection of `parties`.
-    pub fn new(parties: Parties) -> AgentGate {
+    /// A connection of `parties`; statements review rules match are
+    /// asked about as `asking` says.
+    pub fn new(parties: Parties, asking: Option<Asking>) -> AgentGate {
         AgentGate {
             policy: Policies {
                 current: arc_swap::Cache::new(parties.policy.clone()),
@@ -102,7 +133,65 @@ impl AgentGate {
             },
             seen: Cache::default(),
             learned: Learned::default(),
+            asking,
+            approved_parses: Vec::new(),
         }
+    }
+
+    /// The verdict on a statement review rule `d.rule` matched: a grant
+    /// lets it through, or it is held for approval. Without approvals
+    /// configured it is refused (fail closed).
+    fn review(&mut self, seen: &Seen<'_>, d: Decision, policy: &Policy) -> Verdict {
+        let (Some(asking), Some(terms)) = (&self.asking, policy.review_terms(&d.rule)) else {
+            return Verdict::Refuse(Decision::new(Action::Deny, d.rule));
+        };
+        let digest = asking.broker.digest(seen.text);
+        if seen.kind == StatementKind::Execute {
+            if let Some(i) = self.approved_parses.iter().position(|(g, _)| *g == digest) {
+                let (_, how) = self.approved_parses.remove(i);
+                let decided = match how {
+                    Verdicts::Ticket(t) => t.decision(),
+                    Verdicts::Granted(d) => Some(d),
+                };
+                if let Some(d) = decided.filter(|d| d.action == Action::Allow) {
+                    return Verdict::Pass(Some(d));
+                }
+            }
+        }
+        let mut key = String::new();
+        let shape = crate::redact::classification_key(seen.text, &mut key).then_some(key);
+        let text = match crate::redact::may_hold_secret(seen.text) {
+            true => crate::redact::redact_sql(seen.text),
+            false => seen.text.to_owned(),
+        };
+        let asked = Asked::Statement {
+            text,
+            class: seen.class.class,
+            tables: seen.class.tables.to_vec(),
+            digest,
+            shape,
+        };
+        let wake = asking.wake.clone();
+        let ask = Ask {
+            rule: &d.rule,
+            terms: &terms,
+            target: &self.policy.parties.target,
+            requester: &asking.requester,
+            asked,
+        };
+        let remember = seen.kind == StatementKind::Parse;
+        let (verdict, how) = match asking.broker.ask(ask, Box::new(move || wake())) {
+            Answer::Granted(d) => (Verdict::Pass(Some(d.clone())), Some(Verdicts::Granted(d))),
+            Answer::Held(t) => (Verdict::Hold(t.clone()), Some(Verdicts::Ticket(t))),
+            Answer::Refused(d) => (Verdict::Refuse(d), None),
+        };
+        if let (true, Some(how)) = (remember && terms.scope == Scope::Once, how) {
+            if self.approved_parses.len() >= APPROVED_PARSES {
+                self.approved_parses.remove(0);
+            }
+            self.approved_parses.push((digest, how));
+        }
+        verdict
     }
 
     /// What each of `cols` is computed from: its statement's derivation,
@@ -190,7 +279,7 @@ impl Gate for AgentGate {
     /// taken from its memo while the policy that made it is in force.
     /// Statements other than runs teach what their columns come from, when
     /// masking applies.
-    fn statement(&mut self, seen: Seen<'_>) -> Verdict {
+    fn statement(&mut self, mut seen: Seen<'_>) -> Verdict {
         if seen.kind != StatementKind::Execute && self.flags().masking {
             self.learned.learn(seen.class);
         }
@@ -200,17 +289,28 @@ impl Gate for AgentGate {
             ..
         } = &mut self.policy;
         let policy = current.load();
-        if let Some(Memo(Some((of, d)))) = seen.memo.as_deref() {
-            if std::ptr::addr_eq(of.as_ptr(), Arc::as_ptr(policy)) {
-                return Verdict::of(d.clone());
+        let memo = match seen.memo.as_deref() {
+            Some(Memo(Some((of, d)))) if std::ptr::addr_eq(of.as_ptr(), Arc::as_ptr(policy)) => {
+                Some(d.clone())
             }
+            _ => None,
+        };
+        let d = match memo {
+            Some(d) => d,
+            None => {
+                let d = policy.decide_statement(&p.workload, &p.target, seen.class, seen.text);
+                if let Some(m) = seen.memo.as_deref_mut() {
+                    let of: Arc<dyn std::any::Any + Send + Sync> = policy.clone();
+                    m.0 = Some((Arc::downgrade(&of), d.clone()));
+                }
+                d
+            }
+        };
+        if d.action != Action::Review {
+            return Verdict::of(d);
         }
-        let d = policy.decide_statement(&p.workload, &p.target, seen.class, seen.text);
-        if let Some(m) = seen.memo {
-            let of: Arc<dyn std::any::Any + Send + Sync> = policy.clone();
-            m.0 = Some((Arc::downgrade(&of), d.clone()));
-        }
-        Verdict::of(d)
+        let policy = policy.clone();
+        self.review(&seen, d, &policy)
     }
 
     fn result_shape(
@@ -257,12 +357,15 @@ mod tests {
 
     fn gate(toml: &str) -> AgentGate {
         let policy = Policy::from_texts(&[(std::path::Path::new("p.toml"), toml)], None).unwrap();
-        AgentGate::new(Parties {
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
-            workload: "w".into(),
-            target: "t".into(),
-            masker: Arc::new(Masker::new(b"unit-test-key")),
-        })
+        AgentGate::new(
+            Parties {
+                policy: Arc::new(ArcSwap::from_pointee(policy)),
+                workload: "w".into(),
+                target: "t".into(),
+                masker: Arc::new(Masker::new(b"unit-test-key")),
+            },
+            None,
+        )
     }
 
     /// Texts that differ only in their values share one cached

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod approvals;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

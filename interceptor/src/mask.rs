@@ -45,7 +45,7 @@ impl Masker {
     }
 
     /// HMAC-SHA-256 (RFC 2104) of `msg` with the masker's key.
-    fn hmac(&self, msg: &[u8]) -> [u8; 32] {
+    pub fn hmac(&self, msg: &[u8]) -> [u8; 32] {
         let mut block = [0u8; 64];
         block[..32].copy_from_slice(&self.key);
         let pad = |b: u8| -> [u8; 64] { std::array::from_fn(|i| block[i] ^ b) };

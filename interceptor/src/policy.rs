@@ -7,12 +7,14 @@
 //!
 //! Rules apply to connects, or with `on = "statement"` to the statements of
 //! protocol targets (SQL classes, tables, patterns; `mask` rules choose result
-//! columns by name and type). The `review` action (just-in-time approval) is
-//! reserved and rejected with a clear message until it lands.
+//! columns by name and type). A `review` rule holds what it matches until
+//! other people approve it (just-in-time approval, [`crate::approvals`]): it
+//! matches statements as a deny rule does, wins over allow and loses to deny.
 
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, LazyLock},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +25,8 @@ use crate::{
 };
 
 pub use crate::protocol::seam::{ColumnMask, Strategy};
-pub use interceptor_record::{Action, Decision};
+pub use interceptor_record::approval::{Approvers, Scope as GrantScope, Terms};
+pub use interceptor_record::{Action, Decision, Via};
 
 /// What a rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -111,7 +114,44 @@ struct RawRule {
     /// Mask rules with `strategy = "partial"`: characters kept at the end.
     #[serde(default)]
     keep: Option<usize>,
+    /// Review rules: who must approve (groups, combined with AND).
+    #[serde(default)]
+    approvers: Option<toml::Spanned<Vec<RawApprovers>>>,
+    /// Review rules: what an approval grants, and its clocks.
+    #[serde(default)]
+    grant: Option<toml::Spanned<RawGrant>>,
+    /// Review rules: how long a held statement or connect waits.
+    #[serde(default)]
+    hold: Option<toml::Spanned<String>>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovers {
+    groups: Vec<String>,
+    #[serde(default = "one")]
+    count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    pending_ttl: Option<String>,
+    scope: Option<GrantScope>,
+    duration: Option<String>,
+    uses: Option<u32>,
+}
+
+/// How long a request may wait for a decision, unless its rule says.
+pub const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(15 * 60);
+/// How long a held statement or connect waits, unless its rule says.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(60);
+/// How long a grant lasts, unless its rule says.
+pub const DEFAULT_GRANT: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +174,10 @@ pub struct Rule {
     /// Empty means every configured target (`"*"`).
     pub targets: Vec<String>,
     pub action: Action,
+    /// Review rules: who approves, what an approval grants, how long a
+    /// held statement or connect waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review: Option<Arc<Terms>>,
     pub description: Option<String>,
     /// `file:line` the rule came from.
     pub source: String,
@@ -143,9 +187,9 @@ pub struct Rule {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "on", rename_all = "lowercase")]
 pub enum Family {
-    /// Connects to a target (`on = "connect"`): allow or deny.
+    /// Connects to a target (`on = "connect"`): allow, deny or review.
     Connect,
-    /// SQL statements (`on = "statement"`): allow or deny.
+    /// SQL statements (`on = "statement"`): allow, deny or review.
     Statement(Sql),
     /// The result values of SQL statements (`on = "statement"`,
     /// `action = "mask"`).
@@ -362,14 +406,33 @@ impl Policy {
                     ));
                 }
             }
-            match r.action.get_ref() {
-                Action::Allow | Action::Deny => {}
+            let review = match r.action.get_ref() {
                 Action::Review => {
-                    return Err(src.error_at(
-                        Some(r.action.span()),
-                        format!("rule `{id}`: `review` (just-in-time approval) is not supported yet; use allow or deny"),
-                    ))
+                    let fields = ReviewFields {
+                        action: &r.action,
+                        approvers: &r.approvers,
+                        grant: &r.grant,
+                        hold: &r.hold,
+                    };
+                    Some(Arc::new(review_terms(src, &id, &fields, config)?))
                 }
+                _ => {
+                    let only = [
+                        ("approvers", r.approvers.as_ref().map(|c| c.span())),
+                        ("grant", r.grant.as_ref().map(|c| c.span())),
+                        ("hold", r.hold.as_ref().map(|c| c.span())),
+                    ];
+                    if let Some((field, span)) = only.iter().find(|(_, sp)| sp.is_some()) {
+                        return Err(src.error_at(
+                            span.clone(),
+                            format!("rule `{id}`: `{field}` belongs to `action = \"review\"`"),
+                        ));
+                    }
+                    None
+                }
+            };
+            match r.action.get_ref() {
+                Action::Allow | Action::Deny | Action::Review => {}
                 Action::Mask => {
                     if on != Scope::Statement || r.columns.is_none() || r.strategy.is_none() {
                         return Err(src.error_at(
@@ -480,6 +543,7 @@ impl Policy {
                 workloads,
                 targets,
                 action: *r.action.get_ref(),
+                review,
                 description: r.description,
                 source: format!(
                     "{}:{}",
@@ -496,18 +560,15 @@ impl Policy {
     /// Decides a PostgreSQL session found where policy expected opaque
     /// bytes (a destination that is not a postgres target).
     pub fn decide_unknown_postgres(&self) -> Decision {
-        Decision {
-            action: self.default_unknown_postgres,
-            rule: default_name(RULE_DEFAULT_UNKNOWN_POSTGRES),
-        }
+        Decision::new(
+            self.default_unknown_postgres,
+            default_name(RULE_DEFAULT_UNKNOWN_POSTGRES),
+        )
     }
 
     pub fn decide_connect(&self, workload: &str, target: Option<&str>) -> Decision {
         let Some(target) = target else {
-            return Decision {
-                action: self.default_unmatched,
-                rule: default_name(RULE_DEFAULT_UNMATCHED),
-            };
+            return Decision::new(self.default_unmatched, default_name(RULE_DEFAULT_UNMATCHED));
         };
         verdict(
             self.rules
@@ -540,7 +601,9 @@ impl Policy {
             let Some(m) = rule.statement().filter(|_| rule.matches(workload, target)) else {
                 return false;
             };
-            let deny = rule.action == Action::Deny;
+            // Review rules match as deny rules do: what they hold must not
+            // slip past them as the class or tables they do not name.
+            let deny = matches!(rule.action, Action::Deny | Action::Review);
             let doubt = doubt && deny;
             let class_covered = m.classes.is_empty()
                 || m.classes.contains(&class)
@@ -596,14 +659,17 @@ impl Policy {
         );
         let by_rule = d.action == Action::Deny && &*d.rule != RULE_DEFAULT_STATEMENT;
         let in_doubt = class == Class::Unknown || !tables_known;
-        let doubted = (!by_rule && in_doubt)
-            .then(|| {
-                self.rules
-                    .iter()
-                    .find(|r| r.action == Action::Deny && applies(r, true))
-            })
-            .flatten();
-        let rule = match doubted {
+        let doubted = |action: Action| {
+            self.rules
+                .iter()
+                .find(|r| r.action == action && applies(r, true))
+        };
+        let (doubted_deny, doubted_review) = match (!by_rule && in_doubt, d.action) {
+            (false, _) => (None, None),
+            (true, Action::Review) => (doubted(Action::Deny), None),
+            (true, _) => (doubted(Action::Deny), doubted(Action::Review)),
+        };
+        let rule = match doubted_deny {
             Some(r) => Some(r.id.clone()),
             None if d.action == Action::Deny => None,
             None => self
@@ -613,12 +679,10 @@ impl Policy {
                 // covers is refused by that rule.
                 .or_else(|| self.copy_mask_rule(workload, target, c)),
         };
-        match rule {
-            Some(rule) => Decision {
-                action: Action::Deny,
-                rule,
-            },
-            None => d,
+        match (rule, doubted_review) {
+            (Some(rule), _) => Decision::new(Action::Deny, rule),
+            (None, Some(r)) => Decision::new(Action::Review, r.id.clone()),
+            (None, None) => d,
         }
     }
 
@@ -748,6 +812,19 @@ impl Policy {
             .map(|(r, _)| r.id.clone())
     }
 
+    /// The terms of review rule `id`, if it is one.
+    pub fn review_terms(&self, id: &str) -> Option<Arc<Terms>> {
+        self.rules
+            .iter()
+            .find(|r| &*r.id == id)
+            .and_then(|r| r.review.clone())
+    }
+
+    /// Whether any rule is a review rule.
+    pub fn reviews(&self) -> bool {
+        self.rules.iter().any(|r| r.review.is_some())
+    }
+
     /// Whether `id` names a rule of this policy or a built-in default.
     pub fn names_rule(&self, id: &str) -> bool {
         self.rules.iter().any(|r| &*r.id == id) || DEFAULT_NAMES.iter().any(|n| &**n == id)
@@ -811,31 +888,28 @@ impl Policy {
     }
 }
 
-/// Deny wins; otherwise the first allow; otherwise the default.
+/// Deny wins; then the first review; then the first allow; otherwise the
+/// default.
 fn verdict<'a>(
     rules: impl Iterator<Item = &'a Rule>,
     default: Action,
     default_rule: &str,
 ) -> Decision {
-    let mut allow: Option<&Rule> = None;
+    let (mut review, mut allow): (Option<&Rule>, Option<&Rule>) = (None, None);
     for rule in rules {
-        if rule.action == Action::Deny {
-            return Decision {
-                action: Action::Deny,
-                rule: rule.id.clone(),
-            };
+        match rule.action {
+            Action::Deny => return Decision::new(Action::Deny, rule.id.clone()),
+            Action::Review => {
+                review.get_or_insert(rule);
+            }
+            _ => {
+                allow.get_or_insert(rule);
+            }
         }
-        allow.get_or_insert(rule);
     }
-    match allow {
-        Some(rule) => Decision {
-            action: rule.action,
-            rule: rule.id.clone(),
-        },
-        None => Decision {
-            action: default,
-            rule: default_name(default_rule),
-        },
+    match review.or(allow) {
+        Some(rule) => Decision::new(rule.action, rule.id.clone()),
+        None => Decision::new(default, default_name(default_rule)),
     }
 }
 
@@ -958,6 +1032,124 @@ fn wildcard(glob: &str, s: &str) -> bool {
     }
 }
 
+/// What a rule says of review.
+struct ReviewFields<'a> {
+    action: &'a toml::Spanned<Action>,
+    approvers: &'a Option<toml::Spanned<Vec<RawApprovers>>>,
+    grant: &'a Option<toml::Spanned<RawGrant>>,
+    hold: &'a Option<toml::Spanned<String>>,
+}
+
+/// The terms of review rule `id`, checked.
+fn review_terms(
+    src: &Source<'_>,
+    id: &str,
+    r: &ReviewFields<'_>,
+    config: Option<&Config>,
+) -> Result<Terms, FileError> {
+    let at = Some(r.action.span());
+    let approvals = match config {
+        Some(c) => match &c.approvals {
+            Some(a) => Some(a),
+            None => return Err(src.error_at(at, format!("rule `{id}`: review rules need an [approvals] section in the agent config (who signs the approvers' tokens, and where they approve)"))),
+        },
+        None => None,
+    };
+    let Some(approvers) = r.approvers else {
+        return Err(src.error_at(
+            at,
+            format!("rule `{id}`: `review` needs `approvers`, as in approvers = [{{ groups = [\"dba\"], count = 1 }}]"),
+        ));
+    };
+    let span = Some(approvers.span());
+    if approvers.get_ref().is_empty() {
+        return Err(src.error_at(
+            span,
+            format!("rule `{id}`: `approvers` is empty: nobody could approve"),
+        ));
+    }
+    let mut list = Vec::new();
+    for a in approvers.get_ref() {
+        if a.groups.is_empty() || a.groups.iter().any(|g| g.trim().is_empty()) {
+            return Err(src.error_at(
+                span,
+                format!("rule `{id}`: each group of approvers needs `groups`, none of them empty"),
+            ));
+        }
+        if a.count == 0 {
+            return Err(src.error_at(
+                span,
+                format!("rule `{id}`: an approver `count` must be at least 1"),
+            ));
+        }
+        list.push(Approvers {
+            groups: a.groups.clone(),
+            count: a.count,
+        });
+    }
+    let empty = RawGrant::default();
+    let (grant, grant_span) = match r.grant {
+        Some(g) => (g.get_ref(), Some(g.span())),
+        None => (&empty, at.clone()),
+    };
+    let clock =
+        |v: &Option<String>, default: Duration, what: &str| -> Result<Duration, FileError> {
+            let Some(v) = v else { return Ok(default) };
+            let d = interceptor_record::parse_duration(v).map_err(|e| {
+                src.error_at(grant_span.clone(), format!("rule `{id}`: {what}: {e}"))
+            })?;
+            if d.is_zero() {
+                return Err(src.error_at(
+                    grant_span.clone(),
+                    format!("rule `{id}`: {what} must be longer than 0s"),
+                ));
+            }
+            Ok(d)
+        };
+    let pending_ttl = clock(&grant.pending_ttl, DEFAULT_PENDING_TTL, "grant.pending_ttl")?;
+    let duration = clock(&grant.duration, DEFAULT_GRANT, "grant.duration")?;
+    let scope = grant.scope.unwrap_or(GrantScope::Once);
+    let uses = match (scope, grant.uses) {
+        (_, Some(0)) => {
+            return Err(src.error_at(grant_span, format!("rule `{id}`: grant.uses must be at least 1 (leave it out for any number)")))
+        }
+        (GrantScope::Once, Some(n)) if n != 1 => {
+            return Err(src.error_at(grant_span, format!("rule `{id}`: a `once` grant is used once; use scope = \"statement\" or \"target\" for more uses")))
+        }
+        (GrantScope::Once, _) => Some(1),
+        (_, uses) => uses,
+    };
+    let hold = match r.hold {
+        None => DEFAULT_HOLD.min(pending_ttl),
+        Some(h) => {
+            let d = interceptor_record::parse_duration(h.get_ref())
+                .map_err(|e| src.error_at(Some(h.span()), format!("rule `{id}`: hold: {e}")))?;
+            if d > pending_ttl {
+                return Err(src.error_at(
+                    Some(h.span()),
+                    format!(
+                        "rule `{id}`: hold ({}s) is longer than the pending TTL ({}s): a held statement would outlive its request",
+                        d.as_secs(),
+                        pending_ttl.as_secs()
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    Ok(Terms {
+        approvers: list,
+        scope,
+        pending_ttl_us: pending_ttl.as_micros() as u64,
+        duration_us: duration.as_micros() as u64,
+        uses,
+        hold_us: hold.as_micros() as u64,
+        break_glass: approvals
+            .map(|a| a.break_glass_groups.clone())
+            .unwrap_or_default(),
+    })
+}
+
 /// Resolves a rule's name list: `"*"` alone means all; otherwise each name must exist.
 fn names(
     src: &Source<'_>,
@@ -1052,14 +1244,16 @@ action = "deny"
         assert_eq!((d.action, &*d.rule), (Action::Deny, RULE_DEFAULT_UNMATCHED));
     }
 
+    /// Rules that cannot work as written are refused, each with a clear
+    /// message at its line.
     #[test]
-    fn reserved_features_are_rejected_clearly() {
+    fn broken_rules_are_refused_clearly() {
         let e = load(
             "[[rule]]\nid = \"r\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"review\"\n",
         )
         .unwrap_err();
         assert_eq!(e.line, 5);
-        assert!(e.message.contains("not supported yet"), "{e}");
+        assert!(e.message.contains("needs `approvers`"), "{e}");
         let e = load(
             "[[rule]]\nid = \"m\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"mask\"\n",
         )
@@ -1069,6 +1263,96 @@ action = "deny"
             .unwrap_err();
         assert_eq!(e.line, 5);
         assert!(e.message.contains("on = \"statement\""), "{e}");
+    }
+
+    /// Review rules: their terms with defaults, checked; they match
+    /// statements as deny rules do (an unknown statement is held), win
+    /// over allow and lose to deny.
+    #[test]
+    fn review_rules() {
+        let rule = |extra: &str| {
+            format!(
+                "[[rule]]\nid = \"dba-review\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
+                 classes = [\"write\", \"ddl\"]\ntables = [\"orders\"]\naction = \"review\"\n{extra}"
+            )
+        };
+        let ok =
+            rule("approvers = [{ groups = [\"dba\"] }, { groups = [\"security\"], count = 2 }]\n");
+        let p = load(&ok).unwrap();
+        let t = p.review_terms("dba-review").unwrap();
+        assert_eq!((t.approvers.len(), t.approvers[1].count), (2, 2));
+        assert_eq!(t.scope, GrantScope::Once);
+        assert_eq!(t.uses, Some(1));
+        assert_eq!(t.hold_us, DEFAULT_HOLD.as_micros() as u64);
+        assert_eq!(t.pending_ttl_us, DEFAULT_PENDING_TTL.as_micros() as u64);
+        let refused = |extra: &str, want: &str| {
+            let e = load(&rule(extra)).unwrap_err();
+            assert!(e.message.contains(want), "{extra}: {e}");
+        };
+        refused("approvers = []\n", "is empty");
+        refused("approvers = [{ groups = [] }]\n", "needs `groups`");
+        refused(
+            "approvers = [{ groups = [\"dba\"], count = 0 }]\n",
+            "at least 1",
+        );
+        refused(
+            "approvers = [{ groups = [\"dba\"] }]\nhold = \"20m\"\n",
+            "longer than the pending TTL",
+        );
+        refused(
+            "approvers = [{ groups = [\"dba\"] }]\ngrant = { scope = \"once\", uses = 3 }\n",
+            "used once",
+        );
+        refused(
+            "approvers = [{ groups = [\"dba\"] }]\ngrant = { duration = \"soon\" }\n",
+            "not a duration",
+        );
+        let e = load("[[rule]]\nid = \"a\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\naction = \"allow\"\nhold = \"1m\"\n")
+            .unwrap_err();
+        assert!(
+            e.message.contains("belongs to `action = \"review\"`"),
+            "{e}"
+        );
+        let zero = rule("approvers = [{ groups = [\"dba\"] }]\nhold = \"0s\"\ngrant = { scope = \"target\", duration = \"2h\", pending_ttl = \"1h\" }\n");
+        let t = load(&zero).unwrap().review_terms("dba-review").unwrap();
+        assert_eq!((t.hold_us, t.uses, t.duration_us), (0, None, 7_200_000_000));
+
+        let text = format!(
+            "{ok}\n[[rule]]\nid = \"writes\"\non = \"statement\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\n\
+             classes = [\"write\"]\naction = \"allow\"\n\n[[rule]]\nid = \"no-audit\"\non = \"statement\"\n\
+             workloads = [\"*\"]\ntargets = [\"*\"]\ntables = [\"audit\"]\naction = \"deny\"\n"
+        );
+        let p = load(&text).unwrap();
+        let decide = |sql: &str| {
+            let d = p.decide_statement("w", "t", &crate::sql::classify(sql), sql);
+            (d.action, d.rule.to_string())
+        };
+        let review = (Action::Review, "dba-review".to_string());
+        assert_eq!(decide("DELETE FROM orders WHERE id = 1"), review);
+        assert_eq!(
+            decide("UPDATE items SET n = 1"),
+            (Action::Allow, "writes".into())
+        );
+        assert_eq!(decide("SELECT * FROM orders").0, Action::Allow);
+        // One table under review is enough.
+        assert_eq!(
+            decide("UPDATE items SET n = (SELECT 1) ; DELETE FROM orders"),
+            review
+        );
+        // Deny wins.
+        assert_eq!(
+            decide("DELETE FROM orders USING audit"),
+            (Action::Deny, "no-audit".into())
+        );
+        // What cannot be read could be anything: refused by the deny rule
+        // in doubt; without one, held.
+        assert_eq!(decide("DELETE FROM orders WHERE (((").0, Action::Deny);
+        let alone = load(&ok).unwrap();
+        let sql = "DELETE FROM orders WHERE (((";
+        let d = alone.decide_statement("w", "t", &crate::sql::classify(sql), sql);
+        assert_eq!((d.action, &*d.rule), (Action::Review, "dba-review"));
+        let e = load(&ok.replace("on = \"statement\"\n", "")).unwrap_err();
+        assert!(e.message.contains("applies to statement rules"), "{e}");
     }
 
     #[test]

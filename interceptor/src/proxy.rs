@@ -38,7 +38,7 @@ use tracing::{debug, warn};
 use crate::{
     config::{Config, Target, PROXY_IP4, PROXY_IP6},
     identity::Resolver,
-    policy::{Action, Policy},
+    policy::{Action, Decision, Policy},
     protocol,
     record::{
         now_micros, rfc3339_micros, Outbox, Outcome, Recorder, Recording, Session, SessionIds,
@@ -118,6 +118,12 @@ pub struct Proxy {
     pub listening: Vec<SocketAddr>,
     /// This host's addresses: a local target is reached through any of them.
     pub host: Arc<crate::local::HostAddrs>,
+    /// Just-in-time approval (none: not configured; what review rules
+    /// match is refused).
+    pub approvals: Option<Arc<crate::approvals::Broker>>,
+    /// People who said they started processes (`interceptor exec
+    /// --requester-token`).
+    pub requesters: Arc<crate::approvals::Requesters>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,7 +307,10 @@ impl Proxy {
                 )
                 .await;
         }
-        if let Err((outcome, why)) = self.authorize(&mut s, workload, target, meta.cgroup_id) {
+        if let Err((outcome, why)) = self
+            .authorize(&mut s, workload, target, meta.cgroup_id)
+            .await
+        {
             reset(&client);
             return self.finish(s, outcome, Some(why)).await;
         }
@@ -355,7 +364,11 @@ impl Proxy {
             );
             return self.finish(s, Outcome::Denied, Some(why)).await;
         }
-        if let Err((outcome, why)) = self.authorize(&mut s, workload, Some(t), meta.cgroup_id) {
+        if let Err((outcome, why)) = self
+            .authorize(&mut s, workload, Some(t), meta.cgroup_id)
+            .await
+        {
+            reset(&client);
             return self.finish(s, outcome, Some(why)).await;
         }
         self.recorder.record(s.clone()).await;
@@ -398,8 +411,10 @@ impl Proxy {
     }
 
     /// Whether the connect may go on: the caller is a workload and policy
-    /// allows it to reach `target`. Sets the session's rule.
-    fn authorize(
+    /// allows it to reach `target`, or a review rule's approval does (a
+    /// connect held for approval waits here, with no upstream connection).
+    /// Sets the session's rule.
+    async fn authorize(
         &self,
         s: &mut Session,
         workload: Option<String>,
@@ -411,19 +426,74 @@ impl Proxy {
             let why = format!("cgroup id {cgroup_id} belongs to no configured workload");
             return Err((Outcome::Denied, why));
         };
-        let decision = self
+        let mut decision = self
             .policy
             .load()
             .decide_connect(&workload, target.map(|t| t.name.as_str()));
+        if let (Action::Review, Some(t)) = (decision.action, target) {
+            decision = self.review_connect(s, decision, t).await;
+        }
         s.rule = Some(decision.rule.to_string());
+        s.approval = decision.via.as_ref().map(|v| v.request.to_string());
         if decision.action != Action::Allow {
             debug!(%workload, target = ?target.map(|t| &t.name), rule = %decision.rule, "denied");
-            return Err((
-                Outcome::Denied,
-                format!("connect denied by rule `{}`", decision.rule),
-            ));
+            let why = match &decision.via {
+                Some(v) => format!(
+                    "connect refused by rule `{}` (request {}: {})",
+                    decision.rule, v.request, v.why
+                ),
+                None => format!("connect denied by rule `{}`", decision.rule),
+            };
+            return Err((Outcome::Denied, why));
         }
         Ok(())
+    }
+
+    /// The decision on a connect to `target` that review rule `d.rule`
+    /// matched: by a grant in force, or once its request is decided (or
+    /// the rule's hold is over).
+    async fn review_connect(&self, s: &Session, d: Decision, target: &Target) -> Decision {
+        let terms = self.policy.load().review_terms(&d.rule);
+        let (Some(broker), Some(terms)) = (&self.approvals, terms) else {
+            return Decision::new(Action::Deny, d.rule);
+        };
+        let requester = self.requester(s);
+        let ask = crate::approvals::Ask {
+            rule: &d.rule,
+            terms: &terms,
+            target: &target.name,
+            requester: &requester,
+            asked: crate::record::approval::Asked::Connect,
+        };
+        let woken = Arc::new(tokio::sync::Notify::new());
+        let wake = woken.clone();
+        match broker.ask(ask, Box::new(move || wake.notify_one())) {
+            crate::approvals::Answer::Granted(d) | crate::approvals::Answer::Refused(d) => d,
+            crate::approvals::Answer::Held(ticket) => loop {
+                if let Some(d) = ticket.decision() {
+                    break d;
+                }
+                woken.notified().await;
+            },
+        }
+    }
+
+    /// Who asks, for a request made on session `s`.
+    fn requester(&self, s: &Session) -> crate::record::approval::Requester {
+        let workload = s.workload.clone().unwrap_or_default();
+        let owners = self
+            .config
+            .workload(&workload)
+            .map(|w| w.owners.clone())
+            .unwrap_or_default();
+        crate::record::approval::Requester {
+            human: s.evidence.as_ref().and_then(|e| self.requesters.of(e)),
+            workload,
+            identity: s.identity.clone().unwrap_or_default(),
+            session: Some(s.id),
+            evidence: s.evidence.clone(),
+            owners,
+        }
     }
 
     /// The rest of an admitted connection: tells the client when the
@@ -500,19 +570,30 @@ impl Proxy {
         upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
         progress: Arc<relay_loop::Progress>,
     ) -> Relayed {
-        let gate = crate::gate::AgentGate::new(crate::gate::Parties {
-            policy: self.policy.clone(),
-            workload: s.workload.clone().unwrap_or_default(),
-            target: s.target.clone().unwrap_or_default(),
-            masker: self.masker.clone(),
+        let bell = relay_loop::Bell::new();
+        let asking = self.approvals.as_ref().map(|broker| {
+            let bell = bell.clone();
+            crate::gate::Asking {
+                broker: broker.clone(),
+                requester: self.requester(s),
+                wake: Arc::new(move || bell.ring()),
+            }
         });
+        let gate = crate::gate::AgentGate::new(
+            crate::gate::Parties {
+                policy: self.policy.clone(),
+                workload: s.workload.clone().unwrap_or_default(),
+                target: s.target.clone().unwrap_or_default(),
+                masker: self.masker.clone(),
+            },
+            asking,
+        );
         let outbox = Outbox::new(Recording {
             text_limit: self.config.agent.record_text_limit,
             bytes_per_second: self.config.agent.record_bytes_per_second,
         });
         let machines = handler.machines(Box::new(gate), outbox.clone());
         let listed = flush::Listed::new(s.id, Some(outbox.clone()), progress.clone());
-        let bell = relay_loop::Bell::new();
         let end = relay_loop::relay_inspected(client, upstream, machines, progress, Some(bell));
         let end = end.await;
         s.statements = listed.finish(&self.recorder).await;
@@ -720,6 +801,8 @@ mod tests {
             masker: Arc::new(crate::mask::Masker::new(b"registry")),
             listening: Vec::new(),
             host: Arc::default(),
+            approvals: None,
+            requesters: Arc::default(),
         };
         let target = &config.targets[0];
         let session = |id| Session {
@@ -809,6 +892,108 @@ mod tests {
                 ),
             ]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A statement a review rule matches waits, its connection alone,
+    /// until a second person approves it; then it goes on as if nothing
+    /// happened, recorded under the request that let it through.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_review_rule_holds_a_statement_until_approved() {
+        use crate::approvals::{Broker, Deciding, Verb};
+        use crate::record::approval::{Channel, Person, Status};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = "[agent]\ntrust_domain = \"example.org\"\nproxy_port = 15001\n\n\
+                      [[workload]]\nname = \"app\"\nmanaged = true\n\n\
+                      [[target]]\nname = \"lines-db\"\naddresses = [\"127.0.0.1:1\"]\nprotocol = \"lines\"\n";
+        let config = Arc::new(Config::parse(std::path::Path::new("c.toml"), config).unwrap());
+        let rules = "[[rule]]\nid = \"writes-reviewed\"\non = \"statement\"\nworkloads = [\"*\"]\n\
+                     targets = [\"*\"]\nclasses = [\"write\"]\naction = \"review\"\n\
+                     approvers = [{ groups = [\"dba\"] }]\nhold = \"30s\"\n";
+        let policy = Policy::from_texts(&[(std::path::Path::new("p.toml"), rules)], None).unwrap();
+        let dir = std::env::temp_dir().join(format!("icpt-review-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(crate::record::SledStore::open(&dir).unwrap());
+        let broker = Broker::open(store.clone(), b"k", None).unwrap();
+        let (recorder, writer) = Recorder::start(store.clone());
+        let proxy = Proxy {
+            identity: Arc::new(Resolver::new(&config, &[]).unwrap()),
+            config: config.clone(),
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            meta: Arc::new(NoMeta),
+            recorder: recorder.clone(),
+            ids: Arc::default(),
+            masker: Arc::new(crate::mask::Masker::new(b"review")),
+            listening: Vec::new(),
+            host: Arc::default(),
+            approvals: Some(broker.clone()),
+            requesters: Arc::default(),
+        };
+        let target = &config.targets[0];
+        let s = Session {
+            workload: Some("app".into()),
+            target: Some(target.name.clone()),
+            protocol: target.protocol.to_string(),
+            ..Session::new(SessionId(3), "test".into())
+        };
+        let (mut app, client) = loopback_pair().await;
+        let (upstream, mut server) = loopback_pair().await;
+        let serve = proxy.serve(s, client, Ok(upstream), Some(target), "db:1".into());
+        let talk = async {
+            app.write_all(b"DELETE FROM t\nSELECT 1\n").await.unwrap();
+            let mut buf = [0u8; 64];
+            let early =
+                tokio::time::timeout(Duration::from_millis(300), server.read(&mut buf)).await;
+            assert!(early.is_err(), "a held statement reached the server");
+            let pending: Vec<_> = broker
+                .list(0)
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.status == Status::Pending)
+                .collect();
+            assert_eq!(pending.len(), 1);
+            let approver = Person {
+                issuer: "https://id.example.org".into(),
+                subject: "alice".into(),
+                groups: vec!["dba".into()],
+            };
+            let d = Deciding {
+                verb: Verb::Approve,
+                person: &approver,
+                comment: None,
+                channel: Channel {
+                    by: "test".into(),
+                    peer: "-".into(),
+                },
+                break_glass: false,
+            };
+            broker.decide(pending[0].id, d).unwrap();
+            let mut got = vec![0u8; 23];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, b"DELETE FROM t\nSELECT 1\n", "released, in order");
+            server.write_all(b"deleted\none\n").await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut seen = String::new();
+            app.read_to_string(&mut seen).await.unwrap();
+            (seen, pending[0].id)
+        };
+        let (_, (seen, id)) = tokio::join!(serve, talk);
+        assert_eq!(seen, "deleted\none\n");
+        drop(proxy);
+        drop(recorder);
+        writer.join();
+        broker.stop();
+        let statements = store.statements(SessionId(3)).unwrap();
+        assert_eq!(statements[0].decision, Some(Action::Allow));
+        assert_eq!(statements[0].rule.as_deref(), Some("writes-reviewed"));
+        assert_eq!(
+            statements[0].approval.as_deref(),
+            Some(id.to_string().as_str())
+        );
+        assert_eq!(statements[1].approval, None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

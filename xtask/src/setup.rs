@@ -32,7 +32,34 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     packages()?;
     python_clients()?;
+    oidc_provider()?;
     Ok(())
+}
+
+/// The OIDC provider the approval tests start (npm's `oidc-provider`, and
+/// `jose` to mint the tokens they refuse), at the versions the lock file
+/// pins, into `tests/oidc/node_modules`.
+fn oidc_provider() -> Result<()> {
+    let dir = crate::root().join("tests/oidc");
+    if dir.join("node_modules/oidc-provider/package.json").exists()
+        && dir.join("node_modules/jose/package.json").exists()
+    {
+        return Ok(());
+    }
+    if !Command::new("npm")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("setup: installing Node.js and npm (Debian)");
+        run_cmd(Command::new("apt-get").args(["install", "-y", "-q", "nodejs", "npm"]))?;
+    }
+    eprintln!("setup: installing the test OIDC provider (npm ci in tests/oidc)");
+    run_cmd(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir),
+    )
 }
 
 /// PostgreSQL client libraries (from PyPI) the end-to-end tests drive

@@ -55,7 +55,7 @@ impl Gate for Strict {
                 Verdict::Pass(Some(decision(Action::Allow, "reads")))
             }
             Class::Write => {
-                let t = Ticket::new("writes-wait".into(), Box::new(|| {}));
+                let t = Ticket::new("writes-wait".into(), Some("wait".into()), Box::new(|| {}));
                 ledger.waiting.push((t.clone(), seen.text.to_owned()));
                 Verdict::Hold(t)
             }
@@ -98,10 +98,7 @@ impl Gate for Strict {
 }
 
 fn decision(action: Action, rule: &str) -> Decision {
-    Decision {
-        action,
-        rule: rule.into(),
-    }
+    Decision::new(action, rule.into())
 }
 
 // The first byte splits the input (client bytes before, server bytes

@@ -805,8 +805,22 @@ impl Machines {
         to_server: &mut BytesMut,
         to_client: &mut BytesMut,
     ) -> Result<(), PgError> {
-        self.front
-            .feed(input, to_server, to_client, &mut self.state)
+        let fed = self
+            .front
+            .feed(input, to_server, to_client, &mut self.state);
+        self.tell(to_client);
+        fed
+    }
+
+    /// Sends the notices waiting for the client, if what goes to it is
+    /// between two of the server's messages (else they wait for the end
+    /// of the one being passed on).
+    fn tell(&mut self, to_client: &mut BytesMut) {
+        if self.back.rest.done() {
+            if let Some(n) = self.state.take_notices() {
+                to_client.extend_from_slice(&n);
+            }
+        }
     }
 
     /// The client's end, with what was left of its last frame.
@@ -820,7 +834,9 @@ impl Machines {
         input: &mut BytesMut,
         to_client: &mut BytesMut,
     ) -> Result<(), PgError> {
-        self.back.feed(input, to_client, &mut self.state)
+        let fed = self.back.feed(input, to_client, &mut self.state);
+        self.tell(to_client);
+        fed
     }
 
     /// The server's end, with what was left of its last frame.

@@ -70,10 +70,12 @@ impl Conn {
             memo: None,
         };
         let decided = decide(&mut *self.gate, &mut self.held, seen, true);
-        let (decision, rule, refused) = decided.parts().ok_or(())?;
+        let parts = decided.parts().ok_or(())?;
+        let refused = parts.refused;
         let mut st = Statement {
-            decision,
-            rule,
+            decision: parts.action,
+            rule: parts.rule,
+            approval: parts.approval,
             tables: c.class.tables.clone(),
             ..Statement::new(StatementKind::Query, None, Arc::from(text), c.class.class)
         };

@@ -165,12 +165,15 @@ mod tests {
 
     /// A connection of workload `w` to target `t` under `policy`.
     fn gated(policy: Arc<ArcSwap<Policy>>) -> State {
-        let gate = AgentGate::new(Parties {
-            policy,
-            workload: "w".into(),
-            target: "t".into(),
-            masker: Arc::new(Masker::new(b"unit-test-key")),
-        });
+        let gate = AgentGate::new(
+            Parties {
+                policy,
+                workload: "w".into(),
+                target: "t".into(),
+                masker: Arc::new(Masker::new(b"unit-test-key")),
+            },
+            None,
+        );
         State::new(Box::new(gate), Outbox::default())
     }
 
@@ -1108,7 +1111,11 @@ mod tests {
             }
             let bell = self.bell.clone();
             let wake = Box::new(move || bell.ring());
-            let t = Ticket::new("needs-a-second-person".into(), wake);
+            let t = Ticket::new(
+                "needs-a-second-person".into(),
+                Some("held for a second person".into()),
+                wake,
+            );
             self.tickets.send(t.clone()).unwrap();
             Verdict::Hold(t)
         }
@@ -1223,10 +1230,10 @@ mod tests {
             "a held statement reached the server: {early:?}"
         );
 
-        ticket.decide(crate::policy::Decision {
-            action: crate::policy::Action::Allow,
-            rule: "approved-by-bob".into(),
-        });
+        ticket.decide(crate::policy::Decision::new(
+            crate::policy::Action::Allow,
+            "approved-by-bob".into(),
+        ));
         let mut got = vec![0u8; first.len() + behind.len()];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(got, [first, behind].concat(), "released, in order");
@@ -1245,10 +1252,10 @@ mod tests {
         assert!(arrives(&mut server, Duration::from_millis(100))
             .await
             .is_empty());
-        ticket.decide(crate::policy::Decision {
-            action: crate::policy::Action::Deny,
-            rule: "denied-by-bob".into(),
-        });
+        ticket.decide(crate::policy::Decision::new(
+            crate::policy::Action::Deny,
+            "denied-by-bob".into(),
+        ));
         let refusal = arrives(&mut server, Duration::from_millis(500)).await;
         let refusal = String::from_utf8_lossy(&refusal);
         assert!(!refusal.contains("DELETE"), "{refusal}");

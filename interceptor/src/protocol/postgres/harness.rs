@@ -138,12 +138,15 @@ impl Connection {
     fn new(mode: Mode) -> Connection {
         let policy = Policy::from_texts(&[(Path::new("bench.toml"), POLICY)], None)
             .expect("the bench policy compiles");
-        let gate = AgentGate::new(Parties {
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
-            workload: "pgbench".into(),
-            target: "db".into(),
-            masker: Arc::new(Masker::new(b"bench-engine-key")),
-        });
+        let gate = AgentGate::new(
+            Parties {
+                policy: Arc::new(ArcSwap::from_pointee(policy)),
+                workload: "pgbench".into(),
+                target: "db".into(),
+                masker: Arc::new(Masker::new(b"bench-engine-key")),
+            },
+            None,
+        );
         let state = State::new(Box::new(gate), Outbox::default());
         let mut c = Connection {
             front: Frontend::default(),
