@@ -1376,12 +1376,40 @@ fn server_options(options: &str) -> Result<Vec<(String, String)>, String> {
 /// exactly the server's own.
 pub fn refusal_sql(d: &Decision) -> String {
     // Rule ids are plain names (letters, digits, `-_.`): safe inside quotes.
+    let (because, hint) = match &d.via {
+        None => (
+            String::new(),
+            "ask the owners of the interceptor policy".to_owned(),
+        ),
+        Some(v) => {
+            let (id, why) = (plain_text(&v.request), plain_text(&v.why));
+            (
+                format!(" (request {id}: {why})"),
+                format!("see it with: interceptor approvals show {id}"),
+            )
+        }
+    };
     format!(
         "DO $interceptor$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', \
-         MESSAGE = 'interceptor: statement denied by rule \"{}\"', \
-         HINT = 'ask the owners of the interceptor policy'; END $interceptor$",
+         MESSAGE = 'interceptor: statement denied by rule \"{}\"{because}', \
+         HINT = '{hint}'; END $interceptor$",
         d.rule
     )
+}
+
+/// `text` with only characters that are inert inside a quoted literal of
+/// the refusal's dollar-quoted block (no quote, no `$`, no backslash, no
+/// control character): others become `?`. (A reason may carry words the
+/// agent did not write, a person's name say.)
+fn plain_text(text: &str) -> String {
+    text.chars()
+        .take(300)
+        .map(|c| match c {
+            c if c.is_alphanumeric() => c,
+            ' ' | '.' | ',' | ':' | ';' | '-' | '_' | '@' | '(' | ')' | '/' | '=' | '+' => c,
+            _ => '?',
+        })
+        .collect()
 }
 
 /// The ErrorResponse that refuses a startup setting (SQLSTATE 42501).
@@ -1832,6 +1860,33 @@ mod tests {
                 assert_eq!(split, first.map(|n| (n, len - n - 1)), "{b:?}");
             }
         }
+    }
+
+    /// A refusal names the request behind it, and nothing in its reason
+    /// can leave the literal it is quoted in.
+    #[test]
+    fn refusals_name_their_request_and_quote_its_reason_safely() {
+        let d = Decision {
+            via: Some(crate::record::Via {
+                request: "0190f3a1b2c3d4e5".into(),
+                why: "denied by o'brien $interceptor$; DROP TABLE t; -- \\ \n".into(),
+            }),
+            ..Decision::new(crate::record::Action::Deny, "dba-review".into())
+        };
+        let sql = refusal_sql(&d);
+        assert_eq!(sql.matches("$interceptor$").count(), 2, "{sql}");
+        assert_eq!(sql.matches('\'').count(), 6, "{sql}");
+        assert!(!sql.contains('\\') && !sql.contains('\n'), "{sql}");
+        assert!(
+            sql.contains(
+                "(request 0190f3a1b2c3d4e5: denied by o?brien ?interceptor?; DROP TABLE t; -- ? ?)"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("interceptor approvals show 0190f3a1b2c3d4e5"),
+            "{sql}"
+        );
     }
 
     #[test]

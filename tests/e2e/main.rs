@@ -1,6 +1,7 @@
 //! End-to-end tests: real kernel, real cgroups and eBPF, real processes.
 //! Run serially (`--test-threads=1`) as root, by `cargo xtask test`.
 
+mod approvals;
 mod boundary;
 mod enforcement;
 mod faults;

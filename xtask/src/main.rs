@@ -105,6 +105,8 @@ fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
+    // The tokio-postgres application the approval tests run.
+    run(cargo().args(["build", "-p", "interceptor", "--example", "pg_client"]))?;
     let mut e2e = cargo();
     e2e.args([
         "test",

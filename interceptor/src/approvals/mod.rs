@@ -514,7 +514,7 @@ impl Broker {
         let rule = of.map(|r| Arc::<str>::from(r.rule.as_str()));
         let why = of.map(|r| {
             format!(
-                "no decision within {} (the rule's hold); the request stays pending: try again once approved",
+                "no decision within {} (the hold of its rule); the request stays pending: try again once approved",
                 seconds(r.terms.hold_us)
             )
         });
