@@ -626,8 +626,13 @@ fn print_statements(list: &[Statement]) {
             (None, None) => "-".into(),
         };
         let took = st.duration_us.map_or("-".into(), |d| format!("{d} µs"));
+        let by = match (&st.approval, st.decision) {
+            (Some(r), Some(policy::Action::Allow)) => format!("  [approved: request {r}]"),
+            (Some(r), _) => format!("  [refused: request {r}]"),
+            (None, _) => String::new(),
+        };
         println!(
-            "  #{:<4} {}  {:<6} {:>10}  {:<16} {}",
+            "  #{:<4} {}  {:<6} {:>10}  {:<16} {}{by}",
             st.seq,
             crate::record::rfc3339_micros(st.at),
             st.kind,
@@ -672,6 +677,7 @@ fn print_session(s: &Session) {
         ("identity", opt(&s.identity).into()),
         ("outcome", s.outcome.to_string()),
         ("rule", opt(&s.rule).into()),
+        ("approval", opt(&s.approval).into()),
         ("detail", opt(&s.detail).into()),
         ("original_dst", opt(&s.original_dst).into()),
         ("target", opt(&s.target).into()),

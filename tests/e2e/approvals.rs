@@ -7,8 +7,10 @@
 //! or with others) by `tests/oidc/provider.mjs mint`.
 
 use std::{
+    io::{Read, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -130,8 +132,93 @@ impl Drop for Oidc {
     }
 }
 
+/// A webhook receiver: answers its first post with HTTP 500 (the agent
+/// must retry), every other with 200, and keeps what it was sent.
+struct Hook {
+    url: String,
+    got: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let kept = got.clone();
+        std::thread::spawn(move || {
+            let mut first = true;
+            for c in l.incoming().flatten() {
+                let body = read_post(&c);
+                let status = if std::mem::take(&mut first) {
+                    "500 Busy"
+                } else {
+                    "200 OK"
+                };
+                if status.starts_with("200") {
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        kept.lock().unwrap().push(v);
+                    }
+                }
+                let _ = (&c).write_all(
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+        Hook { url, got }
+    }
+
+    /// The events posted about request `id`, waiting for `want` of them.
+    fn events(&self, id: &str, want: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events: Vec<String> = self
+                .got
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|m| m["request"]["id"] == id)
+                .map(|m| m["event"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            if events.len() >= want || Instant::now() > deadline {
+                return events;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The body of an HTTP request read from `c`.
+fn read_post(mut c: &std::net::TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Ok(n @ 1..) = c.read(&mut chunk) else {
+            return buf;
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < end + 4 + len {
+            let Ok(n @ 1..) = c.read(&mut chunk) else {
+                break;
+            };
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        return buf[end + 4..].to_vec();
+    }
+}
+
 /// PostgreSQL, the provider, and an agent with approvals on.
 struct Stage {
+    hook: Hook,
     dir: PathBuf,
     db: pg::Postgres,
     oidc: Oidc,
@@ -333,6 +420,9 @@ impl Stage {
             );
         }
         let api_port = free_port();
+        let hook = Hook::start();
+        // A webhook that is down: it must delay nothing.
+        let down = format!("http://127.0.0.1:{}/", free_port());
         // (A target the connect rule names, whether or not a test uses it.)
         let echo = format!(
             "[[target]]\nname = \"echo\"\naddresses = [\"127.0.0.1:{}\"]\n\n",
@@ -341,15 +431,18 @@ impl Stage {
         let sections = format!(
             "[approvals]\nlisten = \"127.0.0.1:{api_port}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
              issuer = \"{}\"\naudience = \"{AUDIENCE}\"\n\n\
+             [[approvals.webhook]]\nurl = \"{down}\"\n\n[[approvals.webhook]]\nurl = \"{}\"\n\n\
              [[workload]]\nname = \"app\"\nmanaged = true\nowners = [\"billing-owners\"]\n\n\
              [[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n\n{echo}",
             cert.display(),
             key.display(),
             oidc.issuer,
+            hook.url,
             db.port
         );
         let agent = Agent::start(name, &sections, POLICY);
         Stage {
+            hook,
             api: format!("https://127.0.0.1:{api_port}"),
             ca,
             dir,
@@ -552,6 +645,11 @@ fn statements_under_review_wait_for_a_second_person() {
     assert_eq!(r["status"], "approved");
     assert_eq!(r["approvals"][0]["person"]["subject"], "alice");
     assert_eq!(r["grant"]["used"], 1);
+    // Told to the webhook (its first answer was a 500: retried), with a
+    // Slack-compatible text; the one that is down slowed nothing.
+    assert_eq!(s.hook.events(&id, 2), ["requested", "approved"]);
+    let m = s.hook.got.lock().unwrap()[0].clone();
+    assert!(m["text"].as_str().unwrap().contains(&id), "{m}");
 
     // Denied: 42501 naming rule and request; the session stays usable.
     let held = s.psql("DELETE FROM orders WHERE id = 2; SELECT 'still here'", None);
@@ -586,8 +684,14 @@ fn statements_under_review_wait_for_a_second_person() {
 
     // hold = 0s: refused at once, the request left pending; approved, the
     // retry passes (scope statement: other values too).
+    let asked = Instant::now();
     let (ok, _, err) = psql_now(&s, "UPDATE ledger SET v = 1 WHERE id = 1");
     assert!(!ok && err.contains("waiting for approval"), "{err}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "a refusal waited {:?} (a webhook is down)",
+        asked.elapsed()
+    );
     let id = s.pending("ledger-ask-then-retry", &known);
     known.push(id.clone());
     s.decide("alice", "approve", &id);

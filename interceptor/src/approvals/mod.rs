@@ -355,9 +355,15 @@ impl Broker {
                         uses: Vec::new(),
                         revoked: None,
                     });
-                    "approved"
+                    match d.break_glass {
+                        true => "approved by BREAK-GLASS",
+                        false => "approved",
+                    }
                 } else {
-                    "approval counted"
+                    match d.break_glass {
+                        true => "BREAK-GLASS approval counted",
+                        false => "approval counted",
+                    }
                 }
             }
             Verb::Deny => {
@@ -1073,6 +1079,43 @@ mod tests {
         assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
         let r = f.broker.show(id).unwrap().unwrap();
         assert_eq!((r.approvals.len(), r.attempts.len()), (1, 3));
+    }
+
+    /// Break-glass: only members of the break-glass groups, two of them,
+    /// each recorded as such; the requester still cannot.
+    #[test]
+    fn break_glass_takes_two_people_of_its_groups() {
+        let f = Fixture::new("glass");
+        let woken = Arc::new(AtomicUsize::new(0));
+        let mut t = terms(Scope::Once, 60_000, 60_000, Some(1));
+        t.break_glass = vec!["sre-oncall".into()];
+        let ticket = held(ask(&f.broker, &t, "DELETE FROM orders", &woken));
+        let id = pending(&f.broker)[0].id;
+        let glass = |who: &Person| {
+            f.broker.decide(
+                id,
+                Deciding {
+                    verb: Verb::Approve,
+                    person: who,
+                    comment: Some("outage".into()),
+                    channel: Channel {
+                        by: "test".into(),
+                        peer: "-".into(),
+                    },
+                    break_glass: true,
+                },
+            )
+        };
+        let e = glass(&person("alice", &["dba"])).unwrap_err();
+        assert!(e.to_string().contains("break glass"), "{e}");
+        let e = glass(&person("carol", &["sre-oncall"])).unwrap_err();
+        assert!(e.to_string().contains("own request"), "{e}");
+        let r = glass(&person("sam", &["sre-oncall"])).unwrap();
+        assert_eq!(r.status, Status::Pending, "one person breaks no glass");
+        assert!(r.approvals[0].break_glass);
+        let r = glass(&person("tess", &["sre-oncall"])).unwrap();
+        assert_eq!(r.status, Status::Approved);
+        assert_eq!(ticket.decision().unwrap().action, Action::Allow);
     }
 
     /// A restarted agent keeps its pending requests and grants.

@@ -1,6 +1,6 @@
 //! Webhooks: each request made or decided is posted as JSON (with a
 //! Slack-compatible `text`) to every configured URL, retried with backoff
-//! on a thread of its own. The broker only puts a message in a bounded
+//! on a thread per URL. The broker only puts a message in a bounded
 //! queue and never waits: a webhook that is down never slows the data path
 //! (past the queue, messages are dropped and counted in the log).
 
@@ -21,41 +21,47 @@ const QUEUE: usize = 1024;
 const TRIES: u32 = 5;
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 
-/// Where the broker tells of requests (see the module's documentation).
+/// Where the broker tells of requests (see the module's documentation):
+/// a queue and a thread per webhook, so one that is down delays no other.
 pub struct Notifier {
-    tx: SyncSender<serde_json::Value>,
+    queues: Vec<(String, SyncSender<serde_json::Value>)>,
 }
 
 impl Notifier {
     /// Starts posting to `hooks`; `None` if there are none.
     pub fn start(hooks: &[Webhook]) -> Option<Notifier> {
-        if hooks.is_empty() {
-            return None;
-        }
-        let urls: Vec<String> = hooks.iter().map(|h| h.url.clone()).collect();
-        let (tx, rx) = sync_channel::<serde_json::Value>(QUEUE);
-        std::thread::Builder::new()
-            .name("webhooks".into())
-            .spawn(move || {
-                let agent = super::oidc::http_agent();
-                for message in rx {
-                    for url in &urls {
-                        post(&agent, url, &message);
+        let mut queues = Vec::new();
+        for hook in hooks {
+            let (tx, rx) = sync_channel::<serde_json::Value>(QUEUE);
+            let url = hook.url.clone();
+            let spawned = std::thread::Builder::new()
+                .name("webhook".into())
+                .spawn(move || {
+                    let agent = super::oidc::http_agent();
+                    for message in rx {
+                        post(&agent, &url, &message);
                     }
-                }
-            })
-            .ok()?;
-        Some(Notifier { tx })
+                });
+            if let Err(e) = spawned {
+                warn!(url = %hook.url, error = %e, "no thread for a webhook");
+                continue;
+            }
+            queues.push((hook.url.clone(), tx));
+        }
+        (!queues.is_empty()).then_some(Notifier { queues })
     }
 
-    /// Queues a message about `r` (`what` happened to it).
+    /// Queues a message about `r` (`what` happened to it) for each webhook.
     pub fn tell(&self, r: &Request, what: &str) {
-        match self.tx.try_send(message(r, what)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                warn!(request = %r.id, "webhook queue full: a message dropped");
+        let m = message(r, what);
+        for (url, tx) in &self.queues {
+            match tx.try_send(m.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    warn!(request = %r.id, %url, "webhook queue full: a message dropped");
+                }
+                Err(TrySendError::Disconnected(_)) => {}
             }
-            Err(TrySendError::Disconnected(_)) => {}
         }
     }
 }
