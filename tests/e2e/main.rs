@@ -474,7 +474,8 @@ fn the_policies_in_the_repository_load() {
     // config that defines what it names.
     let agent = Agent::prepare(
         "policies",
-        "[[workload]]\nname = \"billing\"\nmanaged = true\n\n[[workload]]\nname = \"reporting\"\nmanaged = true\n\n\
+        "[approvals]\nissuer = \"https://id.example.org\"\naudience = \"interceptor\"\n\n\
+         [[workload]]\nname = \"billing\"\nmanaged = true\n\n[[workload]]\nname = \"reporting\"\nmanaged = true\n\n\
          [[target]]\nname = \"orders-db\"\naddresses = [\"127.0.0.1:5432\"]\nprotocol = \"postgres\"\n",
         "",
     );

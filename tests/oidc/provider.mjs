@@ -9,6 +9,9 @@
 //     is made on first use and kept in KEYFILE (a private JWK). Prints
 //     `ready ISSUER` once listening.
 //
+//   node provider.mjs token ISSUER WHO
+//     Prints WHO's access token from the provider at ISSUER.
+//
 //   node provider.mjs mint KEYFILE CLAIMS_JSON [ALG] [KID] [foreign]
 //     Prints a JWT with CLAIMS_JSON signed by the provider's key (or, with
 //     `foreign`, by a key of its own under the provider's kid). ALG HS256
@@ -89,9 +92,24 @@ async function mint(keyFile, claims, alg = 'RS256', kid, foreign) {
 const [mode, ...args] = process.argv.slice(2);
 if (mode === 'serve') {
   await serve(Number(args[0]), args[1], JSON.parse(args[2]));
+} else if (mode === 'token') {
+  const [issuer, who] = args;
+  const resp = await fetch(`${issuer}/token`, {
+    method: 'POST',
+    body: new URLSearchParams({
+      grant_type: 'client_credentials', client_id: who, client_secret: `${who}-secret`,
+      scope: 'approve', resource: AUDIENCE,
+    }),
+  });
+  const body = await resp.json();
+  if (!body.access_token) {
+    console.error(JSON.stringify(body));
+    process.exit(1);
+  }
+  console.log(body.access_token);
 } else if (mode === 'mint') {
   await mint(args[0], JSON.parse(args[1]), args[2], args[3], args[4] === 'foreign');
 } else {
-  console.error('usage: provider.mjs serve PORT KEYFILE PEOPLE_JSON | mint KEYFILE CLAIMS_JSON [ALG] [KID] [foreign]');
+  console.error('usage: provider.mjs serve PORT KEYFILE PEOPLE_JSON | token ISSUER WHO | mint KEYFILE CLAIMS_JSON [ALG] [KID] [foreign]');
   process.exit(2);
 }

@@ -158,23 +158,27 @@ pub fn run(cmd: ApprovalsCommand) -> anyhow::Result<ExitCode> {
         Reply::Request { request } => {
             match (json, verb) {
                 (true, _) => println!("{}", serde_json::to_string_pretty(&request)?),
-                (false, Some(v)) => println!(
-                    "{}: request {} is {}{}",
-                    match v {
-                        VerbName::Approve => "approval counted",
-                        VerbName::Deny => "denied",
-                        VerbName::Revoke => "grant revoked",
-                    },
-                    request.id,
-                    request.status.as_str(),
-                    match (&request.status, v) {
-                        (Status::Pending, _) => format!(
-                            " ({} approval(s) so far; more are needed)",
-                            request.approvals.len()
+                (false, Some(v)) => {
+                    let did = match (v, request.status) {
+                        (VerbName::Approve, Status::Approved) => "approved",
+                        (VerbName::Approve, _) => "approval counted",
+                        (VerbName::Deny, _) => "denied",
+                        (VerbName::Revoke, _) => "grant revoked",
+                    };
+                    let more = match request.status {
+                        Status::Pending => format!(
+                            " ({} of {} approval(s) so far)",
+                            request.approvals.len(),
+                            needed(&request)
                         ),
                         _ => String::new(),
-                    }
-                ),
+                    };
+                    println!(
+                        "{did}: request {} is {}{more}",
+                        request.id,
+                        request.status.as_str()
+                    );
+                }
                 (false, None) => print_request(&request),
             }
             Ok(ExitCode::SUCCESS)
