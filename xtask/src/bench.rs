@@ -752,10 +752,13 @@ fn postgres(tuning: &Tuning) -> Result<()> {
             "interceptor-pgbench",
             &tuning.lines,
             &format!(
-                "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n",
+                "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n\n\
+                 # Approvals on (for the review rows), with no network: keys from a file.\n\
+                 [approvals]\nissuer = \"https://id.bench.local\"\naudience = \"bench\"\njwks_file = \"jwks.json\"\n",
                 db.port
             ),
         )?;
+        std::fs::write(dir.join("jwks.json"), "{\"keys\": []}")?;
         let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
         let (agent_pid, bouncer_pid) = (agent.pid(), bouncer.pid());
         let bare_pid = bare.children.first().map(std::process::Child::id);
@@ -864,6 +867,46 @@ fn postgres(tuning: &Tuning) -> Result<()> {
                 proxied(&m, &d),
                 "-",
                 "-",
+                "-"
+            );
+        }
+        // Review costs nothing where it does not apply: the agent with a
+        // review rule that matches none of pgbench -S's statements (writes
+        // to its tables), against the agent without it, in the same rounds.
+        let with_review = format!(
+            "{BENCH_POLICY}\n[[rule]]\nid = \"review-writes\"\non = \"statement\"\nworkloads = [\"bench\"]\n\
+             targets = [\"*\"]\nclasses = [\"write\", \"ddl\"]\ntables = [\"pgbench_*\"]\naction = \"review\"\n\
+             approvers = [{{ groups = [\"dba\"] }}]\n"
+        );
+        println!(
+            "\nthe agent with a review rule that matches no statement of the run, against the agent \
+             without it (same rounds, the policy reloaded between runs):"
+        );
+        for mode in ["simple", "prepared"] {
+            let (mut plain, mut review) = (Vec::new(), Vec::new());
+            for round in 0..PG_ROUNDS {
+                for k in 0..2 {
+                    let on = (round + k) % 2 == 1;
+                    let policy = if on {
+                        with_review.as_str()
+                    } else {
+                        BENCH_POLICY
+                    };
+                    std::fs::write(dir.join("policy.toml"), policy)?;
+                    agent.reload()?;
+                    let run = costed(agent_pid, || {
+                        pgbench(Some((&agent, &config)), &conn, mode, 8)
+                    })?;
+                    if on { &mut review } else { &mut plain }.push(run);
+                }
+            }
+            println!(
+                "{:<22} {:>10.0} | {} | {:>28} | {:>28} | {:>9}",
+                format!("{mode}, 8, review rule"),
+                middle(plain.iter().map(|c| c.tps).collect()),
+                proxied(&review, &plain),
+                "(first column: agent",
+                "without the rule)",
                 "-"
             );
         }
