@@ -48,12 +48,15 @@ fuzz_target!(|data: &[u8]| {
     let step = 1 + (cut as usize * 7) % 509;
     let cut = (cut as usize * rest.len()) / 255;
     let (client, server) = rest.split_at(cut);
-    let gate = AgentGate::new(Parties {
-        policy: POLICY.clone(),
-        workload: "reporting".into(),
-        target: "orders-db".into(),
-        masker: Arc::new(Masker::new(b"fuzz")),
-    });
+    let gate = AgentGate::new(
+        Parties {
+            policy: POLICY.clone(),
+            workload: "reporting".into(),
+            target: "orders-db".into(),
+            masker: Arc::new(Masker::new(b"fuzz")),
+        },
+        None,
+    );
     let mut state = State::new(Box::new(gate), Outbox::default());
     let mut sent = Sent::default();
     in_turns(&mut state, (client, server), step, |to_server| {

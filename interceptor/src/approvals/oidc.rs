@@ -233,3 +233,55 @@ fn get_json(agent: &ureq::Agent, url: &str) -> Result<serde_json::Value, String>
         .read_json()
         .map_err(|e| format!("{url}: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key made for this test (Ed25519), and its public half as a JWK.
+    const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIE+PTKtCdgZcxlJz5AqJc4u8OvOpAtqpDzXTsI7YXTud\n-----END PRIVATE KEY-----\n";
+    const JWKS: &str = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": "k1", "x": "8U09ktcn2Du0Nf42bBgR3fLr7Hb2A2do5UXVnTseWEg"}]}"#;
+
+    fn verifier(dir: &std::path::Path) -> Verifier {
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, JWKS).unwrap();
+        let text = format!(
+            "[agent]\ntrust_domain = \"t\"\nproxy_port = 1\n\n[approvals]\nissuer = \"https://id.example.org\"\n\
+             audience = \"interceptor\"\njwks_file = \"{}\"\n",
+            jwks.display()
+        );
+        let config = crate::config::Config::parse(std::path::Path::new("c.toml"), &text).unwrap();
+        Verifier::new(config.approvals.as_ref().unwrap())
+    }
+
+    fn token(claims: serde_json::Value, kid: &str) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(KEY.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    /// Keys from a JWKS file (air-gapped sites): a good EdDSA token names
+    /// its person and groups; one of another audience, or naming another
+    /// key, is refused.
+    #[test]
+    fn tokens_are_checked_against_a_jwks_file() {
+        let dir = std::env::temp_dir().join(format!("icpt-oidc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let v = verifier(&dir);
+        let exp = crate::record::now_micros() / 1_000_000 + 600;
+        let claims = |aud: &str| {
+            serde_json::json!({
+                "iss": "https://id.example.org", "aud": aud, "sub": "alice",
+                "groups": ["dba", "oncall"], "exp": exp,
+            })
+        };
+        let p = v.verify(&token(claims("interceptor"), "k1")).unwrap();
+        assert_eq!((p.subject.as_str(), p.groups.len()), ("alice", 2));
+        let e = v.verify(&token(claims("other"), "k1")).unwrap_err();
+        assert!(e.to_string().contains("InvalidAudience"), "{e}");
+        let e = v.verify(&token(claims("interceptor"), "k2")).unwrap_err();
+        assert!(e.to_string().contains("no key `k2`"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
