@@ -116,6 +116,9 @@ pub enum Command {
         mode: crate::protocol::postgres::harness::Mode,
         #[arg(long, default_value_t = 200_000)]
         txns: u32,
+        /// With a review rule that matches none of the traffic.
+        #[arg(long)]
+        review: bool,
     },
     /// For benchmarks: relays every connection made to a free loopback port
     /// (printed first) to ADDR with the agent's relay loop and nothing else:
@@ -281,8 +284,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchEngine { mode, txns } => {
-            let ns = crate::protocol::postgres::harness::run(mode, txns);
+        Command::BenchEngine { mode, txns, review } => {
+            let ns = crate::protocol::postgres::harness::run(mode, txns, review);
             println!("{ns:.1}");
             Ok(ExitCode::SUCCESS)
         }

@@ -23,13 +23,18 @@ pub fn engine() -> Result<()> {
         "interceptor bench engine — pgbench -S traffic through the two PostgreSQL machines of one \
          connection, in process (classification, decision and recording on; release build)"
     );
-    println!("mode        ns/txn (median of {RUNS} × {TIMED_TXNS})   instructions/txn (callgrind)");
-    for mode in MODES {
+    println!(
+        "(+ review: with a review rule that matches none of the traffic, which must cost nothing)"
+    );
+    println!("mode                 ns/txn (median of {RUNS} × {TIMED_TXNS})   instructions/txn (callgrind)");
+    for (mode, review) in MODES.into_iter().flat_map(|m| [(m, false), (m, true)]) {
+        let extra: &[&str] = if review { &["--review"] } else { &[] };
         let mut ns = Vec::with_capacity(RUNS);
         for _ in 0..RUNS {
             let out = Command::new(&bin)
                 .args(["bench-engine", "--mode", mode, "--txns"])
                 .arg(TIMED_TXNS.to_string())
+                .args(extra)
                 .output()
                 .context("running interceptor bench-engine")?;
             if !out.status.success() {
@@ -46,14 +51,22 @@ pub fn engine() -> Result<()> {
             );
         }
         ns.sort_by(f64::total_cmp);
-        let instructions = match (callgrind(&bin, mode, SHORT)?, callgrind(&bin, mode, LONG)?) {
+        let instructions = match (
+            callgrind(&bin, mode, SHORT, extra)?,
+            callgrind(&bin, mode, LONG, extra)?,
+        ) {
             (Some(short), Some(long)) => {
                 format!("{:.0}", (long - short) as f64 / f64::from(LONG - SHORT))
             }
             _ => "n/a (no valgrind)".into(),
         };
+        let name = if review {
+            format!("{mode} + review")
+        } else {
+            mode.to_owned()
+        };
         println!(
-            "{mode:<11} {:>8.0}                          {instructions}",
+            "{name:<20} {:>8.0}                          {instructions}",
             ns[RUNS / 2]
         );
     }
@@ -62,12 +75,13 @@ pub fn engine() -> Result<()> {
 
 /// Instructions the whole run of `txns` transactions took (callgrind's
 /// "Collected"), or `None` without valgrind.
-fn callgrind(bin: &std::path::Path, mode: &str, txns: u32) -> Result<Option<u64>> {
+fn callgrind(bin: &std::path::Path, mode: &str, txns: u32, extra: &[&str]) -> Result<Option<u64>> {
     let out = match Command::new("valgrind")
         .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
         .arg(bin)
         .args(["bench-engine", "--mode", mode, "--txns"])
         .arg(txns.to_string())
+        .args(extra)
         .output()
     {
         Ok(out) => out,
