@@ -13,9 +13,10 @@ use interceptor_sql::Class;
 pub struct Decision {
     pub action: Action,
     pub rule: Arc<str>,
-    /// The approval request behind it, when a review rule matched.
+    /// The approval request behind it, when a review rule matched (boxed:
+    /// decisions are moved on every statement, and this is rare).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub via: Option<Via>,
+    pub via: Option<Arc<Via>>,
 }
 
 impl Decision {

@@ -53,7 +53,7 @@ use message::{be32, Column, Fields};
 
 use crate::{
     record::{now_micros, Action, Decision},
-    seam::{decide, Column as Col, Decided, Memo, Parts, Seen},
+    seam::{decide, Column as Col, Memo, Parts, Seen},
     sql::{Class, Classification, Dialect},
 };
 
@@ -628,12 +628,14 @@ impl State {
         self.held.is_some()
     }
 
-    /// A statement held just now: its client is told why (a notice).
-    fn told(&mut self, decided: &Decided) {
-        if let Decided::Held(Some(text)) = decided {
-            let notice = notice(text);
-            self.notices.extend_from_slice(&notice);
+    /// A statement is held; held just now, its client is told why (a
+    /// notice).
+    #[cold]
+    fn held(&mut self, told: Option<Arc<str>>) -> Held {
+        if let Some(text) = told {
+            self.notices.extend_from_slice(&notice(&text));
         }
+        Held
     }
 
     /// Notices waiting for the client (see [`State::told`]), taken.
@@ -670,13 +672,12 @@ impl State {
             memo: None,
         };
         let decided = decide(&mut *self.gate, &mut self.held, seen, holdable);
-        self.told(&decided);
         let Parts {
             action,
             rule,
             approval,
             refused,
-        } = decided.parts().ok_or(Held)?;
+        } = decided.parts().map_err(|notice| self.held(notice))?;
         let limit = self.batch.done.text_limit();
         let (recorded, whole) = match plain {
             true if text.len() <= limit => (Arc::<str>::from(text), None),
@@ -791,13 +792,12 @@ impl State {
             memo: decided,
         };
         let decided = decide(&mut *self.gate, &mut self.held, seen, true);
-        self.told(&decided);
         let Parts {
             action,
             rule,
             approval,
             refused,
-        } = decided.parts().ok_or(Held)?;
+        } = decided.parts().map_err(|notice| self.held(notice))?;
         let b = &mut self.batch;
         if let (true, Some(portal)) = (masking, portal) {
             // Its rows come next.
@@ -1867,10 +1867,10 @@ mod tests {
     #[test]
     fn refusals_name_their_request_and_quote_its_reason_safely() {
         let d = Decision {
-            via: Some(crate::record::Via {
+            via: Some(std::sync::Arc::new(crate::record::Via {
                 request: "0190f3a1b2c3d4e5".into(),
                 why: "denied by o'brien $interceptor$; DROP TABLE t; -- \\ \n".into(),
-            }),
+            })),
             ..Decision::new(crate::record::Action::Deny, "dba-review".into())
         };
         let sql = refusal_sql(&d);

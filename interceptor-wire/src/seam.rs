@@ -139,27 +139,36 @@ pub struct Parts {
 }
 
 impl Decided {
-    /// What is recorded and enforced; `None`: it is held.
-    pub fn parts(self) -> Option<Parts> {
+    /// What is recorded and enforced; `Err`: it is held (with the notice
+    /// for its client, if held just now).
+    #[inline]
+    pub fn parts(self) -> Result<Parts, Option<Arc<str>>> {
         let d = match self {
-            Decided::Held(_) => return None,
+            Decided::Held(notice) => return Err(notice),
             Decided::Go(None) => {
-                return Some(Parts {
+                return Ok(Parts {
                     action: None,
                     rule: None,
                     approval: None,
                     refused: None,
                 })
             }
-            Decided::Go(Some(d)) => (d, false),
-            Decided::Refused(d) => (d, true),
+            Decided::Go(Some(d)) => d,
+            Decided::Refused(d) => {
+                return Ok(Parts {
+                    action: Some(d.action),
+                    rule: Some(d.rule.clone()),
+                    approval: d.via.as_ref().map(|v| v.request.clone()),
+                    refused: Some(d),
+                })
+            }
         };
-        let (d, refused) = d;
-        Some(Parts {
-            action: Some(d.action),
-            rule: Some(d.rule.clone()),
-            approval: d.via.as_ref().map(|v| v.request.clone()),
-            refused: refused.then_some(d),
+        let Decision { action, rule, via } = d;
+        Ok(Parts {
+            action: Some(action),
+            rule: Some(rule),
+            approval: via.map(|v| v.request.clone()),
+            refused: None,
         })
     }
 }

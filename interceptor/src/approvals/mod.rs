@@ -293,10 +293,10 @@ impl Broker {
         Some(Decision {
             action: Action::Allow,
             rule: ask.rule.clone(),
-            via: Some(Via {
+            via: Some(std::sync::Arc::new(Via {
                 request: r.id.to_string().into(),
                 why: "granted".into(),
-            }),
+            })),
         })
     }
 
@@ -446,10 +446,10 @@ impl Broker {
             ticket.decide(Decision {
                 action: Action::Allow,
                 rule: rule.clone(),
-                via: Some(Via {
+                via: Some(std::sync::Arc::new(Via {
                     request: r.id.to_string().into(),
                     why: "approved".into(),
-                }),
+                })),
             });
         }
         if let Err(e) = self.store.put_request(r) {
@@ -576,10 +576,10 @@ fn refusal(rule: &Arc<str>, id: RequestId, why: &str) -> Decision {
     Decision {
         action: Action::Deny,
         rule: rule.clone(),
-        via: Some(Via {
+        via: Some(std::sync::Arc::new(Via {
             request: id.to_string().into(),
             why: why.into(),
-        }),
+        })),
     }
 }
 

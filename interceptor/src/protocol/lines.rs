@@ -70,7 +70,7 @@ impl Conn {
             memo: None,
         };
         let decided = decide(&mut *self.gate, &mut self.held, seen, true);
-        let parts = decided.parts().ok_or(())?;
+        let parts = decided.parts().map_err(|_| ())?;
         let refused = parts.refused;
         let mut st = Statement {
             decision: parts.action,
