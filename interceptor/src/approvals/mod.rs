@@ -44,6 +44,11 @@ use crate::{
     },
 };
 
+/// Most pending requests one workload may have: past it, what review rules
+/// match is refused without a new request (a workload cannot grow the
+/// agent's memory and store without bound by asking).
+const MAX_PENDING: usize = if cfg!(test) { 5 } else { 1000 };
+
 /// What a review rule matched, as the data path asks about it.
 pub struct Ask<'a> {
     pub rule: &'a Arc<str>,
@@ -210,6 +215,16 @@ impl Broker {
                 r.id
             }
             None => {
+                let workload = &ask.requester.workload;
+                let pending = book
+                    .open
+                    .values()
+                    .filter(|r| r.status == Status::Pending && r.requester.workload == *workload)
+                    .count();
+                if pending >= MAX_PENDING {
+                    warn!(%workload, pending, "too many pending approval requests; refused without a new one");
+                    return Answer::Refused(Decision::new(Action::Deny, ask.rule.clone()));
+                }
                 let r = self.request(&ask, now);
                 if let Err(e) = self.store.put_request(&r) {
                     // Nothing can approve what is not stored: refused.
@@ -1116,6 +1131,25 @@ mod tests {
         let r = glass(&person("tess", &["sre-oncall"])).unwrap();
         assert_eq!(r.status, Status::Approved);
         assert_eq!(ticket.decision().unwrap().action, Action::Allow);
+    }
+
+    /// A workload cannot pile up requests: past the cap, what it asks for
+    /// is refused without a new one.
+    #[test]
+    fn pending_requests_are_capped_per_workload() {
+        let f = Fixture::new("cap");
+        let woken = Arc::new(AtomicUsize::new(0));
+        let t = terms(Scope::Once, 0, 60_000, Some(1));
+        for i in 0..MAX_PENDING + 3 {
+            let a = ask(
+                &f.broker,
+                &t,
+                &format!("DELETE FROM orders WHERE id = {i}"),
+                &woken,
+            );
+            assert!(matches!(a, Answer::Refused(_)));
+        }
+        assert_eq!(pending(&f.broker).len(), MAX_PENDING);
     }
 
     /// A restarted agent keeps its pending requests and grants.
