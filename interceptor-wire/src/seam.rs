@@ -369,9 +369,4 @@ impl Ticket {
     pub fn decided(&self) -> bool {
         self.decision().is_some()
     }
-
-    /// Whether `other` is this very ticket (a clone of it).
-    pub fn same(&self, other: &Ticket) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
 }

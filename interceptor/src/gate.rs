@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use foldhash::HashMap;
 
 use crate::{
-    approvals::{Answer, Ask, Broker},
+    approvals::{Answer, Ask, Broker, Requesters},
     mask::Masker,
     policy::{Action, ColumnMask, Decision, Policy},
     protocol::seam::{Classified, Column, Flags, Gate, Masks, Memo, Seen, Ticket, Verdict},
@@ -43,6 +43,9 @@ pub struct AgentGate {
     /// goes with its Parse, whatever the grant's uses (a driver that
     /// prepares, then runs, asks once).
     approved_parses: Vec<([u8; 32], Verdicts)>,
+    /// The person who started the asking process was looked up (once, on
+    /// the first request: it reads /proc).
+    person_known: bool,
 }
 
 /// How a prepared statement was let through by approval.
@@ -57,8 +60,10 @@ const APPROVED_PARSES: usize = 16;
 /// What the agent's side needs to ask for approval.
 pub struct Asking {
     pub broker: Arc<Broker>,
-    /// Who asks (workload, process, person).
+    /// Who asks (workload, process; the person is looked up in
+    /// `requesters` when the first request is made).
     pub requester: Requester,
+    pub requesters: Arc<Requesters>,
     /// Rings the connection's bell: a held statement is decided.
     pub wake: Arc<dyn Fn() + Send + Sync>,
 }
@@ -135,6 +140,7 @@ impl AgentGate {
             learned: Learned::default(),
             asking,
             approved_parses: Vec::new(),
+            person_known: false,
         }
     }
 
@@ -142,9 +148,13 @@ impl AgentGate {
     /// lets it through, or it is held for approval. Without approvals
     /// configured it is refused (fail closed).
     fn review(&mut self, seen: &Seen<'_>, d: Decision, policy: &Policy) -> Verdict {
-        let (Some(asking), Some(terms)) = (&self.asking, policy.review_terms(&d.rule)) else {
+        let (Some(asking), Some(terms)) = (&mut self.asking, policy.review_terms(&d.rule)) else {
             return Verdict::Refuse(Decision::new(Action::Deny, d.rule));
         };
+        if !std::mem::replace(&mut self.person_known, true) {
+            let r = &mut asking.requester;
+            r.human = r.evidence.as_ref().and_then(|e| asking.requesters.of(e));
+        }
         let digest = asking.broker.digest(seen.text);
         if seen.kind == StatementKind::Execute {
             if let Some(i) = self.approved_parses.iter().position(|(g, _)| *g == digest) {

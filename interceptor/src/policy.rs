@@ -820,11 +820,6 @@ impl Policy {
             .and_then(|r| r.review.clone())
     }
 
-    /// Whether any rule is a review rule.
-    pub fn reviews(&self) -> bool {
-        self.rules.iter().any(|r| r.review.is_some())
-    }
-
     /// Whether `id` names a rule of this policy or a built-in default.
     pub fn names_rule(&self, id: &str) -> bool {
         self.rules.iter().any(|r| &*r.id == id) || DEFAULT_NAMES.iter().any(|n| &**n == id)

@@ -457,7 +457,8 @@ impl Proxy {
         let (Some(broker), Some(terms)) = (&self.approvals, terms) else {
             return Decision::new(Action::Deny, d.rule);
         };
-        let requester = self.requester(s);
+        let mut requester = self.requester(s);
+        requester.human = s.evidence.as_ref().and_then(|e| self.requesters.of(e));
         let ask = crate::approvals::Ask {
             rule: &d.rule,
             terms: &terms,
@@ -478,7 +479,9 @@ impl Proxy {
         }
     }
 
-    /// Who asks, for a request made on session `s`.
+    /// Who asks, for a request made on session `s`: the workload and its
+    /// process (the person who started it is looked up only when a request
+    /// is made: [`crate::approvals::Requesters::of`] reads /proc).
     fn requester(&self, s: &Session) -> crate::record::approval::Requester {
         let workload = s.workload.clone().unwrap_or_default();
         let owners = self
@@ -487,7 +490,7 @@ impl Proxy {
             .map(|w| w.owners.clone())
             .unwrap_or_default();
         crate::record::approval::Requester {
-            human: s.evidence.as_ref().and_then(|e| self.requesters.of(e)),
+            human: None,
             workload,
             identity: s.identity.clone().unwrap_or_default(),
             session: Some(s.id),
@@ -576,6 +579,7 @@ impl Proxy {
             crate::gate::Asking {
                 broker: broker.clone(),
                 requester: self.requester(s),
+                requesters: self.requesters.clone(),
                 wake: Arc::new(move || bell.ring()),
             }
         });
@@ -770,6 +774,33 @@ mod tests {
         }
     }
 
+    /// A proxy (no eBPF: the tests start after admission) for workload
+    /// `app` and the `lines` target `lines-db`, deciding by `rules`.
+    fn lines_proxy(
+        rules: &str,
+        recorder: Recorder,
+        approvals: Option<Arc<crate::approvals::Broker>>,
+    ) -> Proxy {
+        let config = "[agent]\ntrust_domain = \"example.org\"\nproxy_port = 15001\n\n\
+                      [[workload]]\nname = \"app\"\nmanaged = true\n\n\
+                      [[target]]\nname = \"lines-db\"\naddresses = [\"127.0.0.1:1\"]\nprotocol = \"lines\"\n";
+        let config = Arc::new(Config::parse(std::path::Path::new("c.toml"), config).unwrap());
+        let policy = Policy::from_texts(&[(std::path::Path::new("p.toml"), rules)], None).unwrap();
+        Proxy {
+            identity: Arc::new(Resolver::new(&config, &[]).unwrap()),
+            config,
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            meta: Arc::new(NoMeta),
+            recorder,
+            ids: Arc::default(),
+            masker: Arc::new(crate::mask::Masker::new(b"lines")),
+            listening: Vec::new(),
+            host: Arc::default(),
+            approvals,
+            requesters: Arc::default(),
+        }
+    }
+
     /// A protocol is a registry entry. The test protocol `lines` (a config
     /// variant, a wire module and an entry in `protocol::handler`, all
     /// `cfg(test)`) goes through the session pipeline as PostgreSQL does:
@@ -780,30 +811,14 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_protocol_is_a_registry_entry() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let config = "[agent]\ntrust_domain = \"example.org\"\nproxy_port = 15001\n\n\
-                      [[workload]]\nname = \"app\"\nmanaged = true\n\n\
-                      [[target]]\nname = \"lines-db\"\naddresses = [\"127.0.0.1:1\"]\nprotocol = \"lines\"\n";
-        let config = Arc::new(Config::parse(std::path::Path::new("c.toml"), config).unwrap());
         let rules = "[[rule]]\nid = \"no-writes\"\non = \"statement\"\nworkloads = [\"*\"]\n\
                      targets = [\"*\"]\nclasses = [\"write\"]\naction = \"deny\"\n";
-        let policy = Policy::from_texts(&[(std::path::Path::new("p.toml"), rules)], None).unwrap();
         let dir = std::env::temp_dir().join(format!("icpt-registry-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Arc::new(crate::record::SledStore::open(&dir).unwrap());
         let (recorder, writer) = Recorder::start(store.clone());
-        let proxy = Proxy {
-            identity: Arc::new(Resolver::new(&config, &[]).unwrap()),
-            config: config.clone(),
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
-            meta: Arc::new(NoMeta),
-            recorder: recorder.clone(),
-            ids: Arc::default(),
-            masker: Arc::new(crate::mask::Masker::new(b"registry")),
-            listening: Vec::new(),
-            host: Arc::default(),
-            approvals: None,
-            requesters: Arc::default(),
-        };
+        let proxy = lines_proxy(rules, recorder.clone(), None);
+        let config = proxy.config.clone();
         let target = &config.targets[0];
         let session = |id| Session {
             workload: Some("app".into()),
@@ -903,32 +918,16 @@ mod tests {
         use crate::approvals::{Broker, Deciding, Verb};
         use crate::record::approval::{Channel, Person, Status};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let config = "[agent]\ntrust_domain = \"example.org\"\nproxy_port = 15001\n\n\
-                      [[workload]]\nname = \"app\"\nmanaged = true\n\n\
-                      [[target]]\nname = \"lines-db\"\naddresses = [\"127.0.0.1:1\"]\nprotocol = \"lines\"\n";
-        let config = Arc::new(Config::parse(std::path::Path::new("c.toml"), config).unwrap());
         let rules = "[[rule]]\nid = \"writes-reviewed\"\non = \"statement\"\nworkloads = [\"*\"]\n\
                      targets = [\"*\"]\nclasses = [\"write\"]\naction = \"review\"\n\
                      approvers = [{ groups = [\"dba\"] }]\nhold = \"30s\"\n";
-        let policy = Policy::from_texts(&[(std::path::Path::new("p.toml"), rules)], None).unwrap();
         let dir = std::env::temp_dir().join(format!("icpt-review-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Arc::new(crate::record::SledStore::open(&dir).unwrap());
         let broker = Broker::open(store.clone(), b"k", None).unwrap();
         let (recorder, writer) = Recorder::start(store.clone());
-        let proxy = Proxy {
-            identity: Arc::new(Resolver::new(&config, &[]).unwrap()),
-            config: config.clone(),
-            policy: Arc::new(ArcSwap::from_pointee(policy)),
-            meta: Arc::new(NoMeta),
-            recorder: recorder.clone(),
-            ids: Arc::default(),
-            masker: Arc::new(crate::mask::Masker::new(b"review")),
-            listening: Vec::new(),
-            host: Arc::default(),
-            approvals: Some(broker.clone()),
-            requesters: Arc::default(),
-        };
+        let proxy = lines_proxy(rules, recorder.clone(), Some(broker.clone()));
+        let config = proxy.config.clone();
         let target = &config.targets[0];
         let s = Session {
             workload: Some("app".into()),

@@ -23,6 +23,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // pgjdbc, the JDBC driver the masking end-to-end test runs, and a JDK.
     ("/usr/share/java/postgresql.jar", "libpostgresql-jdbc-java"),
     ("/usr/bin/javac", "default-jdk-headless"),
+    // The approval tests' CA and certificates.
+    ("/usr/bin/openssl", "openssl"),
     // callgrind: instructions per transaction in `bench engine`.
     ("/usr/bin/valgrind", "valgrind"),
 ];

@@ -866,6 +866,17 @@ mod tests {
     }
 
     fn decide(b: &Broker, id: RequestId, verb: Verb, who: &Person) -> Result<Request, Refusal> {
+        decide_as(b, id, verb, who, false)
+    }
+
+    /// [`decide`], by break-glass if `break_glass`.
+    fn decide_as(
+        b: &Broker,
+        id: RequestId,
+        verb: Verb,
+        who: &Person,
+        break_glass: bool,
+    ) -> Result<Request, Refusal> {
         b.decide(
             id,
             Deciding {
@@ -876,7 +887,7 @@ mod tests {
                     by: "test".into(),
                     peer: "-".into(),
                 },
-                break_glass: false,
+                break_glass,
             },
         )
     }
@@ -1106,21 +1117,7 @@ mod tests {
         t.break_glass = vec!["sre-oncall".into()];
         let ticket = held(ask(&f.broker, &t, "DELETE FROM orders", &woken));
         let id = pending(&f.broker)[0].id;
-        let glass = |who: &Person| {
-            f.broker.decide(
-                id,
-                Deciding {
-                    verb: Verb::Approve,
-                    person: who,
-                    comment: Some("outage".into()),
-                    channel: Channel {
-                        by: "test".into(),
-                        peer: "-".into(),
-                    },
-                    break_glass: true,
-                },
-            )
-        };
+        let glass = |who: &Person| decide_as(&f.broker, id, Verb::Approve, who, true);
         let e = glass(&person("alice", &["dba"])).unwrap_err();
         assert!(e.to_string().contains("break glass"), "{e}");
         let e = glass(&person("carol", &["sre-oncall"])).unwrap_err();
