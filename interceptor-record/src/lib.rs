@@ -18,9 +18,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub mod approval;
+pub mod audit;
 pub mod codec;
 pub mod event;
+pub mod log;
 mod outbox;
+pub mod seal;
 
 pub use approval::{Request, RequestId};
 pub use event::{Action, Decision, Facts, Statement, StatementKind, Tags, Via, Whole};

@@ -2,7 +2,13 @@
 //! default): what the agent and the responder commands need, and what
 //! the wire machines, which only leave records in an outbox, do not.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    os::unix::fs::DirBuilderExt,
+    path::Path,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
 
 use tokio::sync::mpsc;
 
@@ -40,6 +46,8 @@ pub enum Record {
         down: u64,
         at: u64,
     },
+    /// One of the agent's own events (start, stop, gap, policy, ...).
+    Agent(crate::log::AgentEvent),
 }
 
 /// Filter for listings.
@@ -60,20 +68,59 @@ pub trait Store: Send + Sync {
     /// Sessions matching `filter`, oldest first.
     fn list(&self, filter: &Filter) -> Result<Vec<Session>, StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
+    /// Signs a checkpoint of the log if entries were added since the last
+    /// one and the store has a key; whether it did.
+    fn seal(&self) -> Result<bool, StoreError>;
 }
 
+/// The sled store. One tree, `log`, holds the evidence log and what finds
+/// things in it, under one-byte prefixes, so that a batch of entries and
+/// their index updates is applied at once (docs/store-format.md):
+///
+/// - `L` seq → entry ([`crate::log`]);
+/// - `S` session id → seq of the session's latest entry;
+/// - `T` session id ‖ first statement seq (u32) → seq of that chunk's entry;
+/// - `A` request id → seq of the request's latest entry;
+/// - `C` size → the signed checkpoint of the first `size` entries;
+/// - `M` name → the store's own facts (`Mhead`: the next seq, the newest
+///   entry's hash and time; `Mkey`: the node's verifier key).
+///
+/// `progress` holds the bytes each way of open sessions (kept until they
+/// end; not evidence: a session's last entry says what it moved).
 pub struct SledStore {
     db: sled::Db,
-    sessions: sled::Tree,
-    /// Session id (8 bytes) ++ first statement seq of a chunk (4 bytes),
-    /// big-endian → a chunk of statements ([`codec`]; older agents' JSON
-    /// arrays still read).
-    statements: sled::Tree,
-    /// Session id → bytes up, bytes down, time (three big-endian u64) of an
-    /// open session's last [`Record::Progress`].
+    log: sled::Tree,
     progress: sled::Tree,
-    /// Approval request id → the request, its history and its grant (JSON).
-    approvals: sled::Tree,
+    head: Mutex<Head>,
+    /// Open sessions' workloads, for their statements' entries.
+    workloads: Mutex<HashMap<u64, Arc<str>>>,
+    key: OnceLock<crate::seal::NodeKey>,
+    /// A private copy this store was opened from (removed when dropped).
+    scratch: Option<std::path::PathBuf>,
+}
+
+/// Where the log ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The seq the next entry takes.
+    pub next: u64,
+    /// The hash of entry `next - 1` (zeros for an empty log).
+    pub prev: [u8; 32],
+    /// Its time (entries' times never go back).
+    pub at: u64,
+}
+
+const HEAD_KEY: &[u8] = b"Mhead";
+const KEY_KEY: &[u8] = b"Mkey";
+
+fn key8(prefix: u8, n: u64) -> [u8; 9] {
+    let mut k = [prefix; 9];
+    k[1..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn seq_of(v: &[u8]) -> Option<u64> {
+    v.try_into().ok().map(u64::from_be_bytes)
 }
 
 /// sled's page cache: the agent writes far more than it reads back, so a
@@ -82,11 +129,19 @@ pub struct SledStore {
 pub const STORE_CACHE: u64 = 16 << 20;
 
 impl SledStore {
+    /// Opens `DIR/store` for the agent (or a test): it may write. A store
+    /// written by an agent before the log existed has its records moved
+    /// into the log first ([`SledStore::import_legacy`]).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let path = dir.join("store");
+        let store = Self::open_path(&dir.join("store"), None)?;
+        store.import_legacy()?;
+        Ok(store)
+    }
+
+    fn open_path(path: &Path, scratch: Option<std::path::PathBuf>) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let opened = sled::Config::new()
-            .path(&path)
+            .path(path)
             .cache_capacity(STORE_CACHE)
             .open();
         let db = opened.map_err(|e| match e {
@@ -98,17 +153,186 @@ impl SledStore {
             }
             e => StoreError::Open(shown.clone(), e),
         })?;
-        let sessions = db.open_tree("sessions")?;
-        let statements = db.open_tree("statements")?;
+        let log = db.open_tree("log")?;
         let progress = db.open_tree("progress")?;
-        let approvals = db.open_tree("approvals")?;
+        let head = Mutex::new(Self::head_of(&log)?);
         Ok(SledStore {
             db,
-            sessions,
-            statements,
+            log,
             progress,
-            approvals,
+            head,
+            workloads: Mutex::default(),
+            key: OnceLock::new(),
+            scratch,
         })
+    }
+
+    /// Opens a private copy of `DIR/store` (in the system's temporary
+    /// directory, removed when the store is dropped): responders read a
+    /// data directory, perhaps one taken from another host or one a
+    /// running agent holds, without writing a byte to it. A copy taken
+    /// while an agent writes is retried until no file changed during it.
+    pub fn open_copy(dir: &Path) -> Result<Self, StoreError> {
+        let src = dir.join("store");
+        if !src.join("db").is_file() {
+            return Err(StoreError::Corrupt(
+                src.display().to_string(),
+                "no sled store here (has an agent ever run with this data directory?)".into(),
+            ));
+        }
+        let scratch = std::env::temp_dir().join(format!(
+            "interceptor-copy-{}-{}",
+            std::process::id(),
+            now_micros()
+        ));
+        let copy_err = |e: std::io::Error| {
+            StoreError::Corrupt(src.display().to_string(), format!("copying it: {e}"))
+        };
+        let mut tries = 0;
+        loop {
+            let _ = std::fs::remove_dir_all(&scratch);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&scratch)
+                .map_err(copy_err)?;
+            let before = stamp(&src).map_err(copy_err)?;
+            copy_dir(&src, &scratch.join("store")).map_err(copy_err)?;
+            tries += 1;
+            if stamp(&src).map_err(copy_err)? == before || tries == 5 {
+                if tries == 5 {
+                    tracing::warn!("the store kept changing while it was copied (an agent is writing); reading the last copy");
+                }
+                break;
+            }
+        }
+        let store = Self::open_path(&scratch.join("store"), Some(scratch.clone()));
+        let store = match store {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                return Err(e);
+            }
+        };
+        store.import_legacy()?;
+        Ok(store)
+    }
+
+    /// The log's end as its entries show it.
+    fn head_of(log: &sled::Tree) -> Result<Head, StoreError> {
+        let Some((k, v)) = log.scan_prefix(b"L").next_back().transpose()? else {
+            return Ok(Head {
+                next: 0,
+                prev: [0; 32],
+                at: 0,
+            });
+        };
+        let seq = seq_of(&k[1..]).ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
+        let e = crate::log::parse(&v).map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))?;
+        Ok(Head {
+            next: seq + 1,
+            prev: e.link(seq),
+            at: e.header.at,
+        })
+    }
+
+    /// Where the log ends as its entries show it now.
+    pub fn found_head(&self) -> Result<Head, StoreError> {
+        Self::head_of(&self.log)
+    }
+
+    /// Where the log ends, and where the store last wrote that it ended
+    /// (they differ if entries were cut or added while no agent ran).
+    pub fn head(&self) -> Result<(Head, Option<Head>), StoreError> {
+        let found = *self.lock_head();
+        let written = self.log.get(HEAD_KEY)?.and_then(|v| {
+            (v.len() == 48).then(|| Head {
+                next: u64::from_be_bytes(v[..8].try_into().expect("8")),
+                prev: v[8..40].try_into().expect("32"),
+                at: u64::from_be_bytes(v[40..].try_into().expect("8")),
+            })
+        });
+        Ok((found, written))
+    }
+
+    fn lock_head(&self) -> std::sync::MutexGuard<'_, Head> {
+        self.head.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Signs checkpoints with `key` from now on (the agent's node key).
+    pub fn set_key(&self, key: crate::seal::NodeKey) -> Result<(), StoreError> {
+        self.log.insert(KEY_KEY, key.public().vkey().as_bytes())?;
+        let _ = self.key.set(key);
+        Ok(())
+    }
+
+    /// The verifier key the store names (of the node that signed it).
+    pub fn named_key(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .log
+            .get(KEY_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// The tree the log lives in, for tests that tamper with it.
+    #[doc(hidden)]
+    pub fn log_tree(&self) -> &sled::Tree {
+        &self.log
+    }
+
+    /// Entry `seq`'s bytes.
+    pub fn entry(&self, seq: u64) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.log.get(key8(b'L', seq))?)
+    }
+
+    /// Entries from `seq` on, in order, with their seqs.
+    pub fn entries(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
+        self.log.range(key8(b'L', from)..key8(b'L', u64::MAX)).map(|item| {
+            let (k, v) = item?;
+            let seq = seq_of(&k[1..]).ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
+            Ok((seq, v))
+        })
+    }
+
+    /// Signed checkpoints, by size, as their notes.
+    pub fn checkpoints(&self) -> impl Iterator<Item = Result<(u64, String), StoreError>> + '_ {
+        self.log.scan_prefix(b"C").map(|item| {
+            let (k, v) = item?;
+            let size = seq_of(&k[1..]).ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
+            Ok((size, String::from_utf8_lossy(&v).into_owned()))
+        })
+    }
+
+    /// Every index entry (`S`, `T`, `A`): its key and the seq it names.
+    pub fn index(&self) -> impl Iterator<Item = Result<(sled::IVec, Option<u64>), StoreError>> + '_ {
+        [b"S", b"T", b"A"].into_iter().flat_map(|p| {
+            self.log.scan_prefix(p).map(|item| {
+                let (k, v) = item?;
+                Ok((k, seq_of(&v)))
+            })
+        })
+    }
+
+    /// The entry an index key names, parsed with `read`.
+    fn indexed<T>(
+        &self,
+        key: &[u8],
+        read: impl FnOnce(crate::log::Entry<'_>) -> Result<T, String>,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(v) = self.log.get(key)? else {
+            return Ok(None);
+        };
+        let seq = seq_of(&v).ok_or_else(|| StoreError::Corrupt(hex(key), "not a seq".into()))?;
+        let bytes = self
+            .entry(seq)?
+            .ok_or_else(|| StoreError::Corrupt(hex(key), format!("names entry {seq}, which is not there")))?;
+        let e = crate::log::parse(&bytes).map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))?;
+        read(e)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))
     }
 
     /// Marks sessions left open by an agent that stopped as interrupted,
@@ -117,10 +341,13 @@ impl SledStore {
     /// recorded (a statement's end or a progress record), not the moment the
     /// agent noticed.
     pub fn close_orphans(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for item in self.sessions.iter() {
-            let (k, v) = item?;
-            let mut s: Session = decode(&k, &v)?;
+        let mut closed = Vec::new();
+        for item in self.log.scan_prefix(b"S") {
+            let (k, _) = item?;
+            let Some(id) = seq_of(&k[1..]) else { continue };
+            let Some(mut s) = self.get(SessionId(id))? else {
+                continue;
+            };
             if s.outcome != Outcome::Open {
                 continue;
             }
@@ -128,7 +355,7 @@ impl SledStore {
             let (count, ended) = self.tally(s.id)?;
             s.statements = s.statements.max(count);
             last = last.max(ended);
-            if let Some(p) = self.progress.get(&k)? {
+            if let Some(p) = self.progress.get(id.to_be_bytes())? {
                 let word = |i: usize| {
                     p.get(i * 8..i * 8 + 8)
                         .and_then(|b| b.try_into().ok())
@@ -137,7 +364,6 @@ impl SledStore {
                 s.bytes_up = s.bytes_up.max(word(0));
                 s.bytes_down = s.bytes_down.max(word(1));
                 last = last.max(word(2));
-                self.progress.remove(&k)?;
             }
             s.outcome = Outcome::Interrupted;
             s.ended_at = Some(rfc3339_micros(last));
@@ -145,11 +371,11 @@ impl SledStore {
                 "the agent stopped while this session was open; counts and end are the last recorded (progress is recorded every {} ms while bytes move)",
                 STATEMENT_FLUSH.as_millis()
             ));
-            self.sessions.insert(k, encode(&s))?;
-            n += 1;
+            closed.push(Record::Session(Box::new(s)));
         }
+        self.put_batch(&closed)?;
         self.db.flush()?;
-        Ok(n)
+        Ok(closed.len())
     }
 
     /// How many statements of session `id` the store holds, and when the
@@ -157,15 +383,124 @@ impl SledStore {
     fn tally(&self, id: SessionId) -> Result<(u32, u64), StoreError> {
         let mut count = 0u32;
         let mut last = 0;
-        for item in self.statements.scan_prefix(id.0.to_be_bytes()) {
-            let (k, v) = item?;
-            let chunk = codec::decode(&v).map_err(|e| StoreError::Corrupt(hex(&k), e))?;
-            count = count.saturating_add(chunk.len() as u32);
-            for st in &chunk {
-                last = last.max(st.at + st.duration_us.unwrap_or(0));
-            }
+        for st in self.statements(id)? {
+            count = count.saturating_add(1);
+            last = last.max(st.at + st.duration_us.unwrap_or(0));
         }
         Ok((count, last))
+    }
+
+    /// The workload of session `id`, as its latest entry names it.
+    fn workload_of(&self, id: u64) -> Result<Arc<str>, StoreError> {
+        if let Some(w) = self.workloads.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return Ok(w.clone());
+        }
+        Ok(self
+            .indexed(&key8(b'S', id), |e| Ok(Arc::from(e.header.workload)))?
+            .unwrap_or_else(|| Arc::from("")))
+    }
+
+    /// Moves the records of a store written before the log existed (trees
+    /// `sessions`, `statements`, `approvals`) into the log, oldest first,
+    /// then records that it did and drops those trees. What they held is
+    /// kept as it was found: nothing vouched for it before.
+    fn import_legacy(&self) -> Result<(), StoreError> {
+        let names = self.db.tree_names();
+        let has = |n: &str| names.iter().any(|t| t.as_ref() == n.as_bytes());
+        if !["sessions", "statements", "approvals"].into_iter().any(has) {
+            return Ok(());
+        }
+        let sessions = self.db.open_tree("sessions")?;
+        let statements = self.db.open_tree("statements")?;
+        let approvals = self.db.open_tree("approvals")?;
+        let (mut n_sessions, mut n_chunks, mut n_requests) = (0u64, 0u64, 0u64);
+        for item in sessions.iter() {
+            let (k, v) = item?;
+            let s = decode(&k, &v)?;
+            let mut batch = Vec::new();
+            for item in statements.scan_prefix(&k) {
+                let (sk, sv) = item?;
+                let first = sk
+                    .get(8..12)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt(hex(&sk), "bad key".into()))?;
+                // Older formats are written anew in the current one.
+                let list = codec::decode(&sv).map_err(|e| StoreError::Corrupt(hex(&sk), e))?;
+                let mut encoded = Vec::new();
+                codec::encode(&list, &mut encoded);
+                batch.push(Record::Statements {
+                    session: s.id,
+                    first,
+                    encoded,
+                });
+                n_chunks += 1;
+            }
+            self.workloads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(s.id.0, Arc::from(s.workload.as_deref().unwrap_or("")));
+            batch.insert(0, Record::Session(Box::new(s)));
+            self.put_batch(&batch)?;
+            n_sessions += 1;
+        }
+        for item in approvals.iter() {
+            let (k, v) = item?;
+            self.put_request(&read_request(&k, &v)?)?;
+            n_requests += 1;
+        }
+        self.put_batch(&[Record::Agent(serde_json::json!({
+            "event": "import",
+            "sessions": n_sessions,
+            "statement_entries": n_chunks,
+            "approval_requests": n_requests,
+            "detail": "records written by an agent that kept no log, moved into it as they were found: nothing vouches for them before this entry",
+        }))])?;
+        self.db.flush()?;
+        for t in ["sessions", "statements", "approvals"] {
+            self.db.drop_tree(t)?;
+        }
+        self.workloads.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(())
+    }
+}
+
+/// Sizes and modification times of the files under `dir`, to tell whether
+/// it changed while it was copied.
+fn stamp(dir: &Path) -> std::io::Result<Vec<(std::path::PathBuf, u64, std::time::SystemTime)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let meta = e.metadata()?;
+        if meta.is_dir() {
+            out.extend(stamp(&e.path())?);
+        } else {
+            out.push((e.path(), meta.len(), meta.modified()?));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -177,18 +512,83 @@ fn decode(k: &[u8], v: &[u8]) -> Result<Session, StoreError> {
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(hex(k), e.to_string()))
 }
 
+/// A batch of entries on its way into the log: the head moves only once
+/// the batch is applied.
+struct Appending {
+    head: Head,
+    batch: sled::Batch,
+    buf: Vec<u8>,
+}
+
+impl Appending {
+    fn new(head: Head) -> Self {
+        Appending {
+            head,
+            batch: sled::Batch::default(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Adds an entry; returns its seq.
+    fn push(&mut self, kind: crate::log::Kind, session: u64, workload: &str, payload: &[u8]) -> u64 {
+        let seq = self.head.next;
+        let at = now_micros().max(self.head.at);
+        let header = crate::log::Header {
+            kind,
+            at,
+            session,
+            workload,
+            prev: self.head.prev,
+        };
+        self.buf.clear();
+        crate::log::encode(&mut self.buf, &header, payload);
+        let e = crate::log::parse(&self.buf).expect("an entry just encoded");
+        self.head = Head {
+            next: seq + 1,
+            prev: e.link(seq),
+            at,
+        };
+        self.batch.insert(&key8(b'L', seq), self.buf.as_slice());
+        seq
+    }
+
+    fn index(&mut self, key: &[u8], seq: u64) {
+        self.batch.insert(key, &seq.to_be_bytes());
+    }
+
+    /// Applies the batch; the head moves if it was.
+    fn apply(mut self, log: &sled::Tree, head: &mut Head) -> Result<(), StoreError> {
+        let mut h = [0u8; 48];
+        h[..8].copy_from_slice(&self.head.next.to_be_bytes());
+        h[8..40].copy_from_slice(&self.head.prev);
+        h[40..].copy_from_slice(&self.head.at.to_be_bytes());
+        self.batch.insert(HEAD_KEY, &h[..]);
+        log.apply_batch(self.batch)?;
+        *head = self.head;
+        Ok(())
+    }
+}
+
 impl Store for SledStore {
     fn put_batch(&self, records: &[Record]) -> Result<(), StoreError> {
-        let mut sessions = sled::Batch::default();
-        let mut statements = sled::Batch::default();
+        use crate::log::Kind;
         let mut progress = sled::Batch::default();
+        let mut head = self.lock_head();
+        let mut out = Appending::new(*head);
+        let mut ended = Vec::new();
+        let mut payload = Vec::new();
         for r in records {
             match r {
                 Record::Session(s) => {
-                    let key = s.id.0.to_be_bytes();
-                    sessions.insert(&key, encode(s));
-                    if s.outcome != Outcome::Open {
-                        progress.remove(&key);
+                    let workload = s.workload.as_deref().unwrap_or("");
+                    let seq = out.push(Kind::Session, s.id.0, workload, &encode(s));
+                    out.index(&key8(b'S', s.id.0), seq);
+                    let mut open = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+                    if s.outcome == Outcome::Open {
+                        open.insert(s.id.0, Arc::from(workload));
+                    } else {
+                        ended.push(s.id.0);
+                        progress.remove(&s.id.0.to_be_bytes());
                     }
                 }
                 Record::Progress {
@@ -208,50 +608,72 @@ impl Store for SledStore {
                     first,
                     encoded,
                 } => {
-                    let mut key = session.0.to_be_bytes().to_vec();
+                    let workload = self.workload_of(session.0)?;
+                    payload.clear();
+                    payload.extend_from_slice(&first.to_be_bytes());
+                    payload.extend_from_slice(encoded);
+                    let seq = out.push(Kind::Statements, session.0, &workload, &payload);
+                    let mut key = key8(b'T', session.0).to_vec();
                     key.extend_from_slice(&first.to_be_bytes());
-                    statements.insert(key, encoded.as_slice());
+                    out.index(&key, seq);
+                }
+                Record::Agent(event) => {
+                    let json = serde_json::to_vec(event).expect("events are plain data");
+                    out.push(Kind::Agent, 0, "", &json);
                 }
             }
         }
-        // Statements first: a session record never names statements that are not there.
-        self.statements.apply_batch(statements)?;
+        out.apply(&self.log, &mut head)?;
+        drop(head);
         self.progress.apply_batch(progress)?;
-        self.sessions.apply_batch(sessions)?;
+        let mut open = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ended {
+            open.remove(&id);
+        }
         Ok(())
     }
 
     fn statements(&self, id: SessionId) -> Result<Vec<Statement>, StoreError> {
         let mut out = Vec::new();
-        for item in self.statements.scan_prefix(id.0.to_be_bytes()) {
-            let (k, v) = item?;
-            let chunk = codec::decode(&v).map_err(|e| StoreError::Corrupt(hex(&k), e))?;
+        for item in self.log.scan_prefix(key8(b'T', id.0)) {
+            let (k, _) = item?;
+            let chunk = self
+                .indexed(&k, |e| {
+                    let body = e.payload.get(4..).ok_or("a statements entry without its first seq")?;
+                    codec::decode(body)
+                })?
+                .unwrap_or_default();
             out.extend(chunk);
         }
         Ok(out)
     }
 
     fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
-        let key = id.0.to_be_bytes();
-        self.sessions
-            .get(key)?
-            .map(|v| decode(&key, &v))
-            .transpose()
+        self.indexed(&key8(b'S', id.0), |e| {
+            serde_json::from_slice(e.payload).map_err(|e| e.to_string())
+        })
     }
 
     fn list(&self, filter: &Filter) -> Result<Vec<Session>, StoreError> {
         let start = filter.since_micros.unwrap_or(0) << 12;
         let mut out = Vec::new();
-        for item in self.sessions.range(start.to_be_bytes()..) {
-            let (k, v) = item?;
-            let s = decode(&k, &v)?;
-            if filter
-                .workload
-                .as_ref()
-                .is_some_and(|w| s.workload.as_ref() != Some(w))
-            {
+        for item in self.log.range(key8(b'S', start)..key8(b'S', u64::MAX)) {
+            let (k, _) = item?;
+            let Some(s) = self.indexed(&k, |e| {
+                if filter
+                    .workload
+                    .as_ref()
+                    .is_some_and(|w| w.as_str() != e.header.workload)
+                {
+                    return Ok(None);
+                }
+                serde_json::from_slice::<Session>(e.payload)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            })?
+            .flatten() else {
                 continue;
-            }
+            };
             out.push(s);
         }
         if let Some(limit) = filter.limit {
@@ -264,6 +686,37 @@ impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    fn seal(&self) -> Result<bool, StoreError> {
+        let Some(key) = self.key.get() else {
+            return Ok(false);
+        };
+        let head = self.lock_head();
+        let last = match self.log.scan_prefix(b"C").next_back().transpose()? {
+            Some((_, note)) => {
+                let note = String::from_utf8_lossy(&note);
+                let cp = crate::seal::Checkpoint::open(&note, key.public()).map_err(|e| {
+                    StoreError::Corrupt("the newest checkpoint".into(), e)
+                })?;
+                (cp.size, cp.head)
+            }
+            None => (0, [0; 32]),
+        };
+        if last.0 == head.next {
+            return Ok(false);
+        }
+        let cp = crate::seal::Checkpoint {
+            origin: key.public().name.clone(),
+            size: head.next,
+            head: head.prev,
+            at: now_micros(),
+            from: last,
+        };
+        self.log.insert(key8(b'C', cp.size), key.sign(&cp).as_bytes())?;
+        drop(head);
+        self.db.flush()?;
+        Ok(true)
     }
 }
 
@@ -282,28 +735,38 @@ pub trait ApprovalStore: Send + Sync {
 impl ApprovalStore for SledStore {
     fn put_request(&self, request: &Request) -> Result<(), StoreError> {
         let value = serde_json::to_vec(request).expect("requests always serialize");
-        self.approvals.insert(request.id.0.to_be_bytes(), value)?;
-        self.approvals.flush()?;
+        let session = request.requester.session.map_or(0, |s| s.0);
+        let mut head = self.lock_head();
+        let mut out = Appending::new(*head);
+        let seq = out.push(
+            crate::log::Kind::Approval,
+            session,
+            &request.requester.workload,
+            &value,
+        );
+        out.index(&key8(b'A', request.id.0), seq);
+        out.apply(&self.log, &mut head)?;
+        drop(head);
+        self.log.flush()?;
         Ok(())
     }
 
     fn request(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        let key = id.0.to_be_bytes();
-        self.approvals
-            .get(key)?
-            .map(|v| read_request(&key, &v))
-            .transpose()
+        self.indexed(&key8(b'A', id.0), |e| {
+            serde_json::from_slice(e.payload).map_err(|e| e.to_string())
+        })
     }
 
     fn requests(&self, since: u64) -> Result<Vec<Request>, StoreError> {
         let start = since << 12;
-        self.approvals
-            .range(start.to_be_bytes()..)
-            .map(|item| {
-                let (k, v) = item?;
-                read_request(&k, &v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for item in self.log.range(key8(b'A', start)..key8(b'A', u64::MAX)) {
+            let (k, _) = item?;
+            out.extend(self.indexed(&k, |e| {
+                serde_json::from_slice(e.payload).map_err(|e| e.to_string())
+            })?);
+        }
+        Ok(out)
     }
 }
 
@@ -359,6 +822,13 @@ impl Recorder {
         }
     }
 
+    /// Records one of the agent's own events; waits if the writer is behind.
+    pub async fn agent(&self, event: crate::log::AgentEvent) {
+        if self.tx.send(Record::Agent(event)).await.is_err() {
+            tracing::error!("recorder stopped; an agent event was not stored");
+        }
+    }
+
     /// Records how far an open session has got; waits if the writer is behind.
     pub async fn progress(&self, id: SessionId, up: u64, down: u64) {
         let record = Record::Progress {
@@ -389,31 +859,61 @@ impl Recorder {
     }
 }
 
+/// Longest time entries wait for a checkpoint while the agent runs.
+pub const SEAL_EVERY: Duration = Duration::from_secs(10);
+
 /// Applies records in batches and makes them durable at most every
 /// [`COMMIT_GAP`] (group commit: what arrives meanwhile is applied and joins
 /// the next fsync), so a busy agent pays for a few fsyncs a second, not one
-/// per batch. A failed write is retried, never dropped.
+/// per batch. A failed write is retried, never dropped. Entries are sealed
+/// by a checkpoint at most [`SEAL_EVERY`] after they were written, and
+/// once more when the last sender goes.
 async fn write_loop(rx: &mut mpsc::Receiver<Record>, store: &dyn Store) {
     let mut buf = Vec::with_capacity(BATCH);
     let mut last_flush = tokio::time::Instant::now() - COMMIT_GAP;
-    while rx.recv_many(&mut buf, BATCH).await > 0 {
-        let due = last_flush + COMMIT_GAP;
-        loop {
-            while let Err(e) = store.put_batch(&buf) {
-                tracing::error!(error = %e, records = buf.len(), "writing sessions failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            buf.clear();
-            // Until the fsync is due, keep applying what arrives.
-            match tokio::time::timeout_at(due, rx.recv_many(&mut buf, BATCH)).await {
-                Ok(n) if n > 0 => continue,
-                _ => break,
+    let mut seal_due: Option<tokio::time::Instant> = None;
+    loop {
+        let got = match seal_due {
+            Some(due) => tokio::time::timeout_at(due, rx.recv_many(&mut buf, BATCH))
+                .await
+                .ok(),
+            None => Some(rx.recv_many(&mut buf, BATCH).await),
+        };
+        match got {
+            Some(0) => break,
+            None => {}
+            Some(_) => {
+                let due = last_flush + COMMIT_GAP;
+                loop {
+                    while let Err(e) = store.put_batch(&buf) {
+                        tracing::error!(error = %e, records = buf.len(), "writing sessions failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    buf.clear();
+                    // Until the fsync is due, keep applying what arrives.
+                    match tokio::time::timeout_at(due, rx.recv_many(&mut buf, BATCH)).await {
+                        Ok(n) if n > 0 => continue,
+                        _ => break,
+                    }
+                }
+                if let Err(e) = store.flush() {
+                    tracing::error!(error = %e, "flushing the session store failed");
+                }
+                last_flush = tokio::time::Instant::now();
+                seal_due.get_or_insert(last_flush + SEAL_EVERY);
             }
         }
-        if let Err(e) = store.flush() {
-            tracing::error!(error = %e, "flushing the session store failed");
+        if seal_due.is_some_and(|d| d <= tokio::time::Instant::now()) {
+            seal(store);
+            seal_due = None;
         }
-        last_flush = tokio::time::Instant::now();
+    }
+    seal(store);
+}
+
+fn seal(store: &dyn Store) {
+    if let Err(e) = store.seal() {
+        tracing::error!(error = %e, "signing a checkpoint of the log failed");
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     identity::Resolver,
     policy::Policy,
     proxy::{self, Proxy},
-    record::{Recorder, SessionIds, SledStore, Store},
+    record::{Record, Recorder, SessionIds, SledStore, Store},
     redirect::Redirect,
 };
 
@@ -42,7 +42,8 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     own_data_dir(&data_dir)?;
-    let store = Arc::new(SledStore::open(&data_dir)?);
+    let store = Arc::new(crate::evidence::open(&data_dir, config_path)?);
+    store.put_batch(&[Record::Agent(policy.load_event("start"))])?;
     let orphans = store.close_orphans()?;
     if orphans > 0 {
         info!(
@@ -67,6 +68,13 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     let host = crate::local::HostAddrs::read().context("reading the host's addresses")?;
     let (redirect, logger) = Redirect::start(&config, &workloads, &listeners, &host.get())?;
     let redirect = Arc::new(redirect);
+    let names: Vec<&str> = workloads.iter().map(|w| w.workload.as_str()).collect();
+    store.put_batch(&[Record::Agent(serde_json::json!({
+        "event": "attach",
+        "workloads": names,
+        "attached": redirect.attached,
+        "adopted": redirect.adopted,
+    }))])?;
     info!(
         attached = redirect.attached,
         adopted = redirect.adopted,
@@ -127,6 +135,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         requesters,
     });
     let policy = proxy.policy.clone();
+    let recorder = proxy.recorder.clone();
     let threads = config.agent.worker_threads();
     let workers = Arc::new(
         proxy
@@ -152,7 +161,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
             redirect.clone(),
         ));
         info!(data_dir = %data_dir.display(), threads, "agent ready");
-        serve_signals(&config, &policy).await;
+        serve_signals(&config, &policy, &recorder).await;
         info!("shutting down: intercepted connects fail until an agent runs again");
         let _ = stop_tx.send(true);
         let _ = accepting.await;
@@ -165,11 +174,13 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         Ok(w) => w.stop(),
         Err(_) => error!("data-plane workers still referenced at shutdown"),
     }
+    drop(recorder);
     writer.join();
     if let Some(s) = &service {
         s.broker.stop();
     }
     let orphans = store.close_orphans()?;
+    crate::evidence::stop(&store, orphans)?;
     info!(interrupted = orphans, "agent stopped");
     let _ = std::fs::remove_file(socket);
     Ok(())
@@ -304,7 +315,7 @@ fn raise_fd_limit() {
 
 /// Waits for SIGTERM or SIGINT; on SIGHUP reloads the policy files in
 /// place (connections keep flowing; a broken file keeps the old policy).
-async fn serve_signals(config: &Config, policy: &ArcSwap<Policy>) {
+async fn serve_signals(config: &Config, policy: &ArcSwap<Policy>, recorder: &Recorder) {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut hup) = match (
         signal(SignalKind::terminate()),
@@ -323,9 +334,15 @@ async fn serve_signals(config: &Config, policy: &ArcSwap<Policy>) {
             _ = hup.recv() => match Policy::load(config) {
                 Ok(p) => {
                     info!(rules = p.rules.len(), "policy reloaded");
+                    recorder.agent(p.load_event("reload")).await;
                     policy.store(Arc::new(p));
                 }
-                Err(e) => error!(error = %e, "policy reload failed; keeping the current policy"),
+                Err(e) => {
+                    error!(error = %e, "policy reload failed; keeping the current policy");
+                    recorder
+                        .agent(serde_json::json!({"event": "policy", "reason": "reload refused", "error": e.to_string()}))
+                        .await;
+                }
             },
         }
     }

@@ -14,6 +14,7 @@ use anyhow::{bail, ensure, Context};
 use clap::{Parser, Subcommand};
 
 mod approvals;
+mod evidence;
 
 use crate::{
     api::{self, Request, Response},
@@ -50,9 +51,20 @@ pub struct ConfigArg {
 pub struct StoreArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Data directory (overrides agent.data_dir).
+    /// Data directory (overrides agent.data_dir; given alone, no
+    /// configuration file is read).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// `--data-dir`, or the configuration's.
+    pub fn data_dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.data_dir {
+            Some(d) => Ok(d.clone()),
+            None => Ok(Config::load(&self.config.config)?.data_dir(None)),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -91,6 +103,16 @@ pub enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
+    /// The node's signing key.
+    Key {
+        #[command(subcommand)]
+        command: evidence::KeyCommand,
+    },
+    /// Check the evidence log of a data directory (never written to): every
+    /// entry links to the one before, checkpoints are signed by the node's
+    /// key and match; the first broken link is reported. Exit 0 intact, 1
+    /// not, 2 could not check.
+    Verify(evidence::VerifyArgs),
     /// Just-in-time approval: requests, approvals, grants.
     Approvals {
         #[command(subcommand)]
@@ -257,6 +279,14 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             output_to_pipes();
             approvals::run(command)
         }
+        Command::Key { command } => {
+            output_to_pipes();
+            evidence::key(command)
+        }
+        Command::Verify(args) => {
+            output_to_pipes();
+            evidence::verify(args)
+        }
         Command::Policy {
             command:
                 PolicyCommand::Explain {
@@ -300,6 +330,15 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 bail!("the agent is running (pid {pid}); stop it before detaching");
             }
             let d = redirect::detach(&config)?;
+            crate::evidence::detached(
+                &data_dir,
+                serde_json::json!({
+                    "links": d.links,
+                    "maps": d.maps,
+                    "cgroups_removed": d.cgroups_removed,
+                    "processes_moved": d.processes_moved,
+                }),
+            )?;
             println!(
                 "detached: {} link(s), {} pinned map(s) removed; managed cgroups {}{}",
                 d.links,
@@ -531,8 +570,7 @@ fn close_inherited(keep: &[i32]) -> anyhow::Result<Vec<i32>> {
 
 /// Fetches from the running agent, or from the store when none answers.
 fn query(store: &StoreArgs, req: Request) -> anyhow::Result<Response> {
-    let config = Config::load(&store.config.config)?;
-    let data_dir = config.data_dir(store.data_dir.as_deref());
+    let data_dir = store.data_dir()?;
     if let Some(resp) = api::call(&data_dir, &req)? {
         return Ok(resp);
     }
@@ -542,7 +580,8 @@ fn query(store: &StoreArgs, req: Request) -> anyhow::Result<Response> {
             data_dir.display()
         );
     }
-    let db = SledStore::open(&data_dir)?;
+    // A private copy: the data directory is never written to.
+    let db = SledStore::open_copy(&data_dir)?;
     Ok(match req {
         Request::SessionsList { filter } => Response::Sessions {
             sessions: db.list(&filter)?,

@@ -4,8 +4,8 @@
 //! Modules in the order a connection meets them: eBPF [`redirect`] sends a
 //! workload's connect to the [`proxy`], which finds the caller's
 //! [`identity`], asks [`policy`], relays, and hands the session to
-//! [`record`]. [`config`], [`cgroup`], [`api`], [`agent`] and [`cli`] hold it
-//! together.
+//! [`record`] ([`evidence`]: the node key and the agent's own events).
+//! [`config`], [`cgroup`], [`api`], [`agent`] and [`cli`] hold it together.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod agent;
@@ -14,6 +14,7 @@ pub mod approvals;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod evidence;
 pub mod gate;
 pub mod identity;
 pub mod local;

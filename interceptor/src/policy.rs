@@ -297,6 +297,10 @@ pub struct Policy {
     /// these; the agent logs them at load).
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// The files it was compiled from and the SHA-256 of each (hex), as
+    /// the evidence log records each load.
+    #[serde(skip)]
+    pub sources: Vec<(PathBuf, String)>,
 }
 
 impl Default for Policy {
@@ -310,6 +314,7 @@ impl Default for Policy {
             default_unknown_postgres: Action::Deny,
             record_parameters: false,
             warnings: Vec::new(),
+            sources: Vec::new(),
         }
     }
 }
@@ -329,7 +334,26 @@ impl Policy {
             texts.push((file.as_path(), text));
         }
         let texts: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (*p, t.as_str())).collect();
-        Ok(Self::from_texts(&texts, config)?)
+        let mut policy = Self::from_texts(&texts, config)?;
+        policy.sources = texts
+            .iter()
+            .map(|(p, t)| {
+                use sha2::Digest;
+                (p.to_path_buf(), crate::record::hex(&sha2::Sha256::digest(t)))
+            })
+            .collect();
+        Ok(policy)
+    }
+
+    /// What the evidence log records of this policy's load: its files and
+    /// their hashes, and how many rules they hold.
+    pub fn load_event(&self, reason: &str) -> serde_json::Value {
+        let files: Vec<_> = self
+            .sources
+            .iter()
+            .map(|(p, h)| serde_json::json!({"path": p, "sha256": h}))
+            .collect();
+        serde_json::json!({"event": "policy", "reason": reason, "files": files, "rules": self.rules.len()})
     }
 
     /// Compiles policy files given as text, each with the name its errors

@@ -4,6 +4,7 @@
 mod approvals;
 mod boundary;
 mod enforcement;
+mod evidence;
 mod faults;
 mod harness;
 mod resources;

@@ -1,0 +1,517 @@
+//! Checking a log against itself and its checkpoints: what `interceptor
+//! verify` runs, on a store in place and on an export bundle. An [`Audit`]
+//! is fed entries in seq order, each checkpoint before the entry at its
+//! size (the first one it does not seal), and says what it found.
+
+use std::collections::VecDeque;
+
+use crate::{
+    log::{self, Break, Chain, Kind},
+    seal::{Checkpoint, PublicKey},
+};
+
+/// Most findings kept (the rest are counted).
+const FINDINGS: usize = 50;
+
+/// What an audit found.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    /// Entries checked (whole or as stubs).
+    pub entries: u64,
+    pub first: Option<u64>,
+    pub last: Option<u64>,
+    pub checkpoints: u64,
+    /// Entries below this seq are sealed by a checkpoint that verified.
+    pub sealed_through: u64,
+    /// The key checkpoints were checked with, and whether it was pinned.
+    pub key: Option<String>,
+    pub pinned: bool,
+    /// Broken links and bad checkpoints, first first: tampering, or damage.
+    pub findings: Vec<String>,
+    pub more_findings: u64,
+    /// What holds but cannot be proven (entries not sealed yet, an
+    /// unpinned key).
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    pub fn intact(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    pub fn find(&mut self, f: String) {
+        if self.findings.len() < FINDINGS {
+            self.findings.push(f);
+        } else {
+            self.more_findings += 1;
+        }
+    }
+}
+
+/// See the module's documentation.
+pub struct Audit {
+    key: Option<PublicKey>,
+    chain: Chain,
+    /// Checkpoints read but not reached yet (size past the entries so far).
+    waiting: VecDeque<Checkpoint>,
+    /// The last checkpoint that verified: its size and head.
+    last_seal: Option<(u64, [u8; 32])>,
+    /// Whether the last sealed entry was the agent's stop.
+    sealed_at_stop: bool,
+    /// A `stop` event: the next entry must be the `gap` of the next start.
+    after_stop: Option<u64>,
+    /// The kind and event of the newest entry.
+    newest_stop: bool,
+    /// The latest `prune` event's `through` (entries up to it removed).
+    pruned_through: Option<u64>,
+    /// Whether the walk starts at the log's start (or at its first kept
+    /// entry), rather than wherever an export began.
+    whole_log: bool,
+    pub report: Report,
+}
+
+impl Audit {
+    /// An audit checking checkpoints with `key` (`pinned`: given by the
+    /// responder, not read from what is checked).
+    pub fn new(key: Option<PublicKey>, pinned: bool, whole_log: bool) -> Audit {
+        let report = Report {
+            key: key.as_ref().map(PublicKey::fingerprint),
+            pinned,
+            ..Report::default()
+        };
+        Audit {
+            key,
+            chain: Chain::default(),
+            waiting: VecDeque::new(),
+            last_seal: None,
+            sealed_at_stop: false,
+            after_stop: None,
+            newest_stop: false,
+            pruned_through: None,
+            whole_log,
+            report,
+        }
+    }
+
+    /// A checkpoint, as its signed note.
+    pub fn checkpoint(&mut self, size: u64, note: &str) {
+        self.report.checkpoints += 1;
+        let Some(key) = &self.key else {
+            return;
+        };
+        let cp = match Checkpoint::open(note, key) {
+            Ok(cp) => cp,
+            Err(e) => return self.report.find(format!("checkpoint {size}: {e}")),
+        };
+        if cp.size != size {
+            return self
+                .report
+                .find(format!("checkpoint {size} is stored under the wrong size (it says {})", cp.size));
+        }
+        match self.last_seal {
+            Some(before) if before != cp.from => self.report.find(format!(
+                "checkpoint {size} follows checkpoint {} but names checkpoint {} as the one before it: checkpoints were removed, replaced or re-signed",
+                before.0, cp.from.0
+            )),
+            _ => {}
+        }
+        self.last_seal = Some((cp.size, cp.head));
+        match self.chain.head() {
+            // Sealing only entries before the walk began (pruned, or left
+            // out of a bundle before its start).
+            None => {
+                if self.report.first.is_none() {
+                    self.waiting.push_back(cp);
+                }
+            }
+            Some((next, _)) if cp.size < next => self.report.find(format!(
+                "checkpoint {size} comes after entry {} had been read: stored out of order",
+                next - 1
+            )),
+            Some(_) => self.waiting.push_back(cp),
+        }
+        self.reach();
+    }
+
+    /// Compares the chain with the checkpoints it has reached.
+    fn reach(&mut self) {
+        let Some((next, head)) = self.chain.head() else {
+            return;
+        };
+        while let Some(cp) = self.waiting.front() {
+            if cp.size > next {
+                break;
+            }
+            let cp = self.waiting.pop_front().expect("front");
+            if cp.size < next {
+                // Sealed entries before the walk began.
+                if self.report.first.is_some_and(|f| cp.size > f) {
+                    self.report.find(format!(
+                        "checkpoint {} was not reached in order",
+                        cp.size
+                    ));
+                }
+                continue;
+            }
+            if cp.head != head {
+                self.report.find(format!(
+                    "checkpoint {} does not match the log: one of entries {}–{} (the range it seals) differs from what was signed",
+                    cp.size,
+                    cp.from.0,
+                    cp.size - 1
+                ));
+            } else {
+                self.report.sealed_through = cp.size;
+                self.sealed_at_stop = self.newest_stop;
+            }
+        }
+    }
+
+    /// Entry `seq`, whole.
+    pub fn entry(&mut self, seq: u64, bytes: &[u8]) {
+        match log::parse(bytes) {
+            Ok(e) => {
+                let event = (e.header.kind == Kind::Agent)
+                    .then(|| serde_json::from_slice::<serde_json::Value>(e.payload).ok())
+                    .flatten();
+                self.stub(seq, e.head, &log::digest(e.payload), event.as_ref());
+            }
+            Err(why) => {
+                self.report.find(Break::Unreadable { seq, why }.to_string());
+                self.resume(seq, bytes);
+            }
+        }
+    }
+
+    /// Entry `seq` as its header and payload digest (`event`: an agent
+    /// event's JSON, when the payload is at hand).
+    pub fn stub(&mut self, seq: u64, head: &[u8], digest: &[u8; 32], event: Option<&serde_json::Value>) {
+        if self.report.first.is_none() {
+            self.report.first = Some(seq);
+            let prev = log::parse(head).map(|e| e.header.prev).unwrap_or_default();
+            if self.whole_log && seq == 0 && prev != [0; 32] {
+                self.report.find("entry 0 names an entry before it: the log's start was cut".into());
+            }
+        }
+        match self.chain.push_parts(seq, head, digest) {
+            Ok(_) => {}
+            Err(b) => {
+                self.report.find(b.to_string());
+                // Go on from here, to find what else is wrong.
+                let mut c = Chain::default();
+                if c.push_parts(seq, head, digest).is_ok() {
+                    self.chain = c;
+                }
+            }
+        }
+        self.report.entries += 1;
+        self.report.last = Some(seq);
+        let name = event.and_then(|e| e.get("event")).and_then(|e| e.as_str());
+        if let Some(stop) = self.after_stop {
+            match name {
+                Some("gap") => self.after_stop = None,
+                // `interceptor detach`, run while no agent runs.
+                Some("detach") => {}
+                _ => {
+                    self.after_stop = None;
+                    self.report.find(format!(
+                        "entry {seq} follows the agent's stop (entry {stop}) but is not the gap record of its next start: put there by hand"
+                    ));
+                }
+            }
+        }
+        self.newest_stop = name == Some("stop");
+        if self.newest_stop {
+            self.after_stop = Some(seq);
+        }
+        if name == Some("prune") {
+            self.pruned_through = event
+                .and_then(|e| e.get("through"))
+                .and_then(|t| t.as_u64());
+        }
+        self.reach();
+    }
+
+    fn resume(&mut self, seq: u64, _bytes: &[u8]) {
+        self.report.entries += 1;
+        self.report.last = Some(seq);
+        self.chain = Chain::default();
+    }
+
+    /// Ends the walk: what was never reached, what is not sealed.
+    pub fn finish(mut self) -> Report {
+        let end = self.chain.head().map_or(0, |(n, _)| n);
+        for cp in std::mem::take(&mut self.waiting) {
+            self.report.find(format!(
+                "checkpoint {} seals entries up to {}, but the log ends at entry {}: entries were cut from its end",
+                cp.size,
+                cp.size - 1,
+                end.saturating_sub(1)
+            ));
+        }
+        if self.whole_log {
+            if let Some(first) = self.report.first.filter(|&f| f > 0) {
+                if self.pruned_through.map(|t| t + 1) != Some(first) {
+                    self.report.find(format!(
+                        "the log starts at entry {first}, and no pruning record says entries before it were pruned: entries were removed from its start"
+                    ));
+                }
+            }
+        }
+        if self.key.is_none() {
+            self.report
+                .warnings
+                .push("no key to check checkpoints with: nothing is proven beyond the chain's own links".into());
+        } else if !self.report.pinned {
+            self.report.warnings.push(
+                "checked with the key the store itself names: pin the node's key (--pubkey) so a forger cannot bring their own".into(),
+            );
+        }
+        if self.report.checkpoints == 0 && self.report.entries > 0 {
+            self.report.warnings.push("no checkpoint: nothing is sealed".into());
+        }
+        if end > self.report.sealed_through && self.report.entries > 0 {
+            let n = end - self.report.sealed_through.max(self.report.first.unwrap_or(0));
+            if self.sealed_at_stop {
+                self.report.find(format!(
+                    "entries {}–{} come after the checkpoint of the agent's stop, and no agent sealed them: added by hand",
+                    self.report.sealed_through,
+                    end - 1
+                ));
+            } else {
+                self.report.warnings.push(format!(
+                    "the newest {n} entries ({}–{}) are not sealed by a checkpoint yet (an agent seals within 10 s, and at its stop)",
+                    end - n,
+                    end - 1
+                ));
+            }
+        }
+        self.report
+    }
+}
+
+#[cfg(feature = "store")]
+impl crate::SledStore {
+    /// Audits the whole log in place (`pin`: the node's key as the
+    /// responder knows it; otherwise the key the store names), and that
+    /// the store's indexes name the entries they should.
+    pub fn audit(&self, pin: Option<PublicKey>) -> Result<Report, crate::StoreError> {
+        let (key, pinned) = match pin {
+            Some(k) => (Some(k), true),
+            None => (
+                self.named_key()?.and_then(|v| PublicKey::parse(&v).ok()),
+                false,
+            ),
+        };
+        let mut audit = Audit::new(key, pinned, true);
+        let mut seals = self.checkpoints().peekable();
+        for item in self.entries(0) {
+            let (seq, bytes) = item?;
+            while seals
+                .peek()
+                .is_some_and(|s| s.as_ref().map_or(true, |(size, _)| *size <= seq))
+            {
+                let (size, note) = seals.next().expect("peeked")?;
+                audit.checkpoint(size, &note);
+            }
+            audit.entry(seq, &bytes);
+        }
+        for s in seals {
+            let (size, note) = s?;
+            audit.checkpoint(size, &note);
+        }
+        let mut report = audit.finish();
+        let (_, written) = self.head()?;
+        let found = self.found_head()?;
+        match written {
+            Some(w) if w == found => {}
+            Some(w) if w.next != found.next => report.find(format!(
+                "the store last wrote that its log ends at entry {}, but it ends at entry {}: entries were cut from or added to its end",
+                w.next as i64 - 1,
+                found.next as i64 - 1
+            )),
+            Some(_) => report.find(format!(
+                "entry {} is not the entry the store last wrote at the log's end: it was changed",
+                found.next as i64 - 1
+            )),
+            None if found.next > 0 => {
+                report.find("the store's record of where its log ends is missing".into())
+            }
+            None => {}
+        }
+        for item in self.index() {
+            let (k, seq) = item?;
+            let what = match k.first() {
+                Some(b'S') => Kind::Session,
+                Some(b'T') => Kind::Statements,
+                _ => Kind::Approval,
+            };
+            let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let Some(seq) = seq else {
+                report.find(format!("index key {} does not name an entry", crate::hex(&k)));
+                continue;
+            };
+            let bytes = self.entry(seq)?;
+            let ok = bytes.as_deref().and_then(|b| log::parse(b).ok()).is_some_and(|e| {
+                e.header.kind == what
+                    && (what == Kind::Approval || Some(e.header.session) == id)
+                    && (what != Kind::Statements || e.payload.get(..4) == k.get(9..13))
+            });
+            if !ok {
+                report.find(format!(
+                    "the index of {} {} names entry {seq}, which is not its record",
+                    what.as_str(),
+                    id.map_or("?".into(), |i| format!("{i:016x}")),
+                ));
+            }
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(all(test, feature = "store"))]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::{seal::NodeKey, Record, Session, SessionIds, SledStore, Store};
+
+    fn key() -> NodeKey {
+        NodeKey::from_seed([5; 32], "test-host/interceptor")
+    }
+
+    /// A store of 3 sessions with statements, sealed twice, ended by a
+    /// stop and its checkpoint; returns its directory.
+    fn sealed_store(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("icpt-audit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = SledStore::open(&dir).unwrap();
+        store.set_key(key()).unwrap();
+        let ids = SessionIds::default();
+        for i in 0..3 {
+            let id = ids.next();
+            let mut s = Session::new(id, "127.0.0.1:1".into());
+            s.workload = Some("web".into());
+            let mut list = crate::codec::Records::default();
+            list.push(&crate::Statement {
+                seq: 0,
+                at: id.micros(),
+                ..crate::Statement::new(
+                    crate::StatementKind::Query,
+                    None,
+                    format!("SELECT {i}").into(),
+                    interceptor_sql::Class::Read,
+                )
+            });
+            let mut records = vec![Record::Session(Box::new(s.clone()))];
+            for c in list.take() {
+                records.push(Record::Statements { session: id, first: c.first, encoded: c.bytes });
+            }
+            s.outcome = crate::Outcome::Closed;
+            records.push(Record::Session(Box::new(s)));
+            store.put_batch(&records).unwrap();
+            if i == 1 {
+                assert!(store.seal().unwrap());
+            }
+        }
+        store.put_batch(&[Record::Agent(serde_json::json!({"event": "stop"}))]).unwrap();
+        assert!(store.seal().unwrap());
+        assert!(!store.seal().unwrap(), "nothing new to seal");
+        drop(store);
+        dir
+    }
+
+    fn open(dir: &Path) -> SledStore {
+        for _ in 0..50 {
+            if let Ok(s) = SledStore::open(dir) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        SledStore::open(dir).unwrap()
+    }
+
+    fn audit_after(name: &str, tamper: impl FnOnce(&sled::Tree)) -> Report {
+        let dir = sealed_store(name);
+        let store = open(&dir);
+        tamper(store.log_tree());
+        let r = store.audit(Some(key().public().clone())).unwrap();
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    fn l(seq: u64) -> [u8; 9] {
+        let mut k = [b'L'; 9];
+        k[1..].copy_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    #[test]
+    fn an_untouched_store_verifies_and_each_tampering_is_found_where_it_was_done() {
+        let r = audit_after("clean", |_| {});
+        assert!(r.intact(), "{r:?}");
+        // 3 × (open, statements, end) and the stop; both checkpoints match.
+        assert_eq!((r.entries, r.checkpoints, r.sealed_through), (10, 2, 10));
+        assert!(r.warnings.is_empty(), "{r:?}");
+
+        let has = |r: &Report, want: &str| {
+            assert!(r.findings.iter().any(|f| f.contains(want)), "want `{want}` in {:#?}", r.findings);
+        };
+        let r = audit_after("changed", |t| {
+            let mut v = t.get(l(4)).unwrap().unwrap().to_vec();
+            let n = v.len();
+            v[n - 3] ^= 0x20;
+            t.insert(l(4), v).unwrap();
+        });
+        has(&r, "entry 5 does not name the hash of entry 4");
+
+        let r = audit_after("deleted", |t| {
+            t.remove(l(4)).unwrap();
+        });
+        has(&r, "entry 4 is missing");
+
+        let r = audit_after("swapped", |t| {
+            let (a, b) = (t.get(l(4)).unwrap().unwrap(), t.get(l(5)).unwrap().unwrap());
+            t.insert(l(4), b).unwrap();
+            t.insert(l(5), a).unwrap();
+        });
+        has(&r, "entry 4 does not name the hash of entry 3");
+
+        let r = audit_after("appended", |t| {
+            let last = t.get(l(9)).unwrap().unwrap();
+            let e = crate::log::parse(&last).unwrap();
+            let mut out = Vec::new();
+            let h = crate::log::Header { prev: e.link(9), at: e.header.at + 1, ..e.header.clone() };
+            crate::log::encode(&mut out, &h, br#"{"event":"start"}"#);
+            t.insert(l(10), out).unwrap();
+        });
+        has(&r, "entry 10 follows the agent's stop (entry 9)");
+        has(&r, "come after the checkpoint of the agent's stop");
+
+        let r = audit_after("cut", |t| {
+            t.remove(l(9)).unwrap();
+            t.remove(l(8)).unwrap();
+        });
+        has(&r, "checkpoint 10 seals entries up to 9, but the log ends at entry 7");
+        has(&r, "the store last wrote that its log ends at entry 9, but it ends at entry 7");
+
+        let r = audit_after("resigned", |t| {
+            let mut k = [b'C'; 9];
+            k[1..].copy_from_slice(&10u64.to_be_bytes());
+            let note = String::from_utf8(t.get(k).unwrap().unwrap().to_vec()).unwrap();
+            let body = note.split_once("\n\n").unwrap().0;
+            let cp = Checkpoint::open(&note, key().public()).unwrap();
+            let other = NodeKey::from_seed([6; 32], "test-host/interceptor");
+            assert!(other.sign(&cp).starts_with(body));
+            t.insert(k, other.sign(&cp).as_bytes()).unwrap();
+        });
+        has(&r, "checkpoint 10: it is not signed by key");
+
+        let r = audit_after("index", |t| {
+            let k = t.scan_prefix(b"S").next().unwrap().unwrap().0;
+            t.insert(k, &3u64.to_be_bytes()).unwrap();
+        });
+        has(&r, "names entry 3, which is not its record");
+    }
+}

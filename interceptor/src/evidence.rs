@@ -1,0 +1,144 @@
+//! The agent's side of the evidence log: the node key, and the agent's own
+//! events (its start after a gap, its stop) around what the recorder
+//! writes. The log itself is `record::log`; checkpoints `record::seal`.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::record::{self, seal::NodeKey, Record, SledStore, Store};
+
+/// Where the node's signing key lives in the data directory.
+pub const KEY_FILE: &str = "node.key";
+
+/// The name checkpoints carry: this host's, as C2SP origins are written.
+pub fn origin() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}/interceptor")
+}
+
+/// The key's name is the origin the store first named: a host renamed
+/// keeps signing as it did.
+fn key_name(store: &SledStore) -> anyhow::Result<String> {
+    let named = store.named_key()?;
+    Ok(named
+        .as_deref()
+        .and_then(|v| record::seal::PublicKey::parse(v).ok())
+        .map_or_else(origin, |k| k.name))
+}
+
+/// Opens the store for the agent: takes the node key (made at first
+/// start, 0600), records the gap since the last agent and this start, and
+/// seals what is there.
+pub fn open(data_dir: &Path, config_path: &Path) -> anyhow::Result<SledStore> {
+    let store = SledStore::open(data_dir)?;
+    let path = data_dir.join(KEY_FILE);
+    let key = NodeKey::load_or_create(&path, &key_name(&store)?)
+        .with_context(|| format!("the node key {}", path.display()))?;
+    if let Some(before) = store.named_key()? {
+        if !key.public().matches(&before) {
+            tracing::warn!(
+                "{} is not the key that signed this store's checkpoints ({before}); checkpoints from now on are signed with {}",
+                path.display(),
+                key.public().vkey()
+            );
+        }
+    }
+    let fingerprint = key.public().fingerprint();
+    store.set_key(key)?;
+    let gap = gap(&store)?;
+    if gap["clean"] == false {
+        tracing::warn!(detail = %gap["detail"], "the last agent did not record its stop");
+    }
+    let config = std::fs::read(config_path).unwrap_or_default();
+    let start = serde_json::json!({
+        "event": "start",
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "origin": origin(),
+        "key": fingerprint,
+        "config": config_path,
+        "config_sha256": record::hex(&<sha2::Sha256 as sha2::Digest>::digest(&config)),
+    });
+    store.put_batch(&[Record::Agent(gap), Record::Agent(start)])?;
+    store.seal()?;
+    Ok(store)
+}
+
+/// The gap record of a start: since when nothing was recorded, and whether
+/// the agent before stopped cleanly (its stop is the log's last entry).
+fn gap(store: &SledStore) -> anyhow::Result<serde_json::Value> {
+    let head = store.found_head()?;
+    let now = record::now_micros();
+    if head.next == 0 {
+        return Ok(serde_json::json!({"event": "gap", "clean": true, "first": true,
+            "detail": "the log's first start"}));
+    }
+    let last = head.next - 1;
+    let bytes = store.entry(last)?.context("the log's newest entry")?;
+    let e = record::log::parse(&bytes).map_err(|e| anyhow::anyhow!("entry {last}: {e}"))?;
+    let stopped = e.header.kind == record::log::Kind::Agent
+        && serde_json::from_slice::<serde_json::Value>(e.payload)
+            .is_ok_and(|v| v["event"] == "stop");
+    let sealed = store
+        .checkpoints()
+        .last()
+        .transpose()?
+        .map_or(0, |(size, _)| size);
+    let detail = if stopped {
+        "the agent was stopped: nothing was recorded in between".to_string()
+    } else {
+        format!(
+            "the agent before did not record its stop (killed, crashed, or the host went down): nothing was recorded from its last entry until now{}",
+            if head.next > sealed {
+                format!("; its last {} entries were not sealed, and are sealed now", head.next - sealed)
+            } else {
+                String::new()
+            }
+        )
+    };
+    Ok(serde_json::json!({
+        "event": "gap",
+        "clean": stopped,
+        "from": record::rfc3339_micros(e.header.at),
+        "to": record::rfc3339_micros(now),
+        "seconds": now.saturating_sub(e.header.at) / 1_000_000,
+        "last_seq": last,
+        "unsealed": head.next.saturating_sub(sealed),
+        "detail": detail,
+    }))
+}
+
+/// Records the agent's stop and seals the log with it.
+pub fn stop(store: &SledStore, interrupted: usize) -> anyhow::Result<()> {
+    store.put_batch(&[Record::Agent(
+        serde_json::json!({"event": "stop", "interrupted_sessions": interrupted}),
+    )])?;
+    store.seal()?;
+    Ok(())
+}
+
+/// Records, in a stopped agent's store, that `interceptor detach` removed
+/// what the agent had installed, and seals it (when the node key is here).
+pub fn detached(data_dir: &Path, what: serde_json::Value) -> anyhow::Result<()> {
+    if !data_dir.join("store").exists() {
+        return Ok(());
+    }
+    let store = SledStore::open(data_dir)?;
+    let path = data_dir.join(KEY_FILE);
+    if path.exists() {
+        store.set_key(NodeKey::load(&path, &key_name(&store)?)?)?;
+    }
+    let mut event = serde_json::json!({"event": "detach"});
+    if let (Some(e), Some(w)) = (event.as_object_mut(), what.as_object()) {
+        e.extend(w.clone());
+    }
+    store.put_batch(&[Record::Agent(event)])?;
+    store.seal()?;
+    store.flush()?;
+    Ok(())
+}

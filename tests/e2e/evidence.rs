@@ -1,0 +1,252 @@
+//! Evidence for incident responders: the store's log verified in place,
+//! and every way of tampering with it found where it was done, on the
+//! store a real agent wrote; responder commands that read a data
+//! directory with nothing else and never write to it.
+
+use std::{path::Path, process::Command};
+
+use super::*;
+
+/// Runs `interceptor ARGS` with no configuration at all.
+fn bare(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+/// Every file under `dir` with its contents' hash and mode, to show a
+/// command left it as it was.
+fn snapshot(dir: &Path) -> Vec<(String, String, u32)> {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let meta = e.metadata().unwrap();
+        if meta.is_dir() {
+            out.extend(snapshot(&e.path()));
+        } else if e.file_type().unwrap().is_file() {
+            let bytes = std::fs::read(e.path()).unwrap();
+            out.push((
+                e.path().display().to_string(),
+                interceptor::record::hex(&sha2::Sha256::digest(&bytes)),
+                meta.mode(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn entry_key(seq: u64) -> Vec<u8> {
+    let mut k = vec![b'L'];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `verify --data-dir DIR --pubkey KEY`: its exit code and output.
+fn verify(dir: &Path, key: &str) -> (i32, String) {
+    let out = bare(&["verify", "--data-dir", dir.to_str().unwrap(), "--pubkey", key]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() {
+    let echo = Echo::start();
+    let mut agent = Agent::start("evidence", &app_and_echo(echo.port, ""), ALLOW_APP_ECHO);
+    let port = echo.port.to_string();
+    for _ in 0..3 {
+        agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    }
+    agent.sessions_until("3 closed sessions", |s| {
+        s.iter().filter(|x| x["outcome"] == "closed").count() == 3
+    });
+    // Killed, then started again: the gap is a record of its own.
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill9();
+    agent.spawn();
+    agent.client(Some("app"), &["echo", "127.0.0.1", &port]);
+    agent.sessions_until("4 closed sessions", |s| {
+        s.iter().filter(|x| x["outcome"] == "closed").count() == 4
+    });
+    agent.stop();
+
+    let data = agent.dir.join("data");
+    let data_arg = data.to_str().unwrap();
+    let key_file = data.join("node.key");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&key_file).unwrap().mode() & 0o777, 0o600);
+    let out = bare(&["key", "show", "--data-dir", data_arg, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (vkey, fingerprint) = (s(&key["key"]).to_owned(), s(&key["fingerprint"]).to_owned());
+    assert!(fingerprint.starts_with("SHA256:") && fingerprint.len() == 71, "{key}");
+
+    // Responders read with the data directory alone, and write nothing.
+    let before = snapshot(&data);
+    let (code, text) = verify(&data, &vkey);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("intact") && !text.contains("warning"), "{text}");
+    let (code, text) = verify(&data, &fingerprint);
+    assert_eq!(code, 0, "{text}");
+    let out = bare(&["sessions", "list", "--data-dir", data_arg, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.len(), 4, "{list:?}");
+    let out = bare(&["sessions", "show", s(&list[0]["id"]), "--data-dir", data_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(snapshot(&data), before, "a responder command wrote to the data directory");
+
+    // What the log holds of the agent itself.
+    let events = {
+        let db = sled::open(data.join("store")).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let events: Vec<serde_json::Value> = log
+            .scan_prefix(b"L")
+            .map(|i| i.unwrap().1)
+            .filter_map(|v| {
+                let e = interceptor::record::log::parse(&v).unwrap();
+                (e.header.kind == interceptor::record::log::Kind::Agent)
+                    .then(|| serde_json::from_slice(e.payload).unwrap())
+            })
+            .collect();
+        events
+    };
+    let names: Vec<&str> = events.iter().map(|e| s(&e["event"])).collect();
+    assert_eq!(
+        names,
+        ["gap", "start", "policy", "attach", "gap", "start", "policy", "attach", "stop"],
+        "{events:#?}"
+    );
+    assert_eq!(events[0]["first"], true);
+    assert_eq!(events[4]["clean"], false, "{}", events[4]);
+    assert_eq!(events[2]["files"][0]["sha256"].as_str().unwrap().len(), 64);
+
+    // Each tampering on a copy taken with the agent stopped; `verify`
+    // finds it and says where.
+    // How many entries, and the first session entry from the middle on
+    // (it names the echo server's address).
+    let (count, named) = {
+        let db = sled::open(data.join("store")).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let count = log.scan_prefix(b"L").count() as u64;
+        let named = (count / 2..count)
+            .find(|&seq| {
+                let v = log.get(entry_key(seq)).unwrap().unwrap();
+                v.windows(9).any(|w| w == b"127.0.0.1")
+            })
+            .unwrap();
+        (count, named)
+    };
+    let tamper = |name: &str, f: &dyn Fn(&sled::Tree), wants: &[&str]| {
+        let copy = agent.dir.join(format!("tampered-{name}"));
+        copy_dir(&data, &copy);
+        {
+            let db = sled::open(copy.join("store")).unwrap();
+            f(&db.open_tree("log").unwrap());
+            db.flush().unwrap();
+        }
+        let (code, text) = verify(&copy, &vkey);
+        assert_eq!(code, 1, "{name}: {text}");
+        for want in wants {
+            assert!(text.contains(want), "{name}: want `{want}` in\n{text}");
+        }
+        let _ = std::fs::remove_dir_all(&copy);
+    };
+    let mid = count / 2;
+    tamper(
+        "changed",
+        &|t| {
+            let mut v = t.get(entry_key(named)).unwrap().unwrap().to_vec();
+            let at = v.windows(9).position(|w| w == b"127.0.0.1").unwrap();
+            v[at + 8] = b'2';
+            t.insert(entry_key(named), v).unwrap();
+        },
+        &[&format!(
+            "entry {} does not name the hash of entry {named}",
+            named + 1
+        )],
+    );
+    tamper(
+        "deleted",
+        &|t| {
+            t.remove(entry_key(mid)).unwrap();
+        },
+        &[&format!("entry {mid} is missing")],
+    );
+    tamper(
+        "swapped",
+        &|t| {
+            let a = t.get(entry_key(mid)).unwrap().unwrap();
+            let b = t.get(entry_key(mid + 1)).unwrap().unwrap();
+            t.insert(entry_key(mid), b).unwrap();
+            t.insert(entry_key(mid + 1), a).unwrap();
+        },
+        &[&format!("entry {mid} does not name the hash of entry {}", mid - 1)],
+    );
+    tamper(
+        "appended",
+        &|t| {
+            use interceptor::record::log;
+            let last = t.get(entry_key(count - 1)).unwrap().unwrap();
+            let e = log::parse(&last).unwrap();
+            let h = log::Header {
+                prev: e.link(count - 1),
+                at: e.header.at + 1,
+                ..e.header.clone()
+            };
+            let mut out = Vec::new();
+            log::encode(&mut out, &h, br#"{"event":"gap"}"#);
+            t.insert(entry_key(count), out).unwrap();
+        },
+        &[&format!("entries {count}–{count} come after the checkpoint of the agent's stop")],
+    );
+    tamper(
+        "cut",
+        &|t| {
+            for seq in count - 3..count {
+                t.remove(entry_key(seq)).unwrap();
+            }
+        },
+        &[&format!(
+            "seals entries up to {}, but the log ends at entry {}",
+            count - 1,
+            count - 4
+        )],
+    );
+    tamper(
+        "resigned",
+        &|t| {
+            use interceptor::record::seal::{Checkpoint, NodeKey, PublicKey};
+            let (k, note) = t.scan_prefix(b"C").next_back().unwrap().unwrap();
+            let note = String::from_utf8(note.to_vec()).unwrap();
+            let ours = PublicKey::parse(&vkey).unwrap();
+            let cp = Checkpoint::open(&note, &ours).unwrap();
+            let theirs = NodeKey::from_seed([9; 32], &ours.name);
+            t.insert(k, theirs.sign(&cp).as_bytes()).unwrap();
+            // And the store's own record of its key, too.
+            t.insert(b"Mkey", theirs.public().vkey().as_bytes()).unwrap();
+        },
+        &[&format!("checkpoint {count}: it is not signed by key")],
+    );
+    drop(agent);
+}
