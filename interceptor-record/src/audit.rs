@@ -104,9 +104,10 @@ impl Audit {
             Err(e) => return self.report.find(format!("checkpoint {size}: {e}")),
         };
         if cp.size != size {
-            return self
-                .report
-                .find(format!("checkpoint {size} is stored under the wrong size (it says {})", cp.size));
+            return self.report.find(format!(
+                "checkpoint {size} is stored under the wrong size (it says {})",
+                cp.size
+            ));
         }
         match self.last_seal {
             Some(before) if before != cp.from => self.report.find(format!(
@@ -146,10 +147,8 @@ impl Audit {
             if cp.size < next {
                 // Sealed entries before the walk began.
                 if self.report.first.is_some_and(|f| cp.size > f) {
-                    self.report.find(format!(
-                        "checkpoint {} was not reached in order",
-                        cp.size
-                    ));
+                    self.report
+                        .find(format!("checkpoint {} was not reached in order", cp.size));
                 }
                 continue;
             }
@@ -185,12 +184,19 @@ impl Audit {
 
     /// Entry `seq` as its header and payload digest (`event`: an agent
     /// event's JSON, when the payload is at hand).
-    pub fn stub(&mut self, seq: u64, head: &[u8], digest: &[u8; 32], event: Option<&serde_json::Value>) {
+    pub fn stub(
+        &mut self,
+        seq: u64,
+        head: &[u8],
+        digest: &[u8; 32],
+        event: Option<&serde_json::Value>,
+    ) {
         if self.report.first.is_none() {
             self.report.first = Some(seq);
             let prev = log::parse(head).map(|e| e.header.prev).unwrap_or_default();
             if self.whole_log && seq == 0 && prev != [0; 32] {
-                self.report.find("entry 0 names an entry before it: the log's start was cut".into());
+                self.report
+                    .find("entry 0 names an entry before it: the log's start was cut".into());
             }
         }
         match self.chain.push_parts(seq, head, digest) {
@@ -259,19 +265,26 @@ impl Audit {
             }
         }
         if self.key.is_none() {
-            self.report
-                .warnings
-                .push("no key to check checkpoints with: nothing is proven beyond the chain's own links".into());
+            self.report.warnings.push(
+                "no key to check checkpoints with: nothing is proven beyond the chain's own links"
+                    .into(),
+            );
         } else if !self.report.pinned {
             self.report.warnings.push(
                 "checked with the key the store itself names: pin the node's key (--pubkey) so a forger cannot bring their own".into(),
             );
         }
         if self.report.checkpoints == 0 && self.report.entries > 0 {
-            self.report.warnings.push("no checkpoint: nothing is sealed".into());
+            self.report
+                .warnings
+                .push("no checkpoint: nothing is sealed".into());
         }
         if end > self.report.sealed_through && self.report.entries > 0 {
-            let n = end - self.report.sealed_through.max(self.report.first.unwrap_or(0));
+            let n = end
+                - self
+                    .report
+                    .sealed_through
+                    .max(self.report.first.unwrap_or(0));
             if self.sealed_at_stop {
                 self.report.find(format!(
                     "entries {}–{} come after the checkpoint of the agent's stop, and no agent sealed them: added by hand",
@@ -346,17 +359,26 @@ impl crate::SledStore {
                 Some(b'T') => Kind::Statements,
                 _ => Kind::Approval,
             };
-            let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let id = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
             let Some(seq) = seq else {
-                report.find(format!("index key {} does not name an entry", crate::hex(&k)));
+                report.find(format!(
+                    "index key {} does not name an entry",
+                    crate::hex(&k)
+                ));
                 continue;
             };
             let bytes = self.entry(seq)?;
-            let ok = bytes.as_deref().and_then(|b| log::parse(b).ok()).is_some_and(|e| {
-                e.header.kind == what
-                    && (what == Kind::Approval || Some(e.header.session) == id)
-                    && (what != Kind::Statements || e.payload.get(..4) == k.get(9..13))
-            });
+            let ok = bytes
+                .as_deref()
+                .and_then(|b| log::parse(b).ok())
+                .is_some_and(|e| {
+                    e.header.kind == what
+                        && (what == Kind::Approval || Some(e.header.session) == id)
+                        && (what != Kind::Statements || e.payload.get(..4) == k.get(9..13))
+                });
             if !ok {
                 report.find(format!(
                     "the index of {} {} names entry {seq}, which is not its record",
@@ -370,19 +392,19 @@ impl crate::SledStore {
 }
 
 #[cfg(all(test, feature = "store"))]
-mod tests {
+pub(crate) mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
     use crate::{seal::NodeKey, Record, Session, SessionIds, SledStore, Store};
 
-    fn key() -> NodeKey {
+    pub(crate) fn key() -> NodeKey {
         NodeKey::from_seed([5; 32], "test-host/interceptor")
     }
 
     /// A store of 3 sessions with statements, sealed twice, ended by a
     /// stop and its checkpoint; returns its directory.
-    fn sealed_store(name: &str) -> PathBuf {
+    pub(crate) fn sealed_store(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("icpt-audit-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = SledStore::open(&dir).unwrap();
@@ -405,7 +427,11 @@ mod tests {
             });
             let mut records = vec![Record::Session(Box::new(s.clone()))];
             for c in list.take() {
-                records.push(Record::Statements { session: id, first: c.first, encoded: c.bytes });
+                records.push(Record::Statements {
+                    session: id,
+                    first: c.first,
+                    encoded: c.bytes,
+                });
             }
             s.outcome = crate::Outcome::Closed;
             records.push(Record::Session(Box::new(s)));
@@ -414,14 +440,16 @@ mod tests {
                 assert!(store.seal().unwrap());
             }
         }
-        store.put_batch(&[Record::Agent(serde_json::json!({"event": "stop"}))]).unwrap();
+        store
+            .put_batch(&[Record::Agent(serde_json::json!({"event": "stop"}))])
+            .unwrap();
         assert!(store.seal().unwrap());
         assert!(!store.seal().unwrap(), "nothing new to seal");
         drop(store);
         dir
     }
 
-    fn open(dir: &Path) -> SledStore {
+    pub(crate) fn open(dir: &Path) -> SledStore {
         for _ in 0..50 {
             if let Ok(s) = SledStore::open(dir) {
                 return s;
@@ -456,7 +484,11 @@ mod tests {
         assert!(r.warnings.is_empty(), "{r:?}");
 
         let has = |r: &Report, want: &str| {
-            assert!(r.findings.iter().any(|f| f.contains(want)), "want `{want}` in {:#?}", r.findings);
+            assert!(
+                r.findings.iter().any(|f| f.contains(want)),
+                "want `{want}` in {:#?}",
+                r.findings
+            );
         };
         let r = audit_after("changed", |t| {
             let mut v = t.get(l(4)).unwrap().unwrap().to_vec();
@@ -482,7 +514,11 @@ mod tests {
             let last = t.get(l(9)).unwrap().unwrap();
             let e = crate::log::parse(&last).unwrap();
             let mut out = Vec::new();
-            let h = crate::log::Header { prev: e.link(9), at: e.header.at + 1, ..e.header.clone() };
+            let h = crate::log::Header {
+                prev: e.link(9),
+                at: e.header.at + 1,
+                ..e.header.clone()
+            };
             crate::log::encode(&mut out, &h, br#"{"event":"start"}"#);
             t.insert(l(10), out).unwrap();
         });
@@ -493,8 +529,14 @@ mod tests {
             t.remove(l(9)).unwrap();
             t.remove(l(8)).unwrap();
         });
-        has(&r, "checkpoint 10 seals entries up to 9, but the log ends at entry 7");
-        has(&r, "the store last wrote that its log ends at entry 9, but it ends at entry 7");
+        has(
+            &r,
+            "checkpoint 10 seals entries up to 9, but the log ends at entry 7",
+        );
+        has(
+            &r,
+            "the store last wrote that its log ends at entry 9, but it ends at entry 7",
+        );
 
         let r = audit_after("resigned", |t| {
             let mut k = [b'C'; 9];

@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod approval;
 pub mod audit;
+pub mod bundle;
 pub mod codec;
 pub mod event;
 pub mod log;
+pub mod ocsf;
 mod outbox;
 pub mod seal;
 

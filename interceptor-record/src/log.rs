@@ -46,8 +46,7 @@ pub enum Kind {
     /// A session's state as JSON (a session has an entry when it is
     /// allowed and one when it ends).
     Session,
-    /// Consecutive statements of a session: the first one's seq (u32,
-    /// big-endian), then their stored form ([`crate::codec`]).
+    /// Consecutive statements of a session ([`Statements`]).
     Statements,
     /// An approval request's state as JSON, each time it changes.
     Approval,
@@ -129,12 +128,16 @@ pub fn encode(out: &mut Vec<u8>, h: &Header<'_>, payload: &[u8]) {
 /// Reads an entry; never panics on damaged bytes.
 pub fn parse(bytes: &[u8]) -> Result<Entry<'_>, String> {
     if bytes.len() < FIXED {
-        return Err(format!("{} bytes: shorter than an entry's header", bytes.len()));
+        return Err(format!(
+            "{} bytes: shorter than an entry's header",
+            bytes.len()
+        ));
     }
     if bytes[0] != FORMAT {
         return Err(format!("unknown entry format {}", bytes[0]));
     }
-    let kind = Kind::from_code(bytes[1]).ok_or_else(|| format!("unknown entry kind {}", bytes[1]))?;
+    let kind =
+        Kind::from_code(bytes[1]).ok_or_else(|| format!("unknown entry kind {}", bytes[1]))?;
     let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let len = usize::from(bytes[FIXED - 1]);
     let end = FIXED + len;
@@ -238,7 +241,9 @@ impl Chain {
         head: &[u8],
         payload_digest: &[u8; 32],
     ) -> Result<[u8; 32], Break> {
-        let h = parse(head).map_err(|why| Break::Unreadable { seq, why })?.header;
+        let h = parse(head)
+            .map_err(|why| Break::Unreadable { seq, why })?
+            .header;
         if let Some((next, prev)) = self.last {
             if seq != next {
                 return Err(Break::Missing {
@@ -269,6 +274,57 @@ impl Chain {
     /// and the newest entry's hash.
     pub fn head(&self) -> Option<(u64, [u8; 32])> {
         self.last
+    }
+}
+
+/// The payload of a [`Kind::Statements`] entry: the first statement's
+/// seq (u32), the session's process id (u32), its SPIFFE id (a length
+/// byte, then UTF-8), then the statements' stored form ([`crate::codec`]).
+/// Each entry names who ran its statements, so an event made of it alone
+/// says so too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statements<'a> {
+    pub first: u32,
+    pub pid: u32,
+    pub identity: &'a str,
+    pub chunk: &'a [u8],
+}
+
+impl<'a> Statements<'a> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut id = self.identity;
+        while id.len() > 255 {
+            let mut end = 255;
+            while !id.is_char_boundary(end) {
+                end -= 1;
+            }
+            id = &id[..end];
+        }
+        out.extend_from_slice(&self.first.to_be_bytes());
+        out.extend_from_slice(&self.pid.to_be_bytes());
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(self.chunk);
+    }
+
+    pub fn read(payload: &'a [u8]) -> Result<Statements<'a>, String> {
+        let word = |at: usize| {
+            payload
+                .get(at..at + 4)
+                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
+                .ok_or("a statements entry cut short")
+        };
+        let (first, pid) = (word(0)?, word(4)?);
+        let len = usize::from(*payload.get(8).ok_or("a statements entry cut short")?);
+        let identity = payload
+            .get(9..9 + len)
+            .ok_or("a statements entry cut short")?;
+        Ok(Statements {
+            first,
+            pid,
+            identity: std::str::from_utf8(identity).map_err(|_| "an identity that is not UTF-8")?,
+            chunk: &payload[9 + len..],
+        })
     }
 }
 
@@ -310,10 +366,17 @@ mod tests {
 
     #[test]
     fn a_chain_checks_and_every_kind_of_tampering_breaks_it_where_it_was_done() {
-        let good: Vec<(u64, Vec<u8>)> = entries(6).into_iter().enumerate().map(|(i, e)| (i as u64, e)).collect();
+        let good: Vec<(u64, Vec<u8>)> = entries(6)
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| (i as u64, e))
+            .collect();
         walk(&good).unwrap();
         let e = parse(&good[2].1).unwrap();
-        assert_eq!((e.header.kind, e.header.workload, e.payload), (Kind::Agent, "web", &b"payload 2"[..]));
+        assert_eq!(
+            (e.header.kind, e.header.workload, e.payload),
+            (Kind::Agent, "web", &b"payload 2"[..])
+        );
 
         let mut changed = good.clone();
         *changed[2].1.last_mut().unwrap() ^= 1;
@@ -321,7 +384,13 @@ mod tests {
 
         let mut removed = good.clone();
         removed.remove(2);
-        assert_eq!(walk(&removed), Err(Break::Missing { expected: 2, found: 3 }));
+        assert_eq!(
+            walk(&removed),
+            Err(Break::Missing {
+                expected: 2,
+                found: 3
+            })
+        );
 
         let mut swapped = good.clone();
         let (a, b) = (swapped[2].1.clone(), swapped[3].1.clone());
@@ -330,12 +399,19 @@ mod tests {
         assert_eq!(walk(&swapped), Err(Break::Link { seq: 2 }));
 
         // Renumbered after a removal: the link still breaks.
-        let renumbered: Vec<(u64, Vec<u8>)> = removed.iter().enumerate().map(|(i, (_, e))| (i as u64, e.clone())).collect();
+        let renumbered: Vec<(u64, Vec<u8>)> = removed
+            .iter()
+            .enumerate()
+            .map(|(i, (_, e))| (i as u64, e.clone()))
+            .collect();
         assert_eq!(walk(&renumbered), Err(Break::Link { seq: 2 }));
 
         let mut garbage = good.clone();
         garbage[4].1.truncate(10);
-        assert!(matches!(walk(&garbage), Err(Break::Unreadable { seq: 4, .. })));
+        assert!(matches!(
+            walk(&garbage),
+            Err(Break::Unreadable { seq: 4, .. })
+        ));
 
         // A stub stands for its entry.
         let mut c = Chain::default();
@@ -362,7 +438,17 @@ mod tests {
         assert!(parse(&e[..10]).is_err());
         let mut out = Vec::new();
         let long = "é".repeat(200);
-        encode(&mut out, &Header { kind: Kind::Session, at: 0, session: 0, workload: &long, prev: [0; 32] }, b"x");
+        encode(
+            &mut out,
+            &Header {
+                kind: Kind::Session,
+                at: 0,
+                session: 0,
+                workload: &long,
+                prev: [0; 32],
+            },
+            b"x",
+        );
         let w = parse(&out).unwrap().header.workload;
         assert!(w.len() <= WORKLOAD_MAX && long.starts_with(w));
     }

@@ -87,7 +87,11 @@ impl NodeKey {
         let sig = self.signing.sign(body.as_bytes());
         let mut blob = self.public.id.to_vec();
         blob.extend_from_slice(&sig.to_bytes());
-        format!("{body}\n\u{2014} {} {}\n", self.public.name, B64.encode(blob))
+        format!(
+            "{body}\n\u{2014} {} {}\n",
+            self.public.name,
+            B64.encode(blob)
+        )
     }
 }
 
@@ -204,7 +208,9 @@ impl Checkpoint {
                 .decode(blob)
                 .map_err(|_| format!("the signature of `{name}` is not base64"))?;
             if blob.len() != 68 {
-                return Err(format!("the signature of `{name}` is not an Ed25519 signature"));
+                return Err(format!(
+                    "the signature of `{name}` is not an Ed25519 signature"
+                ));
             }
             if name == key.name && blob[..4] == key.id {
                 let sig = ed25519_dalek::Signature::from_slice(&blob[4..])
@@ -213,7 +219,12 @@ impl Checkpoint {
                     .key
                     .verify_strict(body.as_bytes(), &sig)
                     .map(|()| cp)
-                    .map_err(|_| format!("its signature does not verify with key {}", key.fingerprint()));
+                    .map_err(|_| {
+                        format!(
+                            "its signature does not verify with key {}",
+                            key.fingerprint()
+                        )
+                    });
             }
             seen.push(format!("{name} (key id {})", hex(&blob[..4])));
         }
@@ -221,13 +232,21 @@ impl Checkpoint {
             "it is not signed by key {} ({}); signed by: {}",
             key.name,
             key.fingerprint(),
-            if seen.is_empty() { "nobody".into() } else { seen.join(", ") }
+            if seen.is_empty() {
+                "nobody".into()
+            } else {
+                seen.join(", ")
+            }
         ))
     }
 
     fn parse_body(body: &str) -> Result<Checkpoint, String> {
         let mut lines = body.lines();
-        let mut next = |what: &str| lines.next().ok_or_else(|| format!("the checkpoint has no {what}"));
+        let mut next = |what: &str| {
+            lines
+                .next()
+                .ok_or_else(|| format!("the checkpoint has no {what}"))
+        };
         let origin = next("origin")?.to_owned();
         let size = next("size")?
             .parse()
@@ -242,7 +261,9 @@ impl Checkpoint {
             .and_then(|f| f.split_once(' '))
             .ok_or("its from line is malformed")?;
         let from = (
-            from.0.parse().map_err(|_| "its from size is not a number".to_string())?,
+            from.0
+                .parse()
+                .map_err(|_| "its from size is not a number".to_string())?,
             hash64(from.1)?,
         );
         Ok(Checkpoint {

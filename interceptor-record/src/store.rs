@@ -92,11 +92,30 @@ pub struct SledStore {
     log: sled::Tree,
     progress: sled::Tree,
     head: Mutex<Head>,
-    /// Open sessions' workloads, for their statements' entries.
-    workloads: Mutex<HashMap<u64, Arc<str>>>,
+    /// Open sessions' workloads, SPIFFE ids and pids, for their
+    /// statements' entries.
+    workloads: Mutex<HashMap<u64, Who>>,
     key: OnceLock<crate::seal::NodeKey>,
     /// A private copy this store was opened from (removed when dropped).
     scratch: Option<std::path::PathBuf>,
+}
+
+/// Who ran a session's statements, as its statements' entries say.
+#[derive(Debug, Clone)]
+struct Who {
+    workload: Arc<str>,
+    identity: Arc<str>,
+    pid: u32,
+}
+
+impl Who {
+    fn of(s: &Session) -> Who {
+        Who {
+            workload: Arc::from(s.workload.as_deref().unwrap_or("")),
+            identity: Arc::from(s.identity.as_deref().unwrap_or("")),
+            pid: s.pid,
+        }
+    }
 }
 
 /// Where the log ends.
@@ -228,7 +247,8 @@ impl SledStore {
             });
         };
         let seq = seq_of(&k[1..]).ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
-        let e = crate::log::parse(&v).map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))?;
+        let e =
+            crate::log::parse(&v).map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))?;
         Ok(Head {
             next: seq + 1,
             prev: e.link(seq),
@@ -290,24 +310,51 @@ impl SledStore {
         &self,
         from: u64,
     ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
-        self.log.range(key8(b'L', from)..key8(b'L', u64::MAX)).map(|item| {
-            let (k, v) = item?;
-            let seq = seq_of(&k[1..]).ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
-            Ok((seq, v))
-        })
+        self.log
+            .range(key8(b'L', from)..key8(b'L', u64::MAX))
+            .map(|item| {
+                let (k, v) = item?;
+                let seq = seq_of(&k[1..])
+                    .ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
+                Ok((seq, v))
+            })
     }
 
     /// Signed checkpoints, by size, as their notes.
     pub fn checkpoints(&self) -> impl Iterator<Item = Result<(u64, String), StoreError>> + '_ {
-        self.log.scan_prefix(b"C").map(|item| {
-            let (k, v) = item?;
-            let size = seq_of(&k[1..]).ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
-            Ok((size, String::from_utf8_lossy(&v).into_owned()))
-        })
+        self.checkpoints_since(0)
+    }
+
+    /// Signed checkpoints of size `from` or more, by size.
+    pub fn checkpoints_since(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<(u64, String), StoreError>> + '_ {
+        self.log
+            .range(key8(b'C', from)..=key8(b'C', u64::MAX))
+            .map(|item| {
+                let (k, v) = item?;
+                let size = seq_of(&k[1..])
+                    .ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
+                Ok((size, String::from_utf8_lossy(&v).into_owned()))
+            })
+    }
+
+    /// The seq of session `id`'s newest entry (its state or statements).
+    pub fn last_entry_of(&self, id: SessionId) -> Result<Option<u64>, StoreError> {
+        let state = self.log.get(key8(b'S', id.0))?.and_then(|v| seq_of(&v));
+        let mut statements = None;
+        for item in self.log.scan_prefix(key8(b'T', id.0)) {
+            let (_, v) = item?;
+            statements = statements.max(seq_of(&v));
+        }
+        Ok(state.max(statements))
     }
 
     /// Every index entry (`S`, `T`, `A`): its key and the seq it names.
-    pub fn index(&self) -> impl Iterator<Item = Result<(sled::IVec, Option<u64>), StoreError>> + '_ {
+    pub fn index(
+        &self,
+    ) -> impl Iterator<Item = Result<(sled::IVec, Option<u64>), StoreError>> + '_ {
         [b"S", b"T", b"A"].into_iter().flat_map(|p| {
             self.log.scan_prefix(p).map(|item| {
                 let (k, v) = item?;
@@ -326,10 +373,11 @@ impl SledStore {
             return Ok(None);
         };
         let seq = seq_of(&v).ok_or_else(|| StoreError::Corrupt(hex(key), "not a seq".into()))?;
-        let bytes = self
-            .entry(seq)?
-            .ok_or_else(|| StoreError::Corrupt(hex(key), format!("names entry {seq}, which is not there")))?;
-        let e = crate::log::parse(&bytes).map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))?;
+        let bytes = self.entry(seq)?.ok_or_else(|| {
+            StoreError::Corrupt(hex(key), format!("names entry {seq}, which is not there"))
+        })?;
+        let e = crate::log::parse(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))?;
         read(e)
             .map(Some)
             .map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))
@@ -390,14 +438,25 @@ impl SledStore {
         Ok((count, last))
     }
 
-    /// The workload of session `id`, as its latest entry names it.
-    fn workload_of(&self, id: u64) -> Result<Arc<str>, StoreError> {
-        if let Some(w) = self.workloads.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+    /// Who ran session `id`, as its latest entry says.
+    fn who(&self, id: u64) -> Result<Who, StoreError> {
+        if let Some(w) = self
+            .workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
             return Ok(w.clone());
         }
-        Ok(self
-            .indexed(&key8(b'S', id), |e| Ok(Arc::from(e.header.workload)))?
-            .unwrap_or_else(|| Arc::from("")))
+        let s = self.get(SessionId(id))?;
+        Ok(s.as_ref().map_or(
+            Who {
+                workload: Arc::from(""),
+                identity: Arc::from(""),
+                pid: 0,
+            },
+            Who::of,
+        ))
     }
 
     /// Moves the records of a store written before the log existed (trees
@@ -439,7 +498,7 @@ impl SledStore {
             self.workloads
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(s.id.0, Arc::from(s.workload.as_deref().unwrap_or("")));
+                .insert(s.id.0, Who::of(&s));
             batch.insert(0, Record::Session(Box::new(s)));
             self.put_batch(&batch)?;
             n_sessions += 1;
@@ -460,7 +519,10 @@ impl SledStore {
         for t in ["sessions", "statements", "approvals"] {
             self.db.drop_tree(t)?;
         }
-        self.workloads.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Ok(())
     }
 }
@@ -530,7 +592,13 @@ impl Appending {
     }
 
     /// Adds an entry; returns its seq.
-    fn push(&mut self, kind: crate::log::Kind, session: u64, workload: &str, payload: &[u8]) -> u64 {
+    fn push(
+        &mut self,
+        kind: crate::log::Kind,
+        session: u64,
+        workload: &str,
+        payload: &[u8],
+    ) -> u64 {
         let seq = self.head.next;
         let at = now_micros().max(self.head.at);
         let header = crate::log::Header {
@@ -585,7 +653,7 @@ impl Store for SledStore {
                     out.index(&key8(b'S', s.id.0), seq);
                     let mut open = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
                     if s.outcome == Outcome::Open {
-                        open.insert(s.id.0, Arc::from(workload));
+                        open.insert(s.id.0, Who::of(s));
                     } else {
                         ended.push(s.id.0);
                         progress.remove(&s.id.0.to_be_bytes());
@@ -608,11 +676,16 @@ impl Store for SledStore {
                     first,
                     encoded,
                 } => {
-                    let workload = self.workload_of(session.0)?;
+                    let who = self.who(session.0)?;
                     payload.clear();
-                    payload.extend_from_slice(&first.to_be_bytes());
-                    payload.extend_from_slice(encoded);
-                    let seq = out.push(Kind::Statements, session.0, &workload, &payload);
+                    crate::log::Statements {
+                        first: *first,
+                        pid: who.pid,
+                        identity: &who.identity,
+                        chunk: encoded,
+                    }
+                    .encode(&mut payload);
+                    let seq = out.push(Kind::Statements, session.0, &who.workload, &payload);
                     let mut key = key8(b'T', session.0).to_vec();
                     key.extend_from_slice(&first.to_be_bytes());
                     out.index(&key, seq);
@@ -639,8 +712,7 @@ impl Store for SledStore {
             let (k, _) = item?;
             let chunk = self
                 .indexed(&k, |e| {
-                    let body = e.payload.get(4..).ok_or("a statements entry without its first seq")?;
-                    codec::decode(body)
+                    codec::decode(crate::log::Statements::read(e.payload)?.chunk)
                 })?
                 .unwrap_or_default();
             out.extend(chunk);
@@ -659,19 +731,21 @@ impl Store for SledStore {
         let mut out = Vec::new();
         for item in self.log.range(key8(b'S', start)..key8(b'S', u64::MAX)) {
             let (k, _) = item?;
-            let Some(s) = self.indexed(&k, |e| {
-                if filter
-                    .workload
-                    .as_ref()
-                    .is_some_and(|w| w.as_str() != e.header.workload)
-                {
-                    return Ok(None);
-                }
-                serde_json::from_slice::<Session>(e.payload)
-                    .map(Some)
-                    .map_err(|e| e.to_string())
-            })?
-            .flatten() else {
+            let Some(s) = self
+                .indexed(&k, |e| {
+                    if filter
+                        .workload
+                        .as_ref()
+                        .is_some_and(|w| w.as_str() != e.header.workload)
+                    {
+                        return Ok(None);
+                    }
+                    serde_json::from_slice::<Session>(e.payload)
+                        .map(Some)
+                        .map_err(|e| e.to_string())
+                })?
+                .flatten()
+            else {
                 continue;
             };
             out.push(s);
@@ -696,9 +770,8 @@ impl Store for SledStore {
         let last = match self.log.scan_prefix(b"C").next_back().transpose()? {
             Some((_, note)) => {
                 let note = String::from_utf8_lossy(&note);
-                let cp = crate::seal::Checkpoint::open(&note, key.public()).map_err(|e| {
-                    StoreError::Corrupt("the newest checkpoint".into(), e)
-                })?;
+                let cp = crate::seal::Checkpoint::open(&note, key.public())
+                    .map_err(|e| StoreError::Corrupt("the newest checkpoint".into(), e))?;
                 (cp.size, cp.head)
             }
             None => (0, [0; 32]),
@@ -713,7 +786,8 @@ impl Store for SledStore {
             at: now_micros(),
             from: last,
         };
-        self.log.insert(key8(b'C', cp.size), key.sign(&cp).as_bytes())?;
+        self.log
+            .insert(key8(b'C', cp.size), key.sign(&cp).as_bytes())?;
         drop(head);
         self.db.flush()?;
         Ok(true)

@@ -113,6 +113,10 @@ pub enum Command {
     /// key and match; the first broken link is reported. Exit 0 intact, 1
     /// not, 2 could not check.
     Verify(evidence::VerifyArgs),
+    /// Write an evidence bundle: the selected records as OCSF JSON Lines,
+    /// with the checkpoints and hashes that prove them, and the node's
+    /// public key (read from a private copy of the data directory).
+    Export(evidence::ExportArgs),
     /// Just-in-time approval: requests, approvals, grants.
     Approvals {
         #[command(subcommand)]
@@ -287,6 +291,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             output_to_pipes();
             evidence::verify(args)
         }
+        Command::Export(args) => evidence::export(args),
         Command::Policy {
             command:
                 PolicyCommand::Explain {

@@ -75,8 +75,10 @@ fn gap(store: &SledStore) -> anyhow::Result<serde_json::Value> {
     let head = store.found_head()?;
     let now = record::now_micros();
     if head.next == 0 {
-        return Ok(serde_json::json!({"event": "gap", "clean": true, "first": true,
-            "detail": "the log's first start"}));
+        return Ok(
+            serde_json::json!({"event": "gap", "clean": true, "first": true,
+            "detail": "the log's first start"}),
+        );
     }
     let last = head.next - 1;
     let bytes = store.entry(last)?.context("the log's newest entry")?;

@@ -339,7 +339,10 @@ impl Policy {
             .iter()
             .map(|(p, t)| {
                 use sha2::Digest;
-                (p.to_path_buf(), crate::record::hex(&sha2::Sha256::digest(t)))
+                (
+                    p.to_path_buf(),
+                    crate::record::hex(&sha2::Sha256::digest(t)),
+                )
             })
             .collect();
         Ok(policy)

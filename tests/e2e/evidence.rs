@@ -60,7 +60,13 @@ fn entry_key(seq: u64) -> Vec<u8> {
 
 /// `verify --data-dir DIR --pubkey KEY`: its exit code and output.
 fn verify(dir: &Path, key: &str) -> (i32, String) {
-    let out = bare(&["verify", "--data-dir", dir.to_str().unwrap(), "--pubkey", key]);
+    let out = bare(&[
+        "verify",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--pubkey",
+        key,
+    ]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -96,25 +102,145 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&key_file).unwrap().mode() & 0o777, 0o600);
     let out = bare(&["key", "show", "--data-dir", data_arg, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (vkey, fingerprint) = (s(&key["key"]).to_owned(), s(&key["fingerprint"]).to_owned());
-    assert!(fingerprint.starts_with("SHA256:") && fingerprint.len() == 71, "{key}");
+    assert!(
+        fingerprint.starts_with("SHA256:") && fingerprint.len() == 71,
+        "{key}"
+    );
 
     // Responders read with the data directory alone, and write nothing.
     let before = snapshot(&data);
     let (code, text) = verify(&data, &vkey);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("intact") && !text.contains("warning"), "{text}");
+    assert!(
+        text.contains("intact") && !text.contains("warning"),
+        "{text}"
+    );
     let (code, text) = verify(&data, &fingerprint);
     assert_eq!(code, 0, "{text}");
     let out = bare(&["sessions", "list", "--data-dir", data_arg, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.len(), 4, "{list:?}");
-    let out = bare(&["sessions", "show", s(&list[0]["id"]), "--data-dir", data_arg]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(snapshot(&data), before, "a responder command wrote to the data directory");
+    let out = bare(&[
+        "sessions",
+        "show",
+        s(&list[0]["id"]),
+        "--data-dir",
+        data_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        snapshot(&data),
+        before,
+        "a responder command wrote to the data directory"
+    );
+
+    // A bundle taken away: verified with only itself and the pinned key,
+    // after the data directory is gone; one byte changed is found.
+    let bundle = agent.dir.join("all.jsonl");
+    let out = bare(&[
+        "export",
+        "--data-dir",
+        data_arg,
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("4 checkpoint(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let one = agent.dir.join("one.jsonl");
+    let out = bare(&[
+        "export",
+        "--data-dir",
+        data_arg,
+        "--session",
+        s(&list[1]["id"]),
+        "--out",
+        one.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        snapshot(&data),
+        before,
+        "export wrote to the data directory"
+    );
+    let away = std::env::temp_dir().join(format!("icpt-e2e-away-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&away);
+    std::fs::create_dir_all(&away).unwrap();
+    for f in [&bundle, &one] {
+        std::fs::copy(f, away.join(f.file_name().unwrap())).unwrap();
+    }
+    let verify_bundle = |path: &Path, key: &str| {
+        let out = Command::new(BIN)
+            .args(["verify", path.to_str().unwrap(), "--pubkey", key])
+            .current_dir(&away)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    for f in ["all.jsonl", "one.jsonl"] {
+        let (code, text) = verify_bundle(&away.join(f), &fingerprint);
+        assert_eq!(code, 0, "{f}: {text}");
+        assert!(text.contains("intact"), "{text}");
+    }
+    let text = std::fs::read_to_string(away.join("one.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["class_uid"] == 6005)
+        .collect();
+    assert!(events.len() >= 2, "{events:#?}");
+    let connect = &events[0];
+    assert_eq!(connect["activity_name"], "Connect");
+    assert_eq!(connect["actor"]["app_uid"], "spiffe://e2e.test/app");
+    assert_eq!(connect["actor"]["process"]["pid"], list[1]["pid"]);
+    assert!(s(&connect["actor"]["process"]["file"]["path"]).contains("python3"));
+    assert_eq!(connect["metadata"]["correlation_uid"], list[1]["id"]);
+    assert_eq!(connect["dst_endpoint"]["port"], echo.port);
+    let mut edited = std::fs::read(away.join("all.jsonl")).unwrap();
+    let at = edited.windows(8).position(|w| w == b"\"python3").unwrap() + 1;
+    edited[at] = b'P';
+    std::fs::write(away.join("edited.jsonl"), &edited).unwrap();
+    let (code, text) = verify_bundle(&away.join("edited.jsonl"), &vkey);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("NOT INTACT"), "{text}");
+    let other = interceptor::record::seal::NodeKey::from_seed([3; 32], "x/interceptor");
+    let (code, text) = verify_bundle(&away.join("all.jsonl"), &other.public().vkey());
+    assert_eq!(code, 1, "{text}");
+    let _ = std::fs::remove_dir_all(&away);
 
     // What the log holds of the agent itself.
     let events = {
@@ -201,7 +327,10 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
             t.insert(entry_key(mid), b).unwrap();
             t.insert(entry_key(mid + 1), a).unwrap();
         },
-        &[&format!("entry {mid} does not name the hash of entry {}", mid - 1)],
+        &[&format!(
+            "entry {mid} does not name the hash of entry {}",
+            mid - 1
+        )],
     );
     tamper(
         "appended",
@@ -218,7 +347,9 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
             log::encode(&mut out, &h, br#"{"event":"gap"}"#);
             t.insert(entry_key(count), out).unwrap();
         },
-        &[&format!("entries {count}–{count} come after the checkpoint of the agent's stop")],
+        &[&format!(
+            "entries {count}–{count} come after the checkpoint of the agent's stop"
+        )],
     );
     tamper(
         "cut",
@@ -244,7 +375,8 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
             let theirs = NodeKey::from_seed([9; 32], &ours.name);
             t.insert(k, theirs.sign(&cp).as_bytes()).unwrap();
             // And the store's own record of its key, too.
-            t.insert(b"Mkey", theirs.public().vkey().as_bytes()).unwrap();
+            t.insert(b"Mkey", theirs.public().vkey().as_bytes())
+                .unwrap();
         },
         &[&format!("checkpoint {count}: it is not signed by key")],
     );

@@ -2,16 +2,21 @@
 //! read: always a private copy, so a data directory taken from a host is
 //! never written to).
 
-use std::{path::Path, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
 
 use super::StoreArgs;
 use crate::record::{
+    self,
     audit::Report,
+    bundle::{self, Selection},
     seal::{NodeKey, PublicKey},
-    SledStore,
+    SessionId, SledStore,
 };
 
 #[derive(Subcommand)]
@@ -28,6 +33,9 @@ pub enum KeyCommand {
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
+    /// An export bundle to check (with the agent and its host absent);
+    /// without it, the data directory's store is checked in place.
+    pub bundle: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
     /// The node's key as pinned by the responder: its verifier key (from
@@ -48,7 +56,9 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
     // the key the store names (a copy taken away, without the secret).
     let key = match NodeKey::load(&path, "") {
         Ok(_) => {
-            let named = SledStore::open_copy(&dir).ok().and_then(|s| s.named_key().ok().flatten());
+            let named = SledStore::open_copy(&dir)
+                .ok()
+                .and_then(|s| s.named_key().ok().flatten());
             let name = named
                 .as_deref()
                 .and_then(|v| PublicKey::parse(v).ok())
@@ -94,18 +104,164 @@ fn pinned(pin: &str, named: Option<&str>) -> anyhow::Result<Result<PublicKey, St
                 "the key this evidence names ({}) is not the pinned key {text}",
                 k.fingerprint()
             )),
-            None => Err(format!("this evidence names no key to match the pinned {text}")),
+            None => Err(format!(
+                "this evidence names no key to match the pinned {text}"
+            )),
         });
     }
     Ok(Ok(PublicKey::parse(&text).map_err(anyhow::Error::msg)?))
 }
 
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Entries written at or after this time: RFC 3339 (2026-12-07T10:00:00Z)
+    /// or a time ago (90s, 15m, 2h, 7d).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<u64>,
+    /// Entries written at or before this time (as --since).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<u64>,
+    /// Only this workload's sessions, statements and approvals (and the
+    /// agent's own events of that time).
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Only this session's records.
+    #[arg(long)]
+    pub session: Option<SessionId>,
+    /// The bundle to write (made 0600; written under a temporary name and
+    /// renamed once whole).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// RFC 3339, or a time ago.
+fn parse_time(s: &str) -> Result<u64, String> {
+    if let Some(t) = record::parse_rfc3339_micros(s) {
+        return Ok(t);
+    }
+    if let Some(whole) = s.strip_suffix('Z').filter(|w| w.len() == 19) {
+        if let Some(t) = record::parse_rfc3339_micros(&format!("{whole}.000000Z")) {
+            return Ok(t);
+        }
+    }
+    let ago = record::parse_duration(s).map_err(|_| {
+        format!("`{s}` is neither a time (2026-12-07T10:00:00Z) nor a time ago (15m, 2h, 7d)")
+    })?;
+    Ok(record::now_micros().saturating_sub(ago.as_micros() as u64))
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = args.store.data_dir()?;
+    let store = SledStore::open_copy(&dir)?;
+    let sel = Selection {
+        since: args.since,
+        until: args.until,
+        workload: args.workload,
+        session: args.session,
+    };
+    let origin = store
+        .named_key()?
+        .and_then(|k| PublicKey::parse(&k).ok())
+        .map_or_else(|| "unknown/interceptor".into(), |k| k.name);
+    let partial = args.out.with_extension("partial");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} entries {per_sec} {eta}")
+            .expect("a valid template"),
+    );
+    let started = std::time::Instant::now();
+    let done = bundle::export(&store, &sel, &origin, &file, &mut |n, total| {
+        bar.set_length(total);
+        bar.set_position(n);
+    });
+    bar.finish_and_clear();
+    let done = match done {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            bail!("{e}");
+        }
+    };
+    file.sync_all()?;
+    std::fs::rename(&partial, &args.out)
+        .with_context(|| format!("renaming {} to {}", partial.display(), args.out.display()))?;
+    let took = started.elapsed().as_secs_f64();
+    println!(
+        "{}: entries {}–{} ({} selected, {} events), {} checkpoint(s){}",
+        args.out.display(),
+        done.from,
+        done.to.saturating_sub(1),
+        done.selected,
+        done.events,
+        done.checkpoints,
+        if done.unsealed > 0 {
+            format!(
+                "; the newest {} entries are not sealed yet (an agent seals within 10 s)",
+                done.unsealed
+            )
+        } else {
+            String::new()
+        }
+    );
+    eprintln!(
+        "exported in {took:.2}s ({:.0} events/s)",
+        done.events as f64 / took.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.bundle {
+        let started = std::time::Instant::now();
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let pin = args.pubkey.as_deref().map(|p| {
+            std::fs::read_to_string(p).map_or_else(|_| p.to_owned(), |t| t.trim().to_owned())
+        });
+        let r = bundle::verify(
+            std::io::BufReader::with_capacity(1 << 20, file),
+            pin.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(if r.audit.intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        let code = print_report(&r.audit, path, started.elapsed(), false)?;
+        println!(
+            "  bundle of {} ({}): {} entries selected, {} events",
+            r.origin.as_deref().unwrap_or("?"),
+            serde_json::to_string(&r.selection)?,
+            r.selected,
+            r.events
+        );
+        return Ok(code);
+    }
     let dir = args.store.data_dir()?;
     let store = SledStore::open_copy(&dir)?;
     let started = std::time::Instant::now();
     let named = store.named_key()?;
-    let report = match args.pubkey.as_deref().map(|p| pinned(p, named.as_deref())).transpose()? {
+    let report = match args
+        .pubkey
+        .as_deref()
+        .map(|p| pinned(p, named.as_deref()))
+        .transpose()?
+    {
         None => store.audit(None)?,
         Some(Ok(k)) => store.audit(Some(k))?,
         Some(Err(why)) => {
@@ -138,7 +294,11 @@ fn print_report(
             r.checkpoints,
             r.sealed_through,
             r.key.as_deref().unwrap_or("none"),
-            if r.pinned { " (pinned)" } else { " (not pinned)" },
+            if r.pinned {
+                " (pinned)"
+            } else {
+                " (not pinned)"
+            },
         );
         for f in &r.findings {
             println!("  broken: {f}");
