@@ -185,6 +185,9 @@ pub enum SessionsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Play a session back as a timeline with its real timing: connect and
+    /// decision, each statement, approvals, the end.
+    Replay(evidence::ReplayArgs),
 }
 
 #[derive(Subcommand)]
@@ -612,6 +615,7 @@ fn output_to_pipes() {
 
 fn sessions(cmd: SessionsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        SessionsCommand::Replay(args) => evidence::replay(args),
         SessionsCommand::List {
             store,
             json,

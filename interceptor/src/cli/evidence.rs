@@ -321,3 +321,188 @@ fn print_report(
         ExitCode::from(1)
     })
 }
+
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    pub id: SessionId,
+    /// Play this many times faster than it happened.
+    #[arg(long, default_value_t = 1.0, conflicts_with = "max")]
+    pub speed: f64,
+    /// No waiting between events.
+    #[arg(long)]
+    pub max: bool,
+    /// The timeline as JSON Lines, one event per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One moment of a session's timeline.
+struct Moment {
+    at: u64,
+    what: &'static str,
+    text: String,
+    json: serde_json::Value,
+}
+
+/// A session's timeline: its connect and decision, each statement, the
+/// approval requests it made and what came of them, its end.
+fn timeline(store: &SledStore, id: SessionId) -> anyhow::Result<Vec<Moment>> {
+    use crate::record::{approval::Status, ApprovalStore, Store};
+    use serde_json::json;
+    let Some(s) = store.get(id)? else {
+        bail!("no session {id}");
+    };
+    let mut out = Vec::new();
+    let start = record::parse_rfc3339_micros(&s.started_at).unwrap_or(id.micros());
+    let decided = match s.outcome {
+        record::Outcome::Denied | record::Outcome::Refused => "refused",
+        _ => "allowed",
+    };
+    out.push(Moment {
+        at: start,
+        what: "connect",
+        text: format!(
+            "{} (pid {}, {}) → {} [{}]: {decided} by rule {}{}",
+            s.workload.as_deref().unwrap_or("-"),
+            s.pid,
+            s.exe.as_deref().unwrap_or("-"),
+            s.target.as_deref().unwrap_or("-"),
+            s.original_dst.as_deref().unwrap_or("-"),
+            s.rule.as_deref().unwrap_or("-"),
+            s.approval.as_ref().map_or(String::new(), |r| format!(" (approval request {r})")),
+        ),
+        json: json!({"workload": s.workload, "identity": s.identity, "pid": s.pid, "exe": s.exe,
+            "target": s.target, "destination": s.original_dst, "decision": decided, "rule": s.rule,
+            "approval": s.approval}),
+    });
+    for st in store.statements(id)? {
+        let result = match (&st.error, st.tags.last()) {
+            (Some(code), _) => format!("error {code}"),
+            (None, Some(tag)) => tag.to_string(),
+            (None, None) => "-".into(),
+        };
+        let decision = st.decision.map_or("-".to_string(), |d| d.to_string());
+        out.push(Moment {
+            at: st.at,
+            what: "statement",
+            text: format!(
+                "#{} {} {} [{}] {decision}{} → {result}{}: {}",
+                st.seq,
+                st.kind,
+                st.class,
+                st.tables.join(","),
+                st.rule.as_ref().map_or(String::new(), |r| format!(" by {r}")),
+                st.duration_us.map_or(String::new(), |d| format!(" in {d} µs")),
+                st.text.replace('\n', " "),
+            ),
+            json: serde_json::to_value(&st)?,
+        });
+    }
+    for r in store.requests(id.micros())? {
+        if r.requester.session != Some(id) {
+            continue;
+        }
+        out.push(Moment {
+            at: r.created_at,
+            what: "requested",
+            text: format!("approval request {} by rule {} ({})", r.id, r.rule, r.status.as_str()),
+            json: json!({"request": r.id, "rule": r.rule, "asked": r.asked}),
+        });
+        for a in &r.approvals {
+            out.push(Moment {
+                at: a.at,
+                what: "approved",
+                text: format!(
+                    "request {} approved by {}{}",
+                    r.id,
+                    a.person.subject,
+                    if a.break_glass { " (BREAK-GLASS)" } else { "" }
+                ),
+                json: json!({"request": r.id, "by": a.person, "comment": a.comment, "break_glass": a.break_glass}),
+            });
+        }
+        if let (Some(d), Status::Approved | Status::Denied | Status::Expired) = (&r.decided, r.status) {
+            out.push(Moment {
+                at: d.at,
+                what: "decided",
+                text: format!(
+                    "request {} {}{}",
+                    r.id,
+                    r.status.as_str(),
+                    d.by.as_ref().map_or(String::new(), |p| format!(" by {}", p.subject))
+                ),
+                json: json!({"request": r.id, "status": r.status, "by": d.by, "comment": d.comment}),
+            });
+        }
+    }
+    if let Some(end) = s.ended_at.as_deref().and_then(record::parse_rfc3339_micros) {
+        out.push(Moment {
+            at: end,
+            what: "end",
+            text: format!(
+                "{} ({} bytes up, {} down, {} statements){}",
+                s.outcome,
+                s.bytes_up,
+                s.bytes_down,
+                s.statements,
+                s.detail.as_ref().map_or(String::new(), |d| format!(": {d}"))
+            ),
+            json: json!({"outcome": s.outcome, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
+                "statements": s.statements, "detail": s.detail}),
+        });
+    }
+    // Stable: a statement and its request made in the same microsecond
+    // keep the order they were added in.
+    out.sort_by_key(|m| m.at);
+    Ok(out)
+}
+
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    anyhow::ensure!(
+        args.speed > 0.0 && args.speed.is_finite(),
+        "--speed must be a positive number"
+    );
+    let dir = args.store.data_dir()?;
+    let store = SledStore::open_copy(&dir)?;
+    let moments = timeline(&store, args.id)?;
+    drop(store);
+    let start = moments.first().map_or(0, |m| m.at);
+    let mut prev = start;
+    let mut out = std::io::stdout().lock();
+    for m in &moments {
+        if !args.max && m.at > prev {
+            let wait = (m.at - prev) as f64 / args.speed;
+            out.flush()?;
+            std::thread::sleep(std::time::Duration::from_micros(wait as u64));
+        }
+        prev = prev.max(m.at);
+        let offset = m.at.saturating_sub(start);
+        if args.json {
+            let mut line = serde_json::json!({
+                "at": record::rfc3339_micros(m.at),
+                "offset_us": offset,
+                "event": m.what,
+                "session": args.id,
+            });
+            if let (Some(o), Some(extra)) = (line.as_object_mut(), m.json.as_object()) {
+                for (k, v) in extra {
+                    o.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(
+                out,
+                "{} +{:>10.3}s  {:<9} {}",
+                record::rfc3339_micros(m.at),
+                offset as f64 / 1e6,
+                m.what,
+                m.text
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
