@@ -146,6 +146,20 @@ pub enum Command {
         #[arg(long)]
         review: bool,
     },
+    /// For benchmarks: fills a new store with pgbench-like statements
+    /// through the recorder (hashing, checkpoints) and prints the rate.
+    #[command(hide = true)]
+    BenchRecorder {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 2_000_000)]
+        statements: u64,
+        #[arg(long, default_value_t = 64)]
+        sessions: u32,
+        /// Each statement's text its own (values inline), not one shared text.
+        #[arg(long)]
+        distinct: bool,
+    },
     /// For benchmarks: relays every connection made to a free loopback port
     /// (printed first) to ADDR with the agent's relay loop and nothing else:
     /// no eBPF, identity, policy or recording.
@@ -325,6 +339,15 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::BenchEngine { mode, txns, review } => {
             let ns = crate::protocol::postgres::harness::run(mode, txns, review);
             println!("{ns:.1}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchRecorder {
+            data_dir,
+            statements,
+            sessions,
+            distinct,
+        } => {
+            crate::evidence::bench_recorder(&data_dir, statements, sessions, distinct)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchRelay { to, threads } => {

@@ -144,3 +144,89 @@ pub fn detached(data_dir: &Path, what: serde_json::Value) -> anyhow::Result<()> 
     store.flush()?;
     Ok(())
 }
+
+/// For `cargo xtask bench recorder`: fills a new store in `dir` with
+/// `statements` statements of `sessions` sessions taking turns (a
+/// pgbench-like read each, prepared or with its values inline), through the agent's recorder with
+/// hashing and checkpoints, and says how fast it went.
+pub fn bench_recorder(dir: &Path, statements: u64, sessions: u32, distinct: bool) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use crate::record::{
+        codec::Records, Action, Outcome, Recorder, Session, SessionIds, Statement, StatementKind,
+    };
+    anyhow::ensure!(sessions > 0, "--sessions must be at least 1");
+    anyhow::ensure!(
+        !dir.join("store").exists(),
+        "{} already holds a store: give an empty directory",
+        dir.display()
+    );
+    std::fs::create_dir_all(dir)?;
+    let store = Arc::new(open(dir, Path::new("/dev/null"))?);
+    let (recorder, writer) = Recorder::start(store.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ids = SessionIds::default();
+    let text: Arc<str> = Arc::from("SELECT abalance FROM pgbench_accounts WHERE aid = $1");
+    let rule: Arc<str> = Arc::from("reads");
+    let tag: Arc<str> = Arc::from("SELECT 1");
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        let mut open = Vec::new();
+        for _ in 0..sessions {
+            let mut s = Session::new(ids.next(), "127.0.0.1:40000".into());
+            s.workload = Some("bench".into());
+            s.identity = Some("spiffe://bench.test/bench".into());
+            s.pid = std::process::id();
+            s.target = Some("db".into());
+            s.protocol = "postgres".into();
+            recorder.record(s.clone()).await;
+            open.push((s, Records::default(), 0u32));
+        }
+        for n in 0..statements {
+            let (s, records, seq) = &mut open[(n % u64::from(sessions)) as usize];
+            // `distinct`: each text its own, as `pgbench -M simple` sends
+            // them (values inline); otherwise the runs of one prepared
+            // statement share theirs.
+            let text = if distinct {
+                Arc::from(format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", n * 7919 % 100_000))
+            } else {
+                text.clone()
+            };
+            let kind = if distinct { StatementKind::Query } else { StatementKind::Execute };
+            let mut st = Statement::new(kind, None, text, crate::sql::Class::Read);
+            st.seq = *seq;
+            st.at = record::now_micros();
+            st.decision = Some(Action::Allow);
+            st.rule = Some(rule.clone());
+            st.duration_us = Some(40);
+            st.tags.push(tag.clone());
+            st.rows = Some(1);
+            st.tables = Arc::from(vec!["public.pgbench_accounts".to_string()]);
+            records.push(&st);
+            *seq += 1;
+            if *seq % 256 == 0 {
+                recorder.statements(s.id, records.take()).await;
+            }
+        }
+        for (mut s, mut records, seq) in open {
+            recorder.statements(s.id, records.take()).await;
+            s.outcome = Outcome::Closed;
+            s.statements = seq;
+            s.ended_at = Some(record::rfc3339_micros(record::now_micros()));
+            recorder.record(s).await;
+        }
+    });
+    drop(recorder);
+    writer.join();
+    let took = started.elapsed().as_secs_f64();
+    stop(&store, 0)?;
+    store.flush()?;
+    let entries = store.found_head()?.next;
+    println!(
+        "recorded {statements} statements ({entries} entries) in {took:.3} s: {:.0} statements/s",
+        statements as f64 / took
+    );
+    Ok(())
+}

@@ -131,7 +131,7 @@ pub struct ExportArgs {
     #[arg(long)]
     pub session: Option<SessionId>,
     /// The bundle to write (made 0600; written under a temporary name and
-    /// renamed once whole).
+    /// renamed once whole), or `-` for standard output.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 }
@@ -166,22 +166,30 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         .named_key()?
         .and_then(|k| PublicKey::parse(&k).ok())
         .map_or_else(|| "unknown/interceptor".into(), |k| k.name);
+    // `-`: standard output; a file is written under a temporary name and
+    // renamed once whole.
+    let to_stdout = args.out.as_os_str() == "-";
     let partial = args.out.with_extension("partial");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&partial)
-        .with_context(|| format!("creating {}", partial.display()))?;
-    let bar =
-        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    let file: Box<dyn std::io::Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?,
+        )
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} entries {per_sec} {eta}")
             .expect("a valid template"),
     );
     let started = std::time::Instant::now();
-    let done = bundle::export(&store, &sel, &origin, &file, &mut |n, total| {
+    let done = bundle::export(&store, &sel, &origin, file, &mut |n, total| {
         bar.set_length(total);
         bar.set_position(n);
     });
@@ -189,15 +197,25 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let done = match done {
         Ok(d) => d,
         Err(e) => {
-            let _ = std::fs::remove_file(&partial);
+            if !to_stdout {
+                let _ = std::fs::remove_file(&partial);
+            }
             bail!("{e}");
         }
     };
-    file.sync_all()?;
-    std::fs::rename(&partial, &args.out)
-        .with_context(|| format!("renaming {} to {}", partial.display(), args.out.display()))?;
+    if !to_stdout {
+        std::fs::File::open(&partial)?.sync_all()?;
+        std::fs::rename(&partial, &args.out)
+            .with_context(|| format!("renaming {} to {}", partial.display(), args.out.display()))?;
+    }
     let took = started.elapsed().as_secs_f64();
-    println!(
+    let mut say: Box<dyn std::io::Write> = if to_stdout {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
+    writeln!(
+        say,
         "{}: entries {}–{} ({} selected, {} events), {} checkpoint(s){}",
         args.out.display(),
         done.from,
@@ -213,7 +231,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         } else {
             String::new()
         }
-    );
+    )?;
     eprintln!(
         "exported in {took:.2}s ({:.0} events/s)",
         done.events as f64 / took.max(1e-9)
