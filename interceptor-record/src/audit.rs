@@ -305,10 +305,12 @@ impl Audit {
 
 #[cfg(feature = "store")]
 impl crate::SledStore {
-    /// Audits the whole log in place (`pin`: the node's key as the
-    /// responder knows it; otherwise the key the store names), and that
-    /// the store's indexes name the entries they should.
+    /// Audits the whole log in place, reading its segment files front to
+    /// back (`pin`: the node's key as the responder knows it; otherwise
+    /// the key the store names), and that the store's index puts every
+    /// entry where it is and names the entries it should.
     pub fn audit(&self, pin: Option<PublicKey>) -> Result<Report, crate::StoreError> {
+        use crate::segments::{Bad, Frames};
         let (key, pinned) = match pin {
             Some(k) => (Some(k), true),
             None => (
@@ -318,39 +320,72 @@ impl crate::SledStore {
         };
         let mut audit = Audit::new(key, pinned, true);
         let mut seals = self.checkpoints().peekable();
-        for item in self.entries(0) {
-            let (seq, bytes) = item?;
+        let frames = Frames::all(self.log_dir()).map_err(|e| {
+            crate::StoreError::Corrupt(self.log_dir().display().to_string(), e.to_string())
+        })?;
+        let mut torn: Option<Bad> = None;
+        let mut end: Option<(u64, [u8; 32])> = None;
+        for f in frames {
+            let f = match f {
+                Ok(f) => f,
+                Err(b) => {
+                    if let Some(before) = torn.replace(b) {
+                        audit.report.find(before.to_string());
+                    }
+                    continue;
+                }
+            };
+            if let Some(b) = torn.take() {
+                // Something readable follows: not the end of a crashed write.
+                audit
+                    .report
+                    .find(format!("{b}, and the log goes on after it"));
+            }
             while seals
                 .peek()
-                .is_some_and(|s| s.as_ref().map_or(true, |(size, _)| *size <= seq))
+                .is_some_and(|s| s.as_ref().map_or(true, |(size, _)| *size <= f.seq))
             {
                 let (size, note) = seals.next().expect("peeked")?;
                 audit.checkpoint(size, &note);
             }
-            audit.entry(seq, &bytes);
+            audit.entry(f.seq, &f.entry);
+            if self.location(f.seq)? != Some(f.at) {
+                audit.report.find(format!(
+                    "the index does not put entry {} where it is (segment {}, offset {})",
+                    f.seq, f.at.segment, f.at.offset
+                ));
+            }
+            end = log::parse(&f.entry)
+                .ok()
+                .map(|e| (f.seq + 1, e.link(f.seq)));
         }
         for s in seals {
             let (size, note) = s?;
             audit.checkpoint(size, &note);
         }
+        if let Some(b) = torn {
+            audit.report.warnings.push(format!(
+                "{b}: a write cut short (the agent was killed mid-write); the next start removes it"
+            ));
+        }
         let mut report = audit.finish();
-        let (_, written) = self.head()?;
-        let found = self.found_head()?;
-        match written {
-            Some(w) if w == found => {}
-            Some(w) if w.next != found.next => report.find(format!(
-                "the store last wrote that its log ends at entry {}, but it ends at entry {}: entries were cut from or added to its end",
+        match (self.written_head()?, end) {
+            (Some(w), Some((next, prev))) if w.next == next && w.prev == prev => {}
+            (Some(w), Some((next, _))) if w.next != next => report.find(format!(
+                "the store last wrote that its log ends at entry {}, but the log's files end at entry {}: entries were cut from or added to its end",
                 w.next as i64 - 1,
-                found.next as i64 - 1
+                next as i64 - 1
             )),
-            Some(_) => report.find(format!(
+            (Some(w), Some(_)) => report.find(format!(
                 "entry {} is not the entry the store last wrote at the log's end: it was changed",
-                found.next as i64 - 1
+                w.next as i64 - 1
             )),
-            None if found.next > 0 => {
-                report.find("the store's record of where its log ends is missing".into())
-            }
-            None => {}
+            (Some(w), None) if w.next > 0 => report.find(format!(
+                "the store says its log holds entries up to {}, but its files hold none",
+                w.next - 1
+            )),
+            (None, Some(_)) => report.find("the store's record of where its log ends is missing".into()),
+            _ => {}
         }
         for item in self.index() {
             let (k, seq) = item?;
@@ -370,14 +405,16 @@ impl crate::SledStore {
                 ));
                 continue;
             };
-            let bytes = self.entry(seq)?;
+            let bytes = self.entry(seq).ok().flatten();
             let ok = bytes
                 .as_deref()
                 .and_then(|b| log::parse(b).ok())
                 .is_some_and(|e| {
                     e.header.kind == what
                         && (what == Kind::Approval || Some(e.header.session) == id)
-                        && (what != Kind::Statements || e.payload.get(..4) == k.get(9..13))
+                        && (what != Kind::Statements
+                            || log::Statements::read(e.payload)
+                                .is_ok_and(|s| Some(&s.first.to_be_bytes()[..]) == k.get(9..13)))
                 });
             if !ok {
                 report.find(format!(
@@ -459,25 +496,37 @@ pub(crate) mod tests {
         SledStore::open(dir).unwrap()
     }
 
-    fn audit_after(name: &str, tamper: impl FnOnce(&sled::Tree)) -> Report {
+    /// Audits a sealed store after `tamper` had its way with its index tree
+    /// and its log's frames (seq and entry, rewritten as given).
+    fn audit_after(
+        name: &str,
+        tamper: impl FnOnce(&sled::Tree, &mut Vec<(u64, Vec<u8>)>),
+    ) -> Report {
         let dir = sealed_store(name);
         let store = open(&dir);
-        tamper(store.log_tree());
+        let seg = crate::segments::segment_path(store.log_dir(), 0);
+        let mut frames: Vec<(u64, Vec<u8>)> = crate::segments::Frames::all(store.log_dir())
+            .unwrap()
+            .map(|f| f.map(|f| (f.seq, f.entry)).unwrap())
+            .collect();
+        let before = frames.clone();
+        tamper(store.log_tree(), &mut frames);
+        if frames != before {
+            let mut out = Vec::new();
+            for (seq, e) in &frames {
+                crate::segments::frame(&mut out, *seq, e);
+            }
+            std::fs::write(&seg, out).unwrap();
+        }
         let r = store.audit(Some(key().public().clone())).unwrap();
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
         r
     }
 
-    fn l(seq: u64) -> [u8; 9] {
-        let mut k = [b'L'; 9];
-        k[1..].copy_from_slice(&seq.to_be_bytes());
-        k
-    }
-
     #[test]
     fn an_untouched_store_verifies_and_each_tampering_is_found_where_it_was_done() {
-        let r = audit_after("clean", |_| {});
+        let r = audit_after("clean", |_, _| {});
         assert!(r.intact(), "{r:?}");
         // 3 × (open, statements, end) and the stop; both checkpoints match.
         assert_eq!((r.entries, r.checkpoints, r.sealed_through), (10, 2, 10));
@@ -490,29 +539,27 @@ pub(crate) mod tests {
                 r.findings
             );
         };
-        let r = audit_after("changed", |t| {
-            let mut v = t.get(l(4)).unwrap().unwrap().to_vec();
-            let n = v.len();
-            v[n - 3] ^= 0x20;
-            t.insert(l(4), v).unwrap();
+        let r = audit_after("changed", |_, f| {
+            let e = &mut f[4].1;
+            let n = e.len();
+            e[n - 3] ^= 0x20;
         });
         has(&r, "entry 5 does not name the hash of entry 4");
 
-        let r = audit_after("deleted", |t| {
-            t.remove(l(4)).unwrap();
+        let r = audit_after("deleted", |_, f| {
+            f.remove(4);
         });
         has(&r, "entry 4 is missing");
 
-        let r = audit_after("swapped", |t| {
-            let (a, b) = (t.get(l(4)).unwrap().unwrap(), t.get(l(5)).unwrap().unwrap());
-            t.insert(l(4), b).unwrap();
-            t.insert(l(5), a).unwrap();
+        let r = audit_after("swapped", |_, f| {
+            let (a, b) = (f[4].1.clone(), f[5].1.clone());
+            f[4].1 = b;
+            f[5].1 = a;
         });
         has(&r, "entry 4 does not name the hash of entry 3");
 
-        let r = audit_after("appended", |t| {
-            let last = t.get(l(9)).unwrap().unwrap();
-            let e = crate::log::parse(&last).unwrap();
+        let r = audit_after("appended", |_, f| {
+            let e = crate::log::parse(&f[9].1).unwrap();
             let mut out = Vec::new();
             let h = crate::log::Header {
                 prev: e.link(9),
@@ -520,14 +567,14 @@ pub(crate) mod tests {
                 ..e.header.clone()
             };
             crate::log::encode(&mut out, &h, br#"{"event":"start"}"#);
-            t.insert(l(10), out).unwrap();
+            f.push((10, out));
         });
         has(&r, "entry 10 follows the agent's stop (entry 9)");
         has(&r, "come after the checkpoint of the agent's stop");
+        has(&r, "the log's files end at entry 10");
 
-        let r = audit_after("cut", |t| {
-            t.remove(l(9)).unwrap();
-            t.remove(l(8)).unwrap();
+        let r = audit_after("cut", |_, f| {
+            f.truncate(8);
         });
         has(
             &r,
@@ -535,10 +582,10 @@ pub(crate) mod tests {
         );
         has(
             &r,
-            "the store last wrote that its log ends at entry 9, but it ends at entry 7",
+            "the store last wrote that its log ends at entry 9, but the log's files end at entry 7",
         );
 
-        let r = audit_after("resigned", |t| {
+        let r = audit_after("resigned", |t, _| {
             let mut k = [b'C'; 9];
             k[1..].copy_from_slice(&10u64.to_be_bytes());
             let note = String::from_utf8(t.get(k).unwrap().unwrap().to_vec()).unwrap();
@@ -550,10 +597,14 @@ pub(crate) mod tests {
         });
         has(&r, "checkpoint 10: it is not signed by key");
 
-        let r = audit_after("index", |t| {
+        let r = audit_after("index", |t, _| {
             let k = t.scan_prefix(b"S").next().unwrap().unwrap().0;
             t.insert(k, &3u64.to_be_bytes()).unwrap();
+            let mut l = [b'L'; 9];
+            l[1..].copy_from_slice(&6u64.to_be_bytes());
+            t.remove(l).unwrap();
         });
         has(&r, "names entry 3, which is not its record");
+        has(&r, "the index does not put entry 6 where it is");
     }
 }

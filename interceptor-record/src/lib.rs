@@ -26,6 +26,8 @@ pub mod log;
 pub mod ocsf;
 mod outbox;
 pub mod seal;
+#[cfg(feature = "store")]
+pub mod segments;
 
 pub use approval::{Request, RequestId};
 pub use event::{Action, Decision, Facts, Statement, StatementKind, Tags, Via, Whole};

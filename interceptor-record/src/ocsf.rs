@@ -10,6 +10,7 @@
 //! entry's) and `index` (the statement's place in it): together they name
 //! an event once, so a receiver can drop what it got twice.
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::{
@@ -183,48 +184,188 @@ fn session_event(seq: u64, e: &Entry<'_>) -> Result<Value, String> {
     Ok(Value::Object(m))
 }
 
+/// A statement's event, typed and borrowed from the statement: these are
+/// most of what an export writes, so they are written straight to bytes.
+#[derive(Serialize)]
+struct QueryEvent<'a> {
+    class_uid: u32,
+    class_name: &'static str,
+    category_uid: u32,
+    category_name: &'static str,
+    activity_id: u32,
+    activity_name: &'static str,
+    type_uid: u32,
+    time: u64,
+    severity_id: u8,
+    severity: &'static str,
+    metadata: Meta<'a>,
+    status_id: u8,
+    status: &'static str,
+    disposition_id: u8,
+    disposition: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_code: Option<&'a str>,
+    actor: QueryActor<'a>,
+    query_info: QueryInfo<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table: Option<Named<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<Policy<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration: Option<u64>,
+    unmapped: QueryUnmapped<'a>,
+}
+
+#[derive(Serialize)]
+struct Meta<'a> {
+    version: &'static str,
+    product: Product,
+    uid: String,
+    sequence: u64,
+    correlation_uid: &'a str,
+}
+
+#[derive(Serialize)]
+struct Product {
+    name: &'static str,
+    vendor_name: &'static str,
+    version: &'static str,
+}
+
+const PRODUCT: Product = Product {
+    name: "interceptor",
+    vendor_name: "interceptor",
+    version: env!("CARGO_PKG_VERSION"),
+};
+
+#[derive(Serialize)]
+struct QueryActor<'a> {
+    app_name: &'a str,
+    app_uid: &'a str,
+    process: Pid,
+}
+
+#[derive(Serialize)]
+struct Pid {
+    pid: u32,
+}
+
+#[derive(Serialize)]
+struct QueryInfo<'a> {
+    query_string: &'a str,
+    uid: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Named<'a> {
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct Policy<'a> {
+    name: &'a str,
+    uid: &'a str,
+}
+
+#[derive(Serialize)]
+struct QueryUnmapped<'a> {
+    seq: u64,
+    index: u32,
+    kind: crate::StatementKind,
+    session: &'a str,
+    statement: u32,
+    class: &'static str,
+    tables: &'a [String],
+    decision: Option<Action>,
+    masked: u32,
+    rows: Option<u64>,
+    tags: &'a [std::sync::Arc<str>],
+    duration_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    whole: Option<&'a crate::Whole>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<&'a [Option<String>]>,
+}
+
+fn class_name(c: interceptor_sql::Class) -> &'static str {
+    use interceptor_sql::Class;
+    match c {
+        Class::Read => "read",
+        Class::Write => "write",
+        Class::Ddl => "ddl",
+        Class::Admin => "admin",
+        Class::Unknown => "unknown",
+    }
+}
+
 fn statement_event(
+    out: &mut Vec<u8>,
     seq: u64,
     e: &Entry<'_>,
     who: &Statements<'_>,
+    session: &str,
     st: &Statement,
     index: u32,
-) -> Value {
-    let mut m = base(DATASTORE, 4, "Query", st.at, seq, index);
-    correlate(&mut m, e.header.session);
+) {
     let allowed = !matches!(st.decision, Some(Action::Deny));
-    outcome(&mut m, st.error.is_none(), allowed);
-    if let Some(code) = &st.error {
-        m.insert("status_code".into(), json!(code));
-    }
-    m.insert(
-        "actor".into(),
-        json!({"app_name": e.header.workload, "app_uid": who.identity, "process": {"pid": who.pid}}),
-    );
-    m.insert(
-        "query_info".into(),
-        json!({"query_string": st.text, "uid": st.name}),
-    );
-    if let Some(t) = st.tables.first() {
-        m.insert("table".into(), json!({"name": t}));
-    }
-    if let Some(rule) = &st.rule {
-        m.insert("policy".into(), json!({"name": rule, "uid": rule}));
-    }
-    if let Some(d) = st.duration_us {
-        m.insert("duration".into(), json!(d / 1000));
-    }
-    m.insert(
-        "unmapped".into(),
-        json!({
-            "seq": seq, "index": index, "kind": st.kind, "session": SessionId(e.header.session),
-            "statement": st.seq, "class": st.class.to_string(), "tables": st.tables,
-            "decision": st.decision, "masked": st.masked, "rows": st.rows, "tags": st.tags,
-            "duration_us": st.duration_us, "whole": st.whole, "approval": st.approval,
-            "parameters": st.parameters,
-        }),
-    );
-    Value::Object(m)
+    let ok = st.error.is_none();
+    let ev = QueryEvent {
+        class_uid: DATASTORE,
+        class_name: "Datastore Activity",
+        category_uid: 6,
+        category_name: "Application Activity",
+        activity_id: 4,
+        activity_name: "Query",
+        type_uid: DATASTORE * 100 + 4,
+        time: ms(st.at),
+        severity_id: if allowed { 1 } else { 3 },
+        severity: if allowed { "Informational" } else { "Medium" },
+        metadata: Meta {
+            version: SCHEMA,
+            product: PRODUCT,
+            uid: format!("{seq}.{index}"),
+            sequence: seq,
+            correlation_uid: session,
+        },
+        status_id: if ok { 1 } else { 2 },
+        status: if ok { "Success" } else { "Failure" },
+        disposition_id: if allowed { 1 } else { 2 },
+        disposition: if allowed { "Allowed" } else { "Blocked" },
+        status_code: st.error.as_deref(),
+        actor: QueryActor {
+            app_name: e.header.workload,
+            app_uid: who.identity,
+            process: Pid { pid: who.pid },
+        },
+        query_info: QueryInfo {
+            query_string: &st.text,
+            uid: st.name.as_deref(),
+        },
+        table: st.tables.first().map(|t| Named { name: t }),
+        policy: st.rule.as_deref().map(|r| Policy { name: r, uid: r }),
+        duration: st.duration_us.map(|d| d / 1000),
+        unmapped: QueryUnmapped {
+            seq,
+            index,
+            kind: st.kind,
+            session,
+            statement: st.seq,
+            class: class_name(st.class),
+            tables: &st.tables,
+            decision: st.decision,
+            masked: st.masked,
+            rows: st.rows,
+            tags: &st.tags,
+            duration_us: st.duration_us,
+            whole: st.whole.as_ref(),
+            approval: st.approval.as_deref(),
+            parameters: st.parameters.as_deref(),
+        },
+    };
+    serde_json::to_writer(&mut *out, &ev).expect("events serialize");
+    out.push(b'\n');
 }
 
 fn approval_event(seq: u64, e: &Entry<'_>) -> Result<Value, String> {
@@ -274,20 +415,26 @@ fn agent_event(seq: u64, e: &Entry<'_>) -> Result<Value, String> {
     Ok(Value::Object(m))
 }
 
-/// The events of entry `seq`, in order (a statements entry has one per
-/// statement).
-pub fn events(seq: u64, e: &Entry<'_>) -> Result<Vec<Value>, String> {
-    Ok(match e.header.kind {
-        Kind::Session => vec![session_event(seq, e)?],
-        Kind::Approval => vec![approval_event(seq, e)?],
-        Kind::Agent => vec![agent_event(seq, e)?],
+/// Writes the events of entry `seq` to `out`, one JSON line each, in
+/// order (a statements entry has one per statement); how many.
+pub fn write_events(out: &mut Vec<u8>, seq: u64, e: &Entry<'_>) -> Result<u64, String> {
+    let one = |out: &mut Vec<u8>, v: Value| {
+        serde_json::to_writer(&mut *out, &v).expect("events serialize");
+        out.push(b'\n');
+        Ok(1)
+    };
+    match e.header.kind {
+        Kind::Session => one(out, session_event(seq, e)?),
+        Kind::Approval => one(out, approval_event(seq, e)?),
+        Kind::Agent => one(out, agent_event(seq, e)?),
         Kind::Statements => {
             let who = Statements::read(e.payload)?;
-            codec::decode(who.chunk)?
-                .iter()
-                .enumerate()
-                .map(|(i, st)| statement_event(seq, e, &who, st, i as u32))
-                .collect()
+            let session = SessionId(e.header.session).to_string();
+            let list = codec::decode(who.chunk)?;
+            for (i, st) in list.iter().enumerate() {
+                statement_event(out, seq, e, &who, &session, st, i as u32);
+            }
+            Ok(list.len() as u64)
         }
-    })
+    }
 }

@@ -73,17 +73,19 @@ pub trait Store: Send + Sync {
     fn seal(&self) -> Result<bool, StoreError>;
 }
 
-/// The sled store. One tree, `log`, holds the evidence log and what finds
-/// things in it, under one-byte prefixes, so that a batch of entries and
-/// their index updates is applied at once (docs/store-format.md):
+/// The store: the evidence log's entries in append-only segment files
+/// (`DATA_DIR/log`, see [`crate::segments`]), and in sled (`DATA_DIR/store`)
+/// one tree, `log`, of what finds them and what vouches for them, under
+/// one-byte prefixes, so that the index of a batch of entries is applied
+/// at once (docs/store-format.md):
 ///
-/// - `L` seq → entry ([`crate::log`]);
+/// - `L` seq → where entry seq is ([`crate::segments::Location`]);
 /// - `S` session id → seq of the session's latest entry;
 /// - `T` session id ‖ first statement seq (u32) → seq of that chunk's entry;
 /// - `A` request id → seq of the request's latest entry;
 /// - `C` size → the signed checkpoint of the first `size` entries;
-/// - `M` name → the store's own facts (`Mhead`: the next seq, the newest
-///   entry's hash and time; `Mkey`: the node's verifier key).
+/// - `M` name → the store's own facts (`Mhead`: where the log ends;
+///   `Mkey`: the node's verifier key).
 ///
 /// `progress` holds the bytes each way of open sessions (kept until they
 /// end; not evidence: a session's last entry says what it moved).
@@ -91,13 +93,25 @@ pub struct SledStore {
     db: sled::Db,
     log: sled::Tree,
     progress: sled::Tree,
-    head: Mutex<Head>,
+    /// The segment files' directory.
+    log_dir: std::path::PathBuf,
+    tail: Mutex<Tail>,
     /// Open sessions' workloads, SPIFFE ids and pids, for their
     /// statements' entries.
     workloads: Mutex<HashMap<u64, Who>>,
     key: OnceLock<crate::seal::NodeKey>,
+    /// The segment last read from, kept open.
+    reading: Mutex<Option<(u64, std::fs::File)>>,
     /// A private copy this store was opened from (removed when dropped).
     scratch: Option<std::path::PathBuf>,
+    /// What opening found and mended (a write cut short by a crash).
+    pub recovered: Option<String>,
+}
+
+/// The log's end, and the file appends go to (none: a reader's copy).
+struct Tail {
+    head: Head,
+    writer: Option<crate::segments::Writer>,
 }
 
 /// Who ran a session's statements, as its statements' entries say.
@@ -127,6 +141,43 @@ pub struct Head {
     pub prev: [u8; 32],
     /// Its time (entries' times never go back).
     pub at: u64,
+    /// The segment the next entry goes to, and where in it.
+    pub segment: u64,
+    pub end: u64,
+}
+
+impl Head {
+    const EMPTY: Head = Head {
+        next: 0,
+        prev: [0; 32],
+        at: 0,
+        segment: 0,
+        end: 0,
+    };
+
+    fn encode(&self) -> [u8; 64] {
+        let mut h = [0u8; 64];
+        h[..8].copy_from_slice(&self.next.to_be_bytes());
+        h[8..40].copy_from_slice(&self.prev);
+        h[40..48].copy_from_slice(&self.at.to_be_bytes());
+        h[48..56].copy_from_slice(&self.segment.to_be_bytes());
+        h[56..].copy_from_slice(&self.end.to_be_bytes());
+        h
+    }
+
+    fn decode(v: &[u8]) -> Option<Head> {
+        let word = |at: usize| {
+            v.get(at..at + 8)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8")))
+        };
+        (v.len() == 64).then(|| Head {
+            next: word(0).expect("8"),
+            prev: v[8..40].try_into().expect("32"),
+            at: word(40).expect("8"),
+            segment: word(48).expect("8"),
+            end: word(56).expect("8"),
+        })
+    }
 }
 
 const HEAD_KEY: &[u8] = b"Mhead";
@@ -147,17 +198,29 @@ fn seq_of(v: &[u8]) -> Option<u64> {
 /// agent's memory grow with its store.
 pub const STORE_CACHE: u64 = 16 << 20;
 
+fn io_err(what: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Corrupt(what.display().to_string(), e.to_string())
+}
+
 impl SledStore {
-    /// Opens `DIR/store` for the agent (or a test): it may write. A store
-    /// written by an agent before the log existed has its records moved
-    /// into the log first ([`SledStore::import_legacy`]).
+    /// Opens `DIR/store` and `DIR/log` for the agent (or a test): it may
+    /// write. A write a crash cut short is mended first (entries written
+    /// whole but not indexed are indexed; a frame cut short is removed:
+    /// [`SledStore::recovered`] says so), and a store written by an agent
+    /// before the log existed has its records moved into the log
+    /// ([`SledStore::import_legacy`]).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let store = Self::open_path(&dir.join("store"), None)?;
+        let mut store = Self::open_path(&dir.join("store"), dir.join("log"), None)?;
+        store.recover()?;
         store.import_legacy()?;
         Ok(store)
     }
 
-    fn open_path(path: &Path, scratch: Option<std::path::PathBuf>) -> Result<Self, StoreError> {
+    fn open_path(
+        path: &Path,
+        log_dir: std::path::PathBuf,
+        scratch: Option<std::path::PathBuf>,
+    ) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let opened = sled::Config::new()
             .path(path)
@@ -174,23 +237,151 @@ impl SledStore {
         })?;
         let log = db.open_tree("log")?;
         let progress = db.open_tree("progress")?;
-        let head = Mutex::new(Self::head_of(&log)?);
+        let head = log
+            .get(HEAD_KEY)?
+            .and_then(|v| Head::decode(&v))
+            .unwrap_or(Head::EMPTY);
         Ok(SledStore {
             db,
             log,
             progress,
-            head,
+            log_dir,
+            tail: Mutex::new(Tail { head, writer: None }),
             workloads: Mutex::default(),
             key: OnceLock::new(),
+            reading: Mutex::default(),
             scratch,
+            recovered: None,
         })
     }
 
+    /// Takes up the log's end for writing: entries a crash left written but
+    /// not indexed are indexed; a frame cut short is cut off.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        use crate::segments::{self, Frames, Writer};
+        let dir = self.log_dir.clone();
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let mut head = tail.head;
+        let listed = segments::segments(&dir).map_err(|e| io_err(&dir, e))?;
+        let mut notes = Vec::new();
+        if listed.is_empty() {
+            if head.next > 0 {
+                notes.push(format!(
+                    "the log's files are gone: entries before {} are missing; the log goes on from there",
+                    head.next
+                ));
+            }
+            tail.writer = Some(Writer::open(&dir, None).map_err(|e| io_err(&dir, e))?);
+            head.segment = head.next;
+            head.end = 0;
+            tail.head = head;
+            drop(tail);
+            self.recovered = (!notes.is_empty()).then(|| notes.join("; "));
+            return Ok(());
+        }
+        // An empty log has its first segment at 0.
+        let start = if head.next == 0 && head.end == 0 {
+            (listed[0], 0)
+        } else {
+            (head.segment, head.end)
+        };
+        let mut batch = sled::Batch::default();
+        let mut adopted = 0u64;
+        let mut cut: Option<(u64, u64)> = None;
+        let frames = Frames::from(&dir, Some(start)).map_err(|e| io_err(&dir, e))?;
+        for f in frames {
+            let f = match f {
+                Ok(f) => f,
+                Err(
+                    segments::Bad::Torn {
+                        segment, offset, ..
+                    }
+                    | segments::Bad::Length {
+                        segment, offset, ..
+                    },
+                ) => {
+                    cut = Some((segment, offset));
+                    break;
+                }
+                Err(e) => {
+                    return Err(StoreError::Corrupt(
+                        dir.display().to_string(),
+                        e.to_string(),
+                    ))
+                }
+            };
+            let ok = f.seq == head.next
+                && crate::log::parse(&f.entry).is_ok_and(|e| e.header.prev == head.prev);
+            if !ok {
+                cut = Some((f.at.segment, f.at.offset));
+                break;
+            }
+            let e = crate::log::parse(&f.entry).expect("parsed above");
+            batch.insert(&key8(b'L', f.seq), &f.at.encode()[..]);
+            if let Some(k) = index_key(&e) {
+                batch.insert(k, &f.seq.to_be_bytes()[..]);
+            }
+            head = Head {
+                next: f.seq + 1,
+                prev: e.link(f.seq),
+                at: e.header.at,
+                segment: f.at.segment,
+                end: f.at.end(),
+            };
+            adopted += 1;
+        }
+        if adopted > 0 {
+            notes.push(format!(
+                "{adopted} entries written whole by an agent that stopped before indexing them were indexed"
+            ));
+        }
+        if let Some((segment, offset)) = cut {
+            let path = segments::segment_path(&dir, segment);
+            let len = std::fs::metadata(&path)
+                .map_err(|e| io_err(&path, e))?
+                .len();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err(&path, e))?;
+            f.set_len(offset).map_err(|e| io_err(&path, e))?;
+            f.sync_all().map_err(|e| io_err(&path, e))?;
+            notes.push(format!(
+                "{} bytes at the end of segment {segment}, a write cut short (or not the log's next entry), were removed",
+                len - offset
+            ));
+            // Later segments can only hold what followed the cut.
+            for later in listed.iter().filter(|&&s| s > segment) {
+                let p = segments::segment_path(&dir, *later);
+                let aside = p.with_extension("log.cut");
+                std::fs::rename(&p, &aside).map_err(|e| io_err(&p, e))?;
+                notes.push(format!("segment {later} set aside as {}", aside.display()));
+            }
+            if head.segment != segment && head.end == 0 {
+                head.segment = segment;
+            }
+        }
+        batch.insert(HEAD_KEY, &head.encode()[..]);
+        self.log.apply_batch(batch)?;
+        self.db.flush()?;
+        let at = (head.next > 0 || head.end > 0).then_some((head.segment, head.end));
+        let at = at.filter(|(s, _)| segments::segment_path(&dir, *s).exists());
+        tail.writer = Some(Writer::open(&dir, at).map_err(|e| io_err(&dir, e))?);
+        tail.head = head;
+        drop(tail);
+        self.recovered = (!notes.is_empty()).then(|| notes.join("; "));
+        if let Some(n) = &self.recovered {
+            tracing::warn!("the log was mended at open: {n}");
+        }
+        Ok(())
+    }
+
     /// Opens a private copy of `DIR/store` (in the system's temporary
-    /// directory, removed when the store is dropped): responders read a
-    /// data directory, perhaps one taken from another host or one a
-    /// running agent holds, without writing a byte to it. A copy taken
-    /// while an agent writes is retried until no file changed during it.
+    /// directory, removed when the store is dropped), reading the log's
+    /// segment files where they are, read-only: responders read a data
+    /// directory, perhaps one taken from another host or one a running
+    /// agent holds, without writing a byte to it. The copy is retried
+    /// until no file changed while it was taken.
     pub fn open_copy(dir: &Path) -> Result<Self, StoreError> {
         let src = dir.join("store");
         if !src.join("db").is_file() {
@@ -225,58 +416,45 @@ impl SledStore {
                 break;
             }
         }
-        let store = Self::open_path(&scratch.join("store"), Some(scratch.clone()));
-        let store = match store {
+        let opened = Self::open_path(
+            &scratch.join("store"),
+            dir.join("log"),
+            Some(scratch.clone()),
+        );
+        let mut store = match opened {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&scratch);
                 return Err(e);
             }
         };
-        store.import_legacy()?;
+        if store.has_legacy() {
+            // An older agent's store: its records are moved into a log of
+            // the copy's own, never into the data directory.
+            store.log_dir = scratch.join("log");
+            store.recover()?;
+            store.import_legacy()?;
+        }
         Ok(store)
     }
 
-    /// The log's end as its entries show it.
-    fn head_of(log: &sled::Tree) -> Result<Head, StoreError> {
-        let Some((k, v)) = log.scan_prefix(b"L").next_back().transpose()? else {
-            return Ok(Head {
-                next: 0,
-                prev: [0; 32],
-                at: 0,
-            });
-        };
-        let seq = seq_of(&k[1..]).ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
-        let e =
-            crate::log::parse(&v).map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))?;
-        Ok(Head {
-            next: seq + 1,
-            prev: e.link(seq),
-            at: e.header.at,
-        })
-    }
-
-    /// Where the log ends as its entries show it now.
+    /// Where the log ends (as the store last wrote it).
     pub fn found_head(&self) -> Result<Head, StoreError> {
-        Self::head_of(&self.log)
+        Ok(self.lock_tail().head)
     }
 
-    /// Where the log ends, and where the store last wrote that it ended
-    /// (they differ if entries were cut or added while no agent ran).
-    pub fn head(&self) -> Result<(Head, Option<Head>), StoreError> {
-        let found = *self.lock_head();
-        let written = self.log.get(HEAD_KEY)?.and_then(|v| {
-            (v.len() == 48).then(|| Head {
-                next: u64::from_be_bytes(v[..8].try_into().expect("8")),
-                prev: v[8..40].try_into().expect("32"),
-                at: u64::from_be_bytes(v[40..].try_into().expect("8")),
-            })
-        });
-        Ok((found, written))
+    /// Where the store last wrote that the log ends, as sled holds it now.
+    pub fn written_head(&self) -> Result<Option<Head>, StoreError> {
+        Ok(self.log.get(HEAD_KEY)?.and_then(|v| Head::decode(&v)))
     }
 
-    fn lock_head(&self) -> std::sync::MutexGuard<'_, Head> {
-        self.head.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The directory of the log's segment files.
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
     }
 
     /// Signs checkpoints with `key` from now on (the agent's node key).
@@ -294,30 +472,74 @@ impl SledStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// The tree the log lives in, for tests that tamper with it.
+    /// The tree the index lives in, for tests that tamper with it.
     #[doc(hidden)]
     pub fn log_tree(&self) -> &sled::Tree {
         &self.log
     }
 
-    /// Entry `seq`'s bytes.
-    pub fn entry(&self, seq: u64) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self.log.get(key8(b'L', seq))?)
+    /// Where the index puts entry `seq`.
+    pub fn location(&self, seq: u64) -> Result<Option<crate::segments::Location>, StoreError> {
+        Ok(self
+            .log
+            .get(key8(b'L', seq))?
+            .and_then(|v| crate::segments::Location::decode(&v)))
     }
 
-    /// Entries from `seq` on, in order, with their seqs.
+    /// Entry `seq`'s bytes.
+    pub fn entry(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(at) = self.location(seq)? else {
+            return Ok(None);
+        };
+        let mut open = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        if open.as_ref().is_none_or(|(s, _)| *s != at.segment) {
+            let path = crate::segments::segment_path(&self.log_dir, at.segment);
+            let f = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
+            *open = Some((at.segment, f));
+        }
+        let (_, f) = open.as_ref().expect("opened");
+        crate::segments::read_at(f, at, seq)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("entry {seq}"), e))
+    }
+
+    /// Entries from `seq` on up to the log's end, in order, with their
+    /// seqs (read from the segment files front to back).
     pub fn entries(
         &self,
         from: u64,
-    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
-        self.log
-            .range(key8(b'L', from)..key8(b'L', u64::MAX))
-            .map(|item| {
-                let (k, v) = item?;
-                let seq = seq_of(&k[1..])
-                    .ok_or_else(|| StoreError::Corrupt(hex(&k), "bad key".into()))?;
-                Ok((seq, v))
-            })
+    ) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+        let end = self.lock_tail().head.next;
+        let start = match self.location(from) {
+            Ok(at) => at.map(|a| (a.segment, a.offset)),
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        let frames = match crate::segments::Frames::from(&self.log_dir, start) {
+            Ok(f) => f,
+            Err(e) => return Box::new(std::iter::once(Err(io_err(&self.log_dir, e)))),
+        };
+        Box::new(
+            frames
+                .map(|f| {
+                    f.map(|f| (f.seq, f.entry))
+                        .map_err(|e| StoreError::Corrupt("the log".into(), e.to_string()))
+                })
+                .skip_while(move |r| r.as_ref().is_ok_and(|(s, _)| *s < from))
+                .take_while(move |r| r.as_ref().map_or(true, |(s, _)| *s < end)),
+        )
+    }
+
+    /// The seq of the first entry kept (the log's size if it is empty).
+    pub fn first_kept(&self) -> Result<u64, StoreError> {
+        let end = self.lock_tail().head.next;
+        Ok(self
+            .log
+            .scan_prefix(b"L")
+            .keys()
+            .next()
+            .transpose()?
+            .and_then(|k| seq_of(&k[1..]))
+            .unwrap_or(end))
     }
 
     /// Signed checkpoints, by size, as their notes.
@@ -459,14 +681,20 @@ impl SledStore {
         ))
     }
 
+    /// Whether the store holds trees of an agent before the log.
+    fn has_legacy(&self) -> bool {
+        let names = self.db.tree_names();
+        ["sessions", "statements", "approvals"]
+            .into_iter()
+            .any(|n| names.iter().any(|t| t.as_ref() == n.as_bytes()))
+    }
+
     /// Moves the records of a store written before the log existed (trees
     /// `sessions`, `statements`, `approvals`) into the log, oldest first,
     /// then records that it did and drops those trees. What they held is
     /// kept as it was found: nothing vouched for it before.
     fn import_legacy(&self) -> Result<(), StoreError> {
-        let names = self.db.tree_names();
-        let has = |n: &str| names.iter().any(|t| t.as_ref() == n.as_bytes());
-        if !["sessions", "statements", "approvals"].into_iter().any(has) {
+        if !self.has_legacy() {
             return Ok(());
         }
         let sessions = self.db.open_tree("sessions")?;
@@ -515,7 +743,7 @@ impl SledStore {
             "approval_requests": n_requests,
             "detail": "records written by an agent that kept no log, moved into it as they were found: nothing vouches for them before this entry",
         }))])?;
-        self.db.flush()?;
+        self.flush()?;
         for t in ["sessions", "statements", "approvals"] {
             self.db.drop_tree(t)?;
         }
@@ -575,9 +803,13 @@ fn decode(k: &[u8], v: &[u8]) -> Result<Session, StoreError> {
 }
 
 /// A batch of entries on its way into the log: the head moves only once
-/// the batch is applied.
+/// the batch is written to the segment and indexed.
 struct Appending {
     head: Head,
+    first: u64,
+    frames: Vec<u8>,
+    /// Each entry's seq, offset in `frames` and length.
+    placed: Vec<(u64, u64, u32)>,
     batch: sled::Batch,
     buf: Vec<u8>,
 }
@@ -586,6 +818,9 @@ impl Appending {
     fn new(head: Head) -> Self {
         Appending {
             head,
+            first: head.next,
+            frames: Vec::new(),
+            placed: Vec::new(),
             batch: sled::Batch::default(),
             buf: Vec::new(),
         }
@@ -611,12 +846,12 @@ impl Appending {
         self.buf.clear();
         crate::log::encode(&mut self.buf, &header, payload);
         let e = crate::log::parse(&self.buf).expect("an entry just encoded");
-        self.head = Head {
-            next: seq + 1,
-            prev: e.link(seq),
-            at,
-        };
-        self.batch.insert(&key8(b'L', seq), self.buf.as_slice());
+        self.head.next = seq + 1;
+        self.head.prev = e.link(seq);
+        self.head.at = at;
+        self.placed
+            .push((seq, self.frames.len() as u64, self.buf.len() as u32));
+        crate::segments::frame(&mut self.frames, seq, &self.buf);
         seq
     }
 
@@ -624,16 +859,58 @@ impl Appending {
         self.batch.insert(key, &seq.to_be_bytes());
     }
 
-    /// Applies the batch; the head moves if it was.
-    fn apply(mut self, log: &sled::Tree, head: &mut Head) -> Result<(), StoreError> {
-        let mut h = [0u8; 48];
-        h[..8].copy_from_slice(&self.head.next.to_be_bytes());
-        h[8..40].copy_from_slice(&self.head.prev);
-        h[40..].copy_from_slice(&self.head.at.to_be_bytes());
-        self.batch.insert(HEAD_KEY, &h[..]);
-        log.apply_batch(self.batch)?;
-        *head = self.head;
+    /// Writes the frames, then applies the index; the head moves if both
+    /// were done. A failed index leaves the segment as it was.
+    fn apply(mut self, log: &sled::Tree, tail: &mut Tail) -> Result<(), StoreError> {
+        if self.placed.is_empty() {
+            return Ok(());
+        }
+        let writer = tail.writer.as_mut().ok_or_else(|| {
+            StoreError::Corrupt(
+                "the log".into(),
+                "opened to read: nothing is written to it".into(),
+            )
+        })?;
+        let (segment, base) = writer
+            .append(&self.frames, self.first)
+            .map_err(|e| StoreError::Corrupt("the log".into(), format!("appending: {e}")))?;
+        for (seq, off, len) in &self.placed {
+            let at = crate::segments::Location {
+                segment,
+                offset: base + off,
+                len: *len,
+            };
+            self.batch.insert(&key8(b'L', *seq), &at.encode()[..]);
+        }
+        self.head.segment = segment;
+        self.head.end = base + self.frames.len() as u64;
+        self.batch.insert(HEAD_KEY, &self.head.encode()[..]);
+        if let Err(e) = log.apply_batch(self.batch) {
+            writer.truncate(base);
+            return Err(e.into());
+        }
+        tail.head = self.head;
         Ok(())
+    }
+}
+
+/// The index key of an entry found in the segments but not indexed.
+fn index_key(e: &crate::log::Entry<'_>) -> Option<Vec<u8>> {
+    use crate::log::Kind;
+    match e.header.kind {
+        Kind::Session => Some(key8(b'S', e.header.session).to_vec()),
+        Kind::Statements => {
+            let st = crate::log::Statements::read(e.payload).ok()?;
+            let mut k = key8(b'T', e.header.session).to_vec();
+            k.extend_from_slice(&st.first.to_be_bytes());
+            Some(k)
+        }
+        Kind::Approval => {
+            let v: serde_json::Value = serde_json::from_slice(e.payload).ok()?;
+            let id: SessionId = v.get("id")?.as_str()?.parse().ok()?;
+            Some(key8(b'A', id.0).to_vec())
+        }
+        Kind::Agent => None,
     }
 }
 
@@ -641,8 +918,8 @@ impl Store for SledStore {
     fn put_batch(&self, records: &[Record]) -> Result<(), StoreError> {
         use crate::log::Kind;
         let mut progress = sled::Batch::default();
-        let mut head = self.lock_head();
-        let mut out = Appending::new(*head);
+        let mut tail = self.lock_tail();
+        let mut out = Appending::new(tail.head);
         let mut ended = Vec::new();
         let mut payload = Vec::new();
         for r in records {
@@ -696,8 +973,8 @@ impl Store for SledStore {
                 }
             }
         }
-        out.apply(&self.log, &mut head)?;
-        drop(head);
+        out.apply(&self.log, &mut tail)?;
+        drop(tail);
         self.progress.apply_batch(progress)?;
         let mut open = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
         for id in ended {
@@ -758,6 +1035,10 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        if let Some(w) = self.lock_tail().writer.as_mut() {
+            w.sync()
+                .map_err(|e| StoreError::Corrupt("the log".into(), format!("syncing: {e}")))?;
+        }
         self.db.flush()?;
         Ok(())
     }
@@ -766,7 +1047,8 @@ impl Store for SledStore {
         let Some(key) = self.key.get() else {
             return Ok(false);
         };
-        let head = self.lock_head();
+        let tail = self.lock_tail();
+        let head = tail.head;
         let last = match self.log.scan_prefix(b"C").next_back().transpose()? {
             Some((_, note)) => {
                 let note = String::from_utf8_lossy(&note);
@@ -788,8 +1070,8 @@ impl Store for SledStore {
         };
         self.log
             .insert(key8(b'C', cp.size), key.sign(&cp).as_bytes())?;
-        drop(head);
-        self.db.flush()?;
+        drop(tail);
+        self.flush()?;
         Ok(true)
     }
 }
@@ -810,8 +1092,8 @@ impl ApprovalStore for SledStore {
     fn put_request(&self, request: &Request) -> Result<(), StoreError> {
         let value = serde_json::to_vec(request).expect("requests always serialize");
         let session = request.requester.session.map_or(0, |s| s.0);
-        let mut head = self.lock_head();
-        let mut out = Appending::new(*head);
+        let mut tail = self.lock_tail();
+        let mut out = Appending::new(tail.head);
         let seq = out.push(
             crate::log::Kind::Approval,
             session,
@@ -819,9 +1101,9 @@ impl ApprovalStore for SledStore {
             &value,
         );
         out.index(&key8(b'A', request.id.0), seq);
-        out.apply(&self.log, &mut head)?;
-        drop(head);
-        self.log.flush()?;
+        out.apply(&self.log, &mut tail)?;
+        drop(tail);
+        self.flush()?;
         Ok(())
     }
 

@@ -149,7 +149,12 @@ pub fn detached(data_dir: &Path, what: serde_json::Value) -> anyhow::Result<()> 
 /// `statements` statements of `sessions` sessions taking turns (a
 /// pgbench-like read each, prepared or with its values inline), through the agent's recorder with
 /// hashing and checkpoints, and says how fast it went.
-pub fn bench_recorder(dir: &Path, statements: u64, sessions: u32, distinct: bool) -> anyhow::Result<()> {
+pub fn bench_recorder(
+    dir: &Path,
+    statements: u64,
+    sessions: u32,
+    distinct: bool,
+) -> anyhow::Result<()> {
     use std::sync::Arc;
 
     use crate::record::{
@@ -190,11 +195,18 @@ pub fn bench_recorder(dir: &Path, statements: u64, sessions: u32, distinct: bool
             // them (values inline); otherwise the runs of one prepared
             // statement share theirs.
             let text = if distinct {
-                Arc::from(format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", n * 7919 % 100_000))
+                Arc::from(format!(
+                    "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+                    n * 7919 % 100_000
+                ))
             } else {
                 text.clone()
             };
-            let kind = if distinct { StatementKind::Query } else { StatementKind::Execute };
+            let kind = if distinct {
+                StatementKind::Query
+            } else {
+                StatementKind::Execute
+            };
             let mut st = Statement::new(kind, None, text, crate::sql::Class::Read);
             st.seq = *seq;
             st.at = record::now_micros();

@@ -5,6 +5,8 @@
 
 use std::{path::Path, process::Command};
 
+use interceptor::record::log;
+
 use super::*;
 
 /// Runs `interceptor ARGS` with no configuration at all.
@@ -243,20 +245,14 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     let _ = std::fs::remove_dir_all(&away);
 
     // What the log holds of the agent itself.
-    let events = {
-        let db = sled::open(data.join("store")).unwrap();
-        let log = db.open_tree("log").unwrap();
-        let events: Vec<serde_json::Value> = log
-            .scan_prefix(b"L")
-            .map(|i| i.unwrap().1)
-            .filter_map(|v| {
-                let e = interceptor::record::log::parse(&v).unwrap();
-                (e.header.kind == interceptor::record::log::Kind::Agent)
-                    .then(|| serde_json::from_slice(e.payload).unwrap())
-            })
-            .collect();
-        events
-    };
+    let frames = read_frames(&data);
+    let events: Vec<serde_json::Value> = frames
+        .iter()
+        .filter_map(|(_, v)| {
+            let e = log::parse(v).unwrap();
+            (e.header.kind == log::Kind::Agent).then(|| serde_json::from_slice(e.payload).unwrap())
+        })
+        .collect();
     let names: Vec<&str> = events.iter().map(|e| s(&e["event"])).collect();
     assert_eq!(
         names,
@@ -267,29 +263,27 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     assert_eq!(events[4]["clean"], false, "{}", events[4]);
     assert_eq!(events[2]["files"][0]["sha256"].as_str().unwrap().len(), 64);
 
-    // Each tampering on a copy taken with the agent stopped; `verify`
-    // finds it and says where.
-    // How many entries, and the first session entry from the middle on
-    // (it names the echo server's address).
-    let (count, named) = {
-        let db = sled::open(data.join("store")).unwrap();
-        let log = db.open_tree("log").unwrap();
-        let count = log.scan_prefix(b"L").count() as u64;
-        let named = (count / 2..count)
-            .find(|&seq| {
-                let v = log.get(entry_key(seq)).unwrap().unwrap();
-                v.windows(9).any(|w| w == b"127.0.0.1")
-            })
-            .unwrap();
-        (count, named)
-    };
-    let tamper = |name: &str, f: &dyn Fn(&sled::Tree), wants: &[&str]| {
+    // Each tampering on a copy taken with the agent stopped, in the log's
+    // files and in sled; `verify` finds it and says where.
+    let count = frames.len() as u64;
+    // The first session entry from the middle on (it names the echo
+    // server's address).
+    let named = (count / 2..count)
+        .find(|&seq| frames[seq as usize].1.windows(9).any(|w| w == b"127.0.0.1"))
+        .unwrap();
+    type Frames = Vec<(u64, Vec<u8>)>;
+    let tamper = |name: &str, f: &dyn Fn(&sled::Tree, &mut Frames), wants: &[&str]| {
         let copy = agent.dir.join(format!("tampered-{name}"));
         copy_dir(&data, &copy);
+        let mut frames = read_frames(&copy);
+        let before = frames.clone();
         {
             let db = sled::open(copy.join("store")).unwrap();
-            f(&db.open_tree("log").unwrap());
+            f(&db.open_tree("log").unwrap(), &mut frames);
             db.flush().unwrap();
+        }
+        if frames != before {
+            write_frames(&copy, &frames);
         }
         let (code, text) = verify(&copy, &vkey);
         assert_eq!(code, 1, "{name}: {text}");
@@ -301,11 +295,10 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     let mid = count / 2;
     tamper(
         "changed",
-        &|t| {
-            let mut v = t.get(entry_key(named)).unwrap().unwrap().to_vec();
+        &|_, f| {
+            let v = &mut f[named as usize].1;
             let at = v.windows(9).position(|w| w == b"127.0.0.1").unwrap();
             v[at + 8] = b'2';
-            t.insert(entry_key(named), v).unwrap();
         },
         &[&format!(
             "entry {} does not name the hash of entry {named}",
@@ -314,18 +307,17 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     );
     tamper(
         "deleted",
-        &|t| {
-            t.remove(entry_key(mid)).unwrap();
+        &|_, f| {
+            f.remove(mid as usize);
         },
         &[&format!("entry {mid} is missing")],
     );
     tamper(
         "swapped",
-        &|t| {
-            let a = t.get(entry_key(mid)).unwrap().unwrap();
-            let b = t.get(entry_key(mid + 1)).unwrap().unwrap();
-            t.insert(entry_key(mid), b).unwrap();
-            t.insert(entry_key(mid + 1), a).unwrap();
+        &|_, f| {
+            let (a, b) = (f[mid as usize].1.clone(), f[mid as usize + 1].1.clone());
+            f[mid as usize].1 = b;
+            f[mid as usize + 1].1 = a;
         },
         &[&format!(
             "entry {mid} does not name the hash of entry {}",
@@ -334,10 +326,8 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     );
     tamper(
         "appended",
-        &|t| {
-            use interceptor::record::log;
-            let last = t.get(entry_key(count - 1)).unwrap().unwrap();
-            let e = log::parse(&last).unwrap();
+        &|_, f| {
+            let e = log::parse(&f[count as usize - 1].1).unwrap();
             let h = log::Header {
                 prev: e.link(count - 1),
                 at: e.header.at + 1,
@@ -345,7 +335,7 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
             };
             let mut out = Vec::new();
             log::encode(&mut out, &h, br#"{"event":"gap"}"#);
-            t.insert(entry_key(count), out).unwrap();
+            f.push((count, out));
         },
         &[&format!(
             "entries {count}–{count} come after the checkpoint of the agent's stop"
@@ -353,10 +343,8 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     );
     tamper(
         "cut",
-        &|t| {
-            for seq in count - 3..count {
-                t.remove(entry_key(seq)).unwrap();
-            }
+        &|_, f| {
+            f.truncate(count as usize - 3);
         },
         &[&format!(
             "seals entries up to {}, but the log ends at entry {}",
@@ -366,7 +354,7 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
     );
     tamper(
         "resigned",
-        &|t| {
+        &|t, _| {
             use interceptor::record::seal::{Checkpoint, NodeKey, PublicKey};
             let (k, note) = t.scan_prefix(b"C").next_back().unwrap().unwrap();
             let note = String::from_utf8(note.to_vec()).unwrap();
@@ -380,5 +368,48 @@ fn the_store_verifies_in_place_and_every_tampering_is_found_where_it_was_done() 
         },
         &[&format!("checkpoint {count}: it is not signed by key")],
     );
+    // sled edited: an index row changed, one deleted, two swapped.
+    tamper(
+        "index",
+        &|t, _| {
+            let (k, _) = t.scan_prefix(b"S").next().unwrap().unwrap();
+            t.insert(k, &0u64.to_be_bytes()).unwrap();
+            t.remove(entry_key(mid)).unwrap();
+            let (a, b) = (
+                t.get(entry_key(mid + 2)).unwrap().unwrap(),
+                t.get(entry_key(mid + 3)).unwrap().unwrap(),
+            );
+            t.insert(entry_key(mid + 2), b).unwrap();
+            t.insert(entry_key(mid + 3), a).unwrap();
+        },
+        &[
+            "names entry 0, which is not its record",
+            &format!("the index does not put entry {mid} where it is"),
+            &format!("the index does not put entry {} where it is", mid + 2),
+            &format!("the index does not put entry {} where it is", mid + 3),
+        ],
+    );
     drop(agent);
+}
+
+/// Every frame of the log's segment files in `data`: seq and entry.
+fn read_frames(data: &Path) -> Vec<(u64, Vec<u8>)> {
+    interceptor::record::segments::Frames::all(&data.join("log"))
+        .unwrap()
+        .map(|f| f.map(|f| (f.seq, f.entry)).unwrap())
+        .collect()
+}
+
+/// Writes `frames` as the log's one segment, in place of what was there.
+fn write_frames(data: &Path, frames: &[(u64, Vec<u8>)]) {
+    use interceptor::record::segments;
+    let dir = data.join("log");
+    for s in segments::segments(&dir).unwrap() {
+        std::fs::remove_file(segments::segment_path(&dir, s)).unwrap();
+    }
+    let mut out = Vec::new();
+    for (seq, e) in frames {
+        segments::frame(&mut out, *seq, e);
+    }
+    std::fs::write(segments::segment_path(&dir, frames[0].0), out).unwrap();
 }

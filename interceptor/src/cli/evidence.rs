@@ -183,7 +183,8 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("creating {}", partial.display()))?,
         )
     };
-    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} entries {per_sec} {eta}")
             .expect("a valid template"),
@@ -389,7 +390,9 @@ fn timeline(store: &SledStore, id: SessionId) -> anyhow::Result<Vec<Moment>> {
             s.target.as_deref().unwrap_or("-"),
             s.original_dst.as_deref().unwrap_or("-"),
             s.rule.as_deref().unwrap_or("-"),
-            s.approval.as_ref().map_or(String::new(), |r| format!(" (approval request {r})")),
+            s.approval
+                .as_ref()
+                .map_or(String::new(), |r| format!(" (approval request {r})")),
         ),
         json: json!({"workload": s.workload, "identity": s.identity, "pid": s.pid, "exe": s.exe,
             "target": s.target, "destination": s.original_dst, "decision": decided, "rule": s.rule,
@@ -411,8 +414,11 @@ fn timeline(store: &SledStore, id: SessionId) -> anyhow::Result<Vec<Moment>> {
                 st.kind,
                 st.class,
                 st.tables.join(","),
-                st.rule.as_ref().map_or(String::new(), |r| format!(" by {r}")),
-                st.duration_us.map_or(String::new(), |d| format!(" in {d} µs")),
+                st.rule
+                    .as_ref()
+                    .map_or(String::new(), |r| format!(" by {r}")),
+                st.duration_us
+                    .map_or(String::new(), |d| format!(" in {d} µs")),
                 st.text.replace('\n', " "),
             ),
             json: serde_json::to_value(&st)?,
@@ -425,7 +431,12 @@ fn timeline(store: &SledStore, id: SessionId) -> anyhow::Result<Vec<Moment>> {
         out.push(Moment {
             at: r.created_at,
             what: "requested",
-            text: format!("approval request {} by rule {} ({})", r.id, r.rule, r.status.as_str()),
+            text: format!(
+                "approval request {} by rule {} ({})",
+                r.id,
+                r.rule,
+                r.status.as_str()
+            ),
             json: json!({"request": r.id, "rule": r.rule, "asked": r.asked}),
         });
         for a in &r.approvals {
@@ -441,7 +452,9 @@ fn timeline(store: &SledStore, id: SessionId) -> anyhow::Result<Vec<Moment>> {
                 json: json!({"request": r.id, "by": a.person, "comment": a.comment, "break_glass": a.break_glass}),
             });
         }
-        if let (Some(d), Status::Approved | Status::Denied | Status::Expired) = (&r.decided, r.status) {
+        if let (Some(d), Status::Approved | Status::Denied | Status::Expired) =
+            (&r.decided, r.status)
+        {
             out.push(Moment {
                 at: d.at,
                 what: "decided",
@@ -465,7 +478,9 @@ fn timeline(store: &SledStore, id: SessionId) -> anyhow::Result<Vec<Moment>> {
                 s.bytes_up,
                 s.bytes_down,
                 s.statements,
-                s.detail.as_ref().map_or(String::new(), |d| format!(": {d}"))
+                s.detail
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(": {d}"))
             ),
             json: json!({"outcome": s.outcome, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
                 "statements": s.statements, "detail": s.detail}),
