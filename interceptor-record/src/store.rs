@@ -1440,3 +1440,69 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+
+    fn reopen(dir: &Path) -> SledStore {
+        for _ in 0..50 {
+            if let Ok(s) = SledStore::open(dir) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SledStore::open(dir).unwrap()
+    }
+
+    fn event(n: u32) -> Record {
+        Record::Agent(serde_json::json!({"event": "test", "n": n}))
+    }
+
+    /// A crash between writing a batch's frames and indexing them leaves
+    /// whole entries past the store's head: the next open indexes them. A
+    /// frame cut short is cut off, and the log goes on where it ended.
+    #[test]
+    fn a_crashed_write_is_mended_at_open() {
+        let dir = std::env::temp_dir().join(format!("icpt-recover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let s = SledStore::open(&dir).unwrap();
+            s.put_batch(&[event(0), event(1)]).unwrap();
+            s.flush().unwrap();
+        }
+        // sled as it was after the first batch; the log gets a second.
+        let saved = dir.join("saved");
+        copy_dir(&dir.join("store"), &saved).unwrap();
+        {
+            let s = reopen(&dir);
+            s.put_batch(&[event(2), event(3)]).unwrap();
+            s.flush().unwrap();
+        }
+        std::fs::remove_dir_all(dir.join("store")).unwrap();
+        std::fs::rename(&saved, dir.join("store")).unwrap();
+        // And half a frame more.
+        let seg = crate::segments::segment_path(&dir.join("log"), 0);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, &[0, 0, 1, 0, 0, 0]).unwrap();
+        drop(f);
+
+        let s = reopen(&dir);
+        let note = s.recovered.clone().unwrap();
+        assert!(note.contains("2 entries written whole"), "{note}");
+        assert!(note.contains("6 bytes at the end of segment 0"), "{note}");
+        assert_eq!(s.found_head().unwrap().next, 4);
+        s.put_batch(&[event(4)]).unwrap();
+        s.flush().unwrap();
+        let seqs: Vec<u64> = s.entries(0).map(|r| r.unwrap().0).collect();
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+        let report = s.audit(None).unwrap();
+        assert!(report.intact(), "{report:#?}");
+        assert_eq!(
+            s.entry(3).unwrap().map(|e| e.len()),
+            s.entries(3).next().map(|r| r.unwrap().1.len())
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

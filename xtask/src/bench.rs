@@ -25,6 +25,7 @@ use crate::{agent::Agent, cargo, pg::free_port, require_root, root, run as run_c
 
 mod engine;
 mod memory;
+mod recorder;
 
 const RR_RATE: u64 = 2000; // requests per second on the persistent connection
 const RR_COUNT: u64 = 10_000;
@@ -65,10 +66,11 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             engine::engine()
         }
+        Some("recorder") => recorder::recorder(&args[1..]),
         Some("client") => client(&args[1..]),
         Some("server") => server(),
         _ => bail!(
-            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS] | memory [SETTINGS] | engine> \
+            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS] | memory [SETTINGS] | engine | recorder [--statements N]> \
              (SETTINGS: --busy-poll-us N, --workers N)"
         ),
     }
