@@ -93,6 +93,8 @@ pub struct SledStore {
     db: sled::Db,
     log: sled::Tree,
     progress: sled::Tree,
+    /// Sink name → the next seq it is to deliver.
+    cursors: sled::Tree,
     /// The segment files' directory.
     log_dir: std::path::PathBuf,
     tail: Mutex<Tail>,
@@ -237,6 +239,7 @@ impl SledStore {
         })?;
         let log = db.open_tree("log")?;
         let progress = db.open_tree("progress")?;
+        let cursors = db.open_tree("cursors")?;
         let head = log
             .get(HEAD_KEY)?
             .and_then(|v| Head::decode(&v))
@@ -245,6 +248,7 @@ impl SledStore {
             db,
             log,
             progress,
+            cursors,
             log_dir,
             tail: Mutex::new(Tail { head, writer: None }),
             workloads: Mutex::default(),
@@ -450,6 +454,32 @@ impl SledStore {
 
     fn lock_tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where sink `name` is: the next seq it is to deliver.
+    pub fn cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.cursors.get(name)?.and_then(|v| seq_of(&v)))
+    }
+
+    /// Moves sink `name`'s cursor, durably.
+    pub fn set_cursor(&self, name: &str, next: u64) -> Result<(), StoreError> {
+        self.cursors.insert(name, &next.to_be_bytes())?;
+        self.cursors.flush()?;
+        Ok(())
+    }
+
+    /// Every sink's cursor.
+    pub fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.cursors
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    seq_of(&v).unwrap_or(0),
+                ))
+            })
+            .collect()
     }
 
     /// The directory of the log's segment files.

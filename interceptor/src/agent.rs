@@ -108,13 +108,20 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     let (recorder, writer) = Recorder::start(store_dyn.clone());
     let service = approvals(&config, &data_dir, store.clone())?;
     let requesters = Arc::new(crate::approvals::Requesters::default());
+    let sinks = crate::sinks::Sinks::start(
+        store.clone(),
+        &config.export.sinks,
+        &crate::evidence::origin(),
+    )
+    .context("starting the export sinks")?;
     api::serve(
         &api::socket_path(&data_dir),
         store_dyn,
         config_path.display().to_string(),
-        api::Approvals {
+        api::Served {
             service: service.clone(),
             requesters: requesters.clone(),
+            sinks: sinks.states.clone(),
         },
     )?;
 
@@ -181,6 +188,16 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     }
     let orphans = store.close_orphans()?;
     crate::evidence::stop(&store, orphans)?;
+    // The sinks take the last entries (the stop) while their receivers
+    // answer, for a moment; what they do not is sent after the next start.
+    let end = store.found_head()?.next;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline
+        && sinks.status().iter().any(|s| s.up && s.cursor < end)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    sinks.stop();
     info!(interrupted = orphans, "agent stopped");
     let _ = std::fs::remove_file(socket);
     Ok(())

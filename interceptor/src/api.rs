@@ -26,12 +26,13 @@ use crate::{
     record::{approval::Channel, Filter, Session, SessionId, Statement, Store},
 };
 
-/// What the API serves besides sessions: approvals (if configured), and
-/// who started which process.
+/// What the API serves besides sessions: approvals (if configured), who
+/// started which process, and the sinks' state.
 #[derive(Clone)]
-pub struct Approvals {
+pub struct Served {
     pub service: Option<Arc<Service>>,
     pub requesters: Arc<Requesters>,
+    pub sinks: Vec<Arc<std::sync::Mutex<crate::sinks::SinkStatus>>>,
 }
 
 pub const SOCKET_NAME: &str = "agent.sock";
@@ -72,6 +73,8 @@ pub enum Response {
     Status {
         pid: u32,
         config: String,
+        #[serde(default)]
+        sinks: Vec<crate::sinks::SinkStatus>,
     },
     Approvals {
         reply: Reply,
@@ -101,7 +104,7 @@ pub fn serve(
     path: &Path,
     store: Arc<dyn Store>,
     config_path: String,
-    approvals: Approvals,
+    approvals: Served,
 ) -> Result<(), ApiError> {
     let io = |e| ApiError::Io(path.to_path_buf(), e);
     if path.exists() {
@@ -127,7 +130,7 @@ fn handle(
     conn: UnixStream,
     store: &dyn Store,
     config_path: &str,
-    approvals: &Approvals,
+    approvals: &Served,
 ) -> std::io::Result<()> {
     let cred = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(std::io::Error::from)?;
@@ -162,6 +165,11 @@ fn handle(
         Ok(Request::Status) => Response::Status {
             pid: std::process::id(),
             config: config_path.to_owned(),
+            sinks: approvals
+                .sinks
+                .iter()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect(),
         },
         Ok(Request::Approvals { call, token }) => match &approvals.service {
             None => Response::Error {
@@ -185,7 +193,7 @@ fn handle(
 
 /// Registers the person `token` names as the one who started process
 /// `pid` (the caller, as the kernel says).
-fn requester(approvals: &Approvals, token: &str, pid: i32) -> Response {
+fn requester(approvals: &Served, token: &str, pid: i32) -> Response {
     let Some(service) = &approvals.service else {
         return Response::Error {
             message: "approvals are not configured on this agent ([approvals] in its config)"

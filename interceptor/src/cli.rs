@@ -103,6 +103,14 @@ pub enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
+    /// Whether the agent runs, and its export sinks: delivered up to
+    /// where, behind by how much, up or down since when.
+    Status {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// The node's signing key.
     Key {
         #[command(subcommand)]
@@ -299,6 +307,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Approvals { command } => {
             output_to_pipes();
             approvals::run(command)
+        }
+        Command::Status { store, json } => {
+            output_to_pipes();
+            status(&store, json)
         }
         Command::Key { command } => {
             output_to_pipes();
@@ -597,6 +609,56 @@ fn close_inherited(keep: &[i32]) -> anyhow::Result<Vec<i32>> {
         }
     }
     Ok(sockets)
+}
+
+/// `interceptor status`: the running agent and its sinks (exit 1 when it
+/// is not running, or a sink is down).
+fn status(store: &StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let data_dir = store.data_dir()?;
+    let Some(resp) = api::call(&data_dir, &Request::Status)? else {
+        if json {
+            println!("{}", serde_json::json!({"running": false}));
+        } else {
+            println!("the agent is not running ({})", data_dir.display());
+        }
+        return Ok(ExitCode::from(1));
+    };
+    let Response::Status { pid, config, sinks } = resp else {
+        bail!("unexpected answer from the agent: {resp:?}");
+    };
+    let down = sinks.iter().any(|s| !s.up);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"running": true, "pid": pid, "config": config, "sinks": sinks})
+            )?
+        );
+    } else {
+        println!("agent running: pid {pid}, config {config}");
+        if sinks.is_empty() {
+            println!("no export sinks");
+        }
+        for s in &sinks {
+            println!(
+                "sink {:<16} {:<7} {:<5} since {}  next entry {}, {} behind{}",
+                s.name,
+                s.kind,
+                if s.up { "up" } else { "DOWN" },
+                s.since,
+                s.cursor,
+                s.behind,
+                s.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!("  ({e})"))
+            );
+        }
+    }
+    Ok(if down {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Fetches from the running agent, or from the store when none answers.

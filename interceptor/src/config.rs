@@ -286,6 +286,219 @@ pub struct Webhook {
     pub url: String,
 }
 
+/// `[store]`: how much of the evidence log is kept.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Entries older than this are pruned (`30d`, `12h`); none: kept.
+    #[serde(default)]
+    pub retain: Option<String>,
+    /// The oldest entries are pruned while the log is larger than this
+    /// (`10GiB`, `500MiB`), even those a sink has not delivered yet.
+    #[serde(default)]
+    pub max_size: Option<String>,
+    #[serde(skip_deserializing)]
+    pub retain_s: Option<u64>,
+    #[serde(skip_deserializing)]
+    pub max_bytes: Option<u64>,
+}
+
+/// `[[export.sink]]`: where the log's events are streamed, each as OCSF
+/// JSON with its `seq`, index and session.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<Sink>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sink {
+    /// Names the sink's cursor: renaming a sink starts it over.
+    pub name: String,
+    /// `syslog` (RFC 5424 over TCP, octet-counted), `otlp` (OTLP/HTTP
+    /// logs, protobuf) or `file` (JSON Lines, rotated by size).
+    pub kind: String,
+    /// syslog: the receiver's `host:port`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// syslog: speak TLS, trusting `ca_file` (the system's roots if none)
+    /// for `server_name` (the address's host if none).
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// otlp: the logs endpoint (`http://collector:4318/v1/logs`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// file: the file written; rotated to `path.1`, `path.2`… once
+    /// larger than `max_size` (default 100MiB), `keep` (default 5) kept.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub max_size: Option<String>,
+    #[serde(default)]
+    pub keep: Option<u32>,
+    /// Where a new sink starts: `start` (the oldest entry kept: default)
+    /// or `now`.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// `500MiB`, `10GiB`, `64KiB`, `2GB`, or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (like 500MiB or 10GiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}` (use KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+impl StoreSection {
+    fn checked(mut self, src: &Source<'_>) -> Result<Self, FileError> {
+        let at = |key: &str| src.key_span(key).or_else(|| src.key_span("store"));
+        if let Some(r) = &self.retain {
+            let d = crate::record::parse_duration(r)
+                .map_err(|e| src.error_at(at("retain"), format!("store.retain: {e}")))?;
+            if d.as_secs() < 3600 {
+                return Err(src.error_at(at("retain"), "store.retain must be at least 1h"));
+            }
+            self.retain_s = Some(d.as_secs());
+        }
+        if let Some(m) = &self.max_size {
+            let b = parse_size(m)
+                .map_err(|e| src.error_at(at("max_size"), format!("store.max_size: {e}")))?;
+            if b < 64 << 20 {
+                return Err(src.error_at(
+                    at("max_size"),
+                    "store.max_size must be at least 64MiB (a segment of the log)",
+                ));
+            }
+            self.max_bytes = Some(b);
+        }
+        Ok(self)
+    }
+}
+
+impl ExportSection {
+    fn checked(self, src: &Source<'_>, base: &Path) -> Result<Self, FileError> {
+        let at = |key: &str| src.key_span(key).or_else(|| src.key_span("sink"));
+        let mut names = HashSet::new();
+        let mut sinks = Vec::new();
+        for mut k in self.sinks {
+            let bad = |what: String| {
+                src.error_at(at("kind"), format!("export sink `{}`: {what}", k.name))
+            };
+            if !valid_name(&k.name) || !names.insert(k.name.clone()) {
+                return Err(src.error_at(
+                    at("name"),
+                    format!(
+                        "export sink name `{}` is not a plain name, or is used twice",
+                        k.name
+                    ),
+                ));
+            }
+            let has = |f: bool, field: &str| {
+                if f {
+                    Ok(())
+                } else {
+                    Err(bad(format!("needs `{field}`")))
+                }
+            };
+            match k.kind.as_str() {
+                "syslog" => {
+                    has(k.address.is_some(), "address")?;
+                    let a = k.address.as_deref().unwrap_or_default();
+                    if a.rsplit_once(':')
+                        .and_then(|(_, p)| p.parse::<u16>().ok())
+                        .is_none()
+                    {
+                        return Err(bad(format!("address `{a}` is not host:port")));
+                    }
+                    if !k.tls && (k.ca_file.is_some() || k.server_name.is_some()) {
+                        return Err(bad("ca_file and server_name are for `tls = true`".into()));
+                    }
+                }
+                "otlp" => {
+                    has(k.endpoint.is_some(), "endpoint")?;
+                    let e = k.endpoint.as_deref().unwrap_or_default();
+                    if !e.starts_with("http://") && !e.starts_with("https://") {
+                        return Err(bad(format!("endpoint `{e}` is not an http(s) URL")));
+                    }
+                }
+                "file" => {
+                    has(k.path.is_some(), "path")?;
+                    if let Some(m) = &k.max_size {
+                        parse_size(m).map_err(|e| bad(format!("max_size: {e}")))?;
+                    }
+                    if k.keep == Some(0) {
+                        return Err(bad("keep must be at least 1".into()));
+                    }
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown kind `{other}` (use syslog, otlp or file)"
+                    )))
+                }
+            }
+            let fields_of = |kind: &str| -> &[&str] {
+                match kind {
+                    "syslog" => &["address", "tls", "ca_file", "server_name"],
+                    "otlp" => &["endpoint"],
+                    _ => &["path", "max_size", "keep"],
+                }
+            };
+            let given = [
+                ("address", k.address.is_some()),
+                ("tls", k.tls),
+                ("ca_file", k.ca_file.is_some()),
+                ("server_name", k.server_name.is_some()),
+                ("endpoint", k.endpoint.is_some()),
+                ("path", k.path.is_some()),
+                ("max_size", k.max_size.is_some()),
+                ("keep", k.keep.is_some()),
+            ];
+            for (field, set) in given {
+                if set && !fields_of(&k.kind).contains(&field) {
+                    return Err(bad(format!(
+                        "`{field}` is not a setting of a {} sink",
+                        k.kind
+                    )));
+                }
+            }
+            if !matches!(k.from.as_deref(), None | Some("start") | Some("now")) {
+                return Err(bad("from must be `start` or `now`".into()));
+            }
+            k.ca_file = k.ca_file.map(|f| base.join(f));
+            k.path = k.path.map(|f| base.join(f));
+            sinks.push(k);
+        }
+        Ok(ExportSection { sinks })
+    }
+}
+
 /// Signature algorithms an approver's token may use: never `none` nor a
 /// shared-secret one.
 pub const APPROVER_ALGORITHMS: [&str; 3] = ["RS256", "ES256", "EdDSA"];
@@ -572,6 +785,10 @@ struct RawConfig {
     agent: AgentSection,
     #[serde(default)]
     approvals: Option<ApprovalsSection>,
+    #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
+    export: ExportSection,
     #[serde(default, rename = "workload")]
     workloads: Vec<RawWorkload>,
     #[serde(default, rename = "target")]
@@ -585,6 +802,10 @@ pub struct Config {
     pub agent: AgentSection,
     /// Just-in-time approval (none: review rules are refused at load).
     pub approvals: Option<ApprovalsSection>,
+    /// How much of the evidence log is kept.
+    pub store: StoreSection,
+    /// Where the log's events are streamed.
+    pub export: ExportSection,
     pub workloads: Vec<Workload>,
     pub targets: Vec<Target>,
 }
@@ -765,10 +986,14 @@ impl Config {
             targets.push(target);
         }
         let approvals = raw.approvals.map(|a| a.checked(&src, base)).transpose()?;
+        let store = raw.store.checked(&src)?;
+        let export = raw.export.checked(&src, base)?;
         Ok(Config {
             path: path.to_path_buf(),
             agent,
             approvals,
+            store,
+            export,
             workloads,
             targets,
         })

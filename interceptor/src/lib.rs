@@ -23,6 +23,7 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod redirect;
+pub mod sinks;
 
 /// SQL as the server reads it, and the redaction scanner: their own crate
 /// (see `interceptor-sql`), under the agent's paths.

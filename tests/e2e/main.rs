@@ -8,6 +8,7 @@ mod evidence;
 mod faults;
 mod harness;
 mod resources;
+mod sinks;
 
 use std::time::{Duration, Instant};
 
