@@ -20,7 +20,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// A segment is closed, and the next begun, once it holds this much.
+/// A segment is closed, and the next begun, once it holds this much (the
+/// default of `[store] segment_size`).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Bytes before a frame's entry.
 pub const FRAME_HEAD: usize = 4 + 8;
@@ -94,6 +95,8 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
 /// Appends frames to the newest segment; begins a new one when it is full.
 pub struct Writer {
     dir: PathBuf,
+    /// A segment is closed once it holds this much.
+    pub segment_bytes: u64,
     /// The open segment: its first seq, the file, and its length.
     current: Option<(u64, File, u64)>,
 }
@@ -118,6 +121,7 @@ impl Writer {
         };
         Ok(Writer {
             dir: dir.to_owned(),
+            segment_bytes: SEGMENT_BYTES,
             current,
         })
     }
@@ -128,7 +132,7 @@ impl Writer {
         let full = self
             .current
             .as_ref()
-            .is_none_or(|(_, _, len)| *len >= SEGMENT_BYTES);
+            .is_none_or(|(_, _, len)| *len >= self.segment_bytes);
         if full {
             if let Some((_, f, _)) = &self.current {
                 f.sync_data()?;

@@ -116,6 +116,15 @@ struct Tail {
     writer: Option<crate::segments::Writer>,
 }
 
+/// What a pruning removed: entries `from..=through`, in whole segments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub from: u64,
+    pub through: u64,
+    pub segments: u64,
+    pub bytes: u64,
+}
+
 /// Who ran a session's statements, as its statements' entries say.
 #[derive(Debug, Clone)]
 struct Who {
@@ -454,6 +463,92 @@ impl SledStore {
 
     fn lock_tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes segments once they hold `bytes` (`[store] segment_size`).
+    pub fn set_segment_bytes(&self, bytes: u64) {
+        if let Some(w) = self.lock_tail().writer.as_mut() {
+            w.segment_bytes = bytes.max(1);
+        }
+    }
+
+    /// The log's segments: the first seq of each, and its size in bytes,
+    /// oldest first.
+    pub fn segments(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        let dir = &self.log_dir;
+        crate::segments::segments(dir)
+            .map_err(|e| io_err(dir, e))?
+            .into_iter()
+            .map(|first| {
+                let path = crate::segments::segment_path(dir, first);
+                let len = std::fs::metadata(&path)
+                    .map_err(|e| io_err(&path, e))?
+                    .len();
+                Ok((first, len))
+            })
+            .collect()
+    }
+
+    /// Removes the segments wholly before `cut` (never the one being
+    /// written), the index rows of their entries, and the checkpoints that
+    /// seal only them (the newest of those stays). The caller records the
+    /// pruning in the log (an agent `prune` event): the log stays
+    /// verifiable from its first kept entry.
+    pub fn prune(&self, cut: u64) -> Result<Pruned, StoreError> {
+        let segments = self.segments()?;
+        let writing = self.lock_tail().head.segment;
+        let mut removed = Vec::new();
+        for (i, (start, len)) in segments.iter().enumerate() {
+            let end = segments.get(i + 1).map_or(u64::MAX, |n| n.0);
+            if end > cut || *start == writing {
+                break;
+            }
+            removed.push((*start, end, *len));
+        }
+        let (Some(oldest), Some(last)) = (removed.first(), removed.last()) else {
+            return Ok(Pruned::default());
+        };
+        let kept = last.1;
+        let pruned = Pruned {
+            from: oldest.0,
+            through: kept - 1,
+            segments: removed.len() as u64,
+            bytes: removed.iter().map(|r| r.2).sum(),
+        };
+        *self.reading.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(key8(b'L', 0)..key8(b'L', kept)) {
+            batch.remove(item?.0);
+        }
+        self.log.apply_batch(batch)?;
+        for prefix in [b"S", b"T", b"A"] {
+            for item in self.log.scan_prefix(prefix) {
+                let (k, v) = item?;
+                if seq_of(&v).is_some_and(|s| s < kept) {
+                    // Only if no newer entry took its place meanwhile.
+                    let _ = self
+                        .log
+                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?;
+                }
+            }
+        }
+        let sealed: Vec<u64> = self
+            .checkpoints()
+            .filter_map(|c| c.ok().map(|(size, _)| size))
+            .take_while(|&size| size <= kept)
+            .collect();
+        for size in sealed.iter().rev().skip(1) {
+            self.log.remove(key8(b'C', *size))?;
+        }
+        self.flush()?;
+        for (start, _, _) in &removed {
+            let path = crate::segments::segment_path(&self.log_dir, *start);
+            std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+        }
+        std::fs::File::open(&self.log_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&self.log_dir, e))?;
+        Ok(pruned)
     }
 
     /// Where sink `name` is: the next seq it is to deliver.
@@ -1532,6 +1627,60 @@ mod recovery_tests {
             s.entry(3).unwrap().map(|e| e.len()),
             s.entries(3).next().map(|r| r.unwrap().1.len())
         );
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Pruning removes whole old segments and their index; with its record
+    /// in the log, the log verifies from its first kept entry; without it,
+    /// the cut shows.
+    #[test]
+    fn pruned_segments_leave_a_log_that_verifies_from_its_first_kept_entry() {
+        let dir = std::env::temp_dir().join(format!("icpt-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = SledStore::open(&dir).unwrap();
+        s.set_key(crate::seal::NodeKey::from_seed([4; 32], "t/interceptor"))
+            .unwrap();
+        s.set_segment_bytes(400);
+        let ids = SessionIds::default();
+        let old = ids.next();
+        let mut session = Session::new(old, "127.0.0.1:1".into());
+        session.workload = Some("web".into());
+        s.put_batch(&[Record::Session(Box::new(session))]).unwrap();
+        for n in 0..40 {
+            s.put_batch(&[event(n)]).unwrap();
+        }
+        s.seal().unwrap();
+        let segments = s.segments().unwrap();
+        assert!(segments.len() > 5, "{segments:?}");
+        let p = s.prune(20).unwrap();
+        assert_eq!(p.from, 0);
+        assert!(p.through < 20 && p.segments >= 2, "{p:?}");
+        assert_eq!(s.first_kept().unwrap(), p.through + 1);
+        assert!(
+            s.get(old).unwrap().is_none(),
+            "a session wholly pruned is gone from the index"
+        );
+        assert_eq!(
+            s.segments().unwrap().len() as u64,
+            segments.len() as u64 - p.segments
+        );
+        let unrecorded = s.audit(None).unwrap();
+        assert!(
+            unrecorded
+                .findings
+                .iter()
+                .any(|f| f.contains("no pruning record")),
+            "{unrecorded:#?}"
+        );
+        s.put_batch(&[Record::Agent(
+            serde_json::json!({"event": "prune", "through": p.through}),
+        )])
+        .unwrap();
+        s.seal().unwrap();
+        let report = s.audit(None).unwrap();
+        assert!(report.intact(), "{report:#?}");
+        assert_eq!(report.first, Some(p.through + 1));
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -106,6 +106,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
 
     let store_dyn: Arc<dyn Store> = store.clone();
     let (recorder, writer) = Recorder::start(store_dyn.clone());
+    store.set_segment_bytes(config.store.segment_bytes);
     let service = approvals(&config, &data_dir, store.clone())?;
     let requesters = Arc::new(crate::approvals::Requesters::default());
     let sinks = crate::sinks::Sinks::start(
@@ -114,6 +115,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         &crate::evidence::origin(),
     )
     .context("starting the export sinks")?;
+    start_retention(store.clone(), &config);
     api::serve(
         &api::socket_path(&data_dir),
         store_dyn,
@@ -232,6 +234,27 @@ fn approvals(
         crate::approvals::https::serve(listen, tls, service.clone())?;
     }
     Ok(Some(service))
+}
+
+/// Runs the store's retention now and every [`crate::evidence::RETENTION_EVERY`],
+/// on a thread of its own, if `[store]` asks for any.
+fn start_retention(store: Arc<SledStore>, config: &Config) {
+    let cfg = config.store.clone();
+    if cfg.retain_s.is_none() && cfg.max_bytes.is_none() {
+        return;
+    }
+    let sinks: Vec<String> = config.export.sinks.iter().map(|s| s.name.clone()).collect();
+    let spawned = std::thread::Builder::new()
+        .name("retention".into())
+        .spawn(move || loop {
+            if let Err(e) = crate::evidence::retention(&store, &cfg, &sinks) {
+                error!(error = %e, "pruning the log failed");
+            }
+            std::thread::sleep(crate::evidence::RETENTION_EVERY);
+        });
+    if let Err(e) = spawned {
+        error!(error = %e, "cannot start the store's retention");
+    }
 }
 
 /// The 32 random bytes in `path`, made (mode 0600) if it is not there.

@@ -287,7 +287,7 @@ pub struct Webhook {
 }
 
 /// `[store]`: how much of the evidence log is kept.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// Entries older than this are pruned (`30d`, `12h`); none: kept.
@@ -297,10 +297,20 @@ pub struct StoreSection {
     /// (`10GiB`, `500MiB`), even those a sink has not delivered yet.
     #[serde(default)]
     pub max_size: Option<String>,
+    /// The log's files are this large (`64MiB`); pruning removes whole
+    /// files, so the log keeps up to one more than `max_size` allows.
+    #[serde(default)]
+    pub segment_size: Option<String>,
     #[serde(skip_deserializing)]
     pub retain_s: Option<u64>,
     #[serde(skip_deserializing)]
     pub max_bytes: Option<u64>,
+    #[serde(skip_deserializing, default = "default_segment")]
+    pub segment_bytes: u64,
+}
+
+fn default_segment() -> u64 {
+    crate::record::segments::SEGMENT_BYTES
 }
 
 /// `[[export.sink]]`: where the log's events are streamed, each as OCSF
@@ -376,24 +386,52 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            retain: None,
+            max_size: None,
+            segment_size: None,
+            retain_s: None,
+            max_bytes: None,
+            segment_bytes: default_segment(),
+        }
+    }
+}
+
 impl StoreSection {
     fn checked(mut self, src: &Source<'_>) -> Result<Self, FileError> {
         let at = |key: &str| src.key_span(key).or_else(|| src.key_span("store"));
         if let Some(r) = &self.retain {
             let d = crate::record::parse_duration(r)
                 .map_err(|e| src.error_at(at("retain"), format!("store.retain: {e}")))?;
-            if d.as_secs() < 3600 {
-                return Err(src.error_at(at("retain"), "store.retain must be at least 1h"));
+            if d.as_secs() < 60 {
+                return Err(src.error_at(at("retain"), "store.retain must be at least 1m"));
             }
             self.retain_s = Some(d.as_secs());
+        }
+        if let Some(m) = &self.segment_size {
+            let b = parse_size(m).map_err(|e| {
+                src.error_at(at("segment_size"), format!("store.segment_size: {e}"))
+            })?;
+            if !(64 << 10..=1 << 30).contains(&b) {
+                return Err(src.error_at(
+                    at("segment_size"),
+                    "store.segment_size must be between 64KiB and 1GiB",
+                ));
+            }
+            self.segment_bytes = b;
         }
         if let Some(m) = &self.max_size {
             let b = parse_size(m)
                 .map_err(|e| src.error_at(at("max_size"), format!("store.max_size: {e}")))?;
-            if b < 64 << 20 {
+            if b < 2 * self.segment_bytes {
                 return Err(src.error_at(
                     at("max_size"),
-                    "store.max_size must be at least 64MiB (a segment of the log)",
+                    format!(
+                        "store.max_size must be at least two segments ({} bytes; see store.segment_size)",
+                        2 * self.segment_bytes
+                    ),
                 ));
             }
             self.max_bytes = Some(b);

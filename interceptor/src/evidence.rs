@@ -242,3 +242,113 @@ pub fn bench_recorder(
     );
     Ok(())
 }
+
+/// How often the store's retention runs.
+pub const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Prunes what `[store]` says to: segments whose entries are all older
+/// than `retain`, never one a sink has not delivered; then, while the log
+/// is larger than `max_size`, the oldest, delivered or not (each sink whose
+/// undelivered entries go gets a `gap` record naming them). The pruning is
+/// itself recorded (`prune`) and sealed. Returns that record, if any.
+pub fn retention(
+    store: &SledStore,
+    cfg: &crate::config::StoreSection,
+    sinks: &[String],
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let segments = store.segments()?;
+    if segments.len() < 2 {
+        return Ok(None);
+    }
+    let mut cut = 0;
+    let mut reasons = Vec::new();
+    if let Some(keep) = cfg.retain_s {
+        let before = record::now_micros().saturating_sub(keep * 1_000_000);
+        for pair in segments.windows(2) {
+            let last = pair[1].0 - 1;
+            let Some(bytes) = store.entry(last)? else {
+                break;
+            };
+            let at = record::log::parse(&bytes)
+                .map_err(anyhow::Error::msg)?
+                .header
+                .at;
+            if at >= before {
+                break;
+            }
+            cut = pair[1].0;
+        }
+        if cut > 0 {
+            reasons.push(format!(
+                "older than store.retain ({})",
+                cfg.retain.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    let mut cursors = Vec::new();
+    for name in sinks {
+        cursors.push((name.clone(), store.cursor(name)?.unwrap_or(0)));
+    }
+    let needed = cursors.iter().map(|c| c.1).min().unwrap_or(u64::MAX);
+    cut = cut.min(needed);
+    if let Some(max) = cfg.max_bytes {
+        let mut total: u64 = segments.iter().map(|s| s.1).sum();
+        let mut i = 0;
+        while total > max && i + 1 < segments.len() {
+            total -= segments[i].1;
+            i += 1;
+            if segments[i].0 > cut {
+                cut = segments[i].0;
+                if !reasons.iter().any(|r| r.starts_with("store.max_size")) {
+                    reasons.push(format!(
+                        "store.max_size ({})",
+                        cfg.max_size.as_deref().unwrap_or("")
+                    ));
+                }
+            }
+        }
+    }
+    if cut <= store.first_kept()? {
+        return Ok(None);
+    }
+    let p = store.prune(cut)?;
+    if p.segments == 0 {
+        return Ok(None);
+    }
+    let mut records = Vec::new();
+    for (sink, from) in cursors.iter().filter(|c| c.1 <= p.through) {
+        let gap = serde_json::json!({
+            "event": "gap",
+            "sink": sink,
+            "from": from,
+            "through": p.through,
+            "detail": format!("entries {from}–{} were pruned by store.max_size before sink `{sink}` delivered them", p.through),
+        });
+        tracing::warn!(
+            sink,
+            from,
+            through = p.through,
+            "pruned before the sink delivered them (store.max_size)"
+        );
+        records.push(Record::Agent(gap));
+    }
+    let event = serde_json::json!({
+        "event": "prune",
+        "from": p.from,
+        "through": p.through,
+        "entries": p.through + 1 - p.from,
+        "segments": p.segments,
+        "bytes": p.bytes,
+        "reasons": reasons,
+    });
+    tracing::info!(
+        from = p.from,
+        through = p.through,
+        bytes = p.bytes,
+        "pruned the oldest entries of the log"
+    );
+    records.insert(0, Record::Agent(event.clone()));
+    store.put_batch(&records)?;
+    store.seal()?;
+    Ok(Some(event))
+}

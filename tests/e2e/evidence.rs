@@ -413,3 +413,76 @@ fn write_frames(data: &Path, frames: &[(u64, Vec<u8>)]) {
     }
     std::fs::write(segments::segment_path(&dir, frames[0].0), out).unwrap();
 }
+
+/// `[store] max_size` prunes the oldest segments, even ones a sink that is
+/// down still needs (a gap record names what it lost), records each
+/// pruning, and the log verifies from its first kept entry.
+#[test]
+fn retention_keeps_the_log_bounded_and_verifiable() {
+    let echo = Echo::start();
+    let dead = free_port();
+    let sections = format!(
+        "{}\n[store]\nsegment_size = \"64KiB\"\nmax_size = \"256KiB\"\n\n\
+         [[export.sink]]\nname = \"nowhere\"\nkind = \"syslog\"\naddress = \"127.0.0.1:{dead}\"\n",
+        app_and_echo(echo.port, "")
+    );
+    let mut agent = Agent::start("retention", &sections, ALLOW_APP_ECHO);
+    let r = agent.client(
+        Some("app"),
+        &["many", "127.0.0.1", &echo.port.to_string(), "600"],
+    );
+    assert_eq!(r["ok"], 600, "{r}");
+    let data = agent.dir.join("data");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let prunes = loop {
+        let prunes: Vec<serde_json::Value> = read_frames(&data)
+            .iter()
+            .filter_map(|(_, v)| {
+                let e = log::parse(v).ok()?;
+                (e.header.kind == log::Kind::Agent)
+                    .then(|| serde_json::from_slice::<serde_json::Value>(e.payload).ok())
+                    .flatten()
+            })
+            .filter(|e| e["event"] == "prune" || (e["event"] == "gap" && e["sink"] == "nowhere"))
+            .collect();
+        if prunes.iter().any(|e| e["event"] == "prune") {
+            break prunes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing pruned:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let prune = prunes.iter().find(|e| e["event"] == "prune").unwrap();
+    assert_eq!(prune["from"], 0, "{prune}");
+    assert!(
+        s(&prune["reasons"][0]).starts_with("store.max_size"),
+        "{prune}"
+    );
+    let gap = prunes.iter().find(|e| e["event"] == "gap").unwrap();
+    assert_eq!(gap["from"], 0, "{gap}");
+    assert_eq!(gap["through"], prune["through"], "{gap}");
+    agent.stop();
+    let total: u64 = std::fs::read_dir(data.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        total <= (256 + 64 + 64) << 10,
+        "the log holds {total} bytes"
+    );
+    let out = bare(&["verify", "--data-dir", data.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = read_frames(&data)[0].0;
+    assert!(
+        first > 0 && text.contains(&format!("entries {first}–")),
+        "{text}"
+    );
+}
