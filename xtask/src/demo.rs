@@ -311,9 +311,62 @@ protocol = "postgres"
         )?;
     }
 
+    let replay = text
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("\"id\": \""))
+        .map(|s| s.trim_end_matches("\",").to_owned());
+
     step("stopping the agent; sessions stay readable from the store");
     agent.stop();
     list_sessions(&agent, &config)?;
+
+    // A responder's view: the data directory alone, never written to.
+    let data = dir.join("data");
+    let data_arg = data.to_str().context("data directory")?;
+    step("the evidence: the node's key, to pin (interceptor key show)");
+    let key = agent
+        .cli()
+        .args(["key", "show", "--data-dir", data_arg])
+        .output()?;
+    let key = String::from_utf8_lossy(&key.stdout).into_owned();
+    print!("{key}");
+    let pin = key
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint:"))
+        .map(|f| f.trim().to_owned())
+        .context("key show printed no fingerprint")?;
+    step("the log verified in place: every link, every signed checkpoint");
+    crate::run(
+        agent
+            .cli()
+            .args(["verify", "--data-dir", data_arg, "--pubkey", &pin]),
+    )?;
+    if let Some(id) = replay {
+        step(&format!(
+            "a session played back: interceptor sessions replay {id} --max"
+        ));
+        crate::run(
+            agent
+                .cli()
+                .args(["sessions", "replay", &id, "--data-dir", data_arg, "--max"]),
+        )?;
+    }
+    step("an evidence bundle taken away, and verified with only itself and the pinned key");
+    let bundle = dir.join("evidence.jsonl");
+    crate::run(
+        agent
+            .cli()
+            .args(["export", "--data-dir", data_arg, "--out"])
+            .arg(&bundle),
+    )?;
+    crate::run(
+        agent
+            .cli()
+            .arg("verify")
+            .arg(&bundle)
+            .args(["--pubkey", &pin]),
+    )?;
 
     step("detaching: no programs, pins or cgroups left behind");
     agent.detach()?;
