@@ -752,6 +752,22 @@ mod tests {
         // Cut short.
         let r = check(&b[..b.len() / 2], Some(&vkey));
         has(&r, "it was cut");
+        // An entry taken out with its event, and two entries swapped: the
+        // chain says where, whatever the end line says.
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("{\"entry\"") && l.contains("\"seq\":4}"))
+            .unwrap();
+        let mut out: Vec<&str> = lines.clone();
+        out.drain(at..at + 2);
+        let r = check(out.join("\n").as_bytes(), Some(&vkey));
+        has(&r, "entry 4 is missing");
+        let mut out: Vec<&str> = lines.clone();
+        out.swap(at, at + 2);
+        out.swap(at + 1, at + 3);
+        let r = check(out.join("\n").as_bytes(), Some(&vkey));
+        has(&r, "entry 4 is missing: the entry after 3 is numbered 5");
         // Another key.
         let other = crate::seal::NodeKey::from_seed([1; 32], "test-host/interceptor");
         let r = check(&b, Some(&other.public().vkey()));

@@ -190,12 +190,12 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
     }
     let orphans = store.close_orphans()?;
     crate::evidence::stop(&store, orphans)?;
-    // The sinks take the last entries (the stop) while their receivers
+    // The sinks send the last entries (the stop) while their receivers
     // answer, for a moment; what they do not is sent after the next start.
     let end = store.found_head()?.next;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while std::time::Instant::now() < deadline
-        && sinks.status().iter().any(|s| s.up && s.cursor < end)
+        && sinks.status().iter().any(|s| s.up && s.sent < end)
     {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

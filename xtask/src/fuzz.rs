@@ -4,7 +4,8 @@
 //! their own that holds statements, and with the agent's gate and
 //! policy), the SQL classifier, redactor and classification cache key,
 //! the cache key against PostgreSQL's own lexer (`key`, a differential
-//! fuzzer), and the stored form of recorded statements.
+//! fuzzer), the stored form of recorded statements, and what `verify`
+//! reads from others (export bundles, log entries, signed checkpoints).
 //! Each target runs SECONDS (default 60) from the seeds in its fuzz
 //! directory's `seeds` plus the corpus it has grown in its `corpus`; a
 //! crash, a broken invariant or a hang fails the task and leaves the input
@@ -22,7 +23,7 @@ use crate::{root, run};
 /// Fuzz directories and their targets.
 pub const TARGETS: &[(&str, &[&str])] = &[
     ("interceptor-sql/fuzz", &["sql", "key"]),
-    ("interceptor-record/fuzz", &["store"]),
+    ("interceptor-record/fuzz", &["store", "bundle"]),
     ("interceptor-wire/fuzz", &["machines"]),
     ("fuzz", &["pg_relay"]),
 ];

@@ -78,6 +78,10 @@ pub struct SinkStatus {
     pub kind: String,
     /// The next entry to deliver (everything before it is delivered).
     pub cursor: u64,
+    /// The next entry to send (what lies between is sent, not yet taken
+    /// as delivered).
+    #[serde(default)]
+    pub sent: u64,
     /// Entries written and not delivered yet.
     pub behind: u64,
     pub up: bool,
@@ -116,6 +120,7 @@ impl Sinks {
                 name: s.name.clone(),
                 kind: s.kind.clone(),
                 cursor,
+                sent: cursor,
                 behind: head.saturating_sub(cursor),
                 up: true,
                 since: record::rfc3339_micros(record::now_micros()),
@@ -293,6 +298,7 @@ impl Runner {
             let settled = !pending.is_empty() && self.transport.healthy().unwrap_or(false);
             if let Some(e) = failed {
                 self.transport.reset();
+                self.set(|s| s.behind = end.saturating_sub(cursor));
                 self.down(&e, &mut last_said);
                 // What was sent and not taken as delivered goes again.
                 pending.clear();
@@ -322,23 +328,19 @@ impl Runner {
             }
             self.set(|s| {
                 s.cursor = cursor;
+                s.sent = sent_to;
                 s.behind = end.saturating_sub(cursor);
             });
             if sent_to >= end {
                 std::thread::sleep(IDLE);
             }
         }
-        // What was delivered by the stop.
-        let settle = self.transport.settle();
-        if settle > Duration::ZERO && !pending.is_empty() {
-            std::thread::sleep(settle);
+        // At a stop, what the receiver's TCP has acknowledged counts as
+        // delivered (the rest goes again after the next start).
+        if let Some(&(next, _)) = pending.back() {
             if self.transport.healthy() == Ok(true) {
-                if let Some(&(next, _)) = pending.back() {
-                    cursor = next;
-                }
+                cursor = next;
             }
-        } else if let Some(&(next, _)) = pending.back() {
-            cursor = next;
         }
         if let Err(e) = self.store.set_cursor(&self.name, cursor) {
             tracing::error!(sink = %self.name, error = %e, "saving the sink's cursor failed");

@@ -4,10 +4,11 @@
 //! the OCSF JSON.
 //!
 //! Syslog acknowledges nothing: an event counts as delivered once the
-//! receiver's TCP has acknowledged every byte sent and a second has gone
-//! by with the connection up. A receiver that goes away within that second
+//! receiver's TCP has acknowledged every byte sent and [`SETTLE`] has gone
+//! by with the connection up. A receiver that goes away within that time
 //! gets those events again when it comes back (at least once; a receiver
-//! drops repeats by seq and index).
+//! drops repeats by seq and index). One that takes events and loses them
+//! later cannot be helped over syslog: OTLP's receivers acknowledge.
 
 use std::{
     io::{Read, Write},
@@ -21,6 +22,10 @@ use anyhow::Context;
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 
 use super::{Event, Transport};
+
+/// How long after its bytes were acknowledged an event counts as
+/// delivered.
+pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// Facility 13, "log audit".
 const FACILITY: u8 = 13;
@@ -220,7 +225,7 @@ impl Transport for Syslog {
     }
 
     fn settle(&self) -> Duration {
-        Duration::from_secs(1)
+        SETTLE
     }
 
     fn reset(&mut self) {
