@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/setpriv", "util-linux"),
     // A minimal userspace relay the l4 benchmark compares against.
     ("/usr/bin/socat", "socat"),
+    // The syslog receiver of the export sink tests.
+    ("/usr/sbin/rsyslogd", "rsyslog"),
     // The pooler the postgres benchmark compares against.
     ("/usr/sbin/pgbouncer", "pgbouncer"),
     // pgjdbc, the JDBC driver the masking end-to-end test runs, and a JDK.
@@ -64,17 +66,22 @@ fn oidc_provider() -> Result<()> {
     )
 }
 
-/// PostgreSQL client libraries (from PyPI) the end-to-end tests drive
-/// through the agent: asyncpg and pg8000, both on the extended protocol.
+/// What the end-to-end tests take from PyPI: the PostgreSQL client
+/// libraries they drive through the agent (asyncpg and pg8000, both on the
+/// extended protocol), and opentelemetry-proto, with which the OTLP
+/// receiver of the sink tests decodes what the agent sends.
 fn python_clients() -> Result<()> {
     let have = Command::new("python3")
-        .args(["-c", "import asyncpg, pg8000"])
+        .args([
+            "-c",
+            "import asyncpg, pg8000\nfrom opentelemetry.proto.collector.logs.v1 import logs_service_pb2",
+        ])
         .output()
         .is_ok_and(|o| o.status.success());
     if have {
         return Ok(());
     }
-    eprintln!("setup: installing the Python PostgreSQL clients asyncpg and pg8000");
+    eprintln!("setup: installing asyncpg, pg8000 and opentelemetry-proto from PyPI");
     run_cmd(Command::new("python3").args([
         "-m",
         "pip",
@@ -83,6 +90,7 @@ fn python_clients() -> Result<()> {
         "--disable-pip-version-check",
         "asyncpg==0.32.0",
         "pg8000==1.31.6",
+        "opentelemetry-proto==1.45.2",
     ]))
 }
 
@@ -194,6 +202,10 @@ fn packages() -> Result<()> {
     if !libclang() {
         missing.push("libclang-dev");
     }
+    // rsyslog's TLS driver (GnuTLS), for the syslog-over-TLS sink test.
+    if !rsyslog_gtls() {
+        missing.push("rsyslog-gnutls");
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -205,6 +217,15 @@ fn packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Whether rsyslog's GnuTLS network stream driver is installed.
+fn rsyslog_gtls() -> bool {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.path().join("rsyslog/lmnsd_gtls.so").exists())
 }
 
 /// Whether a libclang that bindgen can load is installed.
