@@ -122,6 +122,11 @@ impl<W: Write> Hashing<W> {
     }
 }
 
+/// Entries in order, with their seqs.
+pub type Entries<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), String>> + 'a>;
+/// Checkpoints in order: size and signed note.
+pub type Seals<'a> = Box<dyn Iterator<Item = Result<(u64, String), String>> + 'a>;
+
 /// Where the log is read from: the store, or (in tests) anything that can
 /// give entries by seq, in order from a seq, and checkpoints.
 pub trait Source {
@@ -129,15 +134,9 @@ pub trait Source {
     fn bounds(&self) -> Result<(u64, u64), String>;
     fn entry(&self, seq: u64) -> Result<Option<Vec<u8>>, String>;
     /// Entries from `seq` on.
-    fn entries_from(
-        &self,
-        seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), String>> + '_>;
+    fn entries_from(&self, seq: u64) -> Entries<'_>;
     /// Checkpoints (size, note) from size `from` on, by size.
-    fn checkpoints_from(
-        &self,
-        from: u64,
-    ) -> Box<dyn Iterator<Item = Result<(u64, String), String>> + '_>;
+    fn checkpoints_from(&self, from: u64) -> Seals<'_>;
     /// The size of the first checkpoint larger than `seq`.
     fn sealed_after(&self, seq: u64) -> Result<Option<u64>, String> {
         self.checkpoints_from(seq + 1)
@@ -261,7 +260,7 @@ pub fn export(
             done.checkpoints += 1;
             sealed_to = size;
         }
-        if done.entries % 4096 == 0 {
+        if done.entries.is_multiple_of(4096) {
             progress(done.entries, total);
         }
     }
@@ -325,7 +324,7 @@ struct End {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -595,20 +594,14 @@ impl Source for crate::SledStore {
             .map(|v| v.to_vec()))
     }
 
-    fn entries_from(
-        &self,
-        seq: u64,
-    ) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), String>> + '_> {
+    fn entries_from(&self, seq: u64) -> Entries<'_> {
         Box::new(
             self.entries(seq)
                 .map(|r| r.map(|(s, v)| (s, v.to_vec())).map_err(|e| e.to_string())),
         )
     }
 
-    fn checkpoints_from(
-        &self,
-        from: u64,
-    ) -> Box<dyn Iterator<Item = Result<(u64, String), String>> + '_> {
+    fn checkpoints_from(&self, from: u64) -> Seals<'_> {
         Box::new(
             self.checkpoints_since(from)
                 .map(|r| r.map_err(|e| e.to_string())),

@@ -143,6 +143,9 @@ impl Who {
     }
 }
 
+/// Entries of the log in order, with their seqs.
+pub type Entries<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + 'a>;
+
 /// Where the log ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
@@ -630,10 +633,7 @@ impl SledStore {
 
     /// Entries from `seq` on up to the log's end, in order, with their
     /// seqs (read from the segment files front to back).
-    pub fn entries(
-        &self,
-        from: u64,
-    ) -> Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_> {
+    pub fn entries(&self, from: u64) -> Entries<'_> {
         let end = self.lock_tail().head.next;
         let start = match self.location(from) {
             Ok(at) => at.map(|a| (a.segment, a.offset)),
