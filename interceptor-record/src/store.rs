@@ -1347,21 +1347,23 @@ pub const SEAL_EVERY: Duration = Duration::from_secs(10);
 /// [`COMMIT_GAP`] (group commit: what arrives meanwhile is applied and joins
 /// the next fsync), so a busy agent pays for a few fsyncs a second, not one
 /// per batch. A failed write is retried, never dropped. Entries are sealed
-/// by a checkpoint at most [`SEAL_EVERY`] after they were written, and
-/// once more when the last sender goes.
+/// by a checkpoint at most [`SEAL_EVERY`] after they were written (those
+/// written by others than the recorder too), and once more when the last
+/// sender goes.
 async fn write_loop(rx: &mut mpsc::Receiver<Record>, store: &dyn Store) {
     let mut buf = Vec::with_capacity(BATCH);
     let mut last_flush = tokio::time::Instant::now() - COMMIT_GAP;
     let mut seal_due: Option<tokio::time::Instant> = None;
     loop {
-        let got = match seal_due {
-            Some(due) => tokio::time::timeout_at(due, rx.recv_many(&mut buf, BATCH))
-                .await
-                .ok(),
-            None => Some(rx.recv_many(&mut buf, BATCH).await),
-        };
+        // Idle, it still looks every half period for entries others wrote
+        // (approval requests, the agent's own events) and seals them.
+        let wake = seal_due.unwrap_or_else(|| tokio::time::Instant::now() + SEAL_EVERY / 2);
+        let got = tokio::time::timeout_at(wake, rx.recv_many(&mut buf, BATCH))
+            .await
+            .ok();
         match got {
             Some(0) => break,
+            None if seal_due.is_none() => seal(store),
             None => {}
             Some(_) => {
                 let due = last_flush + COMMIT_GAP;
@@ -1682,6 +1684,34 @@ mod recovery_tests {
         assert!(report.intact(), "{report:#?}");
         assert_eq!(report.first, Some(p.through + 1));
         drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Entries written by others than the recorder (approval requests, the
+    /// agent's own events) are sealed within the period too, with no
+    /// record going through the recorder.
+    #[test]
+    fn an_idle_recorder_seals_what_others_wrote() {
+        let dir = std::env::temp_dir().join(format!("icpt-idle-seal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(SledStore::open(&dir).unwrap());
+        store
+            .set_key(crate::seal::NodeKey::from_seed([3; 32], "t/interceptor"))
+            .unwrap();
+        let (rec, writer) = Recorder::start(store.clone());
+        store.put_batch(&[event(1)]).unwrap();
+        let deadline = std::time::Instant::now() + SEAL_EVERY;
+        while store.checkpoints().count() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not sealed within {SEAL_EVERY:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(rec);
+        writer.join();
+        assert_eq!(store.audit(None).unwrap().sealed_through, 1);
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
