@@ -292,10 +292,16 @@ impl Runner {
                     }
                     Err(e) => failed = Some(format!("reading the log: {e}")),
                 }
-            } else if let Err(e) = self.transport.healthy() {
-                failed = Some(e);
             }
-            let settled = !pending.is_empty() && self.transport.healthy().unwrap_or(false);
+            // Whether the receiver is still there (an error: it went away,
+            // and what it had not been taken as delivered goes again).
+            let mut settled = false;
+            if failed.is_none() {
+                match self.transport.healthy() {
+                    Ok(h) => settled = h,
+                    Err(e) => failed = Some(e),
+                }
+            }
             if let Some(e) = failed {
                 self.transport.reset();
                 self.set(|s| s.behind = end.saturating_sub(cursor));

@@ -52,6 +52,8 @@ pub struct Syslog {
     host: String,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     conn: Option<Conn>,
+    /// The connection was seen closed: every call fails until [`Transport::reset`].
+    broken: Option<String>,
     pid: String,
 }
 
@@ -97,6 +99,7 @@ impl Syslog {
             host: origin.split('/').next().unwrap_or(origin).to_owned(),
             tls,
             conn: None,
+            broken: None,
             pid: std::process::id().to_string(),
         })
     }
@@ -170,6 +173,9 @@ fn sd_escape(s: &str) -> String {
 
 impl Transport for Syslog {
     fn send(&mut self, events: &[Event<'_>]) -> Result<(), String> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
         let mut buf = Vec::with_capacity(events.iter().map(|e| e.json.len() + 160).sum());
         for e in events {
             self.message(&mut buf, e);
@@ -181,14 +187,18 @@ impl Transport for Syslog {
             Conn::Tls(s) => s.write_all(&buf).and_then(|()| s.flush()),
         };
         res.map_err(|e| {
-            self.conn = None;
-            format!("{address}: {e}")
+            let e = format!("{address}: {e}");
+            self.broken = Some(e.clone());
+            e
         })
     }
 
     /// Up when the connection is open and the receiver's TCP has
     /// acknowledged every byte sent.
     fn healthy(&mut self) -> Result<bool, String> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
         let Some(conn) = &mut self.conn else {
             return Ok(true);
         };
@@ -215,11 +225,9 @@ impl Transport for Syslog {
             }
         };
         if closed {
-            self.conn = None;
-            return Err(format!(
-                "{}: the receiver closed the connection",
-                self.address
-            ));
+            let e = format!("{}: the receiver closed the connection", self.address);
+            self.broken = Some(e.clone());
+            return Err(e);
         }
         Ok(rc == 0 && unacked == 0)
     }
@@ -230,5 +238,6 @@ impl Transport for Syslog {
 
     fn reset(&mut self) {
         self.conn = None;
+        self.broken = None;
     }
 }
