@@ -338,25 +338,29 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 /// fingerprint); without it, the key the bundle names is used, and the
 /// report says so.
 pub fn verify(input: impl BufRead, pin: Option<&str>) -> Result<BundleReport, String> {
-    let mut lines = input.split(b'\n');
+    // One line buffer for the whole bundle: its lines are read into it.
+    let mut input = input;
+    let mut line: Vec<u8> = Vec::with_capacity(1 << 16);
     let mut hash = Sha256::new();
     let mut n = 0u64;
-    let mut next = || -> Result<Option<(u64, Vec<u8>)>, String> {
-        match lines.next() {
-            None => Ok(None),
-            Some(line) => {
-                n += 1;
-                Ok(Some((
-                    n,
-                    line.map_err(|e| format!("reading the bundle: {e}"))?,
-                )))
-            }
+    let mut next = |line: &mut Vec<u8>| -> Result<Option<u64>, String> {
+        line.clear();
+        let got = input
+            .read_until(b'\n', line)
+            .map_err(|e| format!("reading the bundle: {e}"))?;
+        if got == 0 {
+            return Ok(None);
         }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        n += 1;
+        Ok(Some(n))
     };
-    // The header.
-    let Some((_, first)) = next()? else {
+    if next(&mut line)?.is_none() {
         return Err("an empty file is not a bundle".into());
-    };
+    }
+    let first = std::mem::take(&mut line);
     hash.update(&first);
     hash.update(b"\n");
     let head: Line = serde_json::from_slice(&first)
@@ -419,7 +423,8 @@ pub fn verify(input: impl BufRead, pin: Option<&str>) -> Result<BundleReport, St
     let mut entries = 0u64;
     let mut last_at = 0u64;
     let mut session_ended = false;
-    while let Some((no, bytes)) = next()? {
+    while let Some(no) = next(&mut line)? {
+        let bytes: &[u8] = &line;
         if ended.is_some() {
             if bytes.is_empty() {
                 continue;
@@ -430,15 +435,19 @@ pub fn verify(input: impl BufRead, pin: Option<&str>) -> Result<BundleReport, St
             break;
         }
         if owed_at < owed.len() {
-            let end = owed[owed_at..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(owed.len(), |i| owed_at + i);
-            if bytes != owed[owed_at..end] {
+            // The line must be the next event made, to the byte, then its
+            // newline (no scan for the newline unless it is not).
+            let rest = &owed[owed_at..];
+            let end = if rest.starts_with(bytes) && rest.get(bytes.len()) == Some(&b'\n') {
+                owed_at + bytes.len()
+            } else {
                 audit.report.find(format!(
                     "line {no}: an event of entry {owed_of} is not what the entry holds: the event was changed"
                 ));
-            }
+                rest.iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(owed.len(), |i| owed_at + i)
+            };
             owed_at = end + 1;
             report.events += 1;
             continue;
@@ -446,21 +455,21 @@ pub fn verify(input: impl BufRead, pin: Option<&str>) -> Result<BundleReport, St
         if bytes.is_empty() {
             continue;
         }
-        let Ok(line) = serde_json::from_slice::<Line>(&bytes) else {
+        let Ok(parsed) = serde_json::from_slice::<Line>(bytes) else {
             audit.report.find(format!(
                 "line {no} is not a line of a bundle: the bundle was changed or cut"
             ));
-            hash.update(&bytes);
+            hash.update(bytes);
             hash.update(b"\n");
             continue;
         };
-        if let Some(end) = line.end {
+        if let Some(end) = parsed.end {
             ended = Some((no, end));
             continue;
         }
-        hash.update(&bytes);
+        hash.update(bytes);
         hash.update(b"\n");
-        if let Some(s) = line.stub {
+        if let Some(s) = parsed.stub {
             let head =
                 unhex(&s.head).ok_or_else(|| format!("line {no}: a stub's head is not hex"))?;
             let digest: [u8; 32] = unhex(&s.digest)
@@ -492,7 +501,7 @@ pub fn verify(input: impl BufRead, pin: Option<&str>) -> Result<BundleReport, St
             }
             audit.stub(s.seq, &head, &digest, None);
             entries += 1;
-        } else if let Some(w) = line.entry {
+        } else if let Some(w) = parsed.entry {
             let head =
                 unhex(&w.head).ok_or_else(|| format!("line {no}: an entry's head is not hex"))?;
             let payload = B64
@@ -524,7 +533,7 @@ pub fn verify(input: impl BufRead, pin: Option<&str>) -> Result<BundleReport, St
             audit.entry(w.seq, &bytes);
             report.selected += 1;
             entries += 1;
-        } else if let Some(c) = line.checkpoint {
+        } else if let Some(c) = parsed.checkpoint {
             audit.checkpoint(c.size, &c.note);
         } else {
             audit.report.find(format!(
