@@ -177,7 +177,7 @@ impl Audit {
             }
             Err(why) => {
                 self.report.find(Break::Unreadable { seq, why }.to_string());
-                self.resume(seq, bytes);
+                self.resume(seq);
             }
         }
     }
@@ -238,7 +238,8 @@ impl Audit {
         self.reach();
     }
 
-    fn resume(&mut self, seq: u64, _bytes: &[u8]) {
+    /// Goes on after an unreadable entry, from the next one as it stands.
+    fn resume(&mut self, seq: u64) {
         self.report.entries += 1;
         self.report.last = Some(seq);
         self.chain = Chain::default();

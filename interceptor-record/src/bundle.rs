@@ -383,34 +383,19 @@ pub fn verify(input: impl BufRead, pin: Option<&str>) -> Result<BundleReport, St
         ..BundleReport::default()
     };
     let sel = report.selection.clone().unwrap_or_default();
-    let mut early = Vec::new();
-    let key = match pin {
-        None => named.clone(),
-        Some(p) if p.trim().starts_with("SHA256:") => match &named {
-            Some(k) if k.matches(p) => named.clone(),
-            _ => {
-                early.push(format!(
-                    "the bundle names key {}, not the pinned key {}",
-                    named.as_ref().map_or("none".into(), PublicKey::fingerprint),
-                    p.trim()
-                ));
-                None
+    let (key, early) = match pin {
+        None => (named.clone(), None),
+        Some(p) => match PublicKey::pinned(p, named.as_ref())? {
+            Ok(k) => {
+                let other = (named.as_ref() != Some(&k))
+                    .then(|| PublicKey::not_pinned(named.as_ref(), &k.fingerprint()));
+                (Some(k), other)
             }
+            Err(why) => (None, Some(why)),
         },
-        Some(p) => {
-            let k = PublicKey::parse(p)?;
-            if named.as_ref() != Some(&k) {
-                early.push(format!(
-                    "the bundle names key {}, not the pinned key {}",
-                    named.as_ref().map_or("none".into(), PublicKey::fingerprint),
-                    k.fingerprint()
-                ));
-            }
-            Some(k)
-        }
     };
     let mut audit = Audit::new(key, pin.is_some(), false);
-    for f in early {
+    if let Some(f) = early {
         audit.report.find(f);
     }
     let anchor = header["anchor"] == json!(true);

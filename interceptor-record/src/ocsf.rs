@@ -289,17 +289,6 @@ struct QueryUnmapped<'a> {
     parameters: Option<&'a [Option<String>]>,
 }
 
-fn class_name(c: interceptor_sql::Class) -> &'static str {
-    use interceptor_sql::Class;
-    match c {
-        Class::Read => "read",
-        Class::Write => "write",
-        Class::Ddl => "ddl",
-        Class::Admin => "admin",
-        Class::Unknown => "unknown",
-    }
-}
-
 fn statement_event(
     out: &mut Vec<u8>,
     seq: u64,
@@ -352,7 +341,7 @@ fn statement_event(
             kind: st.kind,
             session,
             statement: st.seq,
-            class: class_name(st.class),
+            class: st.class.as_str(),
             tables: &st.tables,
             decision: st.decision,
             masked: st.masked,

@@ -151,6 +151,32 @@ impl PublicKey {
         Ok(out)
     }
 
+    /// The key a responder pinned (`pin`: a verifier key, or a
+    /// fingerprint, which stands for the key the evidence names, `named`,
+    /// if it matches), or why the evidence's key is not it. An error: `pin`
+    /// is neither.
+    pub fn pinned(
+        pin: &str,
+        named: Option<&PublicKey>,
+    ) -> Result<Result<PublicKey, String>, String> {
+        let pin = pin.trim();
+        if !pin.starts_with("SHA256:") {
+            return PublicKey::parse(pin).map(Ok);
+        }
+        Ok(match named {
+            Some(k) if k.matches(pin) => Ok(k.clone()),
+            _ => Err(Self::not_pinned(named, pin)),
+        })
+    }
+
+    /// Says that the evidence names `named`, not the key `pin` names.
+    pub fn not_pinned(named: Option<&PublicKey>, pin: &str) -> String {
+        format!(
+            "the evidence names key {}, not the pinned key {pin}",
+            named.map_or("none".into(), PublicKey::fingerprint)
+        )
+    }
+
     /// Whether `pin` (a verifier key or a fingerprint) names this key.
     pub fn matches(&self, pin: &str) -> bool {
         let pin = pin.trim();

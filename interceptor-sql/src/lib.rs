@@ -67,15 +67,22 @@ impl Default for Class {
     }
 }
 
-impl fmt::Display for Class {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Class {
+    /// The name policy files and records use.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Class::Read => "read",
             Class::Write => "write",
             Class::Ddl => "ddl",
             Class::Admin => "admin",
             Class::Unknown => "unknown",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Class {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -23,7 +23,7 @@ pub fn origin() -> String {
 
 /// The key's name is the origin the store first named: a host renamed
 /// keeps signing as it did.
-fn key_name(store: &SledStore) -> anyhow::Result<String> {
+pub fn key_name(store: &SledStore) -> anyhow::Result<String> {
     let named = store.named_key()?;
     Ok(named
         .as_deref()

@@ -363,62 +363,7 @@ impl Stage {
         enforcement::direct(&db, SETUP);
         let oidc = Oidc::start(&dir);
         // A CA, and the approval API's certificate for 127.0.0.1 from it.
-        let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-        let (cert, key, csr) = (
-            dir.join("api.crt"),
-            dir.join("api.key"),
-            dir.join("api.csr"),
-        );
-        let ext = dir.join("api.ext");
-        std::fs::write(
-            &ext,
-            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        for args in [
-            vec![
-                "req",
-                "-x509",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=interceptor test CA",
-            ],
-            vec!["req", "-subj", "/CN=interceptor approvals"],
-            vec!["x509", "-req", "-days", "2"],
-        ] {
-            let mut c = Command::new("openssl");
-            c.args(&args);
-            match args[1] {
-                "-x509" => c.args(ec).arg("-keyout").arg(&ca_key).arg("-out").arg(&ca),
-                "-subj" => c.args(ec).arg("-keyout").arg(&key).arg("-out").arg(&csr),
-                _ => c
-                    .arg("-in")
-                    .arg(&csr)
-                    .arg("-CA")
-                    .arg(&ca)
-                    .arg("-CAkey")
-                    .arg(&ca_key)
-                    .arg("-CAcreateserial")
-                    .arg("-extfile")
-                    .arg(&ext)
-                    .arg("-out")
-                    .arg(&cert),
-            };
-            let made = c.output().unwrap();
-            assert!(
-                made.status.success(),
-                "{}",
-                String::from_utf8_lossy(&made.stderr)
-            );
-        }
+        let (ca, cert, key) = test_certificate(&dir, "api");
         let api_port = free_port();
         let hook = Hook::start();
         // A webhook that is down: it must delay nothing.
@@ -787,15 +732,7 @@ fn statements_under_review_wait_for_a_second_person() {
     assert_eq!(s.read("SELECT v FROM counters"), "50");
     assert_eq!(s.request(&id)["grant"]["used"], 50);
 
-    let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", "1", &s.db.conninfo()])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&s.db.conninfo());
     // A hundred held statements, each holding only its own connection:
     // pgbench -S flows beside them on the same workload and relay loops.
     let many: Vec<Child> = (0..100)

@@ -1,11 +1,11 @@
 //! Faults under load: the agent killed while pgbench runs through it.
 
 use std::{
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crate::{enforcement::direct, s};
+use crate::{enforcement::direct, pgbench_init, s};
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -53,15 +53,7 @@ fn sigkill_under_pgbench_fails_closed_and_keeps_true_counts() {
     direct(&db, "ALTER SYSTEM SET log_connections = on");
     direct(&db, "SELECT pg_reload_conf()");
     let conn = db.conninfo();
-    let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", "1", &conn])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&conn);
     let logs = dir.join("pgbench-log");
     std::fs::create_dir_all(&logs).unwrap();
     let prefix = logs.join("tx");

@@ -680,6 +680,19 @@ fn postgres_and_agent_with(
     (dir, db, agent)
 }
 
+/// `pgbench -i -s 1` on `conn`, directly (as the owner).
+fn pgbench_init(conn: &str) {
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", conn])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
 /// `tool ARGS` (psql, pgbench) to run inside workload `app`.
 fn pg_tool_command(agent: &Agent, tool: &str, args: &[&str]) -> std::process::Command {
     let mut c = std::process::Command::new(BIN);

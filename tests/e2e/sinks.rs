@@ -13,87 +13,6 @@ use std::{
 
 use super::*;
 
-/// A test CA, and a certificate for 127.0.0.1 from it (openssl).
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let (cert, key, csr, ext) = (
-        dir.join("syslog.crt"),
-        dir.join("syslog.key"),
-        dir.join("syslog.csr"),
-        dir.join("syslog.ext"),
-    );
-    std::fs::write(
-        &ext,
-        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let runs: [Vec<&std::ffi::OsStr>; 3] = [
-        [
-            "req",
-            "-x509",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=interceptor sink test CA",
-        ]
-        .iter()
-        .chain(&ec)
-        .map(std::ffi::OsStr::new)
-        .chain([
-            "-keyout".as_ref(),
-            ca_key.as_os_str(),
-            "-out".as_ref(),
-            ca.as_os_str(),
-        ])
-        .collect(),
-        ["req", "-subj", "/CN=127.0.0.1"]
-            .iter()
-            .chain(&ec)
-            .map(std::ffi::OsStr::new)
-            .chain([
-                "-keyout".as_ref(),
-                key.as_os_str(),
-                "-out".as_ref(),
-                csr.as_os_str(),
-            ])
-            .collect(),
-        [
-            "x509".as_ref(),
-            "-req".as_ref(),
-            "-days".as_ref(),
-            "2".as_ref(),
-            "-in".as_ref(),
-            csr.as_os_str(),
-            "-CA".as_ref(),
-            ca.as_os_str(),
-            "-CAkey".as_ref(),
-            ca_key.as_os_str(),
-            "-CAcreateserial".as_ref(),
-            "-extfile".as_ref(),
-            ext.as_os_str(),
-            "-out".as_ref(),
-            cert.as_os_str(),
-        ]
-        .to_vec(),
-    ];
-    for args in runs {
-        let out = Command::new("openssl").args(&args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (ca, cert, key)
-}
-
 /// An rsyslogd of its own, receiving RFC 5424 over TCP (TLS with `tls`)
 /// and writing each message's structured data and text to `out`.
 struct Rsyslog {
@@ -381,7 +300,7 @@ fn caught_up(agent: &Agent) {
 #[test]
 fn sinks_deliver_every_event_across_receiver_outages_and_an_agent_killed_mid_stream() {
     let (dir, db, mut agent) = postgres_and_agent("sinks");
-    let certs = certificates(&dir);
+    let certs = test_certificate(&dir, "syslog");
     let mut plain = Rsyslog::new(&dir, "plain", None);
     let mut tls = Rsyslog::new(&dir, "tls", Some(&certs));
     let mut otlp = Otlp::new(&dir);
@@ -401,15 +320,7 @@ fn sinks_deliver_every_event_across_receiver_outages_and_an_agent_killed_mid_str
     let text = std::fs::read_to_string(&agent.config).unwrap();
     std::fs::write(&agent.config, format!("{text}\n{sinks}")).unwrap();
     agent.spawn();
-    let init = Command::new("pgbench")
-        .args(["-i", "-q", "-s", "1", &db.conninfo()])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&db.conninfo());
     let conninfo = db.conninfo();
     let bench = |agent: &Agent, secs: &str| {
         pg_tool_command(

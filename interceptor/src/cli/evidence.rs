@@ -54,16 +54,16 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
     let path = dir.join(crate::evidence::KEY_FILE);
     // The private key's file when readable (root, on the host), or else
     // the key the store names (a copy taken away, without the secret).
-    let key = match NodeKey::load(&path, "") {
+    let key = match std::fs::metadata(&path) {
         Ok(_) => {
-            let named = SledStore::open_copy(&dir)
-                .ok()
-                .and_then(|s| s.named_key().ok().flatten());
-            let name = named
-                .as_deref()
-                .and_then(|v| PublicKey::parse(v).ok())
-                .map_or_else(crate::evidence::origin, |k| k.name);
-            NodeKey::load(&path, &name)?.public().clone()
+            let name = match SledStore::open_copy(&dir) {
+                Ok(s) => crate::evidence::key_name(&s)?,
+                Err(_) => crate::evidence::origin(),
+            };
+            NodeKey::load(&path, &name)
+                .with_context(|| format!("reading {}", path.display()))?
+                .public()
+                .clone()
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let store = SledStore::open_copy(&dir)?;
@@ -89,27 +89,9 @@ pub fn key(cmd: KeyCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What `--pubkey` names: a verifier key, or a fingerprint (then the key
-/// itself comes from `named`, if it matches).
-fn pinned(pin: &str, named: Option<&str>) -> anyhow::Result<Result<PublicKey, String>> {
-    let text = match std::fs::read_to_string(pin) {
-        Ok(t) => t.trim().to_owned(),
-        Err(_) => pin.trim().to_owned(),
-    };
-    if text.starts_with("SHA256:") {
-        let named = named.and_then(|v| PublicKey::parse(v).ok());
-        return Ok(match named {
-            Some(k) if k.matches(&text) => Ok(k),
-            Some(k) => Err(format!(
-                "the key this evidence names ({}) is not the pinned key {text}",
-                k.fingerprint()
-            )),
-            None => Err(format!(
-                "this evidence names no key to match the pinned {text}"
-            )),
-        });
-    }
-    Ok(Ok(PublicKey::parse(&text).map_err(anyhow::Error::msg)?))
+/// `--pubkey`'s text: the argument, or what the file it names holds.
+fn pin_text(arg: &str) -> String {
+    std::fs::read_to_string(arg).map_or_else(|_| arg.trim().to_owned(), |t| t.trim().to_owned())
 }
 
 #[derive(clap::Args)]
@@ -245,9 +227,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         let started = std::time::Instant::now();
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let pin = args.pubkey.as_deref().map(|p| {
-            std::fs::read_to_string(p).map_or_else(|_| p.to_owned(), |t| t.trim().to_owned())
-        });
+        let pin = args.pubkey.as_deref().map(pin_text);
         let r = bundle::verify(
             std::io::BufReader::with_capacity(1 << 20, file),
             pin.as_deref(),
@@ -274,13 +254,14 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let dir = args.store.data_dir()?;
     let store = SledStore::open_copy(&dir)?;
     let started = std::time::Instant::now();
-    let named = store.named_key()?;
-    let report = match args
+    let named = store.named_key()?.and_then(|v| PublicKey::parse(&v).ok());
+    let pinned = args
         .pubkey
         .as_deref()
-        .map(|p| pinned(p, named.as_deref()))
-        .transpose()?
-    {
+        .map(|p| PublicKey::pinned(&pin_text(p), named.as_ref()))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let report = match pinned {
         None => store.audit(None)?,
         Some(Ok(k)) => store.audit(Some(k))?,
         Some(Err(why)) => {

@@ -218,6 +218,7 @@ impl Runner {
                 break;
             }
             let e = log::parse(&bytes).map_err(|e| format!("entry {seq}: {e}"))?;
+            let workload: Arc<str> = Arc::from(e.header.workload);
             let start = out.len();
             record::ocsf::write_events(out, seq, &e).map_err(|e| format!("entry {seq}: {e}"))?;
             let mut at = start;
@@ -227,7 +228,7 @@ impl Runner {
                     seq,
                     index,
                     session: e.header.session,
-                    workload: e.header.workload.to_owned(),
+                    workload: workload.clone(),
                     kind: e.header.kind,
                     at: e.header.at,
                     span: (at, at + nl),
@@ -359,7 +360,8 @@ struct Mark {
     seq: u64,
     index: u32,
     session: u64,
-    workload: String,
+    /// Its entry's workload (one allocation per entry, not per event).
+    workload: Arc<str>,
     kind: log::Kind,
     at: u64,
     span: (usize, usize),
