@@ -99,6 +99,44 @@ impl<M: Machines + ?Sized> Machines for Box<M> {
     }
 }
 
+/// A layer between one side's socket and the machines (TLS, say): what
+/// is read from the socket is opened into the bytes the machines read;
+/// what they send is sealed before it is written.
+pub trait Layer: Send {
+    /// Takes all of `wire` (read from the socket), appending what it
+    /// carried to `plain` and what the layer itself must answer (alerts,
+    /// key updates) to `reply`. `Ok(true)`: the peer closed the layer.
+    fn open(
+        &mut self,
+        wire: &mut BytesMut,
+        plain: &mut BytesMut,
+        reply: &mut BytesMut,
+    ) -> io::Result<bool>;
+    /// Seals all of `plain` into `wire`.
+    fn seal(&mut self, plain: &mut BytesMut, wire: &mut BytesMut) -> io::Result<()>;
+    /// The layer's last words before this side's FIN, into `wire`.
+    fn close(&mut self, wire: &mut BytesMut);
+}
+
+/// One side of an inspected connection as the relay takes it: its
+/// socket, the [`Layer`] over it if any, and what was already read and
+/// opened of it before (the machines are handed that first).
+pub struct Endpoint {
+    pub stream: Stream,
+    pub layer: Option<Box<dyn Layer>>,
+    pub input: BytesMut,
+}
+
+impl From<Stream> for Endpoint {
+    fn from(stream: Stream) -> Endpoint {
+        Endpoint {
+            stream,
+            layer: None,
+            input: BytesMut::new(),
+        }
+    }
+}
+
 /// Relays `client` and `upstream` with `machines` between them on this
 /// thread's relay loops, until both sides end; bytes read from each are
 /// shown in `progress` as they go. `bell` wakes machines that hold a
@@ -110,10 +148,21 @@ pub async fn relay_inspected<M: Machines>(
     progress: Arc<Progress>,
     bell: Option<Bell>,
 ) -> End {
-    let (client, server) = match (client.try_into(), upstream.try_into()) {
-        (Ok(c), Ok(s)) => (Side::new(c), Side::new(s)),
-        (Err(e), _) | (_, Err(e)) => return End::at_once(Ending::Failed(e)),
-    };
+    match (client.try_into(), upstream.try_into()) {
+        (Ok(c), Ok(s)) => relay_endpoints(c.into(), s.into(), machines, progress, bell).await,
+        (Err(e), _) | (_, Err(e)) => End::at_once(Ending::Failed(e)),
+    }
+}
+
+/// [`relay_inspected`] of two [`Endpoint`]s.
+pub async fn relay_endpoints<M: Machines>(
+    client: Endpoint,
+    server: Endpoint,
+    machines: M,
+    progress: Arc<Progress>,
+    bell: Option<Bell>,
+) -> End {
+    let (client, server) = (Side::new(client), Side::new(server));
     let (done, ended) = tokio::sync::oneshot::channel();
     submit_here(Box::new(Inspected {
         client,
@@ -154,7 +203,7 @@ impl<M: Machines> Inspected<M> {
             c.flush()?;
             let from_client = match machines.holding() {
                 true => None,
-                false => c.take(s.out.len())?,
+                false => c.take(s.unsent())?,
             };
             match from_client {
                 Some(0) => machines.client_ended(&c.input)?,
@@ -167,7 +216,7 @@ impl<M: Machines> Inspected<M> {
                 }
                 None => {}
             }
-            let from_server = s.take(c.out.len())?;
+            let from_server = s.take(c.unsent())?;
             match from_server {
                 Some(0) => machines.server_ended(&s.input)?,
                 Some(_) => machines.server(&mut s.input, &mut c.out)?,
@@ -193,10 +242,7 @@ impl<M: Machines> Inspected<M> {
         let how = match result {
             Ok(()) => Ending::Closed,
             Err(e) => {
-                let said = !self.client.out.is_empty();
-                if said {
-                    let _ = (&self.client.sock).write(&self.client.out);
-                } else {
+                if !self.client.last_words() {
                     reset(&self.client.sock);
                 }
                 reset(&self.server.sock);
@@ -271,10 +317,16 @@ const READ_ROOM: usize = 64 * 1024;
 /// One socket of a relayed connection, with what epoll last said of it.
 struct Side {
     sock: Stream,
-    /// Read from this side and not yet taken by its machine.
+    /// Read from this side (opened, under a layer) and not yet taken by
+    /// its machine.
     input: BytesMut,
-    /// To be written to this side.
+    /// To be written to this side (sealed first, under a layer).
     out: BytesMut,
+    /// The layer over the socket, if any.
+    layer: Option<Sealed>,
+    /// `input` holds bytes the machines have not been handed yet (read
+    /// before the relay took the connection).
+    fresh: bool,
     /// Bytes read from this side.
     read: u64,
     /// This side has closed its sending half (read 0).
@@ -290,12 +342,38 @@ struct Side {
     writable: bool,
 }
 
+/// A side's [`Layer`] with the bytes on the socket's side of it.
+struct Sealed {
+    layer: Box<dyn Layer>,
+    /// Read from the socket, not yet opened.
+    wire_in: BytesMut,
+    /// Sealed, not yet written.
+    wire_out: BytesMut,
+    /// The peer closed the layer.
+    peer_closed: bool,
+    /// Our closing words are queued.
+    closed: bool,
+}
+
 impl Side {
-    fn new(sock: Stream) -> Side {
+    fn new(end: Endpoint) -> Side {
+        let mut input = end.input;
+        let fresh = !input.is_empty();
+        if input.capacity() < READ_ROOM {
+            input.reserve(READ_ROOM);
+        }
         Side {
-            sock,
-            input: BytesMut::with_capacity(READ_ROOM),
+            sock: end.stream,
+            input,
             out: BytesMut::new(),
+            layer: end.layer.map(|layer| Sealed {
+                layer,
+                wire_in: BytesMut::new(),
+                wire_out: BytesMut::new(),
+                peer_closed: false,
+                closed: false,
+            }),
+            fresh,
             read: 0,
             ended: false,
             shut: false,
@@ -312,53 +390,157 @@ impl Side {
         self.writable |= e.room();
     }
 
-    /// Reads once, unless this side has ended, has nothing to read, or its
-    /// peer has [`HIGH_WATER`] (`peer_unsent`) still to write. `Some(0)`:
-    /// the end, now marked; `None`: nothing read.
-    fn take(&mut self, peer_unsent: usize) -> io::Result<Option<usize>> {
-        if self.ended || !self.readable || peer_unsent >= HIGH_WATER {
-            return Ok(None);
-        }
-        // Keep the room at the front of one allocation: an emptied buffer
-        // starts over from its beginning (a cheap reclaim), so a busy
-        // connection keeps touching the same few cache lines.
-        if self.input.is_empty() || self.input.capacity() - self.input.len() < READ_ROOM / 4 {
-            self.input.reserve(READ_ROOM);
-        }
-        let room = self.input.capacity() - self.input.len();
-        let Some(n) = sys::ready(read_into(self.sock.as_raw_fd(), &mut self.input))? else {
-            self.readable = false;
-            return Ok(None);
-        };
-        if n > 0 && n < room && !self.closing {
-            // A short read drained the socket: more bytes bring an event.
-            self.readable = false;
-        }
-        self.read += n as u64;
-        self.ended = n == 0;
-        Ok(Some(n))
+    /// Bytes for this side not written yet.
+    fn unsent(&self) -> usize {
+        self.out.len() + self.layer.as_ref().map_or(0, |l| l.wire_out.len())
     }
 
-    /// Writes what it can of `out`.
+    /// Reads once (under a layer: until something opens), unless this side
+    /// has ended, has nothing to read, or its peer has [`HIGH_WATER`]
+    /// (`peer_unsent`) still to write. `Some(0)`: the end, now marked;
+    /// `None`: nothing read.
+    fn take(&mut self, peer_unsent: usize) -> io::Result<Option<usize>> {
+        if self.ended || peer_unsent >= HIGH_WATER {
+            return Ok(None);
+        }
+        if std::mem::take(&mut self.fresh) {
+            return Ok(Some(self.input.len()));
+        }
+        let Some(sealed) = self.layer.as_mut() else {
+            if !self.readable {
+                return Ok(None);
+            }
+            let n = recv_some(
+                &self.sock,
+                &mut self.input,
+                &mut self.readable,
+                self.closing,
+            )?;
+            if let Some(n) = n {
+                self.read += n as u64;
+                self.ended = n == 0;
+            }
+            return Ok(n);
+        };
+        loop {
+            if sealed.peer_closed {
+                self.ended = true;
+                return Ok(Some(0));
+            }
+            if !self.readable {
+                return Ok(None);
+            }
+            let Some(n) = recv_some(
+                &self.sock,
+                &mut sealed.wire_in,
+                &mut self.readable,
+                self.closing,
+            )?
+            else {
+                return Ok(None);
+            };
+            self.read += n as u64;
+            if n == 0 {
+                self.ended = true;
+                return Ok(Some(0));
+            }
+            let before = self.input.len();
+            sealed.peer_closed =
+                sealed
+                    .layer
+                    .open(&mut sealed.wire_in, &mut self.input, &mut sealed.wire_out)?;
+            if self.input.len() > before {
+                return Ok(Some(self.input.len() - before));
+            }
+        }
+    }
+
+    /// Writes what it can of `out` (sealed first, under a layer).
     fn flush(&mut self) -> io::Result<()> {
-        while !self.out.is_empty() && self.writable {
-            let sent = sys::send(self.sock.as_raw_fd(), &self.out);
+        let out = match self.layer.as_mut() {
+            Some(sealed) => {
+                if !self.out.is_empty() {
+                    sealed.layer.seal(&mut self.out, &mut sealed.wire_out)?;
+                }
+                &mut sealed.wire_out
+            }
+            None => &mut self.out,
+        };
+        while !out.is_empty() && self.writable {
+            let sent = sys::send(self.sock.as_raw_fd(), out);
             match sys::ready(sent.and_then(sys::moved))? {
-                Some(n) => self.out.advance(n),
+                Some(n) => out.advance(n),
                 None => self.writable = false,
             }
         }
         Ok(())
     }
 
-    /// Sends FIN once everything queued for this side is written.
+    /// Sends FIN once everything queued for this side is written (a
+    /// layer's closing words last).
     fn shut_when_flushed(&mut self) -> io::Result<()> {
         if self.shut || !self.out.is_empty() {
+            return Ok(());
+        }
+        if let Some(sealed) = self.layer.as_mut().filter(|s| !s.closed) {
+            sealed.closed = true;
+            sealed.layer.close(&mut sealed.wire_out);
+            self.flush()?;
+        }
+        if self.unsent() > 0 {
             return Ok(());
         }
         self.shut = true;
         sys::shutdown_write(self.sock.as_raw_fd())
     }
+
+    /// Writes once what is queued for this side (a connection that failed
+    /// still says the machines' last word). `false`: there was nothing.
+    fn last_words(&mut self) -> bool {
+        if self.unsent() == 0 {
+            return false;
+        }
+        if let Some(sealed) = self.layer.as_mut() {
+            if sealed
+                .layer
+                .seal(&mut self.out, &mut sealed.wire_out)
+                .is_ok()
+            {
+                sealed.layer.close(&mut sealed.wire_out);
+            }
+            let _ = (&self.sock).write(&sealed.wire_out);
+        } else {
+            let _ = (&self.sock).write(&self.out);
+        }
+        true
+    }
+}
+
+/// One recv(2) into `buf`, keeping its free room at the front of one
+/// allocation (an emptied buffer starts over from its beginning: a cheap
+/// reclaim, so a busy connection keeps touching the same few cache
+/// lines). `None`: nothing to read (`readable` cleared); a short read
+/// clears it too unless the peer's end was reported (`closing`: that
+/// brings no new event).
+fn recv_some(
+    sock: &Stream,
+    buf: &mut BytesMut,
+    readable: &mut bool,
+    closing: bool,
+) -> io::Result<Option<usize>> {
+    if buf.is_empty() || buf.capacity() - buf.len() < READ_ROOM / 4 {
+        buf.reserve(READ_ROOM);
+    }
+    let room = buf.capacity() - buf.len();
+    let Some(n) = sys::ready(read_into(sock.as_raw_fd(), buf))? else {
+        *readable = false;
+        return Ok(None);
+    };
+    if n > 0 && n < room && !closing {
+        // A short read drained the socket: more bytes bring an event.
+        *readable = false;
+    }
+    Ok(Some(n))
 }
 
 /// recv(2) into the free room of `buf`. (Not read(2): on a socket that
@@ -482,8 +664,8 @@ mod tests {
         }
         let (done, _) = tokio::sync::oneshot::channel();
         loops.submit(Box::new(Inspected {
-            client: Side::new(client.into()),
-            server: Side::new(upstream.into()),
+            client: Side::new(Stream::from(client).into()),
+            server: Side::new(Stream::from(upstream).into()),
             machines,
             progress: Arc::default(),
             bell,
@@ -553,5 +735,113 @@ mod tests {
         let mut rest = [0u8; 7];
         held.read_exact(&mut rest).unwrap();
         assert_eq!(&rest, b"Hdefghi");
+    }
+
+    /// A toy layer: frames of at most 200 bytes, `len` then the bytes
+    /// xored with 0x5a; a frame of length 0 closes.
+    struct Frames;
+
+    fn frame(plain: &[u8], wire: &mut Vec<u8>) {
+        for chunk in plain.chunks(200) {
+            wire.push(chunk.len() as u8);
+            wire.extend(chunk.iter().map(|b| b ^ 0x5a));
+        }
+    }
+
+    /// Opens whole frames of `wire`; `true` once a closing frame came.
+    fn unframe(wire: &mut BytesMut, plain: &mut Vec<u8>) -> bool {
+        while let Some(&len) = wire.first() {
+            if len == 0 {
+                wire.advance(1);
+                return true;
+            }
+            if wire.len() < 1 + len as usize {
+                break;
+            }
+            plain.extend(wire[1..1 + len as usize].iter().map(|b| b ^ 0x5a));
+            wire.advance(1 + len as usize);
+        }
+        false
+    }
+
+    impl Layer for Frames {
+        fn open(
+            &mut self,
+            wire: &mut BytesMut,
+            plain: &mut BytesMut,
+            _: &mut BytesMut,
+        ) -> io::Result<bool> {
+            let mut out = Vec::new();
+            let closed = unframe(wire, &mut out);
+            plain.extend_from_slice(&out);
+            Ok(closed)
+        }
+
+        fn seal(&mut self, plain: &mut BytesMut, wire: &mut BytesMut) -> io::Result<()> {
+            let mut out = Vec::new();
+            frame(&plain.split(), &mut out);
+            wire.extend_from_slice(&out);
+            Ok(())
+        }
+
+        fn close(&mut self, wire: &mut BytesMut) {
+            wire.extend_from_slice(&[0]);
+        }
+    }
+
+    /// Under a layer, the machines see what it opens and the app gets
+    /// what it seals, whatever the records' split across reads; bytes
+    /// opened before the relay took the connection go first; the layer's
+    /// closing words precede the FIN both ways.
+    #[test]
+    fn a_layer_opens_what_is_read_and_seals_what_is_written() {
+        let loops = Loops::with_balance(1, crate::Tuning::default(), None).unwrap();
+        let server = echo();
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut app = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let (client, _) = front.accept().unwrap();
+        let upstream = TcpStream::connect(server).unwrap();
+        for s in [&client, &upstream] {
+            s.set_nonblocking(true).unwrap();
+        }
+        let (done, ended) = tokio::sync::oneshot::channel();
+        let client = Endpoint {
+            stream: client.into(),
+            layer: Some(Box::new(Frames)),
+            input: BytesMut::from(&b"early:"[..]),
+        };
+        loops.submit(Box::new(Inspected {
+            client: Side::new(client),
+            server: Side::new(Stream::from(upstream).into()),
+            machines: HoldAtH::passing(),
+            progress: Arc::default(),
+            bell: None,
+            done: Some(done),
+        }));
+        app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let plain: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut wire = Vec::new();
+        frame(&plain, &mut wire);
+        wire.push(0);
+        let writer = {
+            let mut app = app.try_clone().unwrap();
+            thread::spawn(move || {
+                // Odd-sized pieces: frames split across reads.
+                for piece in wire.chunks(977) {
+                    app.write_all(piece).unwrap();
+                }
+            })
+        };
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        let mut back = BytesMut::from(&back[..]);
+        let mut opened = Vec::new();
+        assert!(unframe(&mut back, &mut opened), "closed by a closing frame");
+        assert!(back.is_empty(), "nothing after the closing frame");
+        assert_eq!(&opened[..6], b"early:");
+        assert!(opened[6..] == plain[..], "echoed whole and in order");
+        let end = ended.blocking_recv().unwrap();
+        assert!(matches!(end.how, Ending::Closed), "{:?}", end.how);
     }
 }

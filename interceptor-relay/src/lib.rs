@@ -56,7 +56,7 @@ mod tcp;
 pub use bare::bare;
 pub use bell::Bell;
 pub use event_loop::{install, submit_here, RelayLoop};
-pub use inspected::{relay_inspected, Machines, HIGH_WATER};
+pub use inspected::{relay_endpoints, relay_inspected, Endpoint, Layer, Machines, HIGH_WATER};
 pub use pool::Loops;
 pub use tcp::{relay, Progress, Sniff};
 

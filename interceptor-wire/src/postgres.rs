@@ -11,11 +11,14 @@
 //! Everything else streams through untouched. A malformed frame from either side ends the
 //! session with a recorded reason, never a panic.
 //!
-//! The agent must see plaintext, so it answers `SSLRequest` and
-//! `GSSENCRequest` itself with `N` (a client with `sslmode=prefer` or
-//! `disable` goes on in plaintext; one that insists on TLS gives up, and the
-//! session says why), and strips `SCRAM-SHA-256-PLUS` from the server's SASL
-//! offer, since channel binding cannot survive a proxy. `CancelRequest`
+//! The agent must see plaintext. Unless it takes the client's TLS itself
+//! (the agent's `[agent.tls]`, before these machines see a byte), they
+//! answer `SSLRequest` and `GSSENCRequest` with `N` (a client with
+//! `sslmode=prefer` or `disable` goes on in plaintext; one that insists on
+//! TLS gives up, and the session says why). They strip
+//! `SCRAM-SHA-256-PLUS` from the server's SASL offer: channel binding binds
+//! the client's login to the TLS session it sees, which is never the
+//! server's when the agent stands between them. `CancelRequest`
 //! arrives on its own connection and is forwarded to the same destination,
 //! so it reaches the backend that issued the key.
 //!
@@ -141,7 +144,7 @@ pub enum PgError {
     #[error("malformed PostgreSQL frame from the {side}: {what}")]
     Malformed { side: &'static str, what: String },
     #[error(
-        "the client requires TLS, which the agent cannot inspect; use sslmode=prefer or disable"
+        "the client requires TLS, which the agent declined (it takes the client's TLS with [agent.tls] mode = \"terminate\"); or use sslmode=prefer or disable"
     )]
     ClientRequiresTls,
     #[error("startup setting refused by rule \"{rule}\": {setting}")]

@@ -42,6 +42,13 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     own_data_dir(&data_dir)?;
+    let ca = match config.agent.tls.mode {
+        crate::config::Termination::Off => None,
+        crate::config::Termination::Terminate => Some(Arc::new(
+            crate::tls::ca::load(&data_dir)
+                .context("agent.tls.mode = \"terminate\" needs the node CA")?,
+        )),
+    };
     let store = Arc::new(crate::evidence::open(&data_dir, config_path)?);
     store.put_batch(&[Record::Agent(policy.load_event("start"))])?;
     let orphans = store.close_orphans()?;
@@ -142,6 +149,7 @@ pub fn run(config_path: &Path, data_dir: Option<&Path>) -> anyhow::Result<()> {
         host: host.clone(),
         approvals: service.as_ref().map(|s| s.broker.clone()),
         requesters,
+        ca,
     });
     let policy = proxy.policy.clone();
     let recorder = proxy.recorder.clone();

@@ -111,6 +111,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The node CA, which issues the certificates the agent presents to
+    /// applications whose TLS it terminates (`[agent.tls]`).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// The node's signing key.
     Key {
         #[command(subcommand)]
@@ -178,6 +184,22 @@ pub enum Command {
         /// Relay loop threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Make the node CA (`DATA_DIR/ca/`, its key root's alone, 0600)
+    /// unless there is one; then show it.
+    Init {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Print the node CA's certificate (PEM, on stdout) for the
+    /// applications' trust store; its subject and fingerprint on stderr.
+    Show {
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -311,6 +333,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Status { store, json } => {
             output_to_pipes();
             status(&store, json)
+        }
+        Command::Ca { command } => {
+            output_to_pipes();
+            ca(command)
         }
         Command::Key { command } => {
             output_to_pipes();
@@ -842,18 +868,68 @@ fn print_session(s: &Session) {
             println!("  {:<14} this connection carried a CancelRequest", "cancel");
         }
     }
+    if let Some(t) = s.facts.get::<crate::tls::Facts>(crate::tls::FACTS) {
+        print_object("tls", &serde_json::to_value(t).unwrap_or_default());
+    }
+    if let Some(c) = s
+        .facts
+        .get::<postgres::login::Injected>(postgres::login::CREDENTIAL_FACTS)
+    {
+        print_object("credential", &serde_json::to_value(c).unwrap_or_default());
+    }
     if let Some(e) = &s.evidence {
-        println!("evidence:");
-        let ev = serde_json::to_value(e).unwrap_or_default();
-        if let Some(map) = ev.as_object() {
-            for (k, v) in map {
-                let v = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Null => "-".into(),
-                    other => other.to_string(),
-                };
-                println!("  {k:<14} {v}");
+        print_object("evidence", &serde_json::to_value(e).unwrap_or_default());
+    }
+}
+
+/// A JSON object's fields under `title`, those of objects within as
+/// `outer.inner`.
+fn print_object(title: &str, value: &serde_json::Value) {
+    fn rows(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    rows(&key, v, out);
+                }
             }
+            serde_json::Value::String(s) => out.push((prefix.into(), s.clone())),
+            serde_json::Value::Null => out.push((prefix.into(), "-".into())),
+            other => out.push((prefix.into(), other.to_string())),
         }
     }
+    let mut out = Vec::new();
+    rows("", value, &mut out);
+    println!("{title}:");
+    for (k, v) in out {
+        println!("  {k:<14} {v}");
+    }
+}
+
+/// `ca init`, `ca show`.
+fn ca(cmd: CaCommand) -> anyhow::Result<ExitCode> {
+    let (CaCommand::Init { store } | CaCommand::Show { store }) = &cmd;
+    let dir = store.data_dir()?;
+    if let CaCommand::Init { .. } = cmd {
+        let origin = crate::evidence::origin();
+        let host = origin.split('/').next().unwrap_or("node");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let made = crate::tls::ca::init(&dir, host)?;
+        let (crt, key) = crate::tls::ca::files(&dir);
+        eprintln!(
+            "{} the node CA: {} (key {})",
+            if made { "made" } else { "kept" },
+            crt.display(),
+            key.display()
+        );
+    }
+    let shown = crate::tls::ca::show(&dir)?;
+    print!("{}", shown.pem);
+    eprintln!("subject: {}", shown.subject);
+    eprintln!("fingerprint: {}", shown.fingerprint);
+    Ok(ExitCode::SUCCESS)
 }

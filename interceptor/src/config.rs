@@ -3,7 +3,10 @@
 //!
 //! Owns parsing and static validation only; it never touches the kernel.
 //! Checks that need the running system (does a cgroup exist?) live in
-//! [`crate::cgroup`] and run before attach.
+//! [`crate::cgroup`] and run before attach. Two exceptions, so a bad file
+//! is refused where it is named: a target's TLS files are read, and a
+//! credential's secret files must be root's alone (their contents are read
+//! only when a connection needs them).
 
 use std::{
     collections::HashSet,
@@ -168,6 +171,30 @@ pub struct AgentSection {
     /// anyone else could create or replace a socket in it).
     #[serde(default = "default_unix_dir")]
     pub unix_dir: PathBuf,
+    /// TLS between the applications and the agent (`[agent.tls]`).
+    #[serde(default)]
+    pub tls: AgentTls,
+}
+
+/// `[agent.tls]`: what the agent answers an application that asks for TLS.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTls {
+    #[serde(default)]
+    pub mode: Termination,
+}
+
+/// Whether the agent accepts the applications' TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Termination {
+    /// Declined (PostgreSQL: `N`): the application goes on in plaintext
+    /// over the host's loopback, or gives up if it insists.
+    #[default]
+    Off,
+    /// Accepted with a certificate the node CA issues for the address (and
+    /// the target's `server_names`).
+    Terminate,
 }
 
 fn default_unix_dir() -> PathBuf {
@@ -679,6 +706,10 @@ struct RawTarget {
     addresses: Vec<toml::Spanned<String>>,
     #[serde(default)]
     protocol: Protocol,
+    #[serde(default)]
+    tls: Option<crate::tls::TargetTls>,
+    #[serde(default)]
+    server_names: Vec<String>,
 }
 
 /// An address range of a target: a CIDR prefix and a port (0 = any port).
@@ -783,6 +814,12 @@ pub struct Target {
     /// and normal (no `.`, `..`, `//` or trailing `/`).
     pub unix: Vec<PathBuf>,
     pub protocol: Protocol,
+    /// TLS from the agent to the server (TCP addresses: a unix socket
+    /// never leaves the host).
+    pub tls: Option<crate::tls::Origination>,
+    /// Names applications reach the server by: the certificate the agent
+    /// presents when it terminates their TLS names them too.
+    pub server_names: Vec<String>,
 }
 
 /// Longest unix socket path (`sun_path`, without a NUL).
@@ -831,6 +868,8 @@ struct RawConfig {
     workloads: Vec<RawWorkload>,
     #[serde(default, rename = "target")]
     targets: Vec<RawTarget>,
+    #[serde(default, rename = "credential")]
+    credentials: Vec<crate::credential::RawCredential>,
 }
 
 /// The validated configuration.
@@ -846,6 +885,8 @@ pub struct Config {
     pub export: ExportSection,
     pub workloads: Vec<Workload>,
     pub targets: Vec<Target>,
+    /// Upstream identities the agent logs in as, per workload and target.
+    pub credentials: Vec<crate::credential::Credential>,
 }
 
 pub const PROXY_IP4: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -1002,11 +1043,34 @@ impl Config {
                 }
                 addresses.push(m);
             }
+            for n in &t.server_names {
+                if rustls::pki_types::DnsName::try_from(n.as_str()).is_err()
+                    || n.parse::<IpAddr>().is_ok()
+                {
+                    return Err(src.error_at(
+                        span,
+                        format!("target `{name}`: server name `{n}` is not a DNS name"),
+                    ));
+                }
+            }
+            if (t.tls.is_some() || !t.server_names.is_empty()) && t.protocol != Protocol::Postgres {
+                return Err(src.error_at(
+                    span,
+                    format!("target `{name}`: `tls` and `server_names` need a protocol the agent speaks (postgres)"),
+                ));
+            }
+            let tls = t
+                .tls
+                .map(|tls| crate::tls::Origination::new(tls, base, &format!("target `{name}`")))
+                .transpose()
+                .map_err(|e| src.error_at(span.clone(), format!("{e:#}")))?;
             let target = Target {
                 name,
                 addresses,
                 unix,
                 protocol: t.protocol,
+                tls,
+                server_names: t.server_names,
             };
             for i in 0..target.unix.len() {
                 let own = target.unix_socket(&agent.unix_dir, i);
@@ -1023,6 +1087,30 @@ impl Config {
             }
             targets.push(target);
         }
+        let mut credentials: Vec<crate::credential::Credential> = Vec::new();
+        for c in raw.credentials {
+            let span = Some(c.workload.span());
+            let (w, t) = (c.workload.get_ref().clone(), c.target.clone());
+            if !workloads.iter().any(|x| x.name == w) {
+                return Err(src.error_at(span, format!("credential: no workload `{w}`")));
+            }
+            match targets.iter().find(|x| x.name == t) {
+                Some(x) if x.protocol == Protocol::Postgres => {}
+                Some(_) => {
+                    return Err(src.error_at(
+                        span,
+                        format!("credential: target `{t}` is no postgres target"),
+                    ))
+                }
+                None => return Err(src.error_at(span, format!("credential: no target `{t}`"))),
+            }
+            if credentials.iter().any(|x| x.workload == w && x.target == t) {
+                return Err(
+                    src.error_at(span, format!("credential for `{w}` → `{t}` is given twice"))
+                );
+            }
+            credentials.push(c.checked(base).map_err(|e| src.error_at(span, e))?);
+        }
         let approvals = raw.approvals.map(|a| a.checked(&src, base)).transpose()?;
         let store = raw.store.checked(&src)?;
         let export = raw.export.checked(&src, base)?;
@@ -1034,7 +1122,19 @@ impl Config {
             export,
             workloads,
             targets,
+            credentials,
         })
+    }
+
+    /// The credential `workload` logs in to `target` with, if any.
+    pub fn credential(
+        &self,
+        workload: &str,
+        target: &str,
+    ) -> Option<&crate::credential::Credential> {
+        self.credentials
+            .iter()
+            .find(|c| c.workload == workload && c.target == target)
     }
 
     pub fn workload(&self, name: &str) -> Option<&Workload> {

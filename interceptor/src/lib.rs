@@ -14,6 +14,7 @@ pub mod approvals;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod credential;
 pub mod evidence;
 pub mod gate;
 pub mod identity;
@@ -24,6 +25,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod redirect;
 pub mod sinks;
+pub mod tls;
 
 /// SQL as the server reads it, and the redaction scanner: their own crate
 /// (see `interceptor-sql`), under the agent's paths.

@@ -124,6 +124,9 @@ pub struct Proxy {
     /// People who said they started processes (`interceptor exec
     /// --requester-token`).
     pub requesters: Arc<crate::approvals::Requesters>,
+    /// The node CA, when the agent terminates the applications' TLS
+    /// (`[agent.tls] mode = "terminate"`).
+    pub ca: Option<Arc<crate::tls::ca::Authority>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +323,7 @@ impl Proxy {
             let _ = u.set_nodelay(true);
             local_hop(u, dst);
         });
-        self.serve(s, client, upstream, target, dst.to_string())
+        self.serve(s, client, upstream, target, dst.to_string(), Some(dst.ip()))
             .await;
     }
 
@@ -378,7 +381,8 @@ impl Proxy {
             unix::connect_as(dst.clone(), peer.creds(), timeout),
         )
         .await;
-        self.serve(s, client, upstream, Some(t), original).await;
+        self.serve(s, client, upstream, Some(t), original, None)
+            .await;
     }
 
     fn connect_timeout(&self) -> Duration {
@@ -504,39 +508,35 @@ impl Proxy {
     async fn serve<C, U>(
         &self,
         mut s: Session,
-        mut client: C,
+        client: C,
         upstream: Result<U, (Outcome, String)>,
         target: Option<&Target>,
         dst: String,
+        ip: Option<IpAddr>,
     ) where
-        C: protocol::Client + AsFd + TryInto<relay_loop::Stream, Error = io::Error>,
+        C: AsFd + TryInto<relay_loop::Stream, Error = io::Error>,
         U: TryInto<relay_loop::Stream, Error = io::Error>,
     {
-        let handler = target.and_then(|t| protocol::handler(t.protocol));
-        let upstream = match upstream {
-            Ok(u) => u,
-            Err((outcome, cause)) => {
-                let message = format!("could not connect to server {dst}: {cause}");
-                let said = match handler {
-                    Some(h) => {
-                        let wait = self.connect_timeout();
-                        h.refuse_upstream(&mut client, &message, wait).await
-                    }
-                    None => false,
-                };
-                if !said {
-                    reset(&client);
-                }
-                return self
-                    .finish(s, outcome, Some(format!("upstream {dst}: {cause}")))
-                    .await;
-            }
-        };
         let progress = Arc::new(relay_loop::Progress::default());
-        let r = if let Some(h) = handler {
-            self.relay_inspected(&mut s, h, client, upstream, progress)
+        let inspected = target.and_then(|t| Some((t, protocol::handler(t.protocol)?)));
+        let r = if let Some((t, h)) = inspected {
+            let to = Destination {
+                target: t,
+                dst: &dst,
+                ip,
+            };
+            self.relay_inspected(&mut s, h, client, upstream, to, progress)
                 .await
         } else {
+            let upstream = match upstream {
+                Ok(u) => u,
+                Err((outcome, cause)) => {
+                    reset(&client);
+                    return self
+                        .finish(s, outcome, Some(format!("upstream {dst}: {cause}")))
+                        .await;
+                }
+            };
             // A session of a protocol the agent inspects, where policy
             // expected opaque bytes, would go unchecked: it is told by its
             // first bytes.
@@ -564,13 +564,16 @@ impl Proxy {
     /// `handler`'s machines between the two sockets. Its statements are
     /// recorded as they complete (by this thread's [`flush::run`], every
     /// [`flush::STATEMENT_FLUSH`]) and whatever is left at the end
-    /// ([`flush::Listed::finish`]).
+    /// ([`flush::Listed::finish`]). The handler opens the session first
+    /// when the server cannot be reached or the agent stands in its TLS or
+    /// login ([`protocol::Handler::open`]).
     async fn relay_inspected(
         &self,
         s: &mut Session,
         handler: &dyn protocol::Handler,
         client: impl TryInto<relay_loop::Stream, Error = io::Error>,
-        upstream: impl TryInto<relay_loop::Stream, Error = io::Error>,
+        upstream: Result<impl TryInto<relay_loop::Stream, Error = io::Error>, (Outcome, String)>,
+        to: Destination<'_>,
         progress: Arc<relay_loop::Progress>,
     ) -> Relayed {
         let bell = relay_loop::Bell::new();
@@ -583,11 +586,12 @@ impl Proxy {
                 wake: Arc::new(move || bell.ring()),
             }
         });
+        let workload = s.workload.clone().unwrap_or_default();
         let gate = crate::gate::AgentGate::new(
             crate::gate::Parties {
                 policy: self.policy.clone(),
-                workload: s.workload.clone().unwrap_or_default(),
-                target: s.target.clone().unwrap_or_default(),
+                workload: workload.clone(),
+                target: to.target.name.clone(),
                 masker: self.masker.clone(),
             },
             asking,
@@ -596,13 +600,87 @@ impl Proxy {
             text_limit: self.config.agent.record_text_limit,
             bytes_per_second: self.config.agent.record_bytes_per_second,
         });
-        let machines = handler.machines(Box::new(gate), outbox.clone());
+        let mut machines = handler.machines(Box::new(gate), outbox.clone());
         let listed = flush::Listed::new(s.id, Some(outbox.clone()), progress.clone());
-        let end = relay_loop::relay_inspected(client, upstream, machines, progress, Some(bell));
-        let end = end.await;
+        let credential = self.config.credential(&workload, &to.target.name);
+        let ca = self.ca.as_deref().filter(|_| to.ip.is_some());
+        let stands_in = ca.is_some() || credential.is_some() || to.target.tls.is_some();
+        let opened = match upstream {
+            Ok(u) if !stands_in => match (client.try_into(), u.try_into()) {
+                (Ok(c), Ok(u)) => Ok(protocol::Opened {
+                    client: c.into(),
+                    server: u.into(),
+                    keep: None,
+                }),
+                (Err(e), _) | (_, Err(e)) => Err(io_unopened(e)),
+            },
+            upstream => match relay_loop_conn(client) {
+                Ok(client) => {
+                    let o = protocol::Opening {
+                        client,
+                        upstream: upstream.and_then(|u| {
+                            relay_loop_conn(u).map_err(|e| (Outcome::Error, e.to_string()))
+                        }),
+                        dst: to.dst,
+                        ip: to.ip,
+                        target: to.target,
+                        workload: &workload,
+                        ca,
+                        credential,
+                        machines: &mut *machines,
+                        facts: &mut s.facts,
+                    };
+                    handler.open(o).await
+                }
+                Err(e) => Err(io_unopened(e)),
+            },
+        };
+        let r = match opened {
+            Ok(o) => {
+                let end =
+                    relay_loop::relay_endpoints(o.client, o.server, machines, progress, Some(bell));
+                let r = Relayed::from(end.await);
+                drop(o.keep);
+                r
+            }
+            Err(u) => {
+                machines.ended();
+                Relayed {
+                    up: 0,
+                    down: 0,
+                    outcome: u.outcome,
+                    detail: Some(u.why),
+                    sniffed: false,
+                }
+            }
+        };
         s.statements = listed.finish(&self.recorder).await;
         s.facts.extend(outbox.take_facts());
-        Relayed::from(end)
+        r
+    }
+}
+
+/// Where an admitted connection goes.
+struct Destination<'a> {
+    target: &'a Target,
+    /// `host:port`, or `unix:path`.
+    dst: &'a str,
+    /// The address (none: a unix socket).
+    ip: Option<IpAddr>,
+}
+
+/// A socket as a side of a session the agent opens.
+fn relay_loop_conn(
+    s: impl TryInto<relay_loop::Stream, Error = io::Error>,
+) -> io::Result<crate::tls::Conn> {
+    crate::tls::Conn::new(s)
+}
+
+fn io_unopened(e: io::Error) -> protocol::Unopened {
+    let (outcome, why) = io_outcome(e);
+    protocol::Unopened {
+        outcome,
+        why: why.unwrap_or_default(),
     }
 }
 
@@ -798,6 +876,7 @@ mod tests {
             host: Arc::default(),
             approvals,
             requesters: Arc::default(),
+            ca: None,
         }
     }
 
@@ -830,8 +909,14 @@ mod tests {
         // The server cannot be reached: said the protocol's way.
         let (mut app, client) = loopback_pair().await;
         let refused = Err((Outcome::Refused, "Connection refused".to_owned()));
-        let serve =
-            proxy.serve::<_, TcpStream>(session(1), client, refused, Some(target), "db:1".into());
+        let serve = proxy.serve::<_, TcpStream>(
+            session(1),
+            client,
+            refused,
+            Some(target),
+            "db:1".into(),
+            None,
+        );
         let (_, told) = tokio::join!(serve, async {
             let mut told = String::new();
             app.read_to_string(&mut told).await.unwrap();
@@ -851,6 +936,7 @@ mod tests {
             Ok(upstream),
             Some(target),
             "db:1".into(),
+            None,
         );
         let talk = async {
             app.write_all(b"SELECT 1\nDELETE FROM t\nSELECT 2\n")
@@ -937,7 +1023,7 @@ mod tests {
         };
         let (mut app, client) = loopback_pair().await;
         let (upstream, mut server) = loopback_pair().await;
-        let serve = proxy.serve(s, client, Ok(upstream), Some(target), "db:1".into());
+        let serve = proxy.serve(s, client, Ok(upstream), Some(target), "db:1".into(), None);
         let talk = async {
             app.write_all(b"DELETE FROM t\nSELECT 1\n").await.unwrap();
             let mut buf = [0u8; 64];

@@ -238,6 +238,13 @@ impl Frontend {
     ) -> Result<bool, PgError> {
         // Check the length as soon as it is there: a hostile length must not
         // make us wait for bytes that will never come.
+        if input.first() == Some(&0x16) {
+            return Err(malformed(
+                "client",
+                "a TLS ClientHello where the startup packet belongs (sslnegotiation=direct); \
+                 the agent takes the client's TLS only with [agent.tls] mode = \"terminate\"",
+            ));
+        }
         if input.len() < 4 {
             return Ok(false);
         }

@@ -30,16 +30,25 @@ impl super::Handler for Lines {
         })
     }
 
-    fn refuse_upstream<'a>(
-        &'a self,
-        client: &'a mut dyn super::Client,
-        message: &'a str,
-        _: std::time::Duration,
-    ) -> super::Answer<'a> {
-        use tokio::io::AsyncWriteExt;
+    /// Only a server that cannot be reached: `ERR` and why.
+    fn open<'a>(&'a self, mut o: super::Opening<'a>) -> super::Opens<'a> {
         Box::pin(async move {
-            let said = format!("ERR {message}\n");
-            client.write_all(said.as_bytes()).await.is_ok()
+            match o.upstream {
+                Ok(u) => Ok(super::Opened {
+                    client: o.client.into_endpoint(),
+                    server: u.into_endpoint(),
+                    keep: None,
+                }),
+                Err((outcome, cause)) => {
+                    let said = format!("ERR could not connect to server {}: {cause}\n", o.dst);
+                    let _ = o.client.send(said.as_bytes()).await;
+                    o.client.shutdown().await;
+                    Err(super::Unopened {
+                        outcome,
+                        why: format!("upstream {}: {cause}", o.dst),
+                    })
+                }
+            }
         })
     }
 }

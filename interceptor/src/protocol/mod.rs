@@ -10,15 +10,16 @@
 //! here. (The test protocol [`lines`] is one, and goes through the whole
 //! pipeline in `proxy`'s tests.)
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, net::IpAddr, pin::Pin};
 
-use interceptor_relay::{Ending, Machines, Sniff};
-use tokio::io::{AsyncRead, AsyncWrite};
+use interceptor_relay::{Ending, Endpoint, Machines, Sniff};
 
 use crate::{
-    config::Protocol,
+    config::{Protocol, Target},
+    credential::Credential,
     policy::Policy,
-    record::{Action, Decision, Outbox},
+    record::{Action, Decision, Facts, Outbox, Outcome},
+    tls::{ca, Conn},
 };
 
 #[cfg(test)]
@@ -26,13 +27,48 @@ pub mod lines;
 pub mod postgres;
 pub use interceptor_wire::seam;
 
-/// A client's socket, as a handler answers it before any relaying.
-pub trait Client: AsyncRead + AsyncWrite + Unpin + Send {}
+/// What a handler is given to open a session itself, before the relay
+/// takes it: when the server cannot be reached (the client is told why),
+/// or the agent stands in the session's TLS or login.
+pub struct Opening<'a> {
+    pub client: Conn,
+    /// The server's side, or how the connect failed and why.
+    pub upstream: Result<Conn, (Outcome, String)>,
+    /// Where the client was going (`host:port`, or `unix:path`).
+    pub dst: &'a str,
+    /// Its address (none: a unix socket): the certificate issued to the
+    /// client names it, and so does the one asked of the server unless
+    /// the target sets a `server_name`.
+    pub ip: Option<IpAddr>,
+    pub target: &'a Target,
+    pub workload: &'a str,
+    /// Accept the client's TLS with this CA's certificates.
+    pub ca: Option<&'a ca::Authority>,
+    /// Log in to the server with this.
+    pub credential: Option<&'a Credential>,
+    /// The connection's machines: they see the login as they would on the
+    /// relay.
+    pub machines: &'a mut dyn Machines<Error = Ending>,
+    /// The session's facts: what opening told (TLS, the credential).
+    pub facts: &'a mut Facts,
+}
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Client for T {}
+/// A session opened: its two sides for the relay, and what must live as
+/// long as it does.
+pub struct Opened {
+    pub client: Endpoint,
+    pub server: Endpoint,
+    pub keep: Option<Box<dyn Send>>,
+}
+
+/// A session that could not be opened: how it ends, and why.
+pub struct Unopened {
+    pub outcome: Outcome,
+    pub why: String,
+}
 
 /// A handler's future.
-pub type Answer<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+pub type Opens<'a> = Pin<Box<dyn Future<Output = Result<Opened, Unopened>> + Send + 'a>>;
 
 /// What the agent does with the connections of one protocol it inspects.
 pub trait Handler: Sync {
@@ -44,16 +80,10 @@ pub trait Handler: Sync {
         outbox: Outbox,
     ) -> Box<dyn Machines<Error = Ending>>;
 
-    /// Tells a client whose server cannot be reached (`message` says why)
-    /// as that server's own clients are told, waiting at most `wait` for
-    /// the client's first words. `false`: the protocol has no way to say
-    /// it, and the client is reset.
-    fn refuse_upstream<'a>(
-        &'a self,
-        client: &'a mut dyn Client,
-        message: &'a str,
-        wait: Duration,
-    ) -> Answer<'a>;
+    /// Opens a session as `o` says: a server that cannot be reached is
+    /// told to the client as that server's own clients are told; TLS on
+    /// either hop and a credential's login as the protocol does them.
+    fn open<'a>(&'a self, o: Opening<'a>) -> Opens<'a>;
 }
 
 /// A session of a protocol the agent inspects, found on a connection

@@ -1,16 +1,17 @@
 //! PostgreSQL in the agent: the wire machines ([`interceptor_wire::postgres`],
-//! re-exported here) on the relay loops, the answer to a client whose
-//! server cannot be reached, and the engine benchmark's harness.
+//! re-exported here) on the relay loops, the sessions the agent opens
+//! itself ([`login`]: a server that cannot be reached, TLS on either hop,
+//! an injected credential), and the engine benchmark's harness.
 
-use std::{io, sync::Arc, time::Duration};
+use std::{io, sync::Arc};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use interceptor_relay::{self as relay_loop, End, Ending};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use interceptor_wire::postgres::*;
 
 pub mod harness;
+pub mod login;
 
 /// PostgreSQL in the protocol registry (see [`super::handler`]).
 pub struct Postgres;
@@ -24,54 +25,10 @@ impl super::Handler for Postgres {
         Box::new(OnLoop(Machines::new(State::new(gate, outbox))))
     }
 
-    /// Said as the server's absence is said to a client that connects
-    /// directly: a FATAL 08001 naming the cause.
-    fn refuse_upstream<'a>(
-        &'a self,
-        client: &'a mut dyn super::Client,
-        message: &'a str,
-        wait: Duration,
-    ) -> super::Answer<'a> {
-        Box::pin(async move {
-            refuse_login(client, "08001", message, wait).await;
-            true
-        })
+    /// See [`login`].
+    fn open<'a>(&'a self, o: super::Opening<'a>) -> super::Opens<'a> {
+        Box::pin(login::open(o))
     }
-}
-
-/// Answers a client whose server cannot be reached as a server would:
-/// declines TLS and GSS encryption, then answers the startup packet with
-/// FATAL `code` and `message` (so clients say why, instead of "connection
-/// reset"), and returns. A CancelRequest or anything malformed just ends;
-/// a client that says nothing for `wait` is left.
-pub async fn refuse_login(
-    client: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized),
-    code: &str,
-    message: &str,
-    wait: Duration,
-) {
-    let answer = async {
-        let mut buf = BytesMut::new();
-        loop {
-            match first_frame(&buf) {
-                FirstFrame::Partial => {
-                    if client.read_buf(&mut buf).await? == 0 {
-                        return Ok(());
-                    }
-                }
-                FirstFrame::Encryption { len } => {
-                    buf.advance(len);
-                    client.write_all(b"N").await?;
-                }
-                FirstFrame::Startup => {
-                    client.write_all(&fatal(code, message)).await?;
-                    return client.shutdown().await;
-                }
-                FirstFrame::Other => return Ok::<(), io::Error>(()),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(wait, answer).await;
 }
 
 /// Relays one PostgreSQL connection on a relay loop, its two machines
