@@ -315,7 +315,11 @@ pub fn reason(e: &rustls::Error) -> String {
             } => format!(
                 "the server's certificate is not valid for {} (it names {})",
                 expected.to_str(),
-                presented.join(", ")
+                presented
+                    .iter()
+                    .map(|n| san(n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             C::NotValidForName => {
                 "the server's certificate is not valid for the name asked for".into()
@@ -325,6 +329,15 @@ pub fn reason(e: &rustls::Error) -> String {
         rustls::Error::AlertReceived(a) => format!("the peer sent TLS alert {a:?}"),
         other => format!("TLS: {other}"),
     }
+}
+
+/// A name as webpki presents it (`DnsName("db.test")`, `IpAddress(…)`),
+/// bare.
+fn san(n: &str) -> &str {
+    ["DnsName(\"", "IpAddress("]
+        .iter()
+        .find_map(|p| n.strip_prefix(p))
+        .map_or(n, |rest| rest.trim_end_matches(')').trim_end_matches('"'))
 }
 
 /// What TLS told of a session, on either hop (the session's `tls` facts).

@@ -8,7 +8,7 @@ use std::{
     collections::HashSet,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{mpsc, Arc, Mutex},
     time::Duration,
@@ -377,74 +377,4 @@ targets = ["echo"]
 action = "allow"
 "#;
 
-/// A test CA (`DIR/ca.crt`) and a certificate for 127.0.0.1 from it
-/// (`DIR/<name>.crt` and `.key`, EC P-256), made by openssl: the CA, the
-/// certificate and its key.
-pub fn test_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let (cert, key, csr, ext) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-        dir.join(format!("{name}.csr")),
-        dir.join(format!("{name}.ext")),
-    );
-    std::fs::write(
-        &ext,
-        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let subject = format!("/CN=interceptor {name}");
-    let mut made = Vec::new();
-    let mut root = Command::new("openssl");
-    root.args([
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=interceptor test CA",
-    ])
-    .args(ec)
-    .arg("-keyout")
-    .arg(&ca_key)
-    .arg("-out")
-    .arg(&ca);
-    made.push(root);
-    let mut request = Command::new("openssl");
-    request
-        .args(["req", "-subj", &subject])
-        .args(ec)
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr);
-    made.push(request);
-    let mut sign = Command::new("openssl");
-    sign.args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(&ca)
-        .arg("-CAkey")
-        .arg(&ca_key)
-        .arg("-extfile")
-        .arg(&ext)
-        .arg("-out")
-        .arg(&cert);
-    made.push(sign);
-    for mut c in made {
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    (ca, cert, key)
-}
+pub use crate::pg::test_certificate;

@@ -9,6 +9,7 @@ mod faults;
 mod harness;
 mod resources;
 mod sinks;
+mod tls;
 
 use std::time::{Duration, Instant};
 

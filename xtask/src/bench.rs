@@ -48,10 +48,14 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         Some("postgres") => {
             let (tuning, rest) = Tuning::parse(&args[1..])?;
-            if !rest.is_empty() {
-                bail!("bench postgres takes no loads (got {rest:?})");
+            match rest.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                [] => {
+                    postgres(&tuning)?;
+                    postgres_tls(&tuning)
+                }
+                ["tls"] => postgres_tls(&tuning),
+                _ => bail!("bench postgres takes no loads but `tls` (got {rest:?})"),
             }
-            postgres(&tuning)
         }
         Some("memory") => {
             let (tuning, rest) = Tuning::parse(&args[1..])?;
@@ -70,7 +74,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("client") => client(&args[1..]),
         Some("server") => server(),
         _ => bail!(
-            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS] | memory [SETTINGS] | engine | recorder [--statements N]> \
+            "usage: cargo xtask bench <l4 [SETTINGS] [LOAD…] | postgres [SETTINGS] [tls] | memory [SETTINGS] | engine | recorder [--statements N]> \
              (SETTINGS: --busy-poll-us N, --workers N)"
         ),
     }
@@ -920,6 +924,104 @@ fn postgres(tuning: &Tuning) -> Result<()> {
             "for scale, the bare relay (no policy, no recording) by the same measures: {}",
             Verdict::targets(&bare_verdicts)
         );
+        drop(agent);
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Rounds of the TLS rows of the PostgreSQL bench.
+const TLS_ROUNDS: usize = 5;
+
+/// `cargo xtask bench postgres tls` (and the end of `bench postgres`):
+/// what TLS costs through the agent. A PostgreSQL that takes TLS alone
+/// (`hostssl`), pgbench -S directly with `sslmode=require`; through the
+/// agent with the application in plaintext and the agent's TLS to the
+/// server (verify-full); and with the application's TLS terminated by the
+/// agent too (`sslmode=require`; the agent logs in with its password).
+fn postgres_tls(tuning: &Tuning) -> Result<()> {
+    require_root("cargo xtask bench")?;
+    crate::setup::run()?;
+    let agent_bin = crate::agent::build(true)?;
+    let dir = std::env::temp_dir().join(format!("interceptor-pgbench-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<()> {
+        let (ca, cert, key) = crate::pg::test_certificate(&dir, "db");
+        let db = crate::pg::Postgres::start_tls(
+            &dir.join("pg"),
+            (
+                &std::fs::read_to_string(cert)?,
+                &std::fs::read_to_string(key)?,
+            ),
+        )?;
+        let conn = format!("{} sslmode=require", db.conninfo());
+        run_cmd(
+            Command::new("pgbench")
+                .args(["-i", "-q", "-s", "10", &conn])
+                .stderr(Stdio::null()),
+        )?;
+        let config = bench_config(
+            &dir,
+            "interceptor-pgbench-tls",
+            &format!("{}\n[agent.tls]\nmode = \"terminate\"\n", tuning.lines),
+            &format!(
+                "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n\
+                 tls = {{ mode = \"verify-full\", ca_file = \"{}\" }}\n",
+                db.port,
+                ca.display()
+            ),
+        )?;
+        let mut init = Command::new(&agent_bin);
+        init.args(["ca", "init", "--config"]).arg(&config);
+        run_cmd(init.stdout(Stdio::null()).stderr(Stdio::null()))?;
+        let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
+        let agent_pid = agent.pid();
+        let plain = db.conninfo() + " sslmode=disable";
+        println!(
+            "\ninterceptor bench postgres tls — pgbench -S, {PG_SECS} s per run, a PostgreSQL that takes \
+             TLS alone (TLS 1.3, P-256 certificate), {TLS_ROUNDS} rounds, each running every path once\n\
+             upstream TLS: the application in plaintext on the host's loopback, the agent's TLS to the \
+             server (verify-full)\nterminated: the application's TLS (sslmode=require) ended by the \
+             agent with a certificate of its node CA, and the agent's TLS to the server\n{}",
+            tuning.note()
+        );
+        println!(
+            "{:<16} {:>14} | {:>34} | {:>34}",
+            "mode, clients",
+            "direct TLS tps",
+            "agent, upstream TLS (vs direct TLS)",
+            "agent, terminated (vs direct TLS)"
+        );
+        for mode in ["simple", "prepared"] {
+            for clients in [1, 8] {
+                let mut runs: [Vec<Costed>; 3] = Default::default();
+                for round in 0..TLS_ROUNDS {
+                    for k in 0..3 {
+                        let path = (round + k) % 3;
+                        let run = match path {
+                            0 => costed(None, || pgbench(None, &conn, mode, clients))?,
+                            1 => costed(agent_pid, || {
+                                pgbench(Some((&agent, &config)), &plain, mode, clients)
+                            })?,
+                            _ => costed(agent_pid, || {
+                                pgbench(Some((&agent, &config)), &conn, mode, clients)
+                            })?,
+                        };
+                        runs[path].push(run);
+                    }
+                }
+                let [d, u, t] = &runs;
+                println!(
+                    "{:<16} {:>14.0} | {:>34} | {:>34}",
+                    format!("{mode}, {clients}"),
+                    middle(d.iter().map(|c| c.tps).collect()),
+                    proxied(u, d),
+                    proxied(t, d),
+                );
+            }
+        }
         drop(agent);
         Ok(())
     })();

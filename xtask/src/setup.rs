@@ -68,20 +68,21 @@ fn oidc_provider() -> Result<()> {
 
 /// What the end-to-end tests take from PyPI: the PostgreSQL client
 /// libraries they drive through the agent (asyncpg and pg8000, both on the
-/// extended protocol), and opentelemetry-proto, with which the OTLP
-/// receiver of the sink tests decodes what the agent sends.
+/// extended protocol; psycopg 3 on the system's libpq, over TLS), and
+/// opentelemetry-proto, with which the OTLP receiver of the sink tests
+/// decodes what the agent sends.
 fn python_clients() -> Result<()> {
     let have = Command::new("python3")
         .args([
             "-c",
-            "import asyncpg, pg8000\nfrom opentelemetry.proto.collector.logs.v1 import logs_service_pb2",
+            "import asyncpg, pg8000, psycopg\nfrom opentelemetry.proto.collector.logs.v1 import logs_service_pb2",
         ])
         .output()
         .is_ok_and(|o| o.status.success());
     if have {
         return Ok(());
     }
-    eprintln!("setup: installing asyncpg, pg8000 and opentelemetry-proto from PyPI");
+    eprintln!("setup: installing asyncpg, pg8000, psycopg and opentelemetry-proto from PyPI");
     run_cmd(Command::new("python3").args([
         "-m",
         "pip",
@@ -90,6 +91,7 @@ fn python_clients() -> Result<()> {
         "--disable-pip-version-check",
         "asyncpg==0.32.0",
         "pg8000==1.31.6",
+        "psycopg==3.2.13",
         "opentelemetry-proto==1.45.2",
     ]))
 }

@@ -146,8 +146,11 @@ pub struct Authority {
     pub shown: Shown,
     /// Issued, by target and address: the settings presenting it and when
     /// to renew it.
-    issued: Mutex<HashMap<(String, Option<IpAddr>), (Arc<rustls::ServerConfig>, SystemTime)>>,
+    issued: Mutex<HashMap<(String, Option<IpAddr>), Issued>>,
 }
+
+/// Settings presenting an issued certificate, and when to renew it.
+type Issued = (Arc<rustls::ServerConfig>, SystemTime);
 
 /// Loads the CA of `data_dir`; refused unless its key is root's alone.
 pub fn load(data_dir: &Path) -> anyhow::Result<Authority> {

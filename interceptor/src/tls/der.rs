@@ -35,8 +35,11 @@ fn elements(mut der: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     })
 }
 
+/// Elements as (tag, contents).
+type Elements<'a> = Vec<(u8, &'a [u8])>;
+
 /// The certificate's `tbsCertificate` fields and its signature algorithm.
-fn parts(cert: &[u8]) -> Option<(Vec<(u8, &[u8])>, &[u8])> {
+fn parts(cert: &[u8]) -> Option<(Elements<'_>, &[u8])> {
     let (SEQUENCE, cert, _) = element(cert)? else {
         return None;
     };

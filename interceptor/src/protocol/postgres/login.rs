@@ -54,6 +54,10 @@ pub struct Injected {
     /// How: `SCRAM-SHA-256-PLUS`, `SCRAM-SHA-256`, `password` (over TLS),
     /// or `none` (the server asked for nothing).
     pub method: String,
+    /// The password was the application's own, given to the agent over
+    /// its TLS (see [`relay_login`]), not a configured credential.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relayed: bool,
 }
 
 /// The session facts' name for [`Injected`].
@@ -139,6 +143,8 @@ async fn opening(
     let mut keep = None;
     if let Some(credential) = o.credential {
         keep = login(o, credential, &mut upstream).await?;
+    } else if o.client.tls().is_some() && upstream.tls().is_some() {
+        relay_login(o, &mut upstream).await?;
     }
     Ok((upstream, keep))
 }
@@ -284,37 +290,7 @@ async fn login(
     credential: &Credential,
     upstream: &mut Conn,
 ) -> Result<Option<Mapped>, Unopened> {
-    // The application's first packet, through the machines.
-    let mut to_server = BytesMut::new();
-    loop {
-        let mut to_client = BytesMut::new();
-        let decided = o
-            .machines
-            .client(&mut o.client.input, &mut to_server, &mut to_client);
-        if !to_client.is_empty() {
-            send(&mut o.client, &to_client).await?;
-        }
-        if let Err(e) = decided {
-            o.client.shutdown().await;
-            return Err(match e {
-                interceptor_relay::Ending::Refused(why) => Unopened {
-                    outcome: Outcome::Denied,
-                    why,
-                },
-                interceptor_relay::Ending::Failed(e) => failed(e.to_string()),
-                other => failed(format!("{other:?}")),
-            });
-        }
-        if !to_server.is_empty() {
-            break;
-        }
-        if o.client.fill().await.map_err(|e| failed(e.to_string()))? == 0 {
-            return Err(Unopened {
-                outcome: Outcome::Closed,
-                why: "the client closed before its startup packet".into(),
-            });
-        }
-    }
+    let mut to_server = first_packet(o).await?;
     let code = u32::from_be_bytes(to_server[4..8].try_into().expect("a whole packet"));
     if code == CANCEL_REQUEST && to_server.len() >= 16 {
         // The application's key is the agent's: the server's goes on.
@@ -357,6 +333,7 @@ async fn login(
         &Injected {
             user: credential.user.clone(),
             method,
+            relayed: false,
         },
     );
     // The rest of the login, up to ReadyForQuery, its cancel key mapped.
@@ -388,28 +365,136 @@ async fn login(
     Ok(mapped)
 }
 
+/// The application's first packet (its startup packet, or a
+/// CancelRequest), as the machines pass it on: policy decides its
+/// settings, and a refusal is the application's answer.
+async fn first_packet(o: &mut Opening<'_>) -> Result<BytesMut, Unopened> {
+    let mut to_server = BytesMut::new();
+    loop {
+        let mut to_client = BytesMut::new();
+        let decided = o
+            .machines
+            .client(&mut o.client.input, &mut to_server, &mut to_client);
+        if !to_client.is_empty() {
+            send(&mut o.client, &to_client).await?;
+        }
+        if let Err(e) = decided {
+            o.client.shutdown().await;
+            return Err(match e {
+                interceptor_relay::Ending::Refused(why) => Unopened {
+                    outcome: Outcome::Denied,
+                    why,
+                },
+                interceptor_relay::Ending::Failed(e) => failed(e.to_string()),
+                other => failed(format!("{other:?}")),
+            });
+        }
+        if !to_server.is_empty() {
+            return Ok(to_server);
+        }
+        if o.client.fill().await.map_err(|e| failed(e.to_string()))? == 0 {
+            return Err(Unopened {
+                outcome: Outcome::Closed,
+                why: "the client closed before its startup packet".into(),
+            });
+        }
+    }
+}
+
+/// The login of a session whose TLS the agent stands in on both hops,
+/// with no credential: SCRAM between the application and the server
+/// cannot survive that (the application, told of no `-PLUS`, says it could
+/// have bound a channel; the server, over TLS, takes that for a
+/// downgrade). So when the server asks for SASL, the agent asks the
+/// application for its password instead (over the application's TLS) and
+/// logs in with it itself, `-PLUS` included. Any other request goes to
+/// the application as it is.
+async fn relay_login(o: &mut Opening<'_>, upstream: &mut Conn) -> Result<(), Unopened> {
+    let packet = first_packet(o).await?;
+    upstream
+        .send(&packet)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if u32::from_be_bytes(packet[4..8].try_into().expect("a whole packet")) == CANCEL_REQUEST {
+        return Ok(());
+    }
+    let (ty, len) = message(upstream).await.map_err(failed)?;
+    if !(ty == b'R' && len >= 9 && upstream.input[5..9] == 10u32.to_be_bytes()) {
+        return Ok(());
+    }
+    let mut ask = BytesMut::new();
+    ask.put_u8(b'R');
+    ask.put_u32(8);
+    ask.put_u32(3);
+    send(&mut o.client, &ask).await?;
+    let password = loop {
+        if o.client.input.len() >= 5 {
+            let n = u32::from_be_bytes(o.client.input[1..5].try_into().expect("5 bytes")) as usize;
+            if o.client.input[0] != b'p' || !(5..=1024).contains(&n) {
+                return Err(failed(
+                    "the client did not answer the password request with a password".into(),
+                ));
+            }
+            if o.client.input.len() > n {
+                let m = o.client.input.split_to(n + 1);
+                let pw = m[5..].split(|&b| b == 0).next().unwrap_or_default();
+                break pw.to_vec();
+            }
+        }
+        if o.client.fill().await.map_err(|e| failed(e.to_string()))? == 0 {
+            return Err(Unopened {
+                outcome: Outcome::Closed,
+                why: "the client closed instead of giving its password".into(),
+            });
+        }
+    };
+    let user = params(&packet)
+        .and_then(|ps| ps.into_iter().find(|(k, _)| *k == b"user"))
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    let keys = Keys::Password(password);
+    let mut kept = BytesMut::new();
+    let method = authenticate(o, upstream, &keys, &mut kept)
+        .await
+        .map_err(|why| failed(format!("login as `{user}` for the application: {why}")))?;
+    kept.extend_from_slice(&upstream.input);
+    upstream.input = kept;
+    o.facts.set(
+        CREDENTIAL_FACTS,
+        &Injected {
+            user,
+            method,
+            relayed: true,
+        },
+    );
+    Ok(())
+}
+
+/// The parameters of the startup packet `packet`, in order.
+fn params(packet: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let mut fields = packet.get(8..)?.split(|&b| b == 0);
+    let mut out = Vec::new();
+    loop {
+        let k = fields.next()?;
+        if k.is_empty() {
+            return Some(out);
+        }
+        out.push((k, fields.next()?));
+    }
+}
+
 /// The startup packet `packet` with `user` as its user.
 fn with_user(packet: &[u8], user: &str) -> Option<BytesMut> {
+    let params = params(packet)?;
     let mut out = BytesMut::new();
     out.put_u32(0);
     out.extend_from_slice(&packet[4..8]);
-    let mut fields = packet[8..].split(|&b| b == 0);
-    let mut put = |k: &[u8], v: &[u8]| {
+    let user = (&b"user"[..], user.as_bytes());
+    for (k, v) in std::iter::once(user).chain(params.into_iter().filter(|(k, _)| *k != b"user")) {
         out.extend_from_slice(k);
         out.put_u8(0);
         out.extend_from_slice(v);
         out.put_u8(0);
-    };
-    put(b"user", user.as_bytes());
-    loop {
-        let k = fields.next()?;
-        if k.is_empty() {
-            break;
-        }
-        let v = fields.next()?;
-        if k != b"user" {
-            put(k, v);
-        }
     }
     out.put_u8(0);
     let len = out.len() as u32;
