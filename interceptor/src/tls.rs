@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 pub mod ca;
 mod conn;
-mod der;
+pub mod der;
 
 pub use conn::{Conn, HandshakeError};
 

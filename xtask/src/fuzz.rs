@@ -5,7 +5,9 @@
 //! policy), the SQL classifier, redactor and classification cache key,
 //! the cache key against PostgreSQL's own lexer (`key`, a differential
 //! fuzzer), the stored form of recorded statements, and what `verify`
-//! reads from others (export bundles, log entries, signed checkpoints).
+//! reads from others (export bundles, log entries, signed checkpoints), and
+//! what TLS brings (records from an application whose TLS the agent
+//! terminates, servers' certificates and SCRAM messages: `tls_peer`).
 //! Each target runs SECONDS (default 60) from the seeds in its fuzz
 //! directory's `seeds` plus the corpus it has grown in its `corpus`; a
 //! crash, a broken invariant or a hang fails the task and leaves the input
@@ -25,7 +27,7 @@ pub const TARGETS: &[(&str, &[&str])] = &[
     ("interceptor-sql/fuzz", &["sql", "key"]),
     ("interceptor-record/fuzz", &["store", "bundle"]),
     ("interceptor-wire/fuzz", &["machines"]),
-    ("fuzz", &["pg_relay"]),
+    ("fuzz", &["pg_relay", "tls_peer"]),
 ];
 
 pub fn run_all(seconds: u64) -> Result<()> {

@@ -211,6 +211,11 @@ pub(super) fn take_records(
         let n = tls
             .read_tls(&mut rd)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
+        if n == 0 {
+            // The peer closed the session: what follows is no part of it.
+            raw.clear();
+            return Ok(true);
+        }
         raw.advance(n);
         closed |= tls.process_new_packets()?.peer_has_closed();
         // Taken as it comes: the session holds little plaintext.
@@ -224,26 +229,27 @@ pub(super) fn drain_plaintext(
     tls: &mut rustls::Connection,
     into: &mut BytesMut,
 ) -> io::Result<usize> {
-    let mut total = 0;
-    loop {
-        let at = into.len();
-        into.put_bytes(0, 16 * 1024);
-        let r = tls.reader().read(&mut into[at..]);
-        let n = match r {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+    let held = tls
+        .process_new_packets()
+        .map_err(tls_io)?
+        .plaintext_bytes_to_read();
+    let at = into.len();
+    // Room for what is held, and no more (a read is small, mostly).
+    into.put_bytes(0, held);
+    let mut got = 0;
+    while got < held {
+        match tls.reader().read(&mut into[at + got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => {
-                into.truncate(at);
+                into.truncate(at + got);
                 return Err(e);
             }
-        };
-        into.truncate(at + n);
-        total += n;
-        if n == 0 {
-            return Ok(total);
         }
     }
+    into.truncate(at + got);
+    Ok(got)
 }
 
 /// A TLS error as the I/O error it ends a connection with.
