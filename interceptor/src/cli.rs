@@ -905,8 +905,9 @@ fn print_object(title: &str, value: &serde_json::Value) {
     let mut out = Vec::new();
     rows("", value, &mut out);
     println!("{title}:");
+    let width = out.iter().map(|(k, _)| k.len()).max().unwrap_or(0).max(14);
     for (k, v) in out {
-        println!("  {k:<14} {v}");
+        println!("  {k:<width$} {v}");
     }
 }
 

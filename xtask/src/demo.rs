@@ -1,10 +1,12 @@
 //! `cargo xtask demo`: the main job on one machine.
 //!
-//! A throw-away PostgreSQL, the agent with `policies/demo.toml` and
-//! `policies/demo-approvals.toml`, two workloads running the unmodified
-//! `psql` through `interceptor exec`, one statement held until a second
-//! person approves it (their identity from a local OIDC provider), and
-//! the sessions the agent recorded.
+//! A throw-away PostgreSQL that takes TLS alone, the agent with
+//! `policies/demo.toml` and `policies/demo-approvals.toml`, workloads
+//! running the unmodified `psql` through `interceptor exec` (their TLS
+//! taken by the agent, one of them holding no password at all), one
+//! statement held until a second person approves it (their identity from a
+//! local OIDC provider), the sessions the agent recorded, and the evidence
+//! verified.
 
 use std::{path::Path, process::Command};
 
@@ -171,9 +173,37 @@ fn step(title: &str) {
 }
 
 fn demo(bin: &Path, dir: &Path) -> Result<()> {
-    step("starting a throw-away PostgreSQL (SCRAM authentication)");
-    let pg = pg::Postgres::start(&dir.join("pg"))?;
-    println!("PostgreSQL listening on 127.0.0.1:{}", pg.port);
+    step("starting a throw-away PostgreSQL (TLS only, SCRAM authentication)");
+    let (ca, cert, key) = pg::test_certificate(dir, "orders-db");
+    let pg = pg::Postgres::start_tls(
+        &dir.join("pg"),
+        (
+            &std::fs::read_to_string(cert)?,
+            &std::fs::read_to_string(key)?,
+        ),
+    )?;
+    println!(
+        "PostgreSQL listening on 127.0.0.1:{} (hostssl only: no plaintext over TCP)",
+        pg.port
+    );
+    // The nightly job's credential: only the agent holds it.
+    crate::run(Command::new("psql").args([
+        pg.conninfo().as_str(),
+        "-X",
+        "-q",
+        "-c",
+        "create role billing_svc login password 'n1ghtly-only-the-agent-knows'",
+    ]))?;
+    let secret = dir.join("billing_svc.pw");
+    {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret)?
+            .write_all(b"n1ghtly-only-the-agent-knows\n")?;
+    }
 
     step("starting the approvers' identity provider (OIDC, npm's oidc-provider)");
     let oidc = Oidc::start(dir)?;
@@ -196,6 +226,10 @@ managed_cgroup_parent = "interceptor-demo"
 policies = ["{policy}", "{approvals_policy}"]
 data_dir = "{data}"
 
+# Applications that ask for TLS get it from the agent (node CA certificates).
+[agent.tls]
+mode = "terminate"
+
 # Who approves: people with tokens from this issuer, for this audience.
 [approvals]
 issuer = "{issuer}"
@@ -211,10 +245,23 @@ owners = ["billing-devs"]
 name = "reporting"
 managed = true
 
+[[workload]]
+name = "nightly"
+managed = true
+
 [[target]]
 name = "orders-db"
 addresses = ["127.0.0.1:{pg}"]
 protocol = "postgres"
+# The agent's TLS to the server, verified, whatever the application speaks.
+tls = {{ mode = "verify-full", ca_file = "{ca}" }}
+
+# The nightly job holds no password: the agent logs in for it.
+[[credential]]
+workload = "nightly"
+target = "orders-db"
+user = "billing_svc"
+password_file = "{secret}"
 "#,
             proxy = pg::free_port()?,
             policy = policy.display(),
@@ -222,6 +269,8 @@ protocol = "postgres"
             issuer = oidc.issuer,
             data = dir.join("data").display(),
             pg = pg.port,
+            ca = ca.display(),
+            secret = secret.display(),
         ),
     )?;
     step("agent configuration");
@@ -231,10 +280,18 @@ protocol = "postgres"
         print!("{}", std::fs::read_to_string(p)?);
     }
 
+    step("the node CA, whose certificates the agent presents to applications that ask for TLS");
+    crate::run(
+        Command::new(bin)
+            .args(["ca", "init", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null()),
+    )?;
+
     step("starting the agent");
     let mut agent = Agent::start(bin, &config, &dir.join("agent.log"), true)?;
 
-    let psql = |workload: Option<&str>, sql: &str| -> Result<bool> {
+    let psql_on = |workload: Option<&str>, conn: &str, sql: &str| -> Result<bool> {
         let mut c = match workload {
             Some(w) => {
                 let mut c = agent.cli();
@@ -246,11 +303,15 @@ protocol = "postgres"
             }
             None => Command::new("psql"),
         };
-        c.args([pg.conninfo().as_str(), "-X", "-c", sql]);
+        c.args([conn, "-X", "-c", sql]);
         Ok(c.status().context("running psql")?.success())
     };
+    let conn = format!("{} sslmode=require", pg.conninfo());
+    let psql = |workload: Option<&str>, sql: &str| psql_on(workload, &conn, sql);
 
-    step("billing runs an unmodified psql: allowed by rule billing-uses-orders-db");
+    step(
+        "billing runs an unmodified psql (sslmode=require): allowed by rule billing-uses-orders-db",
+    );
     let ok = psql(
         Some("billing"),
         "select current_user, inet_server_port() as server_port, count(*) as tables from pg_tables",
@@ -270,6 +331,25 @@ protocol = "postgres"
 
     step("a process outside every workload is not intercepted");
     psql(None, "select 'direct' as path")?;
+
+    let bare = format!(
+        "host=127.0.0.1 port={} dbname=postgres user=nightly sslmode=disable",
+        pg.port
+    );
+    let sql = "select current_user, ssl as tls_to_server, version from pg_stat_ssl where pid = pg_backend_pid()";
+    step("nightly's psql has no password and speaks no TLS: the agent logs in for it as billing_svc, over verified TLS");
+    let ok = psql_on(Some("nightly"), &bare, sql)?;
+    println!("-> psql {}", if ok { "succeeded" } else { "FAILED" });
+    step("the same psql outside the workload: the server takes neither plaintext nor a missing password");
+    let ok = psql_on(None, &bare, sql)?;
+    println!(
+        "-> psql {}",
+        if ok {
+            "succeeded (unexpected!)"
+        } else {
+            "failed: only the agent holds the credential"
+        }
+    );
 
     step("the database owner makes an invoices table, directly");
     psql(
