@@ -1232,8 +1232,9 @@ mod tests {
     fn the_example_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/interceptor.toml");
         let config = Config::load(&path).unwrap();
-        assert_eq!(config.workloads.len(), 2);
+        assert_eq!(config.workloads.len(), 3);
         assert_eq!(config.targets[0].unix.len(), 1);
+        assert_eq!(config.targets[0].server_names, ["orders-db.internal"]);
         let p = Policy::load(&config).unwrap();
         assert!(p.rules.len() > 3, "{}", p.rules.len());
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);

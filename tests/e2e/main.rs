@@ -479,7 +479,7 @@ fn the_policies_in_the_repository_load() {
         "policies",
         "[approvals]\nissuer = \"https://id.example.org\"\naudience = \"interceptor\"\n\n\
          [[workload]]\nname = \"billing\"\nmanaged = true\n\n[[workload]]\nname = \"reporting\"\nmanaged = true\n\n\
-         [[target]]\nname = \"orders-db\"\naddresses = [\"127.0.0.1:5432\"]\nprotocol = \"postgres\"\n",
+         [[workload]]\nname = \"nightly\"\nmanaged = true\n\n[[target]]\nname = \"orders-db\"\naddresses = [\"127.0.0.1:5432\"]\nprotocol = \"postgres\"\n",
         "",
     );
     let mut n = 0;
