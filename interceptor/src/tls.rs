@@ -121,8 +121,8 @@ pub struct TargetTls {
     pub client_key: Option<PathBuf>,
 }
 
-/// The CAs of a system without a `ca_file`.
-const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The CAs of a system, where no `ca_file` is given.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// A target's upstream TLS, ready to connect with (its files read at load).
 #[derive(Clone, Serialize)]

@@ -310,12 +310,21 @@ fn injected_credentials_log_in_over_verified_tls() {
         );
     }
 
-    // Readable by others: refused at load.
+    // Readable by others: refused at load (then put back, so the agent's
+    // pins can be detached with its config).
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = agent.cli(&["run"]);
     let e = failed(&out);
     assert!(e.contains("must be owned by root with mode 0600"), "{e}");
-    drop(dir);
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    done(agent, db, dir);
+}
+
+/// Ends a test: the agent detached, the server stopped, its files gone.
+fn done(agent: Agent, db: pg::Postgres, dir: PathBuf) {
+    drop(agent);
+    drop(db);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Whether any file under `dir` holds `needle`.
@@ -500,7 +509,7 @@ fn applications_that_insist_on_tls_work_through_termination() {
     newest(&agent, "the direct session", |x| {
         x["tls"]["client"]["how"] == "terminated (direct)"
     });
-    drop(dir);
+    done(agent, db, dir);
 }
 
 /// A server that fails verification is refused, and the application reads
@@ -578,5 +587,5 @@ fn servers_that_fail_verification_are_refused_with_the_reason() {
         s(&x["detail"]).contains("a TLS ClientHello where the startup packet belongs")
     });
     assert_eq!(x["outcome"], "error", "{x}");
-    drop(dir);
+    done(agent, db, dir);
 }

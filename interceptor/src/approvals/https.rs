@@ -21,7 +21,6 @@ use std::{
 };
 
 use anyhow::Context;
-use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
@@ -39,22 +38,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// The TLS settings of a server with the certificate chain and key in
 /// these PEM files.
 pub fn tls_config(cert_file: &Path, key_file: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .with_context(|| format!("reading approvals.cert_file {}", cert_file.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading approvals.cert_file {}", cert_file.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!(
-            "approvals.cert_file {} holds no certificate",
-            cert_file.display()
-        );
-    }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .with_context(|| format!("reading approvals.key_file {}", key_file.display()))?;
-    // ring, the provider ureq uses too: one crypto library in the agent.
-    // (Deprecated only for lacking post-quantum key exchange.)
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (certs, key) = crate::tls::chain_and_key(cert_file, key_file, "approvals.cert_file")?;
+    let provider = crate::tls::provider();
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Context;
-use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 use super::{Event, Transport};
 
@@ -64,20 +64,9 @@ impl Syslog {
             let ca = s
                 .ca_file
                 .clone()
-                .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(&ca)
-                .with_context(|| format!("sink `{}`: reading {}", s.name, ca.display()))?
-            {
-                roots
-                    .add(c.with_context(|| format!("sink `{}`: {}", s.name, ca.display()))?)
-                    .with_context(|| {
-                        format!("sink `{}`: a certificate of {}", s.name, ca.display())
-                    })?;
-            }
-            #[allow(deprecated)]
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .unwrap_or_else(|| crate::tls::SYSTEM_ROOTS.into());
+            let roots = crate::tls::roots(&ca, &format!("sink `{}`", s.name))?;
+            let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
                 .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
