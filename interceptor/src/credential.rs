@@ -98,7 +98,7 @@ impl RawCredential {
 
 /// A secret file must be a regular file owned by root and readable by it
 /// alone.
-fn private(path: &Path) -> Result<(), String> {
+pub fn private(path: &Path) -> Result<(), String> {
     let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));

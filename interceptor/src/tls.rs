@@ -183,6 +183,8 @@ impl Origination {
             .with_custom_certificate_verifier(verifier);
         let config = match (&settings.client_cert, &settings.client_key) {
             (Some(c), Some(k)) => {
+                crate::credential::private(k)
+                    .map_err(|e| anyhow::anyhow!("{what}: tls.client_key {e}"))?;
                 let (chain, key) = chain_and_key(c, k, &format!("{what}: tls.client_cert"))?;
                 builder.with_client_auth_cert(chain, key).with_context(|| {
                     format!("{what}: tls.client_cert and client_key do not fit together")

@@ -320,6 +320,17 @@ fn injected_credentials_log_in_over_verified_tls() {
     done(agent, db, dir);
 }
 
+/// `sqls` run directly, each on its own, as the server's owner over its
+/// unix socket (which takes no TLS and no client certificate).
+fn direct_local(db: &pg::Postgres, sqls: &[&str]) {
+    let mut c = std::process::Command::new("psql");
+    c.args([&db.local_conninfo(), "-X", "-A", "-t"]);
+    for sql in sqls {
+        c.args(["-c", sql]);
+    }
+    ok(&c.output().unwrap());
+}
+
 /// Ends a test: the agent detached, the server stopped, its files gone.
 fn done(agent: Agent, db: pg::Postgres, dir: PathBuf) {
     drop(agent);
@@ -515,7 +526,8 @@ fn applications_that_insist_on_tls_work_through_termination() {
 /// A server that fails verification is refused, and the application reads
 /// why (a FATAL, not a dropped socket): a certificate of another CA, an
 /// expired one, one for another name. `verify-ca` takes the other name and
-/// `require` any certificate. Without termination a ClientHello where the
+/// `require` any certificate. A server that asks for the agent's
+/// certificate gets the target's `client_cert`. Without termination a ClientHello where the
 /// startup packet belongs ends the session naming it.
 #[test]
 fn servers_that_fail_verification_are_refused_with_the_reason() {
@@ -577,6 +589,49 @@ fn servers_that_fail_verification_are_refused_with_the_reason() {
         let x = newest(&agent, mode, |x| x["tls"]["server"]["how"] == mode);
         assert_eq!(x["outcome"], "closed", "{x}");
     }
+
+    // A server that asks for the agent's certificate (clientcert): refused
+    // without one, its own error relayed; served with the target's.
+    db.set_certificate(&good.0, &good.1).unwrap();
+    let hba = dir.join("data/pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "local all all scram-sha-256\n\
+         hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n",
+    )
+    .unwrap();
+    let server_ca = dir.join("client-ca.crt");
+    std::fs::write(&server_ca, &ca.pem).unwrap();
+    direct_local(
+        &db,
+        &[
+            &format!("alter system set ssl_ca_file = '{}'", server_ca.display()),
+            "select pg_reload_conf()",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let e = failed(&psql_in(&agent, "app", &conn, "select 1"));
+    assert!(e.contains("certificate"), "{e}");
+    let (cert, key, _) = ca.leaf(&["interceptor-agent"], false, -1, 2);
+    let (cert_file, key_file) = (dir.join("agent.crt"), dir.join("agent.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    secret(&key_file, &key);
+    agent.stop();
+    let with_cert = config.replace(
+        "server_name = \"db.test\"",
+        &format!(
+            "server_name = \"db.test\", client_cert = \"{}\", client_key = \"{}\"",
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    std::fs::write(&agent.config, with_cert).unwrap();
+    agent.spawn();
+    let sql = "select client_dn from pg_stat_ssl where pid = pg_backend_pid()";
+    assert_eq!(
+        ok(&psql_in(&agent, "app", &conn, sql)),
+        "/CN=interceptor-agent"
+    );
 
     // No termination: a ClientHello where the startup packet belongs.
     let port = db.port.to_string();

@@ -166,6 +166,16 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// A libpq connection string for this server over its unix socket.
+    #[allow(dead_code)] // the end-to-end tests', which include this file
+    pub fn local_conninfo(&self) -> String {
+        format!(
+            "host={} port={} user={USER} password={PASSWORD} dbname=postgres",
+            self.dir.display(),
+            self.port
+        )
+    }
+
     /// A libpq connection string for this server (over TCP).
     pub fn conninfo(&self) -> String {
         format!(

@@ -3,8 +3,10 @@
 //!
 //! A protocol the agent inspects is an entry of [`handler`]: it makes one
 //! connection's machines (which talk to the agent through the
-//! [`seam`](seam::Gate) alone) and says how a client is told that its
-//! server cannot be reached. The session pipeline, the statement flush,
+//! [`seam`](seam::Gate) alone) and opens the sessions the agent stands in
+//! before the relay takes them ([`Handler::open`]: a client told that its
+//! server cannot be reached, TLS on either hop, a credential's login), the
+//! protocol's way. The session pipeline, the statement flush,
 //! the record and the relay name no protocol: adding one is a config
 //! variant, a wire module, its gate part where it needs one, and an entry
 //! here. (The test protocol [`lines`] is one, and goes through the whole
