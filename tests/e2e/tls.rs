@@ -95,7 +95,9 @@ fn sections(db: &pg::Postgres, head: &str, target: &str, extra: &str) -> String 
 }
 
 const POLICY: &str = "[[rule]]\nid = \"apps-db\"\nworkloads = [\"app\", \"batch\"]\n\
-                      targets = [\"db\"]\naction = \"allow\"\n";
+                      targets = [\"db\"]\naction = \"allow\"\n\n\
+                      [[rule]]\nid = \"app-no-ddl\"\non = \"statement\"\nworkloads = [\"app\"]\n\
+                      targets = [\"db\"]\nclasses = [\"ddl\"]\naction = \"deny\"\n";
 
 /// Writes `text` to `path`, root's alone (0600), replacing it at once.
 fn secret(path: &Path, text: &str) {
@@ -159,7 +161,9 @@ fn newest(agent: &Agent, what: &str, pick: impl Fn(&Value) -> bool) -> Value {
 /// the record, the agent's log or `policy explain`. A password rotated on
 /// disk is used by the next connection; Ctrl-C still cancels (the cancel
 /// key the application holds is the agent's); SCRAM keys log in as the
-/// password does; a password file others may read is refused at load.
+/// password does; statement rules still key on the workload, not on the
+/// user the agent logs in as; a password file others may read is refused
+/// at load.
 #[test]
 fn injected_credentials_log_in_over_verified_tls() {
     let ca = Ca::new("inject");
@@ -167,7 +171,8 @@ fn injected_credentials_log_in_over_verified_tls() {
     let (dir, db) = tls_postgres("inject", &good);
     direct(
         &db,
-        "create role svc login password 'first-secret-0xA1'; grant pg_read_all_stats to svc",
+        "create role svc login password 'first-secret-0xA1'; grant pg_read_all_stats to svc; \
+         grant create on schema public to svc",
     );
     let ca_file = dir.join("ca.crt");
     std::fs::write(&ca_file, &ca.pem).unwrap();
@@ -293,6 +298,23 @@ fn injected_credentials_log_in_over_verified_tls() {
     );
     let x = newest(&agent, "the keys' session", |x| x["workload"] == "batch");
     assert_eq!(x["credential"]["method"], "SCRAM-SHA-256-PLUS", "{x}");
+    // Policy keys on the workload, not on the user both log in as: app may
+    // not make a table, batch may. (app's file back to the password the
+    // role has again.)
+    secret(&pw, "first-secret-0xA1\n");
+    let ddl = "create table made_by_svc (a int)";
+    let e = failed(&psql_in(&agent, "app", &app_conn, ddl));
+    assert!(e.contains("app-no-ddl"), "{e}");
+    ok(&psql_in(&agent, "batch", &batch_conn, ddl));
+    let x = newest(&agent, "the refused DDL", |x| {
+        x["workload"] == "app" && x["credential"]["user"] == "svc" && x["statements"] == 1
+    });
+    let id = s(&x["id"]).to_owned();
+    let shown = ok(&agent.cli(&["sessions", "show", &id, "--json"]));
+    assert!(
+        shown.contains("made_by_svc") && shown.contains("app-no-ddl") && shown.contains("42501"),
+        "{shown}"
+    );
 
     // The secrets are nowhere: not in the record, the log, or explain.
     let explain = agent.cli(&["policy", "explain", "--workload", "app", "--target", "db"]);
