@@ -103,9 +103,10 @@ impl<M: Machines + ?Sized> Machines for Box<M> {
 /// is read from the socket is opened into the bytes the machines read;
 /// what they send is sealed before it is written.
 pub trait Layer: Send {
-    /// Takes all of `wire` (read from the socket), appending what it
-    /// carried to `plain` and what the layer itself must answer (alerts,
-    /// key updates) to `reply`. `Ok(true)`: the peer closed the layer.
+    /// Takes what it can of `wire` (read from the socket; what it leaves
+    /// comes back with the next bytes read), appending what that carried
+    /// to `plain` and what the layer itself must answer (alerts, key
+    /// updates) to `reply`. `Ok(true)`: the peer closed the layer.
     fn open(
         &mut self,
         wire: &mut BytesMut,
@@ -532,7 +533,7 @@ fn recv_some(
         buf.reserve(READ_ROOM);
     }
     let room = buf.capacity() - buf.len();
-    let Some(n) = sys::ready(read_into(sock.as_raw_fd(), buf))? else {
+    let Some(n) = sys::ready(sys::recv_into(sock.as_raw_fd(), buf))? else {
         *readable = false;
         return Ok(None);
     };
@@ -541,20 +542,6 @@ fn recv_some(
         *readable = false;
     }
     Ok(Some(n))
-}
-
-/// recv(2) into the free room of `buf`. (Not read(2): on a socket that
-/// goes through the file layer first, position lock and access
-/// notification included, which perf showed as a visible share of the
-/// relay loop's time.)
-fn read_into(fd: i32, buf: &mut BytesMut) -> io::Result<usize> {
-    let room = buf.spare_capacity_mut();
-    // SAFETY: `room` is writable memory of `room.len()` bytes owned by
-    // `buf`; recv(2) writes at most that many and reports how many.
-    let n = unsafe { sys::recv(fd, room.as_mut_ptr().cast(), room.len())? };
-    // SAFETY: the kernel initialised the first `n` bytes of the free room.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
 }
 
 #[cfg(test)]

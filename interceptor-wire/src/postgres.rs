@@ -1500,7 +1500,8 @@ pub fn first_frame(input: &[u8]) -> FirstFrame {
     }
 }
 
-fn put_message(out: &mut BytesMut, ty: u8, body: &[u8]) {
+/// Appends a typed message (`ty`, its length, `body`) to `out`.
+pub fn put_message(out: &mut BytesMut, ty: u8, body: &[u8]) {
     out.put_u8(ty);
     out.put_u32(4 + body.len() as u32);
     out.put_slice(body);

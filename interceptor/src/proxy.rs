@@ -614,12 +614,12 @@ impl Proxy {
                 }),
                 (Err(e), _) | (_, Err(e)) => Err(io_unopened(e)),
             },
-            upstream => match relay_loop_conn(client) {
+            upstream => match crate::tls::Conn::new(client) {
                 Ok(client) => {
                     let o = protocol::Opening {
                         client,
                         upstream: upstream.and_then(|u| {
-                            relay_loop_conn(u).map_err(|e| (Outcome::Error, e.to_string()))
+                            crate::tls::Conn::new(u).map_err(|e| (Outcome::Error, e.to_string()))
                         }),
                         dst: to.dst,
                         ip: to.ip,
@@ -667,13 +667,6 @@ struct Destination<'a> {
     dst: &'a str,
     /// The address (none: a unix socket).
     ip: Option<IpAddr>,
-}
-
-/// A socket as a side of a session the agent opens.
-fn relay_loop_conn(
-    s: impl TryInto<relay_loop::Stream, Error = io::Error>,
-) -> io::Result<crate::tls::Conn> {
-    crate::tls::Conn::new(s)
 }
 
 fn io_unopened(e: io::Error) -> protocol::Unopened {

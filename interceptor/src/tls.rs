@@ -396,7 +396,7 @@ impl Session {
             .and_then(|c| c.first())
             .filter(|_| peer_certificate)
         {
-            s.certificate_sha256 = Some(hex(&Sha256::digest(cert)));
+            s.certificate_sha256 = Some(crate::record::hex(&Sha256::digest(cert)));
             s.certificate_subject = der::subject(cert).map(|dn| dn.to_string());
         }
         s
@@ -414,17 +414,6 @@ pub fn server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
         der::Hash::Sha256 => &digest::SHA256,
     };
     Some(digest::digest(alg, cert).as_ref().to_vec())
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// TLS as a relay [`interceptor_relay::Layer`]: the relay loop opens the

@@ -133,11 +133,7 @@ fn failed(out: &Output) -> String {
 }
 
 fn sha256_hex(b: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, b)
-        .as_ref()
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
+    interceptor::record::hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
 }
 
 /// The newest session of the agent's that `pick` accepts, once one has

@@ -48,14 +48,20 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         Some("postgres") => {
             let (tuning, rest) = Tuning::parse(&args[1..])?;
-            match rest.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-                [] => {
-                    postgres(&tuning)?;
-                    postgres_tls(&tuning)
-                }
-                ["tls"] => postgres_tls(&tuning),
+            let tls_only = match rest.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                [] => false,
+                ["tls"] => true,
                 _ => bail!("bench postgres takes no loads but `tls` (got {rest:?})"),
+            };
+            require_root("cargo xtask bench")?;
+            crate::setup::run()?;
+            let agent_bin = crate::agent::build(true)?;
+            if !tls_only {
+                scratch("interceptor-pgbench", |dir| postgres(&tuning, &agent_bin, dir))?;
             }
+            scratch("interceptor-pgbench-tls", |dir| {
+                postgres_tls(&tuning, &agent_bin, dir)
+            })
         }
         Some("memory") => {
             let (tuning, rest) = Tuning::parse(&args[1..])?;
@@ -736,199 +742,187 @@ const PG_ROUNDS: usize = 7;
 /// `cargo xtask bench postgres`: pgbench `-S` in every query mode at 1 and 8
 /// clients, directly, through the agent (statements recorded) and through
 /// pgbouncer in session mode, in one run.
-fn postgres(tuning: &Tuning) -> Result<()> {
-    require_root("cargo xtask bench")?;
-    crate::setup::run()?;
-    let agent_bin = crate::agent::build(true)?;
-    let dir = std::env::temp_dir().join(format!("interceptor-pgbench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let result = (|| -> Result<()> {
-        let db = crate::pg::Postgres::start(&dir.join("pg"))?;
-        let conn = db.conninfo();
-        run_cmd(
-            Command::new("pgbench")
-                .args(["-i", "-q", "-s", "10", &conn])
-                .stderr(Stdio::null()),
-        )?;
-        let bouncer = Pgbouncer::start(&dir.join("bouncer"), db.port)?;
-        let bare = Relays::bare(&agent_bin, &[db.port], tuning.bare_threads())?;
-        let config = bench_config(
-            &dir,
-            "interceptor-pgbench",
-            &tuning.lines,
-            &format!(
-                "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n\n\
-                 # Approvals on (for the review rows), with no network: keys from a file.\n\
-                 [approvals]\nissuer = \"https://id.bench.local\"\naudience = \"bench\"\njwks_file = \"jwks.json\"\n",
-                db.port
-            ),
-        )?;
-        std::fs::write(dir.join("jwks.json"), "{\"keys\": []}")?;
-        let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
-        let (agent_pid, bouncer_pid) = (agent.pid(), bouncer.pid());
-        let bare_pid = bare.children.first().map(std::process::Child::id);
-        println!(
-            "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, \
-             same run, {PG_ROUNDS} rounds, each running every path once, starting with the next path)\n\
-             median tps; the median over rounds of its ratio to direct in the same round; and the \
-             median of the proxy's own CPU time per transaction (all its threads)\n\
-             agent/pgb: the median over rounds of the agent's tps over pgbouncer's in the same round, \
-             and in how many rounds the agent was ahead\n\
-             bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
-             moving bytes and nothing else (what relaying alone costs here)\n{}",
-            tuning.bare_threads(),
-            tuning.note()
-        );
-        println!(
-            "{:<22} {:>10} | {:>28} | {:>28} | {:>28} | {:>9}",
-            "mode, clients",
-            "direct tps",
-            "agent (vs direct) cpu/txn",
-            "pgbouncer (vs direct) cpu/txn",
-            "bare relay (vs direct) cpu/txn",
-            "agent/pgb"
-        );
-        let bouncer_conn = conn.replace(
-            &format!("port={}", db.port),
-            &format!("port={}", bouncer.port),
-        );
-        let bare_conn = conn.replace(
-            &format!("port={}", db.port),
-            &format!("port={}", bare.ports[0].1),
-        );
-        // Per row, for the agent and (for scale) the bare relay.
-        let (mut verdicts, mut bare_verdicts) = (Vec::new(), Vec::new());
-        let mut budget_line = None;
-        for mode in ["simple", "extended", "prepared"] {
-            for clients in [1, 8] {
-                let mut runs: [Vec<Costed>; 4] = Default::default();
-                for round in 0..PG_ROUNDS {
-                    // Each round starts with the next path, so no path always
-                    // follows the same one.
-                    for k in 0..4 {
-                        let path = (round + k) % 4;
-                        let run = match path {
-                            0 => costed(None, || pgbench(None, &conn, mode, clients))?,
-                            1 => costed(agent_pid, || {
-                                pgbench(Some((&agent, &config)), &conn, mode, clients)
-                            })?,
-                            2 => {
-                                costed(bouncer_pid, || pgbench(None, &bouncer_conn, mode, clients))?
-                            }
-                            _ => costed(bare_pid, || pgbench(None, &bare_conn, mode, clients))?,
-                        };
-                        runs[path].push(run);
-                    }
-                }
-                if mode == "simple" && clients == 8 {
-                    budget_line = budget("simple, 8", &runs);
-                }
-                let [d, a, b, r] = &runs;
-                let row = format!("{mode}, {clients}");
-                let (agent, bare) = (Verdict::of(&row, a, d, b), Verdict::of(&row, r, d, b));
-                let (vs_pgb, ahead) = (agent.pgb, agent.ahead);
-                verdicts.push(agent);
-                bare_verdicts.push(bare);
-                println!(
-                    "{:<22} {:>10.0} | {} | {} | {} | {:>9}",
-                    format!("{mode}, {clients}"),
-                    middle(d.iter().map(|c| c.tps).collect()),
-                    proxied(a, d),
-                    proxied(b, d),
-                    proxied(r, d),
-                    format!("×{vs_pgb:.2} {ahead}/{PG_ROUNDS}"),
-                );
-            }
-        }
-        // Once more with a masking rule on the column pgbench -S reads.
-        std::fs::write(
-            dir.join("policy.toml"),
-            format!("{BENCH_POLICY}\n\
-             [[rule]]\nid = \"mask-balance\"\non = \"statement\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\n\
-             action = \"mask\"\ncolumns = [\"abalance\"]\nstrategy = \"redact\"\n"),
-        )?;
-        agent.reload()?;
-        for mode in ["simple", "prepared"] {
-            let (mut d, mut m) = (Vec::new(), Vec::new());
+fn postgres(tuning: &Tuning, agent_bin: &Path, dir: &Path) -> Result<()> {
+    let db = crate::pg::Postgres::start(&dir.join("pg"))?;
+    let conn = db.conninfo();
+    run_cmd(
+        Command::new("pgbench")
+            .args(["-i", "-q", "-s", "10", &conn])
+            .stderr(Stdio::null()),
+    )?;
+    let bouncer = Pgbouncer::start(&dir.join("bouncer"), db.port)?;
+    let bare = Relays::bare(agent_bin, &[db.port], tuning.bare_threads())?;
+    let config = bench_config(
+        dir,
+        "interceptor-pgbench",
+        &tuning.lines,
+        &format!(
+            "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n\n\
+             # Approvals on (for the review rows), with no network: keys from a file.\n\
+             [approvals]\nissuer = \"https://id.bench.local\"\naudience = \"bench\"\njwks_file = \"jwks.json\"\n",
+            db.port
+        ),
+    )?;
+    std::fs::write(dir.join("jwks.json"), "{\"keys\": []}")?;
+    let agent = Agent::start(agent_bin, &config, &dir.join("agent.log"), false)?;
+    let (agent_pid, bouncer_pid) = (agent.pid(), bouncer.pid());
+    let bare_pid = bare.children.first().map(std::process::Child::id);
+    println!(
+        "interceptor bench postgres — pgbench -S, {PG_SECS} s per run, scale 10 (release build, \
+         same run, {PG_ROUNDS} rounds, each running every path once, starting with the next path)\n\
+         median tps; the median over rounds of its ratio to direct in the same round; and the \
+         median of the proxy's own CPU time per transaction (all its threads)\n\
+         agent/pgb: the median over rounds of the agent's tps over pgbouncer's in the same round, \
+         and in how many rounds the agent was ahead\n\
+         bare relay: `interceptor bench-relay`, the agent's relay loop on {} thread(s) \
+         moving bytes and nothing else (what relaying alone costs here)\n{}",
+        tuning.bare_threads(),
+        tuning.note()
+    );
+    println!(
+        "{:<22} {:>10} | {:>28} | {:>28} | {:>28} | {:>9}",
+        "mode, clients",
+        "direct tps",
+        "agent (vs direct) cpu/txn",
+        "pgbouncer (vs direct) cpu/txn",
+        "bare relay (vs direct) cpu/txn",
+        "agent/pgb"
+    );
+    let bouncer_conn = conn.replace(
+        &format!("port={}", db.port),
+        &format!("port={}", bouncer.port),
+    );
+    let bare_conn = conn.replace(
+        &format!("port={}", db.port),
+        &format!("port={}", bare.ports[0].1),
+    );
+    // Per row, for the agent and (for scale) the bare relay.
+    let (mut verdicts, mut bare_verdicts) = (Vec::new(), Vec::new());
+    let mut budget_line = None;
+    for mode in ["simple", "extended", "prepared"] {
+        for clients in [1, 8] {
+            let mut runs: [Vec<Costed>; 4] = Default::default();
             for round in 0..PG_ROUNDS {
-                let direct = || costed(None, || pgbench(None, &conn, mode, 8));
-                let masked = || {
-                    costed(agent_pid, || {
-                        pgbench(Some((&agent, &config)), &conn, mode, 8)
-                    })
-                };
-                if round % 2 == 0 {
-                    d.push(direct()?);
-                    m.push(masked()?);
-                } else {
-                    m.push(masked()?);
-                    d.push(direct()?);
-                }
-            }
-            println!(
-                "{:<22} {:>10.0} | {} | {:>28} | {:>28} | {:>9}",
-                format!("{mode}, 8, masking"),
-                middle(d.iter().map(|c| c.tps).collect()),
-                proxied(&m, &d),
-                "-",
-                "-",
-                "-"
-            );
-        }
-        // Review costs nothing where it does not apply: the agent with a
-        // review rule that matches none of pgbench -S's statements (writes
-        // to its tables), against the agent without it, in the same rounds.
-        let with_review = format!(
-            "{BENCH_POLICY}\n[[rule]]\nid = \"review-writes\"\non = \"statement\"\nworkloads = [\"bench\"]\n\
-             targets = [\"*\"]\nclasses = [\"write\", \"ddl\"]\ntables = [\"pgbench_*\"]\naction = \"review\"\n\
-             approvers = [{{ groups = [\"dba\"] }}]\n"
-        );
-        println!(
-            "\nthe agent with a review rule that matches no statement of the run, against the agent \
-             without it (same rounds, the policy reloaded between runs):"
-        );
-        for mode in ["simple", "prepared"] {
-            let (mut plain, mut review) = (Vec::new(), Vec::new());
-            for round in 0..PG_ROUNDS {
-                for k in 0..2 {
-                    let on = (round + k) % 2 == 1;
-                    let policy = if on {
-                        with_review.as_str()
-                    } else {
-                        BENCH_POLICY
+                // Each round starts with the next path, so no path always
+                // follows the same one.
+                for k in 0..4 {
+                    let path = (round + k) % 4;
+                    let run = match path {
+                        0 => costed(None, || pgbench(None, &conn, mode, clients))?,
+                        1 => costed(agent_pid, || {
+                            pgbench(Some((&agent, &config)), &conn, mode, clients)
+                        })?,
+                        2 => costed(bouncer_pid, || pgbench(None, &bouncer_conn, mode, clients))?,
+                        _ => costed(bare_pid, || pgbench(None, &bare_conn, mode, clients))?,
                     };
-                    std::fs::write(dir.join("policy.toml"), policy)?;
-                    agent.reload()?;
-                    let run = costed(agent_pid, || {
-                        pgbench(Some((&agent, &config)), &conn, mode, 8)
-                    })?;
-                    if on { &mut review } else { &mut plain }.push(run);
+                    runs[path].push(run);
                 }
             }
+            if mode == "simple" && clients == 8 {
+                budget_line = budget("simple, 8", &runs);
+            }
+            let [d, a, b, r] = &runs;
+            let row = format!("{mode}, {clients}");
+            let (agent, bare) = (Verdict::of(&row, a, d, b), Verdict::of(&row, r, d, b));
+            let (vs_pgb, ahead) = (agent.pgb, agent.ahead);
+            verdicts.push(agent);
+            bare_verdicts.push(bare);
             println!(
-                "{:<22} {:>10.0} | {} | {:>28} | {:>28} | {:>9}",
-                format!("{mode}, 8, review rule"),
-                middle(plain.iter().map(|c| c.tps).collect()),
-                proxied(&review, &plain),
-                "(first column: agent",
-                "without the rule)",
-                "-"
+                "{:<22} {:>10.0} | {} | {} | {} | {:>9}",
+                format!("{mode}, {clients}"),
+                middle(d.iter().map(|c| c.tps).collect()),
+                proxied(a, d),
+                proxied(b, d),
+                proxied(r, d),
+                format!("×{vs_pgb:.2} {ahead}/{PG_ROUNDS}"),
             );
         }
-        if let Some(line) = budget_line {
-            println!("\n{line}");
+    }
+    // Once more with a masking rule on the column pgbench -S reads.
+    std::fs::write(
+        dir.join("policy.toml"),
+        format!("{BENCH_POLICY}\n\
+         [[rule]]\nid = \"mask-balance\"\non = \"statement\"\nworkloads = [\"bench\"]\ntargets = [\"*\"]\n\
+         action = \"mask\"\ncolumns = [\"abalance\"]\nstrategy = \"redact\"\n"),
+    )?;
+    agent.reload()?;
+    for mode in ["simple", "prepared"] {
+        let (mut d, mut m) = (Vec::new(), Vec::new());
+        for round in 0..PG_ROUNDS {
+            let direct = || costed(None, || pgbench(None, &conn, mode, 8));
+            let masked = || {
+                costed(agent_pid, || {
+                    pgbench(Some((&agent, &config)), &conn, mode, 8)
+                })
+            };
+            if round % 2 == 0 {
+                d.push(direct()?);
+                m.push(masked()?);
+            } else {
+                m.push(masked()?);
+                d.push(direct()?);
+            }
         }
-        println!("\ntarget: agent {}", Verdict::targets(&verdicts));
         println!(
-            "for scale, the bare relay (no policy, no recording) by the same measures: {}",
-            Verdict::targets(&bare_verdicts)
+            "{:<22} {:>10.0} | {} | {:>28} | {:>28} | {:>9}",
+            format!("{mode}, 8, masking"),
+            middle(d.iter().map(|c| c.tps).collect()),
+            proxied(&m, &d),
+            "-",
+            "-",
+            "-"
         );
-        drop(agent);
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    }
+    // Review costs nothing where it does not apply: the agent with a
+    // review rule that matches none of pgbench -S's statements (writes
+    // to its tables), against the agent without it, in the same rounds.
+    let with_review = format!(
+        "{BENCH_POLICY}\n[[rule]]\nid = \"review-writes\"\non = \"statement\"\nworkloads = [\"bench\"]\n\
+         targets = [\"*\"]\nclasses = [\"write\", \"ddl\"]\ntables = [\"pgbench_*\"]\naction = \"review\"\n\
+         approvers = [{{ groups = [\"dba\"] }}]\n"
+    );
+    println!(
+        "\nthe agent with a review rule that matches no statement of the run, against the agent \
+         without it (same rounds, the policy reloaded between runs):"
+    );
+    for mode in ["simple", "prepared"] {
+        let (mut plain, mut review) = (Vec::new(), Vec::new());
+        for round in 0..PG_ROUNDS {
+            for k in 0..2 {
+                let on = (round + k) % 2 == 1;
+                let policy = if on {
+                    with_review.as_str()
+                } else {
+                    BENCH_POLICY
+                };
+                std::fs::write(dir.join("policy.toml"), policy)?;
+                agent.reload()?;
+                let run = costed(agent_pid, || {
+                    pgbench(Some((&agent, &config)), &conn, mode, 8)
+                })?;
+                if on { &mut review } else { &mut plain }.push(run);
+            }
+        }
+        println!(
+            "{:<22} {:>10.0} | {} | {:>28} | {:>28} | {:>9}",
+            format!("{mode}, 8, review rule"),
+            middle(plain.iter().map(|c| c.tps).collect()),
+            proxied(&review, &plain),
+            "(first column: agent",
+            "without the rule)",
+            "-"
+        );
+    }
+    if let Some(line) = budget_line {
+        println!("\n{line}");
+    }
+    println!("\ntarget: agent {}", Verdict::targets(&verdicts));
+    println!(
+        "for scale, the bare relay (no policy, no recording) by the same measures: {}",
+        Verdict::targets(&bare_verdicts)
+    );
+    drop(agent);
+    Ok(())
 }
 
 /// Rounds of the TLS rows of the PostgreSQL bench.
@@ -940,91 +934,91 @@ const TLS_ROUNDS: usize = 5;
 /// agent with the application in plaintext and the agent's TLS to the
 /// server (verify-full); and with the application's TLS terminated by the
 /// agent too (`sslmode=require`; the agent logs in with its password).
-fn postgres_tls(tuning: &Tuning) -> Result<()> {
-    require_root("cargo xtask bench")?;
-    crate::setup::run()?;
-    let agent_bin = crate::agent::build(true)?;
-    let dir = std::env::temp_dir().join(format!("interceptor-pgbench-tls-{}", std::process::id()));
+fn postgres_tls(tuning: &Tuning, agent_bin: &Path, dir: &Path) -> Result<()> {
+    let (ca, cert, key) = crate::pg::test_certificate(dir, "db");
+    let db = crate::pg::Postgres::start_tls(
+        &dir.join("pg"),
+        (
+            &std::fs::read_to_string(cert)?,
+            &std::fs::read_to_string(key)?,
+        ),
+    )?;
+    let conn = format!("{} sslmode=require", db.conninfo());
+    run_cmd(
+        Command::new("pgbench")
+            .args(["-i", "-q", "-s", "10", &conn])
+            .stderr(Stdio::null()),
+    )?;
+    let config = bench_config(
+        dir,
+        "interceptor-pgbench-tls",
+        &format!("{}\n[agent.tls]\nmode = \"terminate\"\n", tuning.lines),
+        &format!(
+            "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n\
+             tls = {{ mode = \"verify-full\", ca_file = \"{}\" }}\n",
+            db.port,
+            ca.display()
+        ),
+    )?;
+    let mut init = Command::new(agent_bin);
+    init.args(["ca", "init", "--config"]).arg(&config);
+    run_cmd(init.stdout(Stdio::null()).stderr(Stdio::null()))?;
+    let agent = Agent::start(agent_bin, &config, &dir.join("agent.log"), false)?;
+    let agent_pid = agent.pid();
+    let plain = db.conninfo() + " sslmode=disable";
+    println!(
+        "\ninterceptor bench postgres tls — pgbench -S, {PG_SECS} s per run, a PostgreSQL that takes \
+         TLS alone (TLS 1.3, P-256 certificate), {TLS_ROUNDS} rounds, each running every path once\n\
+         upstream TLS: the application in plaintext on the host's loopback, the agent's TLS to the \
+         server (verify-full)\nterminated: the application's TLS (sslmode=require) ended by the \
+         agent with a certificate of its node CA, and the agent's TLS to the server\n{}",
+        tuning.note()
+    );
+    println!(
+        "{:<16} {:>14} | {:>34} | {:>34}",
+        "mode, clients",
+        "direct TLS tps",
+        "agent, upstream TLS (vs direct TLS)",
+        "agent, terminated (vs direct TLS)"
+    );
+    for mode in ["simple", "prepared"] {
+        for clients in [1, 8] {
+            let mut runs: [Vec<Costed>; 3] = Default::default();
+            for round in 0..TLS_ROUNDS {
+                for k in 0..3 {
+                    let path = (round + k) % 3;
+                    let run = match path {
+                        0 => costed(None, || pgbench(None, &conn, mode, clients))?,
+                        1 => costed(agent_pid, || {
+                            pgbench(Some((&agent, &config)), &plain, mode, clients)
+                        })?,
+                        _ => costed(agent_pid, || {
+                            pgbench(Some((&agent, &config)), &conn, mode, clients)
+                        })?,
+                    };
+                    runs[path].push(run);
+                }
+            }
+            let [d, u, t] = &runs;
+            println!(
+                "{:<16} {:>14.0} | {:>34} | {:>34}",
+                format!("{mode}, {clients}"),
+                middle(d.iter().map(|c| c.tps).collect()),
+                proxied(u, d),
+                proxied(t, d),
+            );
+        }
+    }
+    drop(agent);
+    Ok(())
+}
+
+/// Runs `bench` in a new directory `/tmp/<name>-<pid>`, removed after.
+fn scratch(name: &str, bench: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let result = (|| -> Result<()> {
-        let (ca, cert, key) = crate::pg::test_certificate(&dir, "db");
-        let db = crate::pg::Postgres::start_tls(
-            &dir.join("pg"),
-            (
-                &std::fs::read_to_string(cert)?,
-                &std::fs::read_to_string(key)?,
-            ),
-        )?;
-        let conn = format!("{} sslmode=require", db.conninfo());
-        run_cmd(
-            Command::new("pgbench")
-                .args(["-i", "-q", "-s", "10", &conn])
-                .stderr(Stdio::null()),
-        )?;
-        let config = bench_config(
-            &dir,
-            "interceptor-pgbench-tls",
-            &format!("{}\n[agent.tls]\nmode = \"terminate\"\n", tuning.lines),
-            &format!(
-                "[[target]]\nname = \"db\"\naddresses = [\"127.0.0.1:{}\"]\nprotocol = \"postgres\"\n\
-                 tls = {{ mode = \"verify-full\", ca_file = \"{}\" }}\n",
-                db.port,
-                ca.display()
-            ),
-        )?;
-        let mut init = Command::new(&agent_bin);
-        init.args(["ca", "init", "--config"]).arg(&config);
-        run_cmd(init.stdout(Stdio::null()).stderr(Stdio::null()))?;
-        let agent = Agent::start(&agent_bin, &config, &dir.join("agent.log"), false)?;
-        let agent_pid = agent.pid();
-        let plain = db.conninfo() + " sslmode=disable";
-        println!(
-            "\ninterceptor bench postgres tls — pgbench -S, {PG_SECS} s per run, a PostgreSQL that takes \
-             TLS alone (TLS 1.3, P-256 certificate), {TLS_ROUNDS} rounds, each running every path once\n\
-             upstream TLS: the application in plaintext on the host's loopback, the agent's TLS to the \
-             server (verify-full)\nterminated: the application's TLS (sslmode=require) ended by the \
-             agent with a certificate of its node CA, and the agent's TLS to the server\n{}",
-            tuning.note()
-        );
-        println!(
-            "{:<16} {:>14} | {:>34} | {:>34}",
-            "mode, clients",
-            "direct TLS tps",
-            "agent, upstream TLS (vs direct TLS)",
-            "agent, terminated (vs direct TLS)"
-        );
-        for mode in ["simple", "prepared"] {
-            for clients in [1, 8] {
-                let mut runs: [Vec<Costed>; 3] = Default::default();
-                for round in 0..TLS_ROUNDS {
-                    for k in 0..3 {
-                        let path = (round + k) % 3;
-                        let run = match path {
-                            0 => costed(None, || pgbench(None, &conn, mode, clients))?,
-                            1 => costed(agent_pid, || {
-                                pgbench(Some((&agent, &config)), &plain, mode, clients)
-                            })?,
-                            _ => costed(agent_pid, || {
-                                pgbench(Some((&agent, &config)), &conn, mode, clients)
-                            })?,
-                        };
-                        runs[path].push(run);
-                    }
-                }
-                let [d, u, t] = &runs;
-                println!(
-                    "{:<16} {:>14.0} | {:>34} | {:>34}",
-                    format!("{mode}, {clients}"),
-                    middle(d.iter().map(|c| c.tps).collect()),
-                    proxied(u, d),
-                    proxied(t, d),
-                );
-            }
-        }
-        drop(agent);
-        Ok(())
-    })();
+    let result = bench(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -59,7 +59,7 @@ impl Shown {
         Shown {
             pem,
             subject: der::subject(der).map_or_else(String::new, |n| n.to_string()),
-            fingerprint: format!("SHA256:{}", super::hex(&Sha256::digest(der))),
+            fingerprint: format!("SHA256:{}", crate::record::hex(&Sha256::digest(der))),
         }
     }
 }

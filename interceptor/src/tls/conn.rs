@@ -44,27 +44,6 @@ impl Conn {
         self.tls.as_ref()
     }
 
-    /// Raw bytes read from the socket, appended to `buf`; 0 at its end.
-    async fn recv(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        buf.reserve(16 * 1024);
-        loop {
-            let mut ready = self.sock.readable().await?;
-            let room = buf.spare_capacity_mut();
-            let fd = std::os::fd::AsRawFd::as_raw_fd(self.sock.get_ref());
-            // SAFETY: `room` is writable memory of `room.len()` bytes owned
-            // by `buf`; recv(2) writes at most that many and says how many.
-            match ready.try_io(|_| unsafe { sys::recv(fd, room.as_mut_ptr().cast(), room.len()) }) {
-                Ok(r) => {
-                    let n = r?;
-                    // SAFETY: the kernel initialised the first `n` bytes.
-                    unsafe { buf.set_len(buf.len() + n) };
-                    return Ok(n);
-                }
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
     /// Writes all of `data` to the socket, as it is.
     async fn send_raw(&self, mut data: &[u8]) -> io::Result<()> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(self.sock.get_ref());
@@ -89,22 +68,16 @@ impl Conn {
         self.send_raw(&out).await
     }
 
-    /// Reads more into `input` (plaintext under TLS); 0 at the end.
+    /// Reads more into `input` (plaintext under TLS: what a read's records
+    /// carried is taken at once, so none waits in the session); 0 at the
+    /// end.
     pub async fn fill(&mut self) -> io::Result<usize> {
         if self.tls.is_none() {
-            let mut input = std::mem::take(&mut self.input);
-            let n = self.recv(&mut input).await;
-            self.input = input;
-            return n;
+            return recv(&self.sock, &mut self.input).await;
         }
         loop {
-            let tls = self.tls.as_mut().expect("checked above");
-            let opened = drain_plaintext(tls, &mut self.input)?;
-            if opened > 0 {
-                return Ok(opened);
-            }
             let mut raw = BytesMut::new();
-            if self.recv(&mut raw).await? == 0 {
+            if recv(&self.sock, &mut raw).await? == 0 {
                 return Ok(0);
             }
             let tls = self.tls.as_mut().expect("checked above");
@@ -174,7 +147,7 @@ impl Conn {
                 self.tls = Some(tls);
                 return Ok(());
             }
-            if self.recv(&mut raw).await? == 0 {
+            if recv(&self.sock, &mut raw).await? == 0 {
                 return Err(HandshakeError::Closed);
             }
         };
@@ -198,6 +171,18 @@ impl Conn {
     }
 }
 
+/// Raw bytes read from `sock`, appended to `buf`; 0 at its end.
+async fn recv(sock: &AsyncFd<Stream>, buf: &mut BytesMut) -> io::Result<usize> {
+    buf.reserve(16 * 1024);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(sock.get_ref());
+    loop {
+        let mut ready = sock.readable().await?;
+        if let Ok(n) = ready.try_io(|_| sys::recv_into(fd, buf)) {
+            return n;
+        }
+    }
+}
+
 /// Feeds all of `raw` to `tls`, processes the records and moves what they
 /// carried to `plain`. `true`: the peer closed the session.
 pub(super) fn take_records(
@@ -217,22 +202,21 @@ pub(super) fn take_records(
             return Ok(true);
         }
         raw.advance(n);
-        closed |= tls.process_new_packets()?.peer_has_closed();
+        let state = tls.process_new_packets()?;
+        closed |= state.peer_has_closed();
         // Taken as it comes: the session holds little plaintext.
-        drain_plaintext(tls, plain).map_err(|e| rustls::Error::General(e.to_string()))?;
+        drain_plaintext(tls, plain, state.plaintext_bytes_to_read())
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
     }
     Ok(closed)
 }
 
-/// Moves the plaintext `tls` holds into `into`; how many bytes.
-pub(super) fn drain_plaintext(
+/// Moves the `held` bytes of plaintext `tls` holds into `into`.
+fn drain_plaintext(
     tls: &mut rustls::Connection,
     into: &mut BytesMut,
-) -> io::Result<usize> {
-    let held = tls
-        .process_new_packets()
-        .map_err(tls_io)?
-        .plaintext_bytes_to_read();
+    held: usize,
+) -> io::Result<()> {
     let at = into.len();
     // Room for what is held, and no more (a read is small, mostly).
     into.put_bytes(0, held);
@@ -249,7 +233,7 @@ pub(super) fn drain_plaintext(
         }
     }
     into.truncate(at + got);
-    Ok(got)
+    Ok(())
 }
 
 /// A TLS error as the I/O error it ends a connection with.

@@ -32,7 +32,7 @@ use crate::{
     tls::{self, Conn},
 };
 
-use super::{fatal, first_frame, FirstFrame};
+use super::{fatal, first_frame, put_message, FirstFrame};
 
 /// How long opening a session may take (PostgreSQL's own
 /// `authentication_timeout` is a minute).
@@ -291,8 +291,7 @@ async fn login(
     upstream: &mut Conn,
 ) -> Result<Option<Mapped>, Unopened> {
     let mut to_server = first_packet(o).await?;
-    let code = u32::from_be_bytes(to_server[4..8].try_into().expect("a whole packet"));
-    if code == CANCEL_REQUEST && to_server.len() >= 16 {
+    if is_cancel(&to_server) {
         // The application's key is the agent's: the server's goes on.
         let pid = u32::from_be_bytes(to_server[8..12].try_into().expect("16 bytes"));
         let key = (
@@ -339,7 +338,7 @@ async fn login(
     // The rest of the login, up to ReadyForQuery, its cancel key mapped.
     let mut mapped = None;
     loop {
-        let (ty, len) = message(upstream).await.map_err(failed)?;
+        let (ty, len) = message(upstream, "server").await.map_err(failed)?;
         if ty == b'K' && len >= 13 {
             let real = upstream.input[9..len].to_vec();
             let pid = u32::from_be_bytes(upstream.input[5..9].try_into().expect("checked"));
@@ -415,39 +414,29 @@ async fn relay_login(o: &mut Opening<'_>, upstream: &mut Conn) -> Result<(), Uno
         .send(&packet)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    if u32::from_be_bytes(packet[4..8].try_into().expect("a whole packet")) == CANCEL_REQUEST {
+    if is_cancel(&packet) {
         return Ok(());
     }
-    let (ty, len) = message(upstream).await.map_err(failed)?;
+    let (ty, len) = message(upstream, "server").await.map_err(failed)?;
     if !(ty == b'R' && len >= 9 && upstream.input[5..9] == 10u32.to_be_bytes()) {
         return Ok(());
     }
+    // AuthenticationCleartextPassword.
     let mut ask = BytesMut::new();
-    ask.put_u8(b'R');
-    ask.put_u32(8);
-    ask.put_u32(3);
+    put_message(&mut ask, b'R', &3u32.to_be_bytes());
     send(&mut o.client, &ask).await?;
-    let password = loop {
-        if o.client.input.len() >= 5 {
-            let n = u32::from_be_bytes(o.client.input[1..5].try_into().expect("5 bytes")) as usize;
-            if o.client.input[0] != b'p' || !(5..=1024).contains(&n) {
-                return Err(failed(
-                    "the client did not answer the password request with a password".into(),
-                ));
-            }
-            if o.client.input.len() > n {
-                let m = o.client.input.split_to(n + 1);
-                let pw = m[5..].split(|&b| b == 0).next().unwrap_or_default();
-                break pw.to_vec();
-            }
-        }
-        if o.client.fill().await.map_err(|e| failed(e.to_string()))? == 0 {
-            return Err(Unopened {
-                outcome: Outcome::Closed,
-                why: "the client closed instead of giving its password".into(),
-            });
-        }
-    };
+    let (ty, len) = message(&mut o.client, "client").await.map_err(failed)?;
+    if ty != b'p' {
+        return Err(failed(
+            "the client did not answer the password request with a password".into(),
+        ));
+    }
+    let m = o.client.input.split_to(len);
+    let password = m[5..]
+        .split(|&b| b == 0)
+        .next()
+        .unwrap_or_default()
+        .to_vec();
     let user = params(&packet)
         .and_then(|ps| ps.into_iter().find(|(k, _)| *k == b"user"))
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
@@ -502,24 +491,29 @@ fn with_user(packet: &[u8], user: &str) -> Option<BytesMut> {
     Some(out)
 }
 
-/// Waits for a whole server message at the front of `upstream`'s input:
-/// its type and length (with the header).
-async fn message(upstream: &mut Conn) -> Result<(u8, usize), String> {
-    let cut = || "the server closed the connection during the login".to_owned();
-    if !upstream.fill_to(5).await.map_err(|e| e.to_string())? {
+/// Waits for a whole typed message at the front of `from`'s input (the
+/// `side` named in errors): its type and length (with the header).
+async fn message(from: &mut Conn, side: &str) -> Result<(u8, usize), String> {
+    let cut = || format!("the {side} closed the connection during the login");
+    if !from.fill_to(5).await.map_err(|e| e.to_string())? {
         return Err(cut());
     }
-    let len = u32::from_be_bytes(upstream.input[1..5].try_into().expect("5 bytes")) as usize + 1;
+    let len = u32::from_be_bytes(from.input[1..5].try_into().expect("5 bytes")) as usize + 1;
     if !(5..=MAX_LOGIN_MESSAGE).contains(&len) {
         return Err(format!(
-            "a login message of {len} bytes from the server (type {:?})",
-            upstream.input[0] as char
+            "a login message of {len} bytes from the {side} (type {:?})",
+            from.input[0] as char
         ));
     }
-    if !upstream.fill_to(len).await.map_err(|e| e.to_string())? {
+    if !from.fill_to(len).await.map_err(|e| e.to_string())? {
         return Err(cut());
     }
-    Ok((upstream.input[0], len))
+    Ok((from.input[0], len))
+}
+
+/// Whether the first packet `packet` is a CancelRequest.
+fn is_cancel(packet: &[u8]) -> bool {
+    packet.len() >= 16 && packet[4..8] == CANCEL_REQUEST.to_be_bytes()
 }
 
 /// The server's authentication, answered with `keys`, up to its
@@ -533,7 +527,7 @@ async fn authenticate(
 ) -> Result<String, String> {
     let mut scram: Option<(Scram, &'static str)> = None;
     loop {
-        let (ty, len) = message(upstream).await?;
+        let (ty, len) = message(upstream, "server").await?;
         let body = &upstream.input[5..len];
         match ty {
             b'E' => {
@@ -631,16 +625,14 @@ async fn authenticate(
 /// Sends a PasswordMessage-shaped message (`p`) holding `body`.
 async fn put_password(upstream: &mut Conn, body: &[u8]) -> Result<(), String> {
     let mut m = BytesMut::with_capacity(body.len() + 5);
-    m.put_u8(b'p');
-    m.put_u32(body.len() as u32 + 4);
-    m.extend_from_slice(body);
+    put_message(&mut m, b'p', body);
     upstream.send(&m).await.map_err(|e| e.to_string())
 }
 
 /// After a clear-text password: the server's AuthenticationOk (left in
 /// the input) or its refusal.
 async fn finish_password(upstream: &mut Conn) -> Result<String, String> {
-    let (ty, len) = message(upstream).await?;
+    let (ty, len) = message(upstream, "server").await?;
     let body = &upstream.input[5..len];
     match ty {
         b'R' if body == [0, 0, 0, 0] => Ok("password".into()),
