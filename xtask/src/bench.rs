@@ -801,23 +801,14 @@ fn postgres(tuning: &Tuning, agent_bin: &Path, dir: &Path) -> Result<()> {
     let mut budget_line = None;
     for mode in ["simple", "extended", "prepared"] {
         for clients in [1, 8] {
-            let mut runs: [Vec<Costed>; 4] = Default::default();
-            for round in 0..PG_ROUNDS {
-                // Each round starts with the next path, so no path always
-                // follows the same one.
-                for k in 0..4 {
-                    let path = (round + k) % 4;
-                    let run = match path {
-                        0 => costed(None, || pgbench(None, &conn, mode, clients))?,
-                        1 => costed(agent_pid, || {
-                            pgbench(Some((&agent, &config)), &conn, mode, clients)
-                        })?,
-                        2 => costed(bouncer_pid, || pgbench(None, &bouncer_conn, mode, clients))?,
-                        _ => costed(bare_pid, || pgbench(None, &bare_conn, mode, clients))?,
-                    };
-                    runs[path].push(run);
-                }
-            }
+            let runs: [Vec<Costed>; 4] = in_rounds(PG_ROUNDS, |path| match path {
+                0 => costed(None, || pgbench(None, &conn, mode, clients)),
+                1 => costed(agent_pid, || {
+                    pgbench(Some((&agent, &config)), &conn, mode, clients)
+                }),
+                2 => costed(bouncer_pid, || pgbench(None, &bouncer_conn, mode, clients)),
+                _ => costed(bare_pid, || pgbench(None, &bare_conn, mode, clients)),
+            })?;
             if mode == "simple" && clients == 8 {
                 budget_line = budget("simple, 8", &runs);
             }
@@ -983,22 +974,15 @@ fn postgres_tls(tuning: &Tuning, agent_bin: &Path, dir: &Path) -> Result<()> {
     );
     for mode in ["simple", "prepared"] {
         for clients in [1, 8] {
-            let mut runs: [Vec<Costed>; 3] = Default::default();
-            for round in 0..TLS_ROUNDS {
-                for k in 0..3 {
-                    let path = (round + k) % 3;
-                    let run = match path {
-                        0 => costed(None, || pgbench(None, &conn, mode, clients))?,
-                        1 => costed(agent_pid, || {
-                            pgbench(Some((&agent, &config)), &plain, mode, clients)
-                        })?,
-                        _ => costed(agent_pid, || {
-                            pgbench(Some((&agent, &config)), &conn, mode, clients)
-                        })?,
-                    };
-                    runs[path].push(run);
-                }
-            }
+            let runs: [Vec<Costed>; 3] = in_rounds(TLS_ROUNDS, |path| match path {
+                0 => costed(None, || pgbench(None, &conn, mode, clients)),
+                1 => costed(agent_pid, || {
+                    pgbench(Some((&agent, &config)), &plain, mode, clients)
+                }),
+                _ => costed(agent_pid, || {
+                    pgbench(Some((&agent, &config)), &conn, mode, clients)
+                }),
+            })?;
             let [d, u, t] = &runs;
             println!(
                 "{:<16} {:>14.0} | {:>34} | {:>34}",
@@ -1011,6 +995,23 @@ fn postgres_tls(tuning: &Tuning, agent_bin: &Path, dir: &Path) -> Result<()> {
     }
     drop(agent);
     Ok(())
+}
+
+/// `rounds` rounds of every one of `N` paths (`run(path)`), each round
+/// starting with the next path so no path always follows the same one:
+/// the runs of each path.
+fn in_rounds<const N: usize>(
+    rounds: usize,
+    mut run: impl FnMut(usize) -> Result<Costed>,
+) -> Result<[Vec<Costed>; N]> {
+    let mut runs: [Vec<Costed>; N] = std::array::from_fn(|_| Vec::new());
+    for round in 0..rounds {
+        for k in 0..N {
+            let path = (round + k) % N;
+            runs[path].push(run(path)?);
+        }
+    }
+    Ok(runs)
 }
 
 /// Runs `bench` in a new directory `/tmp/<name>-<pid>`, removed after.
